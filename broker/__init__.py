@@ -1,0 +1,1 @@
+"""consolegate's management side: keys, token minting, API, storage, fleet and audit."""
