@@ -1,0 +1,66 @@
+"""What every consolegate command line shares: one-line errors, exit statuses, reading secrets.
+
+A command that fails prints ``<prog>: error: <one line>`` on stderr and exits 1 (2 for usage,
+as argparse does); it never shows a traceback and never echoes a secret it was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A failure the user can act on; the message is shown as is."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that keeps usage errors to one line plus the usage hint."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+        expected: tuple[type[Exception], ...]) -> int:
+    """Parse, dispatch to ``args.handler`` and turn expected failures into one-line errors."""
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except (CommandError, OSError, *expected) as exc:
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_secret_file(path: str) -> str:
+    """A secret from a file (never from argv, which other users can read): one line, no newline."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path!r}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError(f"{path!r} is not UTF-8 text") from None
+    return text.rstrip("\r\n")
+
+
+def read_token_argument(value: str) -> str:
+    """A token given on the command line, or ``-`` to read it from stdin (keeps it out of ps)."""
+    return (sys.stdin.readline() if value == "-" else value).strip()

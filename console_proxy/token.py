@@ -1,0 +1,345 @@
+"""Access token v1: a nested JWT (JWS EdDSA inside JWE dir + A256GCM), minted and verified.
+
+Pure code: no I/O, and the time is always an argument (Fernet's ``*_at_time`` lesson), so tests
+move it at will. Verification runs the cheap checks first and DESIGN's checks in DESIGN's order;
+any failure is one exception type, :class:`TokenRefused`, carrying the precise internal reason
+(for logs and audit) and the public code (for the browser), so callers cannot forget a case and
+the browser learns nothing finer than the public code.
+
+The signature covers one fixed serialization (the JWS signing input); the token never says which
+fields were signed (oVirt's mistake).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from Crypto.Cipher import AES
+
+from console_proxy import b64url
+from console_proxy.keyring import DEFAULT_SKEW, Keyring
+
+AUDIENCE = "console-proxy"
+MAX_TOKEN_LENGTH = 8192
+"""Refused before any crypto. Room for a CA certificate in the ``tls`` claim (nested base64
+inflates the claims about 1.8 times); a token with a password and no CA is about 900 bytes."""
+
+_JWS_HEADER_KEYS = frozenset({"alg", "kid"})
+_JWE_HEADER_KEYS = frozenset({"alg", "enc", "kid", "cty"})
+_TLS_KEYS = {"ca": str, "sni": str, "allow_anon": bool, "require": bool}
+
+# internal reason -> (public code, HTTP status)
+REASONS: dict[str, tuple[str, int]] = {
+    "too_long": ("token_invalid", 401),
+    "malformed": ("token_invalid", 401),
+    "unknown_fleet_key": ("token_invalid", 401),
+    "decrypt_failed": ("token_invalid", 401),
+    "unknown_signing_key": ("token_invalid", 401),
+    "bad_signature": ("token_invalid", 401),
+    "wrong_audience": ("token_invalid", 401),
+    "bad_claims": ("token_invalid", 401),
+    "lifetime_too_long": ("token_invalid", 401),
+    "expired": ("token_expired", 401),
+    "not_yet_valid": ("token_not_yet_valid", 401),
+    "client_ip_mismatch": ("client_ip_mismatch", 403),
+}
+
+PUBLIC_MESSAGES = {
+    "token_invalid": "This console link is not valid.",
+    "token_expired": "This console link has expired; ask for a new one.",
+    "token_not_yet_valid": "This console link is not valid yet; check the clock or ask for a new one.",
+    "client_ip_mismatch": "This console link was issued for another network address.",
+}
+
+
+class TokenRefused(Exception):
+    """The token must not be accepted. ``reason`` is precise, ``code`` is what the browser sees.
+
+    ``claims`` is set only when the token was authentic (decrypted and signed by a known key) and
+    was refused for its content (audience, time, client IP), so logs can name session and user.
+    """
+
+    def __init__(self, reason: str, detail: str = "", claims: Claims | None = None) -> None:
+        self.reason = reason
+        self.code, self.status = REASONS[reason]
+        self.detail = detail
+        self.claims = claims
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+    @property
+    def public_message(self) -> str:
+        return PUBLIC_MESSAGES[self.code]
+
+
+@dataclass(frozen=True)
+class Claims:
+    """The verified content of a token. ``pw`` is never shown: see :meth:`masked`."""
+
+    iss: str
+    iat: int
+    nbf: int
+    exp: int
+    jti: str
+    sid: str
+    host: str
+    port: int
+    aud: str | list[str] = AUDIENCE
+    pw: str | None = field(default=None, repr=False)
+    tls: dict[str, Any] | None = None
+    vm: str | None = None
+    sub: str | None = None
+    cip: str | None = None
+    ro: bool = False
+    once: bool = False
+    dn: str | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def masked(self) -> dict[str, Any]:
+        """The claims fit for display: the password replaced, the CA shortened."""
+        shown = self.to_json_dict()
+        if "pw" in shown:
+            shown["pw"] = "********"
+        if self.tls and "ca" in self.tls:
+            shown["tls"] = {**self.tls, "ca": f"<{len(self.tls['ca'])} bytes of PEM>"}
+        return shown
+
+
+def new_claims(*, host: str, port: int, now: float, ttl: int, issuer: str = "consolegate",
+               password: str | None = None, vm: str | None = None, user: str | None = None,
+               client_ip: str | None = None, view_only: bool = False, single_use: bool = False,
+               desktop_name: str | None = None, tls: dict[str, Any] | None = None,
+               session_id: str | None = None) -> Claims:
+    """Claims for a new console: fresh ``jti`` (128+ random bits) and session id, window [now, now+ttl]."""
+    issued = int(now)
+    claims = Claims(iss=issuer, iat=issued, nbf=issued, exp=issued + int(ttl),
+                    jti=secrets.token_urlsafe(18), sid=session_id or secrets.token_urlsafe(12),
+                    host=host, port=port, pw=password, tls=tls, vm=vm, sub=user, cip=client_ip,
+                    ro=view_only, once=single_use, dn=desktop_name)
+    check_claims(claims.to_json_dict(), max_ttl=None)
+    return claims
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def mint(claims: Claims, keyring: Keyring) -> str:
+    """Sign the claims with the active signing key, then encrypt with the active fleet key."""
+    if claims.exp - claims.iat > keyring.max_ttl:
+        raise ValueError(f"token lifetime {claims.exp - claims.iat}s exceeds the keyring's max_ttl {keyring.max_ttl}s")
+    signer, fleet = keyring.minting_keys()
+    signing_input = b64url.encode(_json({"alg": "EdDSA", "kid": signer.kid})) + "." + b64url.encode(
+        _json(claims.to_json_dict()))
+    jws = signing_input + "." + b64url.encode(signer.sign(signing_input.encode("ascii")))
+    header = b64url.encode(_json({"alg": "dir", "enc": "A256GCM", "kid": fleet.kid, "cty": "JWT"}))
+    iv = secrets.token_bytes(12)
+    cipher = AES.new(fleet.key, AES.MODE_GCM, nonce=iv)
+    cipher.update(header.encode("ascii"))
+    ciphertext, tag = cipher.encrypt_and_digest(jws.encode("ascii"))
+    return ".".join((header, "", b64url.encode(iv), b64url.encode(ciphertext), b64url.encode(tag)))
+
+
+def verify(token: str, keyring: Keyring, now: float, *, skew: int = DEFAULT_SKEW,
+           max_ttl: int | None = None, client_ip: str | None = None) -> Claims:
+    """The claims of a token the proxy may accept at ``now``, or TokenRefused.
+
+    ``max_ttl`` defaults to the keyring's. ``client_ip`` is the peer as the proxy sees it; a
+    token bound to an address (``cip``) is refused when it differs or is unknown.
+    """
+    jws = _decrypt(token, keyring, now)
+    claims_data = _verify_signature(jws, keyring, now)
+    if not _audience_ok(claims_data.get("aud")):
+        raise TokenRefused("wrong_audience", "the token is not meant for a console proxy")
+    try:
+        claims = check_claims(claims_data, max_ttl=keyring.max_ttl if max_ttl is None else max_ttl)
+    except _LifetimeTooLong as exc:
+        raise TokenRefused("lifetime_too_long", str(exc)) from None
+    except ValueError as exc:
+        raise TokenRefused("bad_claims", str(exc)) from None
+    _check_time(claims, now, skew)
+    _check_client_ip(claims, client_ip)
+    return claims
+
+
+def _decrypt(token: Any, keyring: Keyring, now: float) -> str:
+    if not isinstance(token, str):
+        raise TokenRefused("malformed", "the token is not text")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise TokenRefused("too_long", f"the token is longer than {MAX_TOKEN_LENGTH} characters")
+    parts = token.split(".")
+    if len(parts) != 5 or parts[1] != "":
+        raise TokenRefused("malformed", "not a JWE compact serialization with an empty key part")
+    header_b64, _, iv_b64, ct_b64, tag_b64 = parts
+    try:
+        header = _parse_json_object(b64url.decode(header_b64))
+        iv, ciphertext, tag = b64url.decode(iv_b64), b64url.decode(ct_b64), b64url.decode(tag_b64)
+    except ValueError as exc:
+        raise TokenRefused("malformed", str(exc)) from None
+    if (set(header) != _JWE_HEADER_KEYS or header["alg"] != "dir" or header["enc"] != "A256GCM"
+            or header["cty"] != "JWT" or not isinstance(header["kid"], str)):
+        raise TokenRefused("malformed", "unexpected JWE header")
+    if len(iv) != 12 or len(tag) != 16 or not ciphertext:
+        raise TokenRefused("malformed", "wrong IV, tag or ciphertext length")
+    fleet = keyring.fleet_key(header["kid"], now)
+    if fleet is None:
+        raise TokenRefused("unknown_fleet_key", "the token's fleet key is unknown or retired")
+    cipher = AES.new(fleet.key, AES.MODE_GCM, nonce=iv)
+    cipher.update(header_b64.encode("ascii"))
+    try:
+        plaintext = cipher.decrypt_and_verify(ciphertext, tag)
+    except ValueError:
+        raise TokenRefused("decrypt_failed", "the token does not authenticate under its fleet key") from None
+    try:
+        return plaintext.decode("ascii")
+    except UnicodeDecodeError:
+        raise TokenRefused("malformed", "the inner token is not ASCII") from None
+
+
+def _verify_signature(jws: str, keyring: Keyring, now: float) -> dict[str, Any]:
+    parts = jws.split(".")
+    if len(parts) != 3:
+        raise TokenRefused("malformed", "the inner token is not a JWS compact serialization")
+    try:
+        header = _parse_json_object(b64url.decode(parts[0]))
+        signature = b64url.decode(parts[2])
+    except ValueError as exc:
+        raise TokenRefused("malformed", str(exc)) from None
+    if set(header) != _JWS_HEADER_KEYS or header["alg"] != "EdDSA" or not isinstance(header["kid"], str):
+        raise TokenRefused("malformed", "unexpected JWS header")
+    key = keyring.signing_key(header["kid"], now)
+    if key is None:
+        raise TokenRefused("unknown_signing_key", "the token's signing key is unknown or retired")
+    if len(signature) != 64 or not key.verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
+        raise TokenRefused("bad_signature", "the signature does not verify")
+    try:
+        return _parse_json_object(b64url.decode(parts[1]))
+    except ValueError as exc:
+        raise TokenRefused("bad_claims", str(exc)) from None
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate JSON member")
+    return result
+
+
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError("not a JSON object") from exc
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _audience_ok(aud: Any) -> bool:
+    return aud == AUDIENCE or (isinstance(aud, list) and AUDIENCE in aud)
+
+
+class _LifetimeTooLong(ValueError):
+    pass
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(data: dict[str, Any], name: str, *, required: bool, limit: int = 256) -> str | None:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise ValueError(f"claim {name!r} must be a non-empty string of at most {limit} characters")
+    return value
+
+
+def _flag(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"claim {name!r} must be a boolean")
+    return value
+
+
+def _check_tls(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= set(_TLS_KEYS):
+        raise ValueError(f"claim 'tls' must be an object with members among {sorted(_TLS_KEYS)}")
+    for name, kind in _TLS_KEYS.items():
+        if name in value and not isinstance(value[name], kind):
+            raise ValueError(f"claim 'tls.{name}' has the wrong type")
+    return value
+
+
+def _check_host(host: str) -> str:
+    if any(ch.isspace() or not ch.isprintable() or ch in "/@" for ch in host):
+        raise ValueError("claim 'host' must be a host name or address")
+    return host
+
+
+def _check_cip(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(_canonical_ip(value))
+    except ValueError:
+        raise ValueError("claim 'cip' must be an IP address") from None
+
+
+def _canonical_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(value)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def check_claims(data: dict[str, Any], *, max_ttl: int | None) -> Claims:
+    """Schema-check decoded claims (types, ranges, lifetime) into :class:`Claims`; ValueError if not."""
+    times = {name: data.get(name) for name in ("iat", "nbf", "exp")}
+    if not all(_is_int(v) and v >= 0 for v in times.values()):
+        raise ValueError("claims 'iat', 'nbf' and 'exp' must be non-negative integers")
+    if not times["iat"] <= times["nbf"] < times["exp"]:
+        raise ValueError("claims must satisfy iat <= nbf < exp")
+    if max_ttl is not None and times["exp"] - times["iat"] > max_ttl:
+        raise _LifetimeTooLong(f"token lifetime {times['exp'] - times['iat']}s is above the maximum {max_ttl}s")
+    port, jti = data.get("port"), data.get("jti")
+    if not _is_int(port) or not 1 <= port <= 65535:
+        raise ValueError("claim 'port' must be an integer from 1 to 65535")
+    if not isinstance(jti, str) or not 22 <= len(jti) <= 128:
+        raise ValueError("claim 'jti' must be a string of at least 128 bits")
+    return Claims(
+        iss=_text(data, "iss", required=True) or "", aud=data.get("aud", AUDIENCE),
+        iat=times["iat"], nbf=times["nbf"], exp=times["exp"], jti=jti,
+        sid=_text(data, "sid", required=True, limit=128) or "",
+        host=_check_host(_text(data, "host", required=True, limit=253) or ""), port=port,
+        pw=_text(data, "pw", required=False), tls=_check_tls(data.get("tls")),
+        vm=_text(data, "vm", required=False), sub=_text(data, "sub", required=False),
+        cip=_check_cip(_text(data, "cip", required=False, limit=64)),
+        ro=_flag(data, "ro"), once=_flag(data, "once"), dn=_text(data, "dn", required=False, limit=1024),
+    )
+
+
+def _check_time(claims: Claims, now: float, skew: int) -> None:
+    if now < claims.nbf - skew:
+        raise TokenRefused("not_yet_valid", f"valid from {claims.nbf}", claims)
+    if now >= claims.exp + skew:
+        raise TokenRefused("expired", f"expired at {claims.exp}", claims)
+
+
+def _check_client_ip(claims: Claims, client_ip: str | None) -> None:
+    if claims.cip is None:
+        return
+    try:
+        matches = client_ip is not None and _canonical_ip(client_ip) == _canonical_ip(claims.cip)
+    except ValueError:
+        matches = False
+    if not matches:
+        raise TokenRefused("client_ip_mismatch", "the client address differs from the bound one", claims)
