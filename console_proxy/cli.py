@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from console_proxy import clock, keyring, token
+from console_proxy import clock, keyring, serve, token
 from console_proxy.command import Parser, read_token_argument, run
 from console_proxy.keyring import DEFAULT_SKEW, KeyringError
 
@@ -15,11 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="console-proxy", description="consolegate's stateless VNC console proxy")
     commands = parser.add_subparsers(metavar="COMMAND")
     _add_token_commands(commands)
-    try:
-        from console_proxy import serve_command
-    except ImportError:  # pragma: no cover - only while the server module is absent
-        return parser
-    serve_command.add_parser(commands)
+    serve.add_parser(commands)
     return parser
 
 

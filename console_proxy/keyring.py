@@ -50,8 +50,9 @@ class SigningKey:
     seed: bytes | None
     created: int
     verify_until: int | None = None
-    _verifier: Any = field(default=None, repr=False)
-    _signer: Any = field(default=None, repr=False)
+    # Not init fields: dataclasses.replace() must rebuild them from ``seed``, never carry a signer over.
+    _verifier: Any = field(default=None, init=False, repr=False)
+    _signer: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Building the pycryptodome objects once per key keeps them off the per-token path.
@@ -187,7 +188,7 @@ class Keyring:
         """Parse a JWK Set; raises KeyringError (naming the problem, never a key) when invalid."""
         try:
             return _parse_keyring(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise KeyringError(f"not a valid consolegate keyring ({_describe(exc)})") from None
 
     def kids(self) -> list[dict[str, Any]]:
@@ -280,6 +281,8 @@ def load(path: str | os.PathLike[str]) -> Keyring:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise KeyringError(f"keyring {str(path)!r} is not JSON (line {exc.lineno})") from None
+    except (ValueError, RecursionError):  # over-long integers, absurd nesting
+        raise KeyringError(f"keyring {str(path)!r} is not usable JSON") from None
     return Keyring.from_jwks(data)
 
 

@@ -142,7 +142,10 @@ def mint(claims: Claims, keyring: Keyring) -> str:
     cipher = AES.new(fleet.key, AES.MODE_GCM, nonce=iv)
     cipher.update(header.encode("ascii"))
     ciphertext, tag = cipher.encrypt_and_digest(jws.encode("ascii"))
-    return ".".join((header, "", b64url.encode(iv), b64url.encode(ciphertext), b64url.encode(tag)))
+    token = ".".join((header, "", b64url.encode(iv), b64url.encode(ciphertext), b64url.encode(tag)))
+    if len(token) > MAX_TOKEN_LENGTH:  # every proxy would refuse it as too_long
+        raise ValueError(f"the token would be {len(token)} characters, above the limit of {MAX_TOKEN_LENGTH}")
+    return token
 
 
 def verify(token: str, keyring: Keyring, now: float, *, skew: int = DEFAULT_SKEW,

@@ -1,0 +1,98 @@
+"""Whether a websocket may open: every refusal decided before the upgrade, as plain code.
+
+The order is DESIGN's: draining first (a draining proxy should not even spend crypto), then the
+Origin, capacity, the token (its own ordered checks, client-IP binding included). Single-use
+redemption needs the broker and happens in the shell after :func:`admit` succeeds.
+/token-status runs the same function, so its verdict and the websocket's never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from console_proxy import token
+from console_proxy.config import ProxyConfig
+from console_proxy.keyring import Keyring
+from console_proxy.token import Claims, TokenRefused
+
+SUBPROTOCOL_PREFIX = "token."
+
+MESSAGES = {
+    "token_missing": "No console token was given.",
+    "origin_denied": "This console was opened from a page that is not allowed to use it.",
+    "over_capacity": "This console proxy is full; try again in a moment.",
+    "draining": "This console proxy is shutting down; open the console again.",
+    "broker_unavailable": "Single-use links cannot be checked right now; try again shortly.",
+    "token_used": "This console link has already been used; ask for a new one.",
+    **token.PUBLIC_MESSAGES,
+}
+STATUS = {"token_missing": 400, "origin_denied": 403, "over_capacity": 503, "draining": 503,
+          "broker_unavailable": 503, "token_used": 409}
+
+
+class Refusal(Exception):
+    """A refusal with its stable public code, HTTP status and a human message.
+
+    ``reason`` is the precise internal reason (for logs, metrics and the broker's audit), never
+    shown to the browser; ``claims`` is known when the token itself was authentic.
+    """
+
+    def __init__(self, code: str, *, reason: str | None = None, claims: Claims | None = None,
+                 status: int | None = None) -> None:
+        self.code = code
+        self.status = status or STATUS[code]
+        self.reason = reason or code
+        self.claims = claims
+        self.message = MESSAGES[code]
+        super().__init__(self.reason)
+
+    @classmethod
+    def from_token(cls, refused: TokenRefused) -> Refusal:
+        return cls(refused.code, reason=refused.reason, claims=refused.claims, status=refused.status)
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.code, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What admission needs to know of an HTTP request, already read off it by the shell."""
+
+    token: str | None
+    origin: str | None
+    own_origin: str | None
+    client_ip: str
+
+
+def token_from(subprotocols: list[str], query_token: str | None) -> str | None:
+    """The token from a ``token.<token>`` subprotocol (preferred: never in a URL), or ``?token=``."""
+    for proto in subprotocols:
+        if proto.startswith(SUBPROTOCOL_PREFIX) and len(proto) > len(SUBPROTOCOL_PREFIX):
+            return proto[len(SUBPROTOCOL_PREFIX):]
+    return query_token or None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+def admit(request: Request, *, keyring: Keyring, config: ProxyConfig, now: float,
+          draining: bool, sessions: int) -> Claims:
+    """The verified claims, or Refusal."""
+    if draining:
+        raise Refusal("draining")
+    if not config.origin_policy.allows(request.origin, request.own_origin):
+        raise Refusal("origin_denied")
+    if sessions >= config.max_sessions:
+        raise Refusal("over_capacity")
+    if not request.token:
+        raise Refusal("token_missing")
+    try:
+        return token.verify(request.token, keyring, now, skew=config.skew, max_ttl=config.max_ttl,
+                            client_ip=request.client_ip)
+    except TokenRefused as refused:
+        raise Refusal.from_token(refused) from None

@@ -1,0 +1,43 @@
+"""The proxy's settings, one frozen object built by the command line and read by the shells."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from console_proxy.keyring import DEFAULT_SKEW
+from console_proxy.origin import Network, OriginPolicy
+
+REPO_STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Limits and policies. Defaults are what an operator gets without flags."""
+
+    origin_policy: OriginPolicy = field(default_factory=OriginPolicy)
+    trusted_proxies: tuple[Network, ...] = ()
+    public_url: str | None = None
+    max_sessions: int = 2000
+    idle_timeout: float = 900.0
+    """No input from the browser for this long closes the session with 4408 (0 disables)."""
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 15.0
+    """Upstream connect + RFB handshake with the hypervisor + the browser's side, in all."""
+    max_message_size: int = 1 << 20
+    read_chunk: int = 64 * 1024
+    shared: bool = True
+    """Force ClientInit's shared flag, so several viewers can watch one VM without kicking others."""
+    end_at_expiry: bool = False
+    expiry_grace: float = 0.0
+    """With end_at_expiry, sessions close with 4410 at the token's ``exp`` + this grace."""
+    skew: int = DEFAULT_SKEW
+    max_ttl: int | None = None
+    drain_grace: float = 30.0
+    upstream_ca_pem: str | None = None
+    """CA for VeNCrypt X.509 upstreams when the token's ``tls`` claim has none."""
+    allow_anonymous_tls: bool = False
+    static_dir: Path = REPO_STATIC
+    frame_ancestors: str = "'none'"
+    sweep_interval: float = 1.0
+    """How often idle, expired and revoked sessions are looked for."""

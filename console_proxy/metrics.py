@@ -1,0 +1,129 @@
+"""A small Prometheus text-format registry: counters, gauges and histograms with labels.
+
+Written here rather than pulled in (prometheus_client) to keep the proxy at two dependencies;
+it needs only what /metrics shows, and rendering is a plain function of the values.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+LabelValues = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    pairs = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        pairs.append(extra)
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
+        self.name, self.help, self.label_names = name, help_text, tuple(labels)
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, labels)
+        self.values: dict[LabelValues, float] = {}
+
+    def inc(self, *labels: str, amount: float = 1) -> None:
+        self.values[labels] = self.values.get(labels, 0) + amount
+
+    def get(self, *labels: str) -> float:
+        return self.values.get(labels, 0)
+
+    def render(self) -> list[str]:
+        lines = self.header()
+        if not self.values and not self.label_names:
+            lines.append(f"{self.name} 0")
+        for labels, value in sorted(self.values.items()):
+            lines.append(f"{self.name}{_labels(self.label_names, labels)} {value:g}")
+        return lines
+
+
+class Gauge(_Metric):
+    """A value read when rendered, so it can never drift from the truth it reports."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        super().__init__(name, help_text)
+        self.read = read
+
+    def render(self) -> list[str]:
+        return [*self.header(), f"{self.name} {self.read():g}"]
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
+        super().__init__(name, help_text)
+        self.bounds = sorted(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def render(self) -> list[str]:
+        lines, running = self.header(), 0
+        for bound, count in zip([*self.bounds, float("inf")], self.counts, strict=True):
+            running += count
+            le = "+Inf" if bound == float("inf") else f"{bound:g}"
+            lines.append(f'{self.name}_bucket{{le="{le}"}} {running}')
+        lines += [f"{self.name}_sum {self.total:g}", f"{self.name}_count {running}"]
+        return lines
+
+
+M = TypeVar("M", bound=_Metric)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.metrics: list[_Metric] = []
+
+    def add(self, metric: M) -> M:
+        self.metrics.append(metric)
+        return metric
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in self.metrics:
+            lines += metric.render()  # type: ignore[attr-defined]
+        return "\n".join(lines) + "\n"
+
+
+class ProxyMetrics:
+    """The proxy's metrics; one instance per process."""
+
+    def __init__(self, active_sessions: Callable[[], float], draining: Callable[[], float]) -> None:
+        self.registry = Registry()
+        add = self.registry.add
+        add(Gauge("consolegate_proxy_active_sessions", "Console sessions open now.", active_sessions))
+        add(Gauge("consolegate_proxy_draining", "1 while the proxy drains after SIGTERM.", draining))
+        self.sessions = add(Counter("consolegate_proxy_sessions_total", "Sessions ended, by outcome.", ["outcome"]))
+        self.refusals = add(Counter("consolegate_proxy_refusals_total", "Requests refused, by code.", ["code"]))
+        self.bytes = add(Counter("consolegate_proxy_bytes_total", "Bytes relayed, by direction.", ["direction"]))
+        self.handshake = add(Histogram("consolegate_proxy_handshake_seconds",
+                                       "From websocket open to ServerInit sent to the browser.",
+                                       [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]))
+
+    def render(self) -> str:
+        return self.registry.render()

@@ -1,0 +1,136 @@
+"""Who is asking: the Origin check against cross-site websocket hijacking, and the client address.
+
+Browsers do not apply the same-origin policy to websockets, so without this check any page a
+logged-in user visits could open a console with a link it stole (Nova's CVE-2015-0259). Headers
+that a client can forge (X-Forwarded-*) count only when the direct peer is a trusted proxy.
+Pure functions: the handlers pass in what they read off the request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalize_origin(value: str | None) -> str | None:
+    """``scheme://host:port`` with the host lower-cased and the default port explicit.
+
+    None for anything that is not a plain http(s) origin: ``null``, paths, user info, bad ports.
+    """
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port or DEFAULT_PORTS[parts.scheme]}"
+
+
+def origin_of(scheme: str, host_header: str | None) -> str | None:
+    """The origin a request was addressed to, from its scheme and Host header."""
+    if not host_header:
+        return None
+    return normalize_origin(f"{scheme}://{host_header}")
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """The origins allowed besides the request's own: the public URL's and explicit entries."""
+
+    public_origin: str | None = None
+    allowed: frozenset[str] = frozenset()
+
+    @classmethod
+    def build(cls, public_url: str | None, allowed: Iterable[str]) -> OriginPolicy:
+        entries = set()
+        for entry in allowed:
+            normal = normalize_origin(entry)
+            if normal is None:
+                raise ValueError(f"--allowed-origin {entry!r} is not an http(s) origin")
+            entries.add(normal)
+        public = normalize_origin(_origin_part(public_url)) if public_url else None
+        if public_url and public is None:
+            raise ValueError(f"--public-url {public_url!r} is not an http(s) URL")
+        return cls(public, frozenset(entries))
+
+    def allows(self, origin_header: str | None, own_origin: str | None) -> bool:
+        """A missing Origin (not a browser) passes; a present one must match exactly."""
+        if origin_header is None:
+            return True
+        origin = normalize_origin(origin_header)
+        if origin is None:
+            return False
+        return origin in (own_origin, self.public_origin) or origin in self.allowed
+
+
+def _origin_part(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    """``--trusted-proxy`` values (an address or a CIDR) as networks."""
+    try:
+        return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
+    except ValueError as exc:
+        raise ValueError(f"--trusted-proxy: {exc}") from None
+
+
+def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(value.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_trusted(peer: str, trusted: Sequence[Network]) -> bool:
+    address = _address(peer)
+    return address is not None and any(address in net for net in trusted)
+
+
+def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """The browser's address: the peer, or the right-most X-Forwarded-For hop not ours.
+
+    Walks X-Forwarded-For from the right only while each hop is a trusted proxy, so a client
+    cannot choose its address by prepending entries.
+    """
+    current = peer
+    if not forwarded_for or not is_trusted(peer, trusted):
+        return _canonical(current)
+    for hop in reversed([h for h in forwarded_for.split(",") if h.strip()]):
+        if _address(hop) is None:
+            break
+        current = hop.strip()
+        if not is_trusted(current, trusted):
+            break
+    return _canonical(current)
+
+
+def _canonical(value: str) -> str:
+    address = _address(value)
+    return str(address) if address is not None else value
+
+
+def effective_origin(peer: str, scheme: str, host: str | None, headers: dict[str, str | None],
+                     trusted: Sequence[Network]) -> str | None:
+    """The request's own origin, honouring X-Forwarded-Proto/-Host from trusted proxies only."""
+    if is_trusted(peer, trusted):
+        scheme = (headers.get("X-Forwarded-Proto") or scheme).split(",")[0].strip().lower()
+        host = (headers.get("X-Forwarded-Host") or host or "").split(",")[0].strip() or None
+    return origin_of(scheme, host)

@@ -1,0 +1,64 @@
+"""The viewer page and its static files, with the headers that keep the page to itself.
+
+Our own files come from ``static/``; noVNC comes from ``static/node_modules/@novnc/novnc``
+(installed by ``npm ci``, never committed) under ``/novnc/``, keeping ``core/`` and
+``vendor/pako`` side by side so noVNC's relative imports resolve.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tornado.web
+
+from console_proxy.config import ProxyConfig
+
+NOVNC_SUBDIR = ("node_modules", "@novnc", "novnc")
+
+
+def security_headers(handler: tornado.web.RequestHandler, frame_ancestors: str) -> None:
+    """Only the proxy's own scripts and websocket; no referrer (the fragment holds the token)."""
+    handler.set_header("Content-Security-Policy", (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src 'self'; frame-ancestors {frame_ancestors}; base-uri 'none'; form-action 'none'"))
+    handler.set_header("Referrer-Policy", "no-referrer")
+    handler.set_header("X-Content-Type-Options", "nosniff")
+    handler.set_header("Cache-Control", "no-store")
+
+
+class ConsolePage(tornado.web.RequestHandler):
+    """``/console``: the viewer. The token stays in the URL fragment, which browsers never send."""
+
+    def initialize(self, config: ProxyConfig) -> None:
+        self.config = config
+
+    def get(self) -> None:
+        page = self.config.static_dir / "console.html"
+        try:
+            body = page.read_bytes()
+        except OSError:
+            raise tornado.web.HTTPError(404, "the viewer page is not installed") from None
+        security_headers(self, self.config.frame_ancestors)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(body)
+
+
+class StaticFiles(tornado.web.StaticFileHandler):
+    """Tornado's static handler (it refuses paths outside its root) plus our headers."""
+
+    def initialize(self, path: str, frame_ancestors: str = "'none'", default_filename: str | None = None) -> None:
+        super().initialize(path, default_filename)
+        self.frame_ancestors = frame_ancestors
+
+    def set_extra_headers(self, path: str) -> None:
+        security_headers(self, self.frame_ancestors)
+
+
+def page_routes(config: ProxyConfig) -> list[Any]:
+    static = config.static_dir
+    options = {"frame_ancestors": config.frame_ancestors}
+    return [
+        (r"/console", ConsolePage, {"config": config}),
+        (r"/static/(.*)", StaticFiles, {"path": str(static), **options}),
+        (r"/novnc/(.*)", StaticFiles, {"path": str(static.joinpath(*NOVNC_SUBDIR)), **options}),
+    ]

@@ -1,0 +1,281 @@
+"""One console session: connect to the hypervisor, run both RFB handshakes, relay both ways.
+
+The protocol decisions live in :mod:`console_proxy.rfb`; this module only moves bytes between
+the browser (a :class:`Browser`, implemented by the websocket handler) and the hypervisor's
+socket, and decides when a session ends and with which close code.
+
+Backpressure: every write is awaited before the next read on the other side, so a browser that
+stops reading stops the proxy from reading the hypervisor; per session the proxy holds at most
+one read chunk in flight each way (the kernel's socket buffers hold the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.tcpclient import TCPClient
+
+from console_proxy import rfb
+from console_proxy.config import ProxyConfig
+from console_proxy.token import Claims
+
+CLOSE_REASONS = {
+    4500: "target_unreachable",
+    4501: "target_auth_failed",
+    4502: "target_protocol_error",
+    4408: "idle_timeout",
+    4410: "session_ended",
+    1000: "normal",
+    1001: "going_away",
+    1003: "unsupported_data",
+}
+
+
+class Browser(Protocol):
+    """The browser's side as the relay sees it."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass
+class Ending:
+    """Why a session ended: websocket close code, public code, and a loggable detail."""
+
+    code: int
+    reason: str
+    detail: str = ""
+
+
+class SessionEnded(Exception):
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.detail or ending.reason)
+        self.ending = ending
+
+
+def _end(code: int, detail: str) -> SessionEnded:
+    return SessionEnded(Ending(code, CLOSE_REASONS[code], detail))
+
+
+def tls_policy(claims: Claims, config: ProxyConfig) -> rfb.TlsPolicy:
+    """The token's ``tls`` claim, falling back to the proxy's configured CA."""
+    tls = claims.tls or {}
+    return rfb.TlsPolicy(
+        ca_pem=tls.get("ca") or config.upstream_ca_pem,
+        server_name=tls.get("sni") or claims.host,
+        allow_anonymous=bool(tls.get("allow_anon")) or config.allow_anonymous_tls,
+        require=bool(tls.get("require")),
+    )
+
+
+def ssl_context(policy: rfb.TlsPolicy, verify: bool) -> ssl.SSLContext:
+    """A client context: X.509 verified against the policy's CA, or anonymous when allowed."""
+    if verify:
+        if not policy.ca_pem:
+            raise _end(4501, "the target offers X.509 TLS but no CA is configured to verify it")
+        context = ssl.create_default_context(cadata=policy.ca_pem)
+        context.check_hostname = True
+        return context
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("aNULL:@SECLEVEL=0")
+    return context
+
+
+class ConsoleSession:
+    """The life of one console, from websocket open to close. Ends exactly once."""
+
+    def __init__(self, claims: Claims, config: ProxyConfig, browser: Browser, client_ip: str, *,
+                 on_open: Callable[[ConsoleSession], None], on_end: Callable[[ConsoleSession], None]) -> None:
+        self.claims, self.config, self.browser, self.client_ip = claims, config, browser, client_ip
+        self.on_open, self.on_end = on_open, on_end
+        self.started = time.monotonic()
+        self.last_input = self.started
+        self.bytes_up = self.bytes_down = 0
+        self.handshake_seconds: float | None = None
+        self.security_type = ""
+        self.ending: Ending | None = None
+        self._upstream: IOStream | None = None
+        self._down = rfb.DownstreamHandshake()
+        self._client_init: asyncio.Future[rfb.ClientInitReceived] = asyncio.get_running_loop().create_future()
+        self._framer = rfb.ClientMessageFramer(max_message=config.max_message_size)
+        self._relaying = False
+        self._early: list[bytes] = []
+
+    @property
+    def sid(self) -> str:
+        return self.claims.sid
+
+    async def run(self) -> None:
+        """Handshake within the timeout, then relay the hypervisor's stream until the end."""
+        try:
+            await self.browser.send(self._down.initiate())
+            try:
+                await asyncio.wait_for(self._handshake(), self.config.handshake_timeout)
+            except TimeoutError:
+                raise _end(4502, "the RFB handshake did not finish in time") from None
+            await self._pump_to_browser()
+        except SessionEnded as ended:
+            self.finish(ended.ending)
+        except StreamClosedError:
+            self.finish(Ending(1000, "normal", "a connection closed"))
+
+    async def _handshake(self) -> None:
+        upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=tls_policy(self.claims, self.config))
+        self._upstream = await self._connect()
+        await self._drive(upstream, rfb.Authenticated)
+        self.security_type = upstream.security_type
+        client_init = await self._client_init
+        await self._write_upstream(upstream.send_client_init(self.config.shared or client_init.shared))
+        ready = await self._drive(upstream, rfb.ServerInitReady)
+        assert isinstance(ready, rfb.ServerInitReady)
+        name = self.claims.dn.encode("utf-8") if self.claims.dn else None
+        await self.browser.send(ready.server_init.encode(name=name))
+        self.handshake_seconds = time.monotonic() - self.started
+        self.on_open(self)
+        if ready.rest:
+            await self._to_browser(ready.rest)
+        self._relaying = True
+        early = client_init.rest + b"".join(self._early)
+        self._early.clear()
+        if early:
+            await self._forward(early)
+
+    async def _connect(self) -> IOStream:
+        try:
+            stream = await asyncio.wait_for(
+                TCPClient().connect(self.claims.host, self.claims.port), self.config.connect_timeout)
+        except (OSError, StreamClosedError, TimeoutError):
+            raise _end(4500, "cannot connect to the console server") from None
+        stream.set_nodelay(True)
+        return stream
+
+    async def _drive(self, handshake: rfb.UpstreamHandshake, until: type) -> object:
+        """Read from the hypervisor and carry out the handshake's actions until ``until``."""
+        while True:
+            try:
+                data = await self._read_upstream(4096)
+            except StreamClosedError:
+                raise _end(4502, "the console server closed the connection during the handshake") from None
+            for action in self._guard(handshake.feed, data):
+                done = await self._act(handshake, action, until)
+                if done is not None:
+                    return done
+
+    async def _act(self, handshake: rfb.UpstreamHandshake, action: object, until: type) -> object | None:
+        if isinstance(action, rfb.Send):
+            await self._write_upstream(action.data)
+        elif isinstance(action, rfb.StartTls):
+            await self._start_tls(handshake, action)
+            for follow in self._guard(handshake.tls_started):
+                done = await self._act(handshake, follow, until)
+                if done is not None:
+                    return done
+        if isinstance(action, until):
+            return action
+        return None
+
+    @staticmethod
+    def _guard(step: Callable[..., list[object]], *args: bytes) -> list[object]:
+        try:
+            return step(*args)
+        except rfb.RfbError as error:
+            raise SessionEnded(Ending(error.close_code, error.code, str(error))) from None
+
+    async def _start_tls(self, handshake: rfb.UpstreamHandshake, action: rfb.StartTls) -> None:
+        assert self._upstream is not None
+        policy = tls_policy(self.claims, self.config)
+        context = ssl_context(policy, action.verify)
+        try:
+            self._upstream = await self._upstream.start_tls(
+                False, ssl_options=context, server_hostname=policy.server_name if action.verify else None)
+        except ssl.SSLCertVerificationError:
+            raise _end(4501, "the console server's certificate did not verify") from None
+        except (ssl.SSLError, OSError, StreamClosedError):
+            raise _end(4502, "the TLS handshake with the console server failed") from None
+        self._upstream.set_nodelay(True)
+
+    async def _read_upstream(self, limit: int) -> bytes:
+        assert self._upstream is not None
+        return await self._upstream.read_bytes(limit, partial=True)
+
+    async def _write_upstream(self, data: bytes) -> None:
+        assert self._upstream is not None
+        try:
+            await self._upstream.write(data)
+        except StreamClosedError:
+            raise _end(4502 if not self._relaying else 1000, "the console server closed the connection") from None
+
+    async def _pump_to_browser(self) -> None:
+        while self.ending is None:
+            try:
+                data = await self._read_upstream(self.config.read_chunk)
+            except StreamClosedError:
+                raise _end(1000, "the console server closed the connection") from None
+            await self._to_browser(data)
+
+    async def _to_browser(self, data: bytes) -> None:
+        self.bytes_down += len(data)
+        await self.browser.send(data)
+
+    async def from_browser(self, data: bytes) -> None:
+        """Bytes the browser sent: handshake replies first, then client messages."""
+        self.last_input = time.monotonic()
+        try:
+            if self._relaying:
+                await self._forward(data)
+            elif not self._client_init.done():
+                await self._downstream_handshake(data)
+            else:
+                self._hold_early(data)
+        except SessionEnded as ended:
+            self.finish(ended.ending)
+
+    async def _downstream_handshake(self, data: bytes) -> None:
+        for action in self._guard(self._down.feed, data):
+            if isinstance(action, rfb.Send):
+                await self.browser.send(action.data)
+            elif isinstance(action, rfb.ClientInitReceived):
+                self._client_init.set_result(action)
+
+    def _hold_early(self, data: bytes) -> None:
+        """Messages sent before ServerInit reached the browser: bounded, then forwarded."""
+        if sum(map(len, self._early)) + len(data) > self.config.max_message_size:
+            raise _end(4502, "the browser sent too much before the session was ready")
+        self._early.append(data)
+
+    async def _forward(self, data: bytes) -> None:
+        """Whole client messages to the hypervisor; input dropped for view-only sessions."""
+        messages = self._guard(self._framer.feed, data)
+        if self.claims.ro:
+            out = b"".join(m for kind, m in messages if kind not in rfb.INPUT_MESSAGE_TYPES)  # type: ignore[misc]
+        else:
+            out = b"".join(m for _, m in messages)  # type: ignore[misc]
+        if out:
+            self.bytes_up += len(out)
+            await self._write_upstream(out)
+
+    def finish(self, ending: Ending) -> None:
+        """End the session once: close both sides and report."""
+        if self.ending is not None:
+            return
+        self.ending = ending
+        if not self._client_init.done():
+            self._client_init.cancel()
+        if self._upstream is not None:
+            self._upstream.close()
+        self.browser.close(ending.code, ending.reason)
+        self.on_end(self)
+
+    def browser_closed(self, code: int | None) -> None:
+        self.finish(Ending(code or 1005, "browser_closed", "the browser closed the websocket"))
+

@@ -1,0 +1,120 @@
+"""``console-proxy serve``: turn command-line options into a config and run the server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import ssl
+from pathlib import Path
+
+import tornado.httpserver
+
+from console_proxy import keyring, origin, server
+from console_proxy.command import CommandError
+from console_proxy.config import REPO_STATIC, ProxyConfig
+from console_proxy.keyring import DEFAULT_SKEW
+
+log = logging.getLogger("consolegate.proxy")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--listen", required=True, metavar="H:P", help="address and port to listen on")
+    serve.add_argument("--keyring", metavar="FILE", required=True, help="proxy keyring (console-broker keys export-proxy)")
+    serve.add_argument("--public-url", metavar="URL", help="the URL browsers use to reach this proxy")
+    serve.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
+                       help="another page origin allowed to open consoles (repeatable)")
+    serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
+                       help="a load balancer whose X-Forwarded-* headers are believed (repeatable)")
+    serve.add_argument("--tls-cert", metavar="F")
+    serve.add_argument("--tls-key", metavar="F")
+    serve.add_argument("--max-sessions", type=int, default=2000)
+    serve.add_argument("--idle-timeout", type=float, default=900.0, help="seconds without input; 0 disables")
+    serve.add_argument("--handshake-timeout", type=float, default=15.0)
+    serve.add_argument("--max-message-size", type=int, default=1 << 20, help="largest websocket message, bytes")
+    serve.add_argument("--end-at-expiry", action="store_true", help="close sessions (4410) when the token expires")
+    serve.add_argument("--expiry-grace", type=float, default=0.0, help="seconds after exp, with --end-at-expiry")
+    serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds open sessions get after SIGTERM")
+    serve.add_argument("--no-force-shared", action="store_true",
+                       help="pass the browser's ClientInit shared flag instead of forcing it on")
+    serve.add_argument("--upstream-ca", metavar="PEM", help="CA for VeNCrypt X.509 targets whose token has none")
+    serve.add_argument("--allow-anonymous-tls", action="store_true", help="accept VeNCrypt TLSNone/TLSVnc targets")
+    serve.add_argument("--skew", type=int, default=DEFAULT_SKEW, help="clock-skew allowance, seconds")
+    serve.add_argument("--frame-ancestors", default="'none'", help="CSP frame-ancestors for the viewer page")
+    serve.add_argument("--static-dir", metavar="DIR", default=str(REPO_STATIC))
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(handler=run)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise CommandError(f"--listen {value!r} must be HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read {path!r}: {exc}") from None
+
+
+def build_config(args: argparse.Namespace) -> ProxyConfig:
+    for name in ("max_sessions", "max_message_size"):
+        if getattr(args, name) <= 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive")
+    try:
+        policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin)
+        trusted = origin.parse_networks(args.trusted_proxy)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    return ProxyConfig(
+        origin_policy=policy, trusted_proxies=trusted, public_url=args.public_url,
+        max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
+        max_message_size=args.max_message_size, shared=not args.no_force_shared, end_at_expiry=args.end_at_expiry,
+        expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace,
+        upstream_ca_pem=_read_text(args.upstream_ca), allow_anonymous_tls=args.allow_anonymous_tls,
+        static_dir=Path(args.static_dir), frame_ancestors=args.frame_ancestors)
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise CommandError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"cannot load the TLS certificate or key: {exc}") from None
+    return context
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = build_config(args)
+    ring = keyring.load(args.keyring)
+    host, port = parse_listen(args.listen)
+    asyncio.run(serve(config, ring, host, port, tls_context(args.tls_cert, args.tls_key)))
+    return 0
+
+
+async def serve(config: ProxyConfig, ring: keyring.Keyring, host: str, port: int,
+                tls: ssl.SSLContext | None) -> None:
+    state = server.ProxyState(config, ring)
+    http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls)
+    try:
+        http.listen(port, host)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    server.install_signal_handlers(state)
+    sweeper = server.start_sweeper(state)
+    log.info("console-proxy listening on %s:%d (%s)", host, port, "https" if tls else "http")
+    await state.stopped.wait()
+    sweeper.stop()
+    http.stop()
+    log.info("console-proxy stopped")

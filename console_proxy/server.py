@@ -1,0 +1,281 @@
+"""The proxy's HTTP surface: Tornado handlers that wire requests to the cores, and draining.
+
+Handlers read what the cores need off the request (token, Origin, addresses), call
+:func:`admission.admit` and the session in :mod:`relay`, and write the answer. The process's
+shared state (keyring, open sessions, draining flag, metrics) is one :class:`ProxyState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from typing import Any, Protocol
+
+import tornado.web
+import tornado.websocket
+from tornado.httputil import HTTPServerRequest
+from tornado.ioloop import PeriodicCallback
+
+from console_proxy import clock, origin
+from console_proxy.admission import Refusal, Request, admit, bearer_token, token_from
+from console_proxy.config import ProxyConfig
+from console_proxy.events import Events
+from console_proxy.keyring import Keyring
+from console_proxy.metrics import ProxyMetrics
+from console_proxy.pages import page_routes
+from console_proxy.relay import ConsoleSession, Ending
+from console_proxy.token import Claims
+
+log = logging.getLogger("consolegate.proxy")
+
+
+class BrokerLink(Protocol):
+    """What the proxy asks of a broker; absent, single-use tokens fail closed."""
+
+    async def redeem(self, claims: Claims) -> None:
+        """Return when redeemed; raise Refusal (token_used or broker_unavailable) otherwise."""
+
+
+class ProxyState:
+    """Everything one proxy process shares between requests. No durable state."""
+
+    def __init__(self, config: ProxyConfig, keyring: Keyring, *, broker: BrokerLink | None = None,
+                 events: Events | None = None) -> None:
+        self.config, self.keyring, self.broker = config, keyring, broker
+        self.events = events or Events()
+        self.sessions: dict[ConsoleSession, None] = {}
+        self.pending = 0
+        self.draining = False
+        self.revoked: set[str] = set()
+        self.stopped = asyncio.Event()
+        self.metrics = ProxyMetrics(lambda: len(self.sessions), lambda: float(self.draining))
+
+    def admit(self, request: Request) -> Claims:
+        return admit(request, keyring=self.keyring, config=self.config, now=clock.now(),
+                     draining=self.draining, sessions=len(self.sessions) + self.pending)
+
+    async def redeem(self, claims: Claims) -> None:
+        if not claims.once:
+            return
+        if self.broker is None:
+            raise Refusal("broker_unavailable", reason="single-use token and no broker configured", claims=claims)
+        await self.broker.redeem(claims)
+
+    def refused(self, refusal: Refusal, client_ip: str, path: str) -> None:
+        self.metrics.refusals.inc(refusal.code)
+        self.events.refused(refusal, client_ip, path)
+
+    def session_opened(self, session: ConsoleSession) -> None:
+        if session.handshake_seconds is not None:
+            self.metrics.handshake.observe(session.handshake_seconds)
+        self.events.opened(session)
+
+    def session_ended(self, session: ConsoleSession) -> None:
+        self.sessions.pop(session, None)
+        ending = session.ending
+        assert ending is not None
+        self.metrics.sessions.inc(ending.reason)
+        self.metrics.bytes.inc("up", amount=session.bytes_up)
+        self.metrics.bytes.inc("down", amount=session.bytes_down)
+        self.events.closed(session)
+        if self.draining and not self.sessions:
+            self.stopped.set()
+
+    def sweep(self) -> None:
+        """Close idle, expired and revoked sessions (one timer for all, not one per session)."""
+        now, wall = time.monotonic(), clock.now()
+        for session in list(self.sessions):
+            ending = self._due_ending(session, now, wall)
+            if ending is not None:
+                session.finish(ending)
+
+    def _due_ending(self, session: ConsoleSession, now: float, wall: float) -> Ending | None:
+        config = self.config
+        if session.sid in self.revoked:
+            return Ending(4410, "session_ended", "revoked by the broker")
+        if config.end_at_expiry and wall >= session.claims.exp + config.expiry_grace:
+            return Ending(4410, "session_ended", "the console's time ran out")
+        if config.idle_timeout and now - session.last_input >= config.idle_timeout:
+            return Ending(4408, "idle_timeout", "no input from the browser")
+        return None
+
+    def begin_drain(self) -> None:
+        """Stop taking sessions; close the open ones after the grace period (1001)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d open sessions, grace %.0fs", len(self.sessions), self.config.drain_grace)
+        if not self.sessions:
+            self.stopped.set()
+            return
+        asyncio.get_running_loop().call_later(self.config.drain_grace, self._going_away)
+
+    def _going_away(self) -> None:
+        for session in list(self.sessions):
+            session.finish(Ending(1001, "going_away", "the proxy is shutting down"))
+        self.stopped.set()
+
+
+def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> tuple[str, str | None]:
+    """The client address and the request's own origin, trusting forwarded headers only from proxies."""
+    request: HTTPServerRequest = handler.request
+    peer = request.remote_ip or ""
+    trusted = state.config.trusted_proxies
+    client = origin.client_address(peer, request.headers.get("X-Forwarded-For"), trusted)
+    own = origin.effective_origin(peer, request.protocol, request.host, {
+        "X-Forwarded-Proto": request.headers.get("X-Forwarded-Proto"),
+        "X-Forwarded-Host": request.headers.get("X-Forwarded-Host")}, trusted)
+    return client, own
+
+
+class JsonHandler(tornado.web.RequestHandler):
+    def initialize(self, state: ProxyState) -> None:
+        self.state = state
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def answer(self, status: int, body: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    def refuse(self, refusal: Refusal, client_ip: str) -> None:
+        self.state.refused(refusal, client_ip, self.request.path)
+        self.answer(refusal.status, refusal.body())
+
+
+class TokenStatusHandler(JsonHandler):
+    """The verdict the websocket would give now, without redeeming anything."""
+
+    def get(self) -> None:
+        client, own = _request_view(self, self.state)
+        request = Request(bearer_token(self.request.headers.get("Authorization")),
+                          self.request.headers.get("Origin"), own, client)
+        try:
+            claims = self.state.admit(request)
+        except Refusal as refusal:
+            self.refuse(refusal, client)
+            return
+        self.answer(200, {"ok": True, "expires_at": claims.exp, "view_only": claims.ro,
+                          "single_use": claims.once, "desktop_name": claims.dn})
+
+
+class HealthHandler(JsonHandler):
+    def get(self) -> None:
+        if self.state.draining:
+            self.answer(503, {"status": "draining", "sessions": len(self.state.sessions)})
+        else:
+            self.answer(200, {"status": "ok", "sessions": len(self.state.sessions),
+                              "capacity": self.state.config.max_sessions})
+
+
+class MetricsHandler(JsonHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.state.metrics.render())
+
+
+class ConsoleSocket(tornado.websocket.WebSocketHandler):
+    """``/websockify``: admit before the upgrade, then hand the socket to a ConsoleSession."""
+
+    def initialize(self, state: ProxyState) -> None:
+        self.state = state
+        self.session: ConsoleSession | None = None
+        self.claims: Claims | None = None
+        self.client_ip = ""
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        client, own = _request_view(self, self.state)
+        self.client_ip = client
+        offered = [p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        request = Request(token_from(offered, self.get_query_argument("token", None)),
+                          self.request.headers.get("Origin"), own, client)
+        self.state.pending += 1
+        try:
+            self.claims = self.state.admit(request)
+            await self.state.redeem(self.claims)
+        except Refusal as refusal:
+            self.state.pending -= 1
+            self._refuse(refusal)
+            return
+        await super().get(*args, **kwargs)
+        if self.session is None:  # the upgrade did not happen
+            self.state.pending -= 1
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self.state.refused(refusal, self.client_ip, self.request.path)
+        self.set_status(refusal.status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(refusal.body()))
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # decided by admission, with DESIGN's rule, before the upgrade
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return "binary" if "binary" in subprotocols else None  # never echo the token
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        assert self.claims is not None
+        self.set_nodelay(True)
+        self.state.pending -= 1
+        self.session = ConsoleSession(self.claims, self.state.config, self, self.client_ip,
+                                      on_open=self.state.session_opened, on_end=self.state.session_ended)
+        self.state.sessions[self.session] = None
+        asyncio.get_running_loop().create_task(self.session.run())
+
+    async def send(self, data: bytes) -> None:
+        await self.write_message(data, binary=True)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if self.ws_connection is not None and not self.ws_connection.is_closing():
+            super().close(code, reason)
+
+    async def on_message(self, message: str | bytes) -> None:
+        if self.session is None:
+            return
+        if isinstance(message, str):
+            self.session.finish(Ending(1003, "unsupported_data", "text frames are not RFB"))
+            return
+        await self.session.from_browser(message)
+
+    def on_close(self) -> None:
+        if self.session is not None:
+            self.session.browser_closed(self.close_code)
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without the query string: ``?token=`` must never reach a log line."""
+    request = handler.request
+    logging.getLogger("tornado.access").info(
+        "%d %s %s (%s) %.1fms", handler.get_status(), request.method, request.path,
+        request.remote_ip, 1000.0 * request.request_time())
+
+
+def make_app(state: ProxyState) -> tornado.web.Application:
+    routes: list[Any] = [
+        (r"/websockify", ConsoleSocket, {"state": state}),
+        (r"/token-status", TokenStatusHandler, {"state": state}),
+        (r"/healthz", HealthHandler, {"state": state}),
+        (r"/metrics", MetricsHandler, {"state": state}),
+        *page_routes(state.config),
+    ]
+    return tornado.web.Application(routes, log_function=_log_request,
+                                   websocket_max_message_size=state.config.max_message_size)
+
+
+def install_signal_handlers(state: ProxyState) -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, state.begin_drain)
+    loop.add_signal_handler(signal.SIGINT, state.begin_drain)
+
+
+def start_sweeper(state: ProxyState) -> PeriodicCallback:
+    sweeper = PeriodicCallback(state.sweep, state.config.sweep_interval * 1000)
+    sweeper.start()
+    return sweeper
