@@ -1,0 +1,56 @@
+"""Shared fixtures: real Xvnc servers (tests/xvnc.py), keyrings, and a real proxy process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from proxyproc import ProxyProcess, start_proxy
+from xvnc import other_pki, test_pki, xvnc_factory, xvnc_none, xvnc_vncauth, xvnc_x509  # noqa: F401
+
+from console_proxy import keyring, token
+from console_proxy.keyring import Keyring
+
+
+@pytest.fixture(scope="module")
+def broker_ring(tmp_path_factory: pytest.TempPathFactory) -> tuple[Keyring, Path]:
+    """A broker keyring and the path of its exported proxy keyring."""
+    ring = Keyring.generate(time.time())
+    path = tmp_path_factory.mktemp("keys") / "proxy-keyring.json"
+    keyring.save(ring, path, public_only=True)
+    return ring, path
+
+
+@pytest.fixture(scope="module")
+def mint(broker_ring: tuple[Keyring, Path]) -> Callable[..., str]:
+    """mint(host=..., port=..., ttl=60, password=..., **claims) -> token, minted now."""
+    ring, _ = broker_ring
+
+    def _mint(*, ttl: int = 60, now: float | None = None, **options: object) -> str:
+        claims = token.new_claims(now=time.time() if now is None else now, ttl=ttl, **options)  # type: ignore[arg-type]
+        return token.mint(claims, ring)
+    return _mint
+
+
+@pytest.fixture(scope="module")
+def proxy(broker_ring: tuple[Keyring, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """One proxy process shared by a module's tests (default options)."""
+    process = start_proxy(tmp_path_factory.mktemp("proxy"), broker_ring[1])
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def proxy_factory(broker_ring: tuple[Keyring, Path], tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start proxies with extra options; all are stopped after the test."""
+    started: list[ProxyProcess] = []
+
+    def _start(*extra: str) -> ProxyProcess:
+        process = start_proxy(tmp_path, broker_ring[1], *extra)
+        started.append(process)
+        return process
+    yield _start
+    for process in started:
+        process.stop()

@@ -1,0 +1,111 @@
+"""A real ``console-proxy serve`` process for tests: started on a free loopback port, logs kept.
+
+Readiness is an event, not a sleep: the proxy logs "listening" once its socket is bound, and a
+reader thread tees every log line to a file (for the no-secrets-in-logs scan) and wakes the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ProxyProcess:
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    exited: threading.Event = field(default_factory=threading.Event)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/websockify"
+
+    def log_text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
+        """The first log line containing ``needle``, waiting for it to be written."""
+        def found() -> str | None:
+            return next((line for line in self.lines if needle in line), None)
+        with self._changed:
+            if not self._changed.wait_for(lambda: found() is not None or self.exited.is_set(), timeout):
+                raise AssertionError(f"no log line with {needle!r} within {timeout}s")
+            line = found()
+        if line is None:
+            raise AssertionError(f"proxy exited before logging {needle!r}:\n{self.log_text()}")
+        return line
+
+    def _pump(self) -> None:
+        assert self.process.stderr is not None
+        with self.log_path.open("a", encoding="utf-8") as sink:
+            for line in self.process.stderr:
+                sink.write(line)
+                sink.flush()
+                with self._changed:
+                    self.lines.append(line)
+                    self._changed.notify_all()
+                if "console-proxy listening" in line:
+                    self.ready.set()
+        self.exited.set()
+        self.ready.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_proxy(tmp_path: Path, keyring_path: Path, *extra: str, log_level: str = "DEBUG") -> ProxyProcess:
+    """Start ``console-proxy serve`` from this checkout; returns once it listens."""
+    for _ in range(5):
+        port = free_port()
+        log_path = tmp_path / f"proxy-{port}.log"
+        command = [sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{port}",
+                   "--keyring", str(keyring_path), "--log-level", log_level, *extra]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                   cwd=REPO, env=env)
+        proxy = ProxyProcess(process, port, log_path)
+        threading.Thread(target=proxy._pump, daemon=True).start()
+        if not proxy.ready.wait(START_TIMEOUT):
+            proxy.stop()
+            raise AssertionError(f"proxy did not start:\n{proxy.log_text()}")
+        if not proxy.exited.is_set():
+            return proxy
+        if "cannot listen" not in proxy.log_text():
+            raise AssertionError(f"proxy exited at start:\n{proxy.log_text()}")
+    raise AssertionError("no free port for the proxy after 5 attempts")
