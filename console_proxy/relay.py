@@ -160,16 +160,20 @@ class ConsoleSession:
         return stream
 
     async def _drive(self, handshake: rfb.UpstreamHandshake, until: type) -> object:
-        """Read from the hypervisor and carry out the handshake's actions until ``until``."""
+        """Carry out the handshake's actions until ``until``, reading from the hypervisor as needed.
+
+        The first round feeds nothing: bytes that arrived early are already in the handshake.
+        """
+        data = b""
         while True:
-            try:
-                data = await self._read_upstream(4096)
-            except StreamClosedError:
-                raise _end(4502, "the console server closed the connection during the handshake") from None
             for action in self._guard(handshake.feed, data):
                 done = await self._act(handshake, action, until)
                 if done is not None:
                     return done
+            try:
+                data = await self._read_upstream(4096)
+            except StreamClosedError:
+                raise _end(4502, "the console server closed the connection during the handshake") from None
 
     async def _act(self, handshake: rfb.UpstreamHandshake, action: object, until: type) -> object | None:
         if isinstance(action, rfb.Send):

@@ -60,6 +60,7 @@ VENCRYPT_X509VNC = 261
 _SECURITY_NAMES = {
     SEC_NONE: "none",
     SEC_VNC: "vnc",
+    SEC_VENCRYPT: "vencrypt",
     VENCRYPT_TLSNONE: "vencrypt-tlsnone",
     VENCRYPT_TLSVNC: "vencrypt-tlsvnc",
     VENCRYPT_X509NONE: "vencrypt-x509none",
@@ -333,8 +334,9 @@ class UpstreamHandshake:
 
     Use: ``feed()`` every received chunk and perform the returned actions in order. On
     ``StartTls`` upgrade the connection and call ``tls_started()``; on ``Authenticated`` write
-    ``send_client_init()``; ``ServerInitReady`` ends the handshake. ``feed(b"")`` processes
-    anything still buffered.
+    ``send_client_init()``; ``ServerInitReady`` ends the handshake. Bytes that arrive
+    before ClientInit was sent (a conforming server sends none) are kept; ``feed(b"")``
+    processes them. Calls out of order raise RuntimeError (a bug in the caller, not the peer).
     """
 
     _LIMIT: ClassVar[int] = MAX_PENDING
@@ -362,7 +364,10 @@ class UpstreamHandshake:
 
     @property
     def security_type(self) -> str:
-        """Chosen security for logs and metrics: none, vnc, vencrypt-x509vnc, ... or pending."""
+        """Chosen security for logs and metrics: none, vnc, vencrypt-x509vnc, ... or pending.
+
+        Reads "vencrypt" between choosing type 19 and choosing its subtype.
+        """
         return _SECURITY_NAMES.get(self._security, "pending")
 
     @property

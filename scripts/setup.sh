@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything consolegate needs on a Debian 12 machine (run as root; idempotent):
+# Debian packages (Xvnc, Chromium, X tools, Node.js), a Python venv in .venv with the project
+# and its test/bench extras, and noVNC from static/package-lock.json into static/node_modules.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(tigervnc-standalone-server tigervnc-tools xterm x11-apps x11-utils xdotool chromium openssl
+              python3-venv)
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,broker,bench]'
+
+(cd static && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+echo "setup: ready (.venv, static/node_modules)"

@@ -1,0 +1,214 @@
+"""UpstreamHandshake against a real TigerVNC Xvnc, over a plain blocking socket (and ssl).
+
+The sans-I/O core is driven here by the simplest possible I/O loop, so a failure points at the
+core or at Xvnc, never at Tornado.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+
+from console_proxy.rfb import (
+    Authenticated,
+    RfbError,
+    Send,
+    ServerInitReady,
+    StartTls,
+    TlsPolicy,
+    UpstreamAction,
+    UpstreamHandshake,
+)
+
+if TYPE_CHECKING:  # the fixtures come from conftest.py, which imports tests/xvnc.py
+    from xvnc import TestPki, XvncServer
+
+    StartXvnc = Callable[..., XvncServer]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("Xvnc") is None or shutil.which("vncpasswd") is None,
+    reason="TigerVNC Xvnc not installed",
+)
+
+IO_TIMEOUT = 10.0
+
+
+def tls_context(ca_pem: str | None, *, verify: bool) -> ssl.SSLContext:
+    """What the relay must build for StartTls: verified against the CA, or anonymous."""
+    if verify:
+        return ssl.create_default_context(cadata=ca_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    # TigerVNC's TLSNone/TLSVnc use anonymous Diffie-Hellman: no certificate, TLS 1.2 only.
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("aNULL:@SECLEVEL=0")
+    return ctx
+
+
+def run_handshake(
+    server: XvncServer,
+    handshake: UpstreamHandshake,
+    *,
+    ca_pem: str | None = None,
+    shared: bool = True,
+) -> tuple[ServerInitReady, socket.socket]:
+    """Drive ``handshake`` to ServerInitReady; returns it with the (maybe TLS) connection."""
+    conn: socket.socket = socket.create_connection((server.host, server.port), IO_TIMEOUT)
+    try:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                raise ConnectionError("Xvnc closed the connection during the handshake")
+            pending: deque[UpstreamAction] = deque(handshake.feed(data))
+            while pending:
+                action = pending.popleft()
+                if isinstance(action, Send):
+                    conn.sendall(action.data)
+                elif isinstance(action, StartTls):
+                    ctx = tls_context(ca_pem, verify=action.verify)
+                    conn = ctx.wrap_socket(conn, server_hostname=server.host)
+                    pending.extend(handshake.tls_started())
+                elif isinstance(action, Authenticated):
+                    conn.sendall(handshake.send_client_init(shared))
+                else:
+                    return action, conn
+    except BaseException:
+        conn.close()
+        raise
+
+
+def first_update_header(conn: socket.socket, ready: ServerInitReady) -> bytes:
+    """Ask for a full update and read the FramebufferUpdate header: the stream is usable."""
+    width, height = ready.server_init.width, ready.server_init.height
+    conn.sendall(b"\x03\x00\x00\x00\x00\x00" + width.to_bytes(2, "big") + height.to_bytes(2, "big"))
+    header = ready.rest
+    while len(header) < 4:
+        header += conn.recv(4 - len(header))
+    return header[:4]
+
+
+def assert_desktop(ready: ServerInitReady, server: XvncServer) -> None:
+    init = ready.server_init
+    assert (init.width, init.height) == server.geometry == (800, 600)
+    assert init.name.startswith(server.desktop_name.encode())
+    assert init.pixel_format[0] == 32  # -depth 24 is served as 32 bits per pixel
+
+
+def test_security_none(xvnc_none: XvncServer) -> None:
+    handshake = UpstreamHandshake(password=None, tls=TlsPolicy())
+    ready, conn = run_handshake(xvnc_none, handshake)
+    with conn:
+        assert handshake.security_type == "none"
+        assert handshake.version == (3, 8)
+        assert_desktop(ready, xvnc_none)
+        assert first_update_header(conn, ready)[0] == 0
+
+
+def test_none_refused_when_tls_required(xvnc_none: XvncServer) -> None:
+    handshake = UpstreamHandshake(password=None, tls=TlsPolicy(require=True))
+    with pytest.raises(RfbError) as info:
+        run_handshake(xvnc_none, handshake)
+    assert info.value.close_code == 4501
+
+
+def test_vncauth_right_password(xvnc_vncauth: XvncServer) -> None:
+    handshake = UpstreamHandshake(password=xvnc_vncauth.password, tls=TlsPolicy())
+    ready, conn = run_handshake(xvnc_vncauth, handshake, shared=False)
+    with conn:
+        assert handshake.security_type == "vnc"
+        assert_desktop(ready, xvnc_vncauth)
+        assert first_update_header(conn, ready)[0] == 0
+
+
+def test_vncauth_wrong_password(xvnc_vncauth: XvncServer) -> None:
+    handshake = UpstreamHandshake(password="wrong-pw", tls=TlsPolicy())
+    with pytest.raises(RfbError) as info:
+        run_handshake(xvnc_vncauth, handshake)
+    assert info.value.code == "target_auth_failed"
+    assert info.value.close_code == 4501
+    assert "wrong-pw" not in str(info.value)
+    assert str(info.value).startswith("target rejected authentication")
+
+
+def test_vncauth_without_password_is_refused(xvnc_vncauth: XvncServer) -> None:
+    handshake = UpstreamHandshake(password=None, tls=TlsPolicy())
+    with pytest.raises(RfbError) as info:
+        run_handshake(xvnc_vncauth, handshake)
+    assert info.value.code == "target_auth_failed"
+
+
+def test_x509vnc_verified(xvnc_x509: XvncServer, test_pki: TestPki) -> None:
+    policy = TlsPolicy(ca_pem=test_pki.ca_pem, server_name="127.0.0.1")
+    handshake = UpstreamHandshake(password=xvnc_x509.password, tls=policy)
+    ready, conn = run_handshake(xvnc_x509, handshake, ca_pem=test_pki.ca_pem)
+    with conn:
+        assert isinstance(conn, ssl.SSLSocket)
+        assert handshake.security_type == "vencrypt-x509vnc"
+        assert_desktop(ready, xvnc_x509)
+        assert first_update_header(conn, ready)[0] == 0
+
+
+def test_x509vnc_wrong_password(xvnc_x509: XvncServer, test_pki: TestPki) -> None:
+    handshake = UpstreamHandshake(password="nope", tls=TlsPolicy(ca_pem=test_pki.ca_pem))
+    with pytest.raises(RfbError) as info:
+        run_handshake(xvnc_x509, handshake, ca_pem=test_pki.ca_pem)
+    assert info.value.close_code == 4501
+
+
+def test_x509vnc_wrong_ca_fails_verification(xvnc_x509: XvncServer, other_pki: TestPki) -> None:
+    """Another CA must not vouch for the server: this is why the policy carries ca_pem."""
+    policy = TlsPolicy(ca_pem=other_pki.ca_pem)
+    handshake = UpstreamHandshake(password=xvnc_x509.password, tls=policy)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        run_handshake(xvnc_x509, handshake, ca_pem=other_pki.ca_pem)
+
+
+def test_x509_preferred_over_vncauth(xvnc_factory: StartXvnc, test_pki: TestPki) -> None:
+    server = xvnc_factory(security="X509Vnc,VncAuth", password="pw-x509", pki=test_pki)
+    policy = TlsPolicy(ca_pem=test_pki.ca_pem)
+    handshake = UpstreamHandshake(password=server.password, tls=policy)
+    ready, conn = run_handshake(server, handshake, ca_pem=test_pki.ca_pem)
+    conn.close()
+    assert handshake.security_type == "vencrypt-x509vnc"
+    assert_desktop(ready, server)
+    # Without a CA (or `require`) the proxy keeps plain VncAuth, see UpstreamHandshake.
+    plain = UpstreamHandshake(password=server.password, tls=TlsPolicy())
+    _, conn = run_handshake(server, plain)
+    conn.close()
+    assert plain.security_type == "vnc"
+
+
+def test_anonymous_tls_only_when_allowed(xvnc_factory: StartXvnc) -> None:
+    server = xvnc_factory(security="TLSVnc", password="pw-anon")
+    refused = UpstreamHandshake(password=server.password, tls=TlsPolicy())
+    with pytest.raises(RfbError) as info:
+        run_handshake(server, refused)
+    assert info.value.close_code == 4501
+    policy = TlsPolicy(allow_anonymous=True)
+    allowed = UpstreamHandshake(password=server.password, tls=policy)
+    ready, conn = run_handshake(server, allowed)
+    conn.close()
+    assert allowed.security_type == "vencrypt-tlsvnc"
+    assert_desktop(ready, server)
+
+
+def test_blacklist_reason_is_reported(xvnc_factory: StartXvnc) -> None:
+    """Xvnc's "Too many security failures" arrives as a zero type count plus a reason."""
+    server = xvnc_factory(security="VncAuth", password="pw-black", blacklist=True)
+    for _ in range(10):
+        handshake = UpstreamHandshake(password="bad", tls=TlsPolicy())
+        with pytest.raises(RfbError) as info:
+            run_handshake(server, handshake)
+        assert info.value.close_code == 4501
+        if "Too many security failures" in str(info.value):
+            break
+    else:
+        pytest.fail("Xvnc never blacklisted us: " + server.log()[-500:])
+    assert str(info.value).startswith("target refused the connection")
