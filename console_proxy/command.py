@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class CommandError(Exception):
@@ -17,7 +18,15 @@ class CommandError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that keeps usage errors to one line plus the usage hint."""
+    """argparse that keeps usage errors to one line plus the usage hint.
+
+    No abbreviated options: ``--password SECRET`` must be a usage error, not a silent
+    ``--password-file SECRET`` that then echoes the secret as a file name.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
