@@ -1,0 +1,204 @@
+// The console viewer: take the token from the URL fragment, ask the proxy whether it is good,
+// open noVNC over /websockify, and explain in words every way the console can end.
+//
+// Loaded as an ES module from the proxy itself (CSP: script-src 'self'); noVNC is served by the
+// same proxy under /novnc/, unpatched.
+
+import RFB from "/novnc/core/rfb.js";
+import KeyTable from "/novnc/core/input/keysym.js";
+import keysyms from "/novnc/core/input/keysymdef.js";
+import * as messages from "/static/messages.js";
+
+const $ = (id) => document.getElementById(id);
+const screen = $("screen");
+const statusLine = $("status");
+const inputButtons = [$("ctrl-alt-del"), $("send-text")];
+const viewButtons = [$("scale"), $("fullscreen"), $("disconnect")];
+
+let rfb = null;
+let verdict = null;          // the /token-status answer for this token (view_only, expires_at, …)
+let userDisconnected = false;
+
+/** The token from `#token=…`, removed from the address bar (and history) before anything else. */
+function takeToken() {
+    const fragment = new URLSearchParams(location.hash.slice(1));
+    const token = fragment.get("token");
+    if (location.hash) {
+        // The fragment never reaches a server, but it would stay in history, bookmarks and
+        // screenshots of the address bar; the token is a credential until it expires.
+        history.replaceState(null, "", location.pathname + location.search);
+    }
+    return token || null;
+}
+
+/** One place that changes what the user sees: `data-state` drives the CSS, the text says why. */
+function show(state, text) {
+    document.body.dataset.state = state;
+    statusLine.textContent = text;
+    const live = state === "connected";
+    for (const button of viewButtons) button.disabled = !live;
+    for (const button of inputButtons) button.disabled = !live || Boolean(verdict && verdict.view_only);
+}
+
+/** The proxy's verdict on the token, without redeeming it: {ok: true, …} or {ok: false, message}. */
+async function checkToken(token) {
+    let response;
+    try {
+        response = await fetch("/token-status", {
+            headers: { Authorization: `Bearer ${token}` },
+            cache: "no-store",
+            credentials: "omit",
+        });
+    } catch {
+        return { ok: false, message: messages.UNREACHABLE };
+    }
+    const body = await response.json().catch(() => null);
+    if (response.ok && body && body.ok) return body;
+    if (body && body.error) return { ok: false, message: messages.refusalMessage(body.error, body.message) };
+    return { ok: false, message: `The console service answered with an error (HTTP ${response.status}).` };
+}
+
+function websocketUrl() {
+    const url = new URL("/websockify", location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    return url.href;
+}
+
+function connect(token) {
+    // We open the websocket ourselves and hand it to noVNC (instead of noVNC's `wsProtocols`
+    // option) because noVNC's disconnect event does not carry the close code and reason, and
+    // the code is what tells "idle timeout" from "ended by an administrator".
+    let socket;
+    try {
+        socket = new WebSocket(websocketUrl(), ["binary", `token.${token}`]);
+    } catch {
+        show("ended", messages.NOT_OPENED);  // a token with characters a subprotocol cannot carry
+        return;
+    }
+    const seen = { opened: false, close: null };
+    socket.addEventListener("open", () => { seen.opened = true; });
+    // Registered before noVNC sets `onclose`, so it runs first and the code is known when
+    // noVNC's disconnect event fires.
+    socket.addEventListener("close", (event) => { seen.close = event; });
+
+    const name = verdict.desktop_name;
+    show("connecting", name ? `Connecting to ${name}…` : "Connecting…");
+    rfb = new RFB(screen, socket, { shared: true });
+    rfb.viewOnly = Boolean(verdict.view_only);   // the proxy drops input anyway; this hides it
+    rfb.scaleViewport = true;
+    rfb.background = "#1b1d21";
+    $("view-only").hidden = !verdict.view_only;
+
+    rfb.addEventListener("desktopname", (event) => { document.title = event.detail.name; });
+    rfb.addEventListener("connect", () => {
+        show("connected", `Connected to ${document.title}${verdict.view_only ? " (view only)" : ""}`);
+        rfb.focus();
+    });
+    rfb.addEventListener("securityfailure", (event) => {
+        // The proxy offers only security type None, so this means something between is wrong.
+        console.warn("security failure", event.detail.status, event.detail.reason);
+    });
+    rfb.addEventListener("disconnect", () => {
+        rfb = null;
+        explain(token, seen).then((text) => show("ended", text));
+    });
+}
+
+/** Why the console ended, in words. */
+async function explain(token, seen) {
+    if (userDisconnected) return messages.USER_DISCONNECTED;
+    const code = seen.close ? seen.close.code : 1006;
+    if (code === 4410 && verdict.expires_at && Date.now() / 1000 >= verdict.expires_at) {
+        return messages.SESSION_TIME_UP;
+    }
+    if (code !== 1006 && code !== 1005) return messages.closeMessage(code);
+    // 1006: the browser hides a refusal before the upgrade (its status and JSON body) behind an
+    // abnormal close, and a dropped connection looks the same. Ask the proxy again.
+    show("checking", "The connection closed; finding out why…");
+    const again = await checkToken(token);
+    if (!again.ok) return again.message;
+    if (!seen.opened) return verdict.single_use ? messages.SINGLE_USE_NOT_OPENED : messages.NOT_OPENED;
+    return messages.LOST;
+}
+
+/** Type text into the VM as key presses: consoles (BIOS, login prompts) rarely share a clipboard. */
+function typeText(text) {
+    for (const char of text.replace(/\r\n?/g, "\n")) {
+        if (char === "\n") rfb.sendKey(KeyTable.XK_Return, "Enter");
+        else if (char === "\t") rfb.sendKey(KeyTable.XK_Tab, "Tab");
+        else rfb.sendKey(keysyms.lookup(char.codePointAt(0)), null);
+    }
+}
+
+function wireToolbar() {
+    const dialog = $("text-dialog");
+    const textInput = $("text-input");
+    const backToConsole = () => { if (rfb) rfb.focus(); };
+
+    $("ctrl-alt-del").addEventListener("click", () => { rfb.sendCtrlAltDel(); backToConsole(); });
+
+    $("send-text").addEventListener("click", async () => {
+        textInput.value = "";
+        dialog.showModal();
+        // Reading the clipboard needs a secure context and the user's permission; without them
+        // the user pastes into the box instead.
+        if (navigator.clipboard && navigator.clipboard.readText) {
+            textInput.value = await navigator.clipboard.readText().catch(() => "");
+        }
+        textInput.select();
+    });
+    $("text-form").addEventListener("submit", (event) => {
+        event.preventDefault();  // no form submission: CSP has form-action 'none'
+        dialog.close();
+        if (rfb && textInput.value) typeText(textInput.value);
+        backToConsole();
+    });
+    $("text-cancel").addEventListener("click", () => { dialog.close(); backToConsole(); });
+
+    const scale = $("scale");
+    scale.addEventListener("click", () => {
+        rfb.scaleViewport = !rfb.scaleViewport;
+        scale.setAttribute("aria-pressed", String(rfb.scaleViewport));
+        scale.textContent = rfb.scaleViewport ? "Scale to fit" : "1:1";
+        backToConsole();
+    });
+
+    const fullscreen = $("fullscreen");
+    fullscreen.addEventListener("click", () => {
+        if (document.fullscreenElement) document.exitFullscreen();
+        else document.documentElement.requestFullscreen().catch(() => {});
+        backToConsole();
+    });
+    document.addEventListener("fullscreenchange", () => {
+        fullscreen.textContent = document.fullscreenElement ? "Exit full screen" : "Full screen";
+    });
+
+    $("disconnect").addEventListener("click", () => {
+        userDisconnected = true;
+        if (rfb) rfb.disconnect();
+    });
+}
+
+async function main() {
+    wireToolbar();
+    // A new console link pasted into this tab changes only the fragment, which does not load
+    // the page again: start over with it (the reload keeps the fragment, takeToken removes it).
+    window.addEventListener("hashchange", () => {
+        if (new URLSearchParams(location.hash.slice(1)).has("token")) location.reload();
+    });
+    const token = takeToken();
+    if (!token) {
+        show("ended", messages.refusalMessage("token_missing"));
+        return;
+    }
+    show("checking", "Checking the console link…");
+    const answer = await checkToken(token);
+    if (!answer.ok) {
+        show("ended", answer.message);
+        return;
+    }
+    verdict = answer;
+    connect(token);
+}
+
+main();
