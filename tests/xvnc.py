@@ -309,7 +309,7 @@ def make_test_pki(directory: Path, *, common_name: str = "consolegate test CA") 
 
 def _require_xvnc() -> None:
     if not xvnc_available():
-        pytest.skip("TigerVNC Xvnc not installed")
+        pytest.fail("TigerVNC Xvnc is not installed: run scripts/setup.sh (tests never skip real parts)")
 
 
 @pytest.fixture(scope="session")

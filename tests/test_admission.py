@@ -1,0 +1,83 @@
+"""Pre-upgrade admission as a pure function: DESIGN's order and codes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from console_proxy import token
+from console_proxy.admission import Refusal, Request, admit, bearer_token, token_from
+from console_proxy.config import ProxyConfig
+from console_proxy.keyring import Keyring
+
+NOW = 1_800_000_000.0
+RING = Keyring.generate(NOW)
+PROXY_RING = RING.for_proxy()
+OWN = "http://proxy:6080"
+
+
+def _token(**options: object) -> str:
+    claims = token.new_claims(host="10.0.0.5", port=5900, now=NOW, ttl=60, **options)  # type: ignore[arg-type]
+    return token.mint(claims, RING)
+
+
+def _admit(tok: str | None, *, origin: str | None = None, draining: bool = False, sessions: int = 0,
+           client: str = "192.0.2.10", config: ProxyConfig | None = None, now: float = NOW) -> token.Claims:
+    return admit(Request(tok, origin, OWN, client), keyring=PROXY_RING, config=config or ProxyConfig(),
+                 now=now, draining=draining, sessions=sessions)
+
+
+def _code(**kwargs: object) -> tuple[str, int]:
+    with pytest.raises(Refusal) as info:
+        _admit(**kwargs)  # type: ignore[arg-type]
+    assert info.value.message and info.value.body() == {"error": info.value.code, "message": info.value.message}
+    return info.value.code, info.value.status
+
+
+def test_valid_token_is_admitted() -> None:
+    assert _admit(_token(vm="vm-1")).vm == "vm-1"
+
+
+def test_draining_wins_over_everything() -> None:
+    assert _code(tok=None, origin="https://evil.example", draining=True) == ("draining", 503)
+
+
+def test_origin_then_capacity_then_token() -> None:
+    assert _code(tok=None, origin="https://evil.example") == ("origin_denied", 403)
+    assert _code(tok=None, sessions=2000) == ("over_capacity", 503)
+    assert _code(tok=None) == ("token_missing", 400)
+
+
+@pytest.mark.parametrize(("mutation", "expected"), [
+    ({"tok": "garbage"}, ("token_invalid", 401)),
+    ({"now": NOW + 3600}, ("token_expired", 401)),
+    ({"now": NOW - 3600}, ("token_not_yet_valid", 401)),
+])
+def test_token_refusals_keep_their_codes(mutation: dict[str, object], expected: tuple[str, int]) -> None:
+    assert _code(**{"tok": _token(), **mutation}) == expected
+
+
+def test_client_ip_binding() -> None:
+    bound = _token(client_ip="192.0.2.10")
+    assert _admit(bound).cip == "192.0.2.10"
+    assert _code(tok=bound, client="192.0.2.11") == ("client_ip_mismatch", 403)
+
+
+def test_refusal_never_carries_the_password_or_token() -> None:
+    tok = _token(password="hunter2")
+    with pytest.raises(Refusal) as info:
+        _admit(tok, now=time.time() + 10**6)
+    text = repr(info.value) + str(info.value) + str(info.value.body())
+    assert "hunter2" not in text and tok not in text
+
+
+def test_token_sources() -> None:
+    assert token_from(["binary", "token.abc"], None) == "abc"
+    assert token_from(["binary", "token.abc"], "q") == "abc"
+    assert token_from(["binary", "token."], "q") == "q"
+    assert token_from(["binary"], None) is None
+    assert bearer_token("Bearer  abc ") == "abc"
+    assert bearer_token("bearer abc") == "abc"
+    assert bearer_token("Basic abc") is None
+    assert bearer_token(None) is None
