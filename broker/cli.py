@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from broker import keyfiles
+from broker import keyfiles, schemas, serve
+from broker.client import BrokerClient, BrokerError
+from broker.service import AUDIT_TYPES, ApiError, Broker, init_state_dir
+from broker.store import StoreError
+from broker.vault import MASTER_KEY_NAME, VaultError
 from console_proxy import clock, keyring, token
 from console_proxy.command import CommandError, Parser, read_secret_file, run
 from console_proxy.keyring import DEFAULT_MAX_TTL, KeyringError
@@ -59,9 +65,161 @@ def _add_token(commands: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="console-broker", description="consolegate's console broker")
     commands = parser.add_subparsers(metavar="COMMAND")
+    init = commands.add_parser("init", help="create a broker state directory")
+    init.add_argument("--state-dir", metavar="D", default="./var")
+    init.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL, help="longest token lifetime, seconds")
+    init.set_defaults(handler=state_init)
+    serve.add_parser(commands)
     _add_keys(commands)
     _add_token(commands)
+    _add_credentials(commands)
+    _add_targets(commands)
+    _add_audit(commands)
     return parser
+
+
+def _state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", metavar="D", default="./var", help="broker state directory")
+
+
+def _add_credentials(commands: argparse._SubParsersAction) -> None:
+    create = commands.add_parser("apikey", help="API keys").add_subparsers(metavar="ACTION").add_parser(
+        "create", help="create an API key and print it (once)")
+    create.add_argument("name")
+    create.add_argument("--role", required=True, choices=["admin", "issuer"])
+    _state_dir(create)
+    create.set_defaults(handler=apikey_create)
+    add = commands.add_parser("proxy", help="the proxy fleet").add_subparsers(metavar="ACTION").add_parser(
+        "add", help="register a proxy and write its credential file {proxy_id, secret}")
+    add.add_argument("name")
+    add.add_argument("--public-url", required=True, metavar="URL", help="the URL browsers use to reach it")
+    add.add_argument("--out", required=True, metavar="FILE", help="credential file to write (0600)")
+    _state_dir(add)
+    add.set_defaults(handler=proxy_add)
+
+
+def _add_targets(commands: argparse._SubParsersAction) -> None:
+    targets = commands.add_parser("targets", help="VM consoles").add_subparsers(metavar="ACTION")
+    add = targets.add_parser("add", help="add a target (its VNC password is sealed at rest)")
+    add.add_argument("--id", help="target id (default: generated)")
+    add.add_argument("--name", required=True)
+    add.add_argument("--host", required=True)
+    add.add_argument("--port", type=int, required=True)
+    add.add_argument("--password-file", metavar="F", help="file holding the VNC password")
+    _state_dir(add)
+    add.set_defaults(handler=targets_add)
+    listing = targets.add_parser("list", help="targets as JSON (never the password)")
+    _state_dir(listing)
+    listing.set_defaults(handler=targets_list)
+    remove = targets.add_parser("remove", help="delete a target")
+    remove.add_argument("id")
+    _state_dir(remove)
+    remove.set_defaults(handler=targets_remove)
+
+
+def _add_audit(commands: argparse._SubParsersAction) -> None:
+    tail = commands.add_parser("audit", help="the audit log").add_subparsers(metavar="ACTION").add_parser(
+        "tail", help="print audit events as JSON lines (from the state dir, or a broker's API)")
+    _state_dir(tail)
+    tail.add_argument("--broker", metavar="URL", help="read through the API of this broker instead")
+    tail.add_argument("--api-key-file", metavar="F", help="admin API key, with --broker")
+    tail.add_argument("--after", type=int, default=0, metavar="SEQ")
+    tail.add_argument("--type", choices=AUDIT_TYPES)
+    tail.add_argument("--follow", action="store_true", help="keep printing new events")
+    tail.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --follow")
+    tail.set_defaults(handler=audit_tail)
+
+
+def _open(args: argparse.Namespace) -> Broker:
+    return Broker(args.state_dir)
+
+
+def state_init(args: argparse.Namespace) -> int:
+    root = init_state_dir(args.state_dir, max_ttl=args.max_ttl)
+    print(f"initialised broker state in {root} (broker.db, keyring.json, master.key)")
+    return 0
+
+
+def apikey_create(args: argparse.Namespace) -> int:
+    broker = _open(args)
+    try:
+        key = broker.create_apikey(args.name, args.role, "cli")
+    finally:
+        broker.close()
+    print(key)
+    return 0
+
+
+def proxy_add(args: argparse.Namespace) -> int:
+    broker = _open(args)
+    try:
+        credential = broker.add_proxy(args.name, args.public_url, "cli")
+    finally:
+        broker.close()
+    keyring.write_private_file(args.out, json.dumps(credential).encode() + b"\n")
+    print(f"registered proxy {args.name}; credential written to {args.out}")
+    return 0
+
+
+def targets_add(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {"name": args.name, "host": args.host, "port": args.port}
+    if args.id:
+        body["id"] = args.id
+    if args.password_file:
+        body["password"] = read_secret_file(args.password_file)
+    try:  # the API's own checks, so the CLI and the API accept the same targets
+        checked = schemas.validate(body, schemas.TARGET_CREATE)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    broker = _open(args)
+    try:
+        print(json.dumps(broker.add_target(checked, "cli")))
+    finally:
+        broker.close()
+    return 0
+
+
+def targets_list(args: argparse.Namespace) -> int:
+    broker = _open(args)
+    try:
+        print(json.dumps(broker.list_targets(), indent=2))
+    finally:
+        broker.close()
+    return 0
+
+
+def targets_remove(args: argparse.Namespace) -> int:
+    broker = _open(args)
+    try:
+        broker.delete_target(args.id, "cli")
+    finally:
+        broker.close()
+    print(f"removed target {args.id}")
+    return 0
+
+
+def _audit_source(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """A function (after) -> events, reading the state dir or a broker's API."""
+    if args.broker:
+        if not args.api_key_file:
+            raise CommandError("--broker needs --api-key-file")
+        client = BrokerClient(args.broker, read_secret_file(args.api_key_file))
+        return lambda after: client.audit(after, args.type, 1000)
+    broker = _open(args)
+    return lambda after: broker.audit(after, args.type, 1000)["events"]
+
+
+def audit_tail(args: argparse.Namespace) -> int:
+    fetch, after = _audit_source(args), args.after
+    while True:
+        events = fetch(after)
+        for event in events:
+            print(json.dumps(event, sort_keys=True), flush=True)
+            after = event["seq"]
+        if not args.follow and len(events) < 1000:
+            return 0
+        if not events:
+            time.sleep(args.interval)
 
 
 def keys_init(args: argparse.Namespace) -> int:
@@ -72,6 +230,17 @@ def keys_init(args: argparse.Namespace) -> int:
 
 
 def keys_rotate(args: argparse.Namespace) -> int:
+    """On an initialised state dir, the broker's own rotation (audited ``key_rotated``, as POST /keys/rotate);
+    on a bare keyring file (or a directory holding only keyring.json), the file is rotated alone."""
+    if args.state_dir and not args.keyring and (Path(args.state_dir) / MASTER_KEY_NAME).exists():
+        broker = Broker(args.state_dir)
+        try:
+            result = broker.rotate_keys("cli")
+        finally:
+            broker.close()
+        active = result["active"]
+        print(f"rotated (version {result['version']}): signing {active['signing']}, fleet {active['fleet']}")
+        return 0
     ring = keyfiles.rotate_keyring(keyfiles.keyring_path(args.keyring, args.state_dir), clock.now())
     print(f"rotated (version {ring.version}): signing {ring.active_signing}, fleet {ring.active_fleet}")
     return 0
@@ -118,7 +287,8 @@ def token_mint(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run("console-broker", build_parser(), argv, (KeyringError, ValueError))
+    return run("console-broker", build_parser(), argv,
+               (KeyringError, ValueError, StoreError, VaultError, ApiError, BrokerError))
 
 
 if __name__ == "__main__":  # pragma: no cover

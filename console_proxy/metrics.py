@@ -13,6 +13,11 @@ from typing import TypeVar
 LabelValues = tuple[str, ...]
 
 
+def _number(value: float) -> str:
+    """Exact for whole numbers (byte counters pass 10**6 quickly; ``:g`` would round them)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -52,8 +57,21 @@ class Counter(_Metric):
         if not self.values and not self.label_names:
             lines.append(f"{self.name} 0")
         for labels, value in sorted(self.values.items()):
-            lines.append(f"{self.name}{_labels(self.label_names, labels)} {value:g}")
+            lines.append(f"{self.name}{_labels(self.label_names, labels)} {_number(value)}")
         return lines
+
+
+class LiveCounter(Counter):
+    """A counter whose labelled values are read when rendered (e.g. bytes of open sessions too)."""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str],
+                 read: Callable[[], dict[LabelValues, float]]) -> None:
+        super().__init__(name, help_text, labels)
+        self.read = read
+
+    def render(self) -> list[str]:
+        self.values = self.read()
+        return super().render()
 
 
 class Gauge(_Metric):
@@ -66,7 +84,7 @@ class Gauge(_Metric):
         self.read = read
 
     def render(self) -> list[str]:
-        return [*self.header(), f"{self.name} {self.read():g}"]
+        return [*self.header(), f"{self.name} {_number(self.read())}"]
 
 
 class Histogram(_Metric):
@@ -88,7 +106,7 @@ class Histogram(_Metric):
             running += count
             le = "+Inf" if bound == float("inf") else f"{bound:g}"
             lines.append(f'{self.name}_bucket{{le="{le}"}} {running}')
-        lines += [f"{self.name}_sum {self.total:g}", f"{self.name}_count {running}"]
+        lines += [f"{self.name}_sum {_number(self.total)}", f"{self.name}_count {running}"]
         return lines
 
 
@@ -113,14 +131,16 @@ class Registry:
 class ProxyMetrics:
     """The proxy's metrics; one instance per process."""
 
-    def __init__(self, active_sessions: Callable[[], float], draining: Callable[[], float]) -> None:
+    def __init__(self, active_sessions: Callable[[], float], draining: Callable[[], float],
+                 relayed: Callable[[], dict[LabelValues, float]]) -> None:
         self.registry = Registry()
         add = self.registry.add
         add(Gauge("consolegate_proxy_active_sessions", "Console sessions open now.", active_sessions))
         add(Gauge("consolegate_proxy_draining", "1 while the proxy drains after SIGTERM.", draining))
         self.sessions = add(Counter("consolegate_proxy_sessions_total", "Sessions ended, by outcome.", ["outcome"]))
         self.refusals = add(Counter("consolegate_proxy_refusals_total", "Requests refused, by code.", ["code"]))
-        self.bytes = add(Counter("consolegate_proxy_bytes_total", "Bytes relayed, by direction.", ["direction"]))
+        add(LiveCounter("consolegate_proxy_bytes_total", "Bytes relayed, by direction (open sessions included).",
+                        ["direction"], relayed))
         self.handshake = add(Histogram("consolegate_proxy_handshake_seconds",
                                        "From websocket open to ServerInit sent to the browser.",
                                        [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]))

@@ -520,14 +520,22 @@ class UpstreamHandshake:
         return self._on_failure_reason()
 
     def _on_failure_reason(self) -> list[UpstreamAction] | None:
-        """u32 length + text: wait for at most 1 KiB of it, then give up with what we have."""
+        """u32 length + text. The refusal is certain already; the text is only for humans.
+
+        A reason up to 1 KiB is waited for (honest servers send it with the length). A longer
+        announced reason is suspicious: fail at once with whatever has arrived, so a server
+        that announces 4 GiB and then stalls cannot hold the session until the timeout.
+        """
         head = self._buf.peek(4)
         if head is None:
             return None
-        wanted = min(_U32.unpack(head)[0], TEXT_KEEP)
-        raw = self._buf.take(4 + wanted)
-        if raw is None:
-            return None
+        announced = _U32.unpack(head)[0]
+        if announced > TEXT_KEEP:
+            raw = self._buf.take(min(4 + TEXT_KEEP, len(self._buf))) or b""
+        else:
+            raw = self._buf.take(4 + announced)
+            if raw is None:
+                return None
         reason = printable(raw[4:])
         raise RfbError.auth_failed(f"{self._failure}: {reason}" if reason else self._failure)
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import tornado.httpserver
 
 from console_proxy import keyring, origin, server
+from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
 from console_proxy.command import CommandError
 from console_proxy.config import REPO_STATIC, ProxyConfig
+from console_proxy.events import Events
 from console_proxy.keyring import DEFAULT_SKEW
 
 log = logging.getLogger("consolegate.proxy")
@@ -21,7 +23,12 @@ log = logging.getLogger("consolegate.proxy")
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--listen", required=True, metavar="H:P", help="address and port to listen on")
-    serve.add_argument("--keyring", metavar="FILE", required=True, help="proxy keyring (console-broker keys export-proxy)")
+    serve.add_argument("--keyring", metavar="FILE",
+                       help="proxy keyring (console-broker keys export-proxy); with --broker, used until the "
+                            "broker answers")
+    serve.add_argument("--broker", metavar="URL", help="the broker: keyring, single-use redemption, events")
+    serve.add_argument("--proxy-credential", metavar="FILE", help="credential from console-broker proxy add")
+    serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
     serve.add_argument("--public-url", metavar="URL", help="the URL browsers use to reach this proxy")
     serve.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
                        help="another page origin allowed to open consoles (repeatable)")
@@ -97,15 +104,51 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = build_config(args)
-    ring = keyring.load(args.keyring)
+    link = _broker_link(args)
+    ring = keyring.load(args.keyring) if args.keyring else None
     host, port = parse_listen(args.listen)
-    asyncio.run(serve(config, ring, host, port, tls_context(args.tls_cert, args.tls_key)))
+    asyncio.run(serve(config, ring, host, port, tls_context(args.tls_cert, args.tls_key), link=link))
     return 0
 
 
-async def serve(config: ProxyConfig, ring: keyring.Keyring, host: str, port: int,
-                tls: ssl.SSLContext | None) -> None:
-    state = server.ProxyState(config, ring)
+def _broker_link(args: argparse.Namespace) -> BrokerLink | None:
+    """``--broker URL --proxy-credential FILE``, or None; one of it and ``--keyring`` is needed."""
+    if not args.broker:
+        if args.proxy_credential:
+            raise CommandError("--proxy-credential goes with --broker")
+        if not args.keyring:
+            raise CommandError("give --keyring FILE, or --broker URL with --proxy-credential FILE")
+        return None
+    if not args.proxy_credential:
+        raise CommandError("--broker needs --proxy-credential FILE")
+    if args.heartbeat_interval <= 0:
+        raise CommandError("--heartbeat-interval must be positive")
+    try:
+        credential = ProxyCredential.load(args.proxy_credential)
+    except BrokerLinkError as exc:
+        raise CommandError(str(exc)) from None
+    return BrokerLink(args.broker, credential, interval=args.heartbeat_interval)
+
+
+async def _first_keyring(link: BrokerLink, config: ProxyConfig, ring: keyring.Keyring | None) -> keyring.Keyring:
+    try:
+        return await link.first_keyring(config.max_sessions, config.public_url)
+    except BrokerLinkError as exc:
+        if ring is None:
+            raise CommandError(f"cannot start: {exc}") from None
+        log.warning("starting with the --keyring file: %s", exc)
+        return ring
+
+
+async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, port: int,
+                tls: ssl.SSLContext | None, *, link: BrokerLink | None = None) -> None:
+    if link is not None:
+        ring = await _first_keyring(link, config, ring)
+    assert ring is not None
+    state = server.ProxyState(config, ring, broker=link, events=Events(forward=link.forward) if link else None)
+    if link is not None:
+        link.attach(state)
+        link.start()
     http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls)
     try:
         http.listen(port, host)
@@ -117,4 +160,6 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring, host: str, port: int
     await state.stopped.wait()
     sweeper.stop()
     http.stop()
+    if link is not None:
+        await link.stop()
     log.info("console-proxy stopped")

@@ -33,6 +33,7 @@ class ProxyProcess:
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     exited: threading.Event = field(default_factory=threading.Event)
+    ready_line: str = "console-proxy listening"
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -47,10 +48,10 @@ class ProxyProcess:
         with self._changed:
             return "".join(self.lines)
 
-    def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
-        """The first log line containing ``needle``, waiting for it to be written."""
+    def wait_for_log(self, needle: str, *more: str, timeout: float = 10.0) -> str:
+        """The first log line containing ``needle`` (and every one of ``more``), waiting for it."""
         def found() -> str | None:
-            return next((line for line in self.lines if needle in line), None)
+            return next((line for line in self.lines if needle in line and all(m in line for m in more)), None)
         with self._changed:
             if not self._changed.wait_for(lambda: found() is not None or self.exited.is_set(), timeout):
                 raise AssertionError(f"no log line with {needle!r} within {timeout}s")
@@ -68,7 +69,7 @@ class ProxyProcess:
                 with self._changed:
                     self.lines.append(line)
                     self._changed.notify_all()
-                if "console-proxy listening" in line:
+                if self.ready_line in line:
                     self.ready.set()
         self.exited.set()
         self.ready.set()
@@ -89,17 +90,23 @@ class ProxyProcess:
         return self.process.returncode
 
 
-def start_proxy(tmp_path: Path, keyring_path: Path, *extra: str, log_level: str = "DEBUG") -> ProxyProcess:
-    """Start ``console-proxy serve`` from this checkout; returns once it listens."""
-    for _ in range(5):
-        port = free_port()
-        log_path = tmp_path / f"proxy-{port}.log"
-        command = [sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{port}",
-                   "--keyring", str(keyring_path), "--log-level", log_level, *extra]
+def start_proxy(tmp_path: Path, keyring_path: Path | None, *extra: str, log_level: str = "DEBUG",
+                port: int | None = None) -> ProxyProcess:
+    """Start ``console-proxy serve`` from this checkout; returns once it listens.
+
+    ``keyring_path`` None starts it without ``--keyring`` (pass ``--broker …`` in ``extra``);
+    ``port`` fixes the port (when the caller must know it first, e.g. for ``--public-url``).
+    """
+    for _ in range(5 if port is None else 1):
+        port_now = port or free_port()
+        log_path = tmp_path / f"proxy-{port_now}.log"
+        keyring_args = ["--keyring", str(keyring_path)] if keyring_path is not None else []
+        command = [sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{port_now}",
+                   *keyring_args, "--log-level", log_level, *extra]
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                    cwd=REPO, env=env)
-        proxy = ProxyProcess(process, port, log_path)
+        proxy = ProxyProcess(process, port_now, log_path)
         threading.Thread(target=proxy._pump, daemon=True).start()
         if not proxy.ready.wait(START_TIMEOUT):
             proxy.stop()

@@ -1,0 +1,265 @@
+"""The broker's JSON API under ``/api/v1``: Tornado handlers that authenticate, validate, delegate.
+
+Every handler does the same three things in the same order: who is calling (401 without a valid
+credential, 403 for the wrong role), what was asked (413 over :data:`MAX_BODY`, 400 for bad
+JSON, wrong types or unknown members, checked against :mod:`broker.schemas`), then one call
+into :class:`broker.service.Broker`. Every error, Tornado's own included, is
+``{"error": CODE, "message": …}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import tornado.web
+
+from broker import openapi, schemas
+from broker.auth import Principal
+from broker.schemas import Field
+from broker.service import AUDIT_TYPES, SESSION_STATES, ApiError, Broker
+from console_proxy.metrics import Counter, Gauge, Registry
+
+log = logging.getLogger("consolegate.broker.api")
+
+MAX_BODY = 64 * 1024
+"""Largest request body the API reads; larger ones get 413 before any parsing."""
+PREFIX = "/api/v1"
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 503: "unavailable"}
+
+
+class BrokerMetrics:
+    def __init__(self, broker: Broker) -> None:
+        self.registry = Registry()
+        self.responses = self.registry.add(Counter("consolegate_broker_responses_total",
+                                                   "API answers by status", ("status",)))
+        self.minted = self.registry.add(Counter("consolegate_broker_consoles_minted_total", "consoles minted"))
+        self.registry.add(Gauge("consolegate_broker_healthy_proxies", "proxies with a recent heartbeat",
+                                lambda: float(sum(1 for p in broker.list_proxies()["proxies"] if p["healthy"]))))
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate JSON member")
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no duplicate members, no NaN/Infinity; ValueError otherwise."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError("the body is not valid JSON") from None
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """Authentication, body limits and parsing, JSON answers and errors."""
+
+    def initialize(self, broker: Broker, metrics: BrokerMetrics) -> None:
+        self.broker, self.metrics = broker, metrics
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def prepare(self) -> None:
+        declared = self.request.headers.get("Content-Length", "")
+        if (declared.isdigit() and int(declared) > MAX_BODY) or len(self.request.body) > MAX_BODY:
+            raise ApiError(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
+
+    def on_finish(self) -> None:
+        self.metrics.responses.inc(str(self.get_status()))
+
+    def caller(self, *roles: str) -> Principal:
+        """The authenticated caller, who must hold one of ``roles`` ("admin" may do everything)."""
+        proxy = roles == ("proxy",)
+        principal = self.broker.authenticate(self.request.headers.get("Authorization"), proxy=proxy)
+        if principal is None:
+            self.set_header("WWW-Authenticate", 'Bearer realm="consolegate"')
+            what = "a proxy credential" if proxy else "an API key"
+            raise ApiError(401, "unauthorized", f"this endpoint needs {what} as a Bearer token")
+        if principal.role not in roles and not (principal.role == "admin" and not proxy):
+            raise ApiError(403, "forbidden", f"this endpoint needs the role {' or '.join(roles)}")
+        return principal
+
+    def body(self, fields: dict[str, Field]) -> dict[str, Any]:
+        raw = self.request.body
+        if not raw.strip() and not any(f.required for f in fields.values()):
+            return {}
+        try:
+            return schemas.validate(parse_json(raw), fields)
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+
+    def query_int(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.get_query_argument(name, None)
+        if value is None:
+            return default
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise ApiError(400, "bad_request", f"query parameter {name!r} must be an integer from {low} to {high}")
+        return int(value)
+
+    def query_choice(self, name: str, choices: tuple[str, ...], default: str | None) -> str | None:
+        value = self.get_query_argument(name, None)
+        if value is None:
+            return default
+        if value not in choices:
+            raise ApiError(400, "bad_request", f"query parameter {name!r} must be one of {', '.join(choices)}")
+        return value
+
+    def answer(self, status: int, body: dict[str, Any] | None = None) -> None:
+        self.set_status(status)
+        if body is None:
+            self.clear_header("Content-Type")
+            self.finish()
+        else:
+            self.finish(json.dumps(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, ApiError):
+            body = {"error": error.code, "message": error.message}
+        elif status_code >= 500:
+            body = {"error": "internal_error", "message": "the broker failed to answer; see its log"}
+        else:
+            body = {"error": _STATUS_CODES.get(status_code, "error"), "message": self._reason}
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+
+class TargetsHandler(ApiHandler):
+    def post(self) -> None:
+        who = self.caller("admin")
+        self.answer(201, self.broker.add_target(self.body(schemas.TARGET_CREATE), who.actor))
+
+    def get(self) -> None:
+        self.caller("admin")
+        self.answer(200, self.broker.list_targets())
+
+
+class TargetHandler(ApiHandler):
+    def get(self, target_id: str) -> None:
+        self.caller("admin")
+        self.answer(200, self.broker.get_target(target_id))
+
+    def delete(self, target_id: str) -> None:
+        who = self.caller("admin")
+        self.broker.delete_target(target_id, who.actor)
+        self.answer(204)
+
+
+class ConsolesHandler(ApiHandler):
+    def post(self) -> None:
+        who = self.caller("issuer")
+        result = self.broker.mint_console(who, self.body(schemas.CONSOLE_CREATE))
+        self.metrics.minted.inc()
+        self.answer(201, result)
+
+
+class SessionsHandler(ApiHandler):
+    def get(self) -> None:
+        who = self.caller("issuer")
+        state = self.query_choice("state", (*SESSION_STATES, "all"), "all")
+        self.answer(200, self.broker.list_sessions(who, state or "all"))
+
+
+class SessionHandler(ApiHandler):
+    def delete(self, session_id: str) -> None:
+        who = self.caller("admin")
+        self.broker.revoke_session(session_id, who.actor)
+        self.answer(202, {"session_id": session_id, "state": "revoked"})
+
+
+class AuditHandler(ApiHandler):
+    def get(self) -> None:
+        self.caller("admin")
+        after = self.query_int("after", 0, 0, 2**62)
+        limit = self.query_int("limit", 100, 1, 1000)
+        self.answer(200, self.broker.audit(after, self.query_choice("type", AUDIT_TYPES, None), limit))
+
+
+class KeysHandler(ApiHandler):
+    def get(self) -> None:
+        self.caller("admin")
+        self.answer(200, self.broker.list_keys())
+
+
+class KeysRotateHandler(ApiHandler):
+    def post(self) -> None:
+        who = self.caller("admin")
+        self.body(schemas.EMPTY)
+        self.answer(200, self.broker.rotate_keys(who.actor))
+
+
+class ProxiesHandler(ApiHandler):
+    def get(self) -> None:
+        self.caller("admin")
+        self.answer(200, self.broker.list_proxies())
+
+
+class HeartbeatHandler(ApiHandler):
+    def post(self) -> None:
+        who = self.caller("proxy")
+        self.answer(200, self.broker.heartbeat(who, self.body(schemas.HEARTBEAT)))
+
+
+class RedeemHandler(ApiHandler):
+    def post(self) -> None:
+        who = self.caller("proxy")
+        self.answer(200, self.broker.redeem(who, self.body(schemas.REDEEM)))
+
+
+class ProxyEventsHandler(ApiHandler):
+    def post(self) -> None:
+        who = self.caller("proxy")
+        self.answer(200, self.broker.proxy_events(who, self.body(schemas.EVENTS)["events"]))
+
+
+class OpenApiHandler(ApiHandler):
+    def get(self) -> None:
+        self.answer(200, openapi.document())
+
+
+class HealthHandler(ApiHandler):
+    def get(self) -> None:
+        self.broker.store.one("SELECT 1")
+        self.answer(200, {"status": "ok"})
+
+
+class MetricsHandler(ApiHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.metrics.registry.render())
+
+
+class NotFoundHandler(ApiHandler):
+    def prepare(self) -> None:
+        raise ApiError(404, "not_found", "no such endpoint")
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log: method, path (never the query or headers), status, time."""
+    request = handler.request
+    logging.getLogger("tornado.access").info("%d %s %s (%s) %.1fms", handler.get_status(), request.method,
+                                             request.path, request.remote_ip, 1000.0 * request.request_time())
+
+
+def make_app(broker: Broker) -> tornado.web.Application:
+    options = {"broker": broker, "metrics": BrokerMetrics(broker)}
+    routes: list[Any] = [(PREFIX + path, handler, options) for path, handler in (
+        ("/targets", TargetsHandler), ("/targets/([^/]+)", TargetHandler), ("/consoles", ConsolesHandler),
+        ("/sessions", SessionsHandler), ("/sessions/([^/]+)", SessionHandler), ("/audit", AuditHandler),
+        ("/keys", KeysHandler), ("/keys/rotate", KeysRotateHandler), ("/proxies", ProxiesHandler),
+        ("/proxy/heartbeat", HeartbeatHandler), ("/proxy/redeem", RedeemHandler),
+        ("/proxy/events", ProxyEventsHandler), ("/openapi.json", OpenApiHandler))]
+    routes += [("/healthz", HealthHandler, options), ("/metrics", MetricsHandler, options)]
+    return tornado.web.Application(routes, default_handler_class=NotFoundHandler, default_handler_args=options,
+                                   log_function=_log_request)

@@ -1,0 +1,102 @@
+"""A small synchronous client for the broker API (standard library only), for the CLI and tests.
+
+Errors come back as :class:`BrokerError` with the status and the API's stable code, so a caller
+can tell ``no_proxy_available`` from ``target_not_found`` without parsing messages.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+
+class BrokerError(Exception):
+    """An error answer (``status`` and ``code``) or, with status 0, no answer at all."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class BrokerClient:
+    """``BrokerClient("http://127.0.0.1:8700", api_key)``; methods mirror DESIGN's table."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 10.0) -> None:
+        self.base = base_url.rstrip("/") + "/api/v1"
+        self.api_key, self.timeout = api_key, timeout
+
+    def request(self, method: str, path: str, body: Any = None, *, query: dict[str, Any] | None = None,
+                raw: bytes | None = None, authorization: str | None = None) -> tuple[int, Any]:
+        """(status, decoded JSON or None); raises BrokerError for 4xx/5xx and network failures."""
+        url = self.base + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        auth = authorization or (f"Bearer {self.api_key}" if self.api_key else None)
+        if auth:
+            request.add_header("Authorization", auth)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.status, _decode(response.read())
+        except urllib.error.HTTPError as exc:
+            answer = _decode(exc.read()) or {}
+            raise BrokerError(exc.code, answer.get("error", "error"), answer.get("message", "")) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise BrokerError(0, "broker_unreachable", str(getattr(exc, "reason", exc))) from None
+
+    def _get(self, path: str, **query: Any) -> Any:
+        return self.request("GET", path, query=query)[1]
+
+    def _post(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, body)[1]
+
+    def add_target(self, **target: Any) -> dict[str, Any]:
+        return self._post("/targets", target)
+
+    def targets(self) -> list[dict[str, Any]]:
+        return self._get("/targets")["targets"]
+
+    def target(self, target_id: str) -> dict[str, Any]:
+        return self._get(f"/targets/{urllib.parse.quote(target_id, safe='')}")
+
+    def delete_target(self, target_id: str) -> None:
+        self.request("DELETE", f"/targets/{urllib.parse.quote(target_id, safe='')}")
+
+    def mint(self, target_id: str, **options: Any) -> dict[str, Any]:
+        return self._post("/consoles", {"target_id": target_id, **options})
+
+    def sessions(self, state: str = "all") -> list[dict[str, Any]]:
+        return self._get("/sessions", state=state)["sessions"]
+
+    def revoke(self, session_id: str) -> None:
+        self.request("DELETE", f"/sessions/{urllib.parse.quote(session_id, safe='')}")
+
+    def audit(self, after: int = 0, type_: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        return self._get("/audit", after=after, type=type_, limit=limit)["events"]
+
+    def rotate_keys(self) -> dict[str, Any]:
+        return self._post("/keys/rotate", {})
+
+    def keys(self) -> dict[str, Any]:
+        return self._get("/keys")
+
+    def proxies(self) -> list[dict[str, Any]]:
+        return self._get("/proxies")["proxies"]
+
+    def openapi(self) -> dict[str, Any]:
+        return self._get("/openapi.json")
+
+
+def _decode(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

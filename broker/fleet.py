@@ -1,0 +1,52 @@
+"""The proxy fleet as the broker sees it: health and which proxy gets the next console.
+
+Pure functions over rows read from the store, so assignment is tested without a network.
+A proxy is *healthy* when its last heartbeat is at most three heartbeat intervals old; a console
+goes to the healthy, non-draining proxy with room and the lowest load, where load counts the
+sessions the proxy reported plus the consoles assigned to it since that report (so a burst of
+mints between two heartbeats spreads over the fleet instead of piling onto one proxy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+HEALTHY_INTERVALS = 3
+
+
+@dataclass(frozen=True)
+class ProxyView:
+    id: str
+    public_url: str
+    sessions: int
+    capacity: int
+    draining: bool
+    last_seen: float | None
+    pending: int = 0
+
+    def healthy(self, now: float, interval: float) -> bool:
+        return self.last_seen is not None and now - self.last_seen <= HEALTHY_INTERVALS * interval
+
+    @property
+    def load(self) -> float:
+        return (self.sessions + self.pending) / self.capacity if self.capacity > 0 else float("inf")
+
+
+def choose(proxies: Iterable[ProxyView], now: float, interval: float) -> ProxyView | None:
+    """The proxy for the next console, or None when no proxy can take one."""
+    candidates = [p for p in proxies if p.healthy(now, interval) and not p.draining
+                  and p.sessions + p.pending < p.capacity]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda p: (p.load, p.id))
+
+
+def websocket_url(public_url: str) -> str:
+    """``http(s)://host/prefix`` → ``ws(s)://host/prefix/websockify``."""
+    base = public_url.rstrip("/")
+    if base.startswith("https://"):
+        base = "wss://" + base[len("https://"):]
+    elif base.startswith("http://"):
+        base = "ws://" + base[len("http://"):]
+    return base + "/websockify"

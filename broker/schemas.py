@@ -1,0 +1,193 @@
+"""The shapes of the API's request bodies: one declaration, used to validate and to document.
+
+:func:`validate` turns a decoded JSON body into a checked dict or a ValueError naming the first
+problem (unknown member, wrong type, out of range); :func:`to_openapi` renders the same
+declaration as an OpenAPI schema, so the document cannot drift from what the code accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from broker.auth import NAME_PATTERN
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,),
+                                            "object": (dict,), "array": (list,), "number": (int, float)}
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str
+    required: bool = False
+    nullable: bool = False
+    minimum: int | None = None
+    maximum: int | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    pattern: str | None = None
+    enum: tuple[str, ...] | None = None
+    properties: dict[str, Field] | None = None
+    open: bool = False
+    """For objects: members beyond ``properties`` are allowed (and ignored)."""
+    items: Field | None = None
+    max_items: int | None = None
+    description: str = ""
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) and kind in ("integer", "number"):
+        return False
+    return isinstance(value, _JSON_TYPES[kind])
+
+
+def _check(value: Any, spec: Field, where: str) -> Any:
+    if value is None:
+        if spec.nullable:
+            return None
+        raise ValueError(f"{where} must not be null")
+    if not _type_ok(value, spec.kind):
+        raise ValueError(f"{where} must be of type {spec.kind}")
+    if spec.kind in ("integer", "number"):
+        if spec.minimum is not None and value < spec.minimum:
+            raise ValueError(f"{where} must be at least {spec.minimum}")
+        if spec.maximum is not None and value > spec.maximum:
+            raise ValueError(f"{where} must be at most {spec.maximum}")
+    if spec.kind == "string":
+        _check_string(value, spec, where)
+    if spec.kind == "object" and spec.properties is not None:
+        return validate(value, spec.properties, where=where, open_=spec.open)
+    if spec.kind == "array":
+        if spec.max_items is not None and len(value) > spec.max_items:
+            raise ValueError(f"{where} must have at most {spec.max_items} items")
+        assert spec.items is not None
+        return [_check(item, spec.items, f"{where}[{i}]") for i, item in enumerate(value)]
+    return value
+
+
+def _check_string(value: str, spec: Field, where: str) -> None:
+    if spec.min_length is not None and len(value) < spec.min_length:
+        raise ValueError(f"{where} must have at least {spec.min_length} characters")
+    if spec.max_length is not None and len(value) > spec.max_length:
+        raise ValueError(f"{where} must have at most {spec.max_length} characters")
+    if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
+        raise ValueError(f"{where} has an invalid format")
+    if spec.enum is not None and value not in spec.enum:
+        raise ValueError(f"{where} must be one of {', '.join(spec.enum)}")
+
+
+def validate(data: Any, fields: dict[str, Field], *, where: str = "body", open_: bool = False) -> dict[str, Any]:
+    """The checked object: required members present, no unknown members, every type right."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object")
+    unknown = sorted(set(data) - set(fields))
+    if unknown and not open_:
+        raise ValueError(f"{where} has unknown member {unknown[0]!r}")
+    result: dict[str, Any] = {}
+    for name, spec in fields.items():
+        if name not in data:
+            if spec.required:
+                raise ValueError(f"{where} lacks the required member {name!r}")
+            continue
+        result[name] = _check(data[name], spec, f"{where}.{name}" if where != "body" else name)
+    return result
+
+
+def to_openapi(spec: Field) -> dict[str, Any]:
+    """The OpenAPI 3.0 schema of one field (objects recursively)."""
+    schema: dict[str, Any] = {"type": spec.kind}
+    for key, value in (("minimum", spec.minimum), ("maximum", spec.maximum), ("minLength", spec.min_length),
+                       ("maxLength", spec.max_length), ("maxItems", spec.max_items),
+                       ("description", spec.description or None)):
+        if value is not None:
+            schema[key] = value
+    if spec.pattern is not None:
+        schema["pattern"] = f"^{spec.pattern}$"
+    if spec.enum is not None:
+        schema["enum"] = list(spec.enum)
+    if spec.nullable:
+        schema["nullable"] = True
+    if spec.kind == "object" and spec.properties is not None:
+        schema.update(object_schema(spec.properties, open_=spec.open))
+    if spec.kind == "array" and spec.items is not None:
+        schema["items"] = to_openapi(spec.items)
+    return schema
+
+
+def object_schema(fields: dict[str, Field], *, open_: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": {k: to_openapi(v) for k, v in fields.items()},
+                              "additionalProperties": open_}
+    required = [k for k, v in fields.items() if v.required]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+_ID = NAME_PATTERN.pattern.strip("^$")
+_HOST = r"[^\s/@]+"
+TLS = {"ca": Field("string", max_length=4096, description="PEM CA certificate for VeNCrypt X.509"),
+       "sni": Field("string", min_length=1, max_length=253), "allow_anon": Field("boolean"),
+       "require": Field("boolean")}
+
+TARGET_CREATE = {
+    "id": Field("string", pattern=_ID, description="default: generated"),
+    "name": Field("string", required=True, min_length=1, max_length=256),
+    "host": Field("string", required=True, min_length=1, max_length=253, pattern=_HOST),
+    "port": Field("integer", required=True, minimum=1, maximum=65535),
+    "password": Field("string", min_length=1, max_length=256, description="write-only VNC password"),
+    "tls": Field("object", properties=TLS, nullable=True, description="upstream VeNCrypt policy"),
+}
+
+CONSOLE_CREATE = {
+    "target_id": Field("string", required=True, min_length=1, max_length=64),
+    "user": Field("string", min_length=1, max_length=256, nullable=True),
+    "ttl": Field("integer", minimum=1, maximum=86400, description="seconds; default 60, at most the broker's max"),
+    "single_use": Field("boolean", description="default true"),
+    "client_ip": Field("string", min_length=2, max_length=64, nullable=True),
+    "view_only": Field("boolean", description="default false"),
+    "desktop_name": Field("string", min_length=1, max_length=1024, nullable=True),
+}
+
+HEARTBEAT = {
+    "proxy_id": Field("string", required=True, pattern=_ID),
+    "public_url": Field("string", nullable=True, max_length=2048),
+    "sessions": Field("integer", required=True, minimum=0, maximum=10**9),
+    "capacity": Field("integer", required=True, minimum=0, maximum=10**9),
+    "draining": Field("boolean", required=True),
+    "version": Field("integer", required=True, minimum=0, maximum=2**62,
+                     description="the keyring version the proxy holds (0: none yet)"),
+}
+
+REDEEM = {
+    "jti": Field("string", required=True, min_length=22, max_length=128),
+    "session_id": Field("string", required=True, min_length=1, max_length=128),
+    "exp": Field("integer", required=True, minimum=0, maximum=2**62),
+}
+
+_EVENT = {
+    "event": Field("string", required=True, enum=("opened", "closed", "refused")),
+    "at": Field("number", nullable=True),
+    "session_id": Field("string", nullable=True, max_length=128),
+    "vm": Field("string", nullable=True, max_length=256),
+    "user": Field("string", nullable=True, max_length=256),
+    "client": Field("string", nullable=True, max_length=64),
+    "view_only": Field("boolean", nullable=True),
+    "security": Field("string", nullable=True, max_length=64),
+    "handshake_ms": Field("number", nullable=True),
+    "bytes_up": Field("integer", nullable=True, minimum=0),
+    "bytes_down": Field("integer", nullable=True, minimum=0),
+    "duration_s": Field("number", nullable=True),
+    "close_code": Field("integer", nullable=True, minimum=0, maximum=65535),
+    "close_reason": Field("string", nullable=True, max_length=64),
+    "detail": Field("string", nullable=True, max_length=1024),
+    "code": Field("string", nullable=True, max_length=64),
+    "reason": Field("string", nullable=True, max_length=256),
+    "status": Field("integer", nullable=True),
+    "path": Field("string", nullable=True, max_length=256),
+}
+
+EVENTS = {"events": Field("array", required=True, max_items=500,
+                          items=Field("object", properties=_EVENT, open=True))}
+
+EMPTY: dict[str, Field] = {}

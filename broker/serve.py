@@ -1,0 +1,76 @@
+"""``console-broker serve``: open the state directory and run the API, plus its housekeeping."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+import tornado.httpserver
+from tornado.ioloop import PeriodicCallback
+
+from broker import api
+from broker.service import Broker, BrokerConfig
+from console_proxy.command import CommandError
+from console_proxy.serve import parse_listen
+
+log = logging.getLogger("consolegate.broker")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="run the broker API")
+    serve.add_argument("--state-dir", metavar="D", default="./var")
+    serve.add_argument("--listen", metavar="H:P", default="127.0.0.1:8700")
+    serve.add_argument("--default-ttl", type=int, default=60, help="console lifetime when not asked, seconds")
+    serve.add_argument("--max-ttl", type=int, default=3600, help="longest console lifetime a request may ask")
+    serve.add_argument("--heartbeat-interval", type=float, default=5.0,
+                       help="the proxies' heartbeat interval; healthy = a heartbeat within 3 intervals")
+    serve.add_argument("--cleanup-interval", type=float, default=60.0,
+                       help="how often expired redeemed-token rows are deleted, seconds")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not 0 < args.default_ttl <= args.max_ttl:
+        raise CommandError("--default-ttl must be positive and at most --max-ttl")
+    if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0:
+        raise CommandError("intervals must be positive")
+    config = BrokerConfig(default_ttl=args.default_ttl, max_ttl=args.max_ttl,
+                          heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval)
+    broker = Broker(args.state_dir, config)
+    host, port = parse_listen(args.listen)
+    try:
+        asyncio.run(serve(broker, host, port))
+    finally:
+        broker.close()
+    return 0
+
+
+async def serve(broker: Broker, host: str, port: int) -> None:
+    # Tornado's own limit sits above the API's, so that the API can answer 413 in JSON.
+    http = tornado.httpserver.HTTPServer(api.make_app(broker), max_body_size=16 * api.MAX_BODY, xheaders=False)
+    try:
+        http.listen(port, host)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopped.set)
+    cleaner = PeriodicCallback(lambda: _cleanup(broker), broker.config.cleanup_interval * 1000)
+    cleaner.start()
+    _cleanup(broker)
+    log.info("console-broker listening on %s:%d (state %s)", host, port, broker.root)
+    await stopped.wait()
+    cleaner.stop()
+    http.stop()
+    log.info("console-broker stopped")
+
+
+def _cleanup(broker: Broker) -> None:
+    removed = broker.cleanup()
+    if removed:
+        log.info("removed %d expired redeemed-token rows", removed)

@@ -1,0 +1,414 @@
+"""The broker's operations: what the API, the command line and the tests all call.
+
+One :class:`Broker` per state directory. Each operation validates what is left to validate,
+changes the database in one transaction together with its audit event, and returns plain JSON
+data. HTTP lives in :mod:`broker.api`; SQL in :mod:`broker.store`; choices about the fleet in
+:mod:`broker.fleet`. Failures are :class:`ApiError` with DESIGN's status and a stable code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+
+from broker import auth, fleet, keyfiles
+from broker.auth import Hasher, Principal
+from broker.store import Store
+from broker.vault import MASTER_KEY_NAME, Vault
+from console_proxy import clock, token
+from console_proxy.command import CommandError
+from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, Keyring
+
+log = logging.getLogger("consolegate.broker")
+
+DB_NAME = "broker.db"
+SESSION_STATES = ("minted", "active", "closed", "revoked")
+AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "key_rotated",
+               "apikey_created", "target_changed", "proxy_added")
+REVOKED_MEMORY = 86400.0
+"""Seconds a revoked session id is still sent to proxies (after which no token for it is valid)."""
+
+
+class ApiError(tornado.web.HTTPError):
+    """A refusal with its HTTP status, stable code and a human message (never a secret).
+
+    An HTTPError so that Tornado answers it with its status instead of logging a 500.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status)
+        self.status, self.code, self.message = status, code, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    default_ttl: int = 60
+    max_ttl: int = DEFAULT_MAX_TTL
+    """Longest console lifetime a request may ask for (the keyring's max_ttl caps it too)."""
+    heartbeat_interval: float = 5.0
+    """The proxies' heartbeat interval; a proxy is healthy while its last one is < 3 intervals old."""
+    cleanup_interval: float = 60.0
+    """How often redeemed-token rows past their ``exp`` (+ skew) are deleted."""
+    issuer: str = "consolegate"
+
+
+def init_state_dir(path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_TTL) -> Path:
+    """Create the state directory (0700) with master.key, keyring.json (0600) and broker.db."""
+    root = Path(path)
+    existing = [name for name in (DB_NAME, keyfiles.KEYRING_NAME, MASTER_KEY_NAME) if (root / name).exists()]
+    if existing:
+        raise CommandError(f"{str(root)!r} already holds {', '.join(existing)}: it is initialised")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    Vault.create(root / MASTER_KEY_NAME)
+    keyfiles.create_keyring(root / keyfiles.KEYRING_NAME, clock.now(), max_ttl=max_ttl)
+    Store(root / DB_NAME, create=True).close()
+    return root
+
+
+class Broker:
+    """The state directory opened: database, vault, keyring (reloaded when its file changes)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], config: BrokerConfig | None = None) -> None:
+        self.root = Path(state_dir)
+        self.config = config or BrokerConfig()
+        if not (self.root / MASTER_KEY_NAME).exists():
+            raise CommandError(f"{str(self.root)!r} is not a broker state directory: run console-broker init")
+        self.vault = Vault.load(self.root / MASTER_KEY_NAME)
+        self.store = Store(self.root / DB_NAME)
+        self.hasher = Hasher(self.vault.derive("credential-hash"))
+        self.keyring_path = self.root / keyfiles.KEYRING_NAME
+        self._ring: Keyring | None = None
+        self._ring_stamp: tuple[int, int, int] | None = None
+        self.pending: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.store.close()
+
+    # --- keys ---------------------------------------------------------------------------
+
+    def keyring(self) -> Keyring:
+        """The broker keyring, re-read when the file changed (``keys rotate`` from the CLI)."""
+        stat = self.keyring_path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if self._ring is None or stamp != self._ring_stamp:
+            self._ring = keyfiles.load_broker_keyring(self.keyring_path)
+            self._ring_stamp = stamp
+        return self._ring
+
+    def rotate_keys(self, actor: str) -> dict[str, Any]:
+        """New active keys; the old ones verify until their tokens expired. Audited."""
+        now = clock.now()
+        ring = keyfiles.rotate_keyring(self.keyring_path, now)
+        with self.store.transaction() as conn:
+            self.store.append_audit(conn, at=now, type_="key_rotated", actor=actor, detail={
+                "version": ring.version, "signing": ring.active_signing, "fleet": ring.active_fleet})
+        log.info("keys rotated to version %d by %s", ring.version, actor)
+        return {"version": ring.version, "active": {"signing": ring.active_signing, "fleet": ring.active_fleet}}
+
+    def list_keys(self) -> dict[str, Any]:
+        ring = self.keyring()
+        return {"version": ring.version, "max_ttl": ring.max_ttl, "keys": ring.kids()}
+
+    # --- credentials --------------------------------------------------------------------
+
+    def create_apikey(self, name: str, role: str, actor: str) -> str:
+        """A new API key, returned once; only its keyed hash is stored."""
+        if role not in auth.ROLES:
+            raise CommandError(f"role must be one of {', '.join(auth.ROLES)}")
+        if not auth.NAME_PATTERN.match(name):
+            raise CommandError("the name must be 1-64 letters, digits, '-' or '_'")
+        key_id, secret, whole = auth.new_api_key()
+        now = clock.now()
+        with self.store.transaction() as conn:
+            conn.execute("INSERT INTO apikeys (id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
+                         (key_id, name, role, self.hasher.digest("apikey", key_id, secret), now))
+            self.store.append_audit(conn, at=now, type_="apikey_created", actor=actor,
+                                    detail={"name": name, "role": role, "key_id": key_id})
+        return whole
+
+    def add_proxy(self, name: str, public_url: str, actor: str) -> dict[str, str]:
+        """Register a proxy; the credential ``{proxy_id, secret}`` is returned once."""
+        if not auth.NAME_PATTERN.match(name):
+            raise CommandError("the proxy name must be 1-64 letters, digits, '-' or '_'")
+        if not public_url.startswith(("http://", "https://")):
+            raise CommandError("--public-url must be an http:// or https:// URL")
+        secret, now = auth.new_secret(), clock.now()
+        try:
+            with self.store.transaction() as conn:
+                conn.execute("INSERT INTO proxies (id, public_url, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+                             (name, public_url.rstrip("/"), self.hasher.digest("proxy", name, secret), now))
+                self.store.append_audit(conn, at=now, type_="proxy_added", actor=actor,
+                                        detail={"proxy_id": name, "public_url": public_url})
+        except sqlite3.IntegrityError:
+            raise CommandError(f"a proxy named {name!r} exists already") from None
+        return {"proxy_id": name, "secret": secret}
+
+    def authenticate(self, authorization: str | None, *, proxy: bool) -> Principal | None:
+        """The caller of a request, or None; proxies and API keys have separate endpoints."""
+        value = auth.bearer(authorization)
+        if value is None:
+            return None
+        if proxy:
+            parts = auth.split_proxy_credential(value)
+            if parts is None:
+                return None
+            row = self.store.one("SELECT secret_hash FROM proxies WHERE id = ?", parts[0])
+            ok = self.hasher.matches(row["secret_hash"] if row else None, "proxy", *parts)
+            return Principal(parts[0], parts[0], "proxy") if ok else None
+        key = auth.split_api_key(value)
+        if key is None:
+            return None
+        row = self.store.one("SELECT name, role, hash FROM apikeys WHERE id = ?", key[0])
+        ok = self.hasher.matches(row["hash"] if row else None, "apikey", *key)
+        return Principal(key[0], row["name"], row["role"]) if ok and row else None
+
+    # --- targets ------------------------------------------------------------------------
+
+    def add_target(self, body: dict[str, Any], actor: str) -> dict[str, Any]:
+        target_id = body.get("id") or f"t-{secrets.token_hex(6)}"
+        password = body.get("password")
+        sealed = self.vault.seal(password, context=target_id) if password else None
+        tls = json.dumps(body["tls"]) if body.get("tls") is not None else None
+        now = clock.now()
+        try:
+            with self.store.transaction() as conn:
+                conn.execute("INSERT INTO targets (id, name, host, port, password_enc, tls, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (target_id, body["name"], body["host"], body["port"], sealed, tls, now))
+                self.store.append_audit(conn, at=now, type_="target_changed", actor=actor, detail={
+                    "action": "created", "target_id": target_id, "name": body["name"], "host": body["host"],
+                    "port": body["port"], "has_password": sealed is not None})
+        except sqlite3.IntegrityError:
+            raise ApiError(409, "target_exists", f"a target with id {target_id!r} exists already") from None
+        return self.get_target(target_id)
+
+    def get_target(self, target_id: str) -> dict[str, Any]:
+        row = self.store.one("SELECT * FROM targets WHERE id = ?", target_id)
+        if row is None:
+            raise ApiError(404, "target_not_found", "no target with this id")
+        return _target_json(row)
+
+    def list_targets(self) -> dict[str, Any]:
+        return {"targets": [_target_json(r) for r in self.store.all("SELECT * FROM targets ORDER BY id")]}
+
+    def delete_target(self, target_id: str, actor: str) -> None:
+        now = clock.now()
+        with self.store.transaction() as conn:
+            if conn.execute("DELETE FROM targets WHERE id = ?", (target_id,)).rowcount == 0:
+                raise ApiError(404, "target_not_found", "no target with this id")
+            self.store.append_audit(conn, at=now, type_="target_changed", actor=actor,
+                                    detail={"action": "deleted", "target_id": target_id})
+
+    # --- consoles -----------------------------------------------------------------------
+
+    def max_ttl(self) -> int:
+        return min(self.config.max_ttl, self.keyring().max_ttl)
+
+    def proxies(self) -> list[fleet.ProxyView]:
+        return [fleet.ProxyView(r["id"], r["public_url"], r["sessions"], r["capacity"], bool(r["draining"]),
+                                r["last_seen"], self.pending.get(r["id"], 0))
+                for r in self.store.all("SELECT * FROM proxies")]
+
+    def mint_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        """Claims from the target and the request, a proxy from the fleet, one audited session."""
+        row = self.store.one("SELECT * FROM targets WHERE id = ?", body["target_id"])
+        if row is None:
+            raise ApiError(404, "target_not_found", "no target with this id")
+        ttl = body.get("ttl", self.config.default_ttl)
+        if not 1 <= ttl <= self.max_ttl():
+            raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
+        now = clock.now()
+        chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval)
+        if chosen is None:
+            raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
+        claims = self._claims(row, body, now, ttl)
+        minted = token.mint(claims, self.keyring())
+        with self.store.transaction() as conn:
+            conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
+                         "minted_at) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?)",
+                         (claims.sid, row["id"], claims.sub, chosen.id, principal.id, int(claims.once), claims.exp,
+                          now))
+            self.store.append_audit(conn, at=now, type_="minted", actor=principal.actor, session_id=claims.sid,
+                                    detail={"target_id": row["id"], "user": claims.sub, "proxy_id": chosen.id,
+                                            "ttl": ttl, "single_use": claims.once, "view_only": claims.ro,
+                                            "client_ip": claims.cip, "exp": claims.exp})
+        self.pending[chosen.id] = self.pending.get(chosen.id, 0) + 1
+        return {"session_id": claims.sid, "url": f"{chosen.public_url}/console#token={minted}",
+                "websocket_url": fleet.websocket_url(chosen.public_url), "token": minted,
+                "expires_at": claims.exp, "proxy_id": chosen.id}
+
+    def _claims(self, row: sqlite3.Row, body: dict[str, Any], now: float, ttl: int) -> token.Claims:
+        password = self.vault.open(row["password_enc"], context=row["id"]) if row["password_enc"] else None
+        try:
+            return token.new_claims(
+                host=row["host"], port=row["port"], now=now, ttl=ttl, issuer=self.config.issuer,
+                password=password, vm=row["id"], user=body.get("user"), client_ip=body.get("client_ip"),
+                view_only=body.get("view_only", False), single_use=body.get("single_use", True),
+                desktop_name=body.get("desktop_name") or row["name"],
+                tls=json.loads(row["tls"]) if row["tls"] else None)
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", f"invalid console request: {exc}") from None
+
+    # --- sessions -----------------------------------------------------------------------
+
+    def list_sessions(self, principal: Principal, state: str) -> dict[str, Any]:
+        sql, params = "SELECT * FROM sessions WHERE 1 = 1", []
+        if state != "all":
+            sql += " AND state = ?"
+            params.append(state)
+        if principal.role != "admin":
+            sql += " AND issued_by = ?"
+            params.append(principal.id)
+        rows = self.store.all(sql + " ORDER BY minted_at DESC LIMIT 1000", *params)
+        return {"sessions": [_session_json(r) for r in rows]}
+
+    def revoke_session(self, session_id: str, actor: str) -> None:
+        """Mark revoked; every proxy learns it with its next heartbeat and closes it (4410)."""
+        now = clock.now()
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT state FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if row is None:
+                raise ApiError(404, "session_not_found", "no session with this id")
+            if row["state"] == "revoked":
+                return
+            conn.execute("UPDATE sessions SET state = 'revoked', revoked_at = ? WHERE id = ?", (now, session_id))
+            self.store.append_audit(conn, at=now, type_="revoked", actor=actor, session_id=session_id,
+                                    detail={"previous_state": row["state"]})
+
+    # --- fleet --------------------------------------------------------------------------
+
+    def heartbeat(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        if body["proxy_id"] != principal.id:
+            raise ApiError(403, "forbidden", "proxy_id differs from the authenticated proxy")
+        now = clock.now()
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE proxies SET sessions = ?, capacity = ?, draining = ?, last_seen = ?, "
+                         "keyring_version = ?, public_url = COALESCE(?, public_url) WHERE id = ?",
+                         (body["sessions"], body["capacity"], int(body["draining"]), now, body["version"],
+                          _public_url(body.get("public_url")), principal.id))
+        self.pending[principal.id] = 0
+        ring = self.keyring()
+        revoked = [r["id"] for r in self.store.all(
+            "SELECT id FROM sessions WHERE state = 'revoked' AND revoked_at > ? AND (closed_at IS NULL OR exp > ?)",
+            now - REVOKED_MEMORY, now - DEFAULT_SKEW)]
+        answer: dict[str, Any] = {"keyring_version": ring.version, "revoked": revoked}
+        if body["version"] != ring.version:
+            answer["keyring"] = ring.pruned(now).for_proxy().to_jwks()
+        return answer
+
+    def redeem(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        """First redeem of a ``jti`` wins (primary key); any later one is 409 token_used."""
+        now = clock.now()
+        exp = min(body["exp"], int(now) + self.keyring().max_ttl + DEFAULT_SKEW)
+        try:
+            with self.store.transaction() as conn:
+                session = conn.execute("SELECT state FROM sessions WHERE id = ?", (body["session_id"],)).fetchone()
+                if session is not None and session["state"] == "revoked":
+                    raise ApiError(409, "session_revoked", "this console session was revoked")
+                conn.execute("INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES (?, ?, ?, ?, ?)",
+                             (body["jti"], body["session_id"], principal.id, exp, now))
+                self.store.append_audit(conn, at=now, type_="redeemed", actor=principal.actor,
+                                        session_id=body["session_id"], detail={"proxy_id": principal.id})
+        except sqlite3.IntegrityError:
+            raise ApiError(409, "token_used", "this token has been redeemed already") from None
+        return {"redeemed": True}
+
+    def proxy_events(self, principal: Principal, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """Sessions opened / closed and refusals reported by a proxy, into sessions and audit."""
+        now = clock.now()
+        with self.store.transaction() as conn:
+            for event in events:
+                _EVENT_HANDLERS[event["event"]](self.store, conn, principal, event, now)
+        return {"accepted": len(events)}
+
+    def list_proxies(self) -> dict[str, Any]:
+        now, interval = clock.now(), self.config.heartbeat_interval
+        return {"proxies": [{"id": p.id, "public_url": p.public_url, "sessions": p.sessions,
+                             "capacity": p.capacity, "draining": p.draining, "last_seen": p.last_seen,
+                             "healthy": p.healthy(now, interval)} for p in self.proxies()]}
+
+    def cleanup(self) -> int:
+        """Delete redeemed rows whose token can no longer be accepted anywhere."""
+        with self.store.transaction() as conn:
+            return conn.execute("DELETE FROM redeemed WHERE exp < ?", (clock.now() - 2 * DEFAULT_SKEW,)).rowcount
+
+    # --- audit --------------------------------------------------------------------------
+
+    def audit(self, after: int, type_: str | None, limit: int = 100) -> dict[str, Any]:
+        sql, params = "SELECT * FROM audit WHERE seq > ?", [after]
+        if type_:
+            sql += " AND type = ?"
+            params.append(type_)
+        rows = self.store.all(sql + " ORDER BY seq LIMIT ?", *params, limit)
+        return {"events": [{"seq": r["seq"], "at": r["at"], "type": r["type"], "session_id": r["session_id"],
+                            "actor": r["actor"], "detail": json.loads(r["detail"])} for r in rows]}
+
+
+def _public_url(value: str | None) -> str | None:
+    """The proxy's own idea of its URL (it knows best), when it gives a usable one."""
+    if value and value.startswith(("http://", "https://")):
+        return value.rstrip("/")
+    return None
+
+
+def _target_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "name": row["name"], "host": row["host"], "port": row["port"],
+            "has_password": row["password_enc"] is not None, "tls": json.loads(row["tls"]) if row["tls"] else None,
+            "created_at": row["created_at"]}
+
+
+def _session_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {"session_id": row["id"], "target_id": row["target_id"], "user": row["user"], "proxy_id": row["proxy_id"],
+            "state": row["state"], "single_use": bool(row["single_use"]), "expires_at": row["exp"],
+            "minted_at": row["minted_at"], "opened_at": row["opened_at"], "closed_at": row["closed_at"],
+            "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"], "close_code": row["close_code"]}
+
+
+def _event_time(event: dict[str, Any], now: float) -> float:
+    at = event.get("at")
+    return float(at) if isinstance(at, int | float) and abs(at - now) < 86400 else now
+
+
+def _opened(store: Store, conn: sqlite3.Connection, who: Principal, event: dict[str, Any], now: float) -> None:
+    at, sid = _event_time(event, now), event.get("session_id")
+    if sid:
+        conn.execute("UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'active' END, "
+                     "opened_at = COALESCE(opened_at, ?), proxy_id = ? WHERE id = ?", (at, who.id, sid))
+    store.append_audit(conn, at=now, type_="opened", actor=who.actor, session_id=sid, detail={
+        "proxy_id": who.id, "client": event.get("client"), "vm": event.get("vm"), "user": event.get("user"),
+        "security": event.get("security"), "view_only": event.get("view_only"),
+        "handshake_ms": event.get("handshake_ms")})
+
+
+def _closed(store: Store, conn: sqlite3.Connection, who: Principal, event: dict[str, Any], now: float) -> None:
+    at, sid = _event_time(event, now), event.get("session_id")
+    up, down = event.get("bytes_up") or 0, event.get("bytes_down") or 0
+    if sid:
+        conn.execute("UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'closed' END, "
+                     "closed_at = ?, bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, close_code = ? "
+                     "WHERE id = ?", (at, up, down, event.get("close_code"), sid))
+    store.append_audit(conn, at=now, type_="closed", actor=who.actor, session_id=sid, detail={
+        "proxy_id": who.id, "bytes_up": up, "bytes_down": down, "duration_s": event.get("duration_s"),
+        "close_code": event.get("close_code"), "close_reason": event.get("close_reason"),
+        "note": event.get("detail")})
+
+
+def _refused(store: Store, conn: sqlite3.Connection, who: Principal, event: dict[str, Any], now: float) -> None:
+    store.append_audit(conn, at=now, type_="refused", actor=who.actor, session_id=event.get("session_id"), detail={
+        "proxy_id": who.id, "code": event.get("code"), "reason": event.get("reason"),
+        "status": event.get("status"), "client": event.get("client"), "path": event.get("path")})
+
+
+_EVENT_HANDLERS = {"opened": _opened, "closed": _closed, "refused": _refused}
+

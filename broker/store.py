@@ -1,0 +1,123 @@
+"""The broker's durable state: one SQLite database in WAL mode, with versioned migrations.
+
+Only this module speaks SQL. Every change that must survive a crash is one transaction
+(``with store.transaction():``) and is committed before the API answers, with
+``synchronous=FULL`` so a 201 is never lost, not even to a power cut.
+
+The schema version is SQLite's ``PRAGMA user_version``; :data:`MIGRATIONS` lists the scripts
+that take the database from version *i* to *i + 1*, each applied in its own transaction.
+The audit table is append-only, enforced by triggers, so not even a bug here can rewrite it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: the first schema
+    """
+    CREATE TABLE apikeys (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL CHECK (role IN ('admin', 'issuer')),
+        hash BLOB NOT NULL, created_at REAL NOT NULL);
+    CREATE TABLE targets (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, host TEXT NOT NULL, port INTEGER NOT NULL,
+        password_enc BLOB, tls TEXT, created_at REAL NOT NULL);
+    CREATE TABLE proxies (
+        id TEXT PRIMARY KEY, public_url TEXT NOT NULL, secret_hash BLOB NOT NULL,
+        sessions INTEGER NOT NULL DEFAULT 0, capacity INTEGER NOT NULL DEFAULT 0,
+        draining INTEGER NOT NULL DEFAULT 0, last_seen REAL, keyring_version INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL);
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY, target_id TEXT, user TEXT, proxy_id TEXT, issued_by TEXT,
+        state TEXT NOT NULL CHECK (state IN ('minted', 'active', 'closed', 'revoked')),
+        single_use INTEGER NOT NULL, exp INTEGER NOT NULL, minted_at REAL NOT NULL,
+        opened_at REAL, closed_at REAL, revoked_at REAL, bytes_up INTEGER NOT NULL DEFAULT 0,
+        bytes_down INTEGER NOT NULL DEFAULT 0, close_code INTEGER);
+    CREATE INDEX sessions_state ON sessions (state, exp);
+    CREATE TABLE redeemed (
+        jti TEXT PRIMARY KEY, session_id TEXT NOT NULL, proxy_id TEXT NOT NULL,
+        exp INTEGER NOT NULL, at REAL NOT NULL);
+    CREATE INDEX redeemed_exp ON redeemed (exp);
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, type TEXT NOT NULL,
+        session_id TEXT, actor TEXT NOT NULL, detail TEXT NOT NULL);
+    CREATE INDEX audit_type ON audit (type, seq);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The database is missing, newer than this code, or unusable; the message is one line."""
+
+
+class Store:
+    """One connection (the broker is one event loop), autocommit outside explicit transactions."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise StoreError(f"no database at {str(self.path)!r}: run console-broker init first")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA busy_timeout = 10000")
+        mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"cannot put {str(self.path)!r} in WAL mode (got {mode})")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @property
+    def version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> int:
+        """Apply the missing migrations in order; refuse a database from a newer release."""
+        current = self.version
+        if current > SCHEMA_VERSION:
+            raise StoreError(f"database schema {current} is newer than this broker's {SCHEMA_VERSION}")
+        for number in range(current, SCHEMA_VERSION):
+            self.conn.executescript(f"BEGIN IMMEDIATE;\n{MIGRATIONS[number]}\nPRAGMA user_version = {number + 1};\n"
+                                    "COMMIT;")
+        return self.version
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def one(self, sql: str, *params: Any) -> sqlite3.Row | None:
+        return self.conn.execute(sql, params).fetchone()
+
+    def all(self, sql: str, *params: Any) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def append_audit(self, conn: sqlite3.Connection, *, at: float, type_: str, actor: str,
+                     session_id: str | None = None, detail: dict[str, Any] | None = None) -> int:
+        """Add one audit event inside the caller's transaction; returns its sequence number."""
+        cursor = conn.execute("INSERT INTO audit (at, type, session_id, actor, detail) VALUES (?, ?, ?, ?, ?)",
+                              (at, type_, session_id, actor, json.dumps(detail or {}, sort_keys=True)))
+        return int(cursor.lastrowid or 0)

@@ -1,0 +1,245 @@
+"""The proxy's link to the broker: redeem single-use tokens, heartbeat, forward session events.
+
+The proxy stays stateless and keeps working without the broker: it keeps the last keyring it
+received and goes on accepting reusable tokens; only single-use tokens need the broker, and they
+fail closed (503 ``broker_unavailable``) when it cannot be asked.
+
+Authentication: every request carries ``Authorization: Bearer <proxy_id>.<secret>`` from the
+credential file that ``console-broker proxy add`` wrote (JSON ``{"proxy_id", "secret"}``).
+
+* heartbeat (every ``interval`` seconds): ``{proxy_id, public_url, sessions, capacity, draining,
+  version}`` where ``version`` is the keyring version held (0 before the first). The answer
+  carries the keyring when the broker's differs (validated before use; the old one is kept on
+  any error) and the revoked session ids, which :meth:`ProxyState.sweep` closes with 4410.
+* events: the records of :class:`console_proxy.events.Events` are queued (bounded; the oldest
+  are dropped, and counted, while the broker is away) and posted in small batches.
+
+Never imports ``broker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from console_proxy.admission import Refusal
+from console_proxy.keyring import Keyring, KeyringError
+from console_proxy.token import Claims
+
+if TYPE_CHECKING:
+    from console_proxy.server import ProxyState
+
+log = logging.getLogger("consolegate.proxy.broker")
+
+API = "/api/v1"
+
+
+class BrokerLinkError(Exception):
+    """The broker could not be reached or answered badly; one line, never a secret."""
+
+
+@dataclass(frozen=True)
+class ProxyCredential:
+    proxy_id: str
+    secret: str = field(repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProxyCredential:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            credential = cls(data["proxy_id"], data["secret"])
+        except OSError as exc:
+            raise BrokerLinkError(f"cannot read the proxy credential {str(path)!r}: {exc.strerror}") from None
+        except (ValueError, KeyError, TypeError):
+            raise BrokerLinkError(f"{str(path)!r} is not a proxy credential (JSON with proxy_id and secret)") from None
+        if not isinstance(credential.proxy_id, str) or not isinstance(credential.secret, str):
+            raise BrokerLinkError(f"{str(path)!r} is not a proxy credential (JSON with proxy_id and secret)")
+        return credential
+
+    @property
+    def authorization(self) -> str:
+        return f"Bearer {self.proxy_id}.{self.secret}"
+
+
+class BrokerLink:
+    """One per proxy process; :meth:`attach` it to the ProxyState, then :meth:`start` it."""
+
+    def __init__(self, base_url: str, credential: ProxyCredential, *, interval: float = 5.0,
+                 timeout: float = 3.0, queue_limit: int = 1000, batch: int = 50) -> None:
+        self.base = base_url.rstrip("/") + API
+        self.credential, self.interval, self.timeout, self.batch = credential, interval, timeout, batch
+        self.state: ProxyState | None = None
+        self.queue: deque[dict[str, Any]] = deque(maxlen=queue_limit)
+        self.dropped = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reachable = True
+
+    def attach(self, state: ProxyState) -> None:
+        self.state = state
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        request = HTTPRequest(self.base + path, method="POST", body=json.dumps(body),
+                              headers={"Authorization": self.credential.authorization,
+                                       "Content-Type": "application/json"},
+                              connect_timeout=self.timeout, request_timeout=self.timeout)
+        response = await AsyncHTTPClient().fetch(request)
+        return json.loads(response.body)
+
+    # --- single use ---------------------------------------------------------------------
+
+    async def redeem(self, claims: Claims) -> None:
+        """Return once the broker recorded the first use; Refusal otherwise (fail closed)."""
+        try:
+            await self._post("/proxy/redeem", {"jti": claims.jti, "session_id": claims.sid, "exp": claims.exp})
+        except HTTPClientError as exc:
+            if exc.code == 409:
+                raise Refusal("token_used", reason=_error_code(exc) or "token_used", claims=claims) from None
+            raise Refusal("broker_unavailable", reason=f"redeem failed: HTTP {exc.code}", claims=claims) from None
+        except (TimeoutError, OSError, ValueError) as exc:
+            raise Refusal("broker_unavailable", reason=f"redeem failed: {type(exc).__name__}",
+                          claims=claims) from None
+
+    # --- heartbeat ----------------------------------------------------------------------
+
+    def _report(self, state: ProxyState | None, capacity: int, public_url: str | None) -> dict[str, Any]:
+        return {"proxy_id": self.credential.proxy_id, "public_url": public_url,
+                "sessions": len(state.sessions) if state else 0, "capacity": capacity,
+                "draining": state.draining if state else False,
+                "version": state.keyring.version if state else 0}
+
+    async def first_keyring(self, capacity: int, public_url: str | None) -> Keyring:
+        """The keyring from a first heartbeat, before the proxy listens; BrokerLinkError if none."""
+        try:
+            answer = await self._post("/proxy/heartbeat", self._report(None, capacity, public_url))
+            return Keyring.from_jwks(answer["keyring"])
+        except HTTPClientError as exc:
+            raise BrokerLinkError(f"the broker refused the heartbeat: HTTP {exc.code} {_error_code(exc)}") from None
+        except (TimeoutError, OSError, ValueError, KeyError, TypeError, KeyringError) as exc:
+            raise BrokerLinkError(f"no keyring from the broker at {self.base}: {_describe(exc)}") from None
+
+    async def heartbeat(self) -> None:
+        """One heartbeat; applies a new keyring and the revoked session ids."""
+        state = self.state
+        assert state is not None
+        answer = await self._post("/proxy/heartbeat", self._report(
+            state, state.config.max_sessions, state.config.public_url))
+        if "keyring" in answer:
+            self._apply_keyring(state, answer["keyring"])
+        revoked = answer.get("revoked") or []
+        if revoked:
+            new = {sid for sid in revoked if isinstance(sid, str)} - state.revoked
+            state.revoked.update(new)
+            if new:
+                state.sweep()
+
+    @staticmethod
+    def _apply_keyring(state: ProxyState, data: Any) -> None:
+        try:
+            ring = Keyring.from_jwks(data)
+        except KeyringError as exc:
+            log.warning("kept the old keyring: the broker sent an invalid one (%s)", exc)
+            return
+        if ring.version != state.keyring.version:
+            log.info("keyring version %d -> %d", state.keyring.version, ring.version)
+        state.keyring = ring
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                await self.heartbeat()
+                self._set_reachable(True, "")
+            except Exception as exc:  # noqa: BLE001 - any failure: keep serving with what we have
+                self._set_reachable(False, _describe(exc))
+            await asyncio.sleep(self.interval)
+
+    def _set_reachable(self, reachable: bool, why: str) -> None:
+        if reachable != self._reachable:
+            if reachable:
+                log.info("broker reachable again")
+            else:
+                log.warning("broker unreachable (%s): keeping the last keyring; single-use tokens fail closed", why)
+        self._reachable = reachable
+
+    # --- events -------------------------------------------------------------------------
+
+    def forward(self, record: dict[str, Any]) -> None:
+        """Queue one event record for the broker (the Events ``forward`` hook); never blocks."""
+        if len(self.queue) == self.queue.maxlen:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("event queue full: %d events to the broker dropped so far", self.dropped)
+        self.queue.append(record)
+        self._wake.set()
+
+    async def flush(self) -> bool:
+        """Post queued events in batches; False (events kept) when the broker is unreachable."""
+        while self.queue:
+            batch = [self.queue[i] for i in range(min(self.batch, len(self.queue)))]
+            try:
+                await self._post("/proxy/events", {"events": batch})
+            except HTTPClientError as exc:
+                if exc.code is not None and 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
+                    log.warning("the broker rejected %d events (HTTP %d %s); dropped", len(batch), exc.code,
+                                _error_code(exc))
+                    self._drop(len(batch))
+                    continue
+                return False
+            except (TimeoutError, OSError, ValueError):
+                return False
+            self._drop(len(batch))
+        return True
+
+    def _drop(self, count: int) -> None:
+        for _ in range(min(count, len(self.queue))):
+            self.queue.popleft()
+
+    async def _events(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not await self.flush():
+                await asyncio.sleep(self.interval)
+                self._wake.set()
+
+    # --- life ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._events())]
+
+    async def stop(self) -> None:
+        """Stop the loops; tell the broker we are gone (draining) and send the last events."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._last_words(), self.timeout)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            log.warning("could not send the last heartbeat and events to the broker")
+
+    async def _last_words(self) -> None:
+        if self.state is not None:
+            await self.heartbeat()
+        await self.flush()
+
+
+def _error_code(exc: HTTPClientError) -> str:
+    try:
+        body = json.loads(exc.response.body) if exc.response is not None else {}
+        return str(body.get("error", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, HTTPClientError):
+        return f"HTTP {exc.code}"
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

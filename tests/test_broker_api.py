@@ -1,0 +1,235 @@
+"""The broker's API against a real broker process: auth, validation, errors, minting, redeem, fleet."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokerproc import BrokerProcess, BrokerState, start_broker
+
+from broker.client import BrokerClient, BrokerError
+from broker.service import Broker
+from console_proxy import token
+from console_proxy.keyring import Keyring
+
+PASSWORD = "vnc-Pa55-" + secrets.token_hex(4)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    tmp = tmp_path_factory.mktemp("broker-api")
+    state = BrokerState.create(tmp / "state")
+    state.add_proxy("fake", "http://127.0.0.1:1")
+    process = start_broker(state, "--max-ttl", "600")
+    yield process
+    process.stop()
+
+
+def _proxy_auth(broker: BrokerProcess, name: str = "fake") -> str:
+    credential = json.loads(broker.state.proxies[name].read_text())
+    return f"Bearer {credential['proxy_id']}.{credential['secret']}"
+
+
+def _as_proxy(broker: BrokerProcess, path: str, body: Any) -> tuple[int, Any]:
+    return broker.client().request("POST", path, body, authorization=_proxy_auth(broker))
+
+
+def _heartbeat(broker: BrokerProcess, version: int = 0, **over: Any) -> dict[str, Any]:
+    body = {"proxy_id": "fake", "public_url": None, "sessions": 0, "capacity": 10, "draining": False,
+            "version": version, **over}
+    return _as_proxy(broker, "/proxy/heartbeat", body)[1]
+
+
+def _error(call: Any) -> tuple[int, str]:
+    with pytest.raises(BrokerError) as info:
+        call()
+    return info.value.status, info.value.code
+
+
+def test_authentication_and_roles(broker: BrokerProcess) -> None:
+    assert _error(lambda: broker.client().targets()) == (401, "unauthorized")
+    assert _error(lambda: broker.client("cgk.nope.nope").targets()) == (401, "unauthorized")
+    wrong = broker.state.admin_key[:-2] + ("AA" if not broker.state.admin_key.endswith("AA") else "BB")
+    assert _error(lambda: broker.client(wrong).targets()) == (401, "unauthorized")
+    assert _error(lambda: broker.issuer.targets()) == (403, "forbidden")
+    assert _error(lambda: broker.issuer.revoke("x")) == (403, "forbidden")
+    assert _error(lambda: broker.issuer.audit()) == (403, "forbidden")
+    # a proxy credential is no API key, and an API key is no proxy credential
+    assert _error(lambda: broker.client().request("GET", "/targets", authorization=_proxy_auth(broker))) == (
+        401, "unauthorized")
+    assert _error(lambda: broker.admin.request("POST", "/proxy/redeem", {})) == (401, "unauthorized")
+    assert broker.admin.openapi()["openapi"].startswith("3.")
+    assert broker.client().openapi()["paths"]  # anyone
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"{", "bad_request"), (b"[]", "bad_request"), (b'{"name": "a", "name": "b", "host": "h", "port": 1}',
+                                                     "bad_request"),
+    (b'{"name": "a", "host": "h", "port": "1"}', "bad_request"), (b'{"name": "a", "host": "h", "port": true}',
+                                                                 "bad_request"),
+    (b'{"name": "a", "host": "h", "port": 1, "extra": 1}', "bad_request"), (b'{"name": "a", "port": 1}',
+                                                                            "bad_request"),
+    (b'{"name": "a", "host": "h", "port": 70000}', "bad_request"), (b"\xff\xfe", "bad_request"),
+    (b'{"name": "a", "host": "h", "port": NaN}', "bad_request"),
+])
+def test_bad_bodies_are_400(broker: BrokerProcess, raw: bytes, code: str) -> None:
+    status, error = _error(lambda: broker.admin.request("POST", "/targets", raw=raw))
+    assert (status, error) == (400, code)
+
+
+def test_body_over_the_limit_is_413(broker: BrokerProcess) -> None:
+    raw = json.dumps({"name": "x" * 70000, "host": "h", "port": 1}).encode()
+    assert _error(lambda: broker.admin.request("POST", "/targets", raw=raw)) == (413, "body_too_large")
+    assert _error(lambda: _as_proxy(broker, "/proxy/events", {"events": [{"event": "x" * 70000}]})) == (
+        413, "body_too_large")
+
+
+def test_error_shape_for_unknown_paths_and_methods(broker: BrokerProcess) -> None:
+    for method, path in (("GET", "/nope"), ("PUT", "/targets"), ("GET", "/targets/missing")):
+        with pytest.raises(BrokerError) as info:
+            broker.admin.request(method, path)
+        assert info.value.code and info.value.message and info.value.status in (404, 405)
+
+
+def test_targets_crud_and_password_is_write_only(broker: BrokerProcess) -> None:
+    created = broker.admin.add_target(id="crud-1", name="CRUD", host="10.0.0.5", port=5901, password=PASSWORD,
+                                      tls={"require": True, "sni": "vm.example"})
+    assert created == {**created, "id": "crud-1", "has_password": True, "tls": {"require": True, "sni": "vm.example"}}
+    assert PASSWORD not in json.dumps(broker.admin.targets()) + json.dumps(broker.admin.target("crud-1"))
+    assert _error(lambda: broker.admin.add_target(id="crud-1", name="x", host="h", port=1)) == (409, "target_exists")
+    broker.admin.delete_target("crud-1")
+    assert _error(lambda: broker.admin.target("crud-1")) == (404, "target_not_found")
+    assert _error(lambda: broker.admin.delete_target("crud-1")) == (404, "target_not_found")
+    for path in Path(broker.state.root).glob("broker.db*"):
+        assert PASSWORD.encode() not in path.read_bytes()
+    assert PASSWORD not in broker.log_text()
+
+
+def test_no_healthy_proxy_is_503(broker: BrokerProcess) -> None:
+    target = broker.admin.add_target(name="lonely", host="127.0.0.1", port=5900)
+    _heartbeat(broker, draining=True)
+    assert _error(lambda: broker.issuer.mint(target["id"])) == (503, "no_proxy_available")
+
+
+def test_mint_claims_defaults_and_limits(broker: BrokerProcess) -> None:
+    target = broker.admin.add_target(name="Mint VM", host="127.0.0.1", port=5905, password=PASSWORD)
+    ring = Keyring.from_jwks(_heartbeat(broker)["keyring"])
+    console = broker.issuer.mint(target["id"], user="bob", client_ip="192.0.2.7", view_only=True)
+    assert console["proxy_id"] == "fake" and console["url"].startswith("http://127.0.0.1:1/console#token=")
+    assert console["websocket_url"] == "ws://127.0.0.1:1/websockify"
+    claims = token.verify(console["token"], ring, time.time(), client_ip="192.0.2.7")
+    assert (claims.host, claims.port, claims.pw, claims.sub, claims.once, claims.ro, claims.dn, claims.vm) == (
+        "127.0.0.1", 5905, PASSWORD, "bob", True, True, "Mint VM", target["id"])
+    assert claims.exp - claims.iat == 60 and claims.sid == console["session_id"]
+    assert broker.issuer.mint(target["id"], ttl=600)["expires_at"] > time.time() + 590
+    assert _error(lambda: broker.issuer.mint(target["id"], ttl=601)) == (400, "bad_request")
+    assert _error(lambda: broker.issuer.mint(target["id"], client_ip="not-an-ip")) == (400, "bad_request")
+    assert _error(lambda: broker.issuer.mint("no-such-target")) == (404, "target_not_found")
+    assert PASSWORD not in broker.log_text()
+
+
+def test_heartbeat_keyring_only_when_changed_and_identity_checked(broker: BrokerProcess) -> None:
+    first = _heartbeat(broker)
+    ring = Keyring.from_jwks(first["keyring"])
+    assert not ring.can_mint and all(k.seed is None for k in ring.signing.values())
+    assert "keyring" not in _heartbeat(broker, version=first["keyring_version"])
+    assert _error(lambda: _as_proxy(broker, "/proxy/heartbeat", {
+        "proxy_id": "other", "public_url": None, "sessions": 0, "capacity": 1, "draining": False,
+        "version": 0})) == (403, "forbidden")
+
+
+def test_redeem_first_wins_then_409_even_under_a_race(broker: BrokerProcess) -> None:
+    jti = secrets.token_urlsafe(18)
+    body = {"jti": jti, "session_id": "race-" + jti[:6], "exp": int(time.time()) + 60}
+    results: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def attempt() -> None:
+        barrier.wait()
+        try:
+            results.append(_as_proxy(broker, "/proxy/redeem", body)[0])
+        except BrokerError as exc:
+            results.append(exc.status)
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [200] + [409] * 7
+    assert _error(lambda: _as_proxy(broker, "/proxy/redeem", body)) == (409, "token_used")
+
+
+def test_sessions_issuer_sees_own_revoke_reaches_heartbeat_and_blocks_redeem(broker: BrokerProcess) -> None:
+    _heartbeat(broker)
+    target = broker.admin.add_target(name="sess", host="127.0.0.1", port=5906)
+    console = broker.issuer.mint(target["id"])
+    sid = console["session_id"]
+    mine = {s["session_id"]: s for s in broker.issuer.sessions("minted")}
+    assert mine[sid]["state"] == "minted" and mine[sid]["target_id"] == target["id"]
+    broker.admin.revoke(sid)
+    broker.admin.revoke(sid)  # idempotent
+    assert sid in _heartbeat(broker, version=1 << 40)["revoked"]
+    assert [s["state"] for s in broker.admin.sessions("revoked") if s["session_id"] == sid] == ["revoked"]
+    assert _error(lambda: _as_proxy(broker, "/proxy/redeem", {"jti": secrets.token_urlsafe(18), "session_id": sid,
+                                                              "exp": int(time.time()) + 60})) == (
+        409, "session_revoked")
+    assert _error(lambda: broker.admin.revoke("no-such-session")) == (404, "session_not_found")
+    other = Broker(broker.state.root)
+    try:
+        other_key = other.create_apikey("issuer2", "issuer", "test")
+    finally:
+        other.close()
+    assert sid not in [s["session_id"] for s in broker.client(other_key).sessions()]
+    assert _error(lambda: broker.issuer.sessions("bogus")) == (400, "bad_request")
+
+
+def test_events_update_sessions_and_audit(broker: BrokerProcess) -> None:
+    _heartbeat(broker)
+    target = broker.admin.add_target(name="ev", host="127.0.0.1", port=5907)
+    sid = broker.issuer.mint(target["id"])["session_id"]
+    mark = broker.admin.audit(0, limit=1000)[-1]["seq"]
+    _as_proxy(broker, "/proxy/events", {"events": [
+        {"event": "opened", "session_id": sid, "client": "198.51.100.1", "at": time.time(), "extra": "ignored"},
+        {"event": "closed", "session_id": sid, "bytes_up": 10, "bytes_down": 2000, "close_code": 1000,
+         "duration_s": 1.5, "close_reason": "browser_closed"},
+        {"event": "refused", "code": "token_expired", "reason": "expired", "status": 401, "client": "198.51.100.2",
+         "path": "/websockify"}]})
+    row = next(s for s in broker.admin.sessions() if s["session_id"] == sid)
+    assert (row["state"], row["bytes_up"], row["bytes_down"], row["close_code"]) == ("closed", 10, 2000, 1000)
+    assert row["opened_at"] is not None and row["closed_at"] is not None
+    events = broker.admin.audit(mark)
+    assert [e["type"] for e in events] == ["opened", "closed", "refused"]
+    assert events[2]["detail"]["reason"] == "expired" and all(e["actor"] == "proxy:fake" for e in events)
+    assert [e["type"] for e in broker.admin.audit(mark, "refused")] == ["refused"]
+    assert _error(lambda: _as_proxy(broker, "/proxy/events", {"events": [{"event": "bogus"}]})) == (
+        400, "bad_request")
+
+
+def test_keys_listing_and_rotation_never_show_key_material(broker: BrokerProcess) -> None:
+    before = broker.admin.keys()
+    rotated = broker.admin.rotate_keys()
+    after = broker.admin.keys()
+    assert rotated["version"] == before["version"] + 1 == after["version"]
+    text = json.dumps(after)
+    assert '"d"' not in text and '"k"' not in text
+    assert {k["status"] for k in after["keys"]} == {"active", "verify-only"}
+    assert broker.admin.audit(0, "key_rotated")[-1]["detail"]["version"] == rotated["version"]
+
+
+def test_proxies_listing(broker: BrokerProcess) -> None:
+    _heartbeat(broker, sessions=3, capacity=7, public_url="http://127.0.0.1:1")
+    fake = next(p for p in broker.admin.proxies() if p["id"] == "fake")
+    assert (fake["sessions"], fake["capacity"], fake["healthy"], fake["draining"]) == (3, 7, True, False)
+
+
+def test_client_reports_unreachable_broker() -> None:
+    from proxyproc import free_port
+    with pytest.raises(BrokerError) as info:
+        BrokerClient(f"http://127.0.0.1:{free_port()}", "k").targets()
+    assert (info.value.status, info.value.code) == (0, "broker_unreachable")

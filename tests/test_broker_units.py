@@ -1,0 +1,146 @@
+"""Pure parts of the broker: storage and migrations, the vault, credentials, fleet assignment, schemas."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from freezegun import freeze_time
+
+from broker import auth, fleet, schemas
+from broker.auth import Principal
+from broker.fleet import ProxyView
+from broker.service import ApiError, Broker, init_state_dir
+from broker.store import SCHEMA_VERSION, Store, StoreError
+from broker.vault import Vault, VaultError
+from console_proxy import clock
+
+
+def test_store_is_wal_migrated_and_private(tmp_path: Path) -> None:
+    store = Store(tmp_path / "b.db", create=True)
+    assert store.version == SCHEMA_VERSION
+    assert store.one("PRAGMA journal_mode")[0] == "wal"
+    assert store.one("PRAGMA synchronous")[0] == 2  # FULL
+    assert stat.S_IMODE((tmp_path / "b.db").stat().st_mode) == 0o600
+    assert store.migrate() == SCHEMA_VERSION  # idempotent
+    store.close()
+
+
+def test_store_refuses_missing_and_newer_databases(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="init"):
+        Store(tmp_path / "missing.db")
+    Store(tmp_path / "b.db", create=True).close()
+    with sqlite3.connect(tmp_path / "b.db") as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer"):
+        Store(tmp_path / "b.db")
+
+
+def test_audit_is_append_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "b.db", create=True)
+    with store.transaction() as conn:
+        seq = store.append_audit(conn, at=1.0, type_="minted", actor="t", detail={"a": 1})
+    for sql in ("UPDATE audit SET actor = 'x'", "DELETE FROM audit"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            store.conn.execute(sql)
+    assert store.one("SELECT seq FROM audit")[0] == seq
+    store.close()
+
+
+def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
+    store = Store(tmp_path / "b.db", create=True)
+    with pytest.raises(RuntimeError), store.transaction() as conn:
+        store.append_audit(conn, at=1.0, type_="minted", actor="t")
+        raise RuntimeError("boom")
+    assert store.one("SELECT COUNT(*) FROM audit")[0] == 0
+    store.close()
+
+
+def test_vault_seals_per_context_and_derives_per_purpose(tmp_path: Path) -> None:
+    vault = Vault.create(tmp_path / "master.key")
+    assert stat.S_IMODE((tmp_path / "master.key").stat().st_mode) == 0o600
+    sealed = vault.seal("hunter22", context="t-1")
+    assert b"hunter22" not in sealed and sealed != vault.seal("hunter22", context="t-1")
+    assert Vault.load(tmp_path / "master.key").open(sealed, context="t-1") == "hunter22"
+    with pytest.raises(VaultError):
+        vault.open(sealed, context="t-2")
+    with pytest.raises(VaultError):
+        vault.open(sealed[:-1] + bytes([sealed[-1] ^ 1]), context="t-1")
+    assert vault.derive("a") != vault.derive("b") and len(vault.derive("a")) == 32
+    with pytest.raises(VaultError, match="exists"):
+        Vault.create(tmp_path / "master.key")
+
+
+def test_credential_hashes_are_keyed_and_checked() -> None:
+    hasher = auth.Hasher(b"k" * 32)
+    stored = hasher.digest("apikey", "id1", "secret")
+    assert hasher.matches(stored, "apikey", "id1", "secret")
+    assert not hasher.matches(stored, "apikey", "id1", "secreT")
+    assert not hasher.matches(stored, "proxy", "id1", "secret")  # kinds never cross
+    assert not hasher.matches(None, "apikey", "id1", "secret")
+    assert auth.Hasher(b"j" * 32).digest("apikey", "id1", "secret") != stored
+    key_id, secret, whole = auth.new_api_key()
+    assert auth.split_api_key(whole) == (key_id, secret)
+    assert auth.split_api_key("nope") is None and auth.split_proxy_credential("bad name.x") is None
+
+
+def _proxy(name: str, sessions: int, capacity: int = 10, *, seen: float = 100.0, draining: bool = False,
+           pending: int = 0) -> ProxyView:
+    return ProxyView(name, f"http://{name}", sessions, capacity, draining, seen, pending)
+
+
+def test_fleet_picks_the_least_loaded_healthy_non_draining_proxy() -> None:
+    proxies = [_proxy("a", 5), _proxy("b", 2, 4), _proxy("c", 1, draining=True), _proxy("d", 0, seen=80.0),
+               _proxy("e", 3)]
+    assert fleet.choose(proxies, 100.0, 5.0).id == "e"  # 0.3 < 0.5 = b; c draining; d stale (20 s > 15 s)
+    assert fleet.choose([_proxy("a", 1), _proxy("b", 1, pending=3)], 100.0, 5.0).id == "a"
+    assert fleet.choose([_proxy("full", 10)], 100.0, 5.0) is None
+    assert fleet.choose([_proxy("never", 0, seen=None)], 100.0, 5.0) is None  # type: ignore[arg-type]
+    assert fleet.choose([], 100.0, 5.0) is None
+
+
+def test_websocket_url() -> None:
+    assert fleet.websocket_url("https://p.example/x/") == "wss://p.example/x/websockify"
+    assert fleet.websocket_url("http://127.0.0.1:8") == "ws://127.0.0.1:8/websockify"
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "n", "host": "h", "port": 1, "tls": {"bogus": True}},
+    {"name": "n", "host": "a b", "port": 1}, {"name": "", "host": "h", "port": 1},
+    {"name": "n", "host": "h", "port": 1, "id": "bad id"}, {"name": "n", "host": "h", "port": 1.5},
+])
+def test_schema_rejects(body: dict) -> None:
+    with pytest.raises(ValueError):
+        schemas.validate(body, schemas.TARGET_CREATE)
+
+
+def test_schema_accepts_and_documents() -> None:
+    body = {"name": "n", "host": "h", "port": 1, "tls": {"require": True}}
+    assert schemas.validate(body, schemas.TARGET_CREATE) == body
+    rendered = schemas.object_schema(schemas.TARGET_CREATE)
+    assert rendered["required"] == ["name", "host", "port"] and rendered["additionalProperties"] is False
+
+
+def test_redeemed_rows_are_cleaned_up_after_exp(tmp_path: Path) -> None:
+    init_state_dir(tmp_path / "s")
+    broker = Broker(tmp_path / "s")
+    proxy = Principal("p", "p", "proxy")
+    try:
+        with freeze_time("2030-01-01 00:00:00") as frozen:
+            now = int(broker_now())
+            body = {"jti": "j" * 22, "session_id": "s1", "exp": now + 60}
+            broker.redeem(proxy, body)
+            with pytest.raises(ApiError):
+                broker.redeem(proxy, body)
+            frozen.tick(60 + 30)
+            assert broker.cleanup() == 0  # within the skew allowance the row must stay
+            frozen.tick(60)
+            assert broker.cleanup() == 1
+    finally:
+        broker.close()
+
+
+def broker_now() -> float:
+    return clock.now()
