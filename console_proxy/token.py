@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -179,17 +180,14 @@ def _decrypt(token: Any, keyring: Keyring, now: float) -> str:
     if len(parts) != 5 or parts[1] != "":
         raise TokenRefused("malformed", "not a JWE compact serialization with an empty key part")
     header_b64, _, iv_b64, ct_b64, tag_b64 = parts
+    kid = _header_kid(header_b64, _jwe_kid)
     try:
-        header = _parse_json_object(b64url.decode(header_b64))
         iv, ciphertext, tag = b64url.decode(iv_b64), b64url.decode(ct_b64), b64url.decode(tag_b64)
     except ValueError as exc:
         raise TokenRefused("malformed", str(exc)) from None
-    if (set(header) != _JWE_HEADER_KEYS or header["alg"] != "dir" or header["enc"] != "A256GCM"
-            or header["cty"] != "JWT" or not isinstance(header["kid"], str)):
-        raise TokenRefused("malformed", "unexpected JWE header")
     if len(iv) != 12 or len(tag) != 16 or not ciphertext:
         raise TokenRefused("malformed", "wrong IV, tag or ciphertext length")
-    fleet = keyring.fleet_key(header["kid"], now)
+    fleet = keyring.fleet_key(kid, now)
     if fleet is None:
         raise TokenRefused("unknown_fleet_key", "the token's fleet key is unknown or retired")
     cipher = AES.new(fleet.key, AES.MODE_GCM, nonce=iv)
@@ -208,14 +206,12 @@ def _verify_signature(jws: str, keyring: Keyring, now: float) -> dict[str, Any]:
     parts = jws.split(".")
     if len(parts) != 3:
         raise TokenRefused("malformed", "the inner token is not a JWS compact serialization")
+    kid = _header_kid(parts[0], _jws_kid)
     try:
-        header = _parse_json_object(b64url.decode(parts[0]))
         signature = b64url.decode(parts[2])
     except ValueError as exc:
         raise TokenRefused("malformed", str(exc)) from None
-    if set(header) != _JWS_HEADER_KEYS or header["alg"] != "EdDSA" or not isinstance(header["kid"], str):
-        raise TokenRefused("malformed", "unexpected JWS header")
-    key = keyring.signing_key(header["kid"], now)
+    key = keyring.signing_key(kid, now)
     if key is None:
         raise TokenRefused("unknown_signing_key", "the token's signing key is unknown or retired")
     if len(signature) != 64 or not key.verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
@@ -224,6 +220,43 @@ def _verify_signature(jws: str, keyring: Keyring, now: float) -> dict[str, Any]:
         return _parse_json_object(b64url.decode(parts[1]))
     except ValueError as exc:
         raise TokenRefused("bad_claims", str(exc)) from None
+
+
+_HEADER_KIDS: dict[tuple[Callable[[dict[str, Any]], str], str], str] = {}
+_HEADER_CACHE_SIZE = 256
+
+
+def _header_kid(encoded: str, check: Callable[[dict[str, Any]], str]) -> str:
+    """The kid of a protected header that passed ``check``; valid headers are remembered.
+
+    A fleet has a handful of distinct headers (one per key), so after the first token each is a
+    dictionary hit instead of base64 + JSON + checks. Only exact, already validated spellings are
+    cached, and the cache is bounded, so hostile tokens can neither poison nor grow it.
+    """
+    kid = _HEADER_KIDS.get((check, encoded))
+    if kid is not None:
+        return kid
+    try:
+        kid = check(_parse_json_object(b64url.decode(encoded)))
+    except ValueError as exc:
+        raise TokenRefused("malformed", str(exc)) from None
+    if len(_HEADER_KIDS) >= _HEADER_CACHE_SIZE:
+        _HEADER_KIDS.clear()
+    _HEADER_KIDS[(check, encoded)] = kid
+    return kid
+
+
+def _jwe_kid(header: dict[str, Any]) -> str:
+    if (set(header) != _JWE_HEADER_KEYS or header["alg"] != "dir" or header["enc"] != "A256GCM"
+            or header["cty"] != "JWT" or not isinstance(header["kid"], str)):
+        raise ValueError("unexpected JWE header")
+    return header["kid"]
+
+
+def _jws_kid(header: dict[str, Any]) -> str:
+    if set(header) != _JWS_HEADER_KEYS or header["alg"] != "EdDSA" or not isinstance(header["kid"], str):
+        raise ValueError("unexpected JWS header")
+    return header["kid"]
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
