@@ -96,3 +96,28 @@ def admit(request: Request, *, keyring: Keyring, config: ProxyConfig, now: float
                             client_ip=request.client_ip)
     except TokenRefused as refused:
         raise Refusal.from_token(refused) from None
+
+
+class SpentTokens:
+    """Single-use tokens this proxy has seen redeemed (by itself or, per the broker, elsewhere).
+
+    The broker is the authority; this bounded memory only lets /token-status say "already used"
+    after a browser's websocket was refused with 409 (the browser itself sees just a 1006), and
+    spares the broker a call for a token known to be spent. Entries leave after their ``exp``.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._expiry: dict[str, int] = {}
+
+    def add(self, claims: Claims, now: float) -> None:
+        if len(self._expiry) >= self.limit:
+            self._expiry = {jti: exp for jti, exp in self._expiry.items() if exp > now}
+            if len(self._expiry) >= self.limit:  # all still live: forget the oldest half
+                self._expiry = dict(list(self._expiry.items())[self.limit // 2:])
+        self._expiry[claims.jti] = claims.exp
+
+    def check(self, claims: Claims) -> None:
+        """Refuse with token_used if this single-use token is known to be spent."""
+        if claims.once and claims.jti in self._expiry:
+            raise Refusal("token_used", reason="single-use token already redeemed", claims=claims)

@@ -81,3 +81,23 @@ def test_token_sources() -> None:
     assert bearer_token("bearer abc") == "abc"
     assert bearer_token("Basic abc") is None
     assert bearer_token(None) is None
+
+
+def test_spent_tokens_remember_single_use_jtis_boundedly() -> None:
+    from console_proxy.admission import SpentTokens
+
+    spent = SpentTokens(limit=4)
+    once = [token.new_claims(host="h", port=1, now=NOW, ttl=60, single_use=True) for _ in range(6)]
+    reusable = token.new_claims(host="h", port=1, now=NOW, ttl=60)
+    spent.add(once[0], NOW)
+    with pytest.raises(Refusal) as info:
+        spent.check(once[0])
+    assert (info.value.code, info.value.status) == ("token_used", 409)
+    spent.check(once[1])  # unknown: passes (the broker decides)
+    spent.add(reusable, NOW)
+    spent.check(reusable)  # reusable tokens are never "used"
+    for claims in once[1:]:
+        spent.add(claims, NOW)
+    assert len(spent._expiry) <= 4  # bounded even when every entry is still live
+    with pytest.raises(Refusal):
+        spent.check(once[-1])  # the newest is always kept
