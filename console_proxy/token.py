@@ -171,7 +171,7 @@ def verify(token: str, keyring: Keyring, now: float, *, skew: int = DEFAULT_SKEW
     return claims
 
 
-def _decrypt(token: Any, keyring: Keyring, now: float) -> str:
+def _decrypt(token: Any, keyring: Keyring, now: float) -> bytes:
     if not isinstance(token, str):
         raise TokenRefused("malformed", "the token is not text")
     if len(token) > MAX_TOKEN_LENGTH:
@@ -196,25 +196,25 @@ def _decrypt(token: Any, keyring: Keyring, now: float) -> str:
         plaintext = cipher.decrypt_and_verify(ciphertext, tag)
     except ValueError:
         raise TokenRefused("decrypt_failed", "the token does not authenticate under its fleet key") from None
-    try:
-        return plaintext.decode("ascii")
-    except UnicodeDecodeError:
-        raise TokenRefused("malformed", "the inner token is not ASCII") from None
+    if not plaintext.isascii():
+        raise TokenRefused("malformed", "the inner token is not ASCII")
+    return plaintext
 
 
-def _verify_signature(jws: str, keyring: Keyring, now: float) -> dict[str, Any]:
-    parts = jws.split(".")
-    if len(parts) != 3:
+def _verify_signature(jws: bytes, keyring: Keyring, now: float) -> dict[str, Any]:
+    signing_input, _, signature_b64 = jws.rpartition(b".")
+    parts = signing_input.decode("ascii").split(".")
+    if len(parts) != 2:
         raise TokenRefused("malformed", "the inner token is not a JWS compact serialization")
     kid = _header_kid(parts[0], _jws_kid)
     try:
-        signature = b64url.decode(parts[2])
+        signature = b64url.decode(signature_b64.decode("ascii"))
     except ValueError as exc:
         raise TokenRefused("malformed", str(exc)) from None
     key = keyring.signing_key(kid, now)
     if key is None:
         raise TokenRefused("unknown_signing_key", "the token's signing key is unknown or retired")
-    if len(signature) != 64 or not key.verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
+    if len(signature) != 64 or not key.verify(signing_input, signature):
         raise TokenRefused("bad_signature", "the signature does not verify")
     try:
         return _parse_json_object(b64url.decode(parts[1]))
