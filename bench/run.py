@@ -1,0 +1,253 @@
+"""``python -m bench`` / ``python -m bench.run``: every benchmark in one process run, one table.
+
+Sections (each bounded by its own time budget; a section that overruns is reported, not hung on):
+
+1. console opens/s and open latency p50/p99 — direct TCP, websockify 0.13, consolegate — against
+   one real Xvnc (VncAuth, 1920x1080x24). websockify gets the client doing VNC auth itself.
+2. bulk server->browser throughput (full-screen Raw updates) on the same three paths; CPU seconds
+   per GiB relayed for each proxy.
+3. small-write latency (16 B, 2 ms pause, 16 B) through each path to bench/echo_target.py.
+4. 1,000 then 2,000 idle sessions in one fresh consolegate process (to the echo target): memory
+   per session, refusals, and one echo round on all of them with a deadline (no stall).
+5. token mints/s and verifies/s against raw Ed25519 verify (bench/token_bench.py, a subprocess:
+   it pins itself to one core).
+
+Paths are measured in interleaved rounds (A B C, B C A, ...) and the best round counts, so a
+noisy moment on a shared machine hurts every path alike. Every comparison is a ratio of figures
+from this one run. Exits 0 whether or not goals are met (it is a benchmark, not a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path as FsPath
+from typing import Any
+
+import psutil
+
+from bench import measure, report
+from bench import profile as bench_profile
+from bench.clients import Path
+from bench.proxies import Proxy, start_consolegate, start_websockify, version_of_websockify
+from bench.targets import REPO, Target, start_echo, start_xvnc, workdir
+
+PROFILES = {
+    "full": {"rounds": 3, "opens_s": 4.0, "bulk_s": 4.0, "small_rounds": 300, "concurrency": 8,
+             "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 1.0, "token_rounds": 3},
+    "quick": {"rounds": 2, "opens_s": 2.0, "bulk_s": 2.0, "small_rounds": 150, "concurrency": 8,
+              "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 0.5, "token_rounds": 2},
+}
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in FsPath("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import tornado
+    return {"cpu_model": model, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "tornado": tornado.version,
+            "websockify": version_of_websockify(), "loadavg_start": os.getloadavg()}
+
+
+def raise_nofile(wanted: int = 16384) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, max(soft, wanted)) if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+async def bounded(name: str, budget: float, coro: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return await asyncio.wait_for(coro, budget)
+    except TimeoutError:
+        return {"error": f"{name}: over its {budget:.0f}s budget"}
+    except Exception as exc:  # noqa: BLE001 - a failed section is reported, the run goes on
+        return {"error": f"{name}: {type(exc).__name__}: {exc}"}
+
+
+async def interleaved(paths: list[Path], rounds: int, budget: float,
+                      one: Callable[[Path], Awaitable[dict[str, Any]]], key: str, best: str) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {p.name: [] for p in paths}
+    for r in range(rounds):
+        order = paths[r % len(paths):] + paths[: r % len(paths)]
+        for path in order:
+            runs[path.name].append(await bounded(f"{key} {path.name}", budget, one(path)))
+    out = {}
+    for name, results in runs.items():
+        good = [x for x in results if "error" not in x]
+        pick = (max if best == "max" else min)(good, key=lambda x: x[key]) if good else results[-1]
+        out[name] = {"best": pick, "rounds": results}
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+SECTIONS = ("opens", "bulk", "small_write", "sessions")
+
+
+async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir: FsPath | None) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+
+    def spying(section: str, proxy: Proxy) -> Callable[[], None]:
+        """Start py-spy on ``proxy`` for ``section``; returns the stop-and-summarise call."""
+        if spy_dir is None:
+            return lambda: None
+        recorder = bench_profile.Recorder(proxy.process.pid, spy_dir / f"{section}.txt")
+
+        def stop() -> None:
+            out = recorder.stop()
+            if out is not None:
+                summary = bench_profile.summarize(out)
+                (spy_dir / f"{section}.summary.txt").write_text(summary + "\n")
+                log("py-spy " + summary.replace("\n", "\n    "))
+        return stop
+
+    targets: list[Target] = []
+    proxies: list[Proxy] = []
+    try:
+        log("starting Xvnc 1920x1080x24 (VncAuth), echo target, consolegate, websockify x2")
+        xvnc = start_xvnc(work)
+        targets.append(xvnc)
+        echo = start_echo(work)
+        targets.append(echo)
+        cg = start_consolegate(work)
+        proxies.append(cg)
+        wsx = start_websockify(work, xvnc.port)
+        proxies.append(wsx)
+        wse = start_websockify(work, echo.port)
+        proxies.append(wse)
+        pw = xvnc.password
+        vnc_paths = [
+            Path("direct TCP", "tcp", xvnc.port, password=pw),
+            Path("websockify", "ws", wsx.port, "/", password=pw),
+            Path("consolegate", "ws", cg.port, "/websockify", token=cg.mint("127.0.0.1", xvnc.port, pw)),
+        ]
+        echo_paths = [
+            Path("direct TCP", "tcp", echo.port),
+            Path("websockify", "ws", wse.port, "/"),
+            Path("consolegate", "ws", cg.port, "/websockify", token=cg.mint("127.0.0.1", echo.port, None)),
+        ]
+        owner = {"websockify": wsx, "consolegate": cg}
+        xvnc_ps = psutil.Process(xvnc.process.pid)
+
+        def cpu_probes(path: Path) -> dict[str, Callable[[], float]]:
+            """CPU seconds of the client (this process), Xvnc, and the path's proxy if any."""
+            probes: dict[str, Callable[[], float]] = {
+                "client": time.process_time, "xvnc": lambda: sum(xvnc_ps.cpu_times()[:2])}
+            if path.name in owner:
+                probes["proxy"] = owner[path.name].cpu_seconds
+            return probes
+
+        if "opens" in only:
+            log("section 1: console opens")
+            stop = spying("opens", cg)
+            results["opens"] = await interleaved(
+                vnc_paths, profile["rounds"], profile["opens_s"] + 20,
+                lambda p: measure.opens(p, profile["opens_s"], profile["concurrency"], cpu_probes(p)),
+                "per_second", "max")
+            stop()
+        if "bulk" in only:
+            log("section 2: bulk throughput")
+            stop = spying("bulk", cg)
+            results["bulk"] = await interleaved(
+                vnc_paths, profile["rounds"], profile["bulk_s"] + 25,
+                lambda p: measure.bulk(p, profile["bulk_s"], owner.get(p.name)), "mib_per_s", "max")
+            stop()
+        if "small_write" in only:
+            log("section 3: small-write latency")
+            stop = spying("small_write", cg)
+            results["small_write"] = await interleaved(
+                echo_paths, profile["rounds"], 60,
+                lambda p: measure.small_writes(p, profile["small_rounds"]), "p50_ms", "min")
+            stop()
+        for proxy in proxies:
+            proxy.stop()
+        proxies.clear()
+
+        if "sessions" not in only:
+            return results
+        log(f"section 4: {profile['sessions_first']} then {profile['sessions_total']} idle sessions in one proxy")
+        many = start_consolegate(work, "--max-sessions", str(profile["sessions_total"] + 100))
+        proxies.append(many)
+        many_path = Path("consolegate", "ws", many.port, "/websockify", token=many.mint("127.0.0.1", echo.port, None))
+        stop = spying("sessions", many)
+        results["sessions"] = await bounded("sessions", 150, measure.many_sessions(
+            many_path, many, profile["sessions_first"], profile["sessions_total"], deadline_s=10.0))
+        stop()
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        for target in targets:
+            target.stop()
+    return results
+
+
+def token_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
+    """bench/token_bench.py as a subprocess (it pins its process to one core)."""
+    out = work / "token.json"
+    cmd = [sys.executable, "-m", "bench.token_bench", "--seconds", str(profile["token_seconds"]),
+           "--rounds", str(profile["token_rounds"]), "--json", str(out)]
+    budget = 20 + 6 * profile["token_seconds"] * profile["token_rounds"] * 3
+    try:
+        done = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=budget,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired:
+        return {"error": f"token_bench over its {budget:.0f}s budget"}
+    if done.returncode != 0 or not out.exists():
+        return {"error": f"token_bench exited {done.returncode}: {done.stderr.strip()[-300:]}"}
+    return json.loads(out.read_text())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter rounds (about one minute in all)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure, round and ratio as JSON")
+    parser.add_argument("--only", action="append", choices=[*SECTIONS, "tokens"],
+                        help="run only this section (repeatable); default: all")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record the consolegate proxy with py-spy during each section; summaries in DIR")
+    args = parser.parse_args(argv)
+    profile = PROFILES["quick" if args.quick else "full"]
+    raise_nofile()
+    info = machine()
+    started = time.time()
+    work = workdir()
+    only = set(args.only or [*SECTIONS, "tokens"])
+    spy_dir = FsPath(args.profile) if args.profile else None
+    if spy_dir is not None:
+        spy_dir.mkdir(parents=True, exist_ok=True)
+    results = asyncio.run(run_all(profile, work, only, spy_dir))
+    if "tokens" in only:
+        log("section 5: token mint/verify vs raw Ed25519")
+        results["tokens"] = token_section(profile, work)
+    info["loadavg_end"] = os.getloadavg()
+    document = {"profile": "quick" if args.quick else "full", "settings": profile, "machine": info,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                "duration_s": round(time.time() - started, 1), "results": results}
+    document["ratios"], document["goals"] = report.ratios_and_goals(results)
+    print(report.table(document))
+    if args.json:
+        FsPath(args.json).write_text(json.dumps(document, indent=2, default=str) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
