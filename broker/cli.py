@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from broker import keyfiles, schemas, serve
@@ -134,6 +135,16 @@ def _open(args: argparse.Namespace) -> Broker:
     return Broker(args.state_dir)
 
 
+@contextlib.contextmanager
+def _broker(args: argparse.Namespace) -> Iterator[Broker]:
+    """The state dir's broker for one command, closed however the command ends."""
+    broker = _open(args)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
 def state_init(args: argparse.Namespace) -> int:
     root = init_state_dir(args.state_dir, max_ttl=args.max_ttl)
     print(f"initialised broker state in {root} (broker.db, keyring.json, master.key)")
@@ -141,21 +152,15 @@ def state_init(args: argparse.Namespace) -> int:
 
 
 def apikey_create(args: argparse.Namespace) -> int:
-    broker = _open(args)
-    try:
+    with _broker(args) as broker:
         key = broker.create_apikey(args.name, args.role, "cli")
-    finally:
-        broker.close()
     print(key)
     return 0
 
 
 def proxy_add(args: argparse.Namespace) -> int:
-    broker = _open(args)
-    try:
+    with _broker(args) as broker:
         credential = broker.add_proxy(args.name, args.public_url, "cli")
-    finally:
-        broker.close()
     keyring.write_private_file(args.out, json.dumps(credential).encode() + b"\n")
     print(f"registered proxy {args.name}; credential written to {args.out}")
     return 0
@@ -171,29 +176,20 @@ def targets_add(args: argparse.Namespace) -> int:
         checked = schemas.validate(body, schemas.TARGET_CREATE)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    broker = _open(args)
-    try:
+    with _broker(args) as broker:
         print(json.dumps(broker.add_target(checked, "cli")))
-    finally:
-        broker.close()
     return 0
 
 
 def targets_list(args: argparse.Namespace) -> int:
-    broker = _open(args)
-    try:
+    with _broker(args) as broker:
         print(json.dumps(broker.list_targets(), indent=2))
-    finally:
-        broker.close()
     return 0
 
 
 def targets_remove(args: argparse.Namespace) -> int:
-    broker = _open(args)
-    try:
+    with _broker(args) as broker:
         broker.delete_target(args.id, "cli")
-    finally:
-        broker.close()
     print(f"removed target {args.id}")
     return 0
 
@@ -233,11 +229,8 @@ def keys_rotate(args: argparse.Namespace) -> int:
     """On an initialised state dir, the broker's own rotation (audited ``key_rotated``, as POST /keys/rotate);
     on a bare keyring file (or a directory holding only keyring.json), the file is rotated alone."""
     if args.state_dir and not args.keyring and (Path(args.state_dir) / MASTER_KEY_NAME).exists():
-        broker = Broker(args.state_dir)
-        try:
+        with _broker(args) as broker:
             result = broker.rotate_keys("cli")
-        finally:
-            broker.close()
         active = result["active"]
         print(f"rotated (version {result['version']}): signing {active['signing']}, fleet {active['fleet']}")
         return 0

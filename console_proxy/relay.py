@@ -239,12 +239,16 @@ class ConsoleSession:
         assert self._upstream is not None
         return await self._upstream.read_bytes(limit, partial=True)
 
+    def _upstream_closed(self) -> SessionEnded:
+        """The hypervisor hung up: a protocol error mid-handshake, a normal end while relaying."""
+        return _end(1000 if self._relaying else 4502, "the console server closed the connection")
+
     async def _write_upstream(self, data: bytes) -> None:
         assert self._upstream is not None
         try:
             await self._upstream.write(data)
         except StreamClosedError:
-            raise _end(4502 if not self._relaying else 1000, "the console server closed the connection") from None
+            raise self._upstream_closed() from None
 
     async def _pump_to_browser(self) -> None:
         # The hot loop of bulk updates: one read and one awaited frame write per chunk, no
@@ -255,7 +259,7 @@ class ConsoleSession:
             try:
                 data = await upstream.read_bytes(chunk, partial=True)
             except StreamClosedError:
-                raise _end(1000, "the console server closed the connection") from None
+                raise self._upstream_closed() from None
             self.bytes_down += len(data)
             await send(data)
             if len(data) == chunk:
@@ -278,7 +282,7 @@ class ConsoleSession:
                 try:
                     size = await upstream.read_into(payload, partial=True)  # type: ignore[arg-type]
                 except StreamClosedError:
-                    raise _end(1000, "the console server closed the connection") from None
+                    raise self._upstream_closed() from None
                 self.bytes_down += size
                 await send_framed(buffer, size)
                 if size < chunk:
@@ -353,18 +357,18 @@ class ConsoleSession:
         try:
             written = self._upstream.write(out)
         except StreamClosedError:
-            raise _end(4502 if not self._relaying else 1000, "the console server closed the connection") from None
+            raise self._upstream_closed() from None
         if not written.done():
             return self._upstream_drained(written)
         if written.exception() is not None:
-            raise _end(4502 if not self._relaying else 1000, "the console server closed the connection")
+            raise self._upstream_closed()
         return None
 
     async def _upstream_drained(self, written: Awaitable[None]) -> None:
         try:
             await written
         except StreamClosedError:
-            self.finish(Ending(1000, "normal", "the console server closed the connection"))
+            self.finish(self._upstream_closed().ending)
 
     def finish(self, ending: Ending) -> None:
         """End the session once: close both sides and report."""
