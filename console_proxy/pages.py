@@ -12,6 +12,7 @@ from typing import Any
 import tornado.web
 
 from console_proxy.config import ProxyConfig
+from console_proxy.handlerlog import PathOnlyLogging
 
 NOVNC_SUBDIR = ("node_modules", "@novnc", "novnc")
 
@@ -26,7 +27,7 @@ def security_headers(handler: tornado.web.RequestHandler, frame_ancestors: str) 
     handler.set_header("Cache-Control", "no-store")
 
 
-class ConsolePage(tornado.web.RequestHandler):
+class ConsolePage(PathOnlyLogging, tornado.web.RequestHandler):
     """``/console``: the viewer. The token stays in the URL fragment, which browsers never send."""
 
     def initialize(self, config: ProxyConfig) -> None:
@@ -43,7 +44,7 @@ class ConsolePage(tornado.web.RequestHandler):
         self.finish(body)
 
 
-class StaticFiles(tornado.web.StaticFileHandler):
+class StaticFiles(PathOnlyLogging, tornado.web.StaticFileHandler):
     """Tornado's static handler (it refuses paths outside its root) plus our headers."""
 
     def initialize(self, path: str, frame_ancestors: str = "'none'", default_filename: str | None = None) -> None:

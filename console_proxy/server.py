@@ -26,6 +26,7 @@ from console_proxy import clock, origin
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
+from console_proxy.handlerlog import PathOnlyLogging
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
 from console_proxy.pages import page_routes
@@ -148,7 +149,7 @@ def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> tup
     return client, own
 
 
-class JsonHandler(tornado.web.RequestHandler):
+class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
     def initialize(self, state: ProxyState) -> None:
         self.state = state
 
@@ -198,7 +199,7 @@ class MetricsHandler(JsonHandler):
         self.finish(self.state.metrics.render())
 
 
-class ConsoleSocket(tornado.websocket.WebSocketHandler):
+class ConsoleSocket(PathOnlyLogging, tornado.websocket.WebSocketHandler):
     """``/websockify``: admit before the upgrade, then hand the socket to a ConsoleSession."""
 
     def initialize(self, state: ProxyState) -> None:

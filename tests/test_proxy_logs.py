@@ -64,3 +64,23 @@ def test_session_lines_are_structured(proxy, mint, xvnc_vncauth) -> None:
     assert (closed["event"], closed["vm"], closed["user"], closed["client"]) == ("closed", "vm-42", "bob", "127.0.0.1")
     for field in ("session_id", "vm", "user", "client", "bytes_up", "bytes_down", "duration_s", "close_code"):
         assert field in closed
+
+
+def test_failing_requests_are_logged_by_path_only(proxy_factory, mint, tmp_path) -> None:
+    """Tornado's own warning for a failed request must not carry the query (``?token=``)."""
+    bare = proxy_factory("--static-dir", str(tmp_path / "no-viewer-here"))
+    tok = mint(host="127.0.0.1", port=5900, password="n0tInLogs")
+
+    async def fetch_all() -> list[int]:
+        from tornado.httpclient import AsyncHTTPClient
+        client = AsyncHTTPClient()
+        codes = []
+        for path in ("/console", "/static/console.js", "/novnc/core/rfb.js", "/nowhere"):
+            response = await client.fetch(f"{bare.base}{path}?token={tok}", raise_error=False)
+            codes.append(response.code)
+        return codes
+
+    assert asyncio.run(fetch_all()) == [404, 404, 404, 404]
+    bare.wait_for_log("404 GET /console (127.0.0.1)")
+    log = bare.log_text()
+    assert tok not in log and "token=" not in log and "n0tInLogs" not in log

@@ -1,0 +1,31 @@
+"""How the proxy's handlers name a request in Tornado's own error lines: by path only.
+
+Tornado's default names the request with its query string, and ``?token=`` is a valid way to
+pass a token, so a failing request would put the token in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+import tornado.web
+from tornado.httputil import HTTPServerRequest
+
+log = logging.getLogger("consolegate.proxy")
+
+
+class PathOnlyLogging:
+    """Mixin for RequestHandlers: log the path only, and never the request object."""
+
+    request: HTTPServerRequest
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        if isinstance(value, tornado.web.HTTPError):
+            log.warning("%d %s", value.status_code, self._request_summary())
+        else:
+            log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
