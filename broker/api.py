@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from typing import Any
 
 import tornado.web
@@ -19,6 +20,7 @@ from broker import openapi, schemas
 from broker.auth import Principal
 from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, ApiError, Broker
+from broker.store import StoreUnavailable
 from console_proxy.metrics import Counter, Gauge, Registry
 
 log = logging.getLogger("consolegate.broker.api")
@@ -127,6 +129,10 @@ class ApiHandler(tornado.web.RequestHandler):
         error = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(error, ApiError):
             body = {"error": error.code, "message": error.message}
+        elif isinstance(error, (StoreUnavailable, sqlite3.OperationalError)):
+            self.set_status(503)
+            body = {"error": "storage_unavailable",
+                    "message": "the broker cannot use its database right now (disk full?); nothing was changed"}
         elif status_code >= 500:
             body = {"error": "internal_error", "message": "the broker failed to answer; see its log"}
         else:

@@ -62,6 +62,10 @@ class StoreError(Exception):
     """The database is missing, newer than this code, or unusable; the message is one line."""
 
 
+class StoreUnavailable(StoreError):
+    """A write failed for a reason outside the request (disk full, I/O error): try again later."""
+
+
 class Store:
     """One connection (the broker is one event loop), autocommit outside explicit transactions."""
 
@@ -100,14 +104,23 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
+
+        A write SQLite cannot make (disk full, I/O error, database locked too long) becomes
+        StoreUnavailable after the rollback: the request fails as a whole and nothing half-written
+        stays behind.
+        """
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:  # SQLite may have rolled back by itself (SQLITE_FULL)
+                    self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"the broker cannot write its database: {exc}") from None
 
     def one(self, sql: str, *params: Any) -> sqlite3.Row | None:
         return self.conn.execute(sql, params).fetchone()

@@ -13,7 +13,7 @@ from broker import auth, fleet, schemas
 from broker.auth import Principal
 from broker.fleet import ProxyView
 from broker.service import ApiError, Broker, init_state_dir
-from broker.store import SCHEMA_VERSION, Store, StoreError
+from broker.store import SCHEMA_VERSION, Store, StoreError, StoreUnavailable
 from broker.vault import Vault, VaultError
 from console_proxy import clock
 
@@ -56,6 +56,27 @@ def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     assert store.one("SELECT COUNT(*) FROM audit")[0] == 0
     store.close()
+
+
+def test_a_full_disk_fails_the_write_whole_and_loses_nothing(tmp_path: Path) -> None:
+    """SQLite's own "database or disk is full" (max_page_count caps the file like a full disk)."""
+    init_state_dir(tmp_path)
+    broker = Broker(tmp_path)
+    broker.add_target({"id": "kept", "name": "kept", "host": "10.0.0.1", "port": 5900}, "t")
+    audit_before = broker.store.one("SELECT COUNT(*) FROM audit")[0]
+    pages = broker.store.one("PRAGMA page_count")[0]
+    broker.store.conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreUnavailable, match="cannot write its database"):
+        for number in range(200):  # fill the last free pages, then fail
+            broker.add_target({"id": f"t{number}", "name": "x" * 2000, "host": "10.0.0.2", "port": 5900}, "t")
+    broker.store.conn.execute("PRAGMA max_page_count = 1073741823")
+    ids = {t["id"] for t in broker.list_targets()["targets"]}
+    added = ids - {"kept"}
+    assert "kept" in ids
+    # every target that was added has its audit event: nothing half-written
+    assert broker.store.one("SELECT COUNT(*) FROM audit")[0] == audit_before + len(added)
+    broker.add_target({"id": "after", "name": "after", "host": "10.0.0.3", "port": 5900}, "t")  # usable again
+    broker.close()
 
 
 def test_vault_seals_per_context_and_derives_per_purpose(tmp_path: Path) -> None:
