@@ -103,7 +103,7 @@ class BrokerLink:
             if exc.code == 409:
                 raise Refusal("token_used", reason=_error_code(exc) or "token_used", claims=claims) from None
             raise Refusal("broker_unavailable", reason=f"redeem failed: HTTP {exc.code}", claims=claims) from None
-        except (TimeoutError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - anything else unexpected: fail closed
             raise Refusal("broker_unavailable", reason=f"redeem failed: {type(exc).__name__}",
                           claims=claims) from None
 

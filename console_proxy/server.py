@@ -216,18 +216,18 @@ class ConsoleSocket(PathOnlyLogging, tornado.websocket.WebSocketHandler):
                           self.request.headers.get("Origin"), own, client)
         try:
             self.claims = self.state.admit(request)
-            self.state.pending += 1  # holds the slot while the single-use check and the upgrade run
-            try:
-                await self.state.redeem(self.claims)
-            except Refusal:
-                self.state.pending -= 1
-                raise
         except Refusal as refusal:
             self._refuse(refusal)
             return
-        await super().get(*args, **kwargs)
-        if self.session is None:  # the upgrade did not happen
-            self.state.pending -= 1
+        self.state.pending += 1  # holds the slot while the single-use check and the upgrade run
+        try:
+            await self.state.redeem(self.claims)
+            await super().get(*args, **kwargs)
+        except Refusal as refusal:
+            self._refuse(refusal)
+        finally:
+            if self.session is None:  # no session took the slot (refused, failed or not upgraded)
+                self.state.pending -= 1
 
     def _refuse(self, refusal: Refusal) -> None:
         self.state.refused(refusal, self.client_ip, self.request.path)

@@ -118,3 +118,20 @@ def test_refusals_are_counted_in_metrics(proxy) -> None:
     text = asyncio.run(fetch())
     assert 'consolegate_proxy_refusals_total{code="token_missing"}' in text
     assert "consolegate_proxy_active_sessions" in text and "consolegate_proxy_handshake_seconds_bucket" in text
+
+
+def test_refused_and_failed_upgrades_give_their_slot_back(proxy_factory, mint, xvnc_vncauth) -> None:
+    one = proxy_factory("--max-sessions", "1")
+    good = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
+    once = mint(host="127.0.0.1", port=xvnc_vncauth.port, single_use=True)
+
+    async def scenario() -> tuple[int, int]:
+        for _ in range(3):
+            assert (await try_upgrade(one.ws_url, once)).body["error"] == "broker_unavailable"
+        plain = await AsyncHTTPClient().fetch(HTTPRequest(f"{one.base}/websockify?token={good}"), raise_error=False)
+        console = await Console.open(one.ws_url, good)
+        info = await console.handshake()
+        console.close()
+        return plain.code, info.width
+
+    assert asyncio.run(scenario()) == (400, 800)  # a plain GET is not upgraded; the one slot is still free
