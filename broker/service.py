@@ -25,7 +25,7 @@ from broker.store import Store
 from broker.vault import MASTER_KEY_NAME, Vault
 from console_proxy import clock, token
 from console_proxy.command import CommandError
-from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, Keyring
+from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyring
 
 log = logging.getLogger("consolegate.broker")
 
@@ -310,7 +310,7 @@ class Broker:
     def redeem(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
         """First redeem of a ``jti`` wins (primary key); any later one is 409 token_used."""
         now = clock.now()
-        exp = min(body["exp"], int(now) + self.keyring().max_ttl + DEFAULT_SKEW)
+        exp = min(body["exp"], int(now) + self.keyring().max_ttl + MAX_SKEW)
         try:
             with self.store.transaction() as conn:
                 session = conn.execute("SELECT state FROM sessions WHERE id = ?", (body["session_id"],)).fetchone()

@@ -24,10 +24,11 @@ MESSAGES = {
     "draining": "This console proxy is shutting down; open the console again.",
     "broker_unavailable": "Single-use links cannot be checked right now; try again shortly.",
     "token_used": "This console link has already been used; ask for a new one.",
+    "session_revoked": "This console session was ended by an administrator.",
     **token.PUBLIC_MESSAGES,
 }
 STATUS = {"token_missing": 400, "origin_denied": 403, "over_capacity": 503, "draining": 503,
-          "broker_unavailable": 503, "token_used": 409}
+          "broker_unavailable": 503, "token_used": 409, "session_revoked": 410}
 
 
 class Refusal(Exception):

@@ -98,7 +98,10 @@ class BrokerLink:
     async def redeem(self, claims: Claims) -> None:
         """Return once the broker recorded the first use; Refusal otherwise (fail closed)."""
         try:
-            await self._post("/proxy/redeem", {"jti": claims.jti, "session_id": claims.sid, "exp": claims.exp})
+            # The broker keeps the redeemed jti until this "exp": the last moment *this* proxy
+            # would still accept the token (its skew included), so a replay cannot outlive it.
+            skew = self.state.config.skew if self.state is not None else 0
+            await self._post("/proxy/redeem", {"jti": claims.jti, "session_id": claims.sid, "exp": claims.exp + skew})
         except HTTPClientError as exc:
             if exc.code == 409:
                 raise Refusal("token_used", reason=_error_code(exc) or "token_used", claims=claims) from None
@@ -133,12 +136,13 @@ class BrokerLink:
             state, state.config.max_sessions, state.config.public_url))
         if "keyring" in answer:
             self._apply_keyring(state, answer["keyring"])
-        revoked = answer.get("revoked") or []
-        if revoked:
-            new = {sid for sid in revoked if isinstance(sid, str)} - state.revoked
-            state.revoked.update(new)
-            if new:
-                state.sweep()
+        # The broker sends every id revoked in the last day each time: replacing the set keeps
+        # it bounded, and new ids are closed at once rather than at the next sweep.
+        revoked = {sid for sid in answer.get("revoked") or [] if isinstance(sid, str)}
+        new = revoked - state.revoked
+        state.revoked = revoked
+        if new:
+            state.sweep()
 
     @staticmethod
     def _apply_keyring(state: ProxyState, data: Any) -> None:

@@ -36,6 +36,10 @@ DEFAULT_MAX_TTL = 3600
 DEFAULT_SKEW = 30
 """Clock-skew allowance in seconds, applied to ``nbf`` and ``exp``."""
 
+MAX_SKEW = 600
+"""The largest allowance a proxy may be configured with; the broker keeps redeemed single-use
+tokens at least this long past their ``exp``, so no proxy can accept a replay after they go."""
+
 
 class KeyringError(Exception):
     """A keyring file is missing, unreadable or not a valid keyring. Never carries key material."""

@@ -12,6 +12,7 @@ one read chunk in flight each way (the kernel's socket buffers hold the rest).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import time
@@ -26,6 +27,8 @@ from tornado.tcpclient import TCPClient
 from console_proxy import rfb
 from console_proxy.config import ProxyConfig
 from console_proxy.token import Claims
+
+log = logging.getLogger("consolegate.proxy.session")
 
 CLOSE_REASONS = {
     4500: "target_unreachable",
@@ -117,6 +120,11 @@ async def _open_stream(host: str, port: int) -> IOStream:
         raise
 
 
+def _close_if_opened(upgrading: asyncio.Future[IOStream]) -> None:
+    if not upgrading.cancelled() and upgrading.exception() is None:
+        upgrading.result().close()
+
+
 class ConsoleSession:
     """The life of one console, from websocket open to close. Ends exactly once."""
 
@@ -154,6 +162,9 @@ class ConsoleSession:
             self.finish(ended.ending)
         except StreamClosedError:
             self.finish(Ending(1000, "normal", "a connection closed"))
+        except Exception:  # a bug must still end the session: close both sides, free the slot
+            log.exception("session %s failed unexpectedly", self.sid)
+            self.finish(Ending(4502, "target_protocol_error", "internal error"))
 
     async def _handshake(self) -> None:
         upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=tls_policy(self.claims, self.config))
@@ -224,15 +235,23 @@ class ConsoleSession:
     async def _start_tls(self, handshake: rfb.UpstreamHandshake, action: rfb.StartTls) -> None:
         assert self._upstream is not None
         policy = tls_policy(self.claims, self.config)
-        context = ssl_context(policy, action.verify)
-        plain, self._upstream = self._upstream, None  # start_tls consumes the plain stream
         try:
-            self._upstream = await plain.start_tls(
-                False, ssl_options=context, server_hostname=policy.server_name if action.verify else None)
+            context = ssl_context(policy, action.verify)
+        except (ssl.SSLError, ValueError):
+            raise _end(4501, "the CA certificate for this console server is not usable") from None
+        plain, self._upstream = self._upstream, None  # start_tls consumes the plain stream
+        upgrading = asyncio.ensure_future(plain.start_tls(
+            False, ssl_options=context, server_hostname=policy.server_name if action.verify else None))
+        try:
+            # shielded: if the handshake timeout cancels us, the TLS stream is still closed below
+            self._upstream = await asyncio.shield(upgrading)
         except ssl.SSLCertVerificationError:
             raise _end(4501, "the console server's certificate did not verify") from None
         except (ssl.SSLError, OSError, StreamClosedError):
             raise _end(4502, "the TLS handshake with the console server failed") from None
+        except asyncio.CancelledError:
+            upgrading.add_done_callback(_close_if_opened)
+            raise
         self._upstream.set_nodelay(True)
 
     async def _read_upstream(self, limit: int) -> bytes:
@@ -303,7 +322,6 @@ class ConsoleSession:
         (handshake steps; the hypervisor not taking input as fast as it comes), else None: the
         relaying path is synchronous so each input message costs no task and no loop turn.
         """
-        self.last_input = time.monotonic()
         if self._relaying:
             try:
                 return self._forward_now(data)
@@ -346,6 +364,10 @@ class ConsoleSession:
         """Start writing the whole client messages in ``data`` upstream; an awaitable only if
         the write did not complete at once (backpressure), None otherwise."""
         messages = self._guard(self._framer.feed, data)
+        if any(kind in rfb.INPUT_MESSAGE_TYPES for kind, _ in messages):  # type: ignore[misc]
+            # a person is there: update requests alone (noVNC sends them while the screen
+            # changes) do not keep an abandoned console open
+            self.last_input = time.monotonic()
         if self.claims.ro:
             out = b"".join(m for kind, m in messages if kind not in rfb.INPUT_MESSAGE_TYPES)  # type: ignore[misc]
         else:

@@ -15,9 +15,11 @@ from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredentia
 from console_proxy.command import CommandError
 from console_proxy.config import REPO_STATIC, ProxyConfig
 from console_proxy.events import Events
-from console_proxy.keyring import DEFAULT_SKEW
+from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
 
 log = logging.getLogger("consolegate.proxy")
+
+MAX_BODY = 4096
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -74,6 +76,8 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     for name in ("max_sessions", "max_message_size"):
         if getattr(args, name) <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= args.skew <= MAX_SKEW:
+        raise CommandError(f"--skew must be from 0 to {MAX_SKEW} seconds")
     try:
         policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin)
         trusted = origin.parse_networks(args.trusted_proxy)
@@ -149,7 +153,9 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
     if link is not None:
         link.attach(state)
         link.start()
-    http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls)
+    # No proxy endpoint takes a body; without these limits Tornado buffers ~100 MiB per request.
+    http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls, max_body_size=MAX_BODY,
+                                         body_timeout=10, idle_connection_timeout=60)
     try:
         http.listen(port, host)
     except OSError as exc:

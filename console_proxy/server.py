@@ -65,8 +65,12 @@ class ProxyState:
         return {("up",): up, ("down",): down}
 
     def admit(self, request: Request) -> Claims:
-        return admit(request, keyring=self.keyring, config=self.config, now=clock.now(),
-                     draining=self.draining, sessions=len(self.sessions) + self.pending)
+        """The pure admission, then what only this process knows: revoked sessions."""
+        claims = admit(request, keyring=self.keyring, config=self.config, now=clock.now(),
+                       draining=self.draining, sessions=len(self.sessions) + self.pending)
+        if claims.sid in self.revoked:  # a reusable token must not reopen a revoked session
+            raise Refusal("session_revoked", reason="the broker revoked this session", claims=claims)
+        return claims
 
     async def redeem(self, claims: Claims) -> None:
         if not claims.once:

@@ -9,6 +9,7 @@ export const REFUSALS = {
     token_expired: "This console link has expired. Open the console from your portal again to get a new one.",
     token_not_yet_valid: "This console link is not valid yet. Check your computer's clock, or ask for a new link.",
     token_used: "This console link has already been used; each link opens once. Ask for a new one.",
+    session_revoked: "This console session was ended by an administrator.",
     origin_denied: "This console was opened from a page that is not allowed to use it.",
     client_ip_mismatch: "This console link was issued for another network address.",
     over_capacity: "The console service is busy right now. Try again in a moment.",

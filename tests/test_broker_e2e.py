@@ -7,6 +7,7 @@ proxy gets 409 → DELETE /sessions/{id} → 4410 within one heartbeat → the a
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from brokerproc import (
 )
 from proxyproc import ProxyProcess
 from rfbclient import Console, try_upgrade
+
+from console_proxy.keyring import DEFAULT_SKEW
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,10 @@ def test_console_lifecycle_across_two_proxies(fleet, xvnc_vncauth) -> None:
         await asyncio.to_thread(wait_for, lambda: _state(broker, sid) == "active", 10, what="session active")
         refused = await try_upgrade(there.ws_url, tok)
         assert refused is not None and (refused.status, refused.body["error"]) == (409, "token_used")
+        # the broker keeps the jti until the redeeming proxy would stop accepting it (exp + its skew)
+        with sqlite3.connect(f"file:{broker.state.root / 'broker.db'}?mode=ro", uri=True) as db:
+            kept_until = db.execute("SELECT exp FROM redeemed WHERE session_id = ?", (sid,)).fetchone()[0]
+        assert kept_until == int(console["expires_at"]) + DEFAULT_SKEW
         started = time.monotonic()
         await asyncio.to_thread(broker.admin.revoke, sid)
         code, reason = await asyncio.wait_for(viewer.wait_closed(), 10)
@@ -118,14 +125,19 @@ def test_reusable_token_works_on_any_proxy_and_revocation_closes_both(fleet, xvn
                                      password=xvnc_vncauth.password)
     console = broker.issuer.mint(target["id"], single_use=False)
 
-    async def scenario() -> list[int | None]:
+    async def scenario() -> tuple[list[int | None], list[tuple[int, str]]]:
         viewers = [await Console.open(p.ws_url, console["token"]) for p in proxies.values()]
         for viewer in viewers:
             await viewer.handshake()
         await asyncio.to_thread(broker.admin.revoke, console["session_id"])
-        return [(await asyncio.wait_for(v.wait_closed(), 10))[0] for v in viewers]
+        codes = [(await asyncio.wait_for(v.wait_closed(), 10))[0] for v in viewers]
+        # the still valid reusable token must not reopen the revoked session, on any proxy
+        reopened = [await try_upgrade(p.ws_url, console["token"]) for p in proxies.values()]
+        return codes, [(r.status, r.body["error"]) for r in reopened if r is not None]
 
-    assert asyncio.run(scenario()) == [4410, 4410]
+    codes, reopened = asyncio.run(scenario())
+    assert codes == [4410, 4410]
+    assert reopened == [(410, "session_revoked")] * 2
 
 
 def test_keyring_rotation_reaches_proxies_and_old_tokens_keep_working(fleet, xvnc_vncauth) -> None:

@@ -135,3 +135,15 @@ def test_refused_and_failed_upgrades_give_their_slot_back(proxy_factory, mint, x
         return plain.code, info.width
 
     assert asyncio.run(scenario()) == (400, 800)  # a plain GET is not upgraded; the one slot is still free
+
+
+def test_request_bodies_are_not_buffered(proxy) -> None:
+    """No endpoint takes a body: a large one is cut off, not held in memory."""
+    async def post() -> int:
+        request = HTTPRequest(f"{proxy.base}/healthz", method="POST", body=b"x" * (1 << 20))
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        return response.code
+
+    assert asyncio.run(post()) in (400, 413, 599)  # refused (or the connection closed) before the body is read
+    proxy.wait_for_log("Content-Length too long")  # refused from the header, the body never read
+    assert asyncio.run(_status(proxy.base, None))[0] == 400

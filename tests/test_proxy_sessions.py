@@ -173,3 +173,32 @@ def test_desktop_name_from_the_token_replaces_the_servers(proxy, mint, xvnc_vnca
         console.close()
         return info
     assert _run(scenario()).name == "Ünïcode VM".encode()
+
+
+def test_an_unusable_ca_in_the_token_ends_the_session_4501(proxy, mint, xvnc_x509) -> None:
+    tok = mint(host="127.0.0.1", port=xvnc_x509.port, password=xvnc_x509.password,
+               tls={"ca": "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n",
+                    "require": True})
+
+    async def scenario():
+        return await (await Console.open(proxy.ws_url, tok)).wait_closed()
+    assert _run(scenario()) == (4501, "target_auth_failed")
+
+
+def test_update_requests_alone_do_not_keep_a_console_open(proxy_factory, mint, xvnc_vncauth) -> None:
+    """noVNC keeps asking for updates while the screen changes; only a person's input counts."""
+    idle = proxy_factory("--idle-timeout", "1")
+    tok = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
+
+    async def scenario() -> tuple[int, int | None]:
+        console, _ = await _open_and_handshake(idle.ws_url, tok)
+        closed = asyncio.ensure_future(console.wait_closed())
+        sent = 0
+        while not closed.done() and sent < 200:
+            await console.request_update(incremental=True)
+            sent += 1
+            await asyncio.wait([closed], timeout=0.1)  # pace the requests like a viewer would
+        return sent, (await closed)[0]
+
+    sent, code = _run(scenario())
+    assert code == 4408 and sent >= 5
