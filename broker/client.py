@@ -7,6 +7,7 @@ can tell ``no_proxy_available`` from ``target_not_found`` without parsing messag
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,12 +22,21 @@ class BrokerError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx then surfaces as an HTTPError
+
+
 class BrokerClient:
     """``BrokerClient("http://127.0.0.1:8700", api_key)``; methods mirror DESIGN's table."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 10.0,
+                 ca_file: str | None = None) -> None:
         self.base = base_url.rstrip("/") + "/api/v1"
         self.api_key, self.timeout = api_key, timeout
+        context = ssl.create_default_context(cafile=ca_file)
+        # No redirects: urllib would follow one carrying the Authorization header along.
+        self._opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
 
     def request(self, method: str, path: str, body: Any = None, *, query: dict[str, Any] | None = None,
                 raw: bytes | None = None, authorization: str | None = None) -> tuple[int, Any]:
@@ -42,7 +52,7 @@ class BrokerClient:
         if auth:
             request.add_header("Authorization", auth)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 return response.status, _decode(response.read())
         except urllib.error.HTTPError as exc:
             answer = _decode(exc.read()) or {}

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 
 import tornado.httpserver
 from tornado.ioloop import PeriodicCallback
@@ -13,7 +14,7 @@ from tornado.ioloop import PeriodicCallback
 from broker import api
 from broker.service import Broker, BrokerConfig
 from console_proxy.command import CommandError
-from console_proxy.serve import parse_listen
+from console_proxy.serve import parse_listen, tls_context
 
 log = logging.getLogger("consolegate.broker")
 
@@ -28,6 +29,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="the proxies' heartbeat interval; healthy = a heartbeat within 3 intervals")
     serve.add_argument("--cleanup-interval", type=float, default=60.0,
                        help="how often expired redeemed-token rows are deleted, seconds")
+    serve.add_argument("--tls-cert", metavar="F", help="serve HTTPS: heartbeat answers carry the fleet keys")
+    serve.add_argument("--tls-key", metavar="F")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(handler=run)
 
@@ -40,18 +43,20 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("intervals must be positive")
     config = BrokerConfig(default_ttl=args.default_ttl, max_ttl=args.max_ttl,
                           heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval)
-    broker = Broker(args.state_dir, config)
+    tls = tls_context(args.tls_cert, args.tls_key)
     host, port = parse_listen(args.listen)
+    broker = Broker(args.state_dir, config)
     try:
-        asyncio.run(serve(broker, host, port))
+        asyncio.run(serve(broker, host, port, tls))
     finally:
         broker.close()
     return 0
 
 
-async def serve(broker: Broker, host: str, port: int) -> None:
+async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
     # Tornado's own limit sits above the API's, so that the API can answer 413 in JSON.
-    http = tornado.httpserver.HTTPServer(api.make_app(broker), max_body_size=16 * api.MAX_BODY, xheaders=False)
+    http = tornado.httpserver.HTTPServer(api.make_app(broker), max_body_size=16 * api.MAX_BODY, xheaders=False,
+                                         ssl_options=tls)
     try:
         http.listen(port, host)
     except OSError as exc:
@@ -63,7 +68,7 @@ async def serve(broker: Broker, host: str, port: int) -> None:
     cleaner = PeriodicCallback(lambda: _cleanup(broker), broker.config.cleanup_interval * 1000)
     cleaner.start()
     _cleanup(broker)
-    log.info("console-broker listening on %s:%d (state %s)", host, port, broker.root)
+    log.info("console-broker listening on %s:%d (%s, state %s)", host, port, "https" if tls else "http", broker.root)
     await stopped.wait()
     cleaner.stop()
     http.stop()

@@ -20,12 +20,14 @@ Never imports ``broker``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
@@ -72,8 +74,10 @@ class BrokerLink:
     """One per proxy process; :meth:`attach` it to the ProxyState, then :meth:`start` it."""
 
     def __init__(self, base_url: str, credential: ProxyCredential, *, interval: float = 5.0,
-                 timeout: float = 3.0, queue_limit: int = 1000, batch: int = 50) -> None:
+                 timeout: float = 3.0, queue_limit: int = 1000, batch: int = 50, ca_file: str | None = None) -> None:
+        check_broker_url(base_url)
         self.base = base_url.rstrip("/") + API
+        self.ca_file = ca_file
         self.credential, self.interval, self.timeout, self.batch = credential, interval, timeout, batch
         self.state: ProxyState | None = None
         self.queue: deque[dict[str, Any]] = deque(maxlen=queue_limit)
@@ -89,7 +93,8 @@ class BrokerLink:
         request = HTTPRequest(self.base + path, method="POST", body=json.dumps(body),
                               headers={"Authorization": self.credential.authorization,
                                        "Content-Type": "application/json"},
-                              connect_timeout=self.timeout, request_timeout=self.timeout)
+                              connect_timeout=self.timeout, request_timeout=self.timeout,
+                              follow_redirects=False, ca_certs=self.ca_file)  # a redirect must not carry the secret
         response = await AsyncHTTPClient().fetch(request)
         return json.loads(response.body)
 
@@ -233,6 +238,26 @@ class BrokerLink:
         if self.state is not None:
             await self.heartbeat()
         await self.flush()
+
+
+def check_broker_url(url: str) -> None:
+    """https, or plain http to this host only: heartbeat answers carry the fleet keys, which
+    decrypt every token (passwords included), and a forged redeem answer defeats single use."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+        return
+    raise BrokerLinkError(f"--broker {url!r} must be an https:// URL (plain http only to this host)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _error_code(exc: HTTPClientError) -> str:

@@ -31,6 +31,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--broker", metavar="URL", help="the broker: keyring, single-use redemption, events")
     serve.add_argument("--proxy-credential", metavar="FILE", help="credential from console-broker proxy add")
     serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
+    serve.add_argument("--broker-ca", metavar="PEM", help="CA bundle that signed the broker's certificate "
+                       "(default: the system's)")
     serve.add_argument("--public-url", metavar="URL", help="the URL browsers use to reach this proxy")
     serve.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
                        help="another page origin allowed to open consoles (repeatable)")
@@ -129,9 +131,9 @@ def _broker_link(args: argparse.Namespace) -> BrokerLink | None:
         raise CommandError("--heartbeat-interval must be positive")
     try:
         credential = ProxyCredential.load(args.proxy_credential)
+        return BrokerLink(args.broker, credential, interval=args.heartbeat_interval, ca_file=args.broker_ca)
     except BrokerLinkError as exc:
         raise CommandError(str(exc)) from None
-    return BrokerLink(args.broker, credential, interval=args.heartbeat_interval)
 
 
 async def _first_keyring(link: BrokerLink, config: ProxyConfig, ring: keyring.Keyring | None) -> keyring.Keyring:
