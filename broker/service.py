@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,7 @@ class Broker:
     # --- targets ------------------------------------------------------------------------
 
     def add_target(self, body: dict[str, Any], actor: str) -> dict[str, Any]:
+        _check_ca((body.get("tls") or {}).get("ca"))
         target_id = body.get("id") or f"t-{secrets.token_hex(6)}"
         password = body.get("password")
         sealed = self.vault.seal(password, context=target_id) if password else None
@@ -412,3 +414,12 @@ def _refused(store: Store, conn: sqlite3.Connection, who: Principal, event: dict
 
 _EVENT_HANDLERS = {"opened": _opened, "closed": _closed, "refused": _refused}
 
+
+def _check_ca(pem: str | None) -> None:
+    """A target's CA must load now, not fail every console later with 4501."""
+    if pem is None:
+        return
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError):
+        raise ApiError(400, "bad_request", "tls.ca is not a PEM CA certificate") from None

@@ -79,6 +79,21 @@ def test_a_full_disk_fails_the_write_whole_and_loses_nothing(tmp_path: Path) -> 
     broker.close()
 
 
+def test_a_target_ca_must_be_a_certificate(tmp_path: Path) -> None:
+    from xvnc import make_test_pki
+
+    init_state_dir(tmp_path / "s")
+    broker = Broker(tmp_path / "s")
+    try:
+        with pytest.raises(ApiError, match="PEM"):
+            broker.add_target({"name": "x", "host": "h", "port": 1, "tls": {"ca": "not a certificate"}}, "t")
+        ca = make_test_pki(tmp_path / "pki").ca_pem
+        assert broker.add_target({"name": "y", "host": "h", "port": 1, "tls": {"ca": ca}}, "t")["name"] == "y"
+        assert [t["name"] for t in broker.list_targets()["targets"]] == ["y"]
+    finally:
+        broker.close()
+
+
 def test_vault_seals_per_context_and_derives_per_purpose(tmp_path: Path) -> None:
     vault = Vault.create(tmp_path / "master.key")
     assert stat.S_IMODE((tmp_path / "master.key").stat().st_mode) == 0o600
