@@ -21,6 +21,7 @@ from broker.auth import Principal
 from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, ApiError, Broker
 from broker.store import StoreUnavailable
+from console_proxy import strictjson
 from console_proxy.metrics import Counter, Gauge, Registry
 
 log = logging.getLogger("consolegate.broker.api")
@@ -42,22 +43,11 @@ class BrokerMetrics:
                                 lambda: float(sum(1 for p in broker.list_proxies()["proxies"] if p["healthy"]))))
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate JSON member")
-    return result
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8, no duplicate members, no NaN/Infinity; ValueError otherwise."""
+    """Strict JSON (see console_proxy.strictjson); ValueError otherwise."""
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return strictjson.loads(raw)
+    except ValueError:
         raise ValueError("the body is not valid JSON") from None
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from Crypto.Cipher import AES
 
-from console_proxy import b64url
+from console_proxy import b64url, strictjson
 from console_proxy.keyring import DEFAULT_SKEW, Keyring
 
 AUDIENCE = "console-proxy"
@@ -259,18 +259,8 @@ def _jws_kid(header: dict[str, Any]) -> str:
     return header["kid"]
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate JSON member")
-    return result
-
-
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError("not a JSON object") from exc
+    data = strictjson.loads(raw)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     return data

@@ -233,3 +233,16 @@ def test_client_reports_unreachable_broker() -> None:
     with pytest.raises(BrokerError) as info:
         BrokerClient(f"http://127.0.0.1:{free_port()}", "k").targets()
     assert (info.value.status, info.value.code) == (0, "broker_unreachable")
+
+
+def test_healthz_and_metrics(broker: BrokerProcess) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{broker.base}/healthz", timeout=10) as response:
+        assert response.status == 200 and json.loads(response.read())
+    with urllib.request.urlopen(f"{broker.base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert response.headers["Content-Type"].startswith("text/plain")
+    for name in ("consolegate_broker_responses_total", "consolegate_broker_consoles_minted_total",
+                 "consolegate_broker_healthy_proxies"):
+        assert f"# TYPE {name}" in text
