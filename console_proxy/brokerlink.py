@@ -83,6 +83,7 @@ class BrokerLink:
         self.queue: deque[dict[str, Any]] = deque(maxlen=queue_limit)
         self.dropped = 0
         self._wake = asyncio.Event()
+        self._beat_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reachable = True
 
@@ -167,7 +168,15 @@ class BrokerLink:
                 self._set_reachable(True, "")
             except Exception as exc:  # noqa: BLE001 - any failure: keep serving with what we have
                 self._set_reachable(False, _describe(exc))
-            await asyncio.sleep(self.interval)
+            try:
+                await asyncio.wait_for(self._beat_now.wait(), self.interval)
+            except TimeoutError:
+                pass
+            self._beat_now.clear()
+
+    def nudge(self) -> None:
+        """Heartbeat now (e.g. draining began: the broker should stop sending consoles here)."""
+        self._beat_now.set()
 
     def _set_reachable(self, reachable: bool, why: str) -> None:
         if reachable != self._reachable:

@@ -42,6 +42,9 @@ class BrokerLink(Protocol):
     async def redeem(self, claims: Claims) -> None:
         """Return when redeemed; raise Refusal (token_used or broker_unavailable) otherwise."""
 
+    def nudge(self) -> None:
+        """Report this proxy's state to the broker now rather than at the next interval."""
+
 
 class ProxyState:
     """Everything one proxy process shares between requests. No durable state."""
@@ -130,6 +133,8 @@ class ProxyState:
             return
         self.draining = True
         log.info("draining: %d open sessions, grace %.0fs", len(self.sessions), self.config.drain_grace)
+        if self.broker is not None:
+            self.broker.nudge()  # so the broker stops assigning consoles here at once
         if not self.sessions:
             self.stopped.set()
             return

@@ -7,6 +7,7 @@ proxy gets 409 → DELETE /sessions/{id} → 4410 within one heartbeat → the a
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -198,3 +199,28 @@ def test_proxy_without_broker_or_keyring_fails_with_one_line(tmp_path: Path) -> 
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("console-proxy: error: cannot start: no keyring from the broker"), result.stderr
+
+
+def test_a_draining_proxy_tells_the_broker_at_once(tmp_path: Path, xvnc_vncauth) -> None:
+    """SIGTERM with a session open: the broker hears "draining" long before the next heartbeat."""
+    broker = start_broker(BrokerState.create(tmp_path / "state"))
+    proxy = start_linked_proxy(tmp_path, broker, "slow", interval=60)
+    try:
+        target = broker.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port,
+                                         password=xvnc_vncauth.password)
+        console = broker.issuer.mint(target["id"], single_use=False)
+
+        async def scenario() -> bool:
+            viewer = await Console.open(proxy.ws_url, console["token"])
+            await viewer.handshake()
+            proxy.signal(signal.SIGTERM)
+            proxy.wait_for_log("draining: 1 open sessions")
+            draining = await asyncio.to_thread(
+                wait_for, lambda: any(p["draining"] for p in broker.admin.proxies()), 10, what="draining reported")
+            viewer.close()
+            return bool(draining)
+
+        assert asyncio.run(scenario())
+    finally:
+        proxy.stop()
+        broker.stop()
