@@ -84,6 +84,7 @@ class BrokerLink:
         self.dropped = 0
         self._wake = asyncio.Event()
         self._beat_now = asyncio.Event()
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._reachable = True
 
@@ -162,7 +163,7 @@ class BrokerLink:
         state.keyring = ring
 
     async def _heartbeats(self) -> None:
-        while True:
+        while not self._stopping:  # a flag, not only cancel: 3.11's wait_for can swallow a cancel
             try:
                 await self.heartbeat()
                 self._set_reachable(True, "")
@@ -220,7 +221,7 @@ class BrokerLink:
             self.queue.popleft()
 
     async def _events(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             if not await self.flush():
@@ -235,6 +236,7 @@ class BrokerLink:
 
     async def stop(self) -> None:
         """Stop the loops; tell the broker we are gone (draining) and send the last events."""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

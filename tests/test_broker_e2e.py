@@ -179,8 +179,10 @@ def test_broker_down_reusable_tokens_still_work_single_use_fail_closed(tmp_path:
             viewer = await Console.open(proxy.ws_url, reusable)
             assert (await viewer.handshake()).name == b"vm"
             viewer.close()
+            await viewer.wait_closed()
 
         asyncio.run(scenario())
+        assert proxy.stop() == 0  # a clean exit, with no broker to say goodbye to
     finally:
         proxy.stop()
         broker.stop()
@@ -218,9 +220,11 @@ def test_a_draining_proxy_tells_the_broker_at_once(tmp_path: Path, xvnc_vncauth)
             draining = await asyncio.to_thread(
                 wait_for, lambda: any(p["draining"] for p in broker.admin.proxies()), 10, what="draining reported")
             viewer.close()
+            await viewer.wait_closed()  # the proxy sees the close, so it can exit without the grace
             return bool(draining)
 
         assert asyncio.run(scenario())
+        assert proxy.stop() == 0
     finally:
         proxy.stop()
         broker.stop()
