@@ -138,12 +138,12 @@ def test_refused_and_failed_upgrades_give_their_slot_back(proxy_factory, mint, x
 
 
 def test_request_bodies_are_not_buffered(proxy) -> None:
-    """No endpoint takes a body: a large one is cut off, not held in memory."""
-    async def post() -> int:
-        request = HTTPRequest(f"{proxy.base}/healthz", method="POST", body=b"x" * (1 << 20))
-        response = await AsyncHTTPClient().fetch(request, raise_error=False)
-        return response.code
+    """No endpoint takes a body: one announced above the limit is refused from the headers."""
+    import socket
 
-    assert asyncio.run(post()) in (400, 413, 599)  # refused (or the connection closed) before the body is read
-    proxy.wait_for_log("Content-Length too long")  # refused from the header, the body never read
-    assert asyncio.run(_status(proxy.base, None))[0] == 400
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n")
+        answer = sock.recv(4096)  # no body sent: the proxy answers or closes without waiting for it
+    assert answer == b"" or answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 413"))
+    proxy.wait_for_log("Content-Length too long")
+    assert asyncio.run(_status(proxy.base, None))[0] == 400  # and it goes on serving
