@@ -114,11 +114,12 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address the proxy listens on")
     parser.add_argument("--port", type=int, default=6080, help="proxy port")
     parser.add_argument("--broker-port", type=int, default=8080, help="broker API port")
+    parser.add_argument("--public-url", help="URL browsers use for the proxy (default http://127.0.0.1:PORT)")
     args = parser.parse_args()
     demo = Demo(Path(tempfile.mkdtemp(prefix="consolegate-demo-")))
     state, broker_cli = demo.work / "state", str(BIN / "console-broker")
     broker_url = f"http://127.0.0.1:{args.broker_port}"
-    public = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+    public = args.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
     try:
         vnc_port, password_file = start_desktop(demo)
         demo.run(broker_cli, "init", "--state-dir", str(state))
