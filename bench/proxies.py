@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.targets import REPO, free_port
+from bench.targets import REPO, free_port, stop_process
 from console_proxy import keyring, token
 from console_proxy.keyring import Keyring
 
@@ -81,13 +81,7 @@ class Proxy:
         return out
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, 10)
 
 
 def _wait_listening(process: subprocess.Popen[bytes], port: int, log_path: Path) -> bool:

@@ -31,6 +31,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, ``grace`` seconds to exit, then SIGKILL: benchmarks never leave processes behind."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def _banner(port: int, timeout: float) -> bytes | None:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
@@ -55,13 +66,7 @@ class Target:
     height: int
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, 5)
 
 
 def start_xvnc(workdir: Path, geometry: tuple[int, int] = GEOMETRY) -> Target:

@@ -139,6 +139,7 @@ class ConsoleSession:
         self.security_type = ""
         self.ending: Ending | None = None
         self._upstream: IOStream | None = None
+        self._tls = tls_policy(claims, config)
         self._down = rfb.DownstreamHandshake()
         self._client_init: asyncio.Future[rfb.ClientInitReceived] = asyncio.get_running_loop().create_future()
         self._framer = rfb.ClientMessageFramer(max_message=config.max_message_size)
@@ -167,7 +168,7 @@ class ConsoleSession:
             self.finish(Ending(4502, "target_protocol_error", "internal error"))
 
     async def _handshake(self) -> None:
-        upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=tls_policy(self.claims, self.config))
+        upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=self._tls)
         self._upstream = await self._connect()
         await self._drive(upstream, rfb.Authenticated)
         self.security_type = upstream.security_type
@@ -216,7 +217,7 @@ class ConsoleSession:
         if isinstance(action, rfb.Send):
             await self._write_upstream(action.data)
         elif isinstance(action, rfb.StartTls):
-            await self._start_tls(handshake, action)
+            await self._start_tls(action)
             for follow in self._guard(handshake.tls_started):
                 done = await self._act(handshake, follow, until)
                 if done is not None:
@@ -232,9 +233,9 @@ class ConsoleSession:
         except rfb.RfbError as error:
             raise SessionEnded(Ending(error.close_code, error.code, str(error))) from None
 
-    async def _start_tls(self, handshake: rfb.UpstreamHandshake, action: rfb.StartTls) -> None:
+    async def _start_tls(self, action: rfb.StartTls) -> None:
         assert self._upstream is not None
-        policy = tls_policy(self.claims, self.config)
+        policy = self._tls
         try:
             context = ssl_context(policy, action.verify)
         except (ssl.SSLError, ValueError):

@@ -158,6 +158,19 @@ def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> tup
     return client, own
 
 
+def _send_json(handler: tornado.web.RequestHandler, status: int, body: dict[str, Any]) -> None:
+    handler.set_status(status)
+    handler.set_header("Content-Type", "application/json")
+    handler.set_header("Cache-Control", "no-store")
+    handler.finish(json.dumps(body))
+
+
+def _refuse(handler: tornado.web.RequestHandler, state: ProxyState, refusal: Refusal, client_ip: str) -> None:
+    """Count and log the refusal, then answer it as JSON (the websocket refuses before upgrading)."""
+    state.refused(refusal, client_ip, handler.request.path)
+    _send_json(handler, refusal.status, refusal.body())
+
+
 class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
     def initialize(self, state: ProxyState) -> None:
         self.state = state
@@ -167,13 +180,10 @@ class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
         self.set_header("X-Content-Type-Options", "nosniff")
 
     def answer(self, status: int, body: dict[str, Any]) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(body))
+        _send_json(self, status, body)
 
     def refuse(self, refusal: Refusal, client_ip: str) -> None:
-        self.state.refused(refusal, client_ip, self.request.path)
-        self.answer(refusal.status, refusal.body())
+        _refuse(self, self.state, refusal, client_ip)
 
 
 class TokenStatusHandler(JsonHandler):
@@ -239,11 +249,7 @@ class ConsoleSocket(PathOnlyLogging, tornado.websocket.WebSocketHandler):
                 self.state.pending -= 1
 
     def _refuse(self, refusal: Refusal) -> None:
-        self.state.refused(refusal, self.client_ip, self.request.path)
-        self.set_status(refusal.status)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps(refusal.body()))
+        _refuse(self, self.state, refusal, self.client_ip)
 
     def check_origin(self, origin: str) -> bool:
         return True  # decided by admission, with DESIGN's rule, before the upgrade

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from console_proxy.relay import ssl_context
 from console_proxy.rfb import (
     Authenticated,
     RfbError,
@@ -39,19 +40,6 @@ pytestmark = pytest.mark.skipif(
 IO_TIMEOUT = 10.0
 
 
-def tls_context(ca_pem: str | None, *, verify: bool) -> ssl.SSLContext:
-    """What the relay must build for StartTls: verified against the CA, or anonymous."""
-    if verify:
-        return ssl.create_default_context(cadata=ca_pem)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    # TigerVNC's TLSNone/TLSVnc use anonymous Diffie-Hellman: no certificate, TLS 1.2 only.
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers("aNULL:@SECLEVEL=0")
-    return ctx
-
-
 def run_handshake(
     server: XvncServer,
     handshake: UpstreamHandshake,
@@ -72,7 +60,7 @@ def run_handshake(
                 if isinstance(action, Send):
                     conn.sendall(action.data)
                 elif isinstance(action, StartTls):
-                    ctx = tls_context(ca_pem, verify=action.verify)
+                    ctx = ssl_context(TlsPolicy(ca_pem=ca_pem), action.verify)  # the relay's own
                     conn = ctx.wrap_socket(conn, server_hostname=server.host)
                     pending.extend(handshake.tls_started())
                 elif isinstance(action, Authenticated):
