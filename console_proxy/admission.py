@@ -25,10 +25,13 @@ MESSAGES = {
     "broker_unavailable": "Single-use links cannot be checked right now; try again shortly.",
     "token_used": "This console link has already been used; ask for a new one.",
     "session_revoked": "This console session was ended by an administrator.",
+    "websocket_required": "This address takes a websocket connection from the console page.",
+    "websocket_version": "This console proxy speaks websocket version 13 only.",
     **token.PUBLIC_MESSAGES,
 }
 STATUS = {"token_missing": 400, "origin_denied": 403, "over_capacity": 503, "draining": 503,
-          "broker_unavailable": 503, "token_used": 409, "session_revoked": 410}
+          "broker_unavailable": 503, "token_used": 409, "session_revoked": 410,
+          "websocket_required": 400, "websocket_version": 426}
 
 
 class Refusal(Exception):

@@ -1,28 +1,28 @@
 """One console session: connect to the hypervisor, run both RFB handshakes, relay both ways.
 
-The protocol decisions live in :mod:`console_proxy.rfb`; this module only moves bytes between
-the browser (a :class:`Browser`, implemented by the websocket handler) and the hypervisor's
-socket, and decides when a session ends and with which close code.
+The protocol decisions live in :mod:`console_proxy.rfb`; this module moves bytes between the
+browser (a :class:`Browser`, the upgraded websocket in :mod:`console_proxy.wsconn`) and the
+hypervisor's socket, and decides when a session ends and with which close code.
 
-Backpressure: every write is awaited before the next read on the other side, so a browser that
-stops reading stops the proxy from reading the hypervisor; per session the proxy holds at most
-one read chunk in flight each way (the kernel's socket buffers hold the rest).
+The handshake is one coroutine with a deadline. Once both sides are through it, relaying is
+callbacks only — no task, no loop turn per message: bytes from the hypervisor are received
+straight into a shared buffer behind room for the websocket frame header and written to the
+browser from there; the browser's bytes are cut into whole RFB messages and written upstream.
+
+Backpressure is flow control: when the browser's socket stops taking data, the proxy stops
+reading the hypervisor, and the other way round, so per session the proxy holds at most what
+the transports' write limits allow (plus one message being assembled).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
-
-from tornado.iostream import IOStream, StreamClosedError
-from tornado.netutil import is_valid_ip
-from tornado.tcpclient import TCPClient
 
 from console_proxy import rfb
 from console_proxy.config import ProxyConfig
@@ -38,24 +38,32 @@ CLOSE_REASONS = {
     4410: "session_ended",
     1000: "normal",
     1001: "going_away",
+    1002: "protocol_error",
     1003: "unsupported_data",
+    1007: "invalid_data",
+    1009: "message_too_big",
 }
-
 
 #: Bytes reserved before a relayed chunk for the websocket frame header (at most 10 bytes).
 FRAME_HEADROOM = 10
-_BUFFERS: list[bytearray] = []  # burst buffers not in use (one per session while it streams)
-_POOL_LIMIT = 32
+#: Handshake bytes from the hypervisor held unread before its socket is paused.
+HANDSHAKE_INBOX = rfb.MAX_PENDING
 
 
 class Browser(Protocol):
-    """The browser's side as the relay sees it."""
+    """The browser's side as the relay sees it: non-blocking writes, flow control, close."""
 
-    def send(self, data: bytes) -> Awaitable[None]: ...
+    def send(self, data: bytes) -> None:
+        """One binary message."""
 
-    def send_framed(self, buffer: bytearray, size: int) -> Awaitable[None]:
+    def send_framed(self, buffer: bytearray, size: int) -> bool:
         """Send ``buffer[FRAME_HEADROOM:FRAME_HEADROOM + size]``, framing it in place: the
-        header goes into the headroom. ``buffer`` must stay untouched until the awaitable is done."""
+        header goes into the headroom. True if ``buffer`` may still be referenced afterwards
+        (the transport queued part of it), so the caller must not reuse it."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
     def close(self, code: int, reason: str) -> None: ...
 
@@ -106,23 +114,71 @@ def ssl_context(policy: rfb.TlsPolicy, verify: bool) -> ssl.SSLContext:
     return context
 
 
-async def _open_stream(host: str, port: int) -> IOStream:
-    """A connected stream. An IP literal (the usual target) is connected directly: TCPClient
-    would resolve it through getaddrinfo on the executor thread pool, a thread hop per session."""
-    if not is_valid_ip(host):
-        return await TCPClient().connect(host, port)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    stream = IOStream(socket.socket(family, socket.SOCK_STREAM))
-    try:
-        return await stream.connect((host, port))
-    except BaseException:  # refused, or cancelled by the connect timeout: never leak the socket
-        stream.close()
-        raise
+class _ReadBuffer:
+    """The one buffer every hypervisor socket is received into, behind the frame headroom.
+
+    asyncio asks for it right before a ``recv_into`` and hands it back in the same callback, so
+    one buffer serves every session of the process (idle sessions hold none). When the browser's
+    transport keeps a reference to it (its send did not complete), it is given up for a new one.
+    """
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.buffer = bytearray(FRAME_HEADROOM + chunk)
+        self.view = memoryview(self.buffer)[FRAME_HEADROOM:]
+
+    def renew(self) -> None:
+        self.view.release()
+        self.buffer = bytearray(FRAME_HEADROOM + self.chunk)
+        self.view = memoryview(self.buffer)[FRAME_HEADROOM:]
 
 
-def _close_if_opened(upgrading: asyncio.Future[IOStream]) -> None:
-    if not upgrading.cancelled() and upgrading.exception() is None:
-        upgrading.result().close()
+_READ_BUFFERS: dict[int, _ReadBuffer] = {}
+
+
+def _read_buffer(chunk: int) -> _ReadBuffer:
+    found = _READ_BUFFERS.get(chunk)
+    if found is None:
+        found = _READ_BUFFERS[chunk] = _ReadBuffer(chunk)
+    return found
+
+
+class _Upstream(asyncio.BufferedProtocol):
+    """The hypervisor's socket: handshake bytes into an inbox, then straight to the browser."""
+
+    def __init__(self, session: ConsoleSession) -> None:
+        self.session = session
+        self.reads = _read_buffer(session.config.read_chunk)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reads.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        session = self.session
+        if session.relaying:
+            session.bytes_down += nbytes
+            if session.browser.send_framed(self.reads.buffer, nbytes):
+                self.reads.renew()
+        else:
+            session.handshake_bytes(self.reads.view[:nbytes])
+
+    def eof_received(self) -> bool:
+        self.session.upstream_lost()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.session.browser.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.session.browser.resume_reading()
 
 
 class ConsoleSession:
@@ -138,64 +194,74 @@ class ConsoleSession:
         self.handshake_seconds: float | None = None
         self.security_type = ""
         self.ending: Ending | None = None
-        self._upstream: IOStream | None = None
+        self.relaying = False
+        self._up = _Upstream(self)
         self._tls = tls_policy(claims, config)
         self._down = rfb.DownstreamHandshake()
         self._client_init: asyncio.Future[rfb.ClientInitReceived] = asyncio.get_running_loop().create_future()
         self._framer = rfb.ClientMessageFramer(max_message=config.max_message_size)
-        self._relaying = False
         self._early: list[bytes] = []
+        self._inbox = bytearray()
+        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._upstream_gone = False
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def sid(self) -> str:
         return self.claims.sid
 
-    async def run(self) -> None:
-        """Handshake within the timeout, then relay the hypervisor's stream until the end."""
+    def start(self) -> None:
+        """Greet the browser and begin the handshake; everything after it runs in callbacks."""
+        self.browser.send(self._down.initiate())
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
         try:
-            await self.browser.send(self._down.initiate())
             try:
                 await asyncio.wait_for(self._handshake(), self.config.handshake_timeout)
             except TimeoutError:
                 raise _end(4502, "the RFB handshake did not finish in time") from None
-            await self._pump_to_browser()
         except SessionEnded as ended:
             self.finish(ended.ending)
-        except StreamClosedError:
-            self.finish(Ending(1000, "normal", "a connection closed"))
+        except asyncio.CancelledError:
+            self.finish(Ending(1001, "going_away", "the session was cancelled"))
         except Exception:  # a bug must still end the session: close both sides, free the slot
             log.exception("session %s failed unexpectedly", self.sid)
             self.finish(Ending(4502, "target_protocol_error", "internal error"))
+        finally:
+            self._task = None
+
+    # --- the handshake (a coroutine, bounded by the handshake timeout) -------------------------
 
     async def _handshake(self) -> None:
         upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=self._tls)
-        self._upstream = await self._connect()
+        await self._connect()
         await self._drive(upstream, rfb.Authenticated)
         self.security_type = upstream.security_type
         client_init = await self._client_init
-        await self._write_upstream(upstream.send_client_init(self.config.shared or client_init.shared))
+        self._write_upstream(upstream.send_client_init(self.config.shared or client_init.shared))
         ready = await self._drive(upstream, rfb.ServerInitReady)
         assert isinstance(ready, rfb.ServerInitReady)
         name = self.claims.dn.encode("utf-8") if self.claims.dn else None
-        await self.browser.send(ready.server_init.encode(name=name))
+        self.browser.send(ready.server_init.encode(name=name))
         self.handshake_seconds = time.monotonic() - self.started
         self.on_open(self)
+        self.relaying = True  # from here the hypervisor's bytes go straight to the browser
         if ready.rest:
-            await self._to_browser(ready.rest)
-        self._relaying = True
+            self.bytes_down += len(ready.rest)
+            self.browser.send(ready.rest)
         early = client_init.rest + b"".join(self._early)
         self._early.clear()
         if early:
-            await self._forward(early)
+            self._forward(early)
 
-    async def _connect(self) -> IOStream:
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            stream = await asyncio.wait_for(_open_stream(self.claims.host, self.claims.port),
-                                            self.config.connect_timeout)
-        except (OSError, StreamClosedError, TimeoutError):
+            await asyncio.wait_for(loop.create_connection(lambda: self._up, self.claims.host, self.claims.port),
+                                   self.config.connect_timeout)
+        except (OSError, TimeoutError):
             raise _end(4500, "cannot connect to the console server") from None
-        stream.set_nodelay(True)
-        return stream
 
     async def _drive(self, handshake: rfb.UpstreamHandshake, until: type) -> object:
         """Carry out the handshake's actions until ``until``, reading from the hypervisor as needed.
@@ -208,14 +274,11 @@ class ConsoleSession:
                 done = await self._act(handshake, action, until)
                 if done is not None:
                     return done
-            try:
-                data = await self._read_upstream(4096)
-            except StreamClosedError:
-                raise _end(4502, "the console server closed the connection during the handshake") from None
+            data = await self._read_upstream()
 
     async def _act(self, handshake: rfb.UpstreamHandshake, action: object, until: type) -> object | None:
         if isinstance(action, rfb.Send):
-            await self._write_upstream(action.data)
+            self._write_upstream(action.data)
         elif isinstance(action, rfb.StartTls):
             await self._start_tls(action)
             for follow in self._guard(handshake.tls_started):
@@ -234,118 +297,88 @@ class ConsoleSession:
             raise SessionEnded(Ending(error.close_code, error.code, str(error))) from None
 
     async def _start_tls(self, action: rfb.StartTls) -> None:
-        assert self._upstream is not None
         policy = self._tls
         try:
             context = ssl_context(policy, action.verify)
         except (ssl.SSLError, ValueError):
             raise _end(4501, "the CA certificate for this console server is not usable") from None
-        plain, self._upstream = self._upstream, None  # start_tls consumes the plain stream
-        upgrading = asyncio.ensure_future(plain.start_tls(
-            False, ssl_options=context, server_hostname=policy.server_name if action.verify else None))
+        plain = self._up.transport
+        assert plain is not None
         try:
-            # shielded: if the handshake timeout cancels us, the TLS stream is still closed below
-            self._upstream = await asyncio.shield(upgrading)
+            secure = await asyncio.get_running_loop().start_tls(
+                plain, self._up, context, server_hostname=policy.server_name if action.verify else None)
         except ssl.SSLCertVerificationError:
             raise _end(4501, "the console server's certificate did not verify") from None
-        except (ssl.SSLError, OSError, StreamClosedError):
+        except (ssl.SSLError, OSError, ConnectionError):
             raise _end(4502, "the TLS handshake with the console server failed") from None
-        except asyncio.CancelledError:
-            upgrading.add_done_callback(_close_if_opened)
-            raise
-        self._upstream.set_nodelay(True)
+        if secure is None:
+            raise _end(4502, "the console server closed the connection during TLS")
+        self._up.transport = secure  # type: ignore[assignment]
 
-    async def _read_upstream(self, limit: int) -> bytes:
-        assert self._upstream is not None
-        return await self._upstream.read_bytes(limit, partial=True)
+    def handshake_bytes(self, data: memoryview) -> None:
+        """The hypervisor's bytes before relaying: held for the handshake, bounded by pausing."""
+        self._inbox += data
+        if len(self._inbox) >= HANDSHAKE_INBOX and self._up.transport is not None:
+            self._up.transport.pause_reading()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._inbox_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _read_upstream(self) -> bytes:
+        while not self._inbox:
+            if self._upstream_gone:
+                raise _end(4502, "the console server closed the connection during the handshake")
+            self._inbox_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._inbox_waiter
+            finally:
+                self._inbox_waiter = None
+        data = bytes(self._inbox)
+        self._inbox.clear()
+        if self._up.transport is not None and not self._up.transport.is_reading():
+            self._up.transport.resume_reading()
+        return data
+
+    def _write_upstream(self, data: bytes) -> None:
+        transport = self._up.transport
+        if transport is None or transport.is_closing():
+            raise self._upstream_closed()
+        transport.write(data)
 
     def _upstream_closed(self) -> SessionEnded:
         """The hypervisor hung up: a protocol error mid-handshake, a normal end while relaying."""
-        return _end(1000 if self._relaying else 4502, "the console server closed the connection")
+        return _end(1000 if self.relaying else 4502, "the console server closed the connection")
 
-    async def _write_upstream(self, data: bytes) -> None:
-        assert self._upstream is not None
+    def upstream_lost(self) -> None:
+        if self.relaying:
+            self.finish(self._upstream_closed().ending)
+        else:
+            self._upstream_gone = True
+            self._wake()
+
+    # --- the browser's side (called by the websocket) -----------------------------------------
+
+    def from_browser(self, data: bytes) -> None:
+        """Bytes the browser sent: handshake replies first, then client messages."""
+        if self.ending is not None:
+            return
         try:
-            await self._upstream.write(data)
-        except StreamClosedError:
-            raise self._upstream_closed() from None
-
-    async def _pump_to_browser(self) -> None:
-        # The hot loop of bulk updates: one read and one awaited frame write per chunk, no
-        # intermediate coroutine calls (each costs measurably at thousands of chunks a second).
-        upstream, send, chunk = self._upstream, self.browser.send, self.config.read_chunk
-        assert upstream is not None
-        while self.ending is None:
-            try:
-                data = await upstream.read_bytes(chunk, partial=True)
-            except StreamClosedError:
-                raise self._upstream_closed() from None
-            self.bytes_down += len(data)
-            await send(data)
-            if len(data) == chunk:
-                await self._pump_burst(upstream, chunk)
-
-    async def _pump_burst(self, upstream: IOStream, chunk: int) -> None:
-        """Relay a burst (a full chunk was waiting) without copying it in user space.
-
-        Idle sessions wait in ``read_bytes`` above, which holds no buffer while nothing arrives;
-        during a burst each chunk is received straight into a pooled buffer behind room for the
-        frame header, and that same memory is written to the browser. The burst ends at the
-        first short read, and the buffer goes back to the pool.
-        """
-        buffer = _BUFFERS.pop() if _BUFFERS and len(_BUFFERS[-1]) == FRAME_HEADROOM + chunk else \
-            bytearray(FRAME_HEADROOM + chunk)
-        payload = memoryview(buffer)[FRAME_HEADROOM:]
-        send_framed = self.browser.send_framed
-        try:
-            while self.ending is None:
-                try:
-                    size = await upstream.read_into(payload, partial=True)  # type: ignore[arg-type]
-                except StreamClosedError:
-                    raise self._upstream_closed() from None
-                self.bytes_down += size
-                await send_framed(buffer, size)
-                if size < chunk:
-                    return
-        finally:
-            del payload
-            if len(_BUFFERS) < _POOL_LIMIT and not upstream.closed():
-                _BUFFERS.append(buffer)
-
-    async def _to_browser(self, data: bytes) -> None:
-        self.bytes_down += len(data)
-        await self.browser.send(data)
-
-    def from_browser(self, data: bytes) -> Awaitable[None] | None:
-        """Bytes the browser sent: handshake replies first, then client messages.
-
-        Returns an awaitable when the caller must wait before reading more from the browser
-        (handshake steps; the hypervisor not taking input as fast as it comes), else None: the
-        relaying path is synchronous so each input message costs no task and no loop turn.
-        """
-        if self._relaying:
-            try:
-                return self._forward_now(data)
-            except SessionEnded as ended:
-                self.finish(ended.ending)
-                return None
-        return self._from_browser_handshake(data)
-
-    async def _from_browser_handshake(self, data: bytes) -> None:
-        try:
-            if self._relaying:
-                await self._forward(data)
+            if self.relaying:
+                self._forward(data)
             elif not self._client_init.done():
-                await self._downstream_handshake(data)
+                self._downstream_handshake(data)
             else:
                 self._hold_early(data)
         except SessionEnded as ended:
             self.finish(ended.ending)
 
-    async def _downstream_handshake(self, data: bytes) -> None:
+    def _downstream_handshake(self, data: bytes) -> None:
         for action in self._guard(self._down.feed, data):
             if isinstance(action, rfb.Send):
-                await self.browser.send(action.data)
+                self.browser.send(action.data)
             elif isinstance(action, rfb.ClientInitReceived):
                 self._client_init.set_result(action)
 
@@ -355,15 +388,8 @@ class ConsoleSession:
             raise _end(4502, "the browser sent too much before the session was ready")
         self._early.append(data)
 
-    async def _forward(self, data: bytes) -> None:
+    def _forward(self, data: bytes) -> None:
         """Whole client messages to the hypervisor; input dropped for view-only sessions."""
-        pending = self._forward_now(data)
-        if pending is not None:
-            await pending
-
-    def _forward_now(self, data: bytes) -> Awaitable[None] | None:
-        """Start writing the whole client messages in ``data`` upstream; an awaitable only if
-        the write did not complete at once (backpressure), None otherwise."""
         messages = self._guard(self._framer.feed, data)
         if any(kind in rfb.INPUT_MESSAGE_TYPES for kind, _ in messages):  # type: ignore[misc]
             # a person is there: update requests alone (noVNC sends them while the screen
@@ -373,25 +399,9 @@ class ConsoleSession:
             out = b"".join(m for kind, m in messages if kind not in rfb.INPUT_MESSAGE_TYPES)  # type: ignore[misc]
         else:
             out = b"".join(m for _, m in messages)  # type: ignore[misc]
-        if not out:
-            return None
-        assert self._upstream is not None
-        self.bytes_up += len(out)
-        try:
-            written = self._upstream.write(out)
-        except StreamClosedError:
-            raise self._upstream_closed() from None
-        if not written.done():
-            return self._upstream_drained(written)
-        if written.exception() is not None:
-            raise self._upstream_closed()
-        return None
-
-    async def _upstream_drained(self, written: Awaitable[None]) -> None:
-        try:
-            await written
-        except StreamClosedError:
-            self.finish(self._upstream_closed().ending)
+        if out:
+            self.bytes_up += len(out)
+            self._write_upstream(out)
 
     def finish(self, ending: Ending) -> None:
         """End the session once: close both sides and report."""
@@ -400,11 +410,22 @@ class ConsoleSession:
         self.ending = ending
         if not self._client_init.done():
             self._client_init.cancel()
-        if self._upstream is not None:
-            self._upstream.close()
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        if self._up.transport is not None:
+            self._up.transport.abort()  # never wait on a hypervisor that stopped reading
         self.browser.close(ending.code, ending.reason)
         self.on_end(self)
 
+    def browser_backlogged(self, backlogged: bool) -> None:
+        """The browser's socket stopped (or resumed) taking data: so does reading the hypervisor."""
+        transport = self._up.transport
+        if transport is None or transport.is_closing():
+            return
+        if backlogged:
+            transport.pause_reading()
+        elif self.relaying and not transport.is_reading():
+            transport.resume_reading()
+
     def browser_closed(self, code: int | None) -> None:
         self.finish(Ending(code or 1005, "browser_closed", "the browser closed the websocket"))
-

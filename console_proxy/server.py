@@ -11,18 +11,15 @@ import asyncio
 import json
 import logging
 import signal
-import struct
 import time
-from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import tornado.web
-import tornado.websocket
 from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
-from tornado.iostream import StreamClosedError
+from tornado.iostream import SSLIOStream
 
-from console_proxy import clock, origin
+from console_proxy import clock, origin, wsconn, wsframes
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
@@ -30,7 +27,7 @@ from console_proxy.handlerlog import PathOnlyLogging
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
 from console_proxy.pages import page_routes
-from console_proxy.relay import FRAME_HEADROOM, ConsoleSession, Ending
+from console_proxy.relay import ConsoleSession, Ending
 from console_proxy.token import Claims
 
 log = logging.getLogger("consolegate.proxy")
@@ -218,98 +215,86 @@ class MetricsHandler(JsonHandler):
         self.finish(self.state.metrics.render())
 
 
-class ConsoleSocket(PathOnlyLogging, tornado.websocket.WebSocketHandler):
-    """``/websockify``: admit before the upgrade, then hand the socket to a ConsoleSession."""
+class ConsoleSocket(PathOnlyLogging, tornado.web.RequestHandler):
+    """``/websockify``: admit before the upgrade, answer 101, hand the connection to a session.
+
+    Tornado parses the request; the websocket after it is ours (:mod:`console_proxy.wsconn`).
+    """
 
     def initialize(self, state: ProxyState) -> None:
         self.state = state
-        self.session: ConsoleSession | None = None
-        self.claims: Claims | None = None
         self.client_ip = ""
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    async def get(self) -> None:
         client, own = _request_view(self, self.state)
         self.client_ip = client
-        offered = [p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
-        request = Request(token_from(offered, self.get_query_argument("token", None)),
-                          self.request.headers.get("Origin"), own, client)
+        headers = self.request.headers
         try:
-            self.claims = self.state.admit(request)
+            key = wsframes.check_upgrade(headers)
+        except wsframes.UpgradeError as error:
+            if error.status == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self._refuse(Refusal(error.code, reason=str(error), status=error.status))
+            return
+        offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        request = Request(token_from(offered, self.get_query_argument("token", None)), headers.get("Origin"),
+                          own, client)
+        try:
+            claims = self.state.admit(request)
         except Refusal as refusal:
             self._refuse(refusal)
             return
         self.state.pending += 1  # holds the slot while the single-use check and the upgrade run
         try:
-            await self.state.redeem(self.claims)
-            await super().get(*args, **kwargs)
+            await self.state.redeem(claims)
+            await self._upgrade(claims, key, "binary" in offered)
         except Refusal as refusal:
             self._refuse(refusal)
         finally:
-            if self.session is None:  # no session took the slot (refused, failed or not upgraded)
-                self.state.pending -= 1
+            self.state.pending -= 1
 
     def _refuse(self, refusal: Refusal) -> None:
         _refuse(self, self.state, refusal, self.client_ip)
 
-    def check_origin(self, origin: str) -> bool:
-        return True  # decided by admission, with DESIGN's rule, before the upgrade
-
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        return "binary" if "binary" in subprotocols else None  # never echo the token
-
-    def open(self, *args: str, **kwargs: str) -> None:
-        assert self.claims is not None
-        self.set_nodelay(True)
-        self.state.pending -= 1
-        self.session = ConsoleSession(self.claims, self.state.config, self, self.client_ip,
-                                      on_open=self.state.session_opened, on_end=self.state.session_ended)
-        self.state.sessions[self.session] = None
-        asyncio.get_running_loop().create_task(self.session.run())
-
-    def send(self, data: bytes) -> Awaitable[None]:
-        """One binary frame; the awaitable is the socket write's own future.
-
-        ``write_message`` would wrap every frame in a new Task (a third of the relay's Python
-        time in bulk updates). Compression is never negotiated here, so the frame is the data.
-        """
-        connection = self.ws_connection
-        if connection is None or connection.is_closing():
-            raise StreamClosedError()
-        return connection._write_frame(True, 0x2, data)  # type: ignore[attr-defined]
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if self.ws_connection is not None and not self.ws_connection.is_closing():
-            super().close(code, reason)
-
-    def send_framed(self, buffer: bytearray, size: int) -> Awaitable[None]:
-        """``buffer[FRAME_HEADROOM:][:size]`` as one binary frame, the header written in place
-        (no copy of the payload); the awaitable is the socket write's future."""
-        connection = self.ws_connection
-        if connection is None or connection.is_closing():
-            raise StreamClosedError()
-        if size < 126:
-            header = bytes((0x82, size))
-        elif size < 65536:
-            header = struct.pack("!BBH", 0x82, 126, size)
+    async def _upgrade(self, claims: Claims, key: str, binary: bool) -> bool:
+        """101, then the session; False if the browser left before it could start."""
+        self.set_status(101)
+        self.application.log_request(self)
+        stream = self.detach()
+        if stream.closed():
+            return False
+        config = self.state.config
+        browser: wsconn.PlainBrowser | wsconn.TlsBrowser
+        if isinstance(stream, SSLIOStream):
+            browser = wsconn.TlsBrowser(stream, config.max_message_size)
         else:
-            header = struct.pack("!BBQ", 0x82, 127, size)
-        start = FRAME_HEADROOM - len(header)
-        buffer[start:FRAME_HEADROOM] = header
-        return connection.stream.write(memoryview(buffer)[start:FRAME_HEADROOM + size])  # type: ignore[attr-defined]
+            browser = wsconn.PlainBrowser(config.max_message_size)
+        session = ConsoleSession(claims, config, browser, self.client_ip,
+                                 on_open=self.state.session_opened, on_end=self.state.session_ended)
+        browser.session = session
+        self.state.sessions[session] = None
+        greeting = _switching(key, binary)
+        if isinstance(browser, wsconn.TlsBrowser):
+            browser.opened(greeting)
+            return True
+        try:
+            await browser.adopt(stream, greeting)
+        except OSError:
+            session.finish(Ending(1005, "browser_closed", "the browser left during the upgrade"))
+        return True
 
-    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
-        # Not a coroutine: tornado runs a coroutine on_message as a new Task per message. The
-        # session returns an awaitable only when reading must pause (handshake, backpressure).
-        if self.session is None:
-            return None
-        if isinstance(message, str):
-            self.session.finish(Ending(1003, "unsupported_data", "text frames are not RFB"))
-            return None
-        return self.session.from_browser(message)
 
-    def on_close(self) -> None:
-        if self.session is not None:
-            self.session.browser_closed(self.close_code)
+def _switching(key: str, binary: bool) -> bytes:
+    """The 101 answer. The subprotocol is "binary" when offered, never the token one."""
+    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Accept: {wsframes.accept_value(key)}"]
+    if binary:
+        lines.append("Sec-WebSocket-Protocol: binary")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
@@ -328,8 +313,7 @@ def make_app(state: ProxyState) -> tornado.web.Application:
         (r"/metrics", MetricsHandler, {"state": state}),
         *page_routes(state.config),
     ]
-    return tornado.web.Application(routes, log_function=_log_request,
-                                   websocket_max_message_size=state.config.max_message_size)
+    return tornado.web.Application(routes, log_function=_log_request)
 
 
 def install_signal_handlers(state: ProxyState) -> None:

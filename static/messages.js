@@ -15,12 +15,16 @@ export const REFUSALS = {
     over_capacity: "The console service is busy right now. Try again in a moment.",
     draining: "The console service is restarting. Open the console again.",
     broker_unavailable: "Single-use console links cannot be checked right now. Try again shortly.",
+    websocket_required: "The console service expected a websocket connection. Open the console from your portal again.",
+    websocket_version: "This browser speaks a websocket version the console service does not. Use a current browser.",
 };
 
 export const CLOSES = {
     1000: "The virtual machine closed the console connection.",
     1001: "The console service is shutting down. Open the console again to reconnect.",
+    1002: "The console connection received malformed data and was closed.",
     1003: "The console connection received data it cannot use and was closed.",
+    1007: "The console connection received malformed data and was closed.",
     1009: "The console connection received a message that was too large and was closed.",
     4408: "The console was closed because it was idle for too long.",
     4410: "This console session was ended by an administrator.",

@@ -1,0 +1,297 @@
+"""The browser's websocket once upgraded: frames in and out around one console session.
+
+Tornado answers the HTTP request and hands over the connection; from there this module owns
+it. :class:`WsConnection` holds what both kinds of connection share — the frame codec
+(:mod:`console_proxy.wsframes`), pings, the close handshake — and leaves the socket to two
+small shells: :class:`PlainBrowser`, an asyncio protocol on the bare socket (the fast path:
+one callback per received chunk, writes attempted at once, flow control from the transport's
+write limits), and :class:`TlsBrowser` for a proxy that terminates TLS itself, driving
+Tornado's SSL stream with one read loop.
+
+The close handshake is bounded: after sending Close the proxy reads (and drops) what the
+browser still sends until its Close or end of stream, at most ``CLOSE_TIMEOUT`` seconds, so a
+close code is never lost to a reset and a silent browser cannot hold the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING
+
+from tornado.iostream import IOStream, StreamClosedError
+
+from console_proxy.relay import CLOSE_REASONS, FRAME_HEADROOM, Ending
+from console_proxy.wsframes import (
+    OP_PONG,
+    Close,
+    FrameReader,
+    Ping,
+    WsError,
+    close_frame,
+    frame,
+)
+
+if TYPE_CHECKING:
+    from console_proxy.relay import ConsoleSession
+
+#: Seconds the proxy waits for the browser's Close after sending its own.
+CLOSE_TIMEOUT = 5.0
+#: Bytes read from a TLS browser per read.
+TLS_READ = 64 * 1024
+_HEADERS = {size: bytes((0x82, size)) for size in range(126)}
+
+
+def _header(size: int) -> bytes:
+    """A final binary frame's header; precomputed for small sizes (keystrokes, handshakes)."""
+    if size < 126:
+        return _HEADERS[size]
+    if size < 65536:
+        return b"\x82\x7e" + size.to_bytes(2, "big")
+    return b"\x82\x7f" + size.to_bytes(8, "big")
+
+
+class WsConnection:
+    """What a server-side websocket does whatever carries it; shells supply the I/O."""
+
+    def __init__(self, max_frame: int) -> None:
+        self.session: ConsoleSession | None = None
+        self.close_code: int | None = None  # the browser's, once its Close arrived
+        self._reader = FrameReader(max_frame)
+        self._closing = False  # our Close was sent
+        self._gone = False  # the connection is closed
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- to be provided by the shell ---
+    def _write(self, data: bytes | memoryview) -> bool:
+        """Write; True if the transport kept part of ``data`` to send later."""
+        raise NotImplementedError
+
+    def _shut(self) -> None:
+        """Close the connection now (buffered bytes are still sent where the transport can)."""
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        raise NotImplementedError
+
+    # --- the relay's Browser interface ---
+    def send(self, data: bytes) -> None:
+        if not self._closing:
+            self._write(_header(len(data)) + data)
+
+    def send_framed(self, buffer: bytearray, size: int) -> bool:
+        if self._closing:
+            return False
+        header = _header(size)
+        start = FRAME_HEADROOM - len(header)
+        buffer[start:FRAME_HEADROOM] = header
+        with memoryview(buffer) as view:
+            return self._write(view[start:FRAME_HEADROOM + size])
+
+    def close(self, code: int, reason: str) -> None:
+        """Send Close once; the connection ends at the browser's Close, its EOF or the timeout."""
+        if self._closing or self._gone:
+            return
+        self._closing = True
+        self._write(close_frame(code, reason))
+        if self.close_code is not None:
+            self._shut()
+        else:
+            self.resume_reading()  # to see the browser's Close even under backpressure
+            self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
+
+    # --- events from the shell ---
+    def opened(self, greeting: bytes, early: bytes = b"") -> None:
+        """The connection is ours: the 101 first, then the session's first words, then what the
+        browser already sent."""
+        self._write(greeting)
+        if self.session is not None:
+            self.session.start()
+        if early:
+            self.received(early)
+
+    def received(self, data: bytes) -> None:
+        try:
+            events = self._reader.feed(data)
+        except WsError as error:
+            self._failed(error)
+            return
+        session = self.session
+        for event in events:
+            if type(event) is bytes:
+                if not self._closing and session is not None:
+                    session.from_browser(event)
+            elif type(event) is Ping:
+                if not self._closing:
+                    self._write(frame(OP_PONG, event.payload))
+            elif type(event) is Close:
+                self._peer_closed(event)
+
+    def _failed(self, error: WsError) -> None:
+        ending = Ending(error.code, CLOSE_REASONS[error.code], str(error))
+        if self.session is not None:
+            self.session.finish(ending)
+        self.close(ending.code, ending.reason)
+
+    def _peer_closed(self, event: Close) -> None:
+        self.close_code = event.code or 1005
+        if not self._closing:
+            self._closing = True
+            self._write(close_frame(event.code))  # echo the code (RFC 6455 5.5.1)
+        self._shut()
+        if self.session is not None:
+            self.session.browser_closed(event.code)
+
+    def lost(self) -> None:
+        """The connection is gone (EOF, reset, or our own close)."""
+        self._gone = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.session is not None:
+            self.session.browser_closed(self.close_code)
+
+
+class PlainBrowser(WsConnection, asyncio.Protocol):
+    """A browser on a plain TCP socket, driven by asyncio's transport."""
+
+    def __init__(self, max_frame: int) -> None:
+        super().__init__(max_frame)
+        self.transport: asyncio.Transport | None = None
+        self._greeting = self._early = b""
+
+    async def adopt(self, stream: IOStream, greeting: bytes) -> None:
+        """Take the upgraded connection from Tornado's stream; ``greeting`` (the 101) goes first.
+
+        The socket is duplicated and Tornado's stream closed, so Tornado forgets it entirely;
+        bytes the browser sent right behind its request are carried over, not lost.
+        """
+        self._greeting, self._early = greeting, _take_buffered(stream)
+        sock = socket.socket(fileno=socket.dup(stream.socket.fileno()))  # type: ignore[union-attr]
+        stream.close()
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        greeting, early = self._greeting, self._early
+        self._greeting = self._early = b""
+        self.opened(greeting, early)
+
+    def data_received(self, data: bytes) -> None:
+        self.received(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.browser_backlogged(True)
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.browser_backlogged(False)
+
+    def _write(self, data: bytes | memoryview) -> bool:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(data)
+        return transport.get_write_buffer_size() > 0
+
+    def _shut(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._closing and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
+            self.transport.resume_reading()
+
+
+class TlsBrowser(WsConnection):
+    """A browser on Tornado's SSL stream (the proxy terminates TLS itself): one read loop."""
+
+    def __init__(self, stream: IOStream, max_frame: int) -> None:
+        super().__init__(max_frame)
+        self.stream = stream
+        self._readable = asyncio.Event()
+        self._readable.set()
+        self._writes = 0  # writes not yet flushed
+        self._backlogged = False
+
+    def opened(self, greeting: bytes, early: bytes = b"") -> None:
+        super().opened(greeting)  # bytes Tornado already buffered come first from read_bytes
+        asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        stream = self.stream
+        try:
+            while True:
+                await self._readable.wait()
+                self.received(await stream.read_bytes(TLS_READ, partial=True))
+        except StreamClosedError:
+            pass
+        finally:
+            stream.close()
+            self.lost()
+
+    def _write(self, data: bytes | memoryview) -> bool:
+        if self.stream.closed():
+            return False
+        written = self.stream.write(data)
+        if written.done():
+            return False
+        self._writes += 1
+        written.add_done_callback(self._flushed)
+        if not self._backlogged and self.session is not None:
+            self._backlogged = True
+            self.session.browser_backlogged(True)
+        return True
+
+    def _flushed(self, written: asyncio.Future[None]) -> None:
+        if not written.cancelled():
+            written.exception()  # a closed stream is reported by the read loop
+        self._writes -= 1
+        if self._writes == 0 and self._backlogged:
+            self._backlogged = False
+            if self.session is not None:
+                self.session.browser_backlogged(False)
+
+    def _shut(self) -> None:
+        self.stream.close()
+
+    def _abort(self) -> None:
+        self.stream.close()
+
+    def pause_reading(self) -> None:
+        if not self._closing:
+            self._readable.clear()
+
+    def resume_reading(self) -> None:
+        self._readable.set()
+
+
+def _take_buffered(stream: IOStream) -> bytes:
+    """Bytes Tornado read past the request's headers (a pipelining client's first frames)."""
+    size = getattr(stream, "_read_buffer_size", 0)
+    if not size:
+        return b""
+    buffer = stream._read_buffer  # type: ignore[attr-defined]
+    return bytes(buffer[:size])
