@@ -61,6 +61,7 @@ class WsConnection:
         self._closing = False  # our Close was sent
         self._gone = False  # the connection is closed
         self._timer: asyncio.TimerHandle | None = None
+        self._cork: list[bytes] | None = None  # frames held to go out in one write
 
     # --- to be provided by the shell ---
     def _write(self, data: bytes | memoryview) -> bool:
@@ -82,7 +83,9 @@ class WsConnection:
 
     # --- the relay's Browser interface ---
     def send(self, data: bytes) -> None:
-        if not self._closing:
+        if self._cork is not None:
+            self._cork.append(_header(len(data)) + data)
+        elif not self._closing:
             self._write(_header(len(data)) + data)
 
     def send_framed(self, buffer: bytearray, size: int) -> bool:
@@ -109,10 +112,12 @@ class WsConnection:
     # --- events from the shell ---
     def opened(self, greeting: bytes, early: bytes = b"") -> None:
         """The connection is ours: the 101 first, then the session's first words, then what the
-        browser already sent."""
-        self._write(greeting)
+        browser already sent. The 101 and the RFB greeting leave in one write."""
+        self._cork = [greeting]
         if self.session is not None:
             self.session.start()
+        cork, self._cork = self._cork, None
+        self._write(b"".join(cork))
         if early:
             self.received(early)
 
