@@ -28,7 +28,8 @@ class Events:
 
     def _emit(self, record: dict[str, Any], level: int = logging.INFO) -> None:
         record = {"at": round(time.time(), 3), **record}
-        log.log(level, json.dumps(record, sort_keys=True, separators=(",", ":")))
+        if log.isEnabledFor(level):
+            log.log(level, json.dumps(record, sort_keys=True, separators=(",", ":")))
         if self.forward is not None:
             self.forward(record)
 
