@@ -75,6 +75,10 @@ class WsConnection:
     def _abort(self) -> None:
         raise NotImplementedError
 
+    def _end_writing(self) -> None:
+        """Send what is queued, then end our direction (half-close) where the transport can."""
+        raise NotImplementedError
+
     def pause_reading(self) -> None:
         raise NotImplementedError
 
@@ -143,6 +147,9 @@ class WsConnection:
         if self.session is not None:
             self.session.finish(ending)
         self.close(ending.code, ending.reason)
+        # Nothing after a violation can be parsed, so the browser's Close would never be seen:
+        # end our side instead (RFC 6455 7.1.7), and the browser's EOF ends the connection.
+        self._end_writing()
 
     def _peer_closed(self, event: Close) -> None:
         self.close_code = event.code or 1005
@@ -221,6 +228,10 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _end_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write_eof()
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closing and self.transport.is_reading():
             self.transport.pause_reading()
@@ -240,6 +251,7 @@ class TlsBrowser(WsConnection):
         self._readable.set()
         self._writes = 0  # writes not yet flushed
         self._backlogged = False
+        self._shut_when_flushed = False
 
     def opened(self, greeting: bytes, early: bytes = b"") -> None:
         super().opened(greeting)  # bytes Tornado already buffered come first from read_bytes
@@ -274,16 +286,25 @@ class TlsBrowser(WsConnection):
         if not written.cancelled():
             written.exception()  # a closed stream is reported by the read loop
         self._writes -= 1
+        if self._writes == 0 and self._shut_when_flushed:
+            self.stream.close()
         if self._writes == 0 and self._backlogged:
             self._backlogged = False
             if self.session is not None:
                 self.session.browser_backlogged(False)
 
     def _shut(self) -> None:
-        self.stream.close()
+        """Close once what is queued (the Close frame) is written; the close timer bounds it."""
+        if self._writes:
+            self._shut_when_flushed = True
+        else:
+            self.stream.close()
 
     def _abort(self) -> None:
         self.stream.close()
+
+    def _end_writing(self) -> None:
+        self._shut()  # TLS over Tornado's stream has no half-close
 
     def pause_reading(self) -> None:
         if not self._closing:
