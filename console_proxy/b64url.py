@@ -10,6 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 
+# '+', '/' and '=' are not base64url: they become '!', which strict decoding refuses like any stray byte
+_FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/!!!")
+_PADDING = {0: b"", 2: b"==", 3: b"="}
+# The last character of a canonical spelling carries no set bits past the data: 4 spare bits
+# after one trailing byte (length % 4 == 2), 2 spare bits after two (length % 4 == 3).
+_CANONICAL_LAST = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
+
 
 def encode(data: bytes) -> str:
     """Encode without padding."""
@@ -17,13 +24,22 @@ def encode(data: bytes) -> str:
 
 
 def decode(text: str) -> bytes:
-    """Decode the canonical unpadded spelling only; anything else raises ValueError."""
-    if len(text) % 4 == 1:
+    """Decode the canonical unpadded spelling only; anything else raises ValueError.
+
+    ``binascii``'s strict mode refuses every byte outside the alphabet (whitespace included) and
+    misplaced padding; the padding is ours, so ``=`` in ``text`` is refused; the spare bits of
+    the last character must be zero. Together: exactly the texts that ``encode`` produces.
+    """
+    remainder = len(text) % 4
+    if remainder == 1:
         raise ValueError("impossible base64url length")
     try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
+        data = binascii.a2b_base64(text.encode("ascii").translate(_FROM_URLSAFE) + _PADDING[remainder],
+                                   strict_mode=True)
+    except (UnicodeEncodeError, binascii.Error) as exc:
         raise ValueError("not base64url") from exc
-    if encode(data) != text:
+    except AttributeError:  # not str: the same TypeError as before
+        raise TypeError(f"base64url text must be str, not {type(text).__name__}") from None
+    if remainder and text[-1] not in _CANONICAL_LAST[remainder]:
         raise ValueError("non-canonical base64url")
     return data
