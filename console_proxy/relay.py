@@ -154,6 +154,8 @@ class _Upstream(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.session.ending is not None:  # ended while connecting: never keep the socket
+            transport.abort()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.reads.view
@@ -200,10 +202,12 @@ class ConsoleSession:
         self._down = rfb.DownstreamHandshake()
         self._client_init: asyncio.Future[rfb.ClientInitReceived] = asyncio.get_running_loop().create_future()
         self._framer = rfb.ClientMessageFramer(max_message=config.max_message_size)
-        self._early: list[bytes] = []
+        self._early = bytearray()
         self._inbox = bytearray()
         self._inbox_waiter: asyncio.Future[None] | None = None
         self._upstream_gone = False
+        self._inbox_full = False  # reasons to leave the hypervisor's socket unread
+        self._backlogged = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -212,24 +216,31 @@ class ConsoleSession:
 
     def start(self) -> None:
         """Greet the browser and begin the handshake; everything after it runs in callbacks."""
+        if self.ending is not None:  # ended before the browser's connection was ours
+            return
         self.browser.send(self._down.initiate())
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        """The handshake under two deadlines (connect, whole handshake): timers that end the
+        session, which cancels this task; no wait_for, whose cancel 3.11 can swallow."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(self.config.handshake_timeout, self.finish,
+                                   Ending(4502, CLOSE_REASONS[4502], "the RFB handshake did not finish in time"))
         try:
-            try:
-                await asyncio.wait_for(self._handshake(), self.config.handshake_timeout)
-            except TimeoutError:
-                raise _end(4502, "the RFB handshake did not finish in time") from None
+            await self._handshake()
         except SessionEnded as ended:
             self.finish(ended.ending)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the session ended (timeout, browser, drain)
             self.finish(Ending(1001, "going_away", "the session was cancelled"))
         except Exception:  # a bug must still end the session: close both sides, free the slot
             log.exception("session %s failed unexpectedly", self.sid)
             self.finish(Ending(4502, "target_protocol_error", "internal error"))
         finally:
+            deadline.cancel()
             self._task = None
+            if self.ending is not None and self._up.transport is not None:
+                self._up.transport.abort()
 
     # --- the handshake (a coroutine, bounded by the handshake timeout) -------------------------
 
@@ -250,18 +261,21 @@ class ConsoleSession:
         if ready.rest:
             self.bytes_down += len(ready.rest)
             self.browser.send(ready.rest)
-        early = client_init.rest + b"".join(self._early)
-        self._early.clear()
+        early = client_init.rest + bytes(self._early)
+        self._early = bytearray()
         if early:
             self._forward(early)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
+        deadline = loop.call_later(self.config.connect_timeout, self.finish,
+                                   Ending(4500, CLOSE_REASONS[4500], "connecting to the console server timed out"))
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: self._up, self.claims.host, self.claims.port),
-                                   self.config.connect_timeout)
-        except (OSError, TimeoutError):
+            await loop.create_connection(lambda: self._up, self.claims.host, self.claims.port)
+        except OSError:
             raise _end(4500, "cannot connect to the console server") from None
+        finally:
+            deadline.cancel()
 
     async def _drive(self, handshake: rfb.UpstreamHandshake, until: type) -> object:
         """Carry out the handshake's actions until ``until``, reading from the hypervisor as needed.
@@ -318,9 +332,21 @@ class ConsoleSession:
     def handshake_bytes(self, data: memoryview) -> None:
         """The hypervisor's bytes before relaying: held for the handshake, bounded by pausing."""
         self._inbox += data
-        if len(self._inbox) >= HANDSHAKE_INBOX and self._up.transport is not None:
-            self._up.transport.pause_reading()
+        if len(self._inbox) >= HANDSHAKE_INBOX:
+            self._inbox_full = True
+            self._steer_upstream()
         self._wake()
+
+    def _steer_upstream(self) -> None:
+        """Read the hypervisor unless the inbox is full or the browser is not keeping up."""
+        transport = self._up.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._inbox_full or self._backlogged:
+            if transport.is_reading():
+                transport.pause_reading()
+        elif not transport.is_reading():
+            transport.resume_reading()
 
     def _wake(self) -> None:
         waiter = self._inbox_waiter
@@ -338,8 +364,9 @@ class ConsoleSession:
                 self._inbox_waiter = None
         data = bytes(self._inbox)
         self._inbox.clear()
-        if self._up.transport is not None and not self._up.transport.is_reading():
-            self._up.transport.resume_reading()
+        if self._inbox_full:
+            self._inbox_full = False
+            self._steer_upstream()
         return data
 
     def _write_upstream(self, data: bytes) -> None:
@@ -384,9 +411,9 @@ class ConsoleSession:
 
     def _hold_early(self, data: bytes) -> None:
         """Messages sent before ServerInit reached the browser: bounded, then forwarded."""
-        if sum(map(len, self._early)) + len(data) > self.config.max_message_size:
+        if len(self._early) + len(data) > self.config.max_message_size:
             raise _end(4502, "the browser sent too much before the session was ready")
-        self._early.append(data)
+        self._early += data
 
     def _forward(self, data: bytes) -> None:
         """Whole client messages to the hypervisor; input dropped for view-only sessions."""
@@ -419,13 +446,9 @@ class ConsoleSession:
 
     def browser_backlogged(self, backlogged: bool) -> None:
         """The browser's socket stopped (or resumed) taking data: so does reading the hypervisor."""
-        transport = self._up.transport
-        if transport is None or transport.is_closing():
-            return
-        if backlogged:
-            transport.pause_reading()
-        elif self.relaying and not transport.is_reading():
-            transport.resume_reading()
+        self._backlogged = backlogged
+        self._steer_upstream()
 
-    def browser_closed(self, code: int | None) -> None:
-        self.finish(Ending(code or 1005, "browser_closed", "the browser closed the websocket"))
+    def browser_closed(self, code: int) -> None:
+        """1000-4999 from the browser's Close, 1005 for a Close without a code, 1006 for none."""
+        self.finish(Ending(code, "browser_closed", "the browser closed the websocket"))

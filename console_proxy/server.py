@@ -248,25 +248,26 @@ class ConsoleSocket(PathOnlyLogging, tornado.web.RequestHandler):
         except Refusal as refusal:
             self._refuse(refusal)
             return
-        self.state.pending += 1  # holds the slot while the single-use check and the upgrade run
+        self.state.pending += 1  # holds the slot while the single-use check runs
         try:
             await self.state.redeem(claims)
-            await self._upgrade(claims, key, "binary" in offered)
         except Refusal as refusal:
             self._refuse(refusal)
+            return
         finally:
-            self.state.pending -= 1
+            self.state.pending -= 1  # the session takes the slot in this same turn
+        await self._upgrade(claims, key, "binary" in offered)
 
     def _refuse(self, refusal: Refusal) -> None:
         _refuse(self, self.state, refusal, self.client_ip)
 
-    async def _upgrade(self, claims: Claims, key: str, binary: bool) -> bool:
-        """101, then the session; False if the browser left before it could start."""
+    async def _upgrade(self, claims: Claims, key: str, binary: bool) -> None:
+        """101, then the session (registered before the first await, so counted throughout)."""
         self.set_status(101)
         self.application.log_request(self)
         stream = self.detach()
         if stream.closed():
-            return False
+            return
         config = self.state.config
         browser: wsconn.PlainBrowser | wsconn.TlsBrowser
         if isinstance(stream, SSLIOStream):
@@ -280,12 +281,11 @@ class ConsoleSocket(PathOnlyLogging, tornado.web.RequestHandler):
         greeting = _switching(key, binary)
         if isinstance(browser, wsconn.TlsBrowser):
             browser.opened(greeting)
-            return True
+            return
         try:
             await browser.adopt(stream, greeting)
-        except OSError:
-            session.finish(Ending(1005, "browser_closed", "the browser left during the upgrade"))
-        return True
+        except Exception:  # noqa: BLE001 - whatever failed, the registered session must end
+            session.finish(Ending(1006, "browser_closed", "the browser left during the upgrade"))
 
 
 def _switching(key: str, binary: bool) -> bytes:

@@ -52,16 +52,27 @@ def _header(size: int) -> bytes:
 
 
 class WsConnection:
-    """What a server-side websocket does whatever carries it; shells supply the I/O."""
+    """What a server-side websocket does whatever carries it; shells supply the I/O.
+
+    Every way out is bounded: once the proxy sends Close, or shuts the connection, or the
+    browser half-closes, the connection is aborted if it is not gone within ``CLOSE_TIMEOUT``
+    (a browser that stops reading cannot hold a socket). Pings are answered, but while the
+    browser is not taking our writes only the latest one is kept (RFC 6455 5.5.3), so a ping
+    flood cannot grow memory.
+    """
 
     def __init__(self, max_frame: int) -> None:
         self.session: ConsoleSession | None = None
         self.close_code: int | None = None  # the browser's, once its Close arrived
         self._reader = FrameReader(max_frame)
-        self._closing = False  # our Close was sent
+        self._open = False  # the connection is ours (the 101 can be written)
+        self._closing = False  # our Close was sent, or is waiting for the connection
+        self._final = b""  # our Close, when the session ended before the connection was ours
         self._gone = False  # the connection is closed
         self._timer: asyncio.TimerHandle | None = None
         self._cork: list[bytes] | None = None  # frames held to go out in one write
+        self._backlogged = False  # the browser is not taking our writes
+        self._pong: bytes | None = None  # the latest ping's payload, answered once writable
 
     # --- to be provided by the shell ---
     def _write(self, data: bytes | memoryview) -> bool:
@@ -69,7 +80,7 @@ class WsConnection:
         raise NotImplementedError
 
     def _shut(self) -> None:
-        """Close the connection now (buffered bytes are still sent where the transport can)."""
+        """Close once queued bytes are written (bounded by the caller's timer)."""
         raise NotImplementedError
 
     def _abort(self) -> None:
@@ -87,9 +98,11 @@ class WsConnection:
 
     # --- the relay's Browser interface ---
     def send(self, data: bytes) -> None:
+        if self._closing:
+            return
         if self._cork is not None:
             self._cork.append(_header(len(data)) + data)
-        elif not self._closing:
+        else:
             self._write(_header(len(data)) + data)
 
     def send_framed(self, buffer: bytearray, size: int) -> bool:
@@ -106,17 +119,30 @@ class WsConnection:
         if self._closing or self._gone:
             return
         self._closing = True
+        if not self._open:  # the session ended before the connection was handed over
+            self._final = close_frame(code, reason)
+            return
         self._write(close_frame(code, reason))
         if self.close_code is not None:
             self._shut()
         else:
             self.resume_reading()  # to see the browser's Close even under backpressure
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is None and not self._gone:
             self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
 
     # --- events from the shell ---
     def opened(self, greeting: bytes, early: bytes = b"") -> None:
         """The connection is ours: the 101 first, then the session's first words, then what the
         browser already sent. The 101 and the RFB greeting leave in one write."""
+        self._open = True
+        if self._closing:  # ended meanwhile (drain, revocation): the 101 and the Close only
+            self._write(greeting + self._final)
+            self._shut()
+            self._arm()
+            return
         self._cork = [greeting]
         if self.session is not None:
             self.session.start()
@@ -137,10 +163,26 @@ class WsConnection:
                 if not self._closing and session is not None:
                     session.from_browser(event)
             elif type(event) is Ping:
-                if not self._closing:
-                    self._write(frame(OP_PONG, event.payload))
+                self._ping(event.payload)
             elif type(event) is Close:
                 self._peer_closed(event)
+
+    def _ping(self, payload: bytes) -> None:
+        if self._closing:
+            return
+        if self._backlogged:
+            self._pong = payload
+        else:
+            self._write(frame(OP_PONG, payload))
+
+    def writable(self, ready: bool) -> None:
+        """The browser stopped (False) or resumed (True) taking our writes."""
+        self._backlogged = not ready
+        if ready and self._pong is not None:
+            pong, self._pong = self._pong, None
+            self._ping(pong)
+        if self.session is not None:
+            self.session.browser_backlogged(not ready)
 
     def _failed(self, error: WsError) -> None:
         ending = Ending(error.code, CLOSE_REASONS[error.code], str(error))
@@ -152,22 +194,30 @@ class WsConnection:
         self._end_writing()
 
     def _peer_closed(self, event: Close) -> None:
-        self.close_code = event.code or 1005
+        self.close_code = event.code or 1005  # 1005: a Close without a status code
         if not self._closing:
             self._closing = True
             self._write(close_frame(event.code))  # echo the code (RFC 6455 5.5.1)
         self._shut()
+        self._arm()
         if self.session is not None:
-            self.session.browser_closed(event.code)
+            self.session.browser_closed(self.close_code)
+
+    def half_closed(self) -> None:
+        """The browser ended its direction without a Close: the session ends (1006)."""
+        if self.session is not None:
+            self.session.browser_closed(self.close_code or 1006)
+        self._shut()
+        self._arm()
 
     def lost(self) -> None:
-        """The connection is gone (EOF, reset, or our own close)."""
+        """The connection is gone (EOF, reset, or our own close); no Close seen means 1006."""
         self._gone = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self.session is not None:
-            self.session.browser_closed(self.close_code)
+            self.session.browser_closed(self.close_code or 1006)
 
 
 class PlainBrowser(WsConnection, asyncio.Protocol):
@@ -185,9 +235,15 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         bytes the browser sent right behind its request are carried over, not lost.
         """
         self._greeting, self._early = greeting, _take_buffered(stream)
-        sock = socket.socket(fileno=socket.dup(stream.socket.fileno()))  # type: ignore[union-attr]
-        stream.close()
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock)
+        try:
+            sock = socket.socket(fileno=socket.dup(stream.socket.fileno()))  # type: ignore[union-attr]
+        finally:
+            stream.close()
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock)
+        except BaseException:
+            sock.close()
+            raise
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -200,18 +256,17 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         self.received(data)
 
     def eof_received(self) -> bool:
-        return False  # close our side too
+        self.half_closed()
+        return True  # the transport stays until our shut (bounded) completes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost()
 
     def pause_writing(self) -> None:
-        if self.session is not None:
-            self.session.browser_backlogged(True)
+        self.writable(False)
 
     def resume_writing(self) -> None:
-        if self.session is not None:
-            self.session.browser_backlogged(False)
+        self.writable(True)
 
     def _write(self, data: bytes | memoryview) -> bool:
         transport = self.transport
@@ -250,7 +305,6 @@ class TlsBrowser(WsConnection):
         self._readable = asyncio.Event()
         self._readable.set()
         self._writes = 0  # writes not yet flushed
-        self._backlogged = False
         self._shut_when_flushed = False
 
     def opened(self, greeting: bytes, early: bytes = b"") -> None:
@@ -277,9 +331,8 @@ class TlsBrowser(WsConnection):
             return False
         self._writes += 1
         written.add_done_callback(self._flushed)
-        if not self._backlogged and self.session is not None:
-            self._backlogged = True
-            self.session.browser_backlogged(True)
+        if not self._backlogged:
+            self.writable(False)
         return True
 
     def _flushed(self, written: asyncio.Future[None]) -> None:
@@ -289,9 +342,7 @@ class TlsBrowser(WsConnection):
         if self._writes == 0 and self._shut_when_flushed:
             self.stream.close()
         if self._writes == 0 and self._backlogged:
-            self._backlogged = False
-            if self.session is not None:
-                self.session.browser_backlogged(False)
+            self.writable(True)
 
     def _shut(self) -> None:
         """Close once what is queued (the Close frame) is written; the close timer bounds it."""
