@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 #: Seconds the proxy waits for the browser's Close after sending its own.
 CLOSE_TIMEOUT = 5.0
+#: Codes that only report what happened and are never sent in a Close (RFC 6455 7.4.1).
+REPORT_ONLY = frozenset((1005, 1006, 1015))
 #: Bytes read from a TLS browser per read.
 TLS_READ = 64 * 1024
 _HEADERS = {size: bytes((0x82, size)) for size in range(126)}
@@ -119,10 +121,11 @@ class WsConnection:
         if self._closing or self._gone:
             return
         self._closing = True
+        final = close_frame(None) if code in REPORT_ONLY else close_frame(code, reason)
         if not self._open:  # the session ended before the connection was handed over
-            self._final = close_frame(code, reason)
+            self._final = final
             return
-        self._write(close_frame(code, reason))
+        self._write(final)
         if self.close_code is not None:
             self._shut()
         else:
