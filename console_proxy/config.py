@@ -25,7 +25,7 @@ class ProxyConfig:
     handshake_timeout: float = 15.0
     """Upstream connect + RFB handshake with the hypervisor + the browser's side, in all."""
     max_message_size: int = 1 << 20
-    read_chunk: int = 64 * 1024
+    read_chunk: int = 256 * 1024
     shared: bool = True
     """Force ClientInit's shared flag, so several viewers can watch one VM without kicking others."""
     end_at_expiry: bool = False
