@@ -207,7 +207,9 @@ class WsConnection:
             self.session.browser_closed(self.close_code)
 
     def half_closed(self) -> None:
-        """The browser ended its direction without a Close: the session ends (1006)."""
+        """The browser ended its direction without a Close: the session ends (1006), and no
+        Close is sent — a browser that went without one is not waiting for ours."""
+        self._closing = True
         if self.session is not None:
             self.session.browser_closed(self.close_code or 1006)
         self._shut()

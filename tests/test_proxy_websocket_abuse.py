@@ -597,5 +597,8 @@ def test_way_out_is_logged_with_its_close_code(
         leave(ws)
         record = closed_record(proxy, sid, PROMPT)
         assert (record["close_code"], record["close_reason"]) == (code, "browser_closed")
-        if leave is not reset:  # 1005/1006 are never sent (RFC 6455 7.4.1): the Close has no code
+        if leave is close_without_code:  # the echo carries no code either (RFC 6455 5.5.1)
             assert ws.wait_close() == (None, "")
+        elif leave is eof:  # 1006 is never sent (RFC 6455 7.4.1): no Close for a browser gone quiet
+            ws.sock.settimeout(IO_TIMEOUT)
+            assert ws.sock.recv(1 << 20) == b"", "a frame after the browser's EOF"
