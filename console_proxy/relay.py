@@ -76,6 +76,11 @@ class Ending:
     reason: str
     detail: str = ""
 
+    @classmethod
+    def of(cls, code: int, detail: str) -> Ending:
+        """The ending for one of the proxy's own close codes, with its public reason."""
+        return cls(code, CLOSE_REASONS[code], detail)
+
 
 class SessionEnded(Exception):
     def __init__(self, ending: Ending) -> None:
@@ -84,7 +89,7 @@ class SessionEnded(Exception):
 
 
 def _end(code: int, detail: str) -> SessionEnded:
-    return SessionEnded(Ending(code, CLOSE_REASONS[code], detail))
+    return SessionEnded(Ending.of(code, detail))
 
 
 def tls_policy(claims: Claims, config: ProxyConfig) -> rfb.TlsPolicy:
@@ -226,16 +231,16 @@ class ConsoleSession:
         session, which cancels this task; no wait_for, whose cancel 3.11 can swallow."""
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(self.config.handshake_timeout, self.finish,
-                                   Ending(4502, CLOSE_REASONS[4502], "the RFB handshake did not finish in time"))
+                                   Ending.of(4502, "the RFB handshake did not finish in time"))
         try:
             await self._handshake()
         except SessionEnded as ended:
             self.finish(ended.ending)
         except asyncio.CancelledError:  # the session ended (timeout, browser, drain)
-            self.finish(Ending(1001, "going_away", "the session was cancelled"))
+            self.finish(Ending.of(1001, "the session was cancelled"))
         except Exception:  # a bug must still end the session: close both sides, free the slot
             log.exception("session %s failed unexpectedly", self.sid)
-            self.finish(Ending(4502, "target_protocol_error", "internal error"))
+            self.finish(Ending.of(4502, "internal error"))
         finally:
             deadline.cancel()
             self._task = None
@@ -269,7 +274,7 @@ class ConsoleSession:
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(self.config.connect_timeout, self.finish,
-                                   Ending(4500, CLOSE_REASONS[4500], "connecting to the console server timed out"))
+                                   Ending.of(4500, "connecting to the console server timed out"))
         try:
             await loop.create_connection(lambda: self._up, self.claims.host, self.claims.port)
         except OSError:

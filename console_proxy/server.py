@@ -117,11 +117,11 @@ class ProxyState:
     def _due_ending(self, session: ConsoleSession, now: float, wall: float) -> Ending | None:
         config = self.config
         if session.sid in self.revoked:
-            return Ending(4410, "session_ended", "revoked by the broker")
+            return Ending.of(4410, "revoked by the broker")
         if config.end_at_expiry and wall >= session.claims.exp + config.expiry_grace:
-            return Ending(4410, "session_ended", "the console's time ran out")
+            return Ending.of(4410, "the console's time ran out")
         if config.idle_timeout and now - session.last_input >= config.idle_timeout:
-            return Ending(4408, "idle_timeout", "no input from the browser")
+            return Ending.of(4408, "no input from the browser")
         return None
 
     def begin_drain(self) -> None:
@@ -139,7 +139,7 @@ class ProxyState:
 
     def _going_away(self) -> None:
         for session in list(self.sessions):
-            session.finish(Ending(1001, "going_away", "the proxy is shutting down"))
+            session.finish(Ending.of(1001, "the proxy is shutting down"))
         self.stopped.set()
 
 

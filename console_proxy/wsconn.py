@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
 
-from console_proxy.relay import CLOSE_REASONS, FRAME_HEADROOM, Ending
+from console_proxy.relay import FRAME_HEADROOM, Ending
 from console_proxy.wsframes import (
     OP_PONG,
     Close,
@@ -136,6 +136,11 @@ class WsConnection:
         if self._timer is None and not self._gone:
             self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
 
+    def _let_go(self) -> None:
+        """Close after what is queued, aborting if that has not happened in ``CLOSE_TIMEOUT``."""
+        self._shut()
+        self._arm()
+
     # --- events from the shell ---
     def opened(self, greeting: bytes, early: bytes = b"") -> None:
         """The connection is ours: the 101 first, then the session's first words, then what the
@@ -143,8 +148,7 @@ class WsConnection:
         self._open = True
         if self._closing:  # ended meanwhile (drain, revocation): the 101 and the Close only
             self._write(greeting + self._final)
-            self._shut()
-            self._arm()
+            self._let_go()
             return
         self._cork = [greeting]
         if self.session is not None:
@@ -188,7 +192,7 @@ class WsConnection:
             self.session.browser_backlogged(not ready)
 
     def _failed(self, error: WsError) -> None:
-        ending = Ending(error.code, CLOSE_REASONS[error.code], str(error))
+        ending = Ending.of(error.code, str(error))
         if self.session is not None:
             self.session.finish(ending)
         self.close(ending.code, ending.reason)
@@ -201,8 +205,7 @@ class WsConnection:
         if not self._closing:
             self._closing = True
             self._write(close_frame(event.code))  # echo the code (RFC 6455 5.5.1)
-        self._shut()
-        self._arm()
+        self._let_go()
         if self.session is not None:
             self.session.browser_closed(self.close_code)
 
@@ -212,8 +215,7 @@ class WsConnection:
         self._closing = True
         if self.session is not None:
             self.session.browser_closed(self.close_code or 1006)
-        self._shut()
-        self._arm()
+        self._let_go()
 
     def lost(self) -> None:
         """The connection is gone (EOF, reset, or our own close); no Close seen means 1006."""
