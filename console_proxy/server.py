@@ -103,7 +103,15 @@ class ProxyState:
         self.closed_bytes["up"] += session.bytes_up
         self.closed_bytes["down"] += session.bytes_down
         self.events.closed(session)
-        if self.draining and not self.sessions:
+        self._stop_if_idle()
+
+    def release_pending(self) -> None:
+        self.pending -= 1
+        self._stop_if_idle()
+
+    def _stop_if_idle(self) -> None:
+        """A draining proxy stops once no session is open and no upgrade is under way."""
+        if self.draining and not self.sessions and not self.pending:
             self.stopped.set()
 
     def sweep(self) -> None:
@@ -132,10 +140,8 @@ class ProxyState:
         log.info("draining: %d open sessions, grace %.0fs", len(self.sessions), self.config.drain_grace)
         if self.broker is not None:
             self.broker.nudge()  # so the broker stops assigning consoles here at once
-        if not self.sessions:
-            self.stopped.set()
-            return
         asyncio.get_running_loop().call_later(self.config.drain_grace, self._going_away)
+        self._stop_if_idle()
 
     def _going_away(self) -> None:
         for session in list(self.sessions):
@@ -251,11 +257,13 @@ class ConsoleSocket(PathOnlyLogging, tornado.web.RequestHandler):
         self.state.pending += 1  # holds the slot while the single-use check runs
         try:
             await self.state.redeem(claims)
+            if self.state.draining:  # began while the broker answered: no new session now
+                raise Refusal("draining", reason="the proxy began draining during the upgrade", claims=claims)
         except Refusal as refusal:
             self._refuse(refusal)
             return
         finally:
-            self.state.pending -= 1  # the session takes the slot in this same turn
+            self.state.release_pending()  # a session takes the slot in this same turn, or none
         await self._upgrade(claims, key, "binary" in offered)
 
     def _refuse(self, refusal: Refusal) -> None:

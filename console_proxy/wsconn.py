@@ -137,7 +137,9 @@ class WsConnection:
             self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort)
 
     def _let_go(self) -> None:
-        """Close after what is queued, aborting if that has not happened in ``CLOSE_TIMEOUT``."""
+        """Close after what is queued, aborting if that has not happened in ``CLOSE_TIMEOUT``.
+        Reading resumes, so the end of the connection is seen even if the relay had paused it."""
+        self.resume_reading()
         self._shut()
         self._arm()
 
@@ -164,15 +166,22 @@ class WsConnection:
         except WsError as error:
             self._failed(error)
             return
-        session = self.session
+        data: list[bytes] = []  # consecutive payloads go to the session in one call
         for event in events:
             if type(event) is bytes:
-                if not self._closing and session is not None:
-                    session.from_browser(event)
-            elif type(event) is Ping:
+                data.append(event)
+                continue
+            self._to_session(data)
+            if type(event) is Ping:
                 self._ping(event.payload)
             elif type(event) is Close:
                 self._peer_closed(event)
+        self._to_session(data)
+
+    def _to_session(self, data: list[bytes]) -> None:
+        if data and not self._closing and self.session is not None:
+            self.session.from_browser(data[0] if len(data) == 1 else b"".join(data))
+        data.clear()
 
     def _ping(self, payload: bytes) -> None:
         if self._closing:
@@ -187,9 +196,9 @@ class WsConnection:
         self._backlogged = not ready
         if ready and self._pong is not None:
             pong, self._pong = self._pong, None
-            self._ping(pong)
+            self._ping(pong)  # may find the browser backlogged again: told below as it stands
         if self.session is not None:
-            self.session.browser_backlogged(not ready)
+            self.session.browser_backlogged(self._backlogged)
 
     def _failed(self, error: WsError) -> None:
         ending = Ending.of(error.code, str(error))
@@ -276,8 +285,13 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         self.writable(True)
 
     def _write(self, data: bytes | memoryview) -> bool:
+        """A view of the shared read buffer is handed over only when nothing is queued: behind
+        a queue it is copied, since a queued view (Python 3.12+) would pin the whole buffer."""
         transport = self.transport
         if transport is None or transport.is_closing():
+            return False
+        if type(data) is memoryview and transport.get_write_buffer_size():
+            transport.write(bytes(data))
             return False
         transport.write(data)
         return transport.get_write_buffer_size() > 0
@@ -313,10 +327,11 @@ class TlsBrowser(WsConnection):
         self._readable.set()
         self._writes = 0  # writes not yet flushed
         self._shut_when_flushed = False
+        self._reading: asyncio.Task[None] | None = None
 
     def opened(self, greeting: bytes, early: bytes = b"") -> None:
         super().opened(greeting)  # bytes Tornado already buffered come first from read_bytes
-        asyncio.get_running_loop().create_task(self._read_loop())
+        self._reading = asyncio.get_running_loop().create_task(self._read_loop())
 
     async def _read_loop(self) -> None:
         stream = self.stream
@@ -333,14 +348,15 @@ class TlsBrowser(WsConnection):
     def _write(self, data: bytes | memoryview) -> bool:
         if self.stream.closed():
             return False
-        written = self.stream.write(data)
+        copied = self._writes > 0 and type(data) is memoryview  # as PlainBrowser: never pin behind a queue
+        written = self.stream.write(bytes(data) if copied else data)
         if written.done():
             return False
         self._writes += 1
         written.add_done_callback(self._flushed)
         if not self._backlogged:
             self.writable(False)
-        return True
+        return not copied
 
     def _flushed(self, written: asyncio.Future[None]) -> None:
         if not written.cancelled():
@@ -359,6 +375,7 @@ class TlsBrowser(WsConnection):
             self.stream.close()
 
     def _abort(self) -> None:
+        self._readable.set()  # the read loop must see the close, even if reading was paused
         self.stream.close()
 
     def _end_writing(self) -> None:
