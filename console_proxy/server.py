@@ -137,7 +137,8 @@ class ProxyState:
         if self.draining:
             return
         self.draining = True
-        log.info("draining: %d open sessions, grace %.0fs", len(self.sessions), self.config.drain_grace)
+        log.info("draining: %d open sessions, %d upgrades under way, grace %.0fs", len(self.sessions), self.pending,
+                 self.config.drain_grace)
         if self.broker is not None:
             self.broker.nudge()  # so the broker stops assigning consoles here at once
         asyncio.get_running_loop().call_later(self.config.drain_grace, self._going_away)
