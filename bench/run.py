@@ -4,6 +4,8 @@ Sections (each bounded by its own time budget; a section that overruns is report
 
 1. console opens/s and open latency p50/p99 — direct TCP, websockify 0.13, consolegate — against
    one real Xvnc (VncAuth, 1920x1080x24). websockify gets the client doing VNC auth itself.
+   1b. the same with the proxies alone on one core and the client and Xvnc on the others (on a
+   machine with two or more cores): the proxy's own capacity, as on a machine of its own.
 2. bulk server->browser throughput (full-screen Raw updates) on the same three paths; CPU seconds
    per GiB relayed for each proxy.
 3. small-write latency (16 B, 2 ms pause, 16 B) through each path to bench/echo_target.py.
