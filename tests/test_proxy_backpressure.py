@@ -1,17 +1,14 @@
 """Backpressure end to end: a browser that stops reading stops the proxy reading the hypervisor.
 
-The browser side is a raw-socket websocket client written here, because tornado's client reads
-eagerly into memory: with this one, not calling recv() really leaves the bytes in the kernel, so
-the proxy's writes stall as a slow browser's would. The hypervisor is a real Xvnc asked, with
+The browser side is a raw-socket websocket client (on tests/rawws.py), because tornado's client
+reads eagerly into memory: with this one, not calling recv() really leaves the bytes in the
+kernel, so the proxy's writes stall as a slow browser's would. The hypervisor is a real Xvnc asked, with
 Raw encoding only, for 40 full-screen updates (800x600x4 bytes each); the proxy's
 ``consolegate_proxy_bytes_total{direction="down"}`` counts what it read from Xvnc.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import os
 import re
 import socket
 import struct
@@ -22,6 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxyproc import ProxyProcess
+from rawws import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    accept_value,
+    client_frame,
+    new_key,
+    open_socket,
+    parse_server_frame,
+    upgrade,
+)
 from xvnc import XvncServer
 
 REQUESTS = 40
@@ -52,71 +62,31 @@ class RawWebSocket:
 
     @classmethod
     def connect(cls, port: int, token: str, rcvbuf: int) -> RawWebSocket:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(IO_TIMEOUT)
-        sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall((f"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                      f"Sec-WebSocket-Protocol: binary, token.{token}\r\n\r\n").encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            assert chunk, f"connection closed during the upgrade: {head!r}"
-            head += chunk
-        head, _, rest = head.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        key = new_key()
+        sock = open_socket(port, timeout=IO_TIMEOUT, rcvbuf=rcvbuf)
+        head, rest = upgrade(sock, port, token, key)
+        accept = accept_value(key).encode()
         assert re.search(rb"(?im)^sec-websocket-accept: *" + re.escape(accept) + rb"\r?$", head), head
         return cls(sock, rest)
 
     def send(self, payload: bytes) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            head = struct.pack(">BB", 0x82, 0x80 | n)
-        elif n < 1 << 16:
-            head = struct.pack(">BBH", 0x82, 0x80 | 126, n)
-        else:
-            head = struct.pack(">BBQ", 0x82, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + masked)
+        self.sock.sendall(client_frame(OP_BINARY, payload))
 
     def _frame(self) -> bool:
         """Decode one whole frame from the raw buffer, if there is one; True if one was decoded."""
-        raw = self._raw
-        if len(raw) < 2:
+        parsed = parse_server_frame(self._raw)
+        if parsed is None:
             return False
-        opcode, length, offset = raw[0] & 0x0F, raw[1] & 0x7F, 2
-        assert not raw[1] & 0x80, "server frames are never masked"
-        if length == 126:
-            if len(raw) < 4:
-                return False
-            length, offset = struct.unpack_from(">H", raw, 2)[0], 4
-        elif length == 127:
-            if len(raw) < 10:
-                return False
-            length, offset = struct.unpack_from(">Q", raw, 2)[0], 10
-        if len(raw) < offset + length:
-            return False
-        payload = bytes(raw[offset:offset + length])
-        del raw[:offset + length]
-        if opcode in (0x0, 0x2):
+        opcode, payload = parsed
+        if opcode in (OP_CONT, OP_BINARY):
             self._data += payload
-        elif opcode == 0x8:
+        elif opcode == OP_CLOSE:
             self.close_code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
-        elif opcode == 0x9:
-            self._control(0x8A, payload)  # pong
+        elif opcode == OP_PING:
+            self.sock.sendall(client_frame(OP_PONG, payload))
         else:
-            assert opcode == 0xA, f"unexpected websocket opcode {opcode}"
+            assert opcode == OP_PONG, f"unexpected websocket opcode {opcode}"
         return True
-
-    def _control(self, first: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        self.sock.sendall(bytes([first, 0x80 | len(payload)]) + mask +
-                          bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
 
     def read(self, n: int) -> bytes:
         """Exactly n payload bytes; AssertionError if the proxy closes first."""

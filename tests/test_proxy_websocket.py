@@ -10,9 +10,7 @@ expected event, never at a sleep.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
 import socket
 import struct
 from collections.abc import Callable
@@ -21,6 +19,24 @@ from dataclasses import dataclass
 
 import pytest
 from proxyproc import ProxyProcess, free_port
+from rawws import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawClient,
+    accept_value,
+    client_frame,
+    close_payload,
+    get_request,
+    new_key,
+    open_socket,
+    parse_server_frame,
+    recv_head,
+    upgrade_headers,
+)
 from xvnc import XvncServer
 
 from console_proxy.wsconn import CLOSE_TIMEOUT
@@ -34,10 +50,8 @@ IO_TIMEOUT = 5.0
 #: takes longer came from that timeout, not from the handshake.
 PROMPT = 1.0
 assert PROMPT < CLOSE_TIMEOUT / 2
-#: RFC 6455 1.3, spelled out here rather than taken from the code under test.
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#: RFC 6455 4.2.2's own example.
 RFC_KEY, RFC_ACCEPT = "dGhlIHNhbXBsZSBub25jZQ==", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 REASONS = {1002: "protocol_error", 1003: "unsupported_data", 1009: "message_too_big", 4500: "target_unreachable"}
 MAX_MESSAGE = 4096
 
@@ -51,31 +65,6 @@ def update_request(size: int = REGION) -> bytes:
 
 
 # --- the raw client -----------------------------------------------------------------------------
-
-
-def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-                 masked: bool = True, length: int | None = None) -> bytes:
-    """One frame as a browser writes it, with every field open to being wrong on purpose.
-
-    ``length`` announces a size other than the payload's (a header sent without its payload).
-    """
-    size = len(payload) if length is None else length
-    b0 = (0x80 if fin else 0) | rsv << 4 | opcode
-    bit = 0x80 if masked else 0
-    if size < 126:
-        head = bytes((b0, bit | size))
-    elif size < 65536:
-        head = struct.pack("!BBH", b0, bit | 126, size)
-    else:
-        head = struct.pack("!BBQ", b0, bit | 127, size)
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    return struct.pack("!H", code) + reason.encode()
 
 
 @dataclass
@@ -93,43 +82,15 @@ class Response:
 
 def read_head(sock: socket.socket) -> tuple[Response, bytes]:
     """The response head, and the bytes that came behind it (the first frames, or a body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the proxy closed the connection inside the response head: {data!r}"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
+    head, rest = recv_head(sock)
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = [(key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in lines)]
     return Response(int(status_line.split()[1]), headers, head + b"\r\n\r\n"), rest
 
 
-def get_request(port: int, path: str, headers: dict[str, str]) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def upgrade_headers(key: str, protocols: str | None) -> dict[str, str]:
-    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key,
-               "Sec-WebSocket-Version": "13"}
-    if protocols is not None:
-        headers["Sec-WebSocket-Protocol"] = protocols
-    return headers
-
-
-def new_key() -> str:
-    return base64.b64encode(os.urandom(16)).decode()
-
-
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 def http_exchange(port: int, request: bytes) -> Response:
     """One request on a fresh connection; the whole response, body by its Content-Length."""
-    with connect(port) as sock:
+    with open_socket(port, timeout=IO_TIMEOUT) as sock:
         sock.sendall(request)
         response, body = read_head(sock)
         (length,) = response.header("Content-Length")
@@ -142,86 +103,24 @@ def http_exchange(port: int, request: bytes) -> Response:
     return response
 
 
-class WsClient:
-    """The browser's end: masked frames out; server frames in, checked and sorted as they come."""
-
-    def __init__(self, sock: socket.socket, leftover: bytes) -> None:
-        self.sock = sock
-        self._raw = bytearray(leftover)  # undecoded bytes off the wire
-        self._data = bytearray()  # binary payload not yet consumed
-        self.pongs: list[bytes] = []
-        self.closed: tuple[int | None, str] | None = None  # the proxy's Close, once read
-
-    def send(self, payload: bytes) -> None:
-        self.sock.sendall(client_frame(OP_BINARY, payload))
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _frame(self) -> None:
-        """Read one whole server frame and file it."""
-        while True:
-            parsed = self._parse()
-            if parsed is not None:
-                break
-            chunk = self.sock.recv(65536)
-            assert chunk, "the proxy closed the TCP connection without a Close frame"
-            self._raw += chunk
-        opcode, payload = parsed
-        assert self.closed is None, f"a frame (opcode {opcode}) after the proxy's Close"
-        if opcode in (OP_BINARY, OP_CONT):
-            self._data += payload
-        elif opcode == OP_PONG:
-            self.pongs.append(payload)
-        elif opcode == OP_CLOSE:
-            assert len(payload) != 1, "a one-byte Close payload"
-            code = struct.unpack_from("!H", payload)[0] if payload else None
-            self.closed = code, payload[2:].decode("utf-8")
-        elif opcode == OP_PING:
-            self.send_raw(client_frame(OP_PONG, payload))
-        else:
-            raise AssertionError(f"unexpected server opcode {opcode}")
+class WsClient(RawClient):
+    """The shared raw client, stricter: server frames are checked for RSV bits and one-byte
+    Close payloads, and pings are answered as a browser does."""
 
     def _parse(self) -> tuple[int, bytes] | None:
-        raw = self._raw
-        if len(raw) < 2:
-            return None
-        assert not raw[0] & 0x70, "RSV bits in a server frame"
-        assert not raw[1] & 0x80, "a masked server frame"
-        opcode, size, at = raw[0] & 0x0F, raw[1] & 0x7F, 2
-        if size == 126:
-            if len(raw) < 4:
-                return None
-            size, at = struct.unpack_from("!H", raw, 2)[0], 4
-        elif size == 127:
-            if len(raw) < 10:
-                return None
-            size, at = struct.unpack_from("!Q", raw, 2)[0], 10
-        if len(raw) < at + size:
-            return None
-        payload = bytes(raw[at:at + size])
-        del raw[:at + size]
-        return opcode, payload
+        return parse_server_frame(self._raw, check_rsv=True)
 
-    def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes of binary payload, across frames."""
-        while len(self._data) < n:
-            assert self.closed is None, f"the proxy closed the websocket: {self.closed}"
-            self._frame()
-        out = bytes(self._data[:n])
-        del self._data[:n]
-        return out
+    def _file(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            self.send_raw(client_frame(OP_PONG, payload))
+            return
+        assert opcode != OP_CLOSE or len(payload) != 1, "a one-byte Close payload"
+        super()._file(opcode, payload)
 
     def wait_pong(self) -> bytes:
         while not self.pongs:
             self._frame()
         return self.pongs.pop(0)
-
-    def wait_close(self) -> tuple[int | None, str]:
-        """The proxy's Close (code, reason); binary data before it is dropped."""
-        while self.closed is None:
-            self._frame()
-        return self.closed
 
     def expect_eof(self, within: float, *, reset_ok: bool = False) -> None:
         """The proxy closes the TCP connection within ``within`` seconds, sending nothing more.
@@ -243,16 +142,13 @@ class WsClient:
             self.sock.settimeout(IO_TIMEOUT)
         assert chunk == b"", f"bytes after the proxy's Close: {chunk!r}"
 
-    def close(self) -> None:
-        self.sock.close()
-
 
 def open_ws(port: int, token: str | None, *, protocols: str | None = None, key: str | None = None,
             early: bytes = b"") -> tuple[WsClient, Response]:
     """Upgrade a fresh connection; ``early`` goes out in the same sendall as the request."""
     key = key or new_key()
     offer = f"binary, token.{token}" if protocols is None else protocols
-    sock = connect(port)
+    sock = open_socket(port, timeout=IO_TIMEOUT)
     try:
         sock.sendall(get_request(port, "/websockify", upgrade_headers(key, offer)) + early)
         response, rest = read_head(sock)
@@ -491,8 +387,7 @@ def test_accept_value_for_a_random_key(proxy: ProxyProcess, console_token: str) 
     key = new_key()
     ws, response = open_ws(proxy.port, console_token, key=key)
     with closing(ws):
-        expected = base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
-        assert response.header("Sec-WebSocket-Accept") == [expected]
+        assert response.header("Sec-WebSocket-Accept") == [accept_value(key)]
 
 
 # --- 8. fragmented messages ---------------------------------------------------------------------

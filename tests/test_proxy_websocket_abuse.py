@@ -21,7 +21,6 @@ polled.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from typing import Self
 import pytest
 from hostile import BEHAVIOURS, PIXEL_FORMAT, VERSION_38, HostileServer, _Peer
 from proxyproc import ProxyProcess
+from rawws import OP_BINARY, OP_CLOSE, OP_PING, RawClient, client_frame, close_payload, new_key, open_socket, upgrade
 from xvnc import XvncServer
 
 from console_proxy.wsconn import CLOSE_TIMEOUT
@@ -81,7 +81,6 @@ HEALTH_BOUND = 1.0
 #: CPU seconds the proxy may spend taking the early messages (about a tenth of a second when the
 #: cost is per byte; re-summing what is held per message costs tens of seconds for these).
 CPU_BOUND = 2.0
-OP_CONT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x2, 0x8, 0x9, 0xA
 
 RFB_VERSION = b"RFB 003.008\n"
 RAW_ONLY = struct.pack("!BBHi", 2, 0, 1, 0)  # SetEncodings: Raw
@@ -93,24 +92,7 @@ def update_request(size: int = REGION) -> bytes:
     return struct.pack("!BBHHHH", 3, 0, 0, 0, size, size)
 
 
-# --- the raw client (after tests/test_proxy_websocket.py) ----------------------------------------
-
-
-def client_frame(opcode: int, payload: bytes = b"") -> bytes:
-    """One final, masked frame as a browser writes it."""
-    size = len(payload)
-    if size < 126:
-        head = bytes((0x80 | opcode, 0x80 | size))
-    elif size < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    return struct.pack("!H", code) + reason.encode()
+# --- the raw client (tests/rawws.py) -------------------------------------------------------------
 
 
 def pings(total: int, payload: bytes = PING_PAYLOAD) -> Iterator[bytes]:
@@ -120,92 +102,13 @@ def pings(total: int, payload: bytes = PING_PAYLOAD) -> Iterator[bytes]:
         yield batch
 
 
-def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
-    sock = socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(IO_TIMEOUT)
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
-class WsClient:
-    """The browser's end: masked frames out; server frames in, filed as they come, only when
-    asked (nothing is read otherwise, so a test decides when the browser stops reading)."""
-
-    def __init__(self, sock: socket.socket, leftover: bytes) -> None:
-        self.sock = sock
-        self._raw = bytearray(leftover)  # undecoded bytes off the wire
-        self._data = bytearray()  # binary payload not yet consumed
-        self.pongs: list[bytes] = []
-        self.closed: tuple[int | None, str] | None = None  # the proxy's Close, once read
-
-    def send(self, payload: bytes) -> None:
-        self.sock.sendall(client_frame(OP_BINARY, payload))
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _frame(self) -> None:
-        """Read one whole server frame and file it."""
-        while True:
-            parsed = self._parse()
-            if parsed is not None:
-                break
-            chunk = self.sock.recv(1 << 20)
-            assert chunk, "the proxy closed the TCP connection without a Close frame"
-            self._raw += chunk
-        opcode, payload = parsed
-        assert self.closed is None, f"a frame (opcode {opcode}) after the proxy's Close"
-        if opcode in (OP_BINARY, OP_CONT):
-            self._data += payload
-        elif opcode == OP_PONG:
-            self.pongs.append(payload)
-        elif opcode == OP_CLOSE:
-            code = struct.unpack_from("!H", payload)[0] if payload else None
-            self.closed = code, payload[2:].decode("utf-8")
-        else:
-            raise AssertionError(f"unexpected server opcode {opcode}")
-
-    def _parse(self) -> tuple[int, bytes] | None:
-        raw = self._raw
-        if len(raw) < 2:
-            return None
-        assert not raw[1] & 0x80, "a masked server frame"
-        opcode, size, at = raw[0] & 0x0F, raw[1] & 0x7F, 2
-        if size == 126:
-            if len(raw) < 4:
-                return None
-            size, at = struct.unpack_from("!H", raw, 2)[0], 4
-        elif size == 127:
-            if len(raw) < 10:
-                return None
-            size, at = struct.unpack_from("!Q", raw, 2)[0], 10
-        if len(raw) < at + size:
-            return None
-        payload = bytes(raw[at:at + size])
-        del raw[:at + size]
-        return opcode, payload
-
-    def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes of binary payload, across frames."""
-        while len(self._data) < n:
-            assert self.closed is None, f"the proxy closed the websocket: {self.closed}"
-            self._frame()
-        out = bytes(self._data[:n])
-        del self._data[:n]
-        return out
+class WsClient(RawClient):
+    """The shared raw client as is: it answers no ping, so every Pong it files is the proxy's."""
 
     def wait_pong(self, payload: bytes) -> None:
         """Read (filing everything else) until a Pong carrying ``payload`` has arrived."""
         while not self.pongs or self.pongs[-1] != payload:
             self._frame()
-
-    def wait_close(self) -> tuple[int | None, str]:
-        while self.closed is None:
-            self._frame()
-        return self.closed
 
     def read_to_end(self, within: float) -> str:
         """Drain the connection raw until the proxy's end of it: "eof" or "reset"."""
@@ -220,25 +123,12 @@ class WsClient:
             except TimeoutError:
                 raise AssertionError(f"the connection was still open {within}s later") from None
 
-    def close(self) -> None:
-        self.sock.close()
-
 
 def open_ws(port: int, token: str, *, rcvbuf: int | None = None) -> WsClient:
     """Upgrade a fresh connection; the 101 is checked, the frames behind it kept."""
-    sock = connect(port, rcvbuf)
+    sock = open_socket(port, timeout=IO_TIMEOUT, rcvbuf=rcvbuf)
     try:
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall((f"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                      f"Sec-WebSocket-Protocol: binary, token.{token}\r\n\r\n").encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, f"the proxy closed the connection inside the response head: {data!r}"
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101 "), head
+        _, rest = upgrade(sock, port, token, new_key())
     except BaseException:
         sock.close()
         raise
