@@ -162,19 +162,6 @@ def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> tup
     return client, own
 
 
-def _send_json(handler: tornado.web.RequestHandler, status: int, body: dict[str, Any]) -> None:
-    handler.set_status(status)
-    handler.set_header("Content-Type", "application/json")
-    handler.set_header("Cache-Control", "no-store")
-    handler.finish(json.dumps(body))
-
-
-def _refuse(handler: tornado.web.RequestHandler, state: ProxyState, refusal: Refusal, client_ip: str) -> None:
-    """Count and log the refusal, then answer it as JSON (the websocket refuses before upgrading)."""
-    state.refused(refusal, client_ip, handler.request.path)
-    _send_json(handler, refusal.status, refusal.body())
-
-
 class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
     def initialize(self, state: ProxyState) -> None:
         self.state = state
@@ -184,10 +171,14 @@ class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
         self.set_header("X-Content-Type-Options", "nosniff")
 
     def answer(self, status: int, body: dict[str, Any]) -> None:
-        _send_json(self, status, body)
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
 
     def refuse(self, refusal: Refusal, client_ip: str) -> None:
-        _refuse(self, self.state, refusal, client_ip)
+        """Count and log the refusal, then answer it as JSON (the websocket refuses before upgrading)."""
+        self.state.refused(refusal, client_ip, self.request.path)
+        self.answer(refusal.status, refusal.body())
 
 
 class TokenStatusHandler(JsonHandler):
@@ -222,19 +213,15 @@ class MetricsHandler(JsonHandler):
         self.finish(self.state.metrics.render())
 
 
-class ConsoleSocket(PathOnlyLogging, tornado.web.RequestHandler):
+class ConsoleSocket(JsonHandler):
     """``/websockify``: admit before the upgrade, answer 101, hand the connection to a session.
 
     Tornado parses the request; the websocket after it is ours (:mod:`console_proxy.wsconn`).
     """
 
     def initialize(self, state: ProxyState) -> None:
-        self.state = state
+        super().initialize(state)
         self.client_ip = ""
-
-    def set_default_headers(self) -> None:
-        self.set_header("Cache-Control", "no-store")
-        self.set_header("X-Content-Type-Options", "nosniff")
 
     async def get(self) -> None:
         client, own = _request_view(self, self.state)
@@ -268,7 +255,7 @@ class ConsoleSocket(PathOnlyLogging, tornado.web.RequestHandler):
         await self._upgrade(claims, key, "binary" in offered)
 
     def _refuse(self, refusal: Refusal) -> None:
-        _refuse(self, self.state, refusal, self.client_ip)
+        self.refuse(refusal, self.client_ip)
 
     async def _upgrade(self, claims: Claims, key: str, binary: bool) -> None:
         """101, then the session (registered before the first await, so counted throughout)."""
