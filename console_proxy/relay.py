@@ -254,18 +254,28 @@ class ConsoleSession:
         await self._connect()
         await self._drive(upstream, rfb.Authenticated)
         self.security_type = upstream.security_type
-        client_init = await self._client_init
-        self._write_upstream(upstream.send_client_init(self.config.shared or client_init.shared))
-        ready = await self._drive(upstream, rfb.ServerInitReady)
+        if self.config.shared:  # the browser's flag does not matter: ask for ServerInit at once
+            self._write_upstream(upstream.send_client_init(True))
+            ready = await self._drive(upstream, rfb.ServerInitReady)
+            client_init = await self._client_init
+        else:
+            client_init = await self._client_init
+            self._write_upstream(upstream.send_client_init(client_init.shared))
+            ready = await self._drive(upstream, rfb.ServerInitReady)
         assert isinstance(ready, rfb.ServerInitReady)
         name = self.claims.dn.encode("utf-8") if self.claims.dn else None
         self.browser.send(ready.server_init.encode(name=name))
         self.handshake_seconds = time.monotonic() - self.started
         self.on_open(self)
         self.relaying = True  # from here the hypervisor's bytes go straight to the browser
-        if ready.rest:
-            self.bytes_down += len(ready.rest)
-            self.browser.send(ready.rest)
+        after = ready.rest + bytes(self._inbox)  # sent behind ServerInit, before relaying began
+        self._inbox.clear()
+        if self._inbox_full:
+            self._inbox_full = False
+            self._steer_upstream()
+        if after:
+            self.bytes_down += len(after)
+            self.browser.send(after)
         early = client_init.rest + bytes(self._early)
         self._early = bytearray()
         if early:

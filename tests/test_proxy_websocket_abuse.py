@@ -488,3 +488,62 @@ def test_way_out_is_logged_with_its_close_code(
         elif leave is eof:  # 1006 is never sent (RFC 6455 7.4.1): no Close for a browser gone quiet
             ws.sock.settimeout(IO_TIMEOUT)
             assert ws.sock.recv(1 << 20) == b"", "a frame after the browser's EOF"
+
+
+# --- 6. the server speaks first, while the browser is still in its handshake ---------------------
+
+
+@dataclass
+class SpeaksFirst:
+    """A stand-in that answers ClientInit with ServerInit and then, in a write of its own once
+    told to, a Bell: RFB lets a server send Bell at any time; Xvnc cannot be made to at a chosen one."""
+
+    sent_init: threading.Event = field(default_factory=threading.Event)
+    go: threading.Event = field(default_factory=threading.Event)
+    spoke: threading.Event = field(default_factory=threading.Event)
+
+    def behave(self, peer: _Peer) -> None:
+        peer.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the Bell leaves when sent
+        peer.send(VERSION_38)
+        peer.recv_exact(12)
+        peer.send(b"\x01\x01")
+        peer.recv_exact(1)
+        peer.send(struct.pack(">I", 0))
+        peer.recv_exact(1)  # ClientInit
+        peer.send(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, len(STAND_IN_NAME)) + STAND_IN_NAME)
+        self.sent_init.set()
+        if self.go.wait(IO_TIMEOUT):
+            peer.send(b"\x02")  # Bell
+            self.spoke.set()
+        peer.hold()
+
+
+def _proxy_turn(proxy: ProxyProcess) -> None:
+    """One /healthz round trip: the proxy's loop has handled what was ready before it."""
+    with urllib.request.urlopen(f"{proxy.base}/healthz", timeout=IO_TIMEOUT) as answer:
+        answer.read()
+
+
+def test_bytes_the_server_sends_before_the_browser_is_ready_are_relayed(
+        proxy: ProxyProcess, mint: Mint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy asks for ServerInit as soon as it is authenticated (the shared flag is forced),
+    so the server's next messages can arrive while the browser has not sent ClientInit yet: they
+    are held and relayed right behind ServerInit, not lost."""
+    server_side = SpeaksFirst()
+    monkeypatch.setitem(BEHAVIOURS, "speaks_first", server_side.behave)
+    server = HostileServer("speaks_first")
+    try:
+        ws = open_ws(proxy.port, mint(host="127.0.0.1", port=server.port))
+        with closing(ws):
+            rfb_until_security_result(ws)
+            assert server_side.sent_init.wait(IO_TIMEOUT), "the proxy did not ask for ServerInit before ClientInit"
+            _proxy_turn(proxy)  # ServerInit read: the proxy now waits for the browser
+            server_side.go.set()
+            assert server_side.spoke.wait(IO_TIMEOUT)
+            _proxy_turn(proxy)  # the Bell read, on its own
+            ws.send(b"\x01")  # ClientInit, only now
+            read_server_init(ws)
+            assert ws.read(1) == b"\x02"
+    finally:
+        server_side.go.set()
+        server.stop()
