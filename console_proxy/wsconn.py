@@ -28,6 +28,7 @@ from console_proxy.wsframes import (
     FrameReader,
     Ping,
     WsError,
+    binary_header,
     close_frame,
     frame,
 )
@@ -41,16 +42,6 @@ CLOSE_TIMEOUT = 5.0
 REPORT_ONLY = frozenset((1005, 1006, 1015))
 #: Bytes read from a TLS browser per read.
 TLS_READ = 64 * 1024
-_HEADERS = {size: bytes((0x82, size)) for size in range(126)}
-
-
-def _header(size: int) -> bytes:
-    """A final binary frame's header; precomputed for small sizes (keystrokes, handshakes)."""
-    if size < 126:
-        return _HEADERS[size]
-    if size < 65536:
-        return b"\x82\x7e" + size.to_bytes(2, "big")
-    return b"\x82\x7f" + size.to_bytes(8, "big")
 
 
 class WsConnection:
@@ -103,14 +94,14 @@ class WsConnection:
         if self._closing:
             return
         if self._cork is not None:
-            self._cork.append(_header(len(data)) + data)
+            self._cork.append(binary_header(len(data)) + data)
         else:
-            self._write(_header(len(data)) + data)
+            self._write(binary_header(len(data)) + data)
 
     def send_framed(self, buffer: bytearray, size: int) -> bool:
         if self._closing:
             return False
-        header = _header(size)
+        header = binary_header(size)
         start = FRAME_HEADROOM - len(header)
         buffer[start:FRAME_HEADROOM] = header
         with memoryview(buffer) as view:

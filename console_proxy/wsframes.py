@@ -104,23 +104,26 @@ def accept_value(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
 
 
-def binary_header(size: int) -> bytes:
-    """The header of one unmasked, final binary frame of ``size`` bytes (2, 4 or 10 bytes)."""
+def _header(opcode: int, size: int) -> bytes:
+    """The header of one unmasked, final frame of ``size`` bytes (2, 4 or 10 bytes)."""
     if size < 126:
-        return bytes((0x82, size))
+        return bytes((0x80 | opcode, size))
     if size < 65536:
-        return struct.pack("!BBH", 0x82, 126, size)
-    return struct.pack("!BBQ", 0x82, 127, size)
+        return struct.pack("!BBH", 0x80 | opcode, 126, size)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, size)
+
+
+_SMALL_BINARY = tuple(_header(OP_BINARY, size) for size in range(126))
+
+
+def binary_header(size: int) -> bytes:
+    """The header of one final binary frame; precomputed for small sizes (keystrokes, handshakes)."""
+    return _SMALL_BINARY[size] if size < 126 else _header(OP_BINARY, size)
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
     """One unmasked, final server frame."""
-    size = len(payload)
-    if size < 126:
-        return bytes((0x80 | opcode, size)) + payload
-    if size < 65536:
-        return struct.pack("!BBH", 0x80 | opcode, 126, size) + payload
-    return struct.pack("!BBQ", 0x80 | opcode, 127, size) + payload
+    return _header(opcode, len(payload)) + payload
 
 
 def close_frame(code: int | None, reason: str = "") -> bytes:

@@ -267,6 +267,16 @@ class HealthProbe:
 # --- a stand-in that holds its ServerInit --------------------------------------------------------
 
 
+def until_client_init(peer: _Peer) -> None:
+    """The stand-ins' side of RFB 3.8 with security None, up to the proxy's ClientInit."""
+    peer.send(VERSION_38)
+    peer.recv_exact(12)
+    peer.send(b"\x01\x01")
+    peer.recv_exact(1)
+    peer.send(struct.pack(">I", 0))
+    peer.recv_exact(1)  # ClientInit
+
+
 @dataclass
 class HeldServerInit:
     """Controls and observations of the ``hold_server_init`` stand-in (one connection)."""
@@ -280,12 +290,7 @@ class HeldServerInit:
     def behave(self, peer: _Peer) -> None:
         """RFB 3.8, security None; after ClientInit, ServerInit only once released (Xvnc answers
         ClientInit at once, so it cannot keep a session in the window before ServerInit)."""
-        peer.send(VERSION_38)
-        peer.recv_exact(12)
-        peer.send(b"\x01\x01")
-        peer.recv_exact(1)
-        peer.send(struct.pack(">I", 0))
-        peer.recv_exact(1)  # ClientInit
+        until_client_init(peer)
         self.client_init.set()
         if not self.release.wait(3 * IO_TIMEOUT):
             return
@@ -504,12 +509,7 @@ class SpeaksFirst:
 
     def behave(self, peer: _Peer) -> None:
         peer.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the Bell leaves when sent
-        peer.send(VERSION_38)
-        peer.recv_exact(12)
-        peer.send(b"\x01\x01")
-        peer.recv_exact(1)
-        peer.send(struct.pack(">I", 0))
-        peer.recv_exact(1)  # ClientInit
+        until_client_init(peer)
         peer.send(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, len(STAND_IN_NAME)) + STAND_IN_NAME)
         self.sent_init.set()
         if self.go.wait(IO_TIMEOUT):
