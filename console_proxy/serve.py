@@ -15,11 +15,14 @@ from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredentia
 from console_proxy.command import CommandError
 from console_proxy.config import REPO_STATIC, ProxyConfig
 from console_proxy.events import Events
+from console_proxy.frontdoor import FrontDoor
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
 
 log = logging.getLogger("consolegate.proxy")
 
 MAX_BODY = 4096
+#: Seconds a connection may take to send a request head, and keep-alive connections may idle.
+IDLE_CONNECTION_TIMEOUT = 60.0
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -157,9 +160,13 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
         link.start()
     # No proxy endpoint takes a body; without these limits Tornado buffers ~100 MiB per request.
     http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls, max_body_size=MAX_BODY,
-                                         body_timeout=10, idle_connection_timeout=60)
+                                         body_timeout=10, idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
+    door = None if tls else FrontDoor(state, http, IDLE_CONNECTION_TIMEOUT)
     try:
-        http.listen(port, host)
+        if door is None:
+            http.listen(port, host)
+        else:
+            await door.listen(host, port)
     except OSError as exc:
         raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     server.install_signal_handlers(state)
@@ -168,6 +175,8 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
     await state.stopped.wait()
     sweeper.stop()
     http.stop()
+    if door is not None:
+        door.close()
     if link is not None:
         await link.stop()
     log.info("console-proxy stopped")

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import tornado.web
@@ -23,7 +24,7 @@ from console_proxy import clock, origin, wsconn, wsframes
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
-from console_proxy.handlerlog import PathOnlyLogging
+from console_proxy.handlerlog import PathOnlyLogging, access_log
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
 from console_proxy.pages import page_routes
@@ -150,16 +151,60 @@ class ProxyState:
         self.stopped.set()
 
 
-def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> tuple[str, str | None]:
+def request_view(state: ProxyState, peer: str, protocol: str, host: str | None,
+                 headers: Mapping[str, str]) -> tuple[str, str | None]:
     """The client address and the request's own origin, trusting forwarded headers only from proxies."""
-    request: HTTPServerRequest = handler.request
-    peer = request.remote_ip or ""
     trusted = state.config.trusted_proxies
-    client = origin.client_address(peer, request.headers.get("X-Forwarded-For"), trusted)
-    own = origin.effective_origin(peer, request.protocol, request.host, {
-        "X-Forwarded-Proto": request.headers.get("X-Forwarded-Proto"),
-        "X-Forwarded-Host": request.headers.get("X-Forwarded-Host")}, trusted)
+    client = origin.client_address(peer, headers.get("X-Forwarded-For"), trusted)
+    own = origin.effective_origin(peer, protocol, host, {
+        "X-Forwarded-Proto": headers.get("X-Forwarded-Proto"),
+        "X-Forwarded-Host": headers.get("X-Forwarded-Host")}, trusted)
     return client, own
+
+
+def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> tuple[str, str | None]:
+    request: HTTPServerRequest = handler.request
+    return request_view(state, request.remote_ip or "", request.protocol, request.host, request.headers)
+
+
+def admit_upgrade(state: ProxyState, headers: Mapping[str, str], query_token: str | None, client: str,
+                  own: str | None) -> tuple[Claims, str, bool]:
+    """Claims, the websocket key and whether "binary" was offered; or Refusal. Spends nothing:
+    a request that is not a version-13 upgrade is refused before any token work."""
+    try:
+        key = wsframes.check_upgrade(headers)
+    except wsframes.UpgradeError as error:
+        raise Refusal(error.code, reason=str(error), status=error.status) from None
+    offered = [p.strip() for p in (headers.get("Sec-WebSocket-Protocol") or "").split(",")]
+    claims = state.admit(Request(token_from(offered, query_token), headers.get("Origin"), own, client))
+    return claims, key, "binary" in offered
+
+
+async def redeem_upgrade(state: ProxyState, claims: Claims) -> None:
+    """A single-use token's redemption, holding a session slot while the broker answers."""
+    state.pending += 1
+    try:
+        await state.redeem(claims)
+        if state.draining:  # began while the broker answered: no new session now
+            raise Refusal("draining", reason="the proxy began draining during the upgrade", claims=claims)
+    finally:
+        state.release_pending()  # a session takes the slot in this same turn, or none
+
+
+def start_session(state: ProxyState, claims: Claims, browser: wsconn.PlainBrowser | wsconn.TlsBrowser,
+                  client_ip: str) -> ConsoleSession:
+    """The session, registered before anything can await, so it is counted throughout."""
+    session = ConsoleSession(claims, state.config, browser, client_ip,
+                             on_open=state.session_opened, on_end=state.session_ended)
+    browser.session = session
+    state.sessions[session] = None
+    return session
+
+
+#: Headers that must accompany a refusal's JSON, by code.
+REFUSAL_HINTS = {"websocket_version": ("Sec-WebSocket-Version", "13")}
+#: Every JSON answer's headers beyond its Content-Type.
+NO_STORE = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
 
 
 class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
@@ -167,8 +212,8 @@ class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
         self.state = state
 
     def set_default_headers(self) -> None:
-        self.set_header("Cache-Control", "no-store")
-        self.set_header("X-Content-Type-Options", "nosniff")
+        for name, value in NO_STORE:
+            self.set_header(name, value)
 
     def answer(self, status: int, body: dict[str, Any]) -> None:
         self.set_status(status)
@@ -178,6 +223,8 @@ class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
     def refuse(self, refusal: Refusal, client_ip: str) -> None:
         """Count and log the refusal, then answer it as JSON (the websocket refuses before upgrading)."""
         self.state.refused(refusal, client_ip, self.request.path)
+        if refusal.code in REFUSAL_HINTS:
+            self.set_header(*REFUSAL_HINTS[refusal.code])
         self.answer(refusal.status, refusal.body())
 
 
@@ -226,39 +273,17 @@ class ConsoleSocket(JsonHandler):
     async def get(self) -> None:
         client, own = _request_view(self, self.state)
         self.client_ip = client
-        headers = self.request.headers
         try:
-            key = wsframes.check_upgrade(headers)
-        except wsframes.UpgradeError as error:
-            if error.status == 426:
-                self.set_header("Sec-WebSocket-Version", "13")
-            self._refuse(Refusal(error.code, reason=str(error), status=error.status))
-            return
-        offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")]
-        request = Request(token_from(offered, self.get_query_argument("token", None)), headers.get("Origin"),
-                          own, client)
-        try:
-            claims = self.state.admit(request)
+            claims, key, binary = admit_upgrade(self.state, self.request.headers,
+                                                self.get_query_argument("token", None), client, own)
+            await redeem_upgrade(self.state, claims)
         except Refusal as refusal:
-            self._refuse(refusal)
+            self.refuse(refusal, client)
             return
-        self.state.pending += 1  # holds the slot while the single-use check runs
-        try:
-            await self.state.redeem(claims)
-            if self.state.draining:  # began while the broker answered: no new session now
-                raise Refusal("draining", reason="the proxy began draining during the upgrade", claims=claims)
-        except Refusal as refusal:
-            self._refuse(refusal)
-            return
-        finally:
-            self.state.release_pending()  # a session takes the slot in this same turn, or none
-        await self._upgrade(claims, key, "binary" in offered)
-
-    def _refuse(self, refusal: Refusal) -> None:
-        self.refuse(refusal, self.client_ip)
+        await self._upgrade(claims, key, binary)
 
     async def _upgrade(self, claims: Claims, key: str, binary: bool) -> None:
-        """101, then the session (registered before the first await, so counted throughout)."""
+        """101, then the session."""
         self.set_status(101)
         self.application.log_request(self)
         stream = self.detach()
@@ -270,21 +295,22 @@ class ConsoleSocket(JsonHandler):
             browser = wsconn.TlsBrowser(stream, config.max_message_size)
         else:
             browser = wsconn.PlainBrowser(config.max_message_size)
-        session = ConsoleSession(claims, config, browser, self.client_ip,
-                                 on_open=self.state.session_opened, on_end=self.state.session_ended)
-        browser.session = session
-        self.state.sessions[session] = None
-        greeting = _switching(key, binary)
+        session = start_session(self.state, claims, browser, self.client_ip)
+        greeting = switching(key, binary)
         if isinstance(browser, wsconn.TlsBrowser):
             browser.opened(greeting)
             return
         try:
             await browser.adopt(stream, greeting)
         except Exception:  # noqa: BLE001 - whatever failed, the registered session must end
-            session.finish(Ending(1006, "browser_closed", "the browser left during the upgrade"))
+            session.finish(LEFT_DURING_UPGRADE)
 
 
-def _switching(key: str, binary: bool) -> bytes:
+#: How a session ends whose browser went away between the 101 and the session's start.
+LEFT_DURING_UPGRADE = Ending(1006, "browser_closed", "the browser left during the upgrade")
+
+
+def switching(key: str, binary: bool) -> bytes:
     """The 101 answer. The subprotocol is "binary" when offered, never the token one."""
     lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Accept: {wsframes.accept_value(key)}"]
@@ -294,11 +320,9 @@ def _switching(key: str, binary: bool) -> bytes:
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log without the query string: ``?token=`` must never reach a log line."""
     request = handler.request
-    logging.getLogger("tornado.access").info(
-        "%d %s %s (%s) %.1fms", handler.get_status(), request.method, request.path,
-        request.remote_ip, 1000.0 * request.request_time())
+    access_log(handler.get_status(), request.method or "", request.path, request.remote_ip or "",
+               request.request_time())
 
 
 def make_app(state: ProxyState) -> tornado.web.Application:

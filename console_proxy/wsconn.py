@@ -1,7 +1,7 @@
 """The browser's websocket once upgraded: frames in and out around one console session.
 
-Tornado answers the HTTP request and hands over the connection; from there this module owns
-it. :class:`WsConnection` holds what both kinds of connection share — the frame codec
+The front door (:mod:`console_proxy.frontdoor`) or Tornado answers the HTTP request and hands
+over the connection; from there this module owns it. :class:`WsConnection` holds what both kinds of connection share — the frame codec
 (:mod:`console_proxy.wsframes`), pings, the close handshake — and leaves the socket to two
 small shells: :class:`PlainBrowser`, an asyncio protocol on the bare socket (the fast path:
 one callback per received chunk, writes attempted at once, flow control from the transport's
@@ -251,6 +251,13 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         except BaseException:
             sock.close()
             raise
+
+    def take_over(self, transport: asyncio.Transport, greeting: bytes, early: bytes) -> None:
+        """Carry on on a transport whose request head the front door read (no socket hand-over)."""
+        self._greeting, self._early = greeting, early
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        transport.resume_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)

@@ -1,0 +1,203 @@
+"""The plain-HTTP listener: console upgrades are served here, every other request goes to Tornado.
+
+Why not Tornado for everything: profiles put its request path — the HTTP/1 connection, routing,
+a RequestHandler, then the socket handed over after the 101 — at about a fifth of the proxy's
+CPU per console open. A plain, well-formed ``GET /websockify`` (:func:`httphead.parse_head`) is
+admitted here by the same functions Tornado's handler calls (:mod:`console_proxy.server`), on
+the asyncio transport that then carries the websocket. Anything else — another path or method,
+an odd head, a bare-LF head, a body, a head over ``MAX_HEAD`` — goes to Tornado's HTTP server
+with the bytes already read, so Tornado serves it exactly as if it had accepted the connection.
+
+A proxy that terminates TLS itself keeps Tornado's own listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+
+import tornado.httpserver
+import tornado.netutil
+from tornado.iostream import IOStream
+
+from console_proxy import httphead, server, wsconn
+from console_proxy.admission import Refusal
+from console_proxy.handlerlog import access_log
+from console_proxy.httphead import Head
+from console_proxy.token import Claims
+
+log = logging.getLogger("consolegate.proxy")
+
+#: The longest head read here; a longer one is Tornado's (it has its own, larger limit).
+MAX_HEAD = 8192
+#: Pending connections the kernel holds for us (a burst of console opens).
+BACKLOG = 1024
+#: Seconds a refused browser gets to read our answer before the connection is cut.
+LINGER = 5.0
+
+
+class FrontDoor:
+    """The listening sockets of a plain-HTTP proxy, and what to do with each request head."""
+
+    def __init__(self, state: server.ProxyState, http: tornado.httpserver.HTTPServer, head_timeout: float) -> None:
+        self.state, self.http, self.head_timeout = state, http, head_timeout
+        self.servers: list[asyncio.Server] = []
+        self._redeeming: set[asyncio.Task[None]] = set()
+
+    async def listen(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in tornado.netutil.bind_sockets(port, host):
+            self.servers.append(await loop.create_server(lambda: Doorway(self), sock=sock, backlog=BACKLOG))
+
+    def close(self) -> None:
+        for listener in self.servers:
+            listener.close()
+
+    def to_tornado(self, sock: socket.socket, early: bytes, address: tuple[str, int]) -> None:
+        stream = _Prefilled(sock, early, max_buffer_size=self.http.max_buffer_size,
+                            read_chunk_size=self.http.read_chunk_size)
+        self.http.handle_stream(stream, address)
+
+    def upgrade(self, doorway: Doorway, head: Head) -> None:
+        """Admit (no await), redeem a single-use token (awaits the broker), then the session."""
+        state = self.state
+        client, own = server.request_view(state, doorway.peer, "http", head.headers.get("Host"), head.headers)
+        try:
+            claims, key, binary = server.admit_upgrade(state, head.headers, head.query_argument("token"),
+                                                       client, own)
+        except Refusal as refusal:
+            self._refuse(doorway, head, refusal, client)
+            return
+        if not claims.once:
+            self._open(doorway, head, claims, key, binary, client)
+            return
+        task = asyncio.ensure_future(self._redeem_then_open(doorway, head, claims, key, binary, client))
+        self._redeeming.add(task)
+        task.add_done_callback(self._redeeming.discard)
+
+    async def _redeem_then_open(self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool,
+                                client: str) -> None:
+        try:
+            await server.redeem_upgrade(self.state, claims)
+        except Refusal as refusal:
+            self._refuse(doorway, head, refusal, client)
+            return
+        self._open(doorway, head, claims, key, binary, client)
+
+    def _open(self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool, client: str) -> None:
+        browser = wsconn.PlainBrowser(self.state.config.max_message_size)
+        session = server.start_session(self.state, claims, browser, client)
+        if not doorway.open:  # the browser left while the broker answered
+            session.finish(server.LEFT_DURING_UPGRADE)
+            return
+        doorway.log(101, head)
+        doorway.become(browser, server.switching(key, binary))
+
+    def _refuse(self, doorway: Doorway, head: Head, refusal: Refusal, client: str) -> None:
+        self.state.refused(refusal, client, head.path)
+        fields = [("Content-Type", "application/json"), *server.NO_STORE]
+        if refusal.code in server.REFUSAL_HINTS:
+            fields.append(server.REFUSAL_HINTS[refusal.code])
+        doorway.log(refusal.status, head)
+        doorway.answer(httphead.response(refusal.status, fields, json.dumps(refusal.body()).encode()))
+
+
+class Doorway(asyncio.Protocol):
+    """One accepted connection until its request head is read; then a console's, or Tornado's."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.buffer = bytearray()
+        self.open = False  # connected and not yet handed on
+        self.started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport, self.open = transport, True
+        self.peer = transport.get_extra_info("peername")[0]
+        self._timer = asyncio.get_running_loop().call_later(self.door.head_timeout, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.started:  # refused, or waiting for the broker: what the browser sends is dropped
+            return
+        buffer = self.buffer
+        buffer += data
+        end = httphead.HEAD_END.search(buffer)
+        if end is None:
+            if len(buffer) > MAX_HEAD:
+                self._hand_over()
+            return
+        head = httphead.parse_head(bytes(buffer[:end.start()])) if end.group() == b"\r\n\r\n" else None
+        if head is None or head.method != "GET" or head.path != "/websockify":
+            self._hand_over()
+            return
+        del buffer[:end.end()]
+        self.started = time.monotonic()
+        self._stop_timer()
+        self.transport.pause_reading()  # type: ignore[union-attr]  # the rest is the websocket's
+        self.door.upgrade(self, head)
+
+    def eof_received(self) -> bool:
+        return False  # a browser that ends before its head was read, or after a refusal: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        self._stop_timer()
+
+    def become(self, browser: wsconn.PlainBrowser, greeting: bytes) -> None:
+        self.open = False
+        early, self.buffer = bytes(self.buffer), bytearray()
+        browser.take_over(self.transport, greeting, early)  # type: ignore[arg-type]
+
+    def answer(self, response: bytes) -> None:
+        """Write a refusal and end our side; the browser gets ``LINGER`` seconds to read it
+        (closing at once with its unread bytes in our buffer would reset the connection)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(response)
+        transport.write_eof()
+        transport.resume_reading()
+        self._timer = asyncio.get_running_loop().call_later(LINGER, transport.abort)
+
+    def log(self, status: int, head: Head) -> None:
+        access_log(status, head.method, head.path, self.peer, time.monotonic() - self.started)
+
+    def _hand_over(self) -> None:
+        """Tornado takes the connection: a duplicate of the socket and the bytes read so far."""
+        transport = self.transport
+        assert transport is not None
+        self._stop_timer()
+        self.open = False
+        sock = socket.socket(fileno=socket.dup(transport.get_extra_info("socket").fileno()))
+        address = transport.get_extra_info("peername")
+        transport.abort()  # closes our descriptor only: the connection lives on in ``sock``
+        self.door.to_tornado(sock, bytes(self.buffer), address)
+        self.buffer = bytearray()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _Prefilled(IOStream):
+    """Tornado's stream on a socket whose first bytes the front door already read."""
+
+    def __init__(self, sock: socket.socket, early: bytes, **kwargs: int | None) -> None:
+        super().__init__(sock, **kwargs)  # type: ignore[arg-type]
+        self._early = memoryview(early)
+
+    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
+        if not self._early:
+            return super().read_from_fd(buf)
+        size = min(len(buf), len(self._early))
+        buf[:size] = self._early[:size]
+        self._early = self._early[size:]
+        return size

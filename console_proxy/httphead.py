@@ -1,0 +1,69 @@
+"""A strict, partial HTTP/1.1 request-head parser and response writer, sans I/O.
+
+The proxy's front door (:mod:`console_proxy.frontdoor`) serves console upgrades itself and hands
+every other request to Tornado. This module decides which is which: :func:`parse_head` returns
+a :class:`Head` only for a plain, well-formed head — exactly one request line ``METHOD
+/target HTTP/1.1``, ``name: value`` lines with token names, a Host, no body — and None for
+anything else, which then goes to Tornado untouched. It never has to be lenient: whatever it
+declines still gets a complete HTTP server.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import parse_qs
+
+#: The end of a request head as Tornado recognises it (bare LF allowed); only CRLF CRLF is ours.
+HEAD_END = re.compile(rb"\r?\n\r?\n")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(r"/[\x21-\x7e]*")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+class Headers(dict[str, str]):
+    """Header fields by lower-cased name; repeated fields joined with commas (RFC 9110 5.3)."""
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    method: str
+    path: str
+    query: str
+    headers: Headers
+
+    def query_argument(self, name: str) -> str | None:
+        """The last value of a query argument, stripped, as Tornado's ``get_query_argument``."""
+        values = parse_qs(self.query, keep_blank_values=True).get(name)
+        return values[-1].strip() if values else None
+
+
+def parse_head(raw: bytes) -> Head | None:
+    """The head (without its final CRLF CRLF) if plain and well-formed, else None."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1" or not _TOKEN.fullmatch(parts[0]) \
+            or not _TARGET.fullmatch(parts[1]):
+        return None
+    headers = Headers()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            return None  # also obs-fold (a leading space), bare CR or LF, NUL and other controls
+        key, value = name.lower(), value.strip(" \t")
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    if "host" not in headers or "content-length" in headers or "transfer-encoding" in headers:
+        return None
+    path, _, query = parts[1].partition("?")
+    return Head(parts[0], path, query, headers)
+
+
+def response(status: int, fields: list[tuple[str, str]], body: bytes = b"") -> bytes:
+    """A complete response that closes the connection; ``fields`` are the caller's own."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{k}: {v}" for k, v in fields),
+             f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
