@@ -64,7 +64,8 @@ async def opens(path: Path, seconds: float, concurrency: int,
     async def worker() -> None:
         while time.perf_counter() < deadline:
             try:
-                conn, _desktop, took = await asyncio.wait_for(open_console(path), 10)
+                async with asyncio.timeout(10):  # no task per open, unlike wait_for
+                    conn, _desktop, took = await open_console(path)
             except (OSError, ClosedError, TimeoutError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.01)

@@ -8,6 +8,7 @@ Pure functions: the handlers pass in what they read off the request.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ def normalize_origin(value: str | None) -> str | None:
     """
     if not value:
         return None
+    return _normalize(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalize(value: str) -> str | None:
+    """Cached: a proxy sees the same few origins on every open (a pure function of a string)."""
     try:
         parts = urlsplit(value.strip())
         port = parts.port
@@ -100,6 +107,8 @@ def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
 
 
 def is_trusted(peer: str, trusted: Sequence[Network]) -> bool:
+    if not trusted:
+        return False
     address = _address(peer)
     return address is not None and any(address in net for net in trusted)
 
@@ -122,7 +131,9 @@ def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[Netwo
     return _canonical(current)
 
 
+@functools.lru_cache(maxsize=4096)
 def _canonical(value: str) -> str:
+    """Cached: parsing an address costs more than the rest of the lookup (pure, bounded)."""
     address = _address(value)
     return str(address) if address is not None else value
 

@@ -196,9 +196,8 @@ DownstreamAction = Send | ClientInitReceived
 ChallengeCipher = Callable[[str, bytes], bytes]
 
 
-def _reverse_bits(byte: int) -> int:
-    """VNC's DES key quirk: each key byte is used with its bit order reversed."""
-    return int(f"{byte:08b}"[::-1], 2)
+#: VNC's DES key quirk: each key byte is used with its bit order reversed.
+_REVERSED_BITS = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
 
 
 def vnc_auth_response(password: str, challenge: bytes) -> bytes:
@@ -211,7 +210,7 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     if len(challenge) != 16:
         raise ValueError("VNC challenge must be 16 bytes")
     raw = password.encode("utf-8")[:8].ljust(8, b"\0")
-    key = bytes(_reverse_bits(b) for b in raw)
+    key = raw.translate(_REVERSED_BITS)
     return DES.new(key, DES.MODE_ECB).encrypt(challenge)
 
 
