@@ -27,6 +27,8 @@ def ratios_and_goals(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
                                                     get("opens", "websockify", "per_second")),
         "opens_one_core_consolegate_over_websockify": _ratio(get("opens_one_core", "consolegate", "per_second"),
                                                              get("opens_one_core", "websockify", "per_second")),
+        "opens_budget_consolegate_over_websockify": _ratio(get("opens_budget", "consolegate", "per_second"),
+                                                           get("opens_budget", "websockify", "per_second")),
         "opens_consolegate_over_direct": _ratio(get("opens", "consolegate", "per_second"),
                                                 get("opens", "direct TCP", "per_second")),
         "bulk_consolegate_over_websockify": _ratio(get("bulk", "consolegate", "mib_per_s"),
@@ -56,6 +58,8 @@ def ratios_and_goals(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
                and sessions.get("echo_done") == sessions.get("sessions_total")) if "asked" in sessions else None
     rss = sessions.get("rss_per_session_first_kib")
     goals = [
+        goal("opens/s >= 5x websockify, equal CPU budget", r["opens_budget_consolegate_over_websockify"],
+             ">= 5.0", cmp(r["opens_budget_consolegate_over_websockify"], lambda v: v >= 5.0)),
         goal("opens/s >= 5x websockify, proxy on its own core", r["opens_one_core_consolegate_over_websockify"],
              ">= 5.0", cmp(r["opens_one_core_consolegate_over_websockify"], lambda v: v >= 5.0)),
         goal("opens/s >= 5x websockify, all sharing the cores", r["opens_consolegate_over_websockify"], ">= 5.0",
@@ -102,6 +106,16 @@ def table(doc: dict[str, Any]) -> str:
             o = _best(res, "opens_one_core", path)
             lines.append(f"{path:<13}{_f(o.get('per_second'), '{:,.0f}'):>9}{_f(o.get('p50_ms'), '{:.2f}ms'):>10}"
                          f"{_f(o.get('p99_ms'), '{:.2f}ms'):>10}")
+    held = res.get("opens_budget", {})
+    if "error" in held:
+        lines += ["", f"console opens with equal CPU budgets: {held['error']}"]
+    elif held:
+        lines += ["", f"console opens with each proxy held to {held['share']:.2f} CPU (client and Xvnc unlimited):"]
+        for path in PATHS[1:]:
+            o = _best(res, "opens_budget", path)
+            cpu = o.get("cpu_ms_per_open", {}).get("proxy")
+            lines.append(f"{path:<13}{_f(o.get('per_second'), '{:,.0f}'):>9}{_f(o.get('p50_ms'), '{:.2f}ms'):>10}"
+                         f"{_f(o.get('p99_ms'), '{:.2f}ms'):>10}   proxy CPU {_f(cpu, '{:.2f}')} ms/open")
     cpu_lines = []
     for path in PATHS:
         cpu = _best(res, "opens", path).get("cpu_ms_per_open")
@@ -110,7 +124,7 @@ def table(doc: dict[str, Any]) -> str:
                              + f" (total {sum(cpu.values()):.2f})")
     if cpu_lines:
         lines += ["", "CPU ms per console open (best round):", *cpu_lines]
-    for section in ("opens", "opens_one_core", "bulk", "small_write"):
+    for section in ("opens", "opens_one_core", "opens_budget", "bulk", "small_write"):
         for path in PATHS:
             for rnd in res.get(section, {}).get(path, {}).get("rounds", []):
                 if "error" in rnd:

@@ -6,6 +6,9 @@ Sections (each bounded by its own time budget; a section that overruns is report
    one real Xvnc (VncAuth, 1920x1080x24). websockify gets the client doing VNC auth itself.
    1b. the same with the proxies alone on one core and the client and Xvnc on the others (on a
    machine with two or more cores): the proxy's own capacity, as on a machine of its own.
+   1c. the two proxies each held to the same CPU budget by a cgroup quota (half a core on a
+   two-core machine, one core from four up; needs root), which the client and Xvnc cannot
+   exhaust: what each proxy does with the same CPU, with the load generator out of the way.
 2. bulk server->browser throughput (full-screen Raw updates) on the same three paths; CPU seconds
    per GiB relayed for each proxy.
 3. small-write latency (16 B, 2 ms pause, 16 B) through each path to bench/echo_target.py.
@@ -36,7 +39,7 @@ from typing import Any, Self
 
 import psutil
 
-from bench import measure, report
+from bench import budget, measure, report
 from bench import profile as bench_profile
 from bench.clients import Path
 from bench.proxies import Proxy, start_consolegate, start_websockify, version_of_websockify
@@ -144,6 +147,12 @@ class OneCoreEach:
         set_affinity(self.proxies + self.others, self.all)
 
 
+def budget_share() -> float:
+    """The CPU each proxy gets in section 1c: at most one core, and never more than half of
+    what the client and Xvnc leave, so the proxy — not the load generator — is the limit."""
+    return min(1.0, (len(os.sched_getaffinity(0)) - 1) / 2)
+
+
 async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir: FsPath | None) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
@@ -212,6 +221,17 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
                         vnc_paths, profile["rounds"], profile["opens_s"] + 20,
                         lambda p: measure.opens(p, profile["opens_s"], profile["concurrency"], cpu_probes(p)),
                         "per_second", "max")
+            if budget.available():
+                share = budget_share()
+                log(f"section 1c: console opens, each proxy held to {share:.2f} CPU (cgroup quota)")
+                with budget.CpuBudget([cg.process.pid, wsx.process.pid], share):
+                    results["opens_budget"] = await interleaved(
+                        vnc_paths[1:], profile["rounds"], profile["opens_s"] + 20,
+                        lambda p: measure.opens(p, profile["opens_s"], profile["concurrency"], cpu_probes(p)),
+                        "per_second", "max")
+                results["opens_budget"]["share"] = share
+            else:
+                results["opens_budget"] = {"error": "no writable cgroup CPU controller (run as root)"}
         if "bulk" in only:
             log("section 2: bulk throughput")
             stop = spying("bulk", cg)

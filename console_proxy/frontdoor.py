@@ -133,7 +133,8 @@ class Doorway(asyncio.Protocol):
             if len(buffer) > MAX_HEAD:
                 self._hand_over()
             return
-        head = httphead.parse_head(bytes(buffer[:end.start()])) if end.group() == b"\r\n\r\n" else None
+        ours = end.group() == b"\r\n\r\n" and end.end() <= MAX_HEAD  # one read can bring a longer one
+        head = httphead.parse_head(bytes(buffer[:end.start()])) if ours else None
         if head is None or head.method != "GET" or head.path != "/websockify":
             self._hand_over()
             return
@@ -188,16 +189,15 @@ class Doorway(asyncio.Protocol):
 
 
 class _Prefilled(IOStream):
-    """Tornado's stream on a socket whose first bytes the front door already read."""
+    """Tornado's stream on a socket whose first bytes the front door already read.
+
+    They go where Tornado keeps what it has read but not consumed (a private buffer, read the
+    same way by ``wsconn._take_buffered``; tests pin both), so Tornado applies its own limits
+    to all of them at once — serving them through ``read_from_fd`` would hand over at most one
+    read chunk and strand the rest until the socket next became readable.
+    """
 
     def __init__(self, sock: socket.socket, early: bytes, **kwargs: int | None) -> None:
         super().__init__(sock, **kwargs)  # type: ignore[arg-type]
-        self._early = memoryview(early)
-
-    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
-        if not self._early:
-            return super().read_from_fd(buf)
-        size = min(len(buf), len(self._early))
-        buf[:size] = self._early[:size]
-        self._early = self._early[size:]
-        return size
+        self._read_buffer += early
+        self._read_buffer_size = len(self._read_buffer)

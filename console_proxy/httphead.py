@@ -3,7 +3,7 @@
 The proxy's front door (:mod:`console_proxy.frontdoor`) serves console upgrades itself and hands
 every other request to Tornado. This module decides which is which: :func:`parse_head` returns
 a :class:`Head` only for a plain, well-formed head — exactly one request line ``METHOD
-/target HTTP/1.1``, ``name: value`` lines with token names, a Host, no body — and None for
+/target HTTP/1.1``, ``name: value`` lines with token names, a single plain Host, no body — and None for
 anything else, which then goes to Tornado untouched. It never has to be lenient: whatever it
 declines still gets a complete HTTP server.
 """
@@ -20,6 +20,9 @@ HEAD_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(r"/[\x21-\x7e]*")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+#: A plain Host: a name or address, or a bracketed IPv6 literal, and an optional port. Stricter
+#: than RFC 3986's reg-name on purpose: anything else is Tornado's to judge.
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~]+)(:[0-9]{1,5})?")
 
 
 class Headers(dict[str, str]):
@@ -55,8 +58,13 @@ def parse_head(raw: bytes) -> Head | None:
         if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             return None  # also obs-fold (a leading space), bare CR or LF, NUL and other controls
         key, value = name.lower(), value.strip(" \t")
-        headers[key] = f"{headers[key]},{value}" if key in headers else value
-    if "host" not in headers or "content-length" in headers or "transfer-encoding" in headers:
+        if key in headers:
+            if key == "host":
+                return None  # two Hosts: Tornado answers 400 (RFC 9112 3.2)
+            value = f"{headers[key]},{value}"
+        headers[key] = value
+    if not _HOST.fullmatch(headers.get("host") or "") or "content-length" in headers \
+            or "transfer-encoding" in headers:
         return None
     path, _, query = parts[1].partition("?")
     return Head(parts[0], path, query, headers)

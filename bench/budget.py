@@ -1,0 +1,77 @@
+"""Hold processes to a fixed share of one CPU with a cgroup CPU quota (v1 or v2), then undo it.
+
+Why: on a small benchmark machine the load generator and Xvnc need CPU too, so the console-open
+rate of a fast proxy is bounded by them rather than by the proxy. Giving each proxy the same
+budget — less than the machine has to spare — makes the proxy the bottleneck for both, so the
+rates compare what each proxy does with the same CPU. websockify's per-connection children are
+forked inside the group and count against its budget.
+
+Needs root (or a delegated cgroup); :func:`available` says whether it can work here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+
+V1 = Path("/sys/fs/cgroup/cpu")
+V2 = Path("/sys/fs/cgroup")
+PERIOD_US = 10_000  # short periods: a throttled proxy waits at most this long
+
+
+def _layout() -> tuple[Path, str] | None:
+    """(parent directory, "v1" | "v2") of a writable cgroup CPU controller, or None."""
+    if (V1 / "cpu.cfs_quota_us").exists() and os.access(V1, os.W_OK):
+        return V1, "v1"
+    controllers = V2 / "cgroup.controllers"
+    if controllers.exists() and "cpu" in controllers.read_text().split() and os.access(V2, os.W_OK):
+        return V2, "v2"
+    return None
+
+
+def available() -> bool:
+    return _layout() is not None
+
+
+class CpuBudget:
+    """``with CpuBudget(pids, 0.5):`` — the processes (and children they fork) share half a CPU."""
+
+    def __init__(self, pids: Sequence[int], share: float, name: str = "consolegate-bench") -> None:
+        layout = _layout()
+        if layout is None:
+            raise RuntimeError("no writable cgroup CPU controller (needs root)")
+        self.parent, self.kind = layout
+        self.pids, self.share = list(pids), share
+        self.group = self.parent / f"{name}-{os.getpid()}"
+
+    def __enter__(self) -> Self:
+        self.group.mkdir(exist_ok=True)
+        quota = max(1000, int(self.share * PERIOD_US))
+        if self.kind == "v1":
+            (self.group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (self.group / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            control = self.parent / "cgroup.subtree_control"
+            if "cpu" not in control.read_text().split():
+                control.write_text("+cpu")
+            (self.group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+        self._move(self.group, self.pids)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        procs = (self.group / "cgroup.procs").read_text().split()
+        self._move(self.parent, [int(p) for p in procs])
+        try:
+            self.group.rmdir()
+        except OSError:
+            pass  # a process still inside (it exited meanwhile, or moved): leave the empty group
+
+    @staticmethod
+    def _move(group: Path, pids: Sequence[int]) -> None:
+        for pid in pids:
+            try:
+                (group / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                pass  # exited meanwhile
