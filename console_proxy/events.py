@@ -39,13 +39,21 @@ class Events:
         return {"session_id": claims.sid, "vm": claims.vm, "user": claims.sub, "client": session.client_ip,
                 "view_only": claims.ro}
 
+    def _unheard(self, level: int = logging.INFO) -> bool:
+        """Nobody takes the event (not logged at this level, no broker): spare building it."""
+        return self.forward is None and not log.isEnabledFor(level)
+
     def opened(self, session: ConsoleSession) -> None:
+        if self._unheard():
+            return
         self._emit({"event": "opened", **self._who(session), "security": session.security_type,
                     "handshake_ms": round((session.handshake_seconds or 0) * 1000, 2)})
 
     def closed(self, session: ConsoleSession) -> None:
         ending = session.ending
         assert ending is not None
+        if self._unheard():
+            return
         self._emit({"event": "closed", **self._who(session), "bytes_up": session.bytes_up,
                     "bytes_down": session.bytes_down,
                     "duration_s": round(time.monotonic() - session.started, 3),

@@ -17,9 +17,10 @@ from urllib.parse import parse_qs
 
 #: The end of a request head as Tornado recognises it (bare LF allowed); only CRLF CRLF is ours.
 HEAD_END = re.compile(rb"\r?\n\r?\n")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_TARGET = re.compile(r"/[\x21-\x7e]*")
-_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: The whole head in one match: ``METHOD /target HTTP/1.1``, then ``name:value`` lines whose
+#: names are tokens and whose values hold no control character but tab.
+_HEAD = re.compile(rf"{_TOKEN} /[\x21-\x7e]* HTTP/1\.1(?:\r\n{_TOKEN}:[\t\x20-\x7e\x80-\xff]*)*")
 #: A plain Host: a name or address, or a bracketed IPv6 literal, and an optional port. Stricter
 #: than RFC 3986's reg-name on purpose: anything else is Tornado's to judge.
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~]+)(:[0-9]{1,5})?")
@@ -47,16 +48,14 @@ class Head:
 
 def parse_head(raw: bytes) -> Head | None:
     """The head (without its final CRLF CRLF) if plain and well-formed, else None."""
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1" or not _TOKEN.fullmatch(parts[0]) \
-            or not _TARGET.fullmatch(parts[1]):
-        return None
+    text = raw.decode("latin-1")
+    if not _HEAD.fullmatch(text):
+        return None  # also obs-fold (a leading space), bare CR or LF, NUL and other controls
+    lines = text.split("\r\n")
+    method, target, _version = lines[0].split(" ")
     headers = Headers()
     for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
-            return None  # also obs-fold (a leading space), bare CR or LF, NUL and other controls
+        name, _, value = line.partition(":")
         key, value = name.lower(), value.strip(" \t")
         if key in headers:
             if key == "host":
@@ -66,8 +65,8 @@ def parse_head(raw: bytes) -> Head | None:
     if not _HOST.fullmatch(headers.get("host") or "") or "content-length" in headers \
             or "transfer-encoding" in headers:
         return None
-    path, _, query = parts[1].partition("?")
-    return Head(parts[0], path, query, headers)
+    path, _, query = target.partition("?")
+    return Head(method, path, query, headers)
 
 
 def response(status: int, fields: list[tuple[str, str]], body: bytes = b"") -> bytes:
