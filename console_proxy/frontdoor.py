@@ -37,6 +37,8 @@ MAX_HEAD = 8192
 BACKLOG = 1024
 #: Seconds a refused browser gets to read our answer before the connection is cut.
 LINGER = 5.0
+#: Seconds between looks for connections whose head is overdue.
+SWEEP = 1.0
 
 
 class FrontDoor:
@@ -45,16 +47,29 @@ class FrontDoor:
     def __init__(self, state: server.ProxyState, http: tornado.httpserver.HTTPServer, head_timeout: float) -> None:
         self.state, self.http, self.head_timeout = state, http, head_timeout
         self.servers: list[asyncio.Server] = []
+        self.waiting: dict[Doorway, float] = {}  # connections still sending their head, since when
         self._redeeming: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         for sock in tornado.netutil.bind_sockets(port, host):
             self.servers.append(await loop.create_server(lambda: Doorway(self), sock=sock, backlog=BACKLOG))
+        self._sweeper = loop.call_later(SWEEP, self._sweep)
 
     def close(self) -> None:
         for listener in self.servers:
             listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def _sweep(self) -> None:
+        """Cut connections whose head is overdue: one timer for all (most heads come in one read,
+        and a timer per connection costs more than the rest of reading it)."""
+        due = time.monotonic() - self.head_timeout
+        for doorway in [d for d, since in self.waiting.items() if since <= due]:
+            doorway.overdue()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
 
     def to_tornado(self, sock: socket.socket, early: bytes, address: tuple[str, int]) -> None:
         stream = _Prefilled(sock, early, max_buffer_size=self.http.max_buffer_size,
@@ -74,6 +89,7 @@ class FrontDoor:
         if not claims.once:
             self._open(doorway, head, claims, key, binary, client)
             return
+        doorway.hold()  # what follows the head is the websocket's: read once it is one
         task = asyncio.ensure_future(self._redeem_then_open(doorway, head, claims, key, binary, client))
         self._redeeming.add(task)
         task.add_done_callback(self._redeeming.discard)
@@ -115,13 +131,13 @@ class Doorway(asyncio.Protocol):
         self.buffer = bytearray()
         self.open = False  # connected and not yet handed on
         self.started = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport, self.open = transport, True
         self.peer = transport.get_extra_info("peername")[0]
-        self._timer = asyncio.get_running_loop().call_later(self.door.head_timeout, transport.abort)
+        self.door.waiting[self] = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
         if self.started:  # refused, or waiting for the broker: what the browser sends is dropped
@@ -140,8 +156,7 @@ class Doorway(asyncio.Protocol):
             return
         del buffer[:end.end()]
         self.started = time.monotonic()
-        self._stop_timer()
-        self.transport.pause_reading()  # type: ignore[union-attr]  # the rest is the websocket's
+        self.door.waiting.pop(self, None)
         self.door.upgrade(self, head)
 
     def eof_received(self) -> bool:
@@ -149,7 +164,19 @@ class Doorway(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
-        self._stop_timer()
+        self.door.waiting.pop(self, None)
+        if self._linger is not None:
+            self._linger.cancel()
+
+    def overdue(self) -> None:
+        self.door.waiting.pop(self, None)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def hold(self) -> None:
+        """Stop reading while the broker answers (the browser's next bytes are the websocket's)."""
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def become(self, browser: wsconn.PlainBrowser, greeting: bytes) -> None:
         self.open = False
@@ -164,8 +191,9 @@ class Doorway(asyncio.Protocol):
             return
         transport.write(response)
         transport.write_eof()
-        transport.resume_reading()
-        self._timer = asyncio.get_running_loop().call_later(LINGER, transport.abort)
+        if not transport.is_reading():
+            transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER, transport.abort)
 
     def log(self, status: int, head: Head) -> None:
         access_log(status, head.method, head.path, self.peer, time.monotonic() - self.started)
@@ -174,18 +202,13 @@ class Doorway(asyncio.Protocol):
         """Tornado takes the connection: a duplicate of the socket and the bytes read so far."""
         transport = self.transport
         assert transport is not None
-        self._stop_timer()
+        self.door.waiting.pop(self, None)
         self.open = False
         sock = socket.socket(fileno=socket.dup(transport.get_extra_info("socket").fileno()))
         address = transport.get_extra_info("peername")
         transport.abort()  # closes our descriptor only: the connection lives on in ``sock``
         self.door.to_tornado(sock, bytes(self.buffer), address)
         self.buffer = bytearray()
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
 
 class _Prefilled(IOStream):

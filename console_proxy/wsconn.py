@@ -257,7 +257,8 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         self._greeting, self._early = greeting, early
         transport.set_protocol(self)
         self.connection_made(transport)
-        transport.resume_reading()
+        if not transport.is_reading():  # held while a single-use token was redeemed
+            transport.resume_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)

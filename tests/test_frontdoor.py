@@ -536,6 +536,7 @@ class Door:
 def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object]]:
     """start(head_timeout, broker=None) -> Door, inside the test's own event loop; closed after."""
     monkeypatch.setattr(frontdoor, "Doorway", RecordingDoorway)
+    monkeypatch.setattr(frontdoor, "SWEEP", 0.05)  # look for overdue heads often: short timeouts here
     doors: list[FrontDoor] = []
 
     async def start(head_timeout: float, broker: HeldBroker | None = None) -> Door:
@@ -589,9 +590,9 @@ def test_a_connection_without_a_whole_head_is_cut_at_the_head_timeout(in_process
 
 
 def test_the_head_timeout_ends_with_the_hand_over(in_process) -> None:
-    """The timer is the front door's only: a connection handed to Tornado is not cut by it. A
-    second connection, opened later, is cut by its own timer; the first's would have fired
-    before it, yet the first still serves a keep-alive request."""
+    """The head timeout is the front door's only: a connection handed to Tornado is not cut by
+    it. A second connection, opened later, is cut at its head timeout; the first's would have
+    come before it, yet the first still serves a keep-alive request."""
     async def scenario() -> tuple[bytes, bytes]:
         door = await in_process(0.2)
         kept_reader, kept_writer = await door.connect()
