@@ -18,7 +18,7 @@ from typing import Self
 
 V1 = Path("/sys/fs/cgroup/cpu")
 V2 = Path("/sys/fs/cgroup")
-PERIOD_US = 10_000  # short periods: a throttled proxy waits at most this long
+PERIOD_US = 4_000  # short periods: a throttled proxy waits at most this long
 
 
 def _layout() -> tuple[Path, str] | None:

@@ -209,7 +209,8 @@ class ConsoleSession:
         self._framer = rfb.ClientMessageFramer(max_message=config.max_message_size)
         self._early = bytearray()
         self._inbox = bytearray()
-        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._feeding: rfb.UpstreamHandshake | None = None  # parked in _drive: fed by the read callback
+        self._actions: asyncio.Future[list[object]] | None = None
         self._upstream_gone = False
         self._inbox_full = False  # reasons to leave the hypervisor's socket unread
         self._backlogged = False
@@ -295,15 +296,31 @@ class ConsoleSession:
     async def _drive(self, handshake: rfb.UpstreamHandshake, until: type) -> object:
         """Carry out the handshake's actions until ``until``, reading from the hypervisor as needed.
 
-        The first round feeds nothing: bytes that arrived early are already in the handshake.
+        While this waits, the hypervisor's bytes are fed to the handshake in the read callback
+        (:meth:`handshake_bytes`), which also sends the plain replies: only the other actions —
+        the milestone, STARTTLS, an error — come back here, so a step costs no loop turn.
         """
-        data = b""
+        actions = self._guard(handshake.feed, self._take_inbox())
         while True:
-            for action in self._guard(handshake.feed, data):
+            for action in actions:
                 done = await self._act(handshake, action, until)
                 if done is not None:
                     return done
-            data = await self._read_upstream()
+            actions = await self._next_actions(handshake)
+
+    async def _next_actions(self, handshake: rfb.UpstreamHandshake) -> list[object]:
+        """The handshake's next actions that are not only replies (those are sent meanwhile)."""
+        while self._inbox:  # arrived while this coroutine was busy
+            actions = self._guard(handshake.feed, self._take_inbox())
+            if actions:
+                return actions
+        if self._upstream_gone:
+            raise _end(4502, "the console server closed the connection during the handshake")
+        self._feeding, self._actions = handshake, asyncio.get_running_loop().create_future()
+        try:
+            return await self._actions
+        finally:
+            self._feeding = self._actions = None
 
     async def _act(self, handshake: rfb.UpstreamHandshake, action: object, until: type) -> object | None:
         if isinstance(action, rfb.Send):
@@ -345,12 +362,25 @@ class ConsoleSession:
         self._up.transport = secure  # type: ignore[assignment]
 
     def handshake_bytes(self, data: memoryview) -> None:
-        """The hypervisor's bytes before relaying: held for the handshake, bounded by pausing."""
-        self._inbox += data
-        if len(self._inbox) >= HANDSHAKE_INBOX:
-            self._inbox_full = True
-            self._steer_upstream()
-        self._wake()
+        """The hypervisor's bytes before relaying: fed to the waiting handshake at once, else
+        held for it (bounded by pausing)."""
+        handshake, waiter = self._feeding, self._actions
+        if handshake is None or waiter is None or waiter.done():
+            self._inbox += data
+            if len(self._inbox) >= HANDSHAKE_INBOX:
+                self._inbox_full = True
+                self._steer_upstream()
+            return
+        try:
+            actions = self._guard(handshake.feed, bytes(data))
+            if all(type(action) is rfb.Send for action in actions):
+                for action in actions:
+                    self._write_upstream(action.data)  # type: ignore[attr-defined]
+                return
+        except Exception as error:  # noqa: BLE001 - the coroutine ends the session (and logs a bug)
+            waiter.set_exception(error)
+            return
+        waiter.set_result(actions)
 
     def _steer_upstream(self) -> None:
         """Read the hypervisor unless the inbox is full or the browser is not keeping up."""
@@ -363,20 +393,7 @@ class ConsoleSession:
         elif not transport.is_reading():
             transport.resume_reading()
 
-    def _wake(self) -> None:
-        waiter = self._inbox_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _read_upstream(self) -> bytes:
-        while not self._inbox:
-            if self._upstream_gone:
-                raise _end(4502, "the console server closed the connection during the handshake")
-            self._inbox_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._inbox_waiter
-            finally:
-                self._inbox_waiter = None
+    def _take_inbox(self) -> bytes:
         data = bytes(self._inbox)
         self._inbox.clear()
         if self._inbox_full:
@@ -399,7 +416,9 @@ class ConsoleSession:
             self.finish(self._upstream_closed().ending)
         else:
             self._upstream_gone = True
-            self._wake()
+            waiter = self._actions
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(_end(4502, "the console server closed the connection during the handshake"))
 
     # --- the browser's side (called by the websocket) -----------------------------------------
 
