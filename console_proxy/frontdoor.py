@@ -6,7 +6,8 @@ CPU per console open. A plain, well-formed ``GET /websockify`` (:func:`httphead.
 admitted here by the same functions Tornado's handler calls (:mod:`console_proxy.server`), on
 the asyncio transport that then carries the websocket. Anything else — another path or method,
 an odd head, a bare-LF head, a body, a head over ``MAX_HEAD`` — goes to Tornado's HTTP server
-with the bytes already read, so Tornado serves it exactly as if it had accepted the connection.
+with the bytes already read, and Tornado serves it as if it had accepted the connection (its own
+header timeout then starts afresh, so a head trickled in slowly gets both windows).
 
 A proxy that terminates TLS itself keeps Tornado's own listener.
 """
@@ -27,6 +28,7 @@ from console_proxy import httphead, server, wsconn
 from console_proxy.admission import Refusal
 from console_proxy.handlerlog import access_log
 from console_proxy.httphead import Head
+from console_proxy.relay import Ending
 from console_proxy.token import Claims
 
 log = logging.getLogger("consolegate.proxy")
@@ -77,11 +79,18 @@ class FrontDoor:
         self.http.handle_stream(stream, address)
 
     def upgrade(self, doorway: Doorway, head: Head) -> None:
-        """Admit (no await), redeem a single-use token (awaits the broker), then the session."""
+        """Admit (no await), redeem a single-use token (awaits the broker), then the session.
+        A bug on the way never leaves a connection or a session behind (see ``_failed``)."""
+        try:
+            self._upgrade(doorway, head)
+        except Exception:  # noqa: BLE001 - logged by path only, the connection answered 500
+            self._failed(doorway, head)
+
+    def _upgrade(self, doorway: Doorway, head: Head) -> None:
         state = self.state
         client, own = server.request_view(state, doorway.peer, "http", head.headers.get("Host"), head.headers)
         try:
-            claims, key, binary = server.admit_upgrade(state, head.headers, head.query_argument("token"),
+            claims, key, binary = server.admit_upgrade(state, head.headers, lambda: head.query_argument("token"),
                                                        client, own)
         except Refusal as refusal:
             self._refuse(doorway, head, refusal, client)
@@ -101,16 +110,32 @@ class FrontDoor:
         except Refusal as refusal:
             self._refuse(doorway, head, refusal, client)
             return
-        self._open(doorway, head, claims, key, binary, client)
+        except Exception:  # noqa: BLE001 - as in upgrade()
+            self._failed(doorway, head)
+            return
+        try:
+            self._open(doorway, head, claims, key, binary, client)
+        except Exception:  # noqa: BLE001 - as in upgrade()
+            self._failed(doorway, head)
 
     def _open(self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool, client: str) -> None:
+        if not doorway.open:  # the browser left while the broker answered
+            return
         browser = wsconn.PlainBrowser(self.state.config.max_message_size)
         session = server.start_session(self.state, claims, browser, client)
-        if not doorway.open:  # the browser left while the broker answered
-            session.finish(server.LEFT_DURING_UPGRADE)
-            return
-        doorway.log(101, head)
-        doorway.become(browser, server.switching(key, binary))
+        try:
+            doorway.log(101, head)
+            doorway.become(browser, server.switching(key, binary))
+        except BaseException:
+            session.finish(Ending.of(4502, "internal error"))
+            raise
+
+    def _failed(self, doorway: Doorway, head: Head) -> None:
+        """An unexpected error (a bug): logged by path only (the query may hold the token); the
+        browser gets a bare 500 if its connection is still ours, so nothing is held."""
+        log.exception("unexpected error serving %s %s (%s)", head.method, head.path, doorway.peer)
+        if doorway.open:
+            doorway.answer(httphead.response(500, list(server.NO_STORE)))
 
     def _refuse(self, doorway: Doorway, head: Head, refusal: Refusal, client: str) -> None:
         self.state.refused(refusal, client, head.path)
@@ -140,7 +165,7 @@ class Doorway(asyncio.Protocol):
         self.door.waiting[self] = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
-        if self.started:  # refused, or waiting for the broker: what the browser sends is dropped
+        if self.started:  # refused: what the browser still sends is read and dropped
             return
         buffer = self.buffer
         buffer += data

@@ -21,16 +21,25 @@ _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 #: The whole head in one match: ``METHOD /target HTTP/1.1``, then ``name:value`` lines whose
 #: names are tokens and whose values hold no control character but tab.
 _HEAD = re.compile(rf"{_TOKEN} /[\x21-\x7e]* HTTP/1\.1(?:\r\n{_TOKEN}:[\t\x20-\x7e\x80-\xff]*)*")
+#: What Tornado turns into spaces in argument values.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f]")
 #: A plain Host: a name or address, or a bracketed IPv6 literal, and an optional port. Stricter
 #: than RFC 3986's reg-name on purpose: anything else is Tornado's to judge.
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~]+)(:[0-9]{1,5})?")
 
 
 class Headers(dict[str, str]):
-    """Header fields by lower-cased name; repeated fields joined with commas (RFC 9110 5.3)."""
+    """Header fields by lower-cased name; repeated fields joined with commas (RFC 9110 5.3).
+    Filled with lower-case names; looked up in any case."""
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name.lower() if isinstance(name, str) else name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +50,14 @@ class Head:
     headers: Headers
 
     def query_argument(self, name: str) -> str | None:
-        """The last value of a query argument, stripped, as Tornado's ``get_query_argument``."""
-        values = parse_qs(self.query, keep_blank_values=True).get(name)
-        return values[-1].strip() if values else None
+        """The last value of a query argument as Tornado's ``get_query_argument`` gives it:
+        percent-decoded, control characters as spaces, stripped. Bytes that are not UTF-8 (a
+        400 from Tornado) decode with replacement characters, which no token survives."""
+        values = parse_qs(self.query, keep_blank_values=True, encoding="latin-1").get(name)
+        if not values:
+            return None
+        text = values[-1].encode("latin-1").decode("utf-8", errors="replace")
+        return _CONTROL.sub(" ", text).strip()
 
 
 def parse_head(raw: bytes) -> Head | None:

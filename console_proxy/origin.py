@@ -25,7 +25,12 @@ def normalize_origin(value: str | None) -> str | None:
     """
     if not value:
         return None
-    return _normalize(value)
+    return _normalize(value) if len(value) <= CACHED_LENGTH else _normalize.__wrapped__(value)
+
+
+#: Longest value whose result is cached: real origins and addresses are short, and a cache
+#: keyed by long attacker-chosen headers would hold megabytes before any token was checked.
+CACHED_LENGTH = 256
 
 
 @functools.lru_cache(maxsize=1024)
@@ -131,8 +136,12 @@ def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[Netwo
     return _canonical(current)
 
 
-@functools.lru_cache(maxsize=4096)
 def _canonical(value: str) -> str:
+    return _canonical_cached(value) if len(value) <= CACHED_LENGTH else _canonical_cached.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_cached(value: str) -> str:
     """Cached: parsing an address costs more than the rest of the lookup (pure, bounded)."""
     address = _address(value)
     return str(address) if address is not None else value

@@ -343,6 +343,8 @@ class ConsoleSession:
             raise SessionEnded(Ending(error.close_code, error.code, str(error))) from None
 
     async def _start_tls(self, action: rfb.StartTls) -> None:
+        if self._inbox:  # plaintext after the server agreed to TLS: it must never pass for decrypted
+            raise _end(4502, "the console server sent plaintext where TLS was due")
         policy = self._tls
         try:
             context = ssl_context(policy, action.verify)

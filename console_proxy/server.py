@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import tornado.web
@@ -167,16 +167,18 @@ def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> tup
     return request_view(state, request.remote_ip or "", request.protocol, request.host, request.headers)
 
 
-def admit_upgrade(state: ProxyState, headers: Mapping[str, str], query_token: str | None, client: str,
-                  own: str | None) -> tuple[Claims, str, bool]:
+def admit_upgrade(state: ProxyState, headers: Mapping[str, str], query_token: Callable[[], str | None],
+                  client: str, own: str | None) -> tuple[Claims, str, bool]:
     """Claims, the websocket key and whether "binary" was offered; or Refusal. Spends nothing:
-    a request that is not a version-13 upgrade is refused before any token work."""
+    a request that is not a version-13 upgrade is refused before any token work (the query's
+    token is not even read)."""
     try:
         key = wsframes.check_upgrade(headers)
     except wsframes.UpgradeError as error:
         raise Refusal(error.code, reason=str(error), status=error.status) from None
     offered = [p.strip() for p in (headers.get("Sec-WebSocket-Protocol") or "").split(",")]
-    claims = state.admit(Request(token_from(offered, query_token), headers.get("Origin"), own, client))
+    candidate = token_from(offered, None) or query_token()
+    claims = state.admit(Request(candidate, headers.get("Origin"), own, client))
     return claims, key, "binary" in offered
 
 
@@ -275,7 +277,7 @@ class ConsoleSocket(JsonHandler):
         self.client_ip = client
         try:
             claims, key, binary = admit_upgrade(self.state, self.request.headers,
-                                                self.get_query_argument("token", None), client, own)
+                                                lambda: self.get_query_argument("token", None), client, own)
             await redeem_upgrade(self.state, claims)
         except Refusal as refusal:
             self.refuse(refusal, client)

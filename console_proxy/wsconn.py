@@ -256,9 +256,9 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         """Carry on on a transport whose request head the front door read (no socket hand-over)."""
         self._greeting, self._early = greeting, early
         transport.set_protocol(self)
-        self.connection_made(transport)
         if not transport.is_reading():  # held while a single-use token was redeemed
-            transport.resume_reading()
+            transport.resume_reading()  # (takes effect next loop turn: after connection_made)
+        self.connection_made(transport)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)

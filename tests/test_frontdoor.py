@@ -846,3 +846,38 @@ def test_an_upgrade_head_over_tornados_limit_is_not_upgraded(in_process) -> None
             writer.close()
     answer = asyncio.run(scenario())
     assert not answer.startswith(b"HTTP/1.1 101"), answer
+
+
+def reusable_token(port: int) -> str:
+    claims = token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60)
+    return token.mint(claims, RING)
+
+
+def test_a_bug_while_upgrading_answers_500_and_holds_nothing(in_process, monkeypatch) -> None:
+    """An unexpected error between admission and the 101 (a bug: here the session cannot start)
+    is answered with a bare 500 and the connection ends; no session is left registered, and the
+    log names the request by path only."""
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(server, "start_session", broken)
+
+    async def scenario() -> tuple[bytes, int]:
+        door = await in_process(60.0)
+        reader, writer = await door.connect()
+        head = request("/websockify?token=" + reusable_token(free_port()), *upgrade_fields())
+        writer.write(head)
+        answer = await ended(reader)
+        writer.close()
+        return answer, len(door.state.sessions)
+    answer, sessions = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert sessions == 0
+
+
+def test_tornado_refuses_a_non_upgrade_before_reading_the_query_token(proxy: ProxyProcess) -> None:
+    """On Tornado's path too, a request that is not an upgrade is refused as such (400
+    websocket_required, JSON) before the query's token is read — even one that is not UTF-8,
+    which Tornado's argument decoding would turn into a generic 400."""
+    response = exchange(proxy.port, request("/websockify?token=%C0%AF", version="HTTP/1.0"))
+    assert (response.status, response.by_tornado) == (400, True)
+    assert response.json()["error"] == "websocket_required"

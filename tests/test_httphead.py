@@ -434,3 +434,23 @@ def test_well_formed_heads_round_trip(method: str, target: str, host: str,
     for name, vals in expected.items():
         assert head.headers.get(name.upper()) == ",".join(vals)
 
+
+
+def test_query_argument_turns_control_characters_into_spaces_as_tornado() -> None:
+    """Tornado replaces C0 controls (except tab to CR) with spaces before stripping: a token
+    behind an escaped control character is the same token on both paths."""
+    head = parse_head(b"GET /websockify?token=%01abc%1f HTTP/1.1\r\nHost: h")
+    assert head is not None and head.query_argument("token") == "abc"
+
+
+def test_query_argument_that_is_not_utf8_cannot_be_a_token() -> None:
+    """Tornado answers 400 for such a query; here the value keeps a replacement character, which
+    no token's alphabet contains, so admission refuses it (counted, as JSON)."""
+    head = parse_head(b"GET /websockify?token=%C0abc HTTP/1.1\r\nHost: h")
+    assert head is not None and head.query_argument("token") == "\ufffdabc"
+
+
+def test_headers_look_up_in_any_case() -> None:
+    head = parse_head(b"GET / HTTP/1.1\r\nHost: h\r\nX-Thing: 1")
+    assert head is not None
+    assert "x-thing" in head.headers and "X-Thing" in head.headers and head.headers["X-THING"] == "1"

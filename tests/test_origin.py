@@ -84,3 +84,17 @@ def test_forwarded_headers_count_only_from_trusted_proxies() -> None:
 ])
 def test_client_address(peer: str, xff: str, client: str) -> None:
     assert origin.client_address(peer, xff, TRUSTED) == client
+
+
+def test_long_values_are_answered_but_not_cached() -> None:
+    """The cache holds short values only: attacker-chosen Host or Origin headers of kilobytes
+    must not stay in memory after their request (checked before any token)."""
+    long_origin = "http://" + "a" * 300 + ".example"
+    before = origin._normalize.cache_info()
+    assert origin.normalize_origin(long_origin) == long_origin + ":80"
+    assert origin.normalize_origin(long_origin) == long_origin + ":80"
+    assert origin._normalize.cache_info() == before  # the cache was not even asked
+    origin.normalize_origin("http://short.example")
+    hits = origin._normalize.cache_info().hits
+    origin.normalize_origin("http://short.example")
+    assert origin._normalize.cache_info().hits == hits + 1
