@@ -195,9 +195,14 @@ class Conn:
 
     @classmethod
     async def open(cls, path: Path, timeout: float = 10.0) -> Conn:
+        async with asyncio.timeout(timeout):  # no task per step, unlike wait_for
+            return await cls._open(path)
+
+    @classmethod
+    async def _open(cls, path: Path) -> Conn:
         loop = asyncio.get_running_loop()
         proto = _Proto(path.kind == "ws")
-        await asyncio.wait_for(loop.create_connection(lambda: proto, "127.0.0.1", path.port), timeout)
+        await loop.create_connection(lambda: proto, "127.0.0.1", path.port)
         conn = cls(proto)
         if path.kind == "ws":
             proto.http_future = loop.create_future()
@@ -207,7 +212,11 @@ class Conn:
                        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
                        f"Sec-WebSocket-Protocol: {protocols}\r\n\r\n")
             proto.transport.write(request.encode())  # type: ignore[union-attr]
-            head = await asyncio.wait_for(proto.http_future, timeout)
+            try:
+                head = await proto.http_future
+            except BaseException:  # the timeout, or the server left
+                conn.close()
+                raise
             status = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"?"
             if status != b"101":
                 conn.close()

@@ -161,7 +161,8 @@ class Doorway(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport, self.open = transport, True
-        self.peer = transport.get_extra_info("peername")[0]
+        peer = transport.get_extra_info("peername")  # None if the browser reset before we looked
+        self.peer = peer[0] if peer else ""
         self.door.waiting[self] = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
