@@ -67,6 +67,9 @@ class Browser(Protocol):
 
     def close(self, code: int, reason: str) -> None: ...
 
+    def departed(self) -> bool:
+        """The browser's end closed while its input was held (checked by the periodic sweep)."""
+
 
 @dataclass
 class Ending:

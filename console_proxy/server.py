@@ -131,6 +131,8 @@ class ProxyState:
             return Ending.of(4410, "the console's time ran out")
         if config.idle_timeout and now - session.last_input >= config.idle_timeout:
             return Ending.of(4408, "no input from the browser")
+        if session.browser.departed():  # a stuck hypervisor held its input, so its end went unseen
+            return Ending(1006, "browser_closed", "the browser left while the console server was not reading")
         return None
 
     def begin_drain(self) -> None:

@@ -42,6 +42,10 @@ CLOSE_TIMEOUT = 5.0
 REPORT_ONLY = frozenset((1005, 1006, 1015))
 #: Bytes read from a TLS browser per read.
 TLS_READ = 64 * 1024
+#: TCP_INFO's first byte, where the platform has it: the connection's state (linux/tcp_states.h).
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+#: The browser's end is gone: TCP_CLOSE (it reset), TCP_CLOSE_WAIT (its FIN arrived).
+_PEER_ENDED = frozenset((7, 8))
 
 
 class WsConnection:
@@ -88,6 +92,28 @@ class WsConnection:
 
     def resume_reading(self) -> None:
         raise NotImplementedError
+
+    def _held(self) -> bool:
+        """Reading is paused (the hypervisor is not taking the browser's input)."""
+        raise NotImplementedError
+
+    def _socket(self) -> socket.socket | None:
+        raise NotImplementedError
+
+    def departed(self) -> bool:
+        """The browser's end closed (FIN or reset) while its input was held. Nothing reads the
+        socket then, so its end would go unseen for as long as the hypervisor stays stuck: the
+        kernel's TCP state is asked instead (Linux; elsewhere this says False)."""
+        if self._gone or _TCP_INFO is None or not self._held():
+            return False
+        sock = self._socket()
+        if sock is None:
+            return False
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+        except OSError:
+            return False
+        return state in _PEER_ENDED
 
     # --- the relay's Browser interface ---
     def send(self, data: bytes) -> None:
@@ -311,6 +337,12 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         if self.transport is not None and not self._closing and self.transport.is_reading():
             self.transport.pause_reading()
 
+    def _held(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading()
+
+    def _socket(self) -> socket.socket | None:
+        return None if self.transport is None else self.transport.get_extra_info("socket")
+
     def resume_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
             self.transport.resume_reading()
@@ -386,6 +418,12 @@ class TlsBrowser(WsConnection):
 
     def resume_reading(self) -> None:
         self._readable.set()
+
+    def _held(self) -> bool:
+        return not self._readable.is_set()
+
+    def _socket(self) -> socket.socket | None:
+        return self.stream.socket
 
 
 def _take_buffered(stream: IOStream) -> bytes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
 import struct
 import threading
@@ -547,3 +548,67 @@ def test_bytes_the_server_sends_before_the_browser_is_ready_are_relayed(
     finally:
         server_side.go.set()
         server.stop()
+
+
+# --- 7. a hypervisor that stops reading must not hide a browser that left ------------------------
+
+
+@dataclass
+class StopsReading:
+    """A console server that completes the handshake and then never reads again (a hung VM's
+    VNC server), until the test lets it go."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def behave(self, peer: _Peer) -> None:
+        until_client_init(peer)
+        peer.send(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, len(STAND_IN_NAME)) + STAND_IN_NAME)
+        self.release.wait(6 * IO_TIMEOUT)
+
+
+#: Input written before the proxy must have stopped reading; far above every buffer on the way.
+INPUT_LIMIT = 256 << 20
+KEYS = struct.pack(">BBxxI", 4, 1, 0xFFC6) * 8192  # 64 KiB of KeyEvents, one frame
+#: The proxy has stopped reading once our socket stays full and nothing more goes upstream this long.
+STILL_FOR = 0.25
+
+
+def fill_until_held(ws: WsClient, proxy: ProxyProcess) -> None:
+    """Send input until the proxy stops reading it: our socket stays unwritable and the proxy's
+    up counter stays still for ``STILL_FOR`` (another process cannot signal that it paused)."""
+    ws.sock.setblocking(False)
+    frame, sent = client_frame(OP_BINARY, KEYS), 0
+    while sent < INPUT_LIMIT:
+        try:
+            sent += ws.sock.send(frame[sent % len(frame):])
+            continue
+        except BlockingIOError:
+            pass
+        before = up_bytes(proxy)
+        _, writable, _ = select.select([], [ws.sock], [], STILL_FOR)
+        if not writable and up_bytes(proxy) == before:
+            return
+    raise AssertionError("the proxy kept reading input the hypervisor did not take")
+
+
+def test_a_browser_that_leaves_while_the_hypervisor_is_stuck_ends_its_session(
+        proxy: ProxyProcess, mint: Mint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hypervisor stops reading, so the proxy stops reading the browser (backpressure), and
+    the browser's input piles up. It then leaves (a reset). Nothing reads its socket any more,
+    so only the proxy's sweep (once a second) can see it gone: the session must end as 1006
+    promptly, not at the idle timeout (or never, with the idle timeout off)."""
+    stuck = StopsReading()
+    monkeypatch.setitem(BEHAVIOURS, "stops_reading", stuck.behave)
+    sid = "abuse-stuck-hypervisor"
+    server = HostileServer("stops_reading")
+    try:
+        ws, _ = open_console(proxy.port, mint(host="127.0.0.1", port=server.port, session_id=sid))
+        with closing(ws):
+            fill_until_held(ws, proxy)
+            reset(ws)
+            record = closed_record(proxy, sid, IO_TIMEOUT)
+    finally:
+        stuck.release.set()
+        server.stop()
+    assert (record["close_code"], record["close_reason"]) == (1006, "browser_closed")
+    assert "not reading" in str(record["detail"])

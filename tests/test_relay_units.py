@@ -30,6 +30,9 @@ class QuietBrowser:
     def close(self, code: int, reason: str) -> None:
         pass
 
+    def departed(self) -> bool:
+        return False
+
 
 def test_plaintext_waiting_when_tls_starts_ends_the_session() -> None:
     """Bytes the server sent after agreeing to VeNCrypt TLS but before the TLS handshake began
