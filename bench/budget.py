@@ -48,30 +48,47 @@ class CpuBudget:
 
     def __enter__(self) -> Self:
         self.group.mkdir(exist_ok=True)
-        quota = max(1000, int(self.share * PERIOD_US))
+        try:
+            self._limit(max(1000, int(self.share * PERIOD_US)))
+            for pid in self.pids:
+                self._move(self.group, pid)
+                if not self._inside(pid):
+                    raise RuntimeError(f"process {pid} did not move into {self.group}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _limit(self, quota: int) -> None:
         if self.kind == "v1":
             (self.group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
             (self.group / "cpu.cfs_quota_us").write_text(str(quota))
-        else:
-            control = self.parent / "cgroup.subtree_control"
-            if "cpu" not in control.read_text().split():
-                control.write_text("+cpu")
-            (self.group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
-        self._move(self.group, self.pids)
-        return self
+            return
+        control = self.parent / "cgroup.subtree_control"
+        if "cpu" not in control.read_text().split():
+            control.write_text("+cpu")
+        (self.group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
 
     def __exit__(self, *exc: object) -> None:
-        procs = (self.group / "cgroup.procs").read_text().split()
-        self._move(self.parent, [int(p) for p in procs])
+        """Everything in the group (children forked meanwhile too) back out, then the group goes.
+        A process that forks while being moved can leave one behind: a few passes settle it."""
+        for _ in range(5):
+            procs = [int(p) for p in (self.group / "cgroup.procs").read_text().split()]
+            if not procs:
+                break
+            for pid in procs:
+                self._move(self.parent, pid)
         try:
             self.group.rmdir()
         except OSError:
-            pass  # a process still inside (it exited meanwhile, or moved): leave the empty group
+            pass  # still populated (a zombie not yet reaped): an empty-quota group is left behind
+
+    def _inside(self, pid: int) -> bool:
+        return str(pid) in (self.group / "cgroup.procs").read_text().split()
 
     @staticmethod
-    def _move(group: Path, pids: Sequence[int]) -> None:
-        for pid in pids:
-            try:
-                (group / "cgroup.procs").write_text(str(pid))
-            except OSError:
-                pass  # exited meanwhile
+    def _move(group: Path, pid: int) -> None:
+        try:
+            (group / "cgroup.procs").write_text(str(pid))
+        except ProcessLookupError:
+            pass  # exited meanwhile

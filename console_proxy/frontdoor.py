@@ -106,14 +106,11 @@ class FrontDoor:
     async def _redeem_then_open(self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool,
                                 client: str) -> None:
         try:
-            await server.redeem_upgrade(self.state, claims)
-        except Refusal as refusal:
-            self._refuse(doorway, head, refusal, client)
-            return
-        except Exception:  # noqa: BLE001 - as in upgrade()
-            self._failed(doorway, head)
-            return
-        try:
+            try:
+                await server.redeem_upgrade(self.state, claims)
+            except Refusal as refusal:
+                self._refuse(doorway, head, refusal, client)
+                return
             self._open(doorway, head, claims, key, binary, client)
         except Exception:  # noqa: BLE001 - as in upgrade()
             self._failed(doorway, head)
@@ -128,6 +125,8 @@ class FrontDoor:
             doorway.become(browser, server.switching(key, binary))
         except BaseException:
             session.finish(Ending.of(4502, "internal error"))
+            if not doorway.open and doorway.transport is not None:
+                doorway.transport.abort()  # handed over half-way: nobody else will close it
             raise
 
     def _failed(self, doorway: Doorway, head: Head) -> None:

@@ -70,6 +70,9 @@ class Browser(Protocol):
     def departed(self) -> bool:
         """The browser's end closed while its input was held (checked by the periodic sweep)."""
 
+    def read_to_the_end(self) -> None:
+        """Read what a departed browser left, dropping its data, until its end shows."""
+
 
 @dataclass
 class Ending:

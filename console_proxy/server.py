@@ -119,9 +119,14 @@ class ProxyState:
         """Close idle, expired and revoked sessions (one timer for all, not one per session)."""
         now, wall = time.monotonic(), clock.now()
         for session in list(self.sessions):
-            ending = self._due_ending(session, now, wall)
-            if ending is not None:
-                session.finish(ending)
+            try:
+                ending = self._due_ending(session, now, wall)
+                if ending is not None:
+                    session.finish(ending)
+                elif session.browser.departed():  # a stuck hypervisor held its input: see its end
+                    session.browser.read_to_the_end()
+            except Exception:  # a bug with one session must not stop the sweep for all
+                log.exception("sweeping session %s failed", session.sid)
 
     def _due_ending(self, session: ConsoleSession, now: float, wall: float) -> Ending | None:
         config = self.config
@@ -131,8 +136,6 @@ class ProxyState:
             return Ending.of(4410, "the console's time ran out")
         if config.idle_timeout and now - session.last_input >= config.idle_timeout:
             return Ending.of(4408, "no input from the browser")
-        if session.browser.departed():  # a stuck hypervisor held its input, so its end went unseen
-            return Ending(1006, "browser_closed", "the browser left while the console server was not reading")
         return None
 
     def begin_drain(self) -> None:
@@ -279,12 +282,20 @@ class ConsoleSocket(JsonHandler):
         self.client_ip = client
         try:
             claims, key, binary = admit_upgrade(self.state, self.request.headers,
-                                                lambda: self.get_query_argument("token", None), client, own)
+                                                self._query_token, client, own)
             await redeem_upgrade(self.state, claims)
         except Refusal as refusal:
             self.refuse(refusal, client)
             return
         await self._upgrade(claims, key, binary)
+
+    def _query_token(self) -> str | None:
+        """``?token=``; one that is not UTF-8 comes back as text no token matches, so it is
+        refused like any bad token (counted, as JSON) rather than with Tornado's bare 400."""
+        try:
+            return self.get_query_argument("token", None)
+        except tornado.web.HTTPError:
+            return "\ufffd"
 
     async def _upgrade(self, claims: Claims, key: str, binary: bool) -> None:
         """101, then the session."""

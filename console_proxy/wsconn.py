@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -42,10 +43,10 @@ CLOSE_TIMEOUT = 5.0
 REPORT_ONLY = frozenset((1005, 1006, 1015))
 #: Bytes read from a TLS browser per read.
 TLS_READ = 64 * 1024
-#: TCP_INFO's first byte, where the platform has it: the connection's state (linux/tcp_states.h).
-_TCP_INFO = getattr(socket, "TCP_INFO", None)
-#: The browser's end is gone: TCP_CLOSE (it reset), TCP_CLOSE_WAIT (its FIN arrived).
-_PEER_ENDED = frozenset((7, 8))
+#: TCP_INFO's first byte is the connection's state on Linux (other systems number states
+#: differently, so there this is None and departures are left to the idle timeout).
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # linux/tcp_states.h: it reset; its FIN arrived
 
 
 class WsConnection:
@@ -70,6 +71,7 @@ class WsConnection:
         self._cork: list[bytes] | None = None  # frames held to go out in one write
         self._backlogged = False  # the browser is not taking our writes
         self._pong: bytes | None = None  # the latest ping's payload, answered once writable
+        self._dropping = False  # the browser departed: its data is read and dropped
 
     # --- to be provided by the shell ---
     def _write(self, data: bytes | memoryview) -> bool:
@@ -101,19 +103,26 @@ class WsConnection:
         raise NotImplementedError
 
     def departed(self) -> bool:
-        """The browser's end closed (FIN or reset) while its input was held. Nothing reads the
-        socket then, so its end would go unseen for as long as the hypervisor stays stuck: the
-        kernel's TCP state is asked instead (Linux; elsewhere this says False)."""
-        if self._gone or _TCP_INFO is None or not self._held():
+        """The browser's end closed (its FIN or a reset arrived) while its input was held.
+        Nothing reads the socket then, so its end would go unseen for as long as the hypervisor
+        stays stuck: the kernel's TCP state is asked instead (Linux; elsewhere False)."""
+        if self._gone or self._dropping or _TCP_INFO is None or not self._held():
             return False
         sock = self._socket()
         if sock is None:
             return False
         try:
-            state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+            state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
         except OSError:
             return False
-        return state in _PEER_ENDED
+        return bool(state) and state[0] in (TCP_CLOSE, TCP_CLOSE_WAIT)
+
+    def read_to_the_end(self) -> None:
+        """For a browser that departed: read what it left, dropping its data (the stuck
+        hypervisor would only queue it), so its Close, end of stream or reset ends the session
+        the usual way, with its own code."""
+        self._dropping = True
+        self.resume_reading()
 
     # --- the relay's Browser interface ---
     def send(self, data: bytes) -> None:
@@ -196,7 +205,7 @@ class WsConnection:
         self._to_session(data)
 
     def _to_session(self, data: list[bytes]) -> None:
-        if data and not self._closing and self.session is not None:
+        if data and not self._closing and not self._dropping and self.session is not None:
             self.session.from_browser(data[0] if len(data) == 1 else b"".join(data))
         data.clear()
 
@@ -334,7 +343,7 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
             self.transport.write_eof()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self._closing and self.transport.is_reading():
+        if self.transport is not None and not self._closing and not self._dropping and self.transport.is_reading():
             self.transport.pause_reading()
 
     def _held(self) -> bool:
@@ -362,6 +371,9 @@ class TlsBrowser(WsConnection):
 
     def opened(self, greeting: bytes, early: bytes = b"") -> None:
         super().opened(greeting)  # bytes Tornado already buffered come first from read_bytes
+        # Tornado reads an idle stream itself to see it close; wake the loop then, even while
+        # reading is paused, so the end is not missed until the hypervisor unsticks
+        self.stream.set_close_callback(self._readable.set)
         self._reading = asyncio.get_running_loop().create_task(self._read_loop())
 
     async def _read_loop(self) -> None:
@@ -413,7 +425,7 @@ class TlsBrowser(WsConnection):
         self._shut()  # TLS over Tornado's stream has no half-close
 
     def pause_reading(self) -> None:
-        if not self._closing:
+        if not self._closing and not self._dropping:
             self._readable.clear()
 
     def resume_reading(self) -> None:

@@ -854,12 +854,12 @@ def reusable_token(port: int) -> str:
 
 
 def test_a_bug_while_upgrading_answers_500_and_holds_nothing(in_process, monkeypatch) -> None:
-    """An unexpected error between admission and the 101 (a bug: here the session cannot start)
-    is answered with a bare 500 and the connection ends; no session is left registered, and the
-    log names the request by path only."""
-    def broken(*_args: object) -> None:
+    """An unexpected error between admission and the 101 (a bug: here the 101 cannot be built,
+    after the session was registered) is answered with a bare 500 and the connection ends; the
+    registered session is ended, so it holds no slot."""
+    def broken(*_args: object) -> bytes:
         raise RuntimeError("a bug")
-    monkeypatch.setattr(server, "start_session", broken)
+    monkeypatch.setattr(server, "switching", broken)
 
     async def scenario() -> tuple[bytes, int]:
         door = await in_process(60.0)
