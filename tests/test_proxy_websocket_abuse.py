@@ -26,6 +26,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -40,7 +41,7 @@ import pytest
 from hostile import BEHAVIOURS, PIXEL_FORMAT, VERSION_38, HostileServer, _Peer
 from proxyproc import ProxyProcess
 from rawws import OP_BINARY, OP_CLOSE, OP_PING, RawClient, client_frame, close_payload, new_key, open_socket, upgrade
-from xvnc import XvncServer
+from xvnc import TestPki, XvncServer
 
 from console_proxy.wsconn import CLOSE_TIMEOUT
 
@@ -200,9 +201,11 @@ def open_fds(proxy: ProxyProcess) -> int:
     return len(os.listdir(f"/proc/{proxy.process.pid}/fd"))
 
 
-def up_bytes(proxy: ProxyProcess) -> float:
-    """``consolegate_proxy_bytes_total{direction="up"}``: client messages written to the server."""
-    with urllib.request.urlopen(f"{proxy.base}/metrics", timeout=IO_TIMEOUT) as response:
+def up_bytes(proxy: ProxyProcess, tls: ssl.SSLContext | None = None) -> float:
+    """``consolegate_proxy_bytes_total{direction="up"}``: client messages written to the server
+    (over HTTPS, verified with ``tls``, from a proxy that serves TLS itself)."""
+    base = proxy.base if tls is None else f"https://127.0.0.1:{proxy.port}"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=IO_TIMEOUT, context=tls) as response:
         text = response.read().decode()
     found = re.search(r'^consolegate_proxy_bytes_total\{direction="up"\} (\S+)$', text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
@@ -573,7 +576,7 @@ KEYS = struct.pack(">BBxxI", 4, 1, 0xFFC6) * 8192  # 64 KiB of KeyEvents, one fr
 STILL_FOR = 0.25
 
 
-def fill_until_held(ws: WsClient, proxy: ProxyProcess) -> None:
+def fill_until_held(ws: WsClient, proxy: ProxyProcess, tls: ssl.SSLContext | None = None) -> None:
     """Send input until the proxy stops reading it: our socket stays unwritable and the proxy's
     up counter stays still for ``STILL_FOR`` (another process cannot signal that it paused)."""
     ws.sock.setblocking(False)
@@ -582,30 +585,51 @@ def fill_until_held(ws: WsClient, proxy: ProxyProcess) -> None:
         try:
             sent += ws.sock.send(frame[sent % len(frame):])
             continue
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError):
             pass
-        before = up_bytes(proxy)
+        before = up_bytes(proxy, tls)
         _, writable, _ = select.select([], [ws.sock], [], STILL_FOR)
-        if not writable and up_bytes(proxy) == before:
+        if not writable and up_bytes(proxy, tls) == before:
             return
     raise AssertionError("the proxy kept reading input the hypervisor did not take")
 
 
+def open_console_over_tls(port: int, token: str, context: ssl.SSLContext) -> tuple[WsClient, int]:
+    """open_console, over TLS to a proxy that serves it itself (certificate verified)."""
+    tls = context.wrap_socket(open_socket(port, timeout=IO_TIMEOUT), server_hostname="127.0.0.1")
+    try:
+        _, rest = upgrade(tls, port, token, new_key())
+        ws = WsClient(tls, rest)
+        rfb_until_security_result(ws)
+        ws.send(b"\x01")  # ClientInit, shared
+        return ws, read_server_init(ws)
+    except BaseException:
+        tls.close()
+        raise
+
+
+@pytest.mark.parametrize("over_tls", [pytest.param(False, id="ws"), pytest.param(True, id="wss")])
 def test_a_browser_that_leaves_while_the_hypervisor_is_stuck_ends_its_session(
-        proxy: ProxyProcess, mint: Mint, monkeypatch: pytest.MonkeyPatch) -> None:
+        proxy: ProxyProcess, proxy_factory: Callable[..., ProxyProcess], test_pki: TestPki, mint: Mint,
+        monkeypatch: pytest.MonkeyPatch, over_tls: bool) -> None:
     """The hypervisor stops reading, so the proxy stops reading the browser (backpressure), and
     the browser's input piles up. It then leaves (a reset). Nothing reads its socket any more,
-    so only the proxy's sweep (once a second) can see it gone, by its TCP state; the browser's
-    leftovers are then read and dropped, and the session ends as 1006 the usual way — promptly,
-    not at the idle timeout (or never, with the idle timeout off)."""
+    so only the proxy's sweep (once a second) can see it gone, by its TCP state — or, over TLS,
+    Tornado's own look at an idle stream; the browser's leftovers are then read and dropped, and
+    the session ends as 1006 the usual way — promptly, not at the idle timeout (or never, with
+    the idle timeout off)."""
     stuck = StopsReading()
     monkeypatch.setitem(BEHAVIOURS, "stops_reading", stuck.behave)
-    sid = "abuse-stuck-hypervisor"
+    sid = f"abuse-stuck-hypervisor-{'wss' if over_tls else 'ws'}"
+    if over_tls:
+        proxy = proxy_factory("--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path))
     server = HostileServer("stops_reading")
     try:
-        ws, _ = open_console(proxy.port, mint(host="127.0.0.1", port=server.port, session_id=sid))
+        token = mint(host="127.0.0.1", port=server.port, session_id=sid)
+        tls = ssl.create_default_context(cafile=str(test_pki.ca_path)) if over_tls else None
+        ws, _ = open_console_over_tls(proxy.port, token, tls) if tls else open_console(proxy.port, token)
         with closing(ws):
-            fill_until_held(ws, proxy)
+            fill_until_held(ws, proxy, tls)
             reset(ws)
             record = closed_record(proxy, sid, IO_TIMEOUT)
     finally:
