@@ -67,11 +67,8 @@ class Browser(Protocol):
 
     def close(self, code: int, reason: str) -> None: ...
 
-    def departed(self) -> bool:
-        """The browser's end closed while its input was held (checked by the periodic sweep)."""
-
-    def read_to_the_end(self) -> None:
-        """Read what a departed browser left, dropping its data, until its end shows."""
+    def watch_held(self) -> None:
+        """Periodically: if the browser's input is held, find out whether it is still there."""
 
 
 @dataclass

@@ -123,8 +123,8 @@ class ProxyState:
                 ending = self._due_ending(session, now, wall)
                 if ending is not None:
                     session.finish(ending)
-                elif session.browser.departed():  # a stuck hypervisor held its input: see its end
-                    session.browser.read_to_the_end()
+                else:
+                    session.browser.watch_held()  # a stuck hypervisor must not hide a browser's end
             except Exception:  # a bug with one session must not stop the sweep for all
                 log.exception("sweeping session %s failed", session.sid)
 

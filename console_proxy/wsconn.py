@@ -24,6 +24,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from console_proxy.relay import FRAME_HEADROOM, Ending
 from console_proxy.wsframes import (
+    OP_PING,
     OP_PONG,
     Close,
     FrameReader,
@@ -102,27 +103,28 @@ class WsConnection:
     def _socket(self) -> socket.socket | None:
         raise NotImplementedError
 
-    def departed(self) -> bool:
-        """The browser's end closed (its FIN or a reset arrived) while its input was held.
-        Nothing reads the socket then, so its end would go unseen for as long as the hypervisor
-        stays stuck: the kernel's TCP state is asked instead (Linux; elsewhere False)."""
-        if self._gone or self._dropping or _TCP_INFO is None or not self._held():
-            return False
+    def watch_held(self) -> None:
+        """Called by the periodic sweep. While the browser's input is held (a stuck hypervisor:
+        backpressure), nothing reads its socket, so its end would go unseen for as long as the
+        hypervisor stays stuck. The kernel's TCP state tells (Linux): once the browser's FIN or
+        a reset has arrived, what it left is read and dropped, so its Close, end of stream or
+        reset ends the session the usual way, with its own code. Otherwise it gets a Ping: a
+        browser that closed while its FIN sat behind input we never took is answered by its
+        kernel with a reset, which the next sweep sees."""
+        if self._gone or self._dropping or self._closing or _TCP_INFO is None or not self._held():
+            return
         sock = self._socket()
         if sock is None:
-            return False
+            return
         try:
             state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
         except OSError:
-            return False
-        return bool(state) and state[0] in (TCP_CLOSE, TCP_CLOSE_WAIT)
-
-    def read_to_the_end(self) -> None:
-        """For a browser that departed: read what it left, dropping its data (the stuck
-        hypervisor would only queue it), so its Close, end of stream or reset ends the session
-        the usual way, with its own code."""
-        self._dropping = True
-        self.resume_reading()
+            return
+        if state and state[0] in (TCP_CLOSE, TCP_CLOSE_WAIT):
+            self._dropping = True
+            self.resume_reading()
+        elif not self._backlogged:
+            self._write(frame(OP_PING, b""))
 
     # --- the relay's Browser interface ---
     def send(self, data: bytes) -> None:

@@ -608,19 +608,26 @@ def open_console_over_tls(port: int, token: str, context: ssl.SSLContext) -> tup
         raise
 
 
+def close_behind_input(ws: WsClient) -> None:
+    """A plain close: with input the proxy never took still queued, its FIN cannot leave."""
+    ws.sock.close()
+
+
+@pytest.mark.parametrize("leave", [pytest.param(reset, id="reset"), pytest.param(close_behind_input, id="close")])
 @pytest.mark.parametrize("over_tls", [pytest.param(False, id="ws"), pytest.param(True, id="wss")])
 def test_a_browser_that_leaves_while_the_hypervisor_is_stuck_ends_its_session(
         proxy: ProxyProcess, proxy_factory: Callable[..., ProxyProcess], test_pki: TestPki, mint: Mint,
-        monkeypatch: pytest.MonkeyPatch, over_tls: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, over_tls: bool, leave: Callable[[WsClient], None]) -> None:
     """The hypervisor stops reading, so the proxy stops reading the browser (backpressure), and
-    the browser's input piles up. It then leaves (a reset). Nothing reads its socket any more,
-    so only the proxy's sweep (once a second) can see it gone, by its TCP state — or, over TLS,
-    Tornado's own look at an idle stream; the browser's leftovers are then read and dropped, and
-    the session ends as 1006 the usual way — promptly, not at the idle timeout (or never, with
-    the idle timeout off)."""
+    the browser's input piles up. It then leaves. Nothing reads its socket any more, so only
+    the proxy's sweep (once a second) can see it gone: a reset by the socket's TCP state; a
+    plain close, whose FIN is stuck behind the untaken input, by the reset the browser's kernel
+    answers the sweep's Ping with. The browser's leftovers are then read and dropped, and the
+    session ends as 1006 the usual way — promptly, not at the idle timeout (or never, with the
+    idle timeout off)."""
     stuck = StopsReading()
     monkeypatch.setitem(BEHAVIOURS, "stops_reading", stuck.behave)
-    sid = f"abuse-stuck-hypervisor-{'wss' if over_tls else 'ws'}"
+    sid = f"abuse-stuck-hypervisor-{'wss' if over_tls else 'ws'}-{leave.__name__}"
     if over_tls:
         proxy = proxy_factory("--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path))
     server = HostileServer("stops_reading")
@@ -630,7 +637,7 @@ def test_a_browser_that_leaves_while_the_hypervisor_is_stuck_ends_its_session(
         ws, _ = open_console_over_tls(proxy.port, token, tls) if tls else open_console(proxy.port, token)
         with closing(ws):
             fill_until_held(ws, proxy, tls)
-            reset(ws)
+            leave(ws)
             record = closed_record(proxy, sid, IO_TIMEOUT)
     finally:
         stuck.release.set()

@@ -30,8 +30,8 @@ class QuietBrowser:
     def close(self, code: int, reason: str) -> None:
         pass
 
-    def departed(self) -> bool:
-        return False
+    def watch_held(self) -> None:
+        pass
 
 
 def test_plaintext_waiting_when_tls_starts_ends_the_session() -> None:
