@@ -123,9 +123,12 @@ class WsClient(RawClient):
                 raise AssertionError(f"the connection was still open {within}s later") from None
 
 
-def open_ws(port: int, token: str, *, rcvbuf: int | None = None) -> WsClient:
-    """Upgrade a fresh connection; the 101 is checked, the frames behind it kept."""
+def open_ws(port: int, token: str, *, rcvbuf: int | None = None, tls: ssl.SSLContext | None = None) -> WsClient:
+    """Upgrade a fresh connection (over verified TLS with ``tls``, to a proxy serving it itself);
+    the 101 is checked, the frames behind it kept."""
     sock = open_socket(port, timeout=IO_TIMEOUT, rcvbuf=rcvbuf)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
     try:
         _, rest = upgrade(sock, port, token, new_key())
     except BaseException:
@@ -155,8 +158,9 @@ def read_server_init(ws: WsClient) -> int:
     return pixel_format[0] // 8
 
 
-def open_console(port: int, token: str, *, rcvbuf: int | None = None) -> tuple[WsClient, int]:
-    ws = open_ws(port, token, rcvbuf=rcvbuf)
+def open_console(port: int, token: str, *, rcvbuf: int | None = None,
+                 tls: ssl.SSLContext | None = None) -> tuple[WsClient, int]:
+    ws = open_ws(port, token, rcvbuf=rcvbuf, tls=tls)
     try:
         rfb_until_security_result(ws)
         ws.send(b"\x01")  # ClientInit, shared
@@ -594,20 +598,6 @@ def fill_until_held(ws: WsClient, proxy: ProxyProcess, tls: ssl.SSLContext | Non
     raise AssertionError("the proxy kept reading input the hypervisor did not take")
 
 
-def open_console_over_tls(port: int, token: str, context: ssl.SSLContext) -> tuple[WsClient, int]:
-    """open_console, over TLS to a proxy that serves it itself (certificate verified)."""
-    tls = context.wrap_socket(open_socket(port, timeout=IO_TIMEOUT), server_hostname="127.0.0.1")
-    try:
-        _, rest = upgrade(tls, port, token, new_key())
-        ws = WsClient(tls, rest)
-        rfb_until_security_result(ws)
-        ws.send(b"\x01")  # ClientInit, shared
-        return ws, read_server_init(ws)
-    except BaseException:
-        tls.close()
-        raise
-
-
 def close_behind_input(ws: WsClient) -> None:
     """A plain close: with input the proxy never took still queued, its FIN cannot leave."""
     ws.sock.close()
@@ -634,7 +624,7 @@ def test_a_browser_that_leaves_while_the_hypervisor_is_stuck_ends_its_session(
     try:
         token = mint(host="127.0.0.1", port=server.port, session_id=sid)
         tls = ssl.create_default_context(cafile=str(test_pki.ca_path)) if over_tls else None
-        ws, _ = open_console_over_tls(proxy.port, token, tls) if tls else open_console(proxy.port, token)
+        ws, _ = open_console(proxy.port, token, tls=tls)
         with closing(ws):
             fill_until_held(ws, proxy, tls)
             leave(ws)
