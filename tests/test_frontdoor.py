@@ -645,6 +645,16 @@ async def silent_upstream() -> tuple[asyncio.Server, int]:
     return upstream, upstream.sockets[0].getsockname()[1]
 
 
+async def asked_with_single_use(door: Door, broker: HeldBroker,
+                                port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upgrade with a single-use token for a console server on ``port``, once the broker has
+    been asked to redeem it (and holds its answer)."""
+    reader, writer = await door.connect()
+    writer.write(get_request(door.port, "/websockify", upgrade_headers(new_key(), f"binary, token.{once_token(port)}")))
+    await asyncio.wait_for(broker.asked.wait(), IO_TIMEOUT)
+    return reader, writer
+
+
 def test_a_single_use_token_waits_for_the_broker_then_upgrades(in_process) -> None:
     """The front door answers only once the broker has redeemed the token: nothing before, the
     101 after; the session is registered and the upgrade's slot given back."""
@@ -652,10 +662,7 @@ def test_a_single_use_token_waits_for_the_broker_then_upgrades(in_process) -> No
         broker = HeldBroker()
         door = await in_process(60.0, broker)
         upstream, port = await silent_upstream()
-        reader, writer = await door.connect()
-        writer.write(get_request(door.port, "/websockify",
-                                 upgrade_headers(new_key(), f"binary, token.{once_token(port)}")))
-        await asyncio.wait_for(broker.asked.wait(), IO_TIMEOUT)
+        reader, writer = await asked_with_single_use(door, broker, port)
         assert door.state.pending == 1 and not door.state.sessions
         broker.verdict.set_result(None)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
@@ -671,10 +678,7 @@ def test_a_token_the_broker_refuses_is_refused_by_the_front_door(in_process) -> 
     async def scenario() -> bytes:
         broker = HeldBroker()
         door = await in_process(60.0, broker)
-        reader, writer = await door.connect()
-        writer.write(get_request(door.port, "/websockify",
-                                 upgrade_headers(new_key(), f"binary, token.{once_token(free_port())}")))
-        await asyncio.wait_for(broker.asked.wait(), IO_TIMEOUT)
+        reader, writer = await asked_with_single_use(door, broker, free_port())
         broker.verdict.set_result(Refusal("token_used"))
         answer = await ended(reader)
         writer.close()
@@ -692,10 +696,7 @@ def test_a_browser_that_leaves_while_the_broker_answers_holds_no_session(in_proc
         broker = HeldBroker()
         door = await in_process(60.0, broker)
         upstream, port = await silent_upstream()
-        _reader, writer = await door.connect()
-        writer.write(get_request(door.port, "/websockify",
-                                 upgrade_headers(new_key(), f"binary, token.{once_token(port)}")))
-        await asyncio.wait_for(broker.asked.wait(), IO_TIMEOUT)
+        _reader, writer = await asked_with_single_use(door, broker, port)
         writer.close()
         await writer.wait_closed()
         broker.verdict.set_result(None)
