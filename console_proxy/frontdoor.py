@@ -6,8 +6,8 @@ CPU per console open. A plain, well-formed ``GET /websockify`` (:func:`httphead.
 admitted here by the same functions Tornado's handler calls (:mod:`console_proxy.server`), on
 the asyncio transport that then carries the websocket. Anything else — another path or method,
 an odd head, a bare-LF head, a body, a head over ``MAX_HEAD`` — goes to Tornado's HTTP server
-with the bytes already read, and Tornado serves it as if it had accepted the connection (its own
-header timeout then starts afresh, so a head trickled in slowly gets both windows).
+with the bytes already read, and Tornado serves it as if it had accepted the connection (the
+first head must still be complete within the front door's window).
 
 A proxy that terminates TLS itself keeps Tornado's own listener.
 """
@@ -19,6 +19,8 @@ import json
 import logging
 import socket
 import time
+from asyncio import Future
+from collections.abc import Awaitable
 
 import tornado.httpserver
 import tornado.netutil
@@ -73,8 +75,9 @@ class FrontDoor:
             doorway.overdue()
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
 
-    def to_tornado(self, sock: socket.socket, early: bytes, address: tuple[str, int]) -> None:
-        stream = _Prefilled(sock, early, max_buffer_size=self.http.max_buffer_size,
+    def to_tornado(self, sock: socket.socket, early: bytes, address: tuple[str, int], since: float) -> None:
+        """Tornado serves the connection; its first head must still come within our window."""
+        stream = _Prefilled(sock, early, since + self.head_timeout, max_buffer_size=self.http.max_buffer_size,
                             read_chunk_size=self.http.read_chunk_size)
         self.http.handle_stream(stream, address)
 
@@ -227,12 +230,12 @@ class Doorway(asyncio.Protocol):
         """Tornado takes the connection: a duplicate of the socket and the bytes read so far."""
         transport = self.transport
         assert transport is not None
-        self.door.waiting.pop(self, None)
+        since = self.door.waiting.pop(self, time.monotonic())
         self.open = False
         sock = socket.socket(fileno=socket.dup(transport.get_extra_info("socket").fileno()))
         address = transport.get_extra_info("peername")
         transport.abort()  # closes our descriptor only: the connection lives on in ``sock``
-        self.door.to_tornado(sock, bytes(self.buffer), address)
+        self.door.to_tornado(sock, bytes(self.buffer), address, since)
         self.buffer = bytearray()
 
 
@@ -245,7 +248,19 @@ class _Prefilled(IOStream):
     read chunk and strand the rest until the socket next became readable.
     """
 
-    def __init__(self, sock: socket.socket, early: bytes, **kwargs: int | None) -> None:
+    def __init__(self, sock: socket.socket, early: bytes, deadline: float, **kwargs: int | None) -> None:
         super().__init__(sock, **kwargs)  # type: ignore[arg-type]
         self._read_buffer += early
         self._read_buffer_size = len(self._read_buffer)
+        self._head_deadline: float | None = deadline
+
+    def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
+        """Tornado reads each request head this way. The first one must be complete by the
+        front door's deadline, not in a fresh header timeout of Tornado's: a head trickled in
+        slowly gets one window, not two."""
+        future = super().read_until_regex(regex, max_bytes)
+        deadline, self._head_deadline = self._head_deadline, None
+        if deadline is not None and isinstance(future, Future) and not future.done():
+            timer = self.io_loop.call_at(deadline, self.close)
+            future.add_done_callback(lambda _: self.io_loop.remove_timeout(timer))
+        return future

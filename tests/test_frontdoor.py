@@ -589,6 +589,21 @@ def test_a_connection_without_a_whole_head_is_cut_at_the_head_timeout(in_process
     assert asyncio.run(scenario()) == (b"", False)
 
 
+def test_a_head_handed_over_unfinished_gets_no_second_window(in_process) -> None:
+    """A head still unfinished past the front door's 8 KiB goes to Tornado, whose own header
+    timeout (an hour in this fixture's server) would start afresh; the first head must still be
+    complete within the front door's window, so a slow sender holds a connection once, not
+    twice."""
+    async def scenario() -> bytes:
+        door = await in_process(0.3)
+        reader, writer = await door.connect()
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"s" * 9000)
+        received = await ended(reader)
+        writer.close()
+        return received
+    assert asyncio.run(scenario()) == b""
+
+
 def test_the_head_timeout_ends_with_the_hand_over(in_process) -> None:
     """The head timeout is the front door's only: a connection handed to Tornado is not cut by
     it. A second connection, opened later, is cut at its head timeout; the first's would have
