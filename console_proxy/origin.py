@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
+
+T = TypeVar("T")
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,7 +28,7 @@ def normalize_origin(value: str | None) -> str | None:
     """
     if not value:
         return None
-    return _normalize(value) if len(value) <= CACHED_LENGTH else _normalize.__wrapped__(value)
+    return _normalize(value)
 
 
 #: Longest value whose result is cached: real origins and addresses are short, and a cache
@@ -33,7 +36,23 @@ def normalize_origin(value: str | None) -> str | None:
 CACHED_LENGTH = 256
 
 
-@functools.lru_cache(maxsize=1024)
+class _CachedIfShort(Generic[T]):
+    """An LRU cache for a pure function of a string, holding short strings only."""
+
+    def __init__(self, function: Callable[[str], T], maxsize: int) -> None:
+        self._function = function
+        self._cached = functools.lru_cache(maxsize=maxsize)(function)
+        self.cache_info = self._cached.cache_info
+
+    def __call__(self, value: str) -> T:
+        return self._cached(value) if len(value) <= CACHED_LENGTH else self._function(value)
+
+
+def _cached_if_short(maxsize: int) -> Callable[[Callable[[str], T]], _CachedIfShort[T]]:
+    return lambda function: _CachedIfShort(function, maxsize)
+
+
+@_cached_if_short(maxsize=1024)
 def _normalize(value: str) -> str | None:
     """Cached: a proxy sees the same few origins on every open (a pure function of a string)."""
     try:
@@ -136,12 +155,8 @@ def client_address(peer: str, forwarded_for: str | None, trusted: Sequence[Netwo
     return _canonical(current)
 
 
+@_cached_if_short(maxsize=4096)
 def _canonical(value: str) -> str:
-    return _canonical_cached(value) if len(value) <= CACHED_LENGTH else _canonical_cached.__wrapped__(value)
-
-
-@functools.lru_cache(maxsize=4096)
-def _canonical_cached(value: str) -> str:
     """Cached: parsing an address costs more than the rest of the lookup (pure, bounded)."""
     address = _address(value)
     return str(address) if address is not None else value

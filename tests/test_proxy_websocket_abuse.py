@@ -420,6 +420,22 @@ def test_backlog_during_the_handshake_does_not_stall_server_init(
 # --- 3. Close, then never read -------------------------------------------------------------------
 
 
+def backlogged_console(proxy: ProxyProcess, token: str) -> WsClient:
+    """A console whose browser has stopped reading, with the proxy's pongs backed up toward it."""
+    ws, _ = open_console(proxy.port, token, rcvbuf=SMALL_RCVBUF)
+    for batch in pings(BACKLOG):
+        ws.send_raw(batch)
+    return ws
+
+
+def assert_let_go(proxy: ProxyProcess, baseline: int, ws: WsClient, after: str) -> None:
+    """The proxy releases the connection (by its close timer) and the browser sees its end."""
+    poll_until(lambda: open_fds(proxy) == baseline, RELEASE_WITHIN,
+               lambda: f"the proxy still holds {open_fds(proxy) - baseline} more fds {RELEASE_WITHIN}s "
+                       f"after {after} (close timeout {CLOSE_TIMEOUT}s)")
+    assert ws.read_to_end(IO_TIMEOUT) in ("eof", "reset")
+
+
 def test_browser_that_sends_close_and_never_reads_is_let_go(
         proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]) -> None:
     """A browser sends Close with writes still backlogged toward it, then never reads: the
@@ -428,16 +444,10 @@ def test_browser_that_sends_close_and_never_reads_is_let_go(
     proxy = proxy_factory()
     token, sid = console_token
     baseline = open_fds(proxy)
-    ws, _ = open_console(proxy.port, token, rcvbuf=SMALL_RCVBUF)
-    with closing(ws):
-        for batch in pings(BACKLOG):  # the browser stops reading: pongs back up
-            ws.send_raw(batch)
+    with closing(backlogged_console(proxy, token)) as ws:
         ws.send_raw(client_frame(OP_CLOSE, close_payload(1000, "bye")))
         assert closed_record(proxy, sid, AFTER_PINGS)["close_code"] == 1000  # the session ends at once
-        poll_until(lambda: open_fds(proxy) == baseline, RELEASE_WITHIN,
-                   lambda: f"the proxy still holds {open_fds(proxy) - baseline} more fds {RELEASE_WITHIN}s "
-                           f"after a browser's Close (close timeout {CLOSE_TIMEOUT}s)")
-        assert ws.read_to_end(IO_TIMEOUT) in ("eof", "reset")
+        assert_let_go(proxy, baseline, ws, "a browser's Close")
 
 
 # --- 4. half-close, then never read --------------------------------------------------------------
@@ -451,17 +461,11 @@ def test_half_close_without_close_frame_ends_the_session(
     proxy = proxy_factory("--idle-timeout", "0")
     token, sid = console_token
     baseline = open_fds(proxy)
-    ws, _ = open_console(proxy.port, token, rcvbuf=SMALL_RCVBUF)
-    with closing(ws):
-        for batch in pings(BACKLOG):  # the browser stops reading: pongs back up
-            ws.send_raw(batch)
+    with closing(backlogged_console(proxy, token)) as ws:
         ws.sock.shutdown(socket.SHUT_WR)
         record = closed_record(proxy, sid, AFTER_PINGS)  # no timer ends it: --idle-timeout 0
         assert (record["close_code"], record["close_reason"]) == (1006, "browser_closed")
-        poll_until(lambda: open_fds(proxy) == baseline, RELEASE_WITHIN,
-                   lambda: f"the proxy still holds {open_fds(proxy) - baseline} more fds {RELEASE_WITHIN}s "
-                           f"after a browser's EOF (close timeout {CLOSE_TIMEOUT}s)")
-        assert ws.read_to_end(IO_TIMEOUT) in ("eof", "reset")
+        assert_let_go(proxy, baseline, ws, "a browser's EOF")
 
 
 # --- 5. close codes for the ways out -------------------------------------------------------------
