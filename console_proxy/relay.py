@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from console_proxy import rfb
+from console_proxy import dial, rfb
 from console_proxy.config import ProxyConfig
 from console_proxy.token import Claims
 
@@ -44,6 +44,7 @@ CLOSE_REASONS = {
     1009: "message_too_big",
 }
 
+CANNOT_CONNECT = "cannot connect to the console server"
 #: Bytes reserved before a relayed chunk for the websocket frame header (at most 10 bytes).
 FRAME_HEADROOM = 10
 #: Handshake bytes from the hypervisor held unread before its socket is paused.
@@ -158,6 +159,7 @@ class _Upstream(asyncio.BufferedProtocol):
         self.session = session
         self.reads = _read_buffer(session.config.read_chunk)
         self.transport: asyncio.Transport | None = None
+        self.connecting: asyncio.TimerHandle | None = None  # the connect deadline, until first bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -175,13 +177,25 @@ class _Upstream(asyncio.BufferedProtocol):
             if session.browser.send_framed(self.reads.buffer, nbytes):
                 self.reads.renew()
         else:
+            self._connected()
             session.handshake_bytes(self.reads.view[:nbytes])
 
+    def _connected(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+
     def eof_received(self) -> bool:
+        self._connected()
         self.session.upstream_lost()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.connecting is not None:
+            self._connected()
+            if dial.never_connected(exc):  # the connect itself failed (dial: no wait for it)
+                self.session.finish(Ending.of(4500, CANNOT_CONNECT))
+                return
         self.session.upstream_lost()
 
     def pause_writing(self) -> None:
@@ -286,15 +300,28 @@ class ConsoleSession:
             self._forward(early)
 
     async def _connect(self) -> None:
+        """Connect to the hypervisor; for a numeric address, without waiting for the TCP
+        handshake (see :mod:`console_proxy.dial`): the deadline then runs on until its first bytes."""
         loop = asyncio.get_running_loop()
-        deadline = loop.call_later(self.config.connect_timeout, self.finish,
-                                   Ending.of(4500, "connecting to the console server timed out"))
+        deadline: asyncio.TimerHandle | None = loop.call_later(self.config.connect_timeout, self._connect_overdue)
         try:
-            await loop.create_connection(lambda: self._up, self.claims.host, self.claims.port)
+            sock = dial.connecting_socket(self.claims.host, self.claims.port)
+            if sock is None:
+                await loop.create_connection(lambda: self._up, self.claims.host, self.claims.port)
+            else:
+                await loop.create_connection(lambda: self._up, sock=sock)
+                self._up.connecting, deadline = deadline, None
         except OSError:
-            raise _end(4500, "cannot connect to the console server") from None
+            raise _end(4500, CANNOT_CONNECT) from None
         finally:
-            deadline.cancel()
+            if deadline is not None:
+                deadline.cancel()
+
+    def _connect_overdue(self) -> None:
+        """The connect deadline: a connection made but silent is the handshake deadline's."""
+        transport = self._up.transport
+        if transport is None or not dial.is_connected(transport.get_extra_info("socket")):
+            self.finish(Ending.of(4500, "connecting to the console server timed out"))
 
     async def _drive(self, handshake: rfb.UpstreamHandshake, until: type) -> object:
         """Carry out the handshake's actions until ``until``, reading from the hypervisor as needed.
