@@ -45,6 +45,8 @@ class CpuBudget:
         self.parent, self.kind = layout
         self.pids, self.share = list(pids), share
         self.group = self.parent / f"{name}-{os.getpid()}"
+        # where each process was, to put it back there (inside a container that is not the root)
+        self.origins = {pid: self._cgroup_of(pid) for pid in self.pids}
 
     def __enter__(self) -> Self:
         self.group.mkdir(exist_ok=True)
@@ -76,12 +78,25 @@ class CpuBudget:
             procs = [int(p) for p in (self.group / "cgroup.procs").read_text().split()]
             if not procs:
                 break
-            for pid in procs:
-                self._move(self.parent, pid)
+            home = self.origins.get(self.pids[0], self.parent) if self.pids else self.parent
+            for pid in procs:  # a child forked inside goes where its first parent came from
+                self._move(self.origins.get(pid, home), pid)
         try:
             self.group.rmdir()
         except OSError:
             pass  # still populated (a zombie not yet reaped): an empty-quota group is left behind
+
+    def _cgroup_of(self, pid: int) -> Path:
+        """The CPU controller's cgroup directory ``pid`` is in now (the parent if not found)."""
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return self.parent
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if (controllers == "") if self.kind == "v2" else ("cpu" in controllers.split(",")):
+                return self.parent / path.lstrip("/")
+        return self.parent
 
     def _inside(self, pid: int) -> bool:
         return str(pid) in (self.group / "cgroup.procs").read_text().split()
