@@ -33,6 +33,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from console_proxy.admission import Refusal
 from console_proxy.keyring import Keyring, KeyringError
+from console_proxy.metrics import Gauge, LiveCounter
 from console_proxy.token import Claims
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class BrokerLink:
         self.credential, self.interval, self.timeout, self.batch = credential, interval, timeout, batch
         self.state: ProxyState | None = None
         self.queue: deque[dict[str, Any]] = deque(maxlen=queue_limit)
-        self.dropped = 0
+        self.dropped = {"queue_full": 0, "rejected": 0}  # events the broker will never see
         self._wake = asyncio.Event()
         self._beat_now = asyncio.Event()
         self._stopping = False
@@ -89,7 +90,16 @@ class BrokerLink:
         self._reachable = True
 
     def attach(self, state: ProxyState) -> None:
+        """Serve the proxy's state to the broker, and this link's health in its ``/metrics``."""
         self.state = state
+        add = state.metrics.registry.add
+        add(Gauge("consolegate_proxy_broker_reachable", "1 while the last call to the broker succeeded.",
+                  lambda: float(self._reachable)))
+        add(Gauge("consolegate_proxy_broker_events_queued", "Events waiting to be posted to the broker.",
+                  lambda: float(len(self.queue))))
+        add(LiveCounter("consolegate_proxy_broker_events_dropped_total",
+                        "Events the broker will never see: the queue was full, or the broker rejected them.",
+                        ["reason"], lambda: {(reason,): float(n) for reason, n in self.dropped.items()}))
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         request = HTTPRequest(self.base + path, method="POST", body=json.dumps(body),
@@ -192,9 +202,10 @@ class BrokerLink:
     def forward(self, record: dict[str, Any]) -> None:
         """Queue one event record for the broker (the Events ``forward`` hook); never blocks."""
         if len(self.queue) == self.queue.maxlen:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 100 == 0:
-                log.warning("event queue full: %d events to the broker dropped so far", self.dropped)
+            self.dropped["queue_full"] += 1
+            full = self.dropped["queue_full"]
+            if full == 1 or full % 100 == 0:
+                log.warning("event queue full: %d events to the broker dropped so far", full)
         self.queue.append(record)
         self._wake.set()
 
@@ -208,6 +219,7 @@ class BrokerLink:
                 if exc.code is not None and 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
                     log.warning("the broker rejected %d events (HTTP %d %s); dropped", len(batch), exc.code,
                                 _error_code(exc))
+                    self.dropped["rejected"] += len(batch)
                     self._drop(len(batch))
                     continue
                 return False
