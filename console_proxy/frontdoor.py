@@ -15,6 +15,7 @@ A proxy that terminates TLS itself keeps Tornado's own listener.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import socket
@@ -137,15 +138,20 @@ class FrontDoor:
         browser gets a bare 500 if its connection is still ours, so nothing is held."""
         log.exception("unexpected error serving %s %s (%s)", head.method, head.path, doorway.peer)
         if doorway.open:
-            doorway.answer(httphead.response(500, list(server.NO_STORE)))
+            doorway.answer(httphead.response(500, [_date(), *server.NO_STORE]))
 
     def _refuse(self, doorway: Doorway, head: Head, refusal: Refusal, client: str) -> None:
         self.state.refused(refusal, client, head.path)
-        fields = [("Content-Type", "application/json"), *server.NO_STORE]
+        fields = [_date(), ("Content-Type", "application/json"), *server.NO_STORE]
         if refusal.code in server.REFUSAL_HINTS:
             fields.append(server.REFUSAL_HINTS[refusal.code])
         doorway.log(refusal.status, head)
         doorway.answer(httphead.response(refusal.status, fields, json.dumps(refusal.body()).encode()))
+
+
+def _date() -> tuple[str, str]:
+    """RFC 9110 6.6.1: a server with a clock dates its responses (Tornado's do too)."""
+    return "Date", email.utils.formatdate(usegmt=True)
 
 
 class Doorway(asyncio.Protocol):

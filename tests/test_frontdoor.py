@@ -16,6 +16,7 @@ event, never at a sleep.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import socket
 import struct
@@ -307,8 +308,10 @@ def refusal(port: int, *fields: str, path: str = "/websockify") -> tuple[Respons
 def assert_front_door_refusal(response: Response, status: int, code: str) -> None:
     """Exactly the front door's fields, in order, and a JSON body of exactly error and message."""
     hint = [("Sec-WebSocket-Version", "13")] if status == 426 else []
-    assert response.fields == [*REFUSAL_FIELDS, *hint, ("Content-Length", str(len(response.body))),
-                               ("Connection", "close")], response.raw
+    date = response.fields[0]
+    assert date[0] == "Date" and abs(email.utils.parsedate_to_datetime(date[1]).timestamp() - time.time()) < 60
+    assert response.fields[1:] == [*REFUSAL_FIELDS, *hint, ("Content-Length", str(len(response.body))),
+                                   ("Connection", "close")], response.raw
     body = response.json()
     assert set(body) == {"error", "message"} and body["error"] == code and body["message"], body
     assert response.status == status
