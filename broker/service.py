@@ -303,7 +303,7 @@ class Broker:
         ring = self.keyring()
         revoked = [r["id"] for r in self.store.all(
             "SELECT id FROM sessions WHERE state = 'revoked' AND revoked_at > ? AND (closed_at IS NULL OR exp > ?)",
-            now - REVOKED_MEMORY, now - DEFAULT_SKEW)]
+            now - REVOKED_MEMORY, now - MAX_SKEW - DEFAULT_SKEW)]  # a proxy may run with up to MAX_SKEW
         answer: dict[str, Any] = {"keyring_version": ring.version, "revoked": revoked}
         if body["version"] != ring.version:
             answer["keyring"] = ring.pruned(now).for_proxy().to_jwks()
@@ -341,9 +341,11 @@ class Broker:
                              "healthy": p.healthy(now, interval)} for p in self.proxies()]}
 
     def cleanup(self) -> int:
-        """Delete redeemed rows whose token can no longer be accepted anywhere."""
+        """Delete redeemed rows whose token can no longer be accepted anywhere: a row's ``exp``
+        covers the redeeming proxy's skew, but another proxy may run with up to ``MAX_SKEW``."""
         with self.store.transaction() as conn:
-            return conn.execute("DELETE FROM redeemed WHERE exp < ?", (clock.now() - 2 * DEFAULT_SKEW,)).rowcount
+            return conn.execute("DELETE FROM redeemed WHERE exp < ?",
+                                (clock.now() - MAX_SKEW - DEFAULT_SKEW,)).rowcount
 
     # --- audit --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from broker.service import ApiError, Broker, init_state_dir
 from broker.store import SCHEMA_VERSION, Store, StoreError, StoreUnavailable
 from broker.vault import Vault, VaultError
 from console_proxy import clock
+from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
 
 
 def test_store_is_wal_migrated_and_private(tmp_path: Path) -> None:
@@ -170,9 +171,9 @@ def test_redeemed_rows_are_cleaned_up_after_exp(tmp_path: Path) -> None:
             broker.redeem(proxy, body)
             with pytest.raises(ApiError):
                 broker.redeem(proxy, body)
-            frozen.tick(60 + 30)
-            assert broker.cleanup() == 0  # within the skew allowance the row must stay
-            frozen.tick(60)
+            frozen.tick(60 + MAX_SKEW)
+            assert broker.cleanup() == 0  # a proxy with the largest skew allowed may still accept it
+            frozen.tick(DEFAULT_SKEW + 1)
             assert broker.cleanup() == 1
     finally:
         broker.close()
@@ -180,3 +181,26 @@ def test_redeemed_rows_are_cleaned_up_after_exp(tmp_path: Path) -> None:
 
 def broker_now() -> float:
     return clock.now()
+
+
+def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_token(tmp_path: Path) -> None:
+    """Proxies replace their revoked set with each heartbeat's list, and a proxy may run with a
+    skew of up to MAX_SKEW: a closed, revoked session must stay on the list until its token's
+    exp + MAX_SKEW, or a reusable token could reopen it on such a proxy."""
+    init_state_dir(tmp_path / "s")
+    broker = Broker(tmp_path / "s")
+    proxy = Principal("p", "p", "proxy")
+    beat = {"proxy_id": "p", "sessions": 0, "capacity": 1, "draining": False, "version": 0}
+    try:
+        with freeze_time("2030-01-01 00:00:00") as frozen:
+            now = int(broker_now())
+            with broker.store.transaction() as conn:
+                conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
+                             "minted_at, revoked_at, closed_at) VALUES ('s1', 't', NULL, 'p', 'k', 'revoked', 0, ?, ?, ?, ?)",
+                             (now + 60, now, now + 1, now + 2))
+            frozen.tick(60 + DEFAULT_SKEW + 60)  # past exp + the default skew
+            assert broker.heartbeat(proxy, beat)["revoked"] == ["s1"]
+            frozen.tick(MAX_SKEW)  # past exp + MAX_SKEW + the default skew: no proxy accepts it now
+            assert broker.heartbeat(proxy, beat)["revoked"] == []
+    finally:
+        broker.close()
