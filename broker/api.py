@@ -95,7 +95,7 @@ class ApiHandler(tornado.web.RequestHandler):
         value = self.get_query_argument(name, None)
         if value is None:
             return default
-        if not value.isdigit() or not low <= int(value) <= high:
+        if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:  # "²" is a digit
             raise ApiError(400, "bad_request", f"query parameter {name!r} must be an integer from {low} to {high}")
         return int(value)
 

@@ -175,8 +175,8 @@ _EVENT = {
     "view_only": Field("boolean", nullable=True),
     "security": Field("string", nullable=True, max_length=64),
     "handshake_ms": Field("number", nullable=True),
-    "bytes_up": Field("integer", nullable=True, minimum=0),
-    "bytes_down": Field("integer", nullable=True, minimum=0),
+    "bytes_up": Field("integer", nullable=True, minimum=0, maximum=2**62),  # SQLite's integers are 64-bit
+    "bytes_down": Field("integer", nullable=True, minimum=0, maximum=2**62),
     "duration_s": Field("number", nullable=True),
     "close_code": Field("integer", nullable=True, minimum=0, maximum=65535),
     "close_reason": Field("string", nullable=True, max_length=64),

@@ -235,7 +235,10 @@ class Broker:
         if chosen is None:
             raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
         claims = self._claims(row, body, now, ttl)
-        minted = token.mint(claims, self.keyring())
+        try:
+            minted = token.mint(claims, self.keyring())
+        except ValueError as exc:  # above the proxies' token size limit (e.g. a long name and a CA)
+            raise ApiError(400, "bad_request", str(exc)) from None
         with self.store.transaction() as conn:
             conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
                          "minted_at) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?)",

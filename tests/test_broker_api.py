@@ -131,6 +131,9 @@ def test_mint_claims_defaults_and_limits(broker: BrokerProcess) -> None:
     assert _error(lambda: broker.issuer.mint(target["id"], ttl=601)) == (400, "bad_request")
     assert _error(lambda: broker.issuer.mint(target["id"], client_ip="not-an-ip")) == (400, "bad_request")
     assert _error(lambda: broker.issuer.mint("no-such-target")) == (404, "target_not_found")
+    # within every field's limit, but the token would exceed what a proxy accepts: 400, not 500
+    assert _error(lambda: broker.issuer.mint(target["id"], desktop_name="\U0001F600" * 1024,
+                                                    user="u" * 256)) == (400, "bad_request")
     assert PASSWORD not in broker.log_text()
 
 
@@ -209,6 +212,10 @@ def test_events_update_sessions_and_audit(broker: BrokerProcess) -> None:
     assert [e["type"] for e in broker.admin.audit(mark, "refused")] == ["refused"]
     assert _error(lambda: _as_proxy(broker, "/proxy/events", {"events": [{"event": "bogus"}]})) == (
         400, "bad_request")
+    # beyond SQLite's 64-bit integers: refused as a bad request, not a 500 that loses the batch
+    assert _error(lambda: _as_proxy(broker, "/proxy/events", {"events": [
+        {"event": "closed", "session_id": sid, "bytes_up": 2**64}]})) == (400, "bad_request")
+    assert _error(lambda: broker.admin.audit("\u00b2")) == (400, "bad_request")  # a digit, not ASCII
 
 
 def test_keys_listing_and_rotation_never_show_key_material(broker: BrokerProcess) -> None:
