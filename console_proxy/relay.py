@@ -276,9 +276,12 @@ class ConsoleSession:
             self._write_upstream(upstream.send_client_init(True))
             ready = await self._drive(upstream, rfb.ServerInitReady)
             client_init = await self._client_init
+            if self._upstream_gone:  # it hung up while the browser was still on its way
+                raise _end(4502, "the console server closed the connection during the handshake")
         else:
             client_init = await self._client_init
-            self._write_upstream(upstream.send_client_init(client_init.shared))
+            # a view-only viewer must not disconnect the VM's other viewers (shared=0 would)
+            self._write_upstream(upstream.send_client_init(client_init.shared or self.claims.ro))
             ready = await self._drive(upstream, rfb.ServerInitReady)
         assert isinstance(ready, rfb.ServerInitReady)
         name = self.claims.dn.encode("utf-8") if self.claims.dn else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -12,7 +13,7 @@ import pytest
 
 from console_proxy import rfb, token
 from console_proxy.config import ProxyConfig
-from console_proxy.relay import ConsoleSession, SessionEnded
+from console_proxy.relay import ConsoleSession, Ending, SessionEnded
 
 
 class QuietBrowser:
@@ -128,3 +129,87 @@ def test_a_server_that_accepts_and_stays_silent_is_the_handshake_timeouts(host: 
     assert (code, reason) == (4502, "target_protocol_error"), detail
     assert "did not finish in time" in detail
     assert 1.1 <= seconds < 3.0
+
+
+# --- the end of the handshake, against a scripted console server (no real one can be timed so) -----
+
+PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+
+
+class ScriptedServer:
+    """A console server with security None that sends ServerInit once it has the ClientInit, then
+    hangs up if told to; it records the ClientInit's shared flag."""
+
+    def __init__(self, hang_up: bool) -> None:
+        self.hang_up = hang_up
+        self.shared: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"RFB 003.008\n")
+        await reader.readexactly(12)
+        writer.write(b"\x01\x01")  # one security type: None
+        await reader.readexactly(1)
+        writer.write(b"\x00\x00\x00\x00")
+        self.shared.set_result((await reader.readexactly(1))[0])
+        writer.write(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, 0))
+        if self.hang_up:
+            writer.close()
+            return
+        await reader.read()  # hold it open until the proxy leaves
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.server.close()
+
+
+def browser_handshake(session: ConsoleSession, shared: int) -> None:
+    session.from_browser(b"RFB 003.008\n")
+    session.from_browser(b"\x01")  # security None
+    session.from_browser(bytes([shared]))  # ClientInit
+
+
+def test_a_server_that_hangs_up_before_the_browser_is_ready_never_opens_a_session() -> None:
+    """Shared mode asks for ServerInit before the browser's ClientInit; a server that sends it
+    and hangs up meanwhile must end the session with 4502 when the ClientInit comes, not open it
+    (an "opened" event) and then end it as a normal 1000."""
+    async def scenario() -> tuple[Ending | None, list[ConsoleSession]]:
+        script = ScriptedServer(hang_up=True)
+        async with script as port:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            opened: list[ConsoleSession] = []
+            claims = token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60)
+            session = ConsoleSession(claims, ProxyConfig(shared=True), QuietBrowser(), "127.0.0.1",
+                                     on_open=opened.append, on_end=lambda _s: done.set_result(None))
+            lost = asyncio.Event()
+            upstream_lost = session.upstream_lost
+            session.upstream_lost = lambda: (upstream_lost(), lost.set())  # type: ignore[method-assign]
+            session.start()
+            await asyncio.wait_for(lost.wait(), 10)
+            browser_handshake(session, shared=1)
+            await asyncio.wait_for(done, 10)
+            return session.ending, opened
+    ending, opened = asyncio.run(scenario())
+    assert ending is not None and (ending.code, ending.reason) == (4502, "target_protocol_error"), ending
+    assert opened == []
+
+
+@pytest.mark.parametrize(("view_only", "asked", "sent"), [(True, 0, 1), (False, 0, 0), (False, 1, 1)])
+def test_without_forced_sharing_a_view_only_viewer_still_asks_for_a_shared_session(
+        view_only: bool, asked: int, sent: int) -> None:
+    """--no-force-shared passes the browser's flag on, but shared=0 makes the VNC server drop
+    every other viewer: a view-only session must never be able to do that."""
+    async def scenario() -> int:
+        script = ScriptedServer(hang_up=False)
+        async with script as port:
+            claims = token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60, view_only=view_only)
+            session = ConsoleSession(claims, ProxyConfig(shared=False), QuietBrowser(), "127.0.0.1",
+                                     on_open=lambda _s: None, on_end=lambda _s: None)
+            session.start()
+            browser_handshake(session, shared=asked)
+            flag = await asyncio.wait_for(script.shared, 10)
+            session.finish(Ending.of(1000, "test over"))
+            return flag
+    assert asyncio.run(scenario()) == sent
