@@ -45,6 +45,7 @@ CLOSE_REASONS = {
 }
 
 CANNOT_CONNECT = "cannot connect to the console server"
+CONNECT_TIMED_OUT = "connecting to the console server timed out"
 #: Bytes reserved before a relayed chunk for the websocket frame header (at most 10 bytes).
 FRAME_HEADROOM = 10
 #: Handshake bytes from the hypervisor held unread before its socket is paused.
@@ -248,8 +249,7 @@ class ConsoleSession:
         """The handshake under two deadlines (connect, whole handshake): timers that end the
         session, which cancels this task; no wait_for, whose cancel 3.11 can swallow."""
         loop = asyncio.get_running_loop()
-        deadline = loop.call_later(self.config.handshake_timeout, self.finish,
-                                   Ending.of(4502, "the RFB handshake did not finish in time"))
+        deadline = loop.call_later(self.config.handshake_timeout, self._handshake_overdue)
         try:
             await self._handshake()
         except SessionEnded as ended:
@@ -322,9 +322,19 @@ class ConsoleSession:
 
     def _connect_overdue(self) -> None:
         """The connect deadline: a connection made but silent is the handshake deadline's."""
+        if not self._upstream_connected():
+            self.finish(Ending.of(4500, CONNECT_TIMED_OUT))
+
+    def _handshake_overdue(self) -> None:
+        """The whole handshake's deadline, which may come first: unreachable is still 4500."""
+        if not self._upstream_connected():
+            self.finish(Ending.of(4500, CONNECT_TIMED_OUT))
+        else:
+            self.finish(Ending.of(4502, "the RFB handshake did not finish in time"))
+
+    def _upstream_connected(self) -> bool:
         transport = self._up.transport
-        if transport is None or not dial.is_connected(transport.get_extra_info("socket")):
-            self.finish(Ending.of(4500, "connecting to the console server timed out"))
+        return transport is not None and dial.is_connected(transport.get_extra_info("socket"))
 
     async def _drive(self, handshake: rfb.UpstreamHandshake, until: type) -> object:
         """Carry out the handshake's actions until ``until``, reading from the hypervisor as needed.

@@ -109,9 +109,14 @@ def full_listener() -> Iterator[int]:
         yield port
 
 
-def test_a_connect_that_never_completes_ends_at_the_connect_timeout(full_listener: int) -> None:
-    code, reason, detail, seconds = ending_of("127.0.0.1", full_listener,
-                                              ProxyConfig(connect_timeout=0.5, handshake_timeout=5.0))
+@pytest.mark.parametrize(("connect_timeout", "handshake_timeout"), [(0.5, 5.0), (5.0, 0.5)],
+                         ids=["connect-deadline-first", "handshake-deadline-first"])
+def test_a_connect_that_never_completes_ends_as_unreachable(full_listener: int, connect_timeout: float,
+                                                            handshake_timeout: float) -> None:
+    """Whichever deadline comes first, a target that never answered the connect is unreachable
+    (4500), not a protocol error."""
+    config = ProxyConfig(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout)
+    code, reason, detail, seconds = ending_of("127.0.0.1", full_listener, config)
     assert (code, reason, detail) == (4500, "target_unreachable", "connecting to the console server timed out")
     assert 0.4 <= seconds < 2.0
 
