@@ -72,6 +72,10 @@ class Browser(Protocol):
     def watch_held(self) -> None:
         """Periodically: if the browser's input is held, find out whether it is still there."""
 
+    def when_gone(self, callback: Callable[[], None]) -> None:
+        """Call back once the connection is gone (its Close sent and the socket closed), at
+        once if it is already; every way there is bounded by the close timeout."""
+
 
 @dataclass
 class Ending:

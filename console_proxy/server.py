@@ -58,6 +58,7 @@ class ProxyState:
         self.spent = SpentTokens()
         self.stopped = asyncio.Event()
         self.closed_bytes = {"up": 0, "down": 0}
+        self.closing: set[object] = set()  # while draining: browsers whose connection is closing
         self.metrics = ProxyMetrics(lambda: len(self.sessions), lambda: float(self.draining), self._relayed)
 
     def _relayed(self) -> dict[tuple[str, ...], float]:
@@ -104,6 +105,14 @@ class ProxyState:
         self.closed_bytes["up"] += session.bytes_up
         self.closed_bytes["down"] += session.bytes_down
         self.events.closed(session)
+        if self.draining:  # its Close may still be queued behind data the browser has yet to read
+            browser = session.browser
+            self.closing.add(browser)
+            browser.when_gone(lambda: self._browser_gone(browser))
+        self._stop_if_idle()
+
+    def _browser_gone(self, browser: object) -> None:
+        self.closing.discard(browser)
         self._stop_if_idle()
 
     def release_pending(self) -> None:
@@ -111,8 +120,9 @@ class ProxyState:
         self._stop_if_idle()
 
     def _stop_if_idle(self) -> None:
-        """A draining proxy stops once no session is open and no upgrade is under way."""
-        if self.draining and not self.sessions and not self.pending:
+        """A draining proxy stops once no session is open, no upgrade is under way, and every
+        ended session's browser has had its Close (exiting would drop what is still queued)."""
+        if self.draining and not self.sessions and not self.pending and not self.closing:
             self.stopped.set()
 
     def sweep(self) -> None:
@@ -153,7 +163,10 @@ class ProxyState:
     def _going_away(self) -> None:
         for session in list(self.sessions):
             session.finish(Ending.of(1001, "the proxy is shutting down"))
-        self.stopped.set()
+        # Each connection ends within CLOSE_TIMEOUT of its Close; a connection the browser
+        # object never got (a failed hand-over) would never report: stop then regardless.
+        asyncio.get_running_loop().call_later(wsconn.CLOSE_TIMEOUT + 1.0, self.stopped.set)
+        self._stop_if_idle()
 
 
 def request_view(state: ProxyState, peer: str, protocol: str, host: str | None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -73,6 +74,7 @@ class WsConnection:
         self._backlogged = False  # the browser is not taking our writes
         self._pong: bytes | None = None  # the latest ping's payload, answered once writable
         self._dropping = False  # the browser departed: its data is read and dropped
+        self._on_gone: Callable[[], None] | None = None
 
     # --- to be provided by the shell ---
     def _write(self, data: bytes | memoryview) -> bool:
@@ -262,6 +264,15 @@ class WsConnection:
             self._timer = None
         if self.session is not None:
             self.session.browser_closed(self.close_code or 1006)
+        if self._on_gone is not None:
+            callback, self._on_gone = self._on_gone, None
+            callback()
+
+    def when_gone(self, callback: Callable[[], None]) -> None:
+        if self._gone:
+            callback()
+        else:
+            self._on_gone = callback
 
 
 class PlainBrowser(WsConnection, asyncio.Protocol):

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import ssl
 import struct
@@ -448,6 +449,21 @@ def test_browser_that_sends_close_and_never_reads_is_let_go(
         ws.send_raw(client_frame(OP_CLOSE, close_payload(1000, "bye")))
         assert closed_record(proxy, sid, AFTER_PINGS)["close_code"] == 1000  # the session ends at once
         assert_let_go(proxy, baseline, ws, "a browser's Close")
+
+
+def test_a_drain_delivers_its_close_to_a_browser_that_was_behind(
+        proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]) -> None:
+    """SIGTERM while the proxy's writes to a browser are queued (it stopped reading): the drain's
+    Close 1001 waits behind them in the proxy's buffer. The process must not exit before that
+    buffer is gone (or the close timeout passed): the browser, reading again, gets its Close,
+    not a connection cut mid-stream."""
+    proxy = proxy_factory("--drain-grace", "0.2")
+    token, sid = console_token
+    with closing(backlogged_console(proxy, token)) as ws:
+        proxy.signal(signal.SIGTERM)
+        assert closed_record(proxy, sid, AFTER_PINGS)["close_code"] == 1001
+        assert ws.wait_close() == (1001, "going_away")
+    assert proxy.process.wait(CLOSE_TIMEOUT + 2) == 0
 
 
 # --- 4. half-close, then never read --------------------------------------------------------------

@@ -37,6 +37,9 @@ class QuietBrowser:
     def watch_held(self) -> None:
         pass
 
+    def when_gone(self, callback: object) -> None:
+        pass
+
 
 def test_plaintext_waiting_when_tls_starts_ends_the_session() -> None:
     """Bytes the server sent after agreeing to VeNCrypt TLS but before the TLS handshake began
