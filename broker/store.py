@@ -76,6 +76,16 @@ class Store:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open()
+        except sqlite3.Error as exc:  # not a database, corrupt, locked too long: one line, no traceback
+            self.conn.close()
+            raise StoreError(f"cannot use the database {str(self.path)!r}: {exc}") from None
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _open(self) -> None:
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout = 10000")
         mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

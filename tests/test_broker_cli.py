@@ -71,6 +71,18 @@ def test_commands_on_a_missing_state_dir_fail_in_one_line(tmp_path: Path, capsys
     assert status == 1 and err.count("\n") == 1 and "console-broker init" in err
 
 
+def test_a_corrupt_database_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a traceback: the operator learns which file and what SQLite said."""
+    state = tmp_path / "s"
+    assert _run(capsys, "init", "--state-dir", str(state))[0] == 0
+    (state / "broker.db").write_bytes(b"this is not an SQLite database" * 100)
+    for name in ("broker.db-wal", "broker.db-shm"):
+        (state / name).unlink(missing_ok=True)
+    status, _, err = _run(capsys, "targets", "list", "--state-dir", str(state))
+    assert status == 1 and err.count("\n") == 1, err
+    assert "broker.db" in err and "not a database" in err and "Traceback" not in err
+
+
 def test_offline_commands_still_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ring = str(tmp_path / "k.json")
     assert _run(capsys, "keys", "init", "--keyring", ring)[0] == 0
