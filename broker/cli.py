@@ -159,9 +159,15 @@ def apikey_create(args: argparse.Namespace) -> int:
 
 
 def proxy_add(args: argparse.Namespace) -> int:
+    def deliver(credential: dict[str, str]) -> None:
+        try:
+            keyring.write_private_file(args.out, json.dumps(credential).encode() + b"\n")
+        except OSError as exc:
+            raise CommandError(f"cannot write the credential to {args.out!r} ({exc.strerror}); "
+                               f"proxy {args.name!r} was not registered") from None
+
     with _broker(args) as broker:
-        credential = broker.add_proxy(args.name, args.public_url, "cli")
-    keyring.write_private_file(args.out, json.dumps(credential).encode() + b"\n")
+        broker.add_proxy(args.name, args.public_url, "cli", deliver)
     print(f"registered proxy {args.name}; credential written to {args.out}")
     return 0
 

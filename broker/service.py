@@ -14,6 +14,7 @@ import os
 import secrets
 import sqlite3
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,10 @@ class Broker:
                                     detail={"name": name, "role": role, "key_id": key_id})
         return whole
 
-    def add_proxy(self, name: str, public_url: str, actor: str) -> dict[str, str]:
-        """Register a proxy; the credential ``{proxy_id, secret}`` is returned once."""
+    def add_proxy(self, name: str, public_url: str, actor: str,
+                  deliver: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+        """Register a proxy; the credential ``{proxy_id, secret}`` is returned once. ``deliver``
+        (writing it out) runs before the commit: if it fails, the name is not used up."""
         if not auth.NAME_PATTERN.match(name):
             raise CommandError("the proxy name must be 1-64 letters, digits, '-' or '_'")
         if not public_url.startswith(("http://", "https://")):
@@ -151,6 +154,8 @@ class Broker:
                              (name, public_url.rstrip("/"), self.hasher.digest("proxy", name, secret), now))
                 self.store.append_audit(conn, at=now, type_="proxy_added", actor=actor,
                                         detail={"proxy_id": name, "public_url": public_url})
+                if deliver is not None:
+                    deliver({"proxy_id": name, "secret": secret})
         except sqlite3.IntegrityError:
             raise CommandError(f"a proxy named {name!r} exists already") from None
         return {"proxy_id": name, "secret": secret}

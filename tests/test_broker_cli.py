@@ -31,7 +31,12 @@ def test_state_dir_lifecycle(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as usage:
         _run(capsys, "apikey", "create", "ops", "--role", "root", "--state-dir", state)
     assert usage.value.code == 2
+    capsys.readouterr()
 
+    # the credential cannot be written: nothing is registered, so the same name works afterwards
+    status, _, err = _run(capsys, "proxy", "add", "p1", "--public-url", "http://127.0.0.1:1",
+                          "--out", str(tmp_path / "no-such-dir" / "p1.json"), "--state-dir", state)
+    assert status == 1 and "was not registered" in err and err.count("\n") == 1, err
     cred = tmp_path / "p1.json"
     assert _run(capsys, "proxy", "add", "p1", "--public-url", "http://127.0.0.1:1", "--out", str(cred),
                 "--state-dir", state)[0] == 0
