@@ -24,6 +24,7 @@ class ProxyView:
     draining: bool
     last_seen: float | None
     pending: int = 0
+    keyring_version: int = 0  # the version it reported in its last heartbeat
 
     def healthy(self, now: float, interval: float) -> bool:
         return self.last_seen is not None and now - self.last_seen <= HEALTHY_INTERVALS * interval

@@ -224,7 +224,7 @@ class Broker:
 
     def proxies(self) -> list[fleet.ProxyView]:
         return [fleet.ProxyView(r["id"], r["public_url"], r["sessions"], r["capacity"], bool(r["draining"]),
-                                r["last_seen"], self.pending.get(r["id"], 0))
+                                r["last_seen"], self.pending.get(r["id"], 0), r["keyring_version"] or 0)
                 for r in self.store.all("SELECT * FROM proxies")]
 
     def mint_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
@@ -240,8 +240,11 @@ class Broker:
         if chosen is None:
             raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
         claims = self._claims(row, body, now, ttl)
+        ring = self.keyring()
+        if chosen.keyring_version < ring.version:  # it has not heard of the last rotation yet
+            ring = ring.previous_generation(claims.exp + DEFAULT_SKEW) or ring
         try:
-            minted = token.mint(claims, self.keyring())
+            minted = token.mint(claims, ring)
         except ValueError as exc:  # above the proxies' token size limit (e.g. a long name and a CA)
             raise ApiError(400, "bad_request", str(exc)) from None
         with self.store.transaction() as conn:

@@ -146,6 +146,18 @@ class Keyring:
             raise KeyringError("this keyring cannot mint: it has no active private signing key")
         return self.signing[self.active_signing or ""], self.fleet[self.active_fleet or ""]
 
+    def previous_generation(self, until: float) -> Keyring | None:
+        """This keyring minting with the keys active before the last rotation (the newest
+        others), if they still verify at ``until``; None if there are none. For a proxy that
+        has not yet heard of a rotation: its keyring has those keys and not the new ones."""
+        signing = max((k for kid, k in self.signing.items() if kid != self.active_signing and k.seed is not None
+                       and _usable(k.verify_until, until)), key=lambda k: k.created, default=None)
+        fleet = max((k for kid, k in self.fleet.items() if kid != self.active_fleet
+                     and _usable(k.verify_until, until)), key=lambda k: k.created, default=None)
+        if signing is None or fleet is None:
+            return None
+        return replace(self, active_signing=signing.kid, active_fleet=fleet.kid)
+
     def signing_key(self, kid: str, now: float) -> SigningKey | None:
         """The key for ``kid`` if it may still verify at ``now`` (retired keys fail closed)."""
         key = self.signing.get(kid)

@@ -253,3 +253,23 @@ def test_healthz_and_metrics(broker: BrokerProcess) -> None:
     for name in ("consolegate_broker_responses_total", "consolegate_broker_consoles_minted_total",
                  "consolegate_broker_healthy_proxies"):
         assert f"# TYPE {name}" in text
+
+
+def test_a_console_minted_right_after_a_rotation_opens_on_a_proxy_not_yet_told(broker: BrokerProcess) -> None:
+    """Proxies learn a rotation at their next heartbeat. Until the chosen proxy reports the new
+    keyring version, the broker mints with the keys that proxy holds (the previous ones, which
+    still verify); once it has reported it, with the new ones."""
+    old_ring = Keyring.from_jwks(_heartbeat(broker)["keyring"])
+    _heartbeat(broker, version=old_ring.version)
+    target = broker.admin.add_target(name="Rotated VM", host="127.0.0.1", port=5908)
+    broker.admin.rotate_keys()
+    minted = broker.issuer.mint(target["id"])["token"]
+    assert token.verify(minted, old_ring, time.time()).port == 5908  # the proxy's keys open it
+    new_ring = Keyring.from_jwks(_heartbeat(broker, version=old_ring.version)["keyring"])
+    assert new_ring.version > old_ring.version
+    _heartbeat(broker, version=new_ring.version)
+    minted = broker.issuer.mint(target["id"])["token"]
+    assert token.verify(minted, new_ring, time.time()).port == 5908
+    with pytest.raises(token.TokenRefused) as refused:
+        token.verify(minted, old_ring, time.time())
+    assert refused.value.reason == "unknown_fleet_key"  # minted with the new keys now

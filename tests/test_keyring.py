@@ -393,3 +393,15 @@ def _assert_clean(message: str, ring: Keyring) -> None:
     for secret in _secrets(ring):
         assert secret not in message
         assert secret[:12] not in message
+
+
+def test_the_previous_generation_mints_with_the_keys_active_before_the_last_rotation() -> None:
+    ring = Keyring.generate(NOW)
+    assert ring.previous_generation(NOW) is None  # nothing before the first keys
+    rotated = ring.rotate(NOW + 10)
+    previous = rotated.previous_generation(NOW + 10)
+    assert previous is not None
+    assert (previous.active_signing, previous.active_fleet) == (ring.active_signing, ring.active_fleet)
+    assert previous.version == rotated.version  # still the whole new keyring, only minting differs
+    until = rotated.signing[ring.active_signing or ""].verify_until
+    assert until is not None and rotated.previous_generation(until) is None  # retired by then
