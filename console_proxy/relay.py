@@ -331,10 +331,8 @@ class ConsoleSession:
 
     def _handshake_overdue(self) -> None:
         """The whole handshake's deadline, which may come first: unreachable is still 4500."""
-        if not self._upstream_connected():
-            self.finish(Ending.of(4500, CONNECT_TIMED_OUT))
-        else:
-            self.finish(Ending.of(4502, "the RFB handshake did not finish in time"))
+        self._connect_overdue()
+        self.finish(Ending.of(4502, "the RFB handshake did not finish in time"))  # if not ended just now
 
     def _upstream_connected(self) -> bool:
         transport = self._up.transport
