@@ -111,8 +111,10 @@ class Broker:
     def rotate_keys(self, actor: str) -> dict[str, Any]:
         """New active keys; the old ones verify until their tokens expired. Audited."""
         now = clock.now()
-        ring = keyfiles.rotate_keyring(self.keyring_path, now)
+        # The write lock first: a busy or failing database refuses the rotation before the
+        # keyring file changes, so a 503 really means nothing changed.
         with self.store.transaction() as conn:
+            ring = keyfiles.rotate_keyring(self.keyring_path, now)
             self.store.append_audit(conn, at=now, type_="key_rotated", actor=actor, detail={
                 "version": ring.version, "signing": ring.active_signing, "fleet": ring.active_fleet})
         log.info("keys rotated to version %d by %s", ring.version, actor)

@@ -204,3 +204,21 @@ def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_t
             assert broker.heartbeat(proxy, beat)["revoked"] == []
     finally:
         broker.close()
+
+
+def test_a_rotation_the_database_cannot_record_leaves_the_keys_as_they_were(tmp_path: Path) -> None:
+    """The audit row and the new keys go together: with the database locked by another writer
+    the rotation is refused (503) and the keyring file is untouched."""
+    init_state_dir(tmp_path / "s")
+    broker = Broker(tmp_path / "s")
+    before = broker.keyring_path.read_bytes()
+    other = sqlite3.connect(tmp_path / "s" / "broker.db", isolation_level=None)
+    try:
+        broker.store.conn.execute("PRAGMA busy_timeout = 50")
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable):
+            broker.rotate_keys("test")
+        assert broker.keyring_path.read_bytes() == before
+    finally:
+        other.close()
+        broker.close()
