@@ -78,11 +78,10 @@ class Store:
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             self._open()
-        except sqlite3.Error as exc:  # not a database, corrupt, locked too long: one line, no traceback
+        except BaseException as exc:
             self.conn.close()
-            raise StoreError(f"cannot use the database {str(self.path)!r}: {exc}") from None
-        except BaseException:
-            self.conn.close()
+            if isinstance(exc, sqlite3.Error):  # not a database, corrupt, locked too long: one line
+                raise StoreError(f"cannot use the database {str(self.path)!r}: {exc}") from None
             raise
 
     def _open(self) -> None:

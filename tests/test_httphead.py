@@ -139,25 +139,30 @@ def test_obs_text_in_a_value_is_kept_as_latin_1() -> None:
 
 # --- what is declined ----------------------------------------------------------------------------
 
+#: Request lines that make a head declined (with a plain Host), and the test id of each.
+BAD_REQUEST_LINES = [
+    ("GET /websockify HTTP/1.0", "http-1.0"),
+    ("GET /websockify HTTP/2.0", "http-2.0"),
+    ("GET /websockify http/1.1", "lower-case-version"),
+    ("GET /websockify", "no-version"),
+    ("GET  /websockify HTTP/1.1", "two-spaces-after-method"),
+    ("GET /websockify  HTTP/1.1", "two-spaces-before-version"),
+    (" GET /websockify HTTP/1.1", "leading-space"),
+    ("GET /websockify HTTP/1.1 ", "trailing-space"),
+    ("GET\t/websockify HTTP/1.1", "tab-separator"),
+    ("GET websockify HTTP/1.1", "target-without-slash"),
+    ("GET http://x/websockify HTTP/1.1", "absolute-form"),
+    ("GET * HTTP/1.1", "asterisk-form"),
+    ("GET /web sockify HTTP/1.1", "space-in-target"),
+    (b"GET /web\x7fsockify HTTP/1.1", "del-in-target"),
+    (b"GET /caf\xe9 HTTP/1.1", "non-ascii-target"),
+    ("G(T /websockify HTTP/1.1", "method-not-a-token"),
+    (" /websockify HTTP/1.1", "empty-method"),
+    ("", "empty-request-line"),
+]
+
 DECLINED = [
-    pytest.param(head_of("Host: x", request_line="GET /websockify HTTP/1.0"), id="http-1.0"),
-    pytest.param(head_of("Host: x", request_line="GET /websockify HTTP/2.0"), id="http-2.0"),
-    pytest.param(head_of("Host: x", request_line="GET /websockify http/1.1"), id="lower-case-version"),
-    pytest.param(head_of("Host: x", request_line="GET /websockify"), id="no-version"),
-    pytest.param(head_of("Host: x", request_line="GET  /websockify HTTP/1.1"), id="two-spaces-after-method"),
-    pytest.param(head_of("Host: x", request_line="GET /websockify  HTTP/1.1"), id="two-spaces-before-version"),
-    pytest.param(head_of("Host: x", request_line=" GET /websockify HTTP/1.1"), id="leading-space"),
-    pytest.param(head_of("Host: x", request_line="GET /websockify HTTP/1.1 "), id="trailing-space"),
-    pytest.param(head_of("Host: x", request_line="GET\t/websockify HTTP/1.1"), id="tab-separator"),
-    pytest.param(head_of("Host: x", request_line="GET websockify HTTP/1.1"), id="target-without-slash"),
-    pytest.param(head_of("Host: x", request_line="GET http://x/websockify HTTP/1.1"), id="absolute-form"),
-    pytest.param(head_of("Host: x", request_line="GET * HTTP/1.1"), id="asterisk-form"),
-    pytest.param(head_of("Host: x", request_line="GET /web sockify HTTP/1.1"), id="space-in-target"),
-    pytest.param(head_of("Host: x", request_line=b"GET /web\x7fsockify HTTP/1.1"), id="del-in-target"),
-    pytest.param(head_of("Host: x", request_line=b"GET /caf\xe9 HTTP/1.1"), id="non-ascii-target"),
-    pytest.param(head_of("Host: x", request_line="G(T /websockify HTTP/1.1"), id="method-not-a-token"),
-    pytest.param(head_of("Host: x", request_line=" /websockify HTTP/1.1"), id="empty-method"),
-    pytest.param(head_of("Host: x", request_line=""), id="empty-request-line"),
+    *(pytest.param(head_of("Host: x", request_line=line), id=name) for line, name in BAD_REQUEST_LINES),
     pytest.param(b"\r\n" + head_of("Host: x"), id="leading-empty-line"),
     pytest.param(head_of("Host: x", "Upgrade: web", " socket"), id="obs-fold-space"),
     pytest.param(head_of("Host: x", "Upgrade: web", "\tsocket"), id="obs-fold-tab"),

@@ -7,7 +7,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -41,14 +41,20 @@ class QuietBrowser:
         pass
 
 
+def new_session(port: int, config: ProxyConfig, *, host: str = "127.0.0.1", view_only: bool = False,
+                on_open: Callable[[ConsoleSession], object] = lambda _s: None,
+                on_end: Callable[[ConsoleSession], object] = lambda _s: None) -> ConsoleSession:
+    """A session (not started) for a fresh token to ``host:port``, its browser a QuietBrowser."""
+    claims = token.new_claims(host=host, port=port, now=time.time(), ttl=60, view_only=view_only)
+    return ConsoleSession(claims, config, QuietBrowser(), "127.0.0.1", on_open=on_open, on_end=on_end)
+
+
 def test_plaintext_waiting_when_tls_starts_ends_the_session() -> None:
     """Bytes the server sent after agreeing to VeNCrypt TLS but before the TLS handshake began
     (held while the session went to start it) must never be fed to the handshake as if they had
     been decrypted: a man in the middle could inject a SecurityResult or a ServerInit that way."""
     async def scenario() -> SessionEnded:
-        claims = token.new_claims(host="127.0.0.1", port=5900, now=time.time(), ttl=60)
-        session = ConsoleSession(claims, ProxyConfig(), QuietBrowser(), "127.0.0.1",
-                                 on_open=lambda _s: None, on_end=lambda _s: None)
+        session = new_session(5900, ProxyConfig())
         session.handshake_bytes(memoryview(b"\0\0\0\0"))  # a forged SecurityResult OK, in clear
         with pytest.raises(SessionEnded) as ended:
             await session._start_tls(rfb.StartTls(verify=False))
@@ -64,9 +70,7 @@ def test_plaintext_waiting_when_tls_starts_ends_the_session() -> None:
 async def session_to(host: str, port: int, config: ProxyConfig) -> ConsoleSession:
     """A started session to ``host:port``; it reports its end on the loop's ``ended`` future."""
     done: asyncio.Future[ConsoleSession] = asyncio.get_running_loop().create_future()
-    claims = token.new_claims(host=host, port=port, now=time.time(), ttl=60)
-    session = ConsoleSession(claims, config, QuietBrowser(), "127.0.0.1",
-                             on_open=lambda _s: None, on_end=done.set_result)
+    session = new_session(port, config, host=host, on_end=done.set_result)
     session.start()
     await asyncio.wait_for(asyncio.shield(done), 10)
     return session
@@ -188,9 +192,8 @@ def test_a_server_that_hangs_up_before_the_browser_is_ready_never_opens_a_sessio
         async with script as port:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             opened: list[ConsoleSession] = []
-            claims = token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60)
-            session = ConsoleSession(claims, ProxyConfig(shared=True), QuietBrowser(), "127.0.0.1",
-                                     on_open=opened.append, on_end=lambda _s: done.set_result(None))
+            session = new_session(port, ProxyConfig(shared=True), on_open=opened.append,
+                                  on_end=lambda _s: done.set_result(None))
             lost = asyncio.Event()
             upstream_lost = session.upstream_lost
             session.upstream_lost = lambda: (upstream_lost(), lost.set())  # type: ignore[method-assign]
@@ -212,9 +215,7 @@ def test_without_forced_sharing_a_view_only_viewer_still_asks_for_a_shared_sessi
     async def scenario() -> int:
         script = ScriptedServer(hang_up=False)
         async with script as port:
-            claims = token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60, view_only=view_only)
-            session = ConsoleSession(claims, ProxyConfig(shared=False), QuietBrowser(), "127.0.0.1",
-                                     on_open=lambda _s: None, on_end=lambda _s: None)
+            session = new_session(port, ProxyConfig(shared=False), view_only=view_only)
             session.start()
             browser_handshake(session, shared=asked)
             flag = await asyncio.wait_for(script.shared, 10)
