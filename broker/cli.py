@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     _add_keys(commands)
     _add_token(commands)
-    _add_credentials(commands)
+    _add_apikeys(commands)
+    _add_proxies(commands)
     _add_targets(commands)
     _add_audit(commands)
     return parser
@@ -83,20 +85,53 @@ def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", metavar="D", default="./var", help="broker state directory")
 
 
-def _add_credentials(commands: argparse._SubParsersAction) -> None:
-    create = commands.add_parser("apikey", help="API keys").add_subparsers(metavar="ACTION").add_parser(
-        "create", help="create an API key and print it (once)")
+_REMOVE_HELP = """\
+The proxy's credential stops authenticating at once (heartbeats, keyring fetches, redeems and
+events get 401) and the broker no longer sends consoles to it. By default the broker's keys are
+rotated in the same transaction: the removed proxy holds the fleet keys, which decrypt every
+token minted under them (VNC passwords included). After the rotation new tokens use keys it never
+received, and consoles go only to proxies that have fetched them; the old keys stay accepted only
+until their verify_until (the longest token lifetime plus the clock skew), then they are dropped.
+Use --no-rotate only for a proxy decommissioned in good order, never for one that may be
+compromised. The name stays in the records and is not reused."""
+
+
+def _add_apikeys(commands: argparse._SubParsersAction) -> None:
+    apikeys = commands.add_parser("apikey", help="API keys").add_subparsers(metavar="ACTION")
+    create = apikeys.add_parser("create", help="create an API key and print it (once)")
     create.add_argument("name")
     create.add_argument("--role", required=True, choices=["admin", "issuer"])
     _state_dir(create)
     create.set_defaults(handler=apikey_create)
-    add = commands.add_parser("proxy", help="the proxy fleet").add_subparsers(metavar="ACTION").add_parser(
-        "add", help="register a proxy and write its credential file {proxy_id, secret}")
+    listing = apikeys.add_parser("list", help="API keys as JSON: name, key id, role, created, revoked (no secret)")
+    _state_dir(listing)
+    listing.set_defaults(handler=apikey_list)
+    revoke = apikeys.add_parser("revoke", help="revoke an API key: refused from its next request on (audited)",
+                                description="Revoke the API key NAME. A running broker refuses it from its next "
+                                            "request on. The key stays listed as revoked and its name is not reused.")
+    revoke.add_argument("name")
+    _state_dir(revoke)
+    revoke.set_defaults(handler=apikey_revoke)
+
+
+def _add_proxies(commands: argparse._SubParsersAction) -> None:
+    proxies = commands.add_parser("proxy", help="the proxy fleet").add_subparsers(metavar="ACTION")
+    add = proxies.add_parser("add", help="register a proxy and write its credential file {proxy_id, secret}")
     add.add_argument("name")
     add.add_argument("--public-url", required=True, metavar="URL", help="the URL browsers use to reach it")
     add.add_argument("--out", required=True, metavar="FILE", help="credential file to write (0600)")
     _state_dir(add)
     add.set_defaults(handler=proxy_add)
+    listing = proxies.add_parser("list", help="registered proxies as JSON, removed ones included (no secret)")
+    _state_dir(listing)
+    listing.set_defaults(handler=proxy_list)
+    remove = proxies.add_parser("remove", help="revoke a proxy's credential and rotate the keys (audited)",
+                                description=_REMOVE_HELP)
+    remove.add_argument("name")
+    remove.add_argument("--no-rotate", dest="rotate", action="store_false",
+                        help="keep the keys (only for a proxy decommissioned, not compromised)")
+    _state_dir(remove)
+    remove.set_defaults(handler=proxy_remove)
 
 
 def _add_targets(commands: argparse._SubParsersAction) -> None:
@@ -137,10 +172,13 @@ def _open(args: argparse.Namespace) -> Broker:
 
 @contextlib.contextmanager
 def _broker(args: argparse.Namespace) -> Iterator[Broker]:
-    """The state dir's broker for one command, closed however the command ends."""
+    """The state dir's broker for one command, closed however the command ends. A database
+    failure becomes one line: every change is one transaction, rolled back before this runs."""
     broker = _open(args)
     try:
         yield broker
+    except sqlite3.Error as exc:
+        raise CommandError(f"the broker database failed ({exc}); nothing was changed") from None
     finally:
         broker.close()
 
@@ -155,6 +193,36 @@ def apikey_create(args: argparse.Namespace) -> int:
     with _broker(args) as broker:
         key = broker.create_apikey(args.name, args.role, "cli")
     print(key)
+    return 0
+
+
+def apikey_list(args: argparse.Namespace) -> int:
+    with _broker(args) as broker:
+        print(json.dumps(broker.list_apikeys(), indent=2))
+    return 0
+
+
+def apikey_revoke(args: argparse.Namespace) -> int:
+    with _broker(args) as broker:
+        key_ids = broker.revoke_apikey(args.name, "cli")
+    print(f"revoked API key {args.name} (key id {', '.join(key_ids)})")
+    return 0
+
+
+def proxy_list(args: argparse.Namespace) -> int:
+    with _broker(args) as broker:
+        print(json.dumps(broker.list_proxy_records(), indent=2))
+    return 0
+
+
+def proxy_remove(args: argparse.Namespace) -> int:
+    with _broker(args) as broker:
+        rotation = broker.remove_proxy(args.name, "cli", rotate=args.rotate)["rotation"]
+    if rotation is None:
+        print(f"removed proxy {args.name}; keys not rotated (--no-rotate)")
+    else:
+        print(f"removed proxy {args.name}; keys rotated (version {rotation['version']}): "
+              "new consoles use keys it never received")
     return 0
 
 

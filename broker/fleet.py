@@ -4,7 +4,8 @@ Pure functions over rows read from the store, so assignment is tested without a 
 A proxy is *healthy* when its last heartbeat is at most three heartbeat intervals old; a console
 goes to the healthy, non-draining proxy with room and the lowest load, where load counts the
 sessions the proxy reported plus the consoles assigned to it since that report (so a burst of
-mints between two heartbeats spreads over the fleet instead of piling onto one proxy).
+mints between two heartbeats spreads over the fleet instead of piling onto one proxy). Removed
+proxies never reach this module (the service reads only live rows).
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class ProxyView:
         return (self.sessions + self.pending) / self.capacity if self.capacity > 0 else float("inf")
 
 
-def choose(proxies: Iterable[ProxyView], now: float, interval: float) -> ProxyView | None:
-    """The proxy for the next console, or None when no proxy can take one."""
+def choose(proxies: Iterable[ProxyView], now: float, interval: float, *, min_version: int = 0) -> ProxyView | None:
+    """The proxy for the next console, or None when no proxy can take one.
+
+    ``min_version``: a proxy that reported an older keyring is passed over; after a removed
+    proxy's keys were rotated away, minting for an untold proxy would mean minting with them."""
     candidates = [p for p in proxies if p.healthy(now, interval) and not p.draining
-                  and p.sessions + p.pending < p.capacity]
+                  and p.sessions + p.pending < p.capacity and p.keyring_version >= min_version]
     if not candidates:
         return None
     return min(candidates, key=lambda p: (p.load, p.id))

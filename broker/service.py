@@ -14,7 +14,8 @@ import os
 import secrets
 import sqlite3
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from broker import auth, fleet, keyfiles
 from broker.auth import Hasher, Principal
 from broker.store import Store
 from broker.vault import MASTER_KEY_NAME, Vault
-from console_proxy import clock, token
+from console_proxy import clock, keyring, token
 from console_proxy.command import CommandError
 from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyring
 
@@ -34,7 +35,7 @@ log = logging.getLogger("consolegate.broker")
 DB_NAME = "broker.db"
 SESSION_STATES = ("minted", "active", "closed", "revoked")
 AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "key_rotated",
-               "apikey_created", "target_changed", "proxy_added")
+               "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_removed")
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session id is still sent to proxies (after which no token for it is valid)."""
 
@@ -111,14 +112,46 @@ class Broker:
     def rotate_keys(self, actor: str) -> dict[str, Any]:
         """New active keys; the old ones verify until their tokens expired. Audited."""
         now = clock.now()
-        # The write lock first: a busy or failing database refuses the rotation before the
-        # keyring file changes, so a 503 really means nothing changed.
-        with self.store.transaction() as conn:
-            ring = keyfiles.rotate_keyring(self.keyring_path, now)
-            self.store.append_audit(conn, at=now, type_="key_rotated", actor=actor, detail={
-                "version": ring.version, "signing": ring.active_signing, "fleet": ring.active_fleet})
+        with self._keyring_transaction() as conn:
+            ring = self._rotate(conn, now, actor)
+        return _rotation_json(ring)
+
+    @contextmanager
+    def _keyring_transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that may replace keyring.json, and puts the old file back if the
+        transaction fails after all (a COMMIT that cannot be written): the file and the database
+        change together or not at all.
+
+        The write lock comes first: a busy or failing database refuses the rotation before the
+        keyring file changes, and two rotations never interleave."""
+        saved: bytes | None = None
+        try:
+            with self.store.transaction() as conn:
+                saved = self.keyring_path.read_bytes()
+                yield conn
+        except BaseException:
+            if saved is not None:
+                self._restore_keyring(saved)
+            raise
+
+    def _restore_keyring(self, saved: bytes) -> None:
+        try:
+            if self.keyring_path.read_bytes() != saved:
+                keyring.write_private_file(self.keyring_path, saved)
+                log.warning("the transaction failed: keyring.json restored to its previous keys")
+        except OSError as exc:
+            log.error("the transaction failed and keyring.json could not be restored: %s", exc.strerror)
+
+    def _rotate(self, conn: sqlite3.Connection, now: float, actor: str, **why: str) -> Keyring:
+        """The one rotation code path (``keys rotate``, ``POST /keys/rotate``, ``proxy remove``),
+        inside :meth:`_keyring_transaction`: the audit row first and the file last, so a failing
+        database write leaves the file untouched."""
+        ring = keyfiles.load_broker_keyring(self.keyring_path).rotate(now)
+        self.store.append_audit(conn, at=now, type_="key_rotated", actor=actor, detail={
+            "version": ring.version, "signing": ring.active_signing, "fleet": ring.active_fleet, **why})
+        keyring.save(ring, self.keyring_path)
         log.info("keys rotated to version %d by %s", ring.version, actor)
-        return {"version": ring.version, "active": {"signing": ring.active_signing, "fleet": ring.active_fleet}}
+        return ring
 
     def list_keys(self) -> dict[str, Any]:
         ring = self.keyring()
@@ -127,7 +160,8 @@ class Broker:
     # --- credentials --------------------------------------------------------------------
 
     def create_apikey(self, name: str, role: str, actor: str) -> str:
-        """A new API key, returned once; only its keyed hash is stored."""
+        """A new API key, returned once; only its keyed hash is stored. Names are never reused,
+        not even a revoked key's, so ``revoke NAME`` and the audit trail mean one key."""
         if role not in auth.ROLES:
             raise CommandError(f"role must be one of {', '.join(auth.ROLES)}")
         if not auth.NAME_PATTERN.match(name):
@@ -135,11 +169,37 @@ class Broker:
         key_id, secret, whole = auth.new_api_key()
         now = clock.now()
         with self.store.transaction() as conn:
+            if conn.execute("SELECT 1 FROM apikeys WHERE name = ?", (name,)).fetchone():
+                raise CommandError(f"an API key named {name!r} exists already (revoked names are not reused)")
             conn.execute("INSERT INTO apikeys (id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
                          (key_id, name, role, self.hasher.digest("apikey", key_id, secret), now))
             self.store.append_audit(conn, at=now, type_="apikey_created", actor=actor,
                                     detail={"name": name, "role": role, "key_id": key_id})
         return whole
+
+    def list_apikeys(self) -> dict[str, Any]:
+        """Every key ever created, revoked ones included; never a secret or a hash."""
+        rows = self.store.all("SELECT id, name, role, created_at, revoked_at FROM apikeys ORDER BY created_at, id")
+        return {"apikeys": [{"name": r["name"], "key_id": r["id"], "role": r["role"], "created_at": r["created_at"],
+                             "revoked": r["revoked_at"] is not None, "revoked_at": r["revoked_at"]} for r in rows]}
+
+    def revoke_apikey(self, name: str, actor: str) -> list[str]:
+        """Mark the key revoked: :meth:`authenticate` reads the row on every request, so a running
+        broker refuses it from its next request on. Returns the key ids revoked (more than one
+        only for names duplicated before names became unique)."""
+        now = clock.now()
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT id, role, revoked_at FROM apikeys WHERE name = ?", (name,)).fetchall()
+            if not rows:
+                raise ApiError(404, "apikey_not_found", f"no API key named {name!r}")
+            live = [r for r in rows if r["revoked_at"] is None]
+            if not live:
+                raise ApiError(409, "apikey_revoked", f"the API key {name!r} is revoked already")
+            for row in live:
+                conn.execute("UPDATE apikeys SET revoked_at = ? WHERE id = ?", (now, row["id"]))
+                self.store.append_audit(conn, at=now, type_="apikey_revoked", actor=actor,
+                                        detail={"name": name, "role": row["role"], "key_id": row["id"]})
+        return [r["id"] for r in live]
 
     def add_proxy(self, name: str, public_url: str, actor: str,
                   deliver: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
@@ -159,11 +219,51 @@ class Broker:
                 if deliver is not None:
                     deliver({"proxy_id": name, "secret": secret})
         except sqlite3.IntegrityError:
-            raise CommandError(f"a proxy named {name!r} exists already") from None
+            raise CommandError(f"a proxy named {name!r} exists already (removed names are not reused)") from None
         return {"proxy_id": name, "secret": secret}
 
+    def list_proxy_records(self) -> dict[str, Any]:
+        """Every registered proxy, removed ones included, as the database knows it (``healthy``
+        depends on the running broker's heartbeat interval: see ``GET /proxies``); no secret."""
+        rows = self.store.all("SELECT id, public_url, created_at, last_seen, sessions, capacity, draining, "
+                              "keyring_version, removed_at FROM proxies ORDER BY id")
+        return {"proxies": [{"id": r["id"], "public_url": r["public_url"], "created_at": r["created_at"],
+                             "last_seen": r["last_seen"], "sessions": r["sessions"], "capacity": r["capacity"],
+                             "draining": bool(r["draining"]), "keyring_version": r["keyring_version"],
+                             "removed": r["removed_at"] is not None, "removed_at": r["removed_at"]} for r in rows]}
+
+    def remove_proxy(self, name: str, actor: str, *, rotate: bool = True) -> dict[str, Any]:
+        """Mark the proxy removed: its credential stops authenticating (heartbeat, redeem, events)
+        and it is no longer chosen. With ``rotate``, in the same transaction, new keys: the
+        removed proxy holds the fleet keys that decrypt every token minted under them, so new
+        consoles must use keys it never received (and ``mint_floor`` keeps the broker from
+        falling back to the previous keys for proxies that have not fetched the new ones)."""
+        now = clock.now()
+        with self._keyring_transaction() as conn:
+            public_url = self._mark_removed(conn, name, now)
+            self.store.append_audit(conn, at=now, type_="proxy_removed", actor=actor,
+                                    detail={"proxy_id": name, "public_url": public_url, "rotate": rotate})
+            ring = self._rotate(conn, now, actor, reason="proxy_removed", proxy_id=name) if rotate else None
+            if ring is not None:
+                conn.execute("INSERT OR REPLACE INTO mint_floor (id, version) VALUES (1, ?)", (ring.version,))
+        self.pending.pop(name, None)
+        return {"proxy_id": name, "rotation": _rotation_json(ring) if ring else None}
+
+    @staticmethod
+    def _mark_removed(conn: sqlite3.Connection, name: str, now: float) -> str:
+        row = conn.execute("SELECT public_url, removed_at FROM proxies WHERE id = ?", (name,)).fetchone()
+        if row is None:
+            raise ApiError(404, "proxy_not_found", f"no proxy named {name!r}")
+        if row["removed_at"] is not None:
+            raise ApiError(409, "proxy_removed", f"the proxy {name!r} is removed already")
+        conn.execute("UPDATE proxies SET removed_at = ? WHERE id = ?", (now, name))
+        return str(row["public_url"])
+
     def authenticate(self, authorization: str | None, *, proxy: bool) -> Principal | None:
-        """The caller of a request, or None; proxies and API keys have separate endpoints."""
+        """The caller of a request, or None; proxies and API keys have separate endpoints.
+
+        No cache: every request reads the row, so a revoked key or a removed proxy is refused
+        from its next request on, and it costs the same HMAC as an unknown one."""
         value = auth.bearer(authorization)
         if value is None:
             return None
@@ -171,13 +271,13 @@ class Broker:
             parts = auth.split_proxy_credential(value)
             if parts is None:
                 return None
-            row = self.store.one("SELECT secret_hash FROM proxies WHERE id = ?", parts[0])
+            row = self.store.one("SELECT secret_hash FROM proxies WHERE id = ? AND removed_at IS NULL", parts[0])
             ok = self.hasher.matches(row["secret_hash"] if row else None, "proxy", *parts)
             return Principal(parts[0], parts[0], "proxy") if ok else None
         key = auth.split_api_key(value)
         if key is None:
             return None
-        row = self.store.one("SELECT name, role, hash FROM apikeys WHERE id = ?", key[0])
+        row = self.store.one("SELECT name, role, hash FROM apikeys WHERE id = ? AND revoked_at IS NULL", key[0])
         ok = self.hasher.matches(row["hash"] if row else None, "apikey", *key)
         return Principal(key[0], row["name"], row["role"]) if ok and row else None
 
@@ -227,7 +327,12 @@ class Broker:
     def proxies(self) -> list[fleet.ProxyView]:
         return [fleet.ProxyView(r["id"], r["public_url"], r["sessions"], r["capacity"], bool(r["draining"]),
                                 r["last_seen"], self.pending.get(r["id"], 0), r["keyring_version"] or 0)
-                for r in self.store.all("SELECT * FROM proxies")]
+                for r in self.store.all("SELECT * FROM proxies WHERE removed_at IS NULL")]
+
+    def mint_floor(self) -> int:
+        """The oldest keyring version a proxy must hold to be given consoles (0: any)."""
+        row = self.store.one("SELECT version FROM mint_floor WHERE id = 1")
+        return int(row["version"]) if row else 0
 
     def mint_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
         """Claims from the target and the request, a proxy from the fleet, one audited session."""
@@ -237,12 +342,14 @@ class Broker:
         ttl = body.get("ttl", self.config.default_ttl)
         if not 1 <= ttl <= self.max_ttl():
             raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
-        now = clock.now()
-        chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval)
+        now, ring = clock.now(), self.keyring()
+        # Proxies still holding only keys from before a proxy's removal wait for their next
+        # heartbeat (min() keeps a replaced, younger keyring from shutting out the whole fleet).
+        chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval,
+                              min_version=min(self.mint_floor(), ring.version))
         if chosen is None:
             raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
         claims = self._claims(row, body, now, ttl)
-        ring = self.keyring()
         if chosen.keyring_version < ring.version:  # it has not heard of the last rotation yet
             ring = ring.previous_generation(claims.exp + DEFAULT_SKEW) or ring
         try:
@@ -370,6 +477,10 @@ class Broker:
         rows = self.store.all(sql + " ORDER BY seq LIMIT ?", *params, limit)
         return {"events": [{"seq": r["seq"], "at": r["at"], "type": r["type"], "session_id": r["session_id"],
                             "actor": r["actor"], "detail": json.loads(r["detail"])} for r in rows]}
+
+
+def _rotation_json(ring: Keyring) -> dict[str, Any]:
+    return {"version": ring.version, "active": {"signing": ring.active_signing, "fleet": ring.active_fleet}}
 
 
 def _public_url(value: str | None) -> str | None:

@@ -53,6 +53,16 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    # 1 -> 2: revocation. Credentials are marked, never deleted, so the audit trail and the
+    # listings still name them and a name cannot be quietly reused; mint_floor is the oldest
+    # keyring version a console may be minted for (raised when a proxy is removed and the keys
+    # rotated, so no new token uses keys the removed proxy holds).
+    """
+    ALTER TABLE apikeys ADD COLUMN revoked_at REAL;
+    ALTER TABLE proxies ADD COLUMN removed_at REAL;
+    CREATE INDEX apikeys_name ON apikeys (name);
+    CREATE TABLE mint_floor (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
