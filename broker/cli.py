@@ -12,7 +12,7 @@ from pathlib import Path
 
 from broker import keyfiles, schemas, serve
 from broker.client import BrokerClient, BrokerError
-from broker.service import AUDIT_TYPES, ApiError, Broker, init_state_dir
+from broker.service import AUDIT_TYPES, ApiError, Broker, KeyringNotRestored, init_state_dir
 from broker.store import StoreError
 from broker.vault import MASTER_KEY_NAME, VaultError
 from console_proxy import clock, keyring, token
@@ -173,10 +173,14 @@ def _open(args: argparse.Namespace) -> Broker:
 @contextlib.contextmanager
 def _broker(args: argparse.Namespace) -> Iterator[Broker]:
     """The state dir's broker for one command, closed however the command ends. A database
-    failure becomes one line: every change is one transaction, rolled back before this runs."""
+    failure becomes one line: every change is one transaction, rolled back before this runs
+    (keyring.json included, unless putting it back failed: then the line says so)."""
     broker = _open(args)
     try:
         yield broker
+    except KeyringNotRestored as exc:  # raised while handling the failure that caused it
+        cause = f" ({exc.__context__})" if isinstance(exc.__context__, sqlite3.Error) else ""
+        raise CommandError(f"the broker database failed{cause}; {exc}") from None
     except sqlite3.Error as exc:
         raise CommandError(f"the broker database failed ({exc}); nothing was changed") from None
     finally:

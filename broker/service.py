@@ -40,6 +40,16 @@ REVOKED_MEMORY = 86400.0
 """Seconds a revoked session id is still sent to proxies (after which no token for it is valid)."""
 
 
+class KeyringNotRestored(Exception):
+    """A transaction that replaced keyring.json failed and was rolled back, but the old file
+    could not be put back: the file may hold keys no audit event records."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the database change was rolled back, but keyring.json could not be restored ({reason}): "
+                         "it may hold keys no audit event records; check it with `console-broker keys list` "
+                         "and run `console-broker keys rotate`")
+
+
 class ApiError(tornado.web.HTTPError):
     """A refusal with its HTTP status, stable code and a human message (never a secret).
 
@@ -119,28 +129,39 @@ class Broker:
     @contextmanager
     def _keyring_transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that may replace keyring.json, and puts the old file back if the
-        transaction fails after all (a COMMIT that cannot be written): the file and the database
+        transaction fails after all (a failing statement or COMMIT): the file and the database
         change together or not at all.
 
         The write lock comes first: a busy or failing database refuses the rotation before the
-        keyring file changes, and two rotations never interleave."""
-        saved: bytes | None = None
-        try:
-            with self.store.transaction() as conn:
-                saved = self.keyring_path.read_bytes()
-                yield conn
-        except BaseException:
-            if saved is not None:
-                self._restore_keyring(saved)
-            raise
+        keyring file changes, and two rotations never interleave. The file is put back before the
+        lock is released (``Store.transaction``'s ``undo``), so no other transaction (a heartbeat,
+        a mint, another rotation) ever reads keys this one did not commit."""
+        before: list[bytes] = []  # the file when the lock was taken
+        after: list[bytes] = []  # the file this transaction leaves, read before its COMMIT
+        with self.store.transaction(undo=lambda: self._restore_keyring(before, after)) as conn:
+            before.append(self.keyring_path.read_bytes())
+            yield conn
+            after.append(self.keyring_path.read_bytes())
 
-    def _restore_keyring(self, saved: bytes) -> None:
+    def _restore_keyring(self, before: list[bytes], after: list[bytes]) -> None:
+        """Put back the file of ``before`` (called holding the write lock). Raises
+        KeyringNotRestored when it cannot, so nobody is told that nothing changed."""
+        if not before:
+            return
         try:
-            if self.keyring_path.read_bytes() != saved:
-                keyring.write_private_file(self.keyring_path, saved)
-                log.warning("the transaction failed: keyring.json restored to its previous keys")
+            current = self.keyring_path.read_bytes()
+            if current == before[0]:
+                return
+            # a file other than this transaction's: only possible after SQLite released the lock by itself
+            failure = "another writer replaced it meanwhile" if after and current != after[0] else None
+            if failure is None:
+                keyring.write_private_file(self.keyring_path, before[0])
         except OSError as exc:
-            log.error("the transaction failed and keyring.json could not be restored: %s", exc.strerror)
+            failure = exc.strerror or type(exc).__name__
+        if failure is not None:
+            log.error("a transaction failed and keyring.json could not be restored: %s", failure)
+            raise KeyringNotRestored(failure)
+        log.warning("the transaction failed: keyring.json restored to its previous keys")
 
     def _rotate(self, conn: sqlite3.Connection, now: float, actor: str, **why: str) -> Keyring:
         """The one rotation code path (``keys rotate``, ``POST /keys/rotate``, ``proxy remove``),
@@ -335,28 +356,22 @@ class Broker:
         return int(row["version"]) if row else 0
 
     def mint_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
-        """Claims from the target and the request, a proxy from the fleet, one audited session."""
-        row = self.store.one("SELECT * FROM targets WHERE id = ?", body["target_id"])
-        if row is None:
-            raise ApiError(404, "target_not_found", "no target with this id")
-        ttl = body.get("ttl", self.config.default_ttl)
-        if not 1 <= ttl <= self.max_ttl():
-            raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
-        now, ring = clock.now(), self.keyring()
-        # Proxies still holding only keys from before a proxy's removal wait for their next
-        # heartbeat (min() keeps a replaced, younger keyring from shutting out the whole fleet).
-        chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval,
-                              min_version=min(self.mint_floor(), ring.version))
-        if chosen is None:
-            raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
-        claims = self._claims(row, body, now, ttl)
-        if chosen.keyring_version < ring.version:  # it has not heard of the last rotation yet
-            ring = ring.previous_generation(claims.exp + DEFAULT_SKEW) or ring
-        try:
-            minted = token.mint(claims, ring)
-        except ValueError as exc:  # above the proxies' token size limit (e.g. a long name and a CA)
-            raise ApiError(400, "bad_request", str(exc)) from None
+        """Claims from the target and the request, a proxy from the fleet, one audited session.
+
+        Keys, fleet, mint floor and choice are read in the transaction that records the session:
+        keyring.json changes only under the write lock, so the console can neither go to a proxy
+        removed meanwhile nor be signed with keys that were leaked (or not committed yet)."""
         with self.store.transaction() as conn:
+            row = conn.execute("SELECT * FROM targets WHERE id = ?", (body["target_id"],)).fetchone()
+            if row is None:
+                raise ApiError(404, "target_not_found", "no target with this id")
+            ttl = body.get("ttl", self.config.default_ttl)
+            if not 1 <= ttl <= self.max_ttl():
+                raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
+            now = clock.now()
+            chosen, ring = self._choose(now)
+            claims = self._claims(row, body, now, ttl)
+            minted = _sign(claims, ring, chosen)
             conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
                          "minted_at) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?)",
                          (claims.sid, row["id"], claims.sub, chosen.id, principal.id, int(claims.once), claims.exp,
@@ -369,6 +384,18 @@ class Broker:
         return {"session_id": claims.sid, "url": f"{chosen.public_url}/console#token={minted}",
                 "websocket_url": fleet.websocket_url(chosen.public_url), "token": minted,
                 "expires_at": claims.exp, "proxy_id": chosen.id}
+
+    def _choose(self, now: float) -> tuple[fleet.ProxyView, Keyring]:
+        """The proxy for the next console and the keyring (called inside the minting transaction).
+
+        Proxies still holding only keys from before a proxy's removal wait for their next
+        heartbeat (min() keeps a replaced, younger keyring from shutting out the whole fleet)."""
+        ring = self.keyring()
+        chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval,
+                              min_version=min(self.mint_floor(), ring.version))
+        if chosen is None:
+            raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
+        return chosen, ring
 
     def _claims(self, row: sqlite3.Row, body: dict[str, Any], now: float, ttl: int) -> token.Claims:
         password = self.vault.open(row["password_enc"], context=row["id"]) if row["password_enc"] else None
@@ -411,16 +438,22 @@ class Broker:
     # --- fleet --------------------------------------------------------------------------
 
     def heartbeat(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        """Record the proxy's report; answer the keys it lacks and the sessions it must close.
+
+        The removal check, the update and the keyring read are one transaction: a heartbeat that
+        authenticated just before ``proxy remove`` committed gets 401 once it has the write lock,
+        never the keys rotated because of that removal."""
         if body["proxy_id"] != principal.id:
             raise ApiError(403, "forbidden", "proxy_id differs from the authenticated proxy")
-        now = clock.now()
         with self.store.transaction() as conn:
+            now = clock.now()
+            _check_proxy_live(conn, principal.id)
             conn.execute("UPDATE proxies SET sessions = ?, capacity = ?, draining = ?, last_seen = ?, "
-                         "keyring_version = ?, public_url = COALESCE(?, public_url) WHERE id = ?",
+                         "keyring_version = ?, public_url = COALESCE(?, public_url) WHERE id = ? AND removed_at IS NULL",
                          (body["sessions"], body["capacity"], int(body["draining"]), now, body["version"],
                           _public_url(body.get("public_url")), principal.id))
+            ring = self.keyring()
         self.pending[principal.id] = 0
-        ring = self.keyring()
         revoked = [r["id"] for r in self.store.all(
             "SELECT id FROM sessions WHERE state = 'revoked' AND revoked_at > ? AND (closed_at IS NULL OR exp > ?)",
             now - REVOKED_MEMORY, now - MAX_SKEW - DEFAULT_SKEW)]  # a proxy may run with up to MAX_SKEW
@@ -435,6 +468,7 @@ class Broker:
         exp = min(body["exp"], int(now) + self.keyring().max_ttl + MAX_SKEW)
         try:
             with self.store.transaction() as conn:
+                _check_proxy_live(conn, principal.id)
                 session = conn.execute("SELECT state FROM sessions WHERE id = ?", (body["session_id"],)).fetchone()
                 if session is not None and session["state"] == "revoked":
                     raise ApiError(409, "session_revoked", "this console session was revoked")
@@ -450,6 +484,7 @@ class Broker:
         """Sessions opened / closed and refusals reported by a proxy, into sessions and audit."""
         now = clock.now()
         with self.store.transaction() as conn:
+            _check_proxy_live(conn, principal.id)
             for event in events:
                 _EVENT_HANDLERS[event["event"]](self.store, conn, principal, event, now)
         return {"accepted": len(events)}
@@ -479,8 +514,29 @@ class Broker:
                             "actor": r["actor"], "detail": json.loads(r["detail"])} for r in rows]}
 
 
+def _sign(claims: token.Claims, ring: Keyring, chosen: fleet.ProxyView) -> str:
+    """The token, under the keys the chosen proxy holds: the previous generation for a proxy
+    that has not heard of the last rotation yet (when no mint floor excluded it)."""
+    if chosen.keyring_version < ring.version:
+        ring = ring.previous_generation(claims.exp + DEFAULT_SKEW) or ring
+    try:
+        return token.mint(claims, ring)
+    except ValueError as exc:  # above the proxies' token size limit (e.g. a long name and a CA)
+        raise ApiError(400, "bad_request", str(exc)) from None
+
+
 def _rotation_json(ring: Keyring) -> dict[str, Any]:
     return {"version": ring.version, "active": {"signing": ring.active_signing, "fleet": ring.active_fleet}}
+
+
+def _check_proxy_live(conn: sqlite3.Connection, proxy_id: str) -> None:
+    """Inside the request's write transaction: a proxy removed after its request authenticated
+    (the removal committed while the request waited for the lock) is refused as api.caller refuses
+    an unknown credential. A missing row is refused too (fail closed), though authentication
+    already needs one and rows are never deleted."""
+    row = conn.execute("SELECT removed_at FROM proxies WHERE id = ?", (proxy_id,)).fetchone()
+    if row is None or row["removed_at"] is not None:
+        raise ApiError(401, "unauthorized", "this endpoint needs a proxy credential as a Bearer token")
 
 
 def _public_url(value: str | None) -> str | None:

@@ -11,10 +11,11 @@ The audit table is append-only, enforced by triggers, so not even a bug here can
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,22 +113,34 @@ class Store:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
     def migrate(self) -> int:
-        """Apply the missing migrations in order; refuse a database from a newer release."""
-        current = self.version
-        if current > SCHEMA_VERSION:
-            raise StoreError(f"database schema {current} is newer than this broker's {SCHEMA_VERSION}")
-        for number in range(current, SCHEMA_VERSION):
-            self.conn.executescript(f"BEGIN IMMEDIATE;\n{MIGRATIONS[number]}\nPRAGMA user_version = {number + 1};\n"
-                                    "COMMIT;")
-        return self.version
+        """Apply the missing migrations in order; refuse a database from a newer release.
+
+        The version is read again under the write lock before each migration: two processes
+        opening an old database at once would otherwise both apply the same one (and the second
+        fail on "duplicate column name"). The first read, without the lock, only spares an
+        up-to-date database a write lock."""
+        while (current := self.version) != SCHEMA_VERSION:
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"database schema {current} is newer than this broker's {SCHEMA_VERSION}")
+            with self.transaction() as conn:
+                current = self.version
+                if current < SCHEMA_VERSION:  # else another process migrated meanwhile: check again
+                    for statement in _statements(MIGRATIONS[current]):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {current + 1}")
+        return current
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, undo: Callable[[], None] | None = None) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
 
         A write SQLite cannot make (disk full, I/O error, database locked too long) becomes
         StoreUnavailable after the rollback: the request fails as a whole and nothing half-written
         stays behind.
+
+        ``undo`` takes back what the transaction changed outside the database (keyring.json) when
+        it fails, its COMMIT included, while this connection still holds the write lock: no other
+        writer can see or build on a change being taken back. See :meth:`_abort`.
         """
         try:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -135,11 +148,26 @@ class Store:
                 yield self.conn
                 self.conn.execute("COMMIT")
             except BaseException:
-                if self.conn.in_transaction:  # SQLite may have rolled back by itself (SQLITE_FULL)
-                    self.conn.execute("ROLLBACK")
+                self._abort(undo)
                 raise
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"the broker cannot write its database: {exc}") from None
+
+    def _abort(self, undo: Callable[[], None] | None) -> None:
+        """``undo``, then ROLLBACK. A failed statement or a COMMIT refused for a deferred
+        constraint leaves the transaction (and the lock) open, so ``undo`` runs under the lock.
+        After an I/O error or a full disk SQLite may have rolled back by itself and released the
+        lock: it is taken again for ``undo``, but in the gap another writer may have read what is
+        being undone (the undo must check the file is still its own)."""
+        try:
+            if undo is not None:
+                if not self.conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # undo even so: better than a file left changed
+                        self.conn.execute("BEGIN IMMEDIATE")
+                undo()
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
 
     def one(self, sql: str, *params: Any) -> sqlite3.Row | None:
         return self.conn.execute(sql, params).fetchone()
@@ -153,3 +181,16 @@ class Store:
         cursor = conn.execute("INSERT INTO audit (at, type, session_id, actor, detail) VALUES (?, ?, ?, ?, ?)",
                               (at, type_, session_id, actor, json.dumps(detail or {}, sort_keys=True)))
         return int(cursor.lastrowid or 0)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration script, one by one (``executescript`` would COMMIT the
+    transaction that holds the write lock), triggers' ``BEGIN … END;`` bodies kept whole."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise StoreError("a migration ends with an incomplete statement")

@@ -3,10 +3,11 @@ against a real ``console-broker serve`` where it matters (the next request after
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ from brokerproc import BrokerProcess, BrokerState, start_broker
 from test_broker_api import _error, _proxy_auth
 from test_broker_cli import _run
 
-from broker.auth import Hasher
-from broker.service import Broker, init_state_dir
-from broker.store import MIGRATIONS
+from broker import cli, fleet
+from broker.auth import Hasher, Principal
+from broker.service import ApiError, Broker, KeyringNotRestored, init_state_dir
+from broker.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreUnavailable
 from broker.vault import MASTER_KEY_NAME, Vault
-from console_proxy import token
+from console_proxy import keyring, token
 from console_proxy.keyring import Keyring
 
 Capsys = pytest.CaptureFixture[str]
@@ -237,3 +239,264 @@ def test_a_version_1_database_migrates_and_its_credentials_keep_working(tmp_path
         assert broker.authenticate("Bearer cgk.k1.s3cret", proxy=False) is None
     finally:
         broker.close()
+
+
+# --- races: the interleavings are forced in-process, two Broker objects on one state directory
+# standing for the serving broker and a CLI command (each has its own SQLite connection).
+
+ISSUER = Principal("k1", "app", "issuer")
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Broker, Broker]]:
+    """(serving, command): a running broker's Broker and a CLI command's, on the same state dir."""
+    init_state_dir(tmp_path / "s")
+    serving, command = Broker(tmp_path / "s"), Broker(tmp_path / "s")
+    yield serving, command
+    serving.close()
+    command.close()
+
+
+def _heartbeat(broker: Broker, name: str, version: int) -> dict[str, Any]:
+    return broker.heartbeat(Principal(name, name, "proxy"), {
+        "proxy_id": name, "public_url": None, "sessions": 0, "capacity": 10, "draining": False, "version": version})
+
+
+def _lock_is_free(db: Path) -> bool:
+    """Whether another writer could take the write lock right now (it does not wait)."""
+    other = sqlite3.connect(db, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        other.close()
+
+
+def _spy_keyring_writes(monkeypatch: pytest.MonkeyPatch, db: Path,
+                        fail_on: int | None = None) -> list[bool]:
+    """Records, for each write of a keyring file, whether the write lock was free then; write
+    number ``fail_on`` (1-based) fails as on a full disk."""
+    writes: list[bool] = []
+    real = keyring.write_private_file
+
+    def spy(path: Any, content: bytes) -> None:
+        writes.append(_lock_is_free(db))
+        if len(writes) == fail_on:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, content)
+
+    monkeypatch.setattr(keyring, "write_private_file", spy)
+    return writes
+
+
+_PROXY_CALLS: dict[str, Callable[[Broker, Principal, int], object]] = {
+    "heartbeat": lambda broker, who, version: broker.heartbeat(who, {
+        "proxy_id": who.id, "public_url": None, "sessions": 0, "capacity": 10, "draining": False, "version": version}),
+    "redeem": lambda broker, who, _: broker.redeem(who, {"jti": "j" * 24, "session_id": "s1",
+                                                         "exp": int(time.time()) + 60}),
+    "events": lambda broker, who, _: broker.proxy_events(who, [{"event": "refused", "code": "token_invalid"}])}
+
+
+@pytest.mark.parametrize("call", _PROXY_CALLS)
+def test_proxy_requests_authenticated_before_a_removal_committed_get_401_not_the_new_keys(
+        pair: tuple[Broker, Broker], call: str) -> None:
+    """The request authenticates, then ``proxy remove`` commits (rotating the keys), then the
+    request's transaction runs: it must be refused, not answered with the rotated fleet keys."""
+    serving, command = pair
+    secret = serving.add_proxy("leaky", "http://127.0.0.1:1", "test")["secret"]
+    leaked = serving.keyring().version
+    principal = serving.authenticate(f"Bearer leaky.{secret}", proxy=True)
+    assert principal is not None
+    assert command.remove_proxy("leaky", "cli")["rotation"]["version"] == leaked + 1
+
+    with pytest.raises(ApiError) as refused:
+        _PROXY_CALLS[call](serving, principal, leaked)
+    assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+    assert serving.store.all("SELECT * FROM redeemed") == []
+    assert serving.store.one("SELECT last_seen FROM proxies WHERE id = 'leaky'")[0] is None
+    assert [r[0] for r in serving.store.all("SELECT type FROM audit WHERE type IN ('redeemed', 'refused')")] == []
+
+
+def test_a_heartbeat_reads_the_keys_under_its_write_lock(pair: tuple[Broker, Broker],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """keyring.json is replaced before its transaction commits (and put back if it fails): read
+    outside a write transaction, it may hold keys that never get committed."""
+    serving, command = pair
+    serving.add_proxy("px", "http://127.0.0.1:1", "test")
+    before = serving.keyring().version
+    command.store.conn.execute("PRAGMA busy_timeout = 0")
+    rotation: list[str] = []
+    real_keyring = serving.keyring
+
+    def rotate_then_read() -> Keyring:
+        try:
+            command.rotate_keys("cli")
+            rotation.append("committed")
+        except StoreUnavailable:
+            rotation.append("waits for the lock")
+        return real_keyring()
+
+    monkeypatch.setattr(serving, "keyring", rotate_then_read)
+    answer = _heartbeat(serving, "px", 0)
+    assert rotation == ["waits for the lock"] and answer["keyring_version"] == before
+
+
+def test_a_console_is_assigned_under_the_write_lock_so_a_removal_cannot_slip_in(
+        pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``proxy remove`` tries to commit right after the mint chose its proxy: it must wait for
+    the mint's commit (the console went to a proxy that was live then), never commit in between
+    (a console recorded for a removed proxy, signed with the keys it holds)."""
+    serving, command = pair
+    serving.add_proxy("leaky", "http://127.0.0.1:1", "test")
+    serving.add_target({"id": "vm", "name": "vm", "host": "127.0.0.1", "port": 5901}, "test")
+    _heartbeat(serving, "leaky", serving.keyring().version)
+    command.store.conn.execute("PRAGMA busy_timeout = 0")
+    removal: list[str] = []
+    real_choose = fleet.choose
+
+    def choose_then_remove(*args: Any, **kwargs: Any) -> fleet.ProxyView | None:
+        chosen = real_choose(*args, **kwargs)
+        try:
+            command.remove_proxy("leaky", "cli")
+            removal.append("committed")
+        except StoreUnavailable:
+            removal.append("waits for the lock")
+        return chosen
+
+    monkeypatch.setattr(fleet, "choose", choose_then_remove)
+    console = serving.mint_console(ISSUER, {"target_id": "vm"})
+    monkeypatch.undo()
+    assert removal == ["waits for the lock"] and console["proxy_id"] == "leaky"
+    command.remove_proxy("leaky", "cli")  # after the mint's commit it goes through
+    with pytest.raises(ApiError) as refused:
+        serving.mint_console(ISSUER, {"target_id": "vm"})
+    assert refused.value.code == "no_proxy_available"
+
+
+_FAIL_AT_COMMIT = """
+    CREATE TABLE parent (id INTEGER PRIMARY KEY);
+    CREATE TABLE child (parent_id INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
+    CREATE TRIGGER fail_commit AFTER INSERT ON audit WHEN NEW.type = 'key_rotated'
+        BEGIN INSERT INTO child VALUES (42); END;
+"""
+"""A real COMMIT failure: a deferred foreign key is checked only at COMMIT, after keyring.json was
+replaced, and SQLite keeps the transaction (and the lock) open when it refuses that COMMIT."""
+
+
+def test_a_failing_commit_puts_keyring_json_back_before_the_lock_is_released(
+        pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch) -> None:
+    serving, _ = pair
+    db = serving.store.path
+    serving.store.conn.executescript(_FAIL_AT_COMMIT)
+    before = serving.keyring_path.read_bytes()
+    writes = _spy_keyring_writes(monkeypatch, db)
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        serving.rotate_keys("test")
+    assert writes == [False, False]  # the new keys and the old ones put back: both under the lock
+    assert serving.keyring_path.read_bytes() == before and _lock_is_free(db)
+    assert serving.store.all("SELECT * FROM audit WHERE type = 'key_rotated'") == []
+
+
+class _CommitRolledBackBySqlite:
+    """A connection whose COMMIT fails as on an I/O error: SQLite rolls back by itself and the
+    lock is released; ``meanwhile`` is what another process does in that gap."""
+
+    def __init__(self, conn: sqlite3.Connection, meanwhile: Callable[[], object]) -> None:
+        self._conn, self._meanwhile = conn, meanwhile
+
+    def execute(self, sql: str, *params: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            self._conn.execute("ROLLBACK")
+            self._meanwhile()
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_after_sqlite_rolled_back_by_itself_the_file_is_put_back_under_the_lock_taken_again(
+        pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch) -> None:
+    serving, _ = pair
+    before = serving.keyring_path.read_bytes()
+    conn = serving.store.conn
+    monkeypatch.setattr(serving.store, "conn", _CommitRolledBackBySqlite(conn, lambda: None))
+    writes = _spy_keyring_writes(monkeypatch, serving.store.path)
+    with pytest.raises(StoreUnavailable, match="disk I/O error"):
+        serving.rotate_keys("test")
+    assert writes == [False, False] and serving.keyring_path.read_bytes() == before
+    assert not conn.in_transaction
+
+
+def test_a_rotation_committed_in_that_gap_is_kept_and_the_cli_says_the_file_was_not_restored(
+        pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch, capsys: Capsys) -> None:
+    """Another rotation took the lock between SQLite's own rollback and the undo, and built on the
+    uncommitted file: its committed keys stay, and the command must not claim nothing changed."""
+    serving, command = pair
+    state = serving.root
+    command.store.conn = _CommitRolledBackBySqlite(command.store.conn, lambda: serving.rotate_keys("api"))
+    monkeypatch.setattr(cli, "_open", lambda args: command)
+    status, out, err = _cli(capsys, "keys", "rotate", state=state)
+    assert (status, out) == (1, "") and err.count("\n") == 1, err
+    assert "disk I/O error" in err and "could not be restored" in err and "nothing was changed" not in err
+    assert "keys list" in err
+    ring = keyring.load(state / "keyring.json")
+    assert [e["version"] for e in _audit(state, "key_rotated")] == [ring.version]  # the other rotation's
+
+
+def test_a_keyring_that_cannot_be_put_back_is_reported_not_hidden(state_dir: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: Capsys) -> None:
+    cred = tmp_path / "px.json"
+    _cli(capsys, "proxy", "add", "px", "--public-url", "http://127.0.0.1:1", "--out", str(cred), state=state_dir)
+    secret = json.loads(cred.read_text())["secret"]
+    with sqlite3.connect(Path(state_dir) / "broker.db") as conn:
+        conn.execute("CREATE TRIGGER fail_floor BEFORE INSERT ON mint_floor "
+                      "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END")
+    ring_before = (Path(state_dir) / "keyring.json").read_bytes()
+    writes = _spy_keyring_writes(monkeypatch, Path(state_dir) / "broker.db", fail_on=2)  # the restore fails
+
+    status, out, err = _cli(capsys, "proxy", "remove", "px", state=state_dir)
+    assert (status, out) == (1, "") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "simulated failure" in err and "could not be restored (No space left on device)" in err
+    assert "nothing was changed" not in err and "keys list" in err and secret not in err
+    assert writes == [False, False]
+    assert (Path(state_dir) / "keyring.json").read_bytes() != ring_before  # as the message says
+    assert _rows(state_dir, "SELECT removed_at FROM proxies") == [(None,)]  # the database was rolled back
+    broker = Broker(state_dir)  # in-process (the API's path) it is an exception of its own, not sqlite3.Error
+    try:
+        writes.clear()
+        with pytest.raises(KeyringNotRestored, match="could not be restored"):
+            broker.remove_proxy("px", "test")
+    finally:
+        broker.close()
+
+
+def test_two_processes_opening_an_old_database_at_once_migrate_it_once(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other process migrates right after this one read the version: this one must see that
+    under the write lock instead of applying migration 2 again ("duplicate column name")."""
+    db = tmp_path / "b.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    real = Store.version.fget
+    assert real is not None
+    raced: list[int] = []
+
+    def version(store: Store) -> int:
+        current = int(real(store))
+        if not raced:
+            raced.append(current)
+            Store(db).close()  # the other process
+        return current
+
+    monkeypatch.setattr(Store, "version", property(version))
+    store = Store(db)
+    try:
+        assert raced == [1] and store.version == SCHEMA_VERSION
+        assert "removed_at" in [r["name"] for r in store.all("PRAGMA table_info(proxies)")]
+    finally:
+        store.close()

@@ -163,7 +163,7 @@ def test_schema_accepts_and_documents() -> None:
 def test_redeemed_rows_are_cleaned_up_after_exp(tmp_path: Path) -> None:
     init_state_dir(tmp_path / "s")
     broker = Broker(tmp_path / "s")
-    proxy = Principal("p", "p", "proxy")
+    proxy = registered_proxy(broker)
     try:
         with freeze_time("2030-01-01 00:00:00") as frozen:
             now = int(broker_now())
@@ -179,6 +179,12 @@ def test_redeemed_rows_are_cleaned_up_after_exp(tmp_path: Path) -> None:
         broker.close()
 
 
+def registered_proxy(broker: Broker) -> Principal:
+    """A proxy with a row, as authentication would have found (proxy requests need one)."""
+    broker.add_proxy("p", "https://p.example", "test")
+    return Principal("p", "p", "proxy")
+
+
 def broker_now() -> float:
     return clock.now()
 
@@ -189,7 +195,7 @@ def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_t
     exp + MAX_SKEW, or a reusable token could reopen it on such a proxy."""
     init_state_dir(tmp_path / "s")
     broker = Broker(tmp_path / "s")
-    proxy = Principal("p", "p", "proxy")
+    proxy = registered_proxy(broker)
     beat = {"proxy_id": "p", "sessions": 0, "capacity": 1, "draining": False, "version": 0}
     try:
         with freeze_time("2030-01-01 00:00:00") as frozen:
