@@ -5,6 +5,11 @@ credential, 403 for the wrong role), what was asked (413 over :data:`MAX_BODY`, 
 JSON, wrong types or unknown members, checked against :mod:`broker.schemas`), then one call
 into :class:`broker.service.Broker`. Every error, Tornado's own included, is
 ``{"error": CODE, "message": …}``.
+
+Bodies are streamed (``@stream_request_body``) so that the size limit is the handler's, not
+Tornado's: Tornado answers a body over its ``max_body_size`` with a bare 400 and a closed
+connection, while here a declared ``Content-Length`` over the limit is refused in ``prepare()``
+before a byte of the body is read, and a chunked body is refused as soon as it grows past it.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import sys
 from typing import Any
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 from broker import openapi, schemas
 from broker.auth import Principal
@@ -28,6 +35,8 @@ log = logging.getLogger("consolegate.broker.api")
 
 MAX_BODY = 64 * 1024
 """Largest request body the API reads; larger ones get 413 before any parsing."""
+_NO_TORNADO_LIMIT = sys.maxsize
+"""Tornado's own body limit once a handler enforces :data:`MAX_BODY` itself (see ApiHandler.prepare)."""
 PREFIX = "/api/v1"
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 503: "unavailable"}
@@ -51,11 +60,18 @@ def parse_json(raw: bytes) -> Any:
         raise ValueError("the body is not valid JSON") from None
 
 
+def body_too_large() -> ApiError:
+    """One refusal for both places a body can be too large: its declared length, or its growth."""
+    return ApiError(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
+
+
+@tornado.web.stream_request_body
 class ApiHandler(tornado.web.RequestHandler):
     """Authentication, body limits and parsing, JSON answers and errors."""
 
     def initialize(self, broker: Broker, metrics: BrokerMetrics) -> None:
         self.broker, self.metrics = broker, metrics
+        self._body = bytearray()
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -63,9 +79,29 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_header("X-Content-Type-Options", "nosniff")
 
     def prepare(self) -> None:
+        """Runs once the headers are in, before any of the body is read.
+
+        Tornado's own limit is lifted for this request because past it Tornado writes a bare 400
+        (even after this handler's 413); :meth:`data_received` enforces :data:`MAX_BODY` instead.
+        """
+        if isinstance(self.request.connection, HTTP1Connection):
+            self.request.connection.set_max_body_size(_NO_TORNADO_LIMIT)
         declared = self.request.headers.get("Content-Length", "")
-        if (declared.isdigit() and int(declared) > MAX_BODY) or len(self.request.body) > MAX_BODY:
-            raise ApiError(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            raise body_too_large()
+
+    def data_received(self, chunk: bytes) -> None:
+        """Buffer the body up to :data:`MAX_BODY`; past it (chunked bodies), answer 413 at once.
+
+        Once the answer is sent Tornado stops delivering the body, closes the connection after the
+        answer, and never calls the verb method: nothing is stored or audited.
+        """
+        if len(self._body) + len(chunk) > MAX_BODY:
+            self._body.clear()
+            error = body_too_large()
+            self.send_error(413, exc_info=(type(error), error, None))
+            return
+        self._body += chunk
 
     def on_finish(self) -> None:
         self.metrics.responses.inc(str(self.get_status()))
@@ -75,7 +111,6 @@ class ApiHandler(tornado.web.RequestHandler):
         proxy = roles == ("proxy",)
         principal = self.broker.authenticate(self.request.headers.get("Authorization"), proxy=proxy)
         if principal is None:
-            self.set_header("WWW-Authenticate", 'Bearer realm="consolegate"')
             what = "a proxy credential" if proxy else "an API key"
             raise ApiError(401, "unauthorized", f"this endpoint needs {what} as a Bearer token")
         if principal.role not in roles and not (principal.role == "admin" and not proxy):
@@ -83,7 +118,7 @@ class ApiHandler(tornado.web.RequestHandler):
         return principal
 
     def body(self, fields: dict[str, Field]) -> dict[str, Any]:
-        raw = self.request.body
+        raw = bytes(self._body)
         if not raw.strip() and not any(f.required for f in fields.values()):
             return {}
         try:
@@ -119,6 +154,10 @@ class ApiHandler(tornado.web.RequestHandler):
         error = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(error, ApiError):
             body = {"error": error.code, "message": error.message}
+            if error.status == 413:  # the rest of the body is never read: this connection ends here
+                self.set_header("Connection", "close")
+            elif error.status == 401:  # here, not where it is raised: send_error clears earlier headers
+                self.set_header("WWW-Authenticate", 'Bearer realm="consolegate"')
         elif isinstance(error, (StoreUnavailable, sqlite3.OperationalError)):
             self.set_status(503)
             body = {"error": "storage_unavailable",
@@ -238,6 +277,7 @@ class MetricsHandler(ApiHandler):
 
 class NotFoundHandler(ApiHandler):
     def prepare(self) -> None:
+        super().prepare()  # the body limit first: an oversized body gets 413 here too
         raise ApiError(404, "not_found", "no such endpoint")
 
 

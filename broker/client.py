@@ -2,10 +2,15 @@
 
 Errors come back as :class:`BrokerError` with the status and the API's stable code, so a caller
 can tell ``no_proxy_available`` from ``target_not_found`` without parsing messages.
+
+Every request carries a credential (an admin API key can do everything), so the client talks
+``https://``, or plain ``http://`` only to a loopback address, unless told ``allow_insecure=True``:
+the same rule as the proxy's link to the broker (console_proxy.brokerlink.check_broker_url).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import ssl
 import urllib.error
@@ -22,16 +27,46 @@ class BrokerError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+class InsecureBrokerURL(ValueError):
+    """A broker URL this client will not send a credential to; one line, never the credential."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``; names are not resolved, so any other name is remote."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_broker_url(url: str, *, allow_insecure: bool = False) -> None:
+    """Refuse a URL whose traffic (bearer credential included) could be read or altered on the way."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if not host or parts.scheme not in ("http", "https"):
+        raise InsecureBrokerURL("the broker URL must be https://HOST[:PORT] (or http:// to this host)")
+    if parts.scheme == "http" and not allow_insecure and not is_loopback_host(host):
+        raise InsecureBrokerURL(f"refusing plain http to the broker at {host!r}: the API key would cross the "
+                                "network readable; use https:// (plain http only to this host)")
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # the 3xx then surfaces as an HTTPError
 
 
 class BrokerClient:
-    """``BrokerClient("http://127.0.0.1:8700", api_key)``; methods mirror DESIGN's table."""
+    """``BrokerClient("http://127.0.0.1:8700", api_key)``; methods mirror DESIGN's table.
+
+    ``allow_insecure=True`` permits plain http to a remote host (a lab behind its own tunnel);
+    without it such a URL raises :class:`InsecureBrokerURL` before anything is sent.
+    """
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 10.0,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, allow_insecure: bool = False) -> None:
+        check_broker_url(base_url, allow_insecure=allow_insecure)
         self.base = base_url.rstrip("/") + "/api/v1"
         self.api_key, self.timeout = api_key, timeout
         context = ssl.create_default_context(cafile=ca_file)

@@ -12,6 +12,7 @@ import tornado.httpserver
 from tornado.ioloop import PeriodicCallback
 
 from broker import api
+from broker.client import is_loopback_host
 from broker.service import Broker, BrokerConfig
 from console_proxy.command import CommandError
 from console_proxy.serve import parse_listen, tls_context
@@ -31,6 +32,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="how often expired redeemed-token rows are deleted, seconds")
     serve.add_argument("--tls-cert", metavar="F", help="serve HTTPS: heartbeat answers carry the fleet keys")
     serve.add_argument("--tls-key", metavar="F")
+    serve.add_argument("--allow-insecure-http", action="store_true",
+                       help="listen without TLS on a non-loopback address (API keys then cross the network "
+                            "readable)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(handler=run)
 
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
                           heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval)
     tls = tls_context(args.tls_cert, args.tls_key)
     host, port = parse_listen(args.listen)
+    check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
     broker = Broker(args.state_dir, config)
     try:
         asyncio.run(serve(broker, host, port, tls))
@@ -53,9 +58,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_plaintext(host: str, tls: bool, *, allow_insecure: bool) -> None:
+    """Fail closed: API keys, proxy secrets and the fleet keys in heartbeat answers must not cross
+    a network in clear, so plain http is for loopback addresses unless explicitly allowed."""
+    if tls or is_loopback_host(host):
+        return
+    if not allow_insecure:
+        raise CommandError(f"refusing to serve plain http on non-loopback address {host!r}: give --tls-cert and "
+                           "--tls-key, or --allow-insecure-http")
+    log.warning("serving plain http on non-loopback address %s (--allow-insecure-http): API keys, proxy "
+                "credentials and fleet keys cross the network unencrypted", host)
+
+
 async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
-    # Tornado's own limit sits above the API's, so that the API can answer 413 in JSON.
-    http = tornado.httpserver.HTTPServer(api.make_app(broker), max_body_size=16 * api.MAX_BODY, xheaders=False,
+    # The API handlers stream bodies and enforce api.MAX_BODY themselves, answering 413 in JSON
+    # (see api.ApiHandler.prepare); this limit only guards requests refused before that point.
+    http = tornado.httpserver.HTTPServer(api.make_app(broker), max_body_size=api.MAX_BODY, xheaders=False,
                                          ssl_options=tls)
     try:
         http.listen(port, host)

@@ -6,6 +6,8 @@ import json
 import secrets
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,18 @@ def _error(call: Any) -> tuple[int, str]:
     with pytest.raises(BrokerError) as info:
         call()
     return info.value.status, info.value.code
+
+
+def test_401_answers_name_the_bearer_scheme(broker: BrokerProcess) -> None:
+    """RFC 6750: a 401 carries WWW-Authenticate. Tornado's send_error clears headers set before
+    the raise, so this pins that the header survives to the wire."""
+    for path in ("/api/v1/targets", "/api/v1/proxy/heartbeat"):
+        request = urllib.request.Request(broker.base + path, method="POST", data=b"{}",
+                                         headers={"Authorization": "Bearer cgk.nope.nope"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code == 401
+        assert info.value.headers["WWW-Authenticate"] == 'Bearer realm="consolegate"', path
 
 
 def test_authentication_and_roles(broker: BrokerProcess) -> None:
