@@ -10,6 +10,7 @@ import io
 import json
 import stat
 import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from broker import cli as broker_cli
 from console_proxy import cli as proxy_cli
 from console_proxy import keyring, token
 
-BIN = Path("/tmp/venv/bin")
+BIN = Path(sys.executable).parent  # the venv running the tests, where its console scripts are
 START = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2E=\n-----END CERTIFICATE-----\n"
 
