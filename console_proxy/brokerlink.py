@@ -266,12 +266,20 @@ class BrokerLink:
 def check_broker_url(url: str) -> None:
     """https, or plain http to this host only: heartbeat answers carry the fleet keys, which
     decrypt every token (passwords included), and a forged redeem answer defeats single use."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        if parts.port == 0:  # reading it also refuses a port out of range here, not at the first heartbeat
+            raise ValueError("port 0")
+    except ValueError:
+        raise BrokerLinkError("--broker is not a URL (https://HOST[:PORT])") from None
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"  # never echo user info
+    if parts.username is not None or parts.password is not None:
+        raise BrokerLinkError(f"--broker {shown!r} must not carry user info: the proxy authenticates "
+                              "with its credential file")
+    if host and (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host))):
         return
-    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
-        return
-    raise BrokerLinkError(f"--broker {url!r} must be an https:// URL (plain http only to this host)")
+    raise BrokerLinkError(f"--broker {shown!r} must be an https:// URL (plain http only to this host)")
 
 
 def _is_loopback(host: str) -> bool:

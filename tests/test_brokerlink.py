@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from console_proxy.brokerlink import API, BrokerLink, ProxyCredential
+from console_proxy.brokerlink import API, BrokerLink, BrokerLinkError, ProxyCredential, check_broker_url
 from console_proxy.config import ProxyConfig
 from console_proxy.keyring import Keyring
 from console_proxy.server import ProxyState
@@ -68,3 +69,28 @@ def test_events_the_broker_never_sees_are_counted_by_reason() -> None:
     assert after["consolegate_proxy_broker_events_queued"] == "0"
     assert after['consolegate_proxy_broker_events_dropped_total{reason="rejected"}'] == "3"
     assert after['consolegate_proxy_broker_events_dropped_total{reason="queue_full"}'] == "2"
+
+
+USER_INFO = "must not carry user info: the proxy authenticates with its credential file"
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("https://px1:hunter2-secret@broker.example:8443", f"--broker 'https://broker.example:8443' {USER_INFO}"),
+    ("http://ops:hunter2-secret@192.0.2.10", f"--broker 'http://192.0.2.10' {USER_INFO}"),
+    ("http://[::1", "--broker is not a URL (https://HOST[:PORT])"),
+    ("https://broker.example:99999", "--broker is not a URL (https://HOST[:PORT])"),
+    ("https://broker.example:0", "--broker is not a URL (https://HOST[:PORT])"),
+    ("ftp://broker.example", "--broker 'ftp://broker.example' must be an https:// URL (plain http only to this host)"),
+])
+def test_a_refused_broker_url_is_one_line_without_user_info(url: str, message: str) -> None:
+    """The message may reach logs and terminals: it names scheme, host and port, never a password."""
+    with pytest.raises(BrokerLinkError) as info:
+        check_broker_url(url)
+    assert str(info.value) == message
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["https://broker.example", "https://broker.example:8443/base", "http://127.0.0.1:8700",
+                                 "http://[::1]:8700", "http://localhost:8700"])
+def test_https_anywhere_and_http_to_this_host_are_accepted(url: str) -> None:
+    check_broker_url(url)
