@@ -26,7 +26,7 @@ from tornado.http1connection import HTTP1Connection
 from broker import openapi, schemas
 from broker.auth import Principal
 from broker.schemas import Field
-from broker.service import AUDIT_TYPES, SESSION_STATES, ApiError, Broker
+from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiError, Broker
 from broker.store import StoreUnavailable
 from console_proxy import strictjson
 from console_proxy.metrics import Counter, Gauge, Registry
@@ -203,7 +203,9 @@ class SessionsHandler(ApiHandler):
     def get(self) -> None:
         who = self.caller("issuer")
         state = self.query_choice("state", (*SESSION_STATES, "all"), "all")
-        self.answer(200, self.broker.list_sessions(who, state or "all"))
+        limit = self.query_int("limit", SESSIONS_PAGE_MAX, 1, SESSIONS_PAGE_MAX)
+        cursor = self.get_query_argument("cursor", None)  # opaque; the broker checks it (400)
+        self.answer(200, self.broker.list_sessions(who, state or "all", limit=limit, cursor=cursor))
 
 
 class SessionHandler(ApiHandler):

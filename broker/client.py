@@ -116,8 +116,15 @@ class BrokerClient:
     def mint(self, target_id: str, **options: Any) -> dict[str, Any]:
         return self._post("/consoles", {"target_id": target_id, **options})
 
-    def sessions(self, state: str = "all") -> list[dict[str, Any]]:
-        return self._get("/sessions", state=state)["sessions"]
+    def sessions(self, state: str = "all", *, limit: int | None = None,
+                 cursor: str | None = None) -> list[dict[str, Any]]:
+        """One page of sessions, newest first (up to 1000 unless ``limit``); see :meth:`sessions_page`."""
+        return self.sessions_page(state, limit=limit, cursor=cursor)["sessions"]
+
+    def sessions_page(self, state: str = "all", *, limit: int | None = None,
+                      cursor: str | None = None) -> dict[str, Any]:
+        """``{sessions, next_cursor}``: pass ``next_cursor`` back as ``cursor`` until it is None."""
+        return self._get("/sessions", state=state, limit=limit, cursor=cursor)
 
     def revoke(self, session_id: str) -> None:
         self.request("DELETE", f"/sessions/{urllib.parse.quote(session_id, safe='')}")

@@ -6,7 +6,7 @@ from typing import Any
 
 from broker import schemas
 from broker.schemas import object_schema
-from broker.service import AUDIT_TYPES
+from broker.service import AUDIT_TYPES, CURSOR_MAX_LENGTH, SESSION_STATES, SESSIONS_PAGE_MAX
 
 _ERROR = {"type": "object", "required": ["error", "message"], "additionalProperties": False,
           "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
@@ -27,6 +27,10 @@ _SESSION = {"type": "object", "properties": {
     "single_use": {"type": "boolean"}, "expires_at": {"type": "integer"}, "minted_at": {"type": "number"},
     "opened_at": _NULLABLE_NUM, "closed_at": _NULLABLE_NUM, "bytes_up": {"type": "integer"},
     "bytes_down": {"type": "integer"}, "close_code": _NULLABLE_INT}}
+_SESSION_PAGE = {"type": "object", "properties": {
+    "sessions": {"type": "array", "items": _SESSION},
+    "next_cursor": {"type": "string", "nullable": True,
+                    "description": "pass as ?cursor= for the next (older) page; null on the last page"}}}
 _AUDIT_EVENT = {"type": "object", "properties": {
     "seq": {"type": "integer"}, "at": {"type": "number"}, "type": {"type": "string"}, "session_id": _NULLABLE_STR,
     "actor": {"type": "string"}, "detail": {"type": "object"}}}
@@ -86,8 +90,12 @@ def document() -> dict[str, Any]:
             "Mint a console: a token and the URL of the assigned proxy", "issuer", ("201", _CONSOLE),
             body=object_schema(schemas.CONSOLE_CREATE), errors=("404", "413", "503"))},
         "/sessions": {"get": _op(
-            "Console sessions (issuers see their own)", "issuer", ("200", _list("sessions", _SESSION)),
-            params=[_query("state", {"type": "string", "enum": ["minted", "active", "closed", "revoked", "all"]})])},
+            "Console sessions, newest first, a page at a time (issuers see their own)", "issuer",
+            ("200", _SESSION_PAGE),
+            params=[_query("state", {"type": "string", "enum": [*SESSION_STATES, "all"]}),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": SESSIONS_PAGE_MAX}),
+                    _query("cursor", {"type": "string", "minLength": 1, "maxLength": CURSOR_MAX_LENGTH,
+                                      "description": "the previous page's next_cursor (opaque)"})])},
         "/sessions/{id}": {"parameters": [_path_param("id")], "delete": _op(
             "Revoke: the proxy holding it closes it with 4410 within one heartbeat", "admin",
             ("202", {"type": "object"}), errors=("404",))},

@@ -13,7 +13,7 @@ from tornado.ioloop import PeriodicCallback
 
 from broker import api
 from broker.client import is_loopback_host
-from broker.service import Broker, BrokerConfig
+from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from console_proxy.command import CommandError
 from console_proxy.serve import parse_listen, tls_context
 
@@ -29,7 +29,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--heartbeat-interval", type=float, default=5.0,
                        help="the proxies' heartbeat interval; healthy = a heartbeat within 3 intervals")
     serve.add_argument("--cleanup-interval", type=float, default=60.0,
-                       help="how often expired redeemed-token rows are deleted, seconds")
+                       help="how often expired redeemed-token rows and old sessions are deleted, seconds")
+    serve.add_argument("--session-retention", type=float, default=DEFAULT_SESSION_RETENTION, metavar="SECONDS",
+                       help="how long a session's row outlives its end (the audit log keeps it for good); "
+                            f"at least {MIN_SESSION_RETENTION:.0f}, default {DEFAULT_SESSION_RETENTION:.0f}")
     serve.add_argument("--tls-cert", metavar="F", help="serve HTTPS: heartbeat answers carry the fleet keys")
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument("--allow-insecure-http", action="store_true",
@@ -45,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--default-ttl must be positive and at most --max-ttl")
     if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0:
         raise CommandError("intervals must be positive")
+    check_retention(args.session_retention)
     config = BrokerConfig(default_ttl=args.default_ttl, max_ttl=args.max_ttl,
-                          heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval)
+                          heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval,
+                          session_retention=args.session_retention)
     tls = tls_context(args.tls_cert, args.tls_key)
     host, port = parse_listen(args.listen)
     check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
@@ -56,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         broker.close()
     return 0
+
+
+def check_retention(seconds: float) -> None:
+    """Refuse, rather than silently raise, a retention shorter than the revocation bound: a session
+    row deleted earlier would read as "not revoked" to redeem and drop off the proxies' lists."""
+    if not seconds >= MIN_SESSION_RETENTION:  # NaN included
+        raise CommandError(f"--session-retention must be at least {MIN_SESSION_RETENTION:.0f} seconds: a revoked "
+                           "session must be remembered while any proxy could still accept its token")
 
 
 def check_plaintext(host: str, tls: bool, *, allow_insecure: bool) -> None:
@@ -94,6 +107,4 @@ async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None
 
 
 def _cleanup(broker: Broker) -> None:
-    removed = broker.cleanup()
-    if removed:
-        log.info("removed %d expired redeemed-token rows", removed)
+    broker.cleanup()  # logs what it removed

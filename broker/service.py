@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -26,7 +27,7 @@ from broker import auth, fleet, keyfiles
 from broker.auth import Hasher, Principal
 from broker.store import Store
 from broker.vault import MASTER_KEY_NAME, Vault
-from console_proxy import clock, keyring, token
+from console_proxy import b64url, clock, keyring, strictjson, token
 from console_proxy.command import CommandError
 from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyring
 
@@ -38,6 +39,19 @@ AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "
                "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_removed")
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session id is still sent to proxies (after which no token for it is valid)."""
+MIN_SESSION_RETENTION = max(REVOKED_MEMORY, MAX_SKEW + DEFAULT_SKEW)
+"""Shortest history a session row is kept after it ended: until then the heartbeat's revoked
+list may still name it, or a proxy (skew up to MAX_SKEW) still accept its token, and redeem
+must still find it revoked. A missing row reads as "not revoked", so it must outlive both."""
+DEFAULT_SESSION_RETENTION = 7 * 86400.0
+SESSIONS_PAGE_MAX = 1000
+"""Most sessions one ``GET /sessions`` answer holds (and its default, as before pagination)."""
+CLEANUP_BATCH = 2000
+"""Rows one cleanup transaction deletes at most: the write lock is held for one batch only."""
+CLEANUP_MAX_BATCHES = 10
+"""Transactions per table per cleanup run; a larger backlog waits for the next run."""
+CURSOR_MAX_LENGTH = 512
+"""Longest ``cursor`` accepted; the ones the broker hands out are far shorter."""
 
 
 class KeyringNotRestored(Exception):
@@ -72,7 +86,10 @@ class BrokerConfig:
     heartbeat_interval: float = 5.0
     """The proxies' heartbeat interval; a proxy is healthy while its last one is < 3 intervals old."""
     cleanup_interval: float = 60.0
-    """How often redeemed-token rows past their ``exp`` (+ skew) are deleted."""
+    """How often redeemed-token rows past their ``exp`` (+ skew) and old sessions are deleted."""
+    session_retention: float = DEFAULT_SESSION_RETENTION
+    """Seconds a session's row outlives its end (token expiry, close, revocation: the latest);
+    values below :data:`MIN_SESSION_RETENTION` act as it (``serve`` refuses them)."""
     issuer: str = "consolegate"
 
 
@@ -411,7 +428,13 @@ class Broker:
 
     # --- sessions -----------------------------------------------------------------------
 
-    def list_sessions(self, principal: Principal, state: str) -> dict[str, Any]:
+    def list_sessions(self, principal: Principal, state: str, *, limit: int = SESSIONS_PAGE_MAX,
+                      cursor: str | None = None) -> dict[str, Any]:
+        """One page, newest first; ``next_cursor`` (None on the last page) continues after it.
+
+        The cursor is the keyset (minted_at, id) of the page's last row, not an offset: sessions
+        minted meanwhile sort before it, so a walk sees every older row exactly once. Issuers see
+        only their own, whatever the cursor says."""
         sql, params = "SELECT * FROM sessions WHERE 1 = 1", []
         if state != "all":
             sql += " AND state = ?"
@@ -419,11 +442,18 @@ class Broker:
         if principal.role != "admin":
             sql += " AND issued_by = ?"
             params.append(principal.id)
-        rows = self.store.all(sql + " ORDER BY minted_at DESC LIMIT 1000", *params)
-        return {"sessions": [_session_json(r) for r in rows]}
+        if cursor is not None:
+            sql += " AND (minted_at, id) < (?, ?)"
+            params.extend(_cursor_position(cursor))
+        rows = self.store.all(sql + " ORDER BY minted_at DESC, id DESC LIMIT ?", *params, limit + 1)
+        page = rows[:limit]
+        return {"sessions": [_session_json(r) for r in page],
+                "next_cursor": _page_cursor(page[-1]) if len(rows) > limit else None}
 
     def revoke_session(self, session_id: str, actor: str) -> None:
-        """Mark revoked; every proxy learns it with its next heartbeat and closes it (4410)."""
+        """Mark revoked; every proxy learns it with its next heartbeat and closes it (4410).
+
+        A session pruned by :meth:`cleanup` is 404 like an unknown one: its token is dead."""
         now = clock.now()
         with self.store.transaction() as conn:
             row = conn.execute("SELECT state FROM sessions WHERE id = ?", (session_id,)).fetchone()
@@ -495,12 +525,36 @@ class Broker:
                              "capacity": p.capacity, "draining": p.draining, "last_seen": p.last_seen,
                              "healthy": p.healthy(now, interval)} for p in self.proxies()]}
 
-    def cleanup(self) -> int:
-        """Delete redeemed rows whose token can no longer be accepted anywhere: a row's ``exp``
-        covers the redeeming proxy's skew, but another proxy may run with up to ``MAX_SKEW``."""
-        with self.store.transaction() as conn:
-            return conn.execute("DELETE FROM redeemed WHERE exp < ?",
-                                (clock.now() - MAX_SKEW - DEFAULT_SKEW,)).rowcount
+    def cleanup(self, *, batch: int = CLEANUP_BATCH, max_batches: int = CLEANUP_MAX_BATCHES) -> int:
+        """The periodic housekeeping, in bounded batches (see Store.delete_in_batches); returns
+        the rows deleted.
+
+        Redeemed rows go once their token can no longer be accepted anywhere: a row's ``exp``
+        covers the redeeming proxy's skew, but another proxy may run with up to ``MAX_SKEW``.
+        Session rows go per :meth:`_prune_sessions`."""
+        now = clock.now()
+        redeemed = self.store.delete_in_batches("redeemed", "exp < ?", (now - MAX_SKEW - DEFAULT_SKEW,),
+                                                batch=batch, max_batches=max_batches)
+        sessions = self._prune_sessions(now, batch=batch, max_batches=max_batches)
+        if redeemed or sessions:
+            log.info("cleanup removed %d expired redeemed-token rows and %d ended sessions", redeemed, sessions)
+        return redeemed + sessions
+
+    def _prune_sessions(self, now: float, *, batch: int, max_batches: int) -> int:
+        """Delete sessions that ended (token expired, and closed or revoked if it was) more than
+        the retention ago; the audit log keeps their history. Never 'active' ones: a console may
+        stay open past its token's expiry, and its close event still has to land.
+
+        The retention is at least MIN_SESSION_RETENTION, and a session's end is at least its
+        ``exp`` and its ``revoked_at``: so a row outlives both exp + MAX_SKEW + DEFAULT_SKEW (no
+        proxy accepts the token, redeem need not find it revoked) and revoked_at + REVOKED_MEMORY
+        (the heartbeat's revoked list no longer names it). ``exp < ?`` first: the (state, exp)
+        index finds the candidates."""
+        cutoff = now - max(self.config.session_retention, MIN_SESSION_RETENTION)
+        return self.store.delete_in_batches(
+            "sessions", "state IN ('minted', 'closed', 'revoked') AND exp < ? "
+            "AND COALESCE(closed_at, 0) < ? AND COALESCE(revoked_at, 0) < ?", (cutoff, cutoff, cutoff),
+            batch=batch, max_batches=max_batches)
 
     # --- audit --------------------------------------------------------------------------
 
@@ -557,6 +611,32 @@ def _session_json(row: sqlite3.Row) -> dict[str, Any]:
             "state": row["state"], "single_use": bool(row["single_use"]), "expires_at": row["exp"],
             "minted_at": row["minted_at"], "opened_at": row["opened_at"], "closed_at": row["closed_at"],
             "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"], "close_code": row["close_code"]}
+
+
+def _page_cursor(row: sqlite3.Row) -> str:
+    """Opaque to clients: base64url of the JSON [minted_at, id] of a page's last row (repr of a
+    float round-trips exactly, so the next page starts right after it)."""
+    return b64url.encode(json.dumps([row["minted_at"], row["id"]]).encode())
+
+
+def _cursor_position(cursor: str) -> tuple[float, str]:
+    """The keyset a cursor stands for; 400 for anything :func:`_page_cursor` could not have made."""
+    try:
+        if len(cursor) > CURSOR_MAX_LENGTH:
+            raise ValueError("too long")
+        value = strictjson.loads(b64url.decode(cursor))
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError("not a pair")
+        minted_at, session_id = value
+        if isinstance(minted_at, bool) or not isinstance(minted_at, int | float):
+            raise ValueError("minted_at is not a number")
+        if not isinstance(session_id, str) or not session_id.isascii():  # a lone surrogate cannot be bound
+            raise ValueError("id is not an ASCII string")
+        if not math.isfinite(float(minted_at)):
+            raise ValueError("not finite")
+    except (ValueError, TypeError, OverflowError):
+        raise ApiError(400, "bad_request", "query parameter 'cursor' is not a next_cursor from this API") from None
+    return float(minted_at), session_id
 
 
 def _event_time(event: dict[str, Any], now: float) -> float:

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE proxies ADD COLUMN removed_at REAL;
     CREATE INDEX apikeys_name ON apikeys (name);
     CREATE TABLE mint_floor (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+    """,
+    # 2 -> 3: GET /sessions pages newest first by the keyset (minted_at, id), filtered by issuer
+    # or state; without these indexes every page sorts the whole table. The cleanup's pruning
+    # uses the first schema's (state, exp) index.
+    """
+    CREATE INDEX sessions_minted ON sessions (minted_at, id);
+    CREATE INDEX sessions_issuer_minted ON sessions (issued_by, minted_at, id);
+    CREATE INDEX sessions_state_minted ON sessions (state, minted_at, id);
     """,
 ]
 
@@ -174,6 +182,26 @@ class Store:
 
     def all(self, sql: str, *params: Any) -> list[sqlite3.Row]:
         return self.conn.execute(sql, params).fetchall()
+
+    def delete_in_batches(self, table: str, where: str, params: Sequence[Any], *, batch: int,
+                          max_batches: int) -> int:
+        """Delete the rows of ``table`` matching ``where``, at most ``batch`` per transaction and
+        ``max_batches`` transactions per call; returns how many went.
+
+        One DELETE of a large backlog would hold the write lock (and the broker's event loop)
+        for as long as it takes; each batch commits on its own, so mints, redeems and other
+        processes get the lock in between, and what a call leaves waits for the next one.
+        ``table`` and ``where`` are this module's callers' SQL, never request input."""
+        total = 0
+        for _ in range(max_batches):
+            with self.transaction() as conn:
+                deleted = conn.execute(f"DELETE FROM {table} WHERE rowid IN "
+                                       f"(SELECT rowid FROM {table} WHERE {where} LIMIT ?)",
+                                       (*params, batch)).rowcount
+            total += deleted
+            if deleted < batch:
+                break
+        return total
 
     def append_audit(self, conn: sqlite3.Connection, *, at: float, type_: str, actor: str,
                      session_id: str | None = None, detail: dict[str, Any] | None = None) -> int:
