@@ -60,6 +60,15 @@ def parse_json(raw: bytes) -> Any:
         raise ValueError("the body is not valid JSON") from None
 
 
+def _declared_length(header: str) -> int:
+    """The Content-Length a client declared, 0 when absent or unreadable (Tornado refuses those).
+
+    ASCII digits only (headers arrive as latin-1, where "¹" is a digit to ``str.isdigit``), and
+    the first of repeated equal values ("70000, 70000"), which Tornado accepts as one."""
+    first = header.split(",", 1)[0].strip()
+    return int(first) if first.isascii() and first.isdigit() else 0
+
+
 def body_too_large() -> ApiError:
     """One refusal for both places a body can be too large: its declared length, or its growth."""
     return ApiError(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
@@ -86,8 +95,7 @@ class ApiHandler(tornado.web.RequestHandler):
         """
         if isinstance(self.request.connection, HTTP1Connection):
             self.request.connection.set_max_body_size(_NO_TORNADO_LIMIT)
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY:
+        if _declared_length(self.request.headers.get("Content-Length", "")) > MAX_BODY:
             raise body_too_large()
 
     def data_received(self, chunk: bytes) -> None:

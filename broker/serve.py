@@ -63,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+BODY_TIMEOUT = 30.0
+"""Seconds a request body (at most 64 KiB) may take to arrive."""
+IDLE_CONNECTION_TIMEOUT = 60.0
+"""Seconds a kept-alive connection may wait for its next request (heartbeats come every few)."""
+
+
 def check_retention(seconds: float) -> None:
     """Refuse, rather than silently raise, a retention shorter than the revocation bound: a session
     row deleted earlier would read as "not revoked" to redeem and drop off the proxies' lists."""
@@ -86,8 +92,11 @@ def check_plaintext(host: str, tls: bool, *, allow_insecure: bool) -> None:
 async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
     # The API handlers stream bodies and enforce api.MAX_BODY themselves, answering 413 in JSON
     # (see api.ApiHandler.prepare); this limit only guards requests refused before that point.
+    # Bodies are read before the caller is authenticated: a client trickling one, or idling on a
+    # kept-alive connection, must not hold a connection and its buffers for ever.
     http = tornado.httpserver.HTTPServer(api.make_app(broker), max_body_size=api.MAX_BODY, xheaders=False,
-                                         ssl_options=tls)
+                                         ssl_options=tls, body_timeout=BODY_TIMEOUT,
+                                         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
     try:
         http.listen(port, host)
     except OSError as exc:

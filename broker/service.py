@@ -38,7 +38,9 @@ SESSION_STATES = ("minted", "active", "closed", "revoked")
 AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "key_rotated",
                "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_removed")
 REVOKED_MEMORY = 86400.0
-"""Seconds a revoked session id is still sent to proxies (after which no token for it is valid)."""
+"""Seconds a revoked session that is still open (its close never reported) is sent to proxies.
+A revoked session is also sent, whatever its age, while any proxy could accept its token
+(``exp`` + MAX_SKEW + DEFAULT_SKEW): proxies replace their revoked set with each list."""
 MIN_SESSION_RETENTION = max(REVOKED_MEMORY, MAX_SKEW + DEFAULT_SKEW)
 """Shortest history a session row is kept after it ended: until then the heartbeat's revoked
 list may still name it, or a proxy (skew up to MAX_SKEW) still accept its token, and redeem
@@ -472,7 +474,10 @@ class Broker:
 
         The removal check, the update and the keyring read are one transaction: a heartbeat that
         authenticated just before ``proxy remove`` committed gets 401 once it has the write lock,
-        never the keys rotated because of that removal."""
+        never the keys rotated because of that removal.
+
+        The revoked list names a revoked session while any proxy could still accept its token,
+        however long ago it was revoked, and an open one for REVOKED_MEMORY."""
         if body["proxy_id"] != principal.id:
             raise ApiError(403, "forbidden", "proxy_id differs from the authenticated proxy")
         with self.store.transaction() as conn:
@@ -485,8 +490,8 @@ class Broker:
             ring = self.keyring()
         self.pending[principal.id] = 0
         revoked = [r["id"] for r in self.store.all(
-            "SELECT id FROM sessions WHERE state = 'revoked' AND revoked_at > ? AND (closed_at IS NULL OR exp > ?)",
-            now - REVOKED_MEMORY, now - MAX_SKEW - DEFAULT_SKEW)]  # a proxy may run with up to MAX_SKEW
+            "SELECT id FROM sessions WHERE state = 'revoked' AND (exp > ? OR (closed_at IS NULL AND revoked_at > ?))",
+            now - MAX_SKEW - DEFAULT_SKEW, now - REVOKED_MEMORY)]
         answer: dict[str, Any] = {"keyring_version": ring.version, "revoked": revoked}
         if body["version"] != ring.version:
             answer["keyring"] = ring.pruned(now).for_proxy().to_jwks()

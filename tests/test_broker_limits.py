@@ -80,6 +80,20 @@ def test_declared_oversized_body_is_refused_before_it_is_read(broker: BrokerProc
     assert broker.admin.request("GET", "/targets")[0] == 200  # and the next request is served
 
 
+def test_a_repeated_oversized_length_is_refused_before_the_body_too(broker: BrokerProcess) -> None:
+    """Tornado accepts equal repeated values ("N, N") as one length: so must the early check."""
+    declared = 10 << 20
+    _assert_413(*_exchange(broker.port, _head(broker, f"Content-Length: {declared}, {declared}")))
+
+
+def test_a_superscript_length_is_a_plain_400_not_a_crash(broker: BrokerProcess) -> None:
+    """Headers are latin-1: "¹" is a digit to str.isdigit but not to int(); it must not reach it."""
+    data = _head(broker, "Content-Length: 1").replace(b"Content-Length: 1", b"Content-Length: \xb9")
+    status, _, body = _exchange(broker.port, data)
+    assert status == 400 and b"internal_error" not in body
+    assert broker.admin.request("GET", "/targets")[0] == 200
+
+
 def test_oversized_body_to_an_unknown_path_is_413_too(broker: BrokerProcess) -> None:
     data = _head(broker, f"Content-Length: {10 << 20}").replace(b"/api/v1/targets", b"/api/v1/nope")
     _assert_413(*_exchange(broker.port, data))

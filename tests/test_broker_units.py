@@ -12,7 +12,7 @@ from freezegun import freeze_time
 from broker import auth, fleet, schemas
 from broker.auth import Principal
 from broker.fleet import ProxyView
-from broker.service import ApiError, Broker, init_state_dir
+from broker.service import REVOKED_MEMORY, ApiError, Broker, init_state_dir
 from broker.store import SCHEMA_VERSION, Store, StoreError, StoreUnavailable
 from broker.vault import Vault, VaultError
 from console_proxy import clock
@@ -207,6 +207,30 @@ def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_t
             frozen.tick(60 + DEFAULT_SKEW + 60)  # past exp + the default skew
             assert broker.heartbeat(proxy, beat)["revoked"] == ["s1"]
             frozen.tick(MAX_SKEW)  # past exp + MAX_SKEW + the default skew: no proxy accepts it now
+            assert broker.heartbeat(proxy, beat)["revoked"] == []
+    finally:
+        broker.close()
+
+
+def test_a_long_lived_token_revoked_at_once_stays_announced_until_it_expires_everywhere(tmp_path: Path) -> None:
+    """REVOKED_MEMORY bounds how long an open session is announced, not a token's validity: a
+    token living longer than that (a keyring max_ttl near a day) must stay on the list until
+    exp + MAX_SKEW + the default skew, or a proxy could reopen it with the reusable token."""
+    init_state_dir(tmp_path / "s")
+    broker = Broker(tmp_path / "s")
+    proxy = registered_proxy(broker)
+    beat = {"proxy_id": "p", "sessions": 0, "capacity": 1, "draining": False, "version": 0}
+    try:
+        with freeze_time("2030-01-01 00:00:00") as frozen:
+            now = int(broker_now())
+            exp = now + int(REVOKED_MEMORY)  # revoked and closed right after minting
+            with broker.store.transaction() as conn:
+                conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
+                             "minted_at, revoked_at, closed_at) VALUES ('s1', 't', NULL, 'p', 'k', 'revoked', 0, ?, ?, ?, ?)",
+                             (exp, now, now + 1, now + 2))
+            frozen.tick(REVOKED_MEMORY + MAX_SKEW)  # revoked over a day ago; a MAX_SKEW proxy still accepts it
+            assert broker.heartbeat(proxy, beat)["revoked"] == ["s1"]
+            frozen.tick(DEFAULT_SKEW + 1)
             assert broker.heartbeat(proxy, beat)["revoked"] == []
     finally:
         broker.close()
