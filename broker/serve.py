@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sqlite3
 import ssl
 
 import tornado.httpserver
@@ -14,6 +15,7 @@ from tornado.ioloop import PeriodicCallback
 from broker import api
 from broker.client import is_loopback_host
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
+from broker.store import StoreError
 from console_proxy.command import CommandError
 from console_proxy.serve import parse_listen, tls_context
 
@@ -116,4 +118,10 @@ async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None
 
 
 def _cleanup(broker: Broker) -> None:
-    broker.cleanup()  # logs what it removed
+    """One batch per table per tick: cleanup runs on the event loop, so a large backlog (after an
+    upgrade) is worked off over several ticks instead of stalling mints and redeems meanwhile.
+    A failure (a locked database) is logged and retried at the next tick, never fatal."""
+    try:
+        broker.cleanup(max_batches=1)  # logs what it removed
+    except (sqlite3.Error, StoreError) as exc:
+        log.warning("cleanup skipped, retried in %.0f s: %s", broker.config.cleanup_interval, exc)

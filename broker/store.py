@@ -188,9 +188,10 @@ class Store:
         """Delete the rows of ``table`` matching ``where``, at most ``batch`` per transaction and
         ``max_batches`` transactions per call; returns how many went.
 
-        One DELETE of a large backlog would hold the write lock (and the broker's event loop)
-        for as long as it takes; each batch commits on its own, so mints, redeems and other
-        processes get the lock in between, and what a call leaves waits for the next one.
+        One DELETE of a large backlog would hold the write lock for as long as it takes; each
+        batch commits on its own, so other processes get the lock in between, and what a call
+        leaves waits for the next one (the running broker asks for one batch per tick, so its
+        own requests are served in between too).
         ``table`` and ``where`` are this module's callers' SQL, never request input."""
         total = 0
         for _ in range(max_batches):

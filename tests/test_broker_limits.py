@@ -86,6 +86,11 @@ def test_a_repeated_oversized_length_is_refused_before_the_body_too(broker: Brok
     _assert_413(*_exchange(broker.port, _head(broker, f"Content-Length: {declared}, {declared}")))
 
 
+def test_a_length_of_thousands_of_digits_is_413_not_a_crash(broker: BrokerProcess) -> None:
+    """int() refuses strings over 4300 digits; the early check must not ask it to."""
+    _assert_413(*_exchange(broker.port, _head(broker, "Content-Length: " + "1" * 5000)))
+
+
 def test_a_superscript_length_is_a_plain_400_not_a_crash(broker: BrokerProcess) -> None:
     """Headers are latin-1: "¹" is a digit to str.isdigit but not to int(); it must not reach it."""
     data = _head(broker, "Content-Length: 1").replace(b"Content-Length: 1", b"Content-Length: \xb9")

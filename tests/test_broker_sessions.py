@@ -333,7 +333,7 @@ def _cursor(value: str) -> str:
 
 @pytest.mark.parametrize("query", [
     {"limit": "0"}, {"limit": "1001"}, {"limit": "-1"}, {"limit": "1.5"}, {"limit": "²"}, {"limit": "٣"},
-    {"limit": ""}, {"limit": "ten"},
+    {"limit": ""}, {"limit": "ten"}, {"limit": "9" * 5000},  # int() refuses > 4300 digits: not a 500
     {"cursor": ""}, {"cursor": "not a cursor!"}, {"cursor": "x" * 600}, {"cursor": _cursor("{")},
     {"cursor": _cursor("[1]")}, {"cursor": _cursor('["a", "b"]')}, {"cursor": _cursor('[true, "b"]')},
     {"cursor": _cursor('[1e400, "b"]')}, {"cursor": _cursor("[" + "9" * 330 + ', "b"]')},
@@ -350,3 +350,8 @@ def test_pagination_is_documented() -> None:
     answer = operation["responses"]["200"]["content"]["application/json"]["schema"]["properties"]
     assert answer["next_cursor"] == {**answer["next_cursor"], "type": "string", "nullable": True}
     assert json.dumps(answer["sessions"])  # the session list is still there
+
+
+def test_a_limit_with_leading_zeros_is_its_value(served: BrokerProcess) -> None:
+    status, page = served.issuer.request("GET", "/sessions", query={"limit": "0" * 5000 + "1"})
+    assert status == 200 and len(page["sessions"]) <= 1
