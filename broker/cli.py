@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from broker import keyfiles, schemas, serve
 from broker.client import BrokerClient, BrokerError
@@ -105,7 +107,7 @@ def _add_apikeys(commands: argparse._SubParsersAction) -> None:
     create.set_defaults(handler=apikey_create)
     listing = apikeys.add_parser("list", help="API keys as JSON: name, key id, role, created, revoked (no secret)")
     _state_dir(listing)
-    listing.set_defaults(handler=apikey_list)
+    listing.set_defaults(handler=functools.partial(print_listing, read=Broker.list_apikeys))
     revoke = apikeys.add_parser("revoke", help="revoke an API key: refused from its next request on (audited)",
                                 description="Revoke the API key NAME. A running broker refuses it from its next "
                                             "request on. The key stays listed as revoked and its name is not reused.")
@@ -124,7 +126,7 @@ def _add_proxies(commands: argparse._SubParsersAction) -> None:
     add.set_defaults(handler=proxy_add)
     listing = proxies.add_parser("list", help="registered proxies as JSON, removed ones included (no secret)")
     _state_dir(listing)
-    listing.set_defaults(handler=proxy_list)
+    listing.set_defaults(handler=functools.partial(print_listing, read=Broker.list_proxy_records))
     remove = proxies.add_parser("remove", help="revoke a proxy's credential and rotate the keys (audited)",
                                 description=_REMOVE_HELP)
     remove.add_argument("name")
@@ -146,7 +148,7 @@ def _add_targets(commands: argparse._SubParsersAction) -> None:
     add.set_defaults(handler=targets_add)
     listing = targets.add_parser("list", help="targets as JSON (never the password)")
     _state_dir(listing)
-    listing.set_defaults(handler=targets_list)
+    listing.set_defaults(handler=functools.partial(print_listing, read=Broker.list_targets))
     remove = targets.add_parser("remove", help="delete a target")
     remove.add_argument("id")
     _state_dir(remove)
@@ -200,22 +202,10 @@ def apikey_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def apikey_list(args: argparse.Namespace) -> int:
-    with _broker(args) as broker:
-        print(json.dumps(broker.list_apikeys(), indent=2))
-    return 0
-
-
 def apikey_revoke(args: argparse.Namespace) -> int:
     with _broker(args) as broker:
         key_ids = broker.revoke_apikey(args.name, "cli")
     print(f"revoked API key {args.name} (key id {', '.join(key_ids)})")
-    return 0
-
-
-def proxy_list(args: argparse.Namespace) -> int:
-    with _broker(args) as broker:
-        print(json.dumps(broker.list_proxy_records(), indent=2))
     return 0
 
 
@@ -227,6 +217,13 @@ def proxy_remove(args: argparse.Namespace) -> int:
     else:
         print(f"removed proxy {args.name}; keys rotated (version {rotation['version']}): "
               "new consoles use keys it never received")
+    return 0
+
+
+def print_listing(args: argparse.Namespace, read: Callable[[Broker], dict[str, Any]]) -> int:
+    """``apikey list``, ``proxy list``, ``targets list``: one JSON document, never a secret."""
+    with _broker(args) as broker:
+        print(json.dumps(read(broker), indent=2))
     return 0
 
 
@@ -256,12 +253,6 @@ def targets_add(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     with _broker(args) as broker:
         print(json.dumps(broker.add_target(checked, "cli")))
-    return 0
-
-
-def targets_list(args: argparse.Namespace) -> int:
-    with _broker(args) as broker:
-        print(json.dumps(broker.list_targets(), indent=2))
     return 0
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from freezegun import freeze_time
@@ -189,10 +192,10 @@ def broker_now() -> float:
     return clock.now()
 
 
-def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_token(tmp_path: Path) -> None:
-    """Proxies replace their revoked set with each heartbeat's list, and a proxy may run with a
-    skew of up to MAX_SKEW: a closed, revoked session must stay on the list until its token's
-    exp + MAX_SKEW, or a reusable token could reopen it on such a proxy."""
+@contextmanager
+def _revoked_session_announced(tmp_path: Path, ttl: int) -> Iterator[tuple[Any, Callable[[], list[str]]]]:
+    """At a frozen time, a session "s1" whose token lives ``ttl`` s, revoked and closed right
+    after minting: (the frozen clock, what a proxy's heartbeat answer now lists as revoked)."""
     init_state_dir(tmp_path / "s")
     broker = Broker(tmp_path / "s")
     proxy = registered_proxy(broker)
@@ -203,37 +206,32 @@ def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_t
             with broker.store.transaction() as conn:
                 conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
                              "minted_at, revoked_at, closed_at) VALUES ('s1', 't', NULL, 'p', 'k', 'revoked', 0, ?, ?, ?, ?)",
-                             (now + 60, now, now + 1, now + 2))
-            frozen.tick(60 + DEFAULT_SKEW + 60)  # past exp + the default skew
-            assert broker.heartbeat(proxy, beat)["revoked"] == ["s1"]
-            frozen.tick(MAX_SKEW)  # past exp + MAX_SKEW + the default skew: no proxy accepts it now
-            assert broker.heartbeat(proxy, beat)["revoked"] == []
+                             (now + ttl, now, now + 1, now + 2))
+            yield frozen, lambda: broker.heartbeat(proxy, beat)["revoked"]
     finally:
         broker.close()
+
+
+def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_token(tmp_path: Path) -> None:
+    """Proxies replace their revoked set with each heartbeat's list, and a proxy may run with a
+    skew of up to MAX_SKEW: a closed, revoked session must stay on the list until its token's
+    exp + MAX_SKEW, or a reusable token could reopen it on such a proxy."""
+    with _revoked_session_announced(tmp_path, ttl=60) as (frozen, announced):
+        frozen.tick(60 + DEFAULT_SKEW + 60)  # past exp + the default skew
+        assert announced() == ["s1"]
+        frozen.tick(MAX_SKEW)  # past exp + MAX_SKEW + the default skew: no proxy accepts it now
+        assert announced() == []
 
 
 def test_a_long_lived_token_revoked_at_once_stays_announced_until_it_expires_everywhere(tmp_path: Path) -> None:
     """REVOKED_MEMORY bounds how long an open session is announced, not a token's validity: a
     token living longer than that (a keyring max_ttl near a day) must stay on the list until
     exp + MAX_SKEW + the default skew, or a proxy could reopen it with the reusable token."""
-    init_state_dir(tmp_path / "s")
-    broker = Broker(tmp_path / "s")
-    proxy = registered_proxy(broker)
-    beat = {"proxy_id": "p", "sessions": 0, "capacity": 1, "draining": False, "version": 0}
-    try:
-        with freeze_time("2030-01-01 00:00:00") as frozen:
-            now = int(broker_now())
-            exp = now + int(REVOKED_MEMORY)  # revoked and closed right after minting
-            with broker.store.transaction() as conn:
-                conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
-                             "minted_at, revoked_at, closed_at) VALUES ('s1', 't', NULL, 'p', 'k', 'revoked', 0, ?, ?, ?, ?)",
-                             (exp, now, now + 1, now + 2))
-            frozen.tick(REVOKED_MEMORY + MAX_SKEW)  # revoked over a day ago; a MAX_SKEW proxy still accepts it
-            assert broker.heartbeat(proxy, beat)["revoked"] == ["s1"]
-            frozen.tick(DEFAULT_SKEW + 1)
-            assert broker.heartbeat(proxy, beat)["revoked"] == []
-    finally:
-        broker.close()
+    with _revoked_session_announced(tmp_path, ttl=int(REVOKED_MEMORY)) as (frozen, announced):
+        frozen.tick(REVOKED_MEMORY + MAX_SKEW)  # revoked over a day ago; a MAX_SKEW proxy still accepts it
+        assert announced() == ["s1"]
+        frozen.tick(DEFAULT_SKEW + 1)
+        assert announced() == []
 
 
 def test_a_rotation_the_database_cannot_record_leaves_the_keys_as_they_were(tmp_path: Path) -> None:
