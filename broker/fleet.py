@@ -35,13 +35,24 @@ class ProxyView:
         return (self.sessions + self.pending) / self.capacity if self.capacity > 0 else float("inf")
 
 
-def choose(proxies: Iterable[ProxyView], now: float, interval: float, *, min_version: int = 0) -> ProxyView | None:
-    """The proxy for the next console, or None when no proxy can take one.
+def holds_minting_keys(proxy: ProxyView, ring_version: int, floor: int) -> bool:
+    """Whether the proxy can open a console the broker mints now, by the keyring it reported.
 
-    ``min_version``: a proxy that reported an older keyring is passed over; after a removed
-    proxy's keys were rotated away, minting for an untold proxy would mean minting with them."""
+    The broker mints for a proxy one rotation behind with the previous keys, never further back:
+    a proxy two rotations behind holds neither. ``floor``: after a proxy's removal the keys were
+    rotated away from it and no proxy still on older ones is served (that would mean minting with
+    keys the removed proxy holds). A proxy reporting no keyring (0) was just sent the whole
+    current one, previous keys included; it is served unless a floor applies."""
+    if proxy.keyring_version == 0 and floor == 0:
+        return True
+    return proxy.keyring_version >= max(floor, ring_version - 1)
+
+
+def choose(proxies: Iterable[ProxyView], now: float, interval: float, *, ring_version: int = 0,
+           floor: int = 0) -> ProxyView | None:
+    """The proxy for the next console, or None when no proxy can take one."""
     candidates = [p for p in proxies if p.healthy(now, interval) and not p.draining
-                  and p.sessions + p.pending < p.capacity and p.keyring_version >= min_version]
+                  and p.sessions + p.pending < p.capacity and holds_minting_keys(p, ring_version, floor)]
     if not candidates:
         return None
     return min(candidates, key=lambda p: (p.load, p.id))

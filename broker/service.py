@@ -407,11 +407,12 @@ class Broker:
     def _choose(self, now: float) -> tuple[fleet.ProxyView, Keyring]:
         """The proxy for the next console and the keyring (called inside the minting transaction).
 
-        Proxies still holding only keys from before a proxy's removal wait for their next
-        heartbeat (min() keeps a replaced, younger keyring from shutting out the whole fleet)."""
+        Proxies whose keyring cannot open the console wait for their next heartbeat (see
+        :func:`fleet.holds_minting_keys`; min() keeps a replaced, younger keyring's floor from
+        shutting out the whole fleet)."""
         ring = self.keyring()
-        chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval,
-                              min_version=min(self.mint_floor(), ring.version))
+        chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval, ring_version=ring.version,
+                              floor=min(self.mint_floor(), ring.version))
         if chosen is None:
             raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
         return chosen, ring

@@ -269,6 +269,20 @@ def test_healthz_and_metrics(broker: BrokerProcess) -> None:
         assert f"# TYPE {name}" in text
 
 
+def test_a_proxy_two_rotations_behind_gets_no_console_until_it_reports_the_new_keys(broker: BrokerProcess) -> None:
+    """The broker can mint with the keys of one rotation back, not two: a proxy that missed two
+    (both within its heartbeat interval) would get a console it cannot open. It waits for its next
+    heartbeat instead, and a fresh proxy (version 0, just sent the whole keyring) is served."""
+    old_ring = Keyring.from_jwks(_heartbeat(broker)["keyring"])
+    _heartbeat(broker, version=old_ring.version)
+    target = broker.admin.add_target(name="Twice rotated VM", host="127.0.0.1", port=5909)
+    broker.admin.rotate_keys()
+    broker.admin.rotate_keys()
+    assert _error(lambda: broker.issuer.mint(target["id"])) == (503, "no_proxy_available")
+    new_ring = Keyring.from_jwks(_heartbeat(broker, version=0)["keyring"])  # as a fresh proxy
+    assert token.verify(broker.issuer.mint(target["id"])["token"], new_ring, time.time()).port == 5909
+
+
 def test_a_console_minted_right_after_a_rotation_opens_on_a_proxy_not_yet_told(broker: BrokerProcess) -> None:
     """Proxies learn a rotation at their next heartbeat. Until the chosen proxy reports the new
     keyring version, the broker mints with the keys that proxy holds (the previous ones, which

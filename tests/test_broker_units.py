@@ -141,6 +141,19 @@ def test_fleet_picks_the_least_loaded_healthy_non_draining_proxy() -> None:
     assert fleet.choose([], 100.0, 5.0) is None
 
 
+@pytest.mark.parametrize(("reported", "ring_version", "floor", "served"), [
+    (5, 5, 0, True), (4, 5, 0, True),  # current, or one rotation behind (minted with the previous keys)
+    (3, 5, 0, False),  # two behind: holds neither the current nor the previous keys
+    (0, 5, 0, True),  # fresh: was just sent the whole current keyring
+    (0, 5, 5, False), (4, 5, 5, False), (5, 5, 5, True),  # after a removal, only the new keys
+])
+def test_a_console_goes_only_to_a_proxy_whose_keys_can_open_it(reported: int, ring_version: int, floor: int,
+                                                                served: bool) -> None:
+    proxy = ProxyView("p", "http://p", 0, 10, False, 100.0, 0, reported)
+    assert fleet.holds_minting_keys(proxy, ring_version, floor) is served
+    assert (fleet.choose([proxy], 100.0, 5.0, ring_version=ring_version, floor=floor) is proxy) is served
+
+
 def test_websocket_url() -> None:
     assert fleet.websocket_url("https://p.example/x/") == "wss://p.example/x/websockify"
     assert fleet.websocket_url("http://127.0.0.1:8") == "ws://127.0.0.1:8/websockify"
