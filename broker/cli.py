@@ -127,6 +127,13 @@ def _add_proxies(commands: argparse._SubParsersAction) -> None:
     listing = proxies.add_parser("list", help="registered proxies as JSON, removed ones included (no secret)")
     _state_dir(listing)
     listing.set_defaults(handler=functools.partial(print_listing, read=Broker.list_proxy_records))
+    set_url = proxies.add_parser("set-url", help="change the URL browsers use to reach a proxy (audited)",
+                                 description="Consoles use the registered URL only: a proxy's heartbeat cannot "
+                                             "change it, so a stolen proxy credential cannot steer browsers.")
+    set_url.add_argument("name")
+    set_url.add_argument("public_url", metavar="URL")
+    _state_dir(set_url)
+    set_url.set_defaults(handler=proxy_set_url)
     remove = proxies.add_parser("remove", help="revoke a proxy's credential and rotate the keys (audited)",
                                 description=_REMOVE_HELP)
     remove.add_argument("name")
@@ -206,6 +213,13 @@ def apikey_revoke(args: argparse.Namespace) -> int:
     with _broker(args) as broker:
         key_ids = broker.revoke_apikey(args.name, "cli")
     print(f"revoked API key {args.name} (key id {', '.join(key_ids)})")
+    return 0
+
+
+def proxy_set_url(args: argparse.Namespace) -> int:
+    with _broker(args) as broker:
+        broker.set_proxy_url(args.name, args.public_url, "cli")
+    print(f"proxy {args.name} is reached at {args.public_url.rstrip('/')}")
     return 0
 
 

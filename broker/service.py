@@ -36,7 +36,7 @@ log = logging.getLogger("consolegate.broker")
 DB_NAME = "broker.db"
 SESSION_STATES = ("minted", "active", "closed", "revoked")
 AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "key_rotated",
-               "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_removed")
+               "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_changed", "proxy_removed")
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session that is still open (its close never reported) is sent to proxies.
 A revoked session is also sent, whatever its age, while any proxy could accept its token
@@ -123,6 +123,7 @@ class Broker:
         self._ring: Keyring | None = None
         self._ring_stamp: tuple[int, int, int] | None = None
         self.pending: dict[str, int] = {}
+        self.reported_urls: dict[str, str] = {}  # the last differing public_url each proxy reported
 
     def close(self) -> None:
         self.store.close()
@@ -261,6 +262,29 @@ class Broker:
         except sqlite3.IntegrityError:
             raise CommandError(f"a proxy named {name!r} exists already (removed names are not reused)") from None
         return {"proxy_id": name, "secret": secret}
+
+    def _note_reported_url(self, proxy_id: str, registered: str, reported: str | None) -> None:
+        """A heartbeat's ``public_url`` never moves consoles: a stolen proxy credential would
+        otherwise send every browser, token in hand, to the thief's host (who also has the fleet
+        keys). A mismatch is logged once per new value; ``proxy set-url`` is the way to change it."""
+        if reported is None or reported == registered or self.reported_urls.get(proxy_id) == reported:
+            return
+        self.reported_urls[proxy_id] = reported
+        log.warning("proxy %s reports public URL %s but is registered as %s; consoles keep the registered one "
+                    "(change it with `console-broker proxy set-url`)", proxy_id, reported, registered)
+
+    def set_proxy_url(self, name: str, public_url: str, actor: str) -> None:
+        """The browsers' way to a proxy, changed by an operator only (audited)."""
+        if not public_url.startswith(("http://", "https://")):
+            raise CommandError("the public URL must be an http:// or https:// URL")
+        now = clock.now()
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT public_url FROM proxies WHERE id = ? AND removed_at IS NULL", (name,)).fetchone()
+            if row is None:
+                raise ApiError(404, "proxy_not_found", f"no registered proxy named {name!r}")
+            conn.execute("UPDATE proxies SET public_url = ? WHERE id = ?", (public_url.rstrip("/"), name))
+            self.store.append_audit(conn, at=now, type_="proxy_changed", actor=actor, detail={
+                "proxy_id": name, "public_url": public_url.rstrip("/"), "previous": row["public_url"]})
 
     def list_proxy_records(self) -> dict[str, Any]:
         """Every registered proxy, removed ones included, as the database knows it (``healthy``
@@ -485,10 +509,12 @@ class Broker:
             now = clock.now()
             _check_proxy_live(conn, principal.id)
             conn.execute("UPDATE proxies SET sessions = ?, capacity = ?, draining = ?, last_seen = ?, "
-                         "keyring_version = ?, public_url = COALESCE(?, public_url) WHERE id = ? AND removed_at IS NULL",
+                         "keyring_version = ? WHERE id = ? AND removed_at IS NULL",
                          (body["sessions"], body["capacity"], int(body["draining"]), now, body["version"],
-                          _public_url(body.get("public_url")), principal.id))
+                          principal.id))
+            registered = conn.execute("SELECT public_url FROM proxies WHERE id = ?", (principal.id,)).fetchone()[0]
             ring = self.keyring()
+        self._note_reported_url(principal.id, registered, _public_url(body.get("public_url")))
         self.pending[principal.id] = 0
         revoked = [r["id"] for r in self.store.all(
             "SELECT id FROM sessions WHERE state = 'revoked' AND (exp > ? OR (closed_at IS NULL AND revoked_at > ?))",
@@ -600,7 +626,7 @@ def _check_proxy_live(conn: sqlite3.Connection, proxy_id: str) -> None:
 
 
 def _public_url(value: str | None) -> str | None:
-    """The proxy's own idea of its URL (it knows best), when it gives a usable one."""
+    """The proxy's own idea of its URL, when it gives a usable one (compared, never adopted)."""
     if value and value.startswith(("http://", "https://")):
         return value.rstrip("/")
     return None

@@ -500,3 +500,24 @@ def test_two_processes_opening_an_old_database_at_once_migrate_it_once(tmp_path:
         assert "removed_at" in [r["name"] for r in store.all("PRAGMA table_info(proxies)")]
     finally:
         store.close()
+
+
+def test_a_heartbeat_cannot_steer_consoles_only_set_url_can(broker: BrokerProcess, capsys: Capsys) -> None:
+    """A stolen proxy credential gets the fleet keys; if its heartbeat could also change the
+    proxy's public URL, every browser (token in hand) would go to the thief. Only an operator
+    moves a proxy, audited."""
+    root = broker.state.root
+    broker.state.add_proxy("only", "http://127.0.0.1:7001")
+    version = Keyring.from_jwks(_beat(broker, "only", 0)["keyring"]).version
+    _beat(broker, "only", version, public_url="https://thief.example")
+    target = broker.admin.add_target(name="Steered VM", host="127.0.0.1", port=5910)
+    assert broker.issuer.mint(target["id"])["url"].startswith("http://127.0.0.1:7001/console#token=")
+    broker.wait_for_log("reports public URL https://thief.example")
+    assert _audit(root, "proxy_changed") == []
+
+    assert _cli(capsys, "proxy", "set-url", "only", "https://px-only.example/", state=root)[0] == 0
+    assert broker.issuer.mint(target["id"])["url"].startswith("https://px-only.example/console#token=")
+    assert _audit(root, "proxy_changed") == [{"actor": "cli", "proxy_id": "only", "public_url": "https://px-only.example",
+                                              "previous": "http://127.0.0.1:7001"}]
+    assert _cli(capsys, "proxy", "set-url", "nobody", "https://x.example", state=root)[0] == 1
+    assert _cli(capsys, "proxy", "set-url", "only", "ftp://x.example", state=root)[0] == 1
