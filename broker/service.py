@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import tornado.web
 
@@ -248,13 +249,12 @@ class Broker:
         (writing it out) runs before the commit: if it fails, the name is not used up."""
         if not auth.NAME_PATTERN.match(name):
             raise CommandError("the proxy name must be 1-64 letters, digits, '-' or '_'")
-        if not public_url.startswith(("http://", "https://")):
-            raise CommandError("--public-url must be an http:// or https:// URL")
+        public_url = _checked_public_url(public_url)
         secret, now = auth.new_secret(), clock.now()
         try:
             with self.store.transaction() as conn:
                 conn.execute("INSERT INTO proxies (id, public_url, secret_hash, created_at) VALUES (?, ?, ?, ?)",
-                             (name, public_url.rstrip("/"), self.hasher.digest("proxy", name, secret), now))
+                             (name, public_url, self.hasher.digest("proxy", name, secret), now))
                 self.store.append_audit(conn, at=now, type_="proxy_added", actor=actor,
                                         detail={"proxy_id": name, "public_url": public_url})
                 if deliver is not None:
@@ -270,21 +270,20 @@ class Broker:
         if reported is None or reported == registered or self.reported_urls.get(proxy_id) == reported:
             return
         self.reported_urls[proxy_id] = reported
-        log.warning("proxy %s reports public URL %s but is registered as %s; consoles keep the registered one "
+        log.warning("proxy %s reports public URL %r but is registered as %s; consoles keep the registered one "
                     "(change it with `console-broker proxy set-url`)", proxy_id, reported, registered)
 
     def set_proxy_url(self, name: str, public_url: str, actor: str) -> None:
         """The browsers' way to a proxy, changed by an operator only (audited)."""
-        if not public_url.startswith(("http://", "https://")):
-            raise CommandError("the public URL must be an http:// or https:// URL")
+        public_url = _checked_public_url(public_url)
         now = clock.now()
         with self.store.transaction() as conn:
             row = conn.execute("SELECT public_url FROM proxies WHERE id = ? AND removed_at IS NULL", (name,)).fetchone()
             if row is None:
                 raise ApiError(404, "proxy_not_found", f"no registered proxy named {name!r}")
-            conn.execute("UPDATE proxies SET public_url = ? WHERE id = ?", (public_url.rstrip("/"), name))
+            conn.execute("UPDATE proxies SET public_url = ? WHERE id = ?", (public_url, name))
             self.store.append_audit(conn, at=now, type_="proxy_changed", actor=actor, detail={
-                "proxy_id": name, "public_url": public_url.rstrip("/"), "previous": row["public_url"]})
+                "proxy_id": name, "public_url": public_url, "previous": row["public_url"]})
 
     def list_proxy_records(self) -> dict[str, Any]:
         """Every registered proxy, removed ones included, as the database knows it (``healthy``
@@ -623,6 +622,21 @@ def _check_proxy_live(conn: sqlite3.Connection, proxy_id: str) -> None:
     row = conn.execute("SELECT removed_at FROM proxies WHERE id = ?", (proxy_id,)).fetchone()
     if row is None or row["removed_at"] is not None:
         raise ApiError(401, "unauthorized", "this endpoint needs a proxy credential as a Bearer token")
+
+
+def _checked_public_url(url: str) -> str:
+    """The URL browsers are sent to, without a trailing slash: http(s), a host, no user info,
+    query, fragment or whitespace (it is pasted into every console URL of the proxy)."""
+    try:
+        parts = urlsplit(url)
+        valid = (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+                 and parts.username is None and not parts.query and not parts.fragment
+                 and url.isprintable() and not any(c.isspace() for c in url))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise CommandError("the public URL must be http(s)://HOST[:PORT][/PATH], without user info, query or spaces")
+    return url.rstrip("/")
 
 
 def _public_url(value: str | None) -> str | None:

@@ -512,7 +512,7 @@ def test_a_heartbeat_cannot_steer_consoles_only_set_url_can(broker: BrokerProces
     _beat(broker, "only", version, public_url="https://thief.example")
     target = broker.admin.add_target(name="Steered VM", host="127.0.0.1", port=5910)
     assert broker.issuer.mint(target["id"])["url"].startswith("http://127.0.0.1:7001/console#token=")
-    broker.wait_for_log("reports public URL https://thief.example")
+    broker.wait_for_log("reports public URL 'https://thief.example'")
     assert _audit(root, "proxy_changed") == []
 
     assert _cli(capsys, "proxy", "set-url", "only", "https://px-only.example/", state=root)[0] == 0
@@ -520,4 +520,6 @@ def test_a_heartbeat_cannot_steer_consoles_only_set_url_can(broker: BrokerProces
     assert _audit(root, "proxy_changed") == [{"actor": "cli", "proxy_id": "only", "public_url": "https://px-only.example",
                                               "previous": "http://127.0.0.1:7001"}]
     assert _cli(capsys, "proxy", "set-url", "nobody", "https://x.example", state=root)[0] == 1
-    assert _cli(capsys, "proxy", "set-url", "only", "ftp://x.example", state=root)[0] == 1
+    for bad in ("ftp://x.example", "https://user:pw@x.example", "https://x.example/a b", "https://x.example?q=1"):
+        assert _cli(capsys, "proxy", "set-url", "only", bad, state=root)[0] == 1, bad
+    assert len(_audit(root, "proxy_changed")) == 1
