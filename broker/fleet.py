@@ -35,24 +35,32 @@ class ProxyView:
         return (self.sessions + self.pending) / self.capacity if self.capacity > 0 else float("inf")
 
 
-def holds_minting_keys(proxy: ProxyView, ring_version: int, floor: int) -> bool:
+def holds_minting_keys(proxy: ProxyView, ring_version: int, floor: int, previous_usable: bool) -> bool:
     """Whether the proxy can open a console the broker mints now, by the keyring it reported.
 
-    The broker mints for a proxy one rotation behind with the previous keys, never further back:
-    a proxy two rotations behind holds neither. ``floor``: after a proxy's removal the keys were
-    rotated away from it and no proxy still on older ones is served (that would mean minting with
-    keys the removed proxy holds). A proxy reporting no keyring (0) was just sent the whole
-    current one, previous keys included; it is served unless a floor applies."""
-    if proxy.keyring_version == 0 and floor == 0:
-        return True
-    return proxy.keyring_version >= max(floor, ring_version - 1)
+    * the current version: yes;
+    * no keyring reported (0): it was just sent the whole current one; yes, unless ``floor``;
+    * one rotation behind: the broker mints with the previous keys, if they are still usable for
+      the console's lifetime (``previous_usable``) and no ``floor`` excludes them;
+    * two or more behind (it holds neither generation) or ahead (the broker's keyring was
+      replaced): no, until its next heartbeat reports the current version.
+
+    ``floor``: after a proxy's removal the keys were rotated away from it, and no proxy still on
+    older ones is served (that would mean minting with keys the removed proxy holds)."""
+    version = proxy.keyring_version
+    if version == 0:
+        return floor == 0
+    if version == ring_version - 1:
+        return previous_usable and version >= floor
+    return version == ring_version
 
 
 def choose(proxies: Iterable[ProxyView], now: float, interval: float, *, ring_version: int = 0,
-           floor: int = 0) -> ProxyView | None:
+           floor: int = 0, previous_usable: bool = False) -> ProxyView | None:
     """The proxy for the next console, or None when no proxy can take one."""
     candidates = [p for p in proxies if p.healthy(now, interval) and not p.draining
-                  and p.sessions + p.pending < p.capacity and holds_minting_keys(p, ring_version, floor)]
+                  and p.sessions + p.pending < p.capacity
+                  and holds_minting_keys(p, ring_version, floor, previous_usable)]
     if not candidates:
         return None
     return min(candidates, key=lambda p: (p.load, p.id))

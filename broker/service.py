@@ -411,7 +411,7 @@ class Broker:
             if not 1 <= ttl <= self.max_ttl():
                 raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
             now = clock.now()
-            chosen, ring = self._choose(now)
+            chosen, ring = self._choose(now, int(now) + ttl + DEFAULT_SKEW)
             claims = self._claims(row, body, now, ttl)
             minted = _sign(claims, ring, chosen)
             conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
@@ -427,15 +427,18 @@ class Broker:
                 "websocket_url": fleet.websocket_url(chosen.public_url), "token": minted,
                 "expires_at": claims.exp, "proxy_id": chosen.id}
 
-    def _choose(self, now: float) -> tuple[fleet.ProxyView, Keyring]:
+    def _choose(self, now: float, until: float) -> tuple[fleet.ProxyView, Keyring]:
         """The proxy for the next console and the keyring (called inside the minting transaction).
 
         Proxies whose keyring cannot open the console wait for their next heartbeat (see
-        :func:`fleet.holds_minting_keys`; min() keeps a replaced, younger keyring's floor from
-        shutting out the whole fleet)."""
+        :func:`fleet.holds_minting_keys`). ``until``: the console's last moment, which the
+        previous keys must still cover to be used (a long console right after a rotation
+        outlives them). min() keeps a replaced, younger keyring's floor from shutting out the
+        whole fleet."""
         ring = self.keyring()
         chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval, ring_version=ring.version,
-                              floor=min(self.mint_floor(), ring.version))
+                              floor=min(self.mint_floor(), ring.version),
+                              previous_usable=ring.previous_generation(until) is not None)
         if chosen is None:
             raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
         return chosen, ring
@@ -600,9 +603,9 @@ class Broker:
 
 
 def _sign(claims: token.Claims, ring: Keyring, chosen: fleet.ProxyView) -> str:
-    """The token, under the keys the chosen proxy holds: the previous generation for a proxy
-    that has not heard of the last rotation yet (when no mint floor excluded it)."""
-    if chosen.keyring_version < ring.version:
+    """The token, under the keys the chosen proxy holds: the previous generation for a proxy one
+    rotation behind (chosen only when those keys cover the console), else the current ones."""
+    if chosen.keyring_version == ring.version - 1:
         ring = ring.previous_generation(claims.exp + DEFAULT_SKEW) or ring
     try:
         return token.mint(claims, ring)

@@ -18,7 +18,7 @@ from broker.fleet import ProxyView
 from broker.service import REVOKED_MEMORY, ApiError, Broker, init_state_dir
 from broker.store import SCHEMA_VERSION, Store, StoreError, StoreUnavailable
 from broker.vault import Vault, VaultError
-from console_proxy import clock
+from console_proxy import clock, token
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
 
 
@@ -141,17 +141,20 @@ def test_fleet_picks_the_least_loaded_healthy_non_draining_proxy() -> None:
     assert fleet.choose([], 100.0, 5.0) is None
 
 
-@pytest.mark.parametrize(("reported", "ring_version", "floor", "served"), [
-    (5, 5, 0, True), (4, 5, 0, True),  # current, or one rotation behind (minted with the previous keys)
-    (3, 5, 0, False),  # two behind: holds neither the current nor the previous keys
-    (0, 5, 0, True),  # fresh: was just sent the whole current keyring
-    (0, 5, 5, False), (4, 5, 5, False), (5, 5, 5, True),  # after a removal, only the new keys
+@pytest.mark.parametrize(("reported", "ring_version", "floor", "previous_usable", "served"), [
+    (5, 5, 0, True, True), (4, 5, 0, True, True),  # current, or one behind (minted with the previous keys)
+    (4, 5, 0, False, False),  # one behind, but the previous keys expire before this console would
+    (3, 5, 0, True, False),  # two behind: holds neither the current nor the previous keys
+    (6, 5, 0, True, False),  # ahead: the broker's keyring was replaced; it holds other keys
+    (0, 5, 0, False, True),  # fresh: was just sent the whole current keyring
+    (0, 5, 5, True, False), (4, 5, 5, True, False), (5, 5, 5, True, True),  # after a removal, only the new keys
 ])
 def test_a_console_goes_only_to_a_proxy_whose_keys_can_open_it(reported: int, ring_version: int, floor: int,
-                                                                served: bool) -> None:
+                                                                previous_usable: bool, served: bool) -> None:
     proxy = ProxyView("p", "http://p", 0, 10, False, 100.0, 0, reported)
-    assert fleet.holds_minting_keys(proxy, ring_version, floor) is served
-    assert (fleet.choose([proxy], 100.0, 5.0, ring_version=ring_version, floor=floor) is proxy) is served
+    assert fleet.holds_minting_keys(proxy, ring_version, floor, previous_usable) is served
+    chosen = fleet.choose([proxy], 100.0, 5.0, ring_version=ring_version, floor=floor, previous_usable=previous_usable)
+    assert (chosen is proxy) is served
 
 
 def test_websocket_url() -> None:
@@ -262,4 +265,30 @@ def test_a_rotation_the_database_cannot_record_leaves_the_keys_as_they_were(tmp_
         assert broker.keyring_path.read_bytes() == before
     finally:
         other.close()
+        broker.close()
+
+
+def test_a_console_outliving_the_previous_keys_waits_for_a_proxy_with_the_new_ones(tmp_path: Path) -> None:
+    """The previous keys verify until their rotation + max_ttl + skew. For a proxy not yet told
+    of the rotation, a console that would outlive them cannot be minted with them (nor with keys
+    that proxy lacks): no proxy for it until the proxy reports the new keyring."""
+    init_state_dir(tmp_path / "s")
+    broker = Broker(tmp_path / "s")
+    proxy = registered_proxy(broker)
+    target = broker.add_target({"name": "VM", "host": "10.0.0.5", "port": 5901}, "test")["id"]
+    issuer = Principal("k", "issuer", "issuer")
+    try:
+        with freeze_time("2030-01-01 00:00:00") as frozen:
+            old = broker.keyring()
+            beat = {"proxy_id": "p", "sessions": 0, "capacity": 5, "draining": False, "version": old.version}
+            broker.heartbeat(proxy, beat)
+            broker.rotate_keys("test")
+            frozen.tick(old.max_ttl - 600)  # the previous keys verify for 630 s more
+            broker.heartbeat(proxy, beat)  # still reporting the old keyring
+            with pytest.raises(ApiError) as refused:
+                broker.mint_console(issuer, {"target_id": target, "ttl": 1200})
+            assert refused.value.code == "no_proxy_available"
+            short = broker.mint_console(issuer, {"target_id": target, "ttl": 60})["token"]
+            assert token.verify(short, old.for_proxy(), clock.now()).port == 5901
+    finally:
         broker.close()
