@@ -633,7 +633,7 @@ def _checked_public_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         valid = (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-                 and parts.username is None and not parts.query and not parts.fragment
+                 and parts.username is None and not any(c in url for c in "?#\\")
                  and url.isprintable() and not any(c.isspace() for c in url))
     except ValueError:
         valid = False

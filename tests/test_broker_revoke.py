@@ -520,6 +520,7 @@ def test_a_heartbeat_cannot_steer_consoles_only_set_url_can(broker: BrokerProces
     assert _audit(root, "proxy_changed") == [{"actor": "cli", "proxy_id": "only", "public_url": "https://px-only.example",
                                               "previous": "http://127.0.0.1:7001"}]
     assert _cli(capsys, "proxy", "set-url", "nobody", "https://x.example", state=root)[0] == 1
-    for bad in ("ftp://x.example", "https://user:pw@x.example", "https://x.example/a b", "https://x.example?q=1"):
+    for bad in ("ftp://x.example", "https://user:pw@x.example", "https://x.example/a b", "https://x.example?q=1",
+                "https://x.example#", "https://evil.example\\.x.example"):
         assert _cli(capsys, "proxy", "set-url", "only", bad, state=root)[0] == 1, bad
     assert len(_audit(root, "proxy_changed")) == 1
