@@ -98,68 +98,60 @@ Use --no-rotate only for a proxy decommissioned in good order, never for one tha
 compromised. The name stays in the records and is not reused."""
 
 
+def _action(group: argparse._SubParsersAction, name: str, handler: Any, help: str, *positionals: str,
+            description: str | None = None) -> argparse.ArgumentParser:
+    """One subcommand on the state dir: its positional arguments, ``--state-dir``, its handler
+    (options particular to it are added by the caller)."""
+    parser = group.add_parser(name, help=help, description=description)
+    for positional in positionals:
+        parser.add_argument(positional)
+    _state_dir(parser)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _listing(read: Callable[[Broker], dict[str, Any]]) -> Any:
+    return functools.partial(print_listing, read=read)
+
+
 def _add_apikeys(commands: argparse._SubParsersAction) -> None:
     apikeys = commands.add_parser("apikey", help="API keys").add_subparsers(metavar="ACTION")
-    create = apikeys.add_parser("create", help="create an API key and print it (once)")
-    create.add_argument("name")
+    create = _action(apikeys, "create", apikey_create, "create an API key and print it (once)", "name")
     create.add_argument("--role", required=True, choices=["admin", "issuer"])
-    _state_dir(create)
-    create.set_defaults(handler=apikey_create)
-    listing = apikeys.add_parser("list", help="API keys as JSON: name, key id, role, created, revoked (no secret)")
-    _state_dir(listing)
-    listing.set_defaults(handler=functools.partial(print_listing, read=Broker.list_apikeys))
-    revoke = apikeys.add_parser("revoke", help="revoke an API key: refused from its next request on (audited)",
-                                description="Revoke the API key NAME. A running broker refuses it from its next "
-                                            "request on. The key stays listed as revoked and its name is not reused.")
-    revoke.add_argument("name")
-    _state_dir(revoke)
-    revoke.set_defaults(handler=apikey_revoke)
+    _action(apikeys, "list", _listing(Broker.list_apikeys),
+            "API keys as JSON: name, key id, role, created, revoked (no secret)")
+    _action(apikeys, "revoke", apikey_revoke, "revoke an API key: refused from its next request on (audited)",
+            "name", description="Revoke the API key NAME. A running broker refuses it from its next request on. "
+                                "The key stays listed as revoked and its name is not reused.")
 
 
 def _add_proxies(commands: argparse._SubParsersAction) -> None:
     proxies = commands.add_parser("proxy", help="the proxy fleet").add_subparsers(metavar="ACTION")
-    add = proxies.add_parser("add", help="register a proxy and write its credential file {proxy_id, secret}")
-    add.add_argument("name")
+    add = _action(proxies, "add", proxy_add, "register a proxy and write its credential file {proxy_id, secret}",
+                  "name")
     add.add_argument("--public-url", required=True, metavar="URL", help="the URL browsers use to reach it")
     add.add_argument("--out", required=True, metavar="FILE", help="credential file to write (0600)")
-    _state_dir(add)
-    add.set_defaults(handler=proxy_add)
-    listing = proxies.add_parser("list", help="registered proxies as JSON, removed ones included (no secret)")
-    _state_dir(listing)
-    listing.set_defaults(handler=functools.partial(print_listing, read=Broker.list_proxy_records))
-    set_url = proxies.add_parser("set-url", help="change the URL browsers use to reach a proxy (audited)",
-                                 description="Consoles use the registered URL only: a proxy's heartbeat cannot "
-                                             "change it, so a stolen proxy credential cannot steer browsers.")
-    set_url.add_argument("name")
-    set_url.add_argument("public_url", metavar="URL")
-    _state_dir(set_url)
-    set_url.set_defaults(handler=proxy_set_url)
-    remove = proxies.add_parser("remove", help="revoke a proxy's credential and rotate the keys (audited)",
-                                description=_REMOVE_HELP)
-    remove.add_argument("name")
+    _action(proxies, "list", _listing(Broker.list_proxy_records),
+            "registered proxies as JSON, removed ones included (no secret)")
+    _action(proxies, "set-url", proxy_set_url, "change the URL browsers use to reach a proxy (audited)",
+            "name", "url", description="Consoles use the registered URL only: a proxy's heartbeat cannot "
+                                       "change it, so a stolen proxy credential cannot steer browsers.")
+    remove = _action(proxies, "remove", proxy_remove, "revoke a proxy's credential and rotate the keys (audited)",
+                     "name", description=_REMOVE_HELP)
     remove.add_argument("--no-rotate", dest="rotate", action="store_false",
                         help="keep the keys (only for a proxy decommissioned, not compromised)")
-    _state_dir(remove)
-    remove.set_defaults(handler=proxy_remove)
 
 
 def _add_targets(commands: argparse._SubParsersAction) -> None:
     targets = commands.add_parser("targets", help="VM consoles").add_subparsers(metavar="ACTION")
-    add = targets.add_parser("add", help="add a target (its VNC password is sealed at rest)")
+    add = _action(targets, "add", targets_add, "add a target (its VNC password is sealed at rest)")
     add.add_argument("--id", help="target id (default: generated)")
     add.add_argument("--name", required=True)
     add.add_argument("--host", required=True)
     add.add_argument("--port", type=int, required=True)
     add.add_argument("--password-file", metavar="F", help="file holding the VNC password")
-    _state_dir(add)
-    add.set_defaults(handler=targets_add)
-    listing = targets.add_parser("list", help="targets as JSON (never the password)")
-    _state_dir(listing)
-    listing.set_defaults(handler=functools.partial(print_listing, read=Broker.list_targets))
-    remove = targets.add_parser("remove", help="delete a target")
-    remove.add_argument("id")
-    _state_dir(remove)
-    remove.set_defaults(handler=targets_remove)
+    _action(targets, "list", _listing(Broker.list_targets), "targets as JSON (never the password)")
+    _action(targets, "remove", targets_remove, "delete a target", "id")
 
 
 def _add_audit(commands: argparse._SubParsersAction) -> None:
@@ -218,8 +210,8 @@ def apikey_revoke(args: argparse.Namespace) -> int:
 
 def proxy_set_url(args: argparse.Namespace) -> int:
     with _broker(args) as broker:
-        broker.set_proxy_url(args.name, args.public_url, "cli")
-    print(f"proxy {args.name} is reached at {args.public_url.rstrip('/')}")
+        broker.set_proxy_url(args.name, args.url, "cli")
+    print(f"proxy {args.name} is reached at {args.url.rstrip('/')}")
     return 0
 
 

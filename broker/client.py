@@ -10,13 +10,14 @@ the same rule as the proxy's link to the broker (console_proxy.brokerlink.check_
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+from console_proxy.brokerlink import is_loopback_host
 
 
 class BrokerError(Exception):
@@ -29,16 +30,6 @@ class BrokerError(Exception):
 
 class InsecureBrokerURL(ValueError):
     """A broker URL this client will not send a credential to; one line, never the credential."""
-
-
-def is_loopback_host(host: str) -> bool:
-    """127.0.0.0/8, ::1 or ``localhost``; names are not resolved, so any other name is remote."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_broker_url(url: str, *, allow_insecure: bool = False) -> None:

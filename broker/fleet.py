@@ -50,9 +50,14 @@ def holds_minting_keys(proxy: ProxyView, ring_version: int, floor: int, previous
     version = proxy.keyring_version
     if version == 0:
         return floor == 0
-    if version == ring_version - 1:
+    if one_rotation_behind(proxy, ring_version):
         return previous_usable and version >= floor
     return version == ring_version
+
+
+def one_rotation_behind(proxy: ProxyView, ring_version: int) -> bool:
+    """Minted for with the previous keys. Not a fresh proxy (0): it holds the whole current keyring."""
+    return proxy.keyring_version != 0 and proxy.keyring_version == ring_version - 1
 
 
 def choose(proxies: Iterable[ProxyView], now: float, interval: float, *, ring_version: int = 0,

@@ -13,9 +13,9 @@ import tornado.httpserver
 from tornado.ioloop import PeriodicCallback
 
 from broker import api
-from broker.client import is_loopback_host
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
+from console_proxy.brokerlink import is_loopback_host
 from console_proxy.command import CommandError
 from console_proxy.serve import parse_listen, tls_context
 

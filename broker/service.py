@@ -413,7 +413,7 @@ class Broker:
             now = clock.now()
             chosen, ring = self._choose(now, int(now) + ttl + DEFAULT_SKEW)
             claims = self._claims(row, body, now, ttl)
-            minted = _sign(claims, ring, chosen)
+            minted = _sign(claims, ring)
             conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
                          "minted_at) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?)",
                          (claims.sid, row["id"], claims.sub, chosen.id, principal.id, int(claims.once), claims.exp,
@@ -428,7 +428,9 @@ class Broker:
                 "expires_at": claims.exp, "proxy_id": chosen.id}
 
     def _choose(self, now: float, until: float) -> tuple[fleet.ProxyView, Keyring]:
-        """The proxy for the next console and the keyring (called inside the minting transaction).
+        """The proxy for the next console and the keys to mint it with: the previous generation
+        for a proxy one rotation behind, else the current ones (called inside the minting
+        transaction).
 
         Proxies whose keyring cannot open the console wait for their next heartbeat (see
         :func:`fleet.holds_minting_keys`). ``until``: the console's last moment, which the
@@ -436,11 +438,13 @@ class Broker:
         outlives them). min() keeps a replaced, younger keyring's floor from shutting out the
         whole fleet."""
         ring = self.keyring()
+        previous = ring.previous_generation(until)
         chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval, ring_version=ring.version,
-                              floor=min(self.mint_floor(), ring.version),
-                              previous_usable=ring.previous_generation(until) is not None)
+                              floor=min(self.mint_floor(), ring.version), previous_usable=previous is not None)
         if chosen is None:
             raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
+        if previous is not None and fleet.one_rotation_behind(chosen, ring.version):
+            return chosen, previous
         return chosen, ring
 
     def _claims(self, row: sqlite3.Row, body: dict[str, Any], now: float, ttl: int) -> token.Claims:
@@ -602,11 +606,8 @@ class Broker:
                             "actor": r["actor"], "detail": json.loads(r["detail"])} for r in rows]}
 
 
-def _sign(claims: token.Claims, ring: Keyring, chosen: fleet.ProxyView) -> str:
-    """The token, under the keys the chosen proxy holds: the previous generation for a proxy one
-    rotation behind (chosen only when those keys cover the console), else the current ones."""
-    if chosen.keyring_version == ring.version - 1:
-        ring = ring.previous_generation(claims.exp + DEFAULT_SKEW) or ring
+def _sign(claims: token.Claims, ring: Keyring) -> str:
+    """The token under ``ring`` (the keys :meth:`Broker._choose` picked for the chosen proxy)."""
     try:
         return token.mint(claims, ring)
     except ValueError as exc:  # above the proxies' token size limit (e.g. a long name and a CA)

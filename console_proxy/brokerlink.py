@@ -277,13 +277,15 @@ def check_broker_url(url: str) -> None:
     if parts.username is not None or parts.password is not None:
         raise BrokerLinkError(f"--broker {shown!r} must not carry user info: the proxy authenticates "
                               "with its credential file")
-    if host and (parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(host))):
+    if host and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(host))):
         return
     raise BrokerLinkError(f"--broker {shown!r} must be an https:// URL (plain http only to this host)")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``; names are not resolved, so any other name is remote.
+    (The broker's own plaintext checks use this too.)"""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
