@@ -25,6 +25,7 @@ from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
 from console_proxy.handlerlog import PathOnlyLogging, access_log
+from console_proxy.httperrors import JsonErrors, NotFound
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
 from console_proxy.pages import page_routes
@@ -227,7 +228,7 @@ REFUSAL_HINTS = {"websocket_version": ("Sec-WebSocket-Version", "13")}
 NO_STORE = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
 
 
-class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
+class JsonHandler(JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):
     def initialize(self, state: ProxyState) -> None:
         self.state = state
 
@@ -361,7 +362,7 @@ def make_app(state: ProxyState) -> tornado.web.Application:
         (r"/metrics", MetricsHandler, {"state": state}),
         *page_routes(state.config),
     ]
-    return tornado.web.Application(routes, log_function=_log_request)
+    return tornado.web.Application(routes, log_function=_log_request, default_handler_class=NotFound)
 
 
 def install_signal_handlers(state: ProxyState) -> None:
