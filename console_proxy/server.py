@@ -20,7 +20,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import SSLIOStream
 
-from console_proxy import clock, origin, wsconn, wsframes
+from console_proxy import clock, openapi, origin, wsconn, wsframes
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
@@ -281,6 +281,11 @@ class MetricsHandler(JsonHandler):
         self.finish(self.state.metrics.render())
 
 
+class OpenApiHandler(JsonHandler):
+    def get(self) -> None:
+        self.answer(200, openapi.document())
+
+
 class ConsoleSocket(JsonHandler):
     """``/websockify``: admit before the upgrade, answer 101, hand the connection to a session.
 
@@ -360,6 +365,7 @@ def make_app(state: ProxyState) -> tornado.web.Application:
         (r"/token-status", TokenStatusHandler, {"state": state}),
         (r"/healthz", HealthHandler, {"state": state}),
         (r"/metrics", MetricsHandler, {"state": state}),
+        (r"/openapi.json", OpenApiHandler, {"state": state}),
         *page_routes(state.config),
     ]
     return tornado.web.Application(routes, log_function=_log_request, default_handler_class=NotFound)
