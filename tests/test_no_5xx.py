@@ -19,6 +19,7 @@ Every answer must be below 500 and every error (a body on a 4xx) the documented
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Iterator
@@ -27,13 +28,19 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
 from brokerproc import BrokerProcess, BrokerState, healthy_proxies, start_broker, start_linked_proxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proxyproc import ProxyProcess
+from tornado.httpclient import AsyncHTTPClient
 
-from broker import openapi, schemas
+from broker import api, openapi, schemas
 from console_proxy import strictjson
+from console_proxy.handlerlog import PathOnlyLogging
+from console_proxy.httperrors import JsonErrors
 
 TIMEOUT = 10.0
 EXAMPLES = settings(max_examples=40, deadline=None, derandomize=True,
@@ -457,3 +464,69 @@ def test_openapi_documents_every_number_range() -> None:
                 if node.get("type") in ("integer", "number"):
                     assert "minimum" in node and "maximum" in node, (path, node)
 
+
+
+# --- the safety net: an input error no check caught is a logged 400, not a 500 -----------------
+
+class _Unchecked:
+    """A handler body that meets input no check stopped (the stand-in: no real handler does now)."""
+
+    error: BaseException
+
+    def get(self) -> None:
+        raise self.error
+
+
+class _ProxyHandler(_Unchecked, JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):
+    pass
+
+
+class _BrokerHandler(_Unchecked, api.ApiHandler):
+    pass
+
+
+async def _answers(handler: type[_Unchecked], error: BaseException, options: dict[str, Any]) -> tuple[int, Any]:
+    handler.error = error
+    app = tornado.web.Application([("/x", handler, options)])
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    try:
+        port = sockets[0].getsockname()[1]
+        answer = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/x?token=secret", raise_error=False)
+        return answer.code, json.loads(answer.body)
+    finally:
+        server.stop()
+
+
+class _NoBroker:
+    def list_proxies(self) -> dict[str, Any]:
+        return {"proxies": []}
+
+
+@pytest.mark.parametrize("error", [UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+                                   ValueError("embedded null byte"), OverflowError("int too large"),
+                                   RecursionError("deep")], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("surface", ["proxy", "broker"])
+def test_an_input_error_that_escapes_is_a_logged_400(surface: str, error: BaseException,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    if surface == "proxy":
+        status, body = asyncio.run(_answers(_ProxyHandler, error, {}))
+    else:
+        options = {"broker": _NoBroker(), "metrics": api.BrokerMetrics(_NoBroker())}  # type: ignore[arg-type]
+        status, body = asyncio.run(_answers(_BrokerHandler, error, options))
+    assert status == 400 and body["error"] == "bad_request" and "cannot handle" in body["message"]
+    assert any(record.exc_info and record.exc_info[1] is error for record in caplog.records)  # still seen
+    if surface == "proxy":  # the proxy logs the path only: ?token= never reaches a log line
+        assert "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("surface", ["proxy", "broker"])
+def test_any_other_exception_is_still_a_500(surface: str) -> None:
+    error = KeyError("a bug")
+    if surface == "proxy":
+        status, body = asyncio.run(_answers(_ProxyHandler, error, {}))
+    else:
+        options = {"broker": _NoBroker(), "metrics": api.BrokerMetrics(_NoBroker())}  # type: ignore[arg-type]
+        status, body = asyncio.run(_answers(_BrokerHandler, error, options))
+    assert status == 500 and body["error"] == "internal_error"
