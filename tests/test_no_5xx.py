@@ -373,6 +373,21 @@ def test_a_raw_nul_in_the_request_line_is_400(fleet: Fleet) -> None:
     assert exchange(fleet.proxy.port, "GET", b"/static/a\x00b").status == 400
 
 
+@pytest.mark.parametrize("length", [9_000, 70_000])
+@pytest.mark.parametrize("server", ["proxy", "broker"])
+def test_overlong_paths_get_no_5xx(fleet: Fleet, server: str, length: int) -> None:
+    """Past the front door's 8 KiB a head is Tornado's; past Tornado's 64 KiB it closes the
+    connection without an answer (so: a 404 or nothing, never a 5xx)."""
+    port = fleet.proxy.port if server == "proxy" else fleet.broker.port
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /static/" + b"a" * length + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        try:
+            first = sock.makefile("rb").read(12)
+        except ConnectionResetError:  # closed with some of the head unread
+            first = b""
+    assert first == (b"HTTP/1.1 404" if length < 65536 else b"")
+
+
 def test_unknown_proxy_paths_are_json_404(fleet: Fleet) -> None:
     answer = exchange(fleet.proxy.port, "GET", b"/nope%00?token=secret")
     assert (answer.status, json.loads(answer.body)["error"]) == (404, "not_found")
