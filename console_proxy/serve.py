@@ -39,6 +39,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--public-url", metavar="URL", help="the URL browsers use to reach this proxy")
     serve.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
                        help="another page origin allowed to open consoles (repeatable)")
+    serve.add_argument("--no-pin-host", action="store_true",
+                       help="with --public-url, accept websockets addressed to any Host (default: only the "
+                            "public URL's and the allowed origins' hosts, against DNS rebinding)")
     serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
                        help="a load balancer whose X-Forwarded-* headers are believed (repeatable)")
     serve.add_argument("--tls-cert", metavar="F")
@@ -84,7 +87,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     if not 0 <= args.skew <= MAX_SKEW:
         raise CommandError(f"--skew must be from 0 to {MAX_SKEW} seconds")
     try:
-        policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin)
+        policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin, pin_host=not args.no_pin_host)
         trusted = origin.parse_networks(args.trusted_proxy)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
