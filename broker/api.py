@@ -349,7 +349,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 
 def make_app(broker: Broker, throttle: AuthThrottle | None = None) -> tornado.web.Application:
     """The API; ``throttle`` limits failed authentication (the defaults of broker.ratelimit if None)."""
-    options = {"broker": broker, "metrics": BrokerMetrics(broker), "throttle": throttle or AuthThrottle()}
+    throttle = throttle if throttle is not None else AuthThrottle()
+    options = {"broker": broker, "metrics": BrokerMetrics(broker), "throttle": throttle}
     routes: list[Any] = [(PREFIX + path, handler, options) for path, handler in (
         ("/targets", TargetsHandler), ("/targets/([^/]+)", TargetHandler), ("/consoles", ConsolesHandler),
         ("/sessions", SessionsHandler), ("/sessions/([^/]+)", SessionHandler), ("/audit", AuditHandler),

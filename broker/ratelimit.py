@@ -79,7 +79,8 @@ class AuthThrottle:
         self.burst, self.refill, self.max_entries = burst, refill, max_entries
         self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
 
-    def __len__(self) -> int:
+    def entries(self) -> int:
+        """Buckets held (at most ``max_entries``)."""
         return len(self._buckets)
 
     def check(self, kind: str, address: str, now: float) -> Verdict:
