@@ -30,8 +30,9 @@ from broker.ratelimit import AuthThrottle
 from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiError, Broker
 from broker.store import StoreError, StoreUnavailable
-from console_proxy import strictjson
+from console_proxy import origin, strictjson
 from console_proxy.metrics import Counter, Gauge, Registry
+from console_proxy.origin import Network
 
 log = logging.getLogger("consolegate.broker.api")
 
@@ -99,8 +100,9 @@ def body_too_large() -> ApiError:
 class ApiHandler(tornado.web.RequestHandler):
     """Authentication, body limits and parsing, JSON answers and errors."""
 
-    def initialize(self, broker: Broker, metrics: BrokerMetrics, throttle: AuthThrottle) -> None:
-        self.broker, self.metrics, self.throttle = broker, metrics, throttle
+    def initialize(self, broker: Broker, metrics: BrokerMetrics, throttle: AuthThrottle,
+                   trusted: tuple[Network, ...]) -> None:
+        self.broker, self.metrics, self.throttle, self.trusted = broker, metrics, throttle, trusted
         self._body = bytearray()
 
     def set_default_headers(self) -> None:
@@ -141,7 +143,7 @@ class ApiHandler(tornado.web.RequestHandler):
         A throttled address is refused before its credential is looked at (broker.ratelimit);
         a presented credential that fails counts against its address."""
         proxy = roles == ("proxy",)
-        kind, address, now = "proxy" if proxy else "apikey", self.request.remote_ip or "", time.monotonic()
+        kind, address, now = "proxy" if proxy else "apikey", self.client_address(), time.monotonic()
         self.check_throttle(kind, address, now)
         authorization = self.request.headers.get("Authorization")
         principal = self.broker.authenticate(authorization, proxy=proxy)
@@ -154,6 +156,12 @@ class ApiHandler(tornado.web.RequestHandler):
         if principal.role not in roles and not (principal.role == "admin" and not proxy):
             raise ApiError(403, "forbidden", f"this endpoint needs the role {' or '.join(roles)}")
         return principal
+
+    def client_address(self) -> str:
+        """The peer, or the client a trusted reverse proxy names in X-Forwarded-For (``--trusted-proxy``;
+        the same right-to-left walk as the console proxy's, so a client cannot pick its address)."""
+        return origin.client_address(self.request.remote_ip or "", self.request.headers.get("X-Forwarded-For"),
+                                     self.trusted)
 
     def check_throttle(self, kind: str, address: str, now: float) -> None:
         """429 while the address is throttled; the episode's first refusal is logged and audited."""
@@ -347,10 +355,12 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
                                              request.path, request.remote_ip, 1000.0 * request.request_time())
 
 
-def make_app(broker: Broker, throttle: AuthThrottle | None = None) -> tornado.web.Application:
-    """The API; ``throttle`` limits failed authentication (the defaults of broker.ratelimit if None)."""
+def make_app(broker: Broker, throttle: AuthThrottle | None = None,
+             trusted: tuple[Network, ...] = ()) -> tornado.web.Application:
+    """The API; ``throttle`` limits failed authentication per client address (the defaults of
+    broker.ratelimit if None), believing X-Forwarded-For only from the ``trusted`` proxies."""
     throttle = throttle if throttle is not None else AuthThrottle()
-    options = {"broker": broker, "metrics": BrokerMetrics(broker), "throttle": throttle}
+    options = {"broker": broker, "metrics": BrokerMetrics(broker), "throttle": throttle, "trusted": trusted}
     routes: list[Any] = [(PREFIX + path, handler, options) for path, handler in (
         ("/targets", TargetsHandler), ("/targets/([^/]+)", TargetHandler), ("/consoles", ConsolesHandler),
         ("/sessions", SessionsHandler), ("/sessions/([^/]+)", SessionHandler), ("/audit", AuditHandler),

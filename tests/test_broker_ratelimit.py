@@ -140,11 +140,13 @@ class Answer:
 
 
 def call(broker: BrokerProcess, method: str, path: str, credential: str | None, *, source: str = "127.0.0.1",
-         body: dict | None = None) -> Answer:
+         body: dict | None = None, forwarded_for: str | None = None) -> Answer:
     """One request from ``source`` (a loopback address of this machine), on a fresh connection."""
     connection = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10, source_address=(source, 0))
     try:
         headers = {"Authorization": f"Bearer {credential}"} if credential is not None else {}
+        if forwarded_for is not None:
+            headers["X-Forwarded-For"] = forwarded_for
         data = json.dumps(body).encode() if body is not None else None
         connection.request(method, path, body=data, headers=headers)
         response = connection.getresponse()
@@ -218,3 +220,36 @@ def test_failed_proxy_credentials_have_their_own_bucket(broker: BrokerProcess) -
     assert [(e["detail"]["address"], e["detail"]["kind"]) for e in events] == [(OTHER, "proxy")]
     metrics = call(broker, "GET", "/metrics", None, source=OTHER).body.decode()
     assert f'consolegate_broker_auth_failures_total{{kind="proxy"}} {BURST}' in metrics
+
+
+@pytest.fixture
+def behind_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    """A broker behind a reverse proxy at 127.0.0.1 (``--trusted-proxy``); 127.0.0.2 is not one."""
+    state = BrokerState.create(tmp_path_factory.mktemp("broker-behind") / "state")
+    process = start_broker(state, "--auth-burst", str(BURST), "--auth-refill", "600",
+                           "--trusted-proxy", "127.0.0.1/32")
+    yield process
+    process.stop()
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_bucket(behind_proxy: BrokerProcess) -> None:
+    guesser, admin = "198.51.100.7", "198.51.100.8"
+    for _ in range(BURST):
+        assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, forwarded_for=guesser).status == 401
+    assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, forwarded_for=guesser).status == 429
+    # a client-prepended hop changes nothing: the right-most one the trusted proxy added counts
+    assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY,
+                forwarded_for=f"203.0.113.1, {guesser}").status == 429
+    assert call(behind_proxy, "GET", "/api/v1/targets", behind_proxy.state.admin_key,
+                forwarded_for=admin).status == 200
+    events = json.loads(call(behind_proxy, "GET", "/api/v1/audit?type=auth_throttled", behind_proxy.state.admin_key,
+                             forwarded_for=admin).body)["events"]
+    assert [e["detail"]["address"] for e in events] == [guesser]
+
+
+def test_an_untrusted_peer_cannot_escape_its_bucket_with_x_forwarded_for(behind_proxy: BrokerProcess) -> None:
+    for n in range(BURST):
+        assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, source=OTHER,
+                    forwarded_for=f"198.51.100.{n}").status == 401
+    assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, source=OTHER,
+                forwarded_for="198.51.100.99").status == 429
