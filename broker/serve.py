@@ -120,7 +120,8 @@ async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None
     # (see api.ApiHandler.prepare); this limit only guards requests refused before that point.
     # Bodies are read before the caller is authenticated: a client trickling one, or idling on a
     # kept-alive connection, must not hold a connection and its buffers for ever.
-    http = tornado.httpserver.HTTPServer(api.make_app(broker, throttle, trusted), max_body_size=api.MAX_BODY, xheaders=False,
+    app = api.make_app(broker, throttle, trusted)
+    http = tornado.httpserver.HTTPServer(app, max_body_size=api.MAX_BODY, xheaders=False,
                                          ssl_options=tls, body_timeout=BODY_TIMEOUT,
                                          idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
     try:

@@ -35,13 +35,16 @@ class Answer:
         return json.loads(self.body)["error"]
 
 
-def upgrade(port: int, host: str, tok: str, *, path: str, origin: str | None = None) -> Answer:
+def upgrade(port: int, host: str, tok: str, *, path: str, origin: str | None = None,
+            forwarded_host: str | None = None) -> Answer:
     """One upgrade request with this Host (and Origin), the answer's head and JSON body if any."""
     eol = "\r\n" if path == "front door" else "\n"
     fields = [f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {new_key()}",
               "Sec-WebSocket-Version: 13", f"Sec-WebSocket-Protocol: binary, token.{tok}"]
     if origin is not None:
         fields.append(f"Origin: {origin}")
+    if forwarded_host is not None:
+        fields.append(f"X-Forwarded-Host: {forwarded_host}")
     head = eol.join(["GET /websockify HTTP/1.1", *fields, "", ""]).encode("latin-1")
     with closing(open_socket(port, timeout=IO_TIMEOUT)) as sock:
         sock.sendall(head)
@@ -120,3 +123,16 @@ def test_default_port_and_case_are_normalised(behind_tls: ProxyProcess, mint: Mi
     assert answer.status == status
     if status == 403:
         assert answer.error() == "origin_denied"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_behind_a_trusted_balancer_the_forwarded_host_is_pinned(proxy_factory: Callable[..., ProxyProcess],
+                                                                mint: Mint, path: str) -> None:
+    """The balancer (trusted) passes the browser's Host as X-Forwarded-Host; its own Host is the
+    proxy's address. The forwarded one is what must match."""
+    balanced = proxy_factory("--public-url", "https://consoles.example.com", "--trusted-proxy", "127.0.0.1/32")
+    upstream = f"127.0.0.1:{balanced.port}"
+    assert upgrade(balanced.port, upstream, _token(mint), path=path,
+                   forwarded_host="consoles.example.com").status == 101
+    refused = upgrade(balanced.port, upstream, _token(mint), path=path, forwarded_host="evil.example")
+    assert (refused.status, refused.error()) == (403, "origin_denied")
