@@ -20,6 +20,7 @@ import pytest
 from brokerproc import BrokerProcess, BrokerState, start_broker
 from proxyproc import REPO
 
+from broker import openapi
 from broker.ratelimit import AuthThrottle, client_key
 
 T0 = 1000.0
@@ -253,3 +254,15 @@ def test_an_untrusted_peer_cannot_escape_its_bucket_with_x_forwarded_for(behind_
                     forwarded_for=f"198.51.100.{n}").status == 401
     assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, source=OTHER,
                 forwarded_for="198.51.100.99").status == 429
+
+
+def test_every_authenticated_operation_documents_429_with_retry_after() -> None:
+    for path, item in openapi.document()["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            throttled = operation["responses"].get("429")
+            if operation["security"]:
+                assert throttled is not None and "Retry-After" in throttled["headers"], (method, path)
+            else:
+                assert throttled is None, (method, path)
