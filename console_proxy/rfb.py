@@ -442,6 +442,9 @@ class UpstreamHandshake:
             return SEC_VENCRYPT
         if plain is not None:
             return plain
+        if self._policy.tls_required and offered & {SEC_NONE, SEC_VNC}:
+            raise RfbError.auth_failed(f"the console server offers no TLS (server offers {sorted(offered)}); "
+                                       f"this console's token requires TLS (tls.ca or tls.require)")
         raise RfbError.auth_failed(
             f"no acceptable security type offered (server offers {sorted(offered)}, "
             f"tls required: {self._policy.tls_required}, "
