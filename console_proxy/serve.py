@@ -57,7 +57,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "demand for TLS: plain targets still work; a token's tls.require demands TLS)")
     serve.add_argument("--allow-anonymous-tls", action="store_true",
                        help="accept VeNCrypt TLSNone/TLSVnc (no certificate, interceptable) for targets whose "
-                            "token pins nothing; a token with tls.ca or tls.require never gets anonymous TLS")
+                            "token pins nothing; never for a token with tls.ca or tls.require")
     serve.add_argument("--skew", type=int, default=DEFAULT_SKEW, help="clock-skew allowance, seconds")
     serve.add_argument("--frame-ancestors", default="'none'", help="CSP frame-ancestors for the viewer page")
     serve.add_argument("--static-dir", metavar="DIR", default=str(REPO_STATIC))
