@@ -179,5 +179,5 @@ def is_client_certificate_refusal(error: BaseException | None, *, requested: boo
         return True
     if not (requested and quiet):
         return False
-    return reason in _CERTIFICATE_ALERTS or not isinstance(error, ssl.SSLError) or \
-        isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+    hung_up = not isinstance(error, ssl.SSLError) or isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+    return hung_up or reason in _CERTIFICATE_ALERTS
