@@ -55,8 +55,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds open sessions get after SIGTERM")
     serve.add_argument("--no-force-shared", action="store_true",
                        help="pass the browser's ClientInit shared flag instead of forcing it on")
-    serve.add_argument("--upstream-ca", metavar="PEM", help="CA for VeNCrypt X.509 targets whose token has none")
-    serve.add_argument("--allow-anonymous-tls", action="store_true", help="accept VeNCrypt TLSNone/TLSVnc targets")
+    serve.add_argument("--upstream-ca", metavar="PEM",
+                       help="CA bundle that verifies VeNCrypt X.509 targets whose token names no CA (not a "
+                            "demand for TLS: plain targets still work; a token's tls.require demands TLS)")
+    serve.add_argument("--allow-anonymous-tls", action="store_true",
+                       help="accept VeNCrypt TLSNone/TLSVnc (no certificate, interceptable) for targets whose "
+                            "token pins nothing; never for a token with tls.ca or tls.require")
     serve.add_argument("--skew", type=int, default=DEFAULT_SKEW, help="clock-skew allowance, seconds")
     serve.add_argument("--frame-ancestors", default="'none'", help="CSP frame-ancestors for the viewer page")
     serve.add_argument("--static-dir", metavar="DIR", default=str(REPO_STATIC))
