@@ -38,6 +38,7 @@ from proxyproc import ProxyProcess
 from tornado.httpclient import AsyncHTTPClient
 
 from broker import api, openapi, schemas
+from broker.ratelimit import AuthThrottle
 from console_proxy import strictjson
 from console_proxy.handlerlog import PathOnlyLogging
 from console_proxy.httperrors import JsonErrors
@@ -71,7 +72,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("no-5xx")
     state = BrokerState.create(tmp / "state")
     fuzz = json.loads(state.add_proxy("fuzz", "http://127.0.0.1:1").read_text())
-    broker = start_broker(state)
+    broker = start_broker(state, "--auth-burst", "1000000")  # fuzzed credentials must not throttle the real ones
     proxy = start_linked_proxy(tmp, broker, "real")
     try:
         healthy_proxies(broker, 1)
@@ -519,6 +520,11 @@ class _NoBroker:
         return {"proxies": []}
 
 
+def _broker_options() -> dict[str, Any]:
+    return {"broker": _NoBroker(), "metrics": api.BrokerMetrics(_NoBroker()),  # type: ignore[arg-type]
+            "throttle": AuthThrottle(), "trusted": ()}
+
+
 @pytest.mark.parametrize("error", [UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
                                    ValueError("embedded null byte"), OverflowError("int too large"),
                                    RecursionError("deep")], ids=lambda e: type(e).__name__)
@@ -528,7 +534,7 @@ def test_an_input_error_that_escapes_is_a_logged_400(surface: str, error: BaseEx
     if surface == "proxy":
         status, body = asyncio.run(_answers(_ProxyHandler, error, {}))
     else:
-        options = {"broker": _NoBroker(), "metrics": api.BrokerMetrics(_NoBroker())}  # type: ignore[arg-type]
+        options = _broker_options()
         status, body = asyncio.run(_answers(_BrokerHandler, error, options))
     assert status == 400 and body["error"] == "bad_request" and "cannot handle" in body["message"]
     assert any(record.exc_info and record.exc_info[1] is error for record in caplog.records)  # still seen
@@ -542,6 +548,6 @@ def test_any_other_exception_is_still_a_500(surface: str) -> None:
     if surface == "proxy":
         status, body = asyncio.run(_answers(_ProxyHandler, error, {}))
     else:
-        options = {"broker": _NoBroker(), "metrics": api.BrokerMetrics(_NoBroker())}  # type: ignore[arg-type]
+        options = _broker_options()
         status, body = asyncio.run(_answers(_BrokerHandler, error, options))
     assert status == 500 and body["error"] == "internal_error"
