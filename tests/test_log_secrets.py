@@ -18,7 +18,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from brokerproc import BrokerProcess, BrokerState, healthy_proxies, start_broker, start_linked_proxy
@@ -177,10 +176,13 @@ class Fleet:
     broker: BrokerProcess
     plain: ProxyProcess
     tls: ProxyProcess
-    secrets: list[str]
+    token: str
+    proxy_credential: str  # what a proxy sends after "Bearer "
+    secrets: list[str]  # everything that must never be in a log
 
     @property
     def services(self) -> list[tuple[ProxyProcess, bool]]:
+        """Each service and whether it speaks TLS."""
         return [(self.broker, False), (self.plain, False), (self.tls, True)]
 
 
@@ -198,14 +200,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki) -> Iterat
         password = "vnc-" + secrets.token_urlsafe(12)
         target = broker.admin.add_target(name="vm-logs", host="127.0.0.1", port=5900, password=password)
         token = broker.issuer.mint(target["id"], user="ann")["token"]
-        credentials = [Path(p).read_text() for p in state.proxies.values()]
         found = [state.admin_key, state.issuer_key, token, password]
         found += [key.rsplit(".", 1)[1] for key in (state.admin_key, state.issuer_key)]
         found += [part for part in token.split(".") if len(part) >= 16]
-        for text in credentials:
-            data = json.loads(text)
-            found += [data["secret"], f"{data['proxy_id']}.{data['secret']}"]
-        yield Fleet(broker, started[1], started[2], found)
+        credentials = [json.loads(path.read_text()) for path in state.proxies.values()]
+        bearers = [f"{c['proxy_id']}.{c['secret']}" for c in credentials]
+        found += [c["secret"] for c in credentials] + bearers
+        yield Fleet(broker, started[1], started[2], token, bearers[0], found)
     finally:
         for process in started:
             process.stop()
@@ -274,38 +275,34 @@ async def _send(port: int, tls: ssl.SSLContext | None, data: bytes) -> None:
         writer.close()
 
 
-async def _drive(fleet: Fleet, heads: list[bytes]) -> None:
-    client = ssl.create_default_context()
-    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-    limit = asyncio.Semaphore(64)
+def _client_tls() -> ssl.SSLContext:
+    """A client that sends its bytes over TLS to anyone: what it sends is the test."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
+async def _drive(services: list[tuple[ProxyProcess, bool]], heads: list[bytes]) -> None:
+    client, limit = _client_tls(), asyncio.Semaphore(64)
 
     async def one(port: int, tls: ssl.SSLContext | None, data: bytes) -> None:
         async with limit:
             await _send(port, tls, data)
     await asyncio.gather(*(one(service.port, client if tls else None, head)
-                           for service, tls in fleet.services for head in heads))
+                           for service, tls in services for head in heads))
 
 
 def test_no_hostile_head_puts_a_secret_in_any_log(fleet: Fleet) -> None:
-    key, token = fleet.broker.state.issuer_key, fleet.secrets[2]
-    credential = next(s for s in fleet.secrets if s.startswith("plain."))
-    asyncio.run(_drive(fleet, hostile_heads(key, token, credential)))
-    for service, tls in fleet.services:  # a marker after the last hostile head: every line is in
-        asyncio.run(_drive_one(service.port, tls, b"GET /healthz?end-of-hostile HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                                  b"Connection: close\r\n\r\n"))
-        service.wait_for_log("GET /healthz")
+    asyncio.run(_drive(fleet.services, hostile_heads(fleet.broker.state.issuer_key, fleet.token,
+                                                     fleet.proxy_credential)))
+    # a last request after every hostile one was answered: each service still serves, and its log is complete
+    last = b"GET /healthz?after-the-hostile-heads HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    asyncio.run(_drive(fleet.services, [last]))
     for service, _ in fleet.services:
+        service.wait_for_log("200 GET /healthz (127.0.0.1)")
         assert service.process.poll() is None, "a service died"
         log = service.log_text()
         assert "DEBUG" in log and "Malformed HTTP message from 127.0.0.1: Invalid header value" in log
         for secret in fleet.secrets:
             assert secret not in log, f"a secret reached the log of the service on port {service.port}"
         assert all(line.isascii() and line.rstrip("\n").isprintable() for line in log.splitlines(keepends=True))
-
-
-async def _drive_one(port: int, tls: bool, data: bytes) -> None:
-    client = None
-    if tls:
-        client = ssl.create_default_context()
-        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-    await _send(port, client, data)
