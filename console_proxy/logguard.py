@@ -78,15 +78,20 @@ _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic|digest|negotiate)(?:\s|\\t|\\x09
 _API_KEY = re.compile(r"\bcgk\.\S+")
 _ASSIGNED = re.compile(r"(?i)\b(token|access_token|api_?key|key|secret|password|passwd|pw|credential|auth|"
                        r"authorization|sig|signature)=[^\s&'\"<>]*")
+_KEYED = re.compile(r"""(?i)(["'])(token|access_token|api_?key|key|secret|password|passwd|pw|credential|"""
+                    r"""authorization|cookie)\1(\s*:\s*)(["'])(?:\\.|(?!\4)[^\\])*\4?""")
 _QUERY = re.compile(r"(?<=[\w/%.~\-])\?[^\s'\"<>]*")
 _FRAGMENT = re.compile(r"#token[=.][^\s'\"<>]*")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _RUN = re.compile(r"[A-Za-z0-9_\-\\]+(?:\.[A-Za-z0-9_\-\\]*)*")
 
 
 def _token_shaped(segment: str) -> bool:
     """A secret-looking run: random base64url (or hex) is long and mixes character classes;
-    identifiers, paths and words are shorter or single-class (``snake_case``, ``hostname-7``)."""
-    if len(segment) < 20:
+    identifiers, paths and words are shorter or single-class (``snake_case``, ``hostname-7``).
+    Our secrets are 43 base64url characters (API keys, proxy credentials), 64 hex digits, or a
+    token whose long segments are base64url: all caught. A canonical UUID (a VM's id) is kept."""
+    if len(segment) < 20 or _UUID.fullmatch(segment):
         return False
     classes = (any(c.islower() for c in segment) + any(c.isupper() for c in segment)
                + any(c.isdigit() for c in segment))
@@ -125,6 +130,8 @@ def sanitise(text: str, *, multiline: bool = False, limit: int = MAX_MESSAGE) ->
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _API_KEY.sub(f"cgk.{REDACTED}", text)
     text = _ASSIGNED.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+    text = _KEYED.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}{m.group(4)}{REDACTED}{m.group(4)}",
+                      text)
     text = _FRAGMENT.sub(f"#{REDACTED}", text)
     text = _QUERY.sub(f"?{REDACTED}", text)
     text = _RUN.sub(_redact_run, text)
@@ -256,7 +263,7 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
     log.error("uncaught exception in thread %s", args.thread.name if args.thread else "?",
-              exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback))
+              exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _unraisablehook(unraisable: Any) -> None:

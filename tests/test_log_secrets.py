@@ -72,9 +72,27 @@ def test_secrets_are_redacted(text: str) -> None:
     assert sanitise(safe) == safe  # idempotent: a second pass changes nothing
 
 
+def test_every_random_secret_of_our_shapes_is_caught_alone() -> None:
+    """No ``Bearer``, ``cgk.`` or ``key=`` to go by: the run's shape alone gives it away, for
+    every one of many random API-key and proxy secrets (32 random bytes, base64url), hex keys
+    and tokens (whose 16-byte tag alone would not look random enough)."""
+    for _ in range(2000):
+        tag = secrets.token_urlsafe(16)
+        token = f"{secrets.token_urlsafe(40)}..{secrets.token_urlsafe(12)}.{secrets.token_urlsafe(200)}.{tag}"
+        assert tag not in sanitise(f"x {token} y")
+        for secret in (secrets.token_urlsafe(32), secrets.token_bytes(32).hex()):
+            for text in (f"x {secret} y", f"'{secret}\\x00'", f"proxy-7.{secret}", f"[{secret}]"):
+                assert secret not in sanitise(text)
+
+
+def test_secret_members_of_a_dict_or_json_text_are_redacted() -> None:
+    text = """{'password': 'hunter\\'2', "pw": "swordfish", 'host': 'hv-3', "token" : "t0k"}"""
+    assert sanitise(text) == f"""{{'password': '{REDACTED}', "pw": "{REDACTED}", 'host': 'hv-3', "token" : "{REDACTED}"}}"""
+
+
 @pytest.mark.parametrize("text", [
     "console-proxy listening on 127.0.0.1:8443 (https)",
-    '{"client":"127.0.0.1","event":"closed","session_id":"AbC-d3_fGh1jK2lM","vm":"vm-0f8c1d2e-3a4b"}',
+    '{"client":"127.0.0.1","event":"closed","session_id":"AbC-d3_fGh1jK2lM","vm":"1b4e28ba-2fa1-11d2-883f-0016d3cca427"}',
     "404 GET /console (127.0.0.1) 0.4ms", "keyring version 3 -> 4",
     'File "/srv/venv/lib/python3.11/site-packages/tornado/http1connection.py", line 344, in _read_message',
     "proxy p1 reports public URL 'https://thief.example' but is registered as https://p1.example:8443",
@@ -158,6 +176,9 @@ def test_setup_guards_every_logger_and_uncaught_exceptions() -> None:
         "logging.getLogger('tornado.access').info('200 GET /x?key=%s', key)\n"
         "logging.getLogger('asyncio').debug('Authorization: Bearer ' + key)\n"
         "warnings.warn('Bearer ' + key)\n"
+        "import threading\n"
+        "def fail(): raise ValueError('Bearer ' + key)\n"
+        "thread = threading.Thread(target=fail, name='worker'); thread.start(); thread.join()\n"
         "raise RuntimeError('Bearer ' + key)\n")
     result = subprocess.run([sys.executable, "-c", script, API_KEY], capture_output=True, text=True, cwd=REPO,
                             timeout=30, check=False)
@@ -166,7 +187,7 @@ def test_setup_guards_every_logger_and_uncaught_exceptions() -> None:
     assert f"tornado.access 200 GET /x?{REDACTED}" in result.stderr
     assert "CRITICAL consolegate.logguard uncaught exception" in result.stderr
     assert f"RuntimeError: Bearer {REDACTED}" in result.stderr
-    assert "py.warnings" in result.stderr
+    assert "py.warnings" in result.stderr and "uncaught exception in thread worker" in result.stderr
 
 
 # --- end to end: real services, hostile heads -------------------------------------------------
