@@ -76,7 +76,7 @@ def test_every_random_secret_of_our_shapes_is_caught_alone() -> None:
     """No ``Bearer``, ``cgk.`` or ``key=`` to go by: the run's shape alone gives it away, for
     every one of many random API-key and proxy secrets (32 random bytes, base64url), hex keys
     and tokens (whose 16-byte tag alone would not look random enough)."""
-    for _ in range(2000):
+    for _ in range(500):
         tag = secrets.token_urlsafe(16)
         token = f"{secrets.token_urlsafe(40)}..{secrets.token_urlsafe(12)}.{secrets.token_urlsafe(200)}.{tag}"
         assert tag not in sanitise(f"x {token} y")
