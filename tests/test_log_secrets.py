@@ -235,14 +235,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki) -> Iterat
 
 def hostile_heads(key: str, token: str, proxy_credential: str) -> list[bytes]:
     """Every malformed head and request shape we could think of, each carrying a secret."""
-    values = {"Authorization": f"Bearer {key}", "Sec-WebSocket-Protocol": f"binary, token.{token}",
-              "Cookie": f"session={key}", "Host": token, "Origin": f"http://{key}", "X-Forwarded-For": key,
-              "X-Real-IP": proxy_credential}
+    values = [("Authorization", f"Bearer {key}"), ("Authorization", f"Bearer {proxy_credential}"),
+              ("Sec-WebSocket-Protocol", f"binary, token.{token}"), ("Cookie", f"session={key}"), ("Host", token),
+              ("Origin", f"http://{key}"), ("X-Forwarded-For", key), ("X-Real-IP", proxy_credential)]
     ws = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " \
          "dGhlIHNhbXBsZSBub25jZQ==\r\n"
     heads: list[str] = []
     for path in ("/websockify", "/api/v1/consoles"):
-        for name, value in values.items():
+        for name, value in values:
             host = "" if name == "Host" else "Host: 127.0.0.1\r\n"
             for control in CONTROLS:
                 for bad in (f"{value}{control}", f"{control}{value}", f"{value[:9]}{control}{value[9:]}"):
@@ -279,17 +279,26 @@ def hostile_heads(key: str, token: str, proxy_credential: str) -> list[bytes]:
     raw.append(b"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe"
                + key.encode() + b"\xc3\r\n\r\n")
     raw.append(b"GET /websockify?token=" + token.encode() + b"\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    raw.append(f"GET /websockify HTTP/1.1\nHost: 127.0.0.1\nAuthorization: Bearer {key}\x00\n\n".encode())  # bare LF
     return raw
 
 
-async def _send(port: int, tls: ssl.SSLContext | None, data: bytes) -> None:
+def pipelined_heads(key: str, token: str) -> list[bytes]:
+    """A good request, then a malformed one on the same connection: the service answers the first,
+    logs the second and closes."""
+    good = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    return [f"{good}GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\x7f\r\n\r\n".encode(),
+            f"{good}GET /websockify?token={token} HTTP/1.1\r\nHost: {token}\x00\r\n\r\n".encode()]
+
+
+async def _send(port: int, tls: ssl.SSLContext | None, data: bytes, until_close: bool = False) -> None:
     """Send one head and wait for the answer's first bytes (or the close): the service logs what
     it refuses before it answers, so its line is written once this returns."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     try:
         writer.write(data)
         await writer.drain()
-        await asyncio.wait_for(reader.read(1), 10.0)
+        await asyncio.wait_for(reader.read() if until_close else reader.read(1), 10.0)
     except (TimeoutError, OSError, ssl.SSLError):
         pass  # a reset or a service that keeps listening: either way the head was delivered
     finally:
@@ -303,12 +312,12 @@ def _client_tls() -> ssl.SSLContext:
     return context
 
 
-async def _drive(services: list[tuple[ProxyProcess, bool]], heads: list[bytes]) -> None:
+async def _drive(services: list[tuple[ProxyProcess, bool]], heads: list[bytes], until_close: bool = False) -> None:
     client, limit = _client_tls(), asyncio.Semaphore(64)
 
     async def one(port: int, tls: ssl.SSLContext | None, data: bytes) -> None:
         async with limit:
-            await _send(port, tls, data)
+            await _send(port, tls, data, until_close)
     await asyncio.gather(*(one(service.port, client if tls else None, head)
                            for service, tls in services for head in heads))
 
@@ -316,6 +325,7 @@ async def _drive(services: list[tuple[ProxyProcess, bool]], heads: list[bytes]) 
 def test_no_hostile_head_puts_a_secret_in_any_log(fleet: Fleet) -> None:
     asyncio.run(_drive(fleet.services, hostile_heads(fleet.broker.state.issuer_key, fleet.token,
                                                      fleet.proxy_credential)))
+    asyncio.run(_drive(fleet.services, pipelined_heads(fleet.broker.state.issuer_key, fleet.token), until_close=True))
     # a last request after every hostile one was answered: each service still serves, and its log is complete
     last = b"GET /healthz?after-the-hostile-heads HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     asyncio.run(_drive(fleet.services, [last]))
