@@ -15,9 +15,9 @@ from tornado.ioloop import PeriodicCallback
 from broker import api
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
-from console_proxy import logguard
 from console_proxy.brokerlink import is_loopback_host
 from console_proxy.command import CommandError
+from console_proxy.logguard import setup as guard_logging
 from console_proxy.serve import parse_listen, tls_context
 
 log = logging.getLogger("consolegate.broker")
@@ -46,7 +46,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logguard.setup(args.log_level)  # first: no line, Tornado's included, may carry a secret
+    guard_logging(args.log_level)  # first: no line, Tornado's included, may carry a secret
     if not 0 < args.default_ttl <= args.max_ttl:
         raise CommandError("--default-ttl must be positive and at most --max-ttl")
     if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0:
