@@ -18,6 +18,7 @@ from broker.store import StoreError
 from console_proxy import origin
 from console_proxy.brokerlink import is_loopback_host
 from console_proxy.command import CommandError
+from console_proxy.logguard import setup as guard_logging
 from console_proxy.serve import parse_listen, tls_context
 
 log = logging.getLogger("consolegate.broker")
@@ -55,7 +56,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    guard_logging(args.log_level)  # first: no line, Tornado's included, may carry a secret
     if not 0 < args.default_ttl <= args.max_ttl:
         raise CommandError("--default-ttl must be positive and at most --max-ttl")
     if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tornado.httpserver
 
-from console_proxy import keyring, origin, server
+from console_proxy import keyring, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
 from console_proxy.command import CommandError
 from console_proxy.config import REPO_STATIC, ProxyConfig
@@ -118,7 +118,7 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logguard.setup(args.log_level)  # first: no line, Tornado's included, may carry a secret
     config = build_config(args)
     link = _broker_link(args)
     ring = keyring.load(args.keyring) if args.keyring else None
