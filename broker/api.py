@@ -88,7 +88,7 @@ class Throttled(ApiError):
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(429, "too_many_attempts", "too many failed authentication attempts from this address; "
-                                                   f"retry in {retry_after} seconds")
+                                                   f"retry in {retry_after} second{'' if retry_after == 1 else 's'}")
         self.retry_after = retry_after
 
 
