@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import sys
 from typing import Any
 
@@ -172,7 +171,7 @@ class ApiHandler(tornado.web.RequestHandler):
                 self.set_header("Connection", "close")
             elif error.status == 401:  # here, not where it is raised: send_error clears earlier headers
                 self.set_header("WWW-Authenticate", 'Bearer realm="consolegate"')
-        elif isinstance(error, (StoreUnavailable, sqlite3.OperationalError)):
+        elif isinstance(error, StoreUnavailable):
             self.set_status(503)
             body = {"error": "storage_unavailable",
                     "message": "the broker cannot use its database right now (disk full?); nothing was changed"}

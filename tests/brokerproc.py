@@ -22,6 +22,7 @@ from proxyproc import REPO, START_TIMEOUT, ProxyProcess, free_port, start_proxy
 
 from broker.client import BrokerClient
 from broker.service import Broker, init_state_dir
+from console_proxy import keyring
 
 HEARTBEAT = 0.5
 """Heartbeat interval for tests: revocation must land within one of these."""
@@ -57,6 +58,19 @@ class BrokerState:
         path.chmod(0o600)
         self.proxies[name] = path
         return path
+
+
+def legacy_state_dir(root: Path) -> Path:
+    """A state dir as releases before the keyring moved into the database left it: master.key,
+    keyring.json, and no broker.db (the caller writes the old schema). Returns the keyring path."""
+    init_state_dir(root)
+    broker = Broker(root)
+    try:
+        keyring.save(broker.keyring(), root / "keyring.json")
+    finally:
+        broker.close()
+    (root / "broker.db").unlink()
+    return root / "keyring.json"
 
 
 class BrokerProcess(ProxyProcess):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokerproc import BrokerProcess, BrokerState, start_broker
+from brokerproc import BrokerProcess, BrokerState, legacy_state_dir, start_broker
 from freezegun import freeze_time
 from test_broker_api import _error, _heartbeat
 from test_broker_units import registered_proxy
@@ -223,15 +223,15 @@ def test_pages_break_ties_on_the_session_id(open_broker: Callable[..., tuple[Bro
 def test_a_version_2_database_gains_the_session_indexes(tmp_path: Path) -> None:
     """A database made before migration 3 keeps its sessions and pages them through the indexes."""
     root = tmp_path / "old"
-    init_state_dir(root)
-    (root / "broker.db").unlink()
+    legacy_state_dir(root)
     with sqlite3.connect(root / "broker.db") as conn:
-        conn.executescript(MIGRATIONS[0] + MIGRATIONS[1] + "PRAGMA user_version = 2;")
+        conn.executescript(MIGRATIONS[0].sqlite + MIGRATIONS[1].sqlite + "PRAGMA user_version = 2;")
         conn.executemany("INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
                          "VALUES (?, 'k1', 'closed', 1, 100, ?)", [(f"old{i}", float(i)) for i in range(3)])
     broker = Broker(root)
     try:
-        assert SCHEMA_VERSION == 3 and broker.store.version == 3
+        assert broker.store.version == SCHEMA_VERSION
+        assert not (root / "keyring.json").exists() and (root / "keyring.json.imported").exists()
         indexes = {r["name"] for r in broker.store.all("PRAGMA index_list(sessions)")}
         assert {"sessions_minted", "sessions_issuer_minted", "sessions_state_minted"} <= indexes
         plan = " ".join(r["detail"] for r in broker.store.all(

@@ -252,17 +252,18 @@ def test_a_long_lived_token_revoked_at_once_stays_announced_until_it_expires_eve
 
 def test_a_rotation_the_database_cannot_record_leaves_the_keys_as_they_were(tmp_path: Path) -> None:
     """The audit row and the new keys go together: with the database locked by another writer
-    the rotation is refused (503) and the keyring file is untouched."""
+    the rotation is refused (503) and the sealed keyring is untouched."""
     init_state_dir(tmp_path / "s")
     broker = Broker(tmp_path / "s")
-    before = broker.keyring_path.read_bytes()
+    before = tuple(broker.store.one("SELECT * FROM keyring"))
     other = sqlite3.connect(tmp_path / "s" / "broker.db", isolation_level=None)
     try:
         broker.store.conn.execute("PRAGMA busy_timeout = 50")
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreUnavailable):
             broker.rotate_keys("test")
-        assert broker.keyring_path.read_bytes() == before
+        assert tuple(broker.store.one("SELECT * FROM keyring")) == before
+        assert broker.keyring().version == 1
     finally:
         other.close()
         broker.close()
