@@ -12,7 +12,7 @@ again later".
 - PostgreSQL (psycopg 3 with psycopg_pool): a pool of connections in autocommit, an explicit
   transaction per ``Store.transaction``, READ COMMITTED; transactions that read and then write
   a row lock it (``FOR SHARE`` / ``FOR UPDATE``), migrations run under
-  ``pg_advisory_xact_lock``. psycopg is imported only when a ``postgresql://`` URL is used, so
+  ``pg_advisory_lock``. psycopg is imported only when a ``postgresql://`` URL is used, so
   the embedded SQLite broker needs no driver.
 """
 
@@ -37,6 +37,9 @@ POOL_MAX = 8
 command; a few more let threads (tests, the cleanup) run beside it."""
 CONNECT_TIMEOUT = 5
 """Seconds to establish a connection (libpq's ``connect_timeout``)."""
+LOCK_TIMEOUT_MS = 10000
+"""Longest wait for a row or table lock, as SQLite's busy_timeout: then the request fails as
+storage_unavailable instead of hanging."""
 POOL_TIMEOUT = 2.0
 """Seconds a request waits for a pool connection before it fails as storage_unavailable."""
 
@@ -154,8 +157,9 @@ class SqliteEngine:
                     self.conn.execute("ROLLBACK")
             raise
 
-    def lock_migrations(self, conn: Any) -> None:
-        """Nothing to do: the transaction's BEGIN IMMEDIATE is the lock."""
+    def migration(self) -> Any:
+        """A migration's transaction: BEGIN IMMEDIATE is the lock."""
+        return self.transaction()
 
     def version(self, conn: Any) -> int:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -203,9 +207,11 @@ class PostgresEngine:
             psycopg.connect(url.conninfo or "", connect_timeout=CONNECT_TIMEOUT).close()
         except psycopg.Error as exc:
             raise EngineOpenError(f"cannot connect to {url.redacted}: {_first_line(exc)}") from None
+        self.lock_timeout_ms = LOCK_TIMEOUT_MS
         self.pool = psycopg_pool.ConnectionPool(
             url.conninfo or "", min_size=1, max_size=POOL_MAX, timeout=POOL_TIMEOUT, open=True,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}, name="consolegate")
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}, name="consolegate",
+            configure=lambda conn: conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}"))
 
     @property
     def description(self) -> str:
@@ -222,11 +228,22 @@ class PostgresEngine:
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
         with self.pool.connection() as conn, conn.transaction():
+            if self.lock_timeout_ms != LOCK_TIMEOUT_MS:  # changed (tests): for this transaction only
+                conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
             yield PgConnection(conn)
 
-    def lock_migrations(self, conn: PgConnection) -> None:
-        """Held until the transaction ends: two replicas starting at once apply each migration once."""
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK_KEY,))
+    @contextmanager
+    def migration(self) -> Iterator[PgConnection]:
+        """A transaction begun once ``pg_advisory_lock`` is held (two replicas starting at once
+        apply each migration once). The lock comes before BEGIN so that the transaction's
+        catalog snapshot already shows what the previous holder committed."""
+        with self.pool.connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            try:
+                with conn.transaction():
+                    yield PgConnection(conn)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
     def version(self, conn: PgConnection) -> int:
         if conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0] is not True:
@@ -300,3 +317,8 @@ class PgConnection:
         if params:
             return cursor.execute(_pg_sql(sql), tuple(params))
         return cursor.execute(sql if "?" not in sql else _pg_sql(sql))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        cursor = self.raw.cursor(row_factory=_row_factory)
+        cursor.executemany(_pg_sql(sql), [tuple(row) for row in rows])
+        return cursor

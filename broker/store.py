@@ -134,7 +134,7 @@ _POSTGRESQL_HISTORY: list[str] = [
         type TEXT NOT NULL, session_id TEXT, actor TEXT NOT NULL, detail TEXT NOT NULL);
     CREATE INDEX audit_type ON audit (type, seq);
     CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS
-        $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+        $$ BEGIN RAISE EXCEPTION 'the audit log is append-only' USING ERRCODE = 'restrict_violation'; END $$;
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit FOR EACH ROW EXECUTE FUNCTION audit_append_only();
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit FOR EACH ROW EXECUTE FUNCTION audit_append_only();
     """,
@@ -261,8 +261,7 @@ class Store:
         while (current := self.version) != SCHEMA_VERSION:
             if current > SCHEMA_VERSION:
                 raise StoreError(f"database schema {current} is newer than this broker's {SCHEMA_VERSION}")
-            with self.transaction() as conn:
-                self.engine.lock_migrations(conn)
+            with self.transaction(migration=True) as conn:
                 current = self.engine.version(conn)
                 if current < SCHEMA_VERSION:  # else another process migrated meanwhile: check again
                     script = getattr(MIGRATIONS[current], self.engine.name)
@@ -273,17 +272,18 @@ class Store:
         return current
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, *, migration: bool = False) -> Iterator[Any]:
         """One write transaction: COMMIT, or ROLLBACK on any exception.
 
         A constraint violation becomes :class:`IntegrityError`; a write the engine cannot make
         now (disk full, I/O error, lock held too long, server unreachable) becomes
         :class:`StoreUnavailable`, after the rollback: the request fails as a whole and nothing
-        half-written stays behind. ``one``/``all`` called inside read through this transaction."""
+        half-written stays behind. ``one``/``all`` called inside read through this transaction.
+        ``migration``: the transaction starts once the migration lock is held."""
         if getattr(self._local, "conn", None) is not None:
             raise RuntimeError("transactions do not nest")
         try:
-            with self.engine.transaction() as conn:
+            with (self.engine.migration() if migration else self.engine.transaction()) as conn:
                 self._local.conn = conn
                 try:
                     yield conn
