@@ -163,6 +163,17 @@ MIGRATIONS: list[Migration] = [
         id INTEGER PRIMARY KEY CHECK (id = 1), revision {bigint} NOT NULL, version {bigint} NOT NULL,
         sealed {blob} NOT NULL, changed_at {real} NOT NULL);
     """),
+    # 4 -> 5: one audit sequence, gap-free and in commit order across replicas. A PostgreSQL
+    # sequence (or identity) hands out numbers in allocation order, not commit order, and loses
+    # the numbers of rolled-back transactions: a reader of GET /audit?after=SEQ could see 11
+    # before 10 commits and never see 10. The counter row is updated as the last statement of
+    # the transaction (Store._flush_audit): its lock is held only until the COMMIT, the next
+    # writer gets the next number after that COMMIT, and it is the last lock taken, so it is
+    # in no deadlock.
+    Migration.shared("""
+    CREATE TABLE audit_counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq {bigint} NOT NULL);
+    INSERT INTO audit_counter (id, seq) SELECT 1, COALESCE(MAX(seq), 0) FROM audit;
+    """),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -284,11 +295,12 @@ class Store:
             raise RuntimeError("transactions do not nest")
         try:
             with (self.engine.migration() if migration else self.engine.transaction()) as conn:
-                self._local.conn = conn
+                self._local.conn, self._local.audit = conn, []
                 try:
                     yield conn
+                    self._flush_audit(conn, self._local.audit)
                 finally:
-                    self._local.conn = None
+                    self._local.conn, self._local.audit = None, []
         except self.engine.integrity_errors as exc:
             raise IntegrityError(_one_line(exc)) from None
         except self.engine.unavailable_errors as exc:
@@ -351,11 +363,26 @@ class Store:
         return total
 
     def append_audit(self, conn: Any, *, at: float, type_: str, actor: str,
-                     session_id: str | None = None, detail: dict[str, Any] | None = None) -> int:
-        """Add one audit event inside the caller's transaction; returns its sequence number."""
-        row = conn.execute("INSERT INTO audit (at, type, session_id, actor, detail) VALUES (?, ?, ?, ?, ?) "
-                           "RETURNING seq", (at, type_, session_id, actor, json.dumps(detail or {}, sort_keys=True)))
-        return int(row.fetchone()[0])
+                     session_id: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        """Add one audit event to the caller's transaction ``conn``: written, numbered, as its
+        last statements (see :meth:`_flush_audit`), so it commits with the change it records."""
+        if conn is not getattr(self._local, "conn", None):
+            raise RuntimeError("audit events are appended inside the store's transaction")
+        self._local.audit.append((at, type_, session_id, actor, json.dumps(detail or {}, sort_keys=True)))
+
+    @staticmethod
+    def _flush_audit(conn: Any, events: list[tuple[Any, ...]]) -> None:
+        """The transaction's audit rows, numbered from the counter row (migration 5), right before
+        COMMIT: gap-free and in commit order on both engines, and the counter is the last lock a
+        transaction takes."""
+        if not events:
+            return
+        last = int(conn.execute("UPDATE audit_counter SET seq = seq + ? WHERE id = 1 RETURNING seq",
+                                (len(events),)).fetchone()[0])
+        first = last - len(events) + 1
+        for offset, event in enumerate(events):
+            conn.execute("INSERT INTO audit (seq, at, type, session_id, actor, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                         (first + offset, *event))
 
 
 def _as_url(target: str | os.PathLike[str] | DatabaseUrl) -> DatabaseUrl:

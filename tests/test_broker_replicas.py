@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokerproc import HEARTBEAT, BrokerProcess, BrokerState, healthy_proxies, start_broker, start_linked_proxy
+from brokerproc import (
+    HEARTBEAT,
+    BrokerProcess,
+    BrokerState,
+    healthy_proxies,
+    start_broker,
+    start_linked_proxy,
+    wait_for,
+)
 from pgcluster import PgCluster
 from rfbclient import Console, try_upgrade
 from test_broker_api import _proxy_auth
@@ -157,3 +165,83 @@ def test_a_console_lives_across_both_replicas(pg_cluster: PgCluster, tmp_path: P
         proxy.stop()
         a.stop()
         b.stop()
+
+
+def _audit_after(broker: BrokerProcess, after: int) -> list[dict[str, Any]]:
+    """Every event after ``after``, page by page, as a follower of ``GET /audit?after=SEQ`` reads."""
+    events: list[dict[str, Any]] = []
+    while page := broker.admin.audit(after, None, 1000):
+        events += page
+        after = page[-1]["seq"]
+    return events
+
+
+def test_a_reader_following_the_audit_never_skips_a_row_while_both_replicas_write(replicas: Replicas) -> None:
+    """Four writers (two per replica) commit audited changes while a reader follows
+    ``GET /audit?after=SEQ`` at A: the numbers it sees are consecutive, and exactly the rows
+    that the log holds once the writers are done."""
+    a, b = replicas
+    start = (_audit_after(a, 0) or [{"seq": 0}])[-1]["seq"]
+    writers_done = threading.Event()
+    seen: list[int] = []
+
+    def follow() -> None:
+        after = start
+        while True:
+            done = writers_done.is_set()
+            for event in _audit_after(a, after):
+                seen.append(event["seq"])
+                after = event["seq"]
+            if done:
+                return
+
+    def write(replica: BrokerProcess, tag: str) -> None:
+        for i in range(25):
+            replica.admin.add_target(name=f"{tag}-{i}", host="127.0.0.1", port=5900)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    _at_once([lambda r=r, tag=tag: write(r, tag) for r, tag in ((a, "a1"), (a, "a2"), (b, "b1"), (b, "b2"))])
+    writers_done.set()
+    reader.join()
+    assert seen == list(range(start + 1, start + 101))
+    assert [e["seq"] for e in _audit_after(b, start)] == seen
+
+
+def test_a_row_numbered_later_never_commits_before_an_earlier_one(pg_cluster: PgCluster, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interleaving forced: replica A's transaction has numbered its audit row and is slow to
+    commit; replica B's transaction must wait for that COMMIT to number its own, so a follower
+    at that moment sees neither row, never B's alone (which would make it skip A's). A sequence
+    or identity column would let B commit the next number first."""
+    state = BrokerState.create(tmp_path / "a", database=pg_cluster.new_database())
+    a, b = state.open(), state.replica(tmp_path / "b").open()
+    try:
+        start = a.audit(0, None, 1000)["events"][-1]["seq"]
+        numbered, go = threading.Event(), threading.Event()
+        real = a.store._flush_audit
+
+        def slow_commit(conn: Any, events: list[Any]) -> None:
+            real(conn, events)
+            numbered.set()
+            assert go.wait(10)
+
+        monkeypatch.setattr(a.store, "_flush_audit", slow_commit)
+        first = threading.Thread(target=lambda: a.add_target({"id": "first", "name": "A", "host": "h", "port": 1}, "a"))
+        first.start()
+        assert numbered.wait(10)
+        second = threading.Thread(target=lambda: b.add_target({"id": "second", "name": "B", "host": "h", "port": 1},
+                                                              "b"))
+        second.start()
+        wait_for(lambda: b.store.one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                     "AND query LIKE 'UPDATE audit_counter%'")[0] == 1, what="B waiting")
+        assert b.audit(start, None, 1000)["events"] == []
+        go.set()
+        first.join()
+        second.join()
+        events = b.audit(start, None, 1000)["events"]
+        assert [(e["seq"], e["actor"]) for e in events] == [(start + 1, "a"), (start + 2, "b")]
+    finally:
+        go.set()
+        a.close()
+        b.close()

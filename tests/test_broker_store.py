@@ -61,20 +61,21 @@ def test_a_newer_schema_is_refused_and_an_older_one_needs_migrate(database: str 
 
 
 def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUrl:
-    """The database with its recorded version forced to ``version`` (the last migration's
-    table dropped, so applying it again works as on a real older database)."""
+    """The database with its recorded version one below the current (the last migration's table
+    dropped, so applying it again works as on a real older database)."""
+    assert version == SCHEMA_VERSION - 1
     url = _url(database, tmp_path)
     if url.engine == "sqlite":
         import sqlite3
 
         with sqlite3.connect(url.path) as conn:  # type: ignore[arg-type]
-            conn.execute("DROP TABLE keyring")
+            conn.execute("DROP TABLE audit_counter")
             conn.execute(f"PRAGMA user_version = {version}")
     else:
         import psycopg
 
         with psycopg.connect(url.conninfo or "", autocommit=True) as conn:
-            conn.execute("DROP TABLE keyring")
+            conn.execute("DROP TABLE audit_counter")
             conn.execute("UPDATE schema_version SET version = %s", (version,))
     return url
 
@@ -90,7 +91,8 @@ def test_transactions_roll_back_whole_and_a_duplicate_key_is_an_integrity_error(
         insert = "INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES (?, 's', 'p', 1, 1.0)"
         with store.transaction() as conn:
             conn.execute(insert, ("j1",))
-            seq = store.append_audit(conn, at=1.0, type_="redeemed", actor="t", detail={"a": 1})
+            store.append_audit(conn, at=1.0, type_="redeemed", actor="t", detail={"a": 1})
+        seq = store.one("SELECT seq FROM audit")[0]
         with pytest.raises(IntegrityError), store.transaction() as conn:
             store.append_audit(conn, at=2.0, type_="redeemed", actor="t")
             conn.execute(insert, ("j1",))
@@ -234,7 +236,7 @@ def test_migrate_and_serve_on_postgresql(pg_cluster: object, tmp_path: Path, cap
         empty = pg_cluster.new_database()  # type: ignore[attr-defined]
         status, out, err = _run(capsys, *argv, "--database", empty)
         assert status == 1 and "is empty: run console-broker init" in err and err.count("\n") == 1, err
-    _reopen_at(database, tmp_path, SCHEMA_VERSION - 1)  # an older release's database (its keyring dropped)
+    _reopen_at(database, tmp_path, SCHEMA_VERSION - 1)  # an older release's database
     status, _, err = _run(capsys, "apikey", "list", "--state-dir", str(tmp_path / "s"), "--database", database)
     assert status == 1 and "console-broker migrate" in err and err.count("\n") == 1
     bare = tmp_path / "bare"  # a state dir without master.key: migrate needs only the database

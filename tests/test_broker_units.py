@@ -45,7 +45,8 @@ def test_store_refuses_missing_and_newer_databases(tmp_path: Path) -> None:
 def test_audit_is_append_only(tmp_path: Path) -> None:
     store = Store(tmp_path / "b.db", create=True)
     with store.transaction() as conn:
-        seq = store.append_audit(conn, at=1.0, type_="minted", actor="t", detail={"a": 1})
+        store.append_audit(conn, at=1.0, type_="minted", actor="t", detail={"a": 1})
+    seq = store.one("SELECT seq FROM audit")[0]
     for sql in ("UPDATE audit SET actor = 'x'", "DELETE FROM audit"):
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             store.conn.execute(sql)
