@@ -30,15 +30,12 @@ from test_broker_api import _proxy_auth
 from broker.client import BrokerError
 
 Replicas = tuple[BrokerProcess, BrokerProcess]
-PASSWORD = "pg-" + secrets.token_hex(8)
-"""In the replicas' database URL: the test cluster trusts loopback, so it is sent and ignored, and
-must appear in no log line."""
 
 
 @pytest.fixture(scope="module")
 def replicas(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     tmp = tmp_path_factory.mktemp("replicas")
-    database = pg_cluster.new_database().replace("postgres@", f"postgres:{PASSWORD}@")
+    database = pg_cluster.new_database()
     state = BrokerState.create(tmp / "a", database=database)
     state.add_proxy("fake", "http://127.0.0.1:1")
     a = start_broker(state, heartbeat_interval=60.0)
@@ -46,7 +43,7 @@ def replicas(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) ->
     yield a, b
     a.stop()
     b.stop()
-    assert PASSWORD not in a.log_text() + b.log_text()  # after every request the module made
+    assert pg_cluster.password not in a.log_text() + b.log_text()  # after every request the module made
 
 
 def _as_proxy(broker: BrokerProcess, path: str, body: Any) -> int:
@@ -79,7 +76,7 @@ def _at_once(calls: list[Callable[[], Any]]) -> list[Any]:
     return results
 
 
-def test_the_replicas_share_credentials_targets_and_sessions(replicas: Replicas) -> None:
+def test_the_replicas_share_credentials_targets_and_sessions(replicas: Replicas, pg_cluster: PgCluster) -> None:
     a, b = replicas
     target = a.admin.add_target(name="shared", host="127.0.0.1", port=5901)
     assert b.admin.target(target["id"])["name"] == "shared"
@@ -87,7 +84,7 @@ def test_the_replicas_share_credentials_targets_and_sessions(replicas: Replicas)
     console = b.issuer.mint(target["id"])
     assert [s["state"] for s in a.issuer.sessions() if s["session_id"] == console["session_id"]] == ["minted"]
     assert "postgres:***@127.0.0.1" in a.log_text() and "console-broker listening" in b.log_text()
-    assert PASSWORD not in a.log_text() + b.log_text()
+    assert pg_cluster.password not in a.log_text() + b.log_text()
 
 
 def test_one_single_use_token_redeemed_at_both_replicas_at_once_is_redeemed_once(replicas: Replicas) -> None:

@@ -226,6 +226,32 @@ def test_an_unreachable_database_is_one_line_without_the_password(tmp_path: Path
         assert "pa55-s3cret" not in err and "postgres:***@127.0.0.1" in err and "cannot connect" in err
 
 
+def test_a_wrong_password_or_an_unknown_database_is_one_line_at_start(pg_cluster: object, tmp_path: Path,
+                                                                      capsys: Capsys) -> None:
+    init_state_dir(tmp_path / "s")
+    wrong = pg_cluster.url("postgres", password="not-the-password")  # type: ignore[attr-defined]
+    missing = pg_cluster.url("no_such_database")  # type: ignore[attr-defined]
+    for url, says in ((wrong, "password authentication failed"), (missing, "does not exist")):
+        status, out, err = _run(capsys, "serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:1",
+                                "--database", url)
+        assert (status, out) == (1, "") and err.count("\n") == 1 and says in err, err
+        assert "not-the-password" not in err and pg_cluster.password not in err  # type: ignore[attr-defined]
+
+
+def test_password_from_pgpassword_when_the_url_has_none(pg_cluster: object, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """libpq's own sources of the password work unchanged (PGPASSWORD here; ~/.pgpass likewise)."""
+    database = pg_cluster.new_database()  # type: ignore[attr-defined]
+    bare = database.replace(f":{pg_cluster.password}@", "@")  # type: ignore[attr-defined]
+    monkeypatch.setenv("PGPASSWORD", pg_cluster.password)  # type: ignore[attr-defined]
+    init_state_dir(tmp_path / "s", database=bare)
+    broker = Broker(tmp_path / "s", database=bare)
+    try:
+        assert broker.list_keys()["version"] == 1 and broker.store.description == bare
+    finally:
+        broker.close()
+
+
 def test_migrate_and_serve_on_postgresql(pg_cluster: object, tmp_path: Path, capsys: Capsys) -> None:
     """``migrate`` brings an empty database to the current schema; ``serve`` refuses an empty or
     older one (without --migrate) in one line, before listening."""
@@ -241,4 +267,5 @@ def test_migrate_and_serve_on_postgresql(pg_cluster: object, tmp_path: Path, cap
     assert status == 1 and "console-broker migrate" in err and err.count("\n") == 1
     bare = tmp_path / "bare"  # a state dir without master.key: migrate needs only the database
     status, out, _ = _run(capsys, "migrate", "--state-dir", str(bare), "--database", database)
-    assert status == 0 and f"at schema {SCHEMA_VERSION}" in out and "postgres@127.0.0.1" in out
+    assert status == 0 and f"at schema {SCHEMA_VERSION}" in out and "postgres:***@127.0.0.1" in out
+    assert pg_cluster.password not in out + err  # type: ignore[attr-defined]
