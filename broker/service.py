@@ -188,13 +188,17 @@ class Broker:
             raise CommandError("the name must be 1-64 letters, digits, '-' or '_'")
         key_id, secret, whole = auth.new_api_key()
         now = clock.now()
-        with self.store.transaction() as conn:
-            if conn.execute("SELECT 1 FROM apikeys WHERE name = ?", (name,)).fetchone():
-                raise CommandError(f"an API key named {name!r} exists already (revoked names are not reused)")
-            conn.execute("INSERT INTO apikeys (id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
-                         (key_id, name, role, self.hasher.digest("apikey", key_id, secret), now))
-            self.store.append_audit(conn, at=now, type_="apikey_created", actor=actor,
-                                    detail={"name": name, "role": role, "key_id": key_id})
+        taken = CommandError(f"an API key named {name!r} exists already (revoked names are not reused)")
+        try:
+            with self.store.transaction() as conn:
+                if conn.execute("SELECT 1 FROM apikeys WHERE name = ?", (name,)).fetchone():
+                    raise taken
+                conn.execute("INSERT INTO apikeys (id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
+                             (key_id, name, role, self.hasher.digest("apikey", key_id, secret), now))
+                self.store.append_audit(conn, at=now, type_="apikey_created", actor=actor,
+                                        detail={"name": name, "role": role, "key_id": key_id})
+        except IntegrityError:  # PostgreSQL: another replica created the name meanwhile (unique index)
+            raise taken from None
         return whole
 
     def list_apikeys(self) -> dict[str, Any]:

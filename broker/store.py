@@ -138,11 +138,12 @@ _POSTGRESQL_HISTORY: list[str] = [
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit FOR EACH ROW EXECUTE FUNCTION audit_append_only();
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit FOR EACH ROW EXECUTE FUNCTION audit_append_only();
     """,
-    # 1 -> 2: revocation (see the SQLite script)
+    # 1 -> 2: revocation (see the SQLite script). Unique names here: replicas create keys
+    # concurrently, and no PostgreSQL database predates unique names (SQLite's may hold duplicates)
     """
     ALTER TABLE apikeys ADD COLUMN revoked_at DOUBLE PRECISION;
     ALTER TABLE proxies ADD COLUMN removed_at DOUBLE PRECISION;
-    CREATE INDEX apikeys_name ON apikeys (name);
+    CREATE UNIQUE INDEX apikeys_name ON apikeys (name);
     CREATE TABLE mint_floor (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
     """,
     # 2 -> 3: the sessions' keyset indexes

@@ -269,3 +269,33 @@ def test_migrate_and_serve_on_postgresql(pg_cluster: object, tmp_path: Path, cap
     status, out, _ = _run(capsys, "migrate", "--state-dir", str(bare), "--database", database)
     assert status == 0 and f"at schema {SCHEMA_VERSION}" in out and "postgres:***@127.0.0.1" in out
     assert pg_cluster.password not in out + err  # type: ignore[attr-defined]
+
+
+def test_one_name_created_at_two_replicas_at_once_is_one_key(database: str | None, tmp_path: Path) -> None:
+    init_state_dir(tmp_path / "a", database=database)
+    (tmp_path / "b").mkdir()
+    shutil.copy2(tmp_path / "a" / MASTER_KEY_NAME, tmp_path / "b" / MASTER_KEY_NAME)
+    url = database or f"sqlite:///{tmp_path / 'a' / 'broker.db'}"
+    replicas = [Broker(tmp_path / "a", database=database), Broker(tmp_path / "b", database=url)]
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def create(broker: Broker) -> None:
+        start.wait()
+        try:
+            broker.create_apikey("ops", "admin", "test")
+            outcomes.append("created")
+        except Exception as exc:  # noqa: BLE001 - the outcome is the assertion
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=create, args=(broker,)) for broker in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert sorted(outcomes) == ["an API key named 'ops' exists already (revoked names are not reused)", "created"]
+        assert [k["name"] for k in replicas[1].list_apikeys()["apikeys"]] == ["ops"]
+    finally:
+        for broker in replicas:
+            broker.close()
