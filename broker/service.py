@@ -213,7 +213,8 @@ class Broker:
         only for names duplicated before names became unique)."""
         now = clock.now()
         with self.store.transaction() as conn:
-            rows = conn.execute("SELECT id, role, revoked_at FROM apikeys WHERE name = ?", (name,)).fetchall()
+            rows = conn.execute("SELECT id, role, revoked_at FROM apikeys WHERE name = ?" + self.store.lock_update,
+                                (name,)).fetchall()
             if not rows:
                 raise ApiError(404, "apikey_not_found", f"no API key named {name!r}")
             live = [r for r in rows if r["revoked_at"] is None]
@@ -260,7 +261,8 @@ class Broker:
         public_url = _checked_public_url(public_url)
         now = clock.now()
         with self.store.transaction() as conn:
-            row = conn.execute("SELECT public_url FROM proxies WHERE id = ? AND removed_at IS NULL", (name,)).fetchone()
+            row = conn.execute("SELECT public_url FROM proxies WHERE id = ? AND removed_at IS NULL"
+                               + self.store.lock_update, (name,)).fetchone()
             if row is None:
                 raise ApiError(404, "proxy_not_found", f"no registered proxy named {name!r}")
             conn.execute("UPDATE proxies SET public_url = ? WHERE id = ?", (public_url, name))

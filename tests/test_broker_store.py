@@ -7,16 +7,18 @@ import json
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from test_broker_cli import _run
 
 from broker.engines import DatabaseUrl, parse_database_url, redact
-from broker.service import Broker, init_state_dir
+from broker.service import ApiError, Broker, init_state_dir
 from broker.store import SCHEMA_VERSION, IntegrityError, Store, StoreError
 from broker.vault import MASTER_KEY_NAME, Vault, VaultError
 from console_proxy import keyring
+from console_proxy.command import CommandError
 from console_proxy.keyring import Keyring
 
 Capsys = pytest.CaptureFixture[str]
@@ -138,11 +140,7 @@ def test_the_keyring_is_sealed_in_the_database_and_a_rotation_reaches_the_other_
         database: str | None, tmp_path: Path) -> None:
     """Two Broker objects on one database stand for two replicas: a rotation committed by one is
     what the other uses on its very next call; the sealed row opens under master.key only."""
-    init_state_dir(tmp_path / "a", database=database)
-    (tmp_path / "b").mkdir()
-    shutil.copy2(tmp_path / "a" / MASTER_KEY_NAME, tmp_path / "b" / MASTER_KEY_NAME)
-    url = database or f"sqlite:///{tmp_path / 'a' / 'broker.db'}"
-    a, b = Broker(tmp_path / "a", database=database), Broker(tmp_path / "b", database=url)
+    a, b = _two_replicas(tmp_path, database)
     try:
         before = b.keyring()
         sealed = bytes(a.store.one("SELECT sealed FROM keyring")["sealed"])
@@ -271,31 +269,55 @@ def test_migrate_and_serve_on_postgresql(pg_cluster: object, tmp_path: Path, cap
     assert pg_cluster.password not in out + err  # type: ignore[attr-defined]
 
 
-def test_one_name_created_at_two_replicas_at_once_is_one_key(database: str | None, tmp_path: Path) -> None:
+def _two_replicas(tmp_path: Path, database: str | None) -> list[Broker]:
+    """Two Broker objects on one database, each with its own state dir and connections."""
     init_state_dir(tmp_path / "a", database=database)
     (tmp_path / "b").mkdir()
     shutil.copy2(tmp_path / "a" / MASTER_KEY_NAME, tmp_path / "b" / MASTER_KEY_NAME)
     url = database or f"sqlite:///{tmp_path / 'a' / 'broker.db'}"
-    replicas = [Broker(tmp_path / "a", database=database), Broker(tmp_path / "b", database=url)]
-    start = threading.Barrier(2)
+    return [Broker(tmp_path / "a", database=database), Broker(tmp_path / "b", database=url)]
+
+
+def _race(call: Callable[[Broker], object], replicas: list[Broker]) -> list[str]:
+    """``call`` on every replica at once (threads released together): "ok" or the refusal's code."""
+    start = threading.Barrier(len(replicas))
     outcomes: list[str] = []
 
-    def create(broker: Broker) -> None:
+    def run(broker: Broker) -> None:
         start.wait()
         try:
-            broker.create_apikey("ops", "admin", "test")
-            outcomes.append("created")
-        except Exception as exc:  # noqa: BLE001 - the outcome is the assertion
-            outcomes.append(str(exc))
+            call(broker)
+            outcomes.append("ok")
+        except (ApiError, CommandError) as exc:
+            outcomes.append(getattr(exc, "code", str(exc)))
 
-    threads = [threading.Thread(target=create, args=(broker,)) for broker in replicas]
+    threads = [threading.Thread(target=run, args=(broker,)) for broker in replicas]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return sorted(outcomes)
+
+
+def test_one_name_created_at_two_replicas_at_once_is_one_key(database: str | None, tmp_path: Path) -> None:
+    """Check-then-insert: SQLite's write lock serialises it, PostgreSQL needs the unique index."""
+    replicas = _two_replicas(tmp_path, database)
     try:
-        assert sorted(outcomes) == ["an API key named 'ops' exists already (revoked names are not reused)", "created"]
+        assert _race(lambda broker: broker.create_apikey("ops", "admin", "test"), replicas) == [
+            "an API key named 'ops' exists already (revoked names are not reused)", "ok"]
         assert [k["name"] for k in replicas[1].list_apikeys()["apikeys"]] == ["ops"]
+    finally:
+        for broker in replicas:
+            broker.close()
+
+
+def test_one_key_revoked_at_two_replicas_at_once_is_revoked_once(database: str | None, tmp_path: Path) -> None:
+    """Check-then-update: on PostgreSQL the rows are read FOR UPDATE."""
+    replicas = _two_replicas(tmp_path, database)
+    try:
+        replicas[0].create_apikey("ops", "admin", "test")
+        assert _race(lambda broker: broker.revoke_apikey("ops", "test"), replicas) == ["apikey_revoked", "ok"]
+        assert len(replicas[1].audit(0, "apikey_revoked")["events"]) == 1
     finally:
         for broker in replicas:
             broker.close()
