@@ -386,8 +386,9 @@ class Broker:
     def mint_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
         """Claims from the target and the request, a proxy from the fleet, one audited session.
 
-        Keys, fleet, mint floor and choice are read in the transaction that records the session:
-        keyring.json changes only under the write lock, so the console can neither go to a proxy
+        Keys, fleet, mint floor and choice are read in the transaction that records the session,
+        the keyring row locked first (SQLite: the write lock; PostgreSQL: FOR SHARE, which a
+        rotation or removal's FOR UPDATE excludes), so the console can neither go to a proxy
         removed meanwhile nor be signed with keys that were leaked (or not committed yet)."""
         with self.store.transaction() as conn:
             self.keyring()  # locks the keys (shared) first: a rotation or removal is before or after, whole
@@ -492,8 +493,8 @@ class Broker:
         """Record the proxy's report; answer the keys it lacks and the sessions it must close.
 
         The removal check, the update and the keyring read are one transaction: a heartbeat that
-        authenticated just before ``proxy remove`` committed gets 401 once it has the write lock,
-        never the keys rotated because of that removal.
+        authenticated just before ``proxy remove`` committed gets 401 once it holds the keyring
+        row's lock (taken first), never the keys rotated because of that removal.
 
         The revoked list names a revoked session while any proxy could still accept its token,
         however long ago it was revoked, and an open one for REVOKED_MEMORY."""
