@@ -321,3 +321,32 @@ def test_one_key_revoked_at_two_replicas_at_once_is_revoked_once(database: str |
     finally:
         for broker in replicas:
             broker.close()
+
+
+_FAIL_ROTATION = {
+    "sqlite": "CREATE TRIGGER fail_rotation BEFORE INSERT ON audit WHEN NEW.type = 'key_rotated' "
+              "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END",
+    "postgresql": "CREATE FUNCTION fail_rotation() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                  "IF NEW.type = 'key_rotated' THEN RAISE EXCEPTION 'simulated failure' USING ERRCODE = "
+                  "'check_violation'; END IF; RETURN NEW; END $$; CREATE TRIGGER fail_rotation BEFORE INSERT "
+                  "ON audit FOR EACH ROW EXECUTE FUNCTION fail_rotation()"}
+
+
+def test_a_removal_whose_rotation_fails_changes_nothing_on_either_replica(database: str | None,
+                                                                         tmp_path: Path) -> None:
+    """``proxy remove`` is one transaction: the removal, the new sealed keyring, the mint floor
+    and both audit events commit together or not at all."""
+    a, b = _two_replicas(tmp_path, database)
+    try:
+        a.add_proxy("px", "http://127.0.0.1:1", "test")
+        before = b.keyring().to_jwks()
+        with a.store.transaction() as conn:
+            conn.execute(_FAIL_ROTATION[a.store.engine.name])
+        with pytest.raises(IntegrityError, match="simulated failure"):
+            a.remove_proxy("px", "test")
+        assert b.keyring().to_jwks() == before and a.keyring().to_jwks() == before
+        assert [p["removed"] for p in b.list_proxy_records()["proxies"]] == [False]
+        assert b.mint_floor() == 0 and b.audit(0, "proxy_removed")["events"] == []
+    finally:
+        a.close()
+        b.close()
