@@ -26,7 +26,7 @@ from broker import openapi, schemas
 from broker.auth import Principal
 from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiError, Broker
-from broker.store import StoreUnavailable
+from broker.store import InvalidValue, StoreUnavailable
 from console_proxy import strictjson
 from console_proxy.metrics import Counter, Gauge, Registry
 
@@ -117,6 +117,14 @@ class ApiHandler(tornado.web.RequestHandler):
     def on_finish(self) -> None:
         self.metrics.responses.inc(str(self.get_status()))
 
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        """Path and query arguments as Tornado decodes them (invalid UTF-8 is its 400), without
+        NUL: PostgreSQL's text cannot hold one, so neither engine is asked (the same 400 on both)."""
+        decoded = super().decode_argument(value, name)
+        if "\x00" in decoded:
+            raise ApiError(400, "bad_request", "the URL must not contain NUL characters")
+        return decoded
+
     def caller(self, *roles: str) -> Principal:
         """The authenticated caller, who must hold one of ``roles`` ("admin" may do everything)."""
         proxy = roles == ("proxy",)
@@ -171,6 +179,9 @@ class ApiHandler(tornado.web.RequestHandler):
                 self.set_header("Connection", "close")
             elif error.status == 401:  # here, not where it is raised: send_error clears earlier headers
                 self.set_header("WWW-Authenticate", 'Bearer realm="consolegate"')
+        elif isinstance(error, InvalidValue):
+            self.set_status(400)
+            body = {"error": "bad_request", "message": str(error)}
         elif isinstance(error, StoreUnavailable):
             self.set_status(503)
             body = {"error": "storage_unavailable",

@@ -136,6 +136,7 @@ class SqliteEngine:
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
     integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
     unavailable_errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+    invalid_value_errors: tuple[type[BaseException], ...] = (UnicodeEncodeError, OverflowError)
 
     def close(self) -> None:
         self.conn.close()
@@ -203,6 +204,8 @@ class PostgresEngine:
         self.integrity_errors = (psycopg.errors.IntegrityError,)
         self.unavailable_errors = (psycopg.OperationalError, psycopg_pool.PoolTimeout,
                                    psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+        # NUL in a string (PostgreSQL's text cannot hold it), a number out of a column's range
+        self.invalid_value_errors = (psycopg.DataError, UnicodeEncodeError, OverflowError)
         try:  # fail at start, in one line, when the server cannot be reached or refuses us
             psycopg.connect(url.conninfo or "", connect_timeout=CONNECT_TIMEOUT).close()
         except psycopg.Error as exc:

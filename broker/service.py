@@ -697,13 +697,20 @@ def _opened(store: Store, conn: Any, who: Principal, event: dict[str, Any], now:
         "handshake_ms": event.get("handshake_ms")})
 
 
+BYTES_MAX = 2**62
+"""Byte counters stop here (the events' schema caps one report at it too): a sum past 2**63 is
+an error on PostgreSQL's BIGINT and a silent float on SQLite."""
+_ADD_BYTES = f"CASE WHEN {{column}} > {BYTES_MAX} - ? THEN {BYTES_MAX} ELSE {{column}} + ? END"
+
+
 def _closed(store: Store, conn: Any, who: Principal, event: dict[str, Any], now: float) -> None:
     at, sid = _event_time(event, now), event.get("session_id")
     up, down = event.get("bytes_up") or 0, event.get("bytes_down") or 0
     if sid:
         conn.execute("UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'closed' END, "
-                     "closed_at = ?, bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, close_code = ? "
-                     "WHERE id = ?", (at, up, down, event.get("close_code"), sid))
+                     f"closed_at = ?, bytes_up = {_ADD_BYTES.format(column='bytes_up')}, "
+                     f"bytes_down = {_ADD_BYTES.format(column='bytes_down')}, close_code = ? WHERE id = ?",
+                     (at, up, up, down, down, event.get("close_code"), sid))
     store.append_audit(conn, at=now, type_="closed", actor=who.actor, session_id=sid, detail={
         "proxy_id": who.id, "bytes_up": up, "bytes_down": down, "duration_s": event.get("duration_s"),
         "close_code": event.get("close_code"), "close_reason": event.get("close_reason"),

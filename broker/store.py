@@ -115,9 +115,9 @@ _POSTGRESQL_HISTORY: list[str] = [
         password_enc BYTEA, tls TEXT, created_at DOUBLE PRECISION NOT NULL);
     CREATE TABLE proxies (
         id TEXT PRIMARY KEY, public_url TEXT NOT NULL, secret_hash BYTEA NOT NULL,
-        sessions INTEGER NOT NULL DEFAULT 0, capacity INTEGER NOT NULL DEFAULT 0,
+        sessions BIGINT NOT NULL DEFAULT 0, capacity BIGINT NOT NULL DEFAULT 0,
         draining INTEGER NOT NULL DEFAULT 0, last_seen DOUBLE PRECISION,
-        keyring_version INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION NOT NULL);
+        keyring_version BIGINT NOT NULL DEFAULT 0, created_at DOUBLE PRECISION NOT NULL);
     CREATE TABLE sessions (
         id TEXT PRIMARY KEY, target_id TEXT, "user" TEXT, proxy_id TEXT, issued_by TEXT,
         state TEXT NOT NULL CHECK (state IN ('minted', 'active', 'closed', 'revoked')),
@@ -192,6 +192,15 @@ class StoreUnavailable(StoreError):
 class IntegrityError(StoreError):
     """A constraint refused the change (a duplicate key: the token redeemed already, the name
     taken); the transaction was rolled back."""
+
+
+class InvalidValue(StoreError):
+    """A value the database cannot hold (a NUL or a lone surrogate in a string, a number out of
+    range): the request is refused as bad, nothing was written."""
+
+    def __init__(self) -> None:
+        super().__init__("a value in the request cannot be stored (a NUL or a lone surrogate in a string, "
+                         "or a number out of range)")
 
 
 class Store:
@@ -306,6 +315,8 @@ class Store:
             raise IntegrityError(_one_line(exc)) from None
         except self.engine.unavailable_errors as exc:
             raise StoreUnavailable(f"the broker cannot write its database: {_one_line(exc)}") from None
+        except self.engine.invalid_value_errors:
+            raise InvalidValue() from None
 
     @contextmanager
     def _reader(self) -> Iterator[Any]:
@@ -318,6 +329,8 @@ class Store:
                 yield conn
         except self.engine.unavailable_errors as exc:
             raise StoreUnavailable(f"the broker cannot read its database: {_one_line(exc)}") from None
+        except self.engine.invalid_value_errors:
+            raise InvalidValue() from None
 
     def one(self, sql: str, *params: Any) -> Any:
         with self._reader() as conn:
