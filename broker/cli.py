@@ -13,6 +13,7 @@ from typing import Any
 
 from broker import keyfiles, schemas, serve
 from broker.client import BrokerClient, BrokerError
+from broker.engines import parse_database_url
 from broker.service import AUDIT_TYPES, ApiError, Broker, init_state_dir
 from broker.store import IntegrityError, Store, StoreError
 from broker.vault import MASTER_KEY_NAME, VaultError
@@ -212,8 +213,6 @@ def state_init(args: argparse.Namespace) -> int:
 def database_migrate(args: argparse.Namespace) -> int:
     """The schema brought up to this release's, each migration once however many replicas run
     this at the same moment; then a keyring.json in the state dir is imported (once)."""
-    from broker.engines import parse_database_url
-
     store = Store(parse_database_url(args.database, args.state_dir), migrate=True)
     try:
         version, where = store.version, store.description

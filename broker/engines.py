@@ -100,12 +100,20 @@ def parse_database_url(value: str | None, state_dir: str | os.PathLike[str]) -> 
     raise DatabaseUrlError("--database must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
 
 
+class EngineOpenError(Exception):
+    """The database cannot be opened; one line, no password."""
+
+
 class SqliteEngine:
     """One connection in WAL mode, ``synchronous=FULL``; the version is ``PRAGMA user_version``."""
 
     name = "sqlite"
     lock_share = ""  # BEGIN IMMEDIATE already excludes every other writer
     lock_update = ""
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+    unavailable_errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+    invalid_value_errors: tuple[type[BaseException], ...] = (UnicodeEncodeError, OverflowError)
 
     def __init__(self, path: Path, *, create: bool) -> None:
         self.path = path
@@ -132,11 +140,6 @@ class SqliteEngine:
     @property
     def description(self) -> str:
         return str(self.path)
-
-    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
-    integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
-    unavailable_errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
-    invalid_value_errors: tuple[type[BaseException], ...] = (UnicodeEncodeError, OverflowError)
 
     def close(self) -> None:
         self.conn.close()
@@ -181,10 +184,6 @@ class SqliteEngine:
             raise EngineOpenError("a migration ends with an incomplete statement")
 
 
-class EngineOpenError(Exception):
-    """The database cannot be opened; one line, no password."""
-
-
 class PostgresEngine:
     """A psycopg_pool of autocommit connections; ``?`` placeholders become ``%s``."""
 
@@ -206,14 +205,16 @@ class PostgresEngine:
                                    psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
         # NUL in a string (PostgreSQL's text cannot hold it), a number out of a column's range
         self.invalid_value_errors = (psycopg.DataError, UnicodeEncodeError, OverflowError)
+        # the URL's own connect_timeout (and every other libpq option in it) wins
+        options = {} if "connect_timeout" in (url.conninfo or "") else {"connect_timeout": CONNECT_TIMEOUT}
         try:  # fail at start, in one line, when the server cannot be reached or refuses us
-            psycopg.connect(url.conninfo or "", connect_timeout=CONNECT_TIMEOUT).close()
+            psycopg.connect(url.conninfo or "", **options).close()
         except psycopg.Error as exc:
             raise EngineOpenError(f"cannot connect to {url.redacted}: {_first_line(exc)}") from None
         self.lock_timeout_ms = LOCK_TIMEOUT_MS
         self.pool = psycopg_pool.ConnectionPool(
             url.conninfo or "", min_size=1, max_size=POOL_MAX, timeout=POOL_TIMEOUT, open=True,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}, name="consolegate",
+            kwargs={"autocommit": True, **options}, name="consolegate",
             configure=lambda conn: conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}"))
 
     @property
