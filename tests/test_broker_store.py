@@ -350,3 +350,29 @@ def test_a_removal_whose_rotation_fails_changes_nothing_on_either_replica(databa
     finally:
         a.close()
         b.close()
+
+
+def test_serve_migrates_an_older_postgresql_database_only_when_told(pg_cluster: object, tmp_path: Path,
+                                                                    capsys: Capsys) -> None:
+    """A database one migration behind (with audit rows already): ``serve`` refuses it in one
+    line; ``serve --migrate`` applies the migration, and the audit numbering goes on after the
+    rows it found."""
+    from brokerproc import BrokerState, start_broker
+
+    state = BrokerState.create(tmp_path / "a", database=pg_cluster.new_database())  # type: ignore[attr-defined]
+    assert state.database is not None
+    before = _reopen_at(state.database, tmp_path, SCHEMA_VERSION - 1)
+    status, out, err = _run(capsys, "serve", "--state-dir", str(state.root), "--listen", "127.0.0.1:1",
+                            "--database", state.database)
+    assert (status, out) == (1, "") and err.count("\n") == 1 and "console-broker migrate" in err, err
+    process = start_broker(state, "--migrate")
+    try:
+        last = process.admin.audit(0, None, 1000)[-1]["seq"]
+        process.admin.add_target(name="after-upgrade", host="h", port=1)
+        assert [e["seq"] for e in process.admin.audit(last, None, 1000)] == [last + 1]
+        assert f"migrated to schema {SCHEMA_VERSION}" in process.log_text()
+    finally:
+        process.stop()
+    reopened = Store(before, migrate=False)
+    assert reopened.version == SCHEMA_VERSION
+    reopened.close()
