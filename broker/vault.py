@@ -21,12 +21,9 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from Crypto.Cipher import AES
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from console_proxy.keyring import write_private_file
 
@@ -48,8 +45,7 @@ class Vault:
             raise VaultError("master.key must hold 32 bytes")
         self._master = master
         self._seal_key = self.derive("target-password-seal")
-        self._keyring_seal = AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                                         info=KEYRING_SEAL_INFO).derive(master))
+        self._keyring_seal = _keyring_cipher(master)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> Vault:
@@ -104,8 +100,22 @@ class Vault:
         sealed = bytes(sealed)
         if len(sealed) < 29 or sealed[:1] != _SEAL_VERSION:
             raise VaultError("the database's keyring has an unknown format")
+        from cryptography.exceptions import InvalidTag
+
         try:
             return self._keyring_seal.decrypt(sealed[1:13], sealed[13:], _SEAL_VERSION + _KEYRING_AAD)
         except InvalidTag:
             raise VaultError("the database's keyring does not open under this master.key: "
                              "every replica needs the master.key of the state dir that created it") from None
+
+
+def _keyring_cipher(master: bytes) -> Any:
+    """AES-GCM under HKDF-SHA256(master.key, info=KEYRING_SEAL_INFO). ``cryptography`` comes with
+    the ``broker`` extra; imported here so that its absence is one line, not a traceback."""
+    try:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    except ImportError:
+        raise VaultError("the broker needs the cryptography package: pip install 'consolegate[broker]'") from None
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEYRING_SEAL_INFO).derive(master))
