@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import sys
 import time
 from typing import Any
@@ -29,7 +28,7 @@ from broker.auth import Principal
 from broker.ratelimit import AuthThrottle
 from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiError, Broker
-from broker.store import StoreError, StoreUnavailable
+from broker.store import InvalidValue, StoreError, StoreUnavailable
 from console_proxy import origin, strictjson
 from console_proxy.httperrors import error_status
 from console_proxy.metrics import Counter, Gauge, Registry
@@ -138,6 +137,14 @@ class ApiHandler(tornado.web.RequestHandler):
     def on_finish(self) -> None:
         self.metrics.responses.inc(str(self.get_status()))
 
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        """Path and query arguments as Tornado decodes them (invalid UTF-8 is its 400), without
+        NUL: PostgreSQL's text cannot hold one, so neither engine is asked (the same 400 on both)."""
+        decoded = super().decode_argument(value, name)
+        if "\x00" in decoded:
+            raise ApiError(400, "bad_request", "the URL must not contain NUL characters")
+        return decoded
+
     def caller(self, *roles: str) -> Principal:
         """The authenticated caller, who must hold one of ``roles`` ("admin" may do everything).
 
@@ -175,7 +182,7 @@ class ApiHandler(tornado.web.RequestHandler):
             log.warning("authentication throttled for %s (%s credentials): too many failures", where, kind)
             try:
                 self.broker.record_throttled(where, kind, verdict.retry_after)
-            except (StoreError, sqlite3.Error) as exc:  # the 429 stands; the log line above says it
+            except StoreError as exc:  # the 429 stands; the log line above says it
                 log.warning("the auth_throttled audit event could not be written: %s", exc)
         raise Throttled(verdict.retry_after)
 
@@ -224,7 +231,10 @@ class ApiHandler(tornado.web.RequestHandler):
                 self.set_header("WWW-Authenticate", 'Bearer realm="consolegate"')
             elif isinstance(error, Throttled):
                 self.set_header("Retry-After", str(error.retry_after))
-        elif isinstance(error, (StoreUnavailable, sqlite3.OperationalError)):
+        elif isinstance(error, InvalidValue):
+            self.set_status(400)
+            body = {"error": "bad_request", "message": str(error)}
+        elif isinstance(error, StoreUnavailable):
             self.set_status(503)
             body = {"error": "storage_unavailable",
                     "message": "the broker cannot use its database right now (disk full?); nothing was changed"}

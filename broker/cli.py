@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import functools
 import json
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -14,17 +13,26 @@ from typing import Any
 
 from broker import keyfiles, schemas, serve
 from broker.client import BrokerClient, BrokerError
-from broker.service import AUDIT_TYPES, ApiError, Broker, KeyringNotRestored, init_state_dir
-from broker.store import StoreError
+from broker.engines import parse_database_url
+from broker.service import AUDIT_TYPES, ApiError, Broker, init_state_dir
+from broker.store import IntegrityError, Store, StoreError
 from broker.vault import MASTER_KEY_NAME, VaultError
 from console_proxy import clock, keyring, token
 from console_proxy.command import CommandError, Parser, read_secret_file, run
 from console_proxy.keyring import DEFAULT_MAX_TTL, KeyringError
 
+DATABASE_HELP = ("the broker's database: sqlite:///PATH (default: <state-dir>/broker.db) or "
+                 "postgresql://USER@HOST:PORT/DB (password from the URL, PGPASSWORD or ~/.pgpass; never logged)")
+
+
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
+
 
 def _keyring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyring", metavar="FILE", help="broker keyring file")
-    parser.add_argument("--state-dir", metavar="D", help="broker state directory (its keyring.json)")
+    parser.add_argument("--state-dir", metavar="D", help="broker state directory (the keyring in its database)")
+    add_database_option(parser)
 
 
 def _add_keys(commands: argparse._SubParsersAction) -> None:
@@ -71,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(metavar="COMMAND")
     init = commands.add_parser("init", help="create a broker state directory")
     init.add_argument("--state-dir", metavar="D", default="./var")
+    add_database_option(init)
     init.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL, help="longest token lifetime, seconds")
     init.set_defaults(handler=state_init)
+    migrate = commands.add_parser("migrate", help="apply the database's schema migrations (under a database lock)")
+    _state_dir(migrate)
+    migrate.set_defaults(handler=database_migrate)
     serve.add_parser(commands)
     _add_keys(commands)
     _add_token(commands)
@@ -85,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", metavar="D", default="./var", help="broker state directory")
+    add_database_option(parser)
 
 
 _REMOVE_HELP = """\
@@ -168,29 +181,46 @@ def _add_audit(commands: argparse._SubParsersAction) -> None:
 
 
 def _open(args: argparse.Namespace) -> Broker:
-    return Broker(args.state_dir)
+    return Broker(args.state_dir, database=args.database)
 
 
 @contextlib.contextmanager
 def _broker(args: argparse.Namespace) -> Iterator[Broker]:
     """The state dir's broker for one command, closed however the command ends. A database
-    failure becomes one line: every change is one transaction, rolled back before this runs
-    (keyring.json included, unless putting it back failed: then the line says so)."""
+    failure becomes one line: every change is one transaction, rolled back before this runs."""
     broker = _open(args)
     try:
         yield broker
-    except KeyringNotRestored as exc:  # raised while handling the failure that caused it
-        cause = f" ({exc.__context__})" if isinstance(exc.__context__, sqlite3.Error) else ""
-        raise CommandError(f"the broker database failed{cause}; {exc}") from None
-    except sqlite3.Error as exc:
-        raise CommandError(f"the broker database failed ({exc}); nothing was changed") from None
+    except (IntegrityError, *broker.store.engine.errors) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CommandError(f"the broker database failed ({first}); nothing was changed") from None
     finally:
         broker.close()
 
 
+def _initialised(args: argparse.Namespace) -> bool:
+    """A state dir with master.key: its keyring is the one in its database."""
+    return bool(args.state_dir) and not args.keyring and (Path(args.state_dir) / MASTER_KEY_NAME).exists()
+
+
 def state_init(args: argparse.Namespace) -> int:
-    root = init_state_dir(args.state_dir, max_ttl=args.max_ttl)
-    print(f"initialised broker state in {root} (broker.db, keyring.json, master.key)")
+    root = init_state_dir(args.state_dir, max_ttl=args.max_ttl, database=args.database)
+    where = "broker.db" if args.database is None else "the database"
+    print(f"initialised broker state in {root} (master.key; schema and sealed keyring in {where})")
+    return 0
+
+
+def database_migrate(args: argparse.Namespace) -> int:
+    """The schema brought up to this release's, each migration once however many replicas run
+    this at the same moment; then a keyring.json in the state dir is imported (once)."""
+    store = Store(parse_database_url(args.database, args.state_dir), migrate=True)
+    try:
+        version, where = store.version, store.description
+    finally:
+        store.close()
+    if (Path(args.state_dir) / MASTER_KEY_NAME).exists():
+        _open(args).close()
+    print(f"database {where} is at schema {version}")
     return 0
 
 
@@ -303,7 +333,7 @@ def keys_init(args: argparse.Namespace) -> int:
 def keys_rotate(args: argparse.Namespace) -> int:
     """On an initialised state dir, the broker's own rotation (audited ``key_rotated``, as POST /keys/rotate);
     on a bare keyring file (or a directory holding only keyring.json), the file is rotated alone."""
-    if args.state_dir and not args.keyring and (Path(args.state_dir) / MASTER_KEY_NAME).exists():
+    if _initialised(args):
         with _broker(args) as broker:
             result = broker.rotate_keys("cli")
         active = result["active"]
@@ -314,14 +344,24 @@ def keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_keyring(args: argparse.Namespace, *, can_mint: bool) -> keyring.Keyring:
+    """The keyring in the state dir's database, or a keyring file (``--keyring``, or a directory
+    holding only keyring.json)."""
+    if _initialised(args):
+        with _broker(args) as broker:
+            return broker.keyring()
+    path = keyfiles.keyring_path(args.keyring, args.state_dir)
+    return keyfiles.load_broker_keyring(path) if can_mint else keyring.load(path)
+
+
 def keys_list(args: argparse.Namespace) -> int:
-    ring = keyring.load(keyfiles.keyring_path(args.keyring, args.state_dir))
+    ring = _broker_keyring(args, can_mint=False)
     print(json.dumps({"version": ring.version, "max_ttl": ring.max_ttl, "keys": ring.kids()}, indent=2))
     return 0
 
 
 def keys_export(args: argparse.Namespace) -> int:
-    ring = keyfiles.load_broker_keyring(keyfiles.keyring_path(args.keyring, args.state_dir))
+    ring = _broker_keyring(args, can_mint=True)
     keyring.save(ring.pruned(clock.now()), args.out, public_only=True)
     print(f"wrote proxy keyring {args.out} (version {ring.version})")
     return 0
@@ -339,7 +379,7 @@ def _tls_claim(args: argparse.Namespace) -> dict[str, object] | None:
 
 
 def token_mint(args: argparse.Namespace) -> int:
-    ring = keyfiles.load_broker_keyring(keyfiles.keyring_path(args.keyring, args.state_dir))
+    ring = _broker_keyring(args, can_mint=True)
     if not 0 < args.ttl <= ring.max_ttl:
         raise CommandError(f"--ttl must be from 1 to the keyring's max_ttl ({ring.max_ttl}) seconds")
     password = read_secret_file(args.password_file) if args.password_file else None

@@ -72,7 +72,19 @@ def _check(value: Any, spec: Field, where: str) -> Any:
     return value
 
 
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_string(value: str, spec: Field, where: str) -> None:
+    """Besides the field's limits: no NUL (PostgreSQL's text cannot hold it) and no lone
+    surrogate (no database driver can encode it), so both engines accept the same strings."""
+    if "\x00" in value or not _encodable(value):
+        raise ValueError(f"{where} must not contain NUL or unpaired surrogate characters")
     if spec.min_length is not None and len(value) < spec.min_length:
         raise ValueError(f"{where} must have at least {spec.min_length} characters")
     if spec.max_length is not None and len(value) > spec.max_length:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import sqlite3
 import ssl
 
 import tornado.httpserver
@@ -27,6 +26,12 @@ log = logging.getLogger("consolegate.broker")
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the broker API")
     serve.add_argument("--state-dir", metavar="D", default="./var")
+    serve.add_argument("--database", metavar="URL",
+                       help="sqlite:///PATH (default: <state-dir>/broker.db) or postgresql://USER@HOST:PORT/DB, "
+                            "shared by replicas (password from the URL, PGPASSWORD or ~/.pgpass; never logged)")
+    serve.add_argument("--migrate", action="store_true",
+                       help="apply missing schema migrations first (a SQLite state dir is always migrated; "
+                            "a PostgreSQL database otherwise only by console-broker migrate)")
     serve.add_argument("--listen", metavar="H:P", default="127.0.0.1:8700")
     serve.add_argument("--default-ttl", type=int, default=60, help="console lifetime when not asked, seconds")
     serve.add_argument("--max-ttl", type=int, default=3600, help="longest console lifetime a request may ask")
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     tls = tls_context(args.tls_cert, args.tls_key)
     host, port = parse_listen(args.listen)
     check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
-    broker = Broker(args.state_dir, config)
+    broker = Broker(args.state_dir, config, database=args.database, migrate=True if args.migrate else None)
     try:
         asyncio.run(serve(broker, host, port, tls, throttle, trusted))
     finally:
@@ -136,7 +141,8 @@ async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None
     cleaner = PeriodicCallback(lambda: _cleanup(broker), broker.config.cleanup_interval * 1000)
     cleaner.start()
     _cleanup(broker)
-    log.info("console-broker listening on %s:%d (%s, state %s)", host, port, "https" if tls else "http", broker.root)
+    log.info("console-broker listening on %s:%d (%s, state %s, database %s)", host, port, "https" if tls else "http",
+             broker.root, broker.store.description)
     await stopped.wait()
     cleaner.stop()
     http.stop()
@@ -149,5 +155,5 @@ def _cleanup(broker: Broker) -> None:
     A failure (a locked database) is logged and retried at the next tick, never fatal."""
     try:
         broker.cleanup(max_batches=1)  # logs what it removed
-    except (sqlite3.Error, StoreError) as exc:
+    except (*broker.store.engine.errors, StoreError) as exc:
         log.warning("cleanup skipped, retried in %.0f s: %s", broker.config.cleanup_interval, exc)

@@ -13,10 +13,8 @@ import logging
 import math
 import os
 import secrets
-import sqlite3
 import ssl
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +24,16 @@ import tornado.web
 
 from broker import auth, fleet, keyfiles
 from broker.auth import Hasher, Principal
-from broker.store import Store
+from broker.engines import DB_NAME, DatabaseUrl, parse_database_url
+from broker.keystore import KeyStore
+from broker.store import IntegrityError, Store
 from broker.vault import MASTER_KEY_NAME, Vault
-from console_proxy import b64url, clock, keyring, strictjson, token
+from console_proxy import b64url, clock, strictjson, token
 from console_proxy.command import CommandError
 from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyring
 
 log = logging.getLogger("consolegate.broker")
 
-DB_NAME = "broker.db"
 SESSION_STATES = ("minted", "active", "closed", "revoked")
 AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "key_rotated",
                "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_changed", "proxy_removed",
@@ -56,16 +55,6 @@ CLEANUP_MAX_BATCHES = 10
 """Transactions per table per cleanup run; a larger backlog waits for the next run."""
 CURSOR_MAX_LENGTH = 512
 """Longest ``cursor`` accepted; the ones the broker hands out are far shorter."""
-
-
-class KeyringNotRestored(Exception):
-    """A transaction that replaced keyring.json failed and was rolled back, but the old file
-    could not be put back: the file may hold keys no audit event records."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"the database change was rolled back, but keyring.json could not be restored ({reason}): "
-                         "it may hold keys no audit event records; check it with `console-broker keys list` "
-                         "and run `console-broker keys rotate`")
 
 
 class ApiError(tornado.web.HTTPError):
@@ -97,33 +86,60 @@ class BrokerConfig:
     issuer: str = "consolegate"
 
 
-def init_state_dir(path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_TTL) -> Path:
-    """Create the state directory (0700) with master.key, keyring.json (0600) and broker.db."""
+def init_state_dir(path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_TTL,
+                   database: str | None = None) -> Path:
+    """Create the state directory (0700) with master.key (0600), and the database with its schema
+    and the keyring sealed in it (``<state-dir>/broker.db`` unless ``database`` names another).
+
+    A shared PostgreSQL database is initialised once, from the first replica; the others get a
+    copy of its master.key, not an ``init``. Nothing is written when the database cannot be
+    reached or already holds a keyring."""
     root = Path(path)
-    existing = [name for name in (DB_NAME, keyfiles.KEYRING_NAME, MASTER_KEY_NAME) if (root / name).exists()]
+    url = parse_database_url(database, root)
+    names = (DB_NAME, keyfiles.KEYRING_NAME, MASTER_KEY_NAME) if database is None else (MASTER_KEY_NAME,)
+    existing = [name for name in names if (root / name).exists()]
     if existing:
         raise CommandError(f"{str(root)!r} already holds {', '.join(existing)}: it is initialised")
+    if url.engine == "sqlite" and url.path is not None and url.path.exists():
+        raise CommandError(f"{str(url.path)!r} exists: it is initialised")
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    Vault.create(root / MASTER_KEY_NAME)
-    keyfiles.create_keyring(root / keyfiles.KEYRING_NAME, clock.now(), max_ttl=max_ttl)
-    Store(root / DB_NAME, create=True).close()
+    if max_ttl <= 0:
+        raise CommandError("--max-ttl must be a positive number of seconds")
+    store = Store(url, create=True, migrate=True)
+    try:
+        if store.one("SELECT 1 FROM keyring WHERE id = 1") is not None:
+            raise CommandError(f"the database {store.description} is initialised already: copy master.key "
+                               "from the state dir that initialised it instead")
+        vault = Vault.create(root / MASTER_KEY_NAME)
+        now = clock.now()
+        with store.transaction() as conn:
+            KeyStore(store, vault).create(conn, Keyring.generate(now, max_ttl=max_ttl), now)
+    finally:
+        store.close()
     return root
 
 
 class Broker:
-    """The state directory opened: database, vault, keyring (reloaded when its file changes)."""
+    """The state directory opened: master.key, the database, the keyring in it."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], config: BrokerConfig | None = None) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], config: BrokerConfig | None = None, *,
+                 database: str | DatabaseUrl | None = None, migrate: bool | None = None) -> None:
         self.root = Path(state_dir)
         self.config = config or BrokerConfig()
         if not (self.root / MASTER_KEY_NAME).exists():
-            raise CommandError(f"{str(self.root)!r} is not a broker state directory: run console-broker init")
+            raise CommandError(f"{str(self.root)!r} is not a broker state directory (no master.key): "
+                               "run console-broker init, or copy master.key from the first replica")
         self.vault = Vault.load(self.root / MASTER_KEY_NAME)
-        self.store = Store(self.root / DB_NAME)
-        self.hasher = Hasher(self.vault.derive("credential-hash"))
-        self.keyring_path = self.root / keyfiles.KEYRING_NAME
-        self._ring: Keyring | None = None
-        self._ring_stamp: tuple[int, int, int] | None = None
+        url = database if isinstance(database, DatabaseUrl) else parse_database_url(database, self.root)
+        self.store = Store(url, migrate=migrate)
+        try:
+            self.hasher = Hasher(self.vault.derive("credential-hash"))
+            self.keys = KeyStore(self.store, self.vault)
+            self.keys.import_file(self.root / keyfiles.KEYRING_NAME, clock.now())
+            self.keys.current()  # fail at start when master.key does not open the database's keyring
+        except BaseException:
+            self.store.close()
+            raise
         self.pending: dict[str, int] = {}
         self.reported_urls: dict[str, str] = {}  # the last differing public_url each proxy reported
 
@@ -133,72 +149,34 @@ class Broker:
     # --- keys ---------------------------------------------------------------------------
 
     def keyring(self) -> Keyring:
-        """The broker keyring, re-read when the file changed (``keys rotate`` from the CLI)."""
-        stat = self.keyring_path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if self._ring is None or stamp != self._ring_stamp:
-            self._ring = keyfiles.load_broker_keyring(self.keyring_path)
-            self._ring_stamp = stamp
-        return self._ring
+        """The broker keyring as committed in the database: a rotation through any replica (or
+        the CLI) is used from the next request on. Inside a transaction, the row is read locked."""
+        return self.keys.current()
 
     def rotate_keys(self, actor: str) -> dict[str, Any]:
         """New active keys; the old ones verify until their tokens expired. Audited."""
         now = clock.now()
-        with self._keyring_transaction() as conn:
+        with self.store.transaction() as conn:
             ring = self._rotate(conn, now, actor)
         return _rotation_json(ring)
 
-    @contextmanager
-    def _keyring_transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that may replace keyring.json, and puts the old file back if the
-        transaction fails after all (a failing statement or COMMIT): the file and the database
-        change together or not at all.
-
-        The write lock comes first: a busy or failing database refuses the rotation before the
-        keyring file changes, and two rotations never interleave. The file is put back before the
-        lock is released (``Store.transaction``'s ``undo``), so no other transaction (a heartbeat,
-        a mint, another rotation) ever reads keys this one did not commit."""
-        before: list[bytes] = []  # the file when the lock was taken
-        after: list[bytes] = []  # the file this transaction leaves, read before its COMMIT
-        with self.store.transaction(undo=lambda: self._restore_keyring(before, after)) as conn:
-            before.append(self.keyring_path.read_bytes())
-            yield conn
-            after.append(self.keyring_path.read_bytes())
-
-    def _restore_keyring(self, before: list[bytes], after: list[bytes]) -> None:
-        """Put back the file of ``before`` (called holding the write lock). Raises
-        KeyringNotRestored when it cannot, so nobody is told that nothing changed."""
-        if not before:
-            return
-        try:
-            current = self.keyring_path.read_bytes()
-            if current == before[0]:
-                return
-            # a file other than this transaction's: only possible after SQLite released the lock by itself
-            failure = "another writer replaced it meanwhile" if after and current != after[0] else None
-            if failure is None:
-                keyring.write_private_file(self.keyring_path, before[0])
-        except OSError as exc:
-            failure = exc.strerror or type(exc).__name__
-        if failure is not None:
-            log.error("a transaction failed and keyring.json could not be restored: %s", failure)
-            raise KeyringNotRestored(failure)
-        log.warning("the transaction failed: keyring.json restored to its previous keys")
-
-    def _rotate(self, conn: sqlite3.Connection, now: float, actor: str, **why: str) -> Keyring:
+    def _rotate(self, conn: Any, now: float, actor: str, **why: str) -> Keyring:
         """The one rotation code path (``keys rotate``, ``POST /keys/rotate``, ``proxy remove``),
-        inside :meth:`_keyring_transaction`: the audit row first and the file last, so a failing
-        database write leaves the file untouched."""
-        ring = keyfiles.load_broker_keyring(self.keyring_path).rotate(now)
+        inside the caller's transaction with the audit event: both commit or neither."""
+        ring = self.keys.current(for_update=True).rotate(now)
         self.store.append_audit(conn, at=now, type_="key_rotated", actor=actor, detail={
             "version": ring.version, "signing": ring.active_signing, "fleet": ring.active_fleet, **why})
-        keyring.save(ring, self.keyring_path)
+        self.keys.replace(conn, ring, now)
         log.info("keys rotated to version %d by %s", ring.version, actor)
         return ring
 
     def list_keys(self) -> dict[str, Any]:
         ring = self.keyring()
         return {"version": ring.version, "max_ttl": ring.max_ttl, "keys": ring.kids()}
+
+    def export_proxy_keyring(self) -> Keyring:
+        """The keys proxies need (public signing keys, fleet keys), as of now."""
+        return self.keyring().pruned(clock.now()).for_proxy()
 
     # --- credentials --------------------------------------------------------------------
 
@@ -211,13 +189,17 @@ class Broker:
             raise CommandError("the name must be 1-64 letters, digits, '-' or '_'")
         key_id, secret, whole = auth.new_api_key()
         now = clock.now()
-        with self.store.transaction() as conn:
-            if conn.execute("SELECT 1 FROM apikeys WHERE name = ?", (name,)).fetchone():
-                raise CommandError(f"an API key named {name!r} exists already (revoked names are not reused)")
-            conn.execute("INSERT INTO apikeys (id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
-                         (key_id, name, role, self.hasher.digest("apikey", key_id, secret), now))
-            self.store.append_audit(conn, at=now, type_="apikey_created", actor=actor,
-                                    detail={"name": name, "role": role, "key_id": key_id})
+        taken = CommandError(f"an API key named {name!r} exists already (revoked names are not reused)")
+        try:
+            with self.store.transaction() as conn:
+                if conn.execute("SELECT 1 FROM apikeys WHERE name = ?", (name,)).fetchone():
+                    raise taken
+                conn.execute("INSERT INTO apikeys (id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
+                             (key_id, name, role, self.hasher.digest("apikey", key_id, secret), now))
+                self.store.append_audit(conn, at=now, type_="apikey_created", actor=actor,
+                                        detail={"name": name, "role": role, "key_id": key_id})
+        except IntegrityError:  # PostgreSQL: another replica created the name meanwhile (unique index)
+            raise taken from None
         return whole
 
     def list_apikeys(self) -> dict[str, Any]:
@@ -232,7 +214,8 @@ class Broker:
         only for names duplicated before names became unique)."""
         now = clock.now()
         with self.store.transaction() as conn:
-            rows = conn.execute("SELECT id, role, revoked_at FROM apikeys WHERE name = ?", (name,)).fetchall()
+            rows = conn.execute("SELECT id, role, revoked_at FROM apikeys WHERE name = ?" + self.store.lock_update,
+                                (name,)).fetchall()
             if not rows:
                 raise ApiError(404, "apikey_not_found", f"no API key named {name!r}")
             live = [r for r in rows if r["revoked_at"] is None]
@@ -260,7 +243,7 @@ class Broker:
                                         detail={"proxy_id": name, "public_url": public_url})
                 if deliver is not None:
                     deliver({"proxy_id": name, "secret": secret})
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise CommandError(f"a proxy named {name!r} exists already (removed names are not reused)") from None
         return {"proxy_id": name, "secret": secret}
 
@@ -279,7 +262,8 @@ class Broker:
         public_url = _checked_public_url(public_url)
         now = clock.now()
         with self.store.transaction() as conn:
-            row = conn.execute("SELECT public_url FROM proxies WHERE id = ? AND removed_at IS NULL", (name,)).fetchone()
+            row = conn.execute("SELECT public_url FROM proxies WHERE id = ? AND removed_at IS NULL"
+                               + self.store.lock_update, (name,)).fetchone()
             if row is None:
                 raise ApiError(404, "proxy_not_found", f"no registered proxy named {name!r}")
             conn.execute("UPDATE proxies SET public_url = ? WHERE id = ?", (public_url, name))
@@ -303,18 +287,20 @@ class Broker:
         consoles must use keys it never received (and ``mint_floor`` keeps the broker from
         falling back to the previous keys for proxies that have not fetched the new ones)."""
         now = clock.now()
-        with self._keyring_transaction() as conn:
+        with self.store.transaction() as conn:
+            self.keys.current(for_update=True)  # waits for mints and heartbeats in flight, then holds them
             public_url = self._mark_removed(conn, name, now)
             self.store.append_audit(conn, at=now, type_="proxy_removed", actor=actor,
                                     detail={"proxy_id": name, "public_url": public_url, "rotate": rotate})
             ring = self._rotate(conn, now, actor, reason="proxy_removed", proxy_id=name) if rotate else None
             if ring is not None:
-                conn.execute("INSERT OR REPLACE INTO mint_floor (id, version) VALUES (1, ?)", (ring.version,))
+                conn.execute("INSERT INTO mint_floor (id, version) VALUES (1, ?) "
+                             "ON CONFLICT (id) DO UPDATE SET version = excluded.version", (ring.version,))
         self.pending.pop(name, None)
         return {"proxy_id": name, "rotation": _rotation_json(ring) if ring else None}
 
     @staticmethod
-    def _mark_removed(conn: sqlite3.Connection, name: str, now: float) -> str:
+    def _mark_removed(conn: Any, name: str, now: float) -> str:
         row = conn.execute("SELECT public_url, removed_at FROM proxies WHERE id = ?", (name,)).fetchone()
         if row is None:
             raise ApiError(404, "proxy_not_found", f"no proxy named {name!r}")
@@ -369,7 +355,7 @@ class Broker:
                 self.store.append_audit(conn, at=now, type_="target_changed", actor=actor, detail={
                     "action": "created", "target_id": target_id, "name": body["name"], "host": body["host"],
                     "port": body["port"], "has_password": sealed is not None})
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise ApiError(409, "target_exists", f"a target with id {target_id!r} exists already") from None
         return self.get_target(target_id)
 
@@ -408,10 +394,12 @@ class Broker:
     def mint_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
         """Claims from the target and the request, a proxy from the fleet, one audited session.
 
-        Keys, fleet, mint floor and choice are read in the transaction that records the session:
-        keyring.json changes only under the write lock, so the console can neither go to a proxy
+        Keys, fleet, mint floor and choice are read in the transaction that records the session,
+        the keyring row locked first (SQLite: the write lock; PostgreSQL: FOR SHARE, which a
+        rotation or removal's FOR UPDATE excludes), so the console can neither go to a proxy
         removed meanwhile nor be signed with keys that were leaked (or not committed yet)."""
         with self.store.transaction() as conn:
+            self.keyring()  # locks the keys (shared) first: a rotation or removal is before or after, whole
             row = conn.execute("SELECT * FROM targets WHERE id = ?", (body["target_id"],)).fetchone()
             if row is None:
                 raise ApiError(404, "target_not_found", "no target with this id")
@@ -422,7 +410,7 @@ class Broker:
             chosen, ring = self._choose(now, int(now) + ttl + DEFAULT_SKEW)
             claims = self._claims(row, body, now, ttl)
             minted = _sign(claims, ring)
-            conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
+            conn.execute("INSERT INTO sessions (id, target_id, \"user\", proxy_id, issued_by, state, single_use, exp, "
                          "minted_at) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?)",
                          (claims.sid, row["id"], claims.sub, chosen.id, principal.id, int(claims.once), claims.exp,
                           now))
@@ -455,7 +443,7 @@ class Broker:
             return chosen, previous
         return chosen, ring
 
-    def _claims(self, row: sqlite3.Row, body: dict[str, Any], now: float, ttl: int) -> token.Claims:
+    def _claims(self, row: Any, body: dict[str, Any], now: float, ttl: int) -> token.Claims:
         password = self.vault.open(row["password_enc"], context=row["id"]) if row["password_enc"] else None
         try:
             return token.new_claims(
@@ -497,7 +485,8 @@ class Broker:
         A session pruned by :meth:`cleanup` is 404 like an unknown one: its token is dead."""
         now = clock.now()
         with self.store.transaction() as conn:
-            row = conn.execute("SELECT state FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            row = conn.execute("SELECT state FROM sessions WHERE id = ?" + self.store.lock_update,
+                               (session_id,)).fetchone()
             if row is None:
                 raise ApiError(404, "session_not_found", "no session with this id")
             if row["state"] == "revoked":
@@ -512,8 +501,8 @@ class Broker:
         """Record the proxy's report; answer the keys it lacks and the sessions it must close.
 
         The removal check, the update and the keyring read are one transaction: a heartbeat that
-        authenticated just before ``proxy remove`` committed gets 401 once it has the write lock,
-        never the keys rotated because of that removal.
+        authenticated just before ``proxy remove`` committed gets 401 once it holds the keyring
+        row's lock (taken first), never the keys rotated because of that removal.
 
         The revoked list names a revoked session while any proxy could still accept its token,
         however long ago it was revoked, and an open one for REVOKED_MEMORY."""
@@ -521,13 +510,13 @@ class Broker:
             raise ApiError(403, "forbidden", "proxy_id differs from the authenticated proxy")
         with self.store.transaction() as conn:
             now = clock.now()
+            ring = self.keyring()  # locked (shared) before the removal check: see remove_proxy
             _check_proxy_live(conn, principal.id)
             conn.execute("UPDATE proxies SET sessions = ?, capacity = ?, draining = ?, last_seen = ?, "
                          "keyring_version = ? WHERE id = ? AND removed_at IS NULL",
                          (body["sessions"], body["capacity"], int(body["draining"]), now, body["version"],
                           principal.id))
             registered = conn.execute("SELECT public_url FROM proxies WHERE id = ?", (principal.id,)).fetchone()[0]
-            ring = self.keyring()
         self._note_reported_url(principal.id, registered, _public_url(body.get("public_url")))
         self.pending[principal.id] = 0
         revoked = [r["id"] for r in self.store.all(
@@ -544,15 +533,18 @@ class Broker:
         exp = min(body["exp"], int(now) + self.keyring().max_ttl + MAX_SKEW)
         try:
             with self.store.transaction() as conn:
+                self.keyring()  # locked (shared): a removal of this proxy commits before or after, whole
                 _check_proxy_live(conn, principal.id)
-                session = conn.execute("SELECT state FROM sessions WHERE id = ?", (body["session_id"],)).fetchone()
+                # FOR SHARE (PostgreSQL): a revoke cannot commit between this check and the commit
+                session = conn.execute("SELECT state FROM sessions WHERE id = ?" + self.store.lock_share,
+                                       (body["session_id"],)).fetchone()
                 if session is not None and session["state"] == "revoked":
                     raise ApiError(409, "session_revoked", "this console session was revoked")
                 conn.execute("INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES (?, ?, ?, ?, ?)",
                              (body["jti"], body["session_id"], principal.id, exp, now))
                 self.store.append_audit(conn, at=now, type_="redeemed", actor=principal.actor,
                                         session_id=body["session_id"], detail={"proxy_id": principal.id})
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise ApiError(409, "token_used", "this token has been redeemed already") from None
         return {"redeemed": True}
 
@@ -579,7 +571,7 @@ class Broker:
         covers the redeeming proxy's skew, but another proxy may run with up to ``MAX_SKEW``.
         Session rows go per :meth:`_prune_sessions`."""
         now = clock.now()
-        redeemed = self.store.delete_in_batches("redeemed", "exp < ?", (now - MAX_SKEW - DEFAULT_SKEW,),
+        redeemed = self.store.delete_in_batches("redeemed", "jti", "exp < ?", (now - MAX_SKEW - DEFAULT_SKEW,),
                                                 batch=batch, max_batches=max_batches)
         sessions = self._prune_sessions(now, batch=batch, max_batches=max_batches)
         if redeemed or sessions:
@@ -598,7 +590,7 @@ class Broker:
         index finds the candidates."""
         cutoff = now - max(self.config.session_retention, MIN_SESSION_RETENTION)
         return self.store.delete_in_batches(
-            "sessions", "state IN ('minted', 'closed', 'revoked') AND exp < ? "
+            "sessions", "id", "state IN ('minted', 'closed', 'revoked') AND exp < ? "
             "AND COALESCE(closed_at, 0) < ? AND COALESCE(revoked_at, 0) < ?", (cutoff, cutoff, cutoff),
             batch=batch, max_batches=max_batches)
 
@@ -626,7 +618,7 @@ def _rotation_json(ring: Keyring) -> dict[str, Any]:
     return {"version": ring.version, "active": {"signing": ring.active_signing, "fleet": ring.active_fleet}}
 
 
-def _check_proxy_live(conn: sqlite3.Connection, proxy_id: str) -> None:
+def _check_proxy_live(conn: Any, proxy_id: str) -> None:
     """Inside the request's write transaction: a proxy removed after its request authenticated
     (the removal committed while the request waited for the lock) is refused as api.caller refuses
     an unknown credential. A missing row is refused too (fail closed), though authentication
@@ -658,20 +650,20 @@ def _public_url(value: str | None) -> str | None:
     return None
 
 
-def _target_json(row: sqlite3.Row) -> dict[str, Any]:
+def _target_json(row: Any) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"], "host": row["host"], "port": row["port"],
             "has_password": row["password_enc"] is not None, "tls": json.loads(row["tls"]) if row["tls"] else None,
             "created_at": row["created_at"]}
 
 
-def _session_json(row: sqlite3.Row) -> dict[str, Any]:
+def _session_json(row: Any) -> dict[str, Any]:
     return {"session_id": row["id"], "target_id": row["target_id"], "user": row["user"], "proxy_id": row["proxy_id"],
             "state": row["state"], "single_use": bool(row["single_use"]), "expires_at": row["exp"],
             "minted_at": row["minted_at"], "opened_at": row["opened_at"], "closed_at": row["closed_at"],
             "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"], "close_code": row["close_code"]}
 
 
-def _page_cursor(row: sqlite3.Row) -> str:
+def _page_cursor(row: Any) -> str:
     """Opaque to clients: base64url of the JSON [minted_at, id] of a page's last row (repr of a
     float round-trips exactly, so the next page starts right after it)."""
     return b64url.encode(json.dumps([row["minted_at"], row["id"]]).encode())
@@ -702,7 +694,7 @@ def _event_time(event: dict[str, Any], now: float) -> float:
     return float(at) if isinstance(at, int | float) and abs(at - now) < 86400 else now
 
 
-def _opened(store: Store, conn: sqlite3.Connection, who: Principal, event: dict[str, Any], now: float) -> None:
+def _opened(store: Store, conn: Any, who: Principal, event: dict[str, Any], now: float) -> None:
     at, sid = _event_time(event, now), event.get("session_id")
     if sid:
         conn.execute("UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'active' END, "
@@ -713,20 +705,27 @@ def _opened(store: Store, conn: sqlite3.Connection, who: Principal, event: dict[
         "handshake_ms": event.get("handshake_ms")})
 
 
-def _closed(store: Store, conn: sqlite3.Connection, who: Principal, event: dict[str, Any], now: float) -> None:
+BYTES_MAX = 2**62
+"""Byte counters stop here (the events' schema caps one report at it too): a sum past 2**63 is
+an error on PostgreSQL's BIGINT and a silent float on SQLite."""
+_ADD_BYTES = f"CASE WHEN {{column}} > {BYTES_MAX} - ? THEN {BYTES_MAX} ELSE {{column}} + ? END"
+
+
+def _closed(store: Store, conn: Any, who: Principal, event: dict[str, Any], now: float) -> None:
     at, sid = _event_time(event, now), event.get("session_id")
     up, down = event.get("bytes_up") or 0, event.get("bytes_down") or 0
     if sid:
         conn.execute("UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'closed' END, "
-                     "closed_at = ?, bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, close_code = ? "
-                     "WHERE id = ?", (at, up, down, event.get("close_code"), sid))
+                     f"closed_at = ?, bytes_up = {_ADD_BYTES.format(column='bytes_up')}, "
+                     f"bytes_down = {_ADD_BYTES.format(column='bytes_down')}, close_code = ? WHERE id = ?",
+                     (at, up, up, down, down, event.get("close_code"), sid))
     store.append_audit(conn, at=now, type_="closed", actor=who.actor, session_id=sid, detail={
         "proxy_id": who.id, "bytes_up": up, "bytes_down": down, "duration_s": event.get("duration_s"),
         "close_code": event.get("close_code"), "close_reason": event.get("close_reason"),
         "note": event.get("detail")})
 
 
-def _refused(store: Store, conn: sqlite3.Connection, who: Principal, event: dict[str, Any], now: float) -> None:
+def _refused(store: Store, conn: Any, who: Principal, event: dict[str, Any], now: float) -> None:
     store.append_audit(conn, at=now, type_="refused", actor=who.actor, session_id=event.get("session_id"), detail={
         "proxy_id": who.id, "code": event.get("code"), "reason": event.get("reason"),
         "status": event.get("status"), "client": event.get("client"), "path": event.get("path")})

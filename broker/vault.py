@@ -6,6 +6,11 @@ target passwords cannot be used to forge an API-key hash, and the other way roun
 
 Target passwords are sealed with AES-256-GCM, a fresh 96-bit nonce each time, and the target id
 as associated data: a sealed password copied onto another target's row does not open.
+
+The keyring, stored in the database so that every replica reads the same keys, is sealed with
+its own key: HKDF-SHA256 over the master key with the info ``consolegate/v1/keyring-seal``
+(cryptography's HKDF and AESGCM). The master key never enters the database, so a dump of it
+opens nothing; a replica given another master.key fails at start (the keyring does not open).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from Crypto.Cipher import AES
 
@@ -23,6 +29,8 @@ from console_proxy.keyring import write_private_file
 
 MASTER_KEY_NAME = "master.key"
 _SEAL_VERSION = b"\x01"
+KEYRING_SEAL_INFO = b"consolegate/v1/keyring-seal"
+_KEYRING_AAD = b"consolegate keyring v1"
 
 
 class VaultError(Exception):
@@ -37,6 +45,7 @@ class Vault:
             raise VaultError("master.key must hold 32 bytes")
         self._master = master
         self._seal_key = self.derive("target-password-seal")
+        self._keyring_seal = _keyring_cipher(master)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> Vault:
@@ -81,3 +90,32 @@ class Vault:
             return cipher.decrypt_and_verify(body, tag).decode("utf-8")
         except (ValueError, UnicodeDecodeError):
             raise VaultError("sealed value does not open under this master key") from None
+
+    def seal_keyring(self, plaintext: bytes) -> bytes:
+        """The keyring's JSON for the database: version byte, nonce, AES-GCM ciphertext and tag."""
+        nonce = secrets.token_bytes(12)
+        return _SEAL_VERSION + nonce + self._keyring_seal.encrypt(nonce, plaintext, _SEAL_VERSION + _KEYRING_AAD)
+
+    def open_keyring(self, sealed: bytes) -> bytes:
+        sealed = bytes(sealed)
+        if len(sealed) < 29 or sealed[:1] != _SEAL_VERSION:
+            raise VaultError("the database's keyring has an unknown format")
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            return self._keyring_seal.decrypt(sealed[1:13], sealed[13:], _SEAL_VERSION + _KEYRING_AAD)
+        except InvalidTag:
+            raise VaultError("the database's keyring does not open under this master.key: "
+                             "every replica needs the master.key of the state dir that created it") from None
+
+
+def _keyring_cipher(master: bytes) -> Any:
+    """AES-GCM under HKDF-SHA256(master.key, info=KEYRING_SEAL_INFO). ``cryptography`` comes with
+    the ``broker`` extra; imported here so that its absence is one line, not a traceback."""
+    try:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    except ImportError:
+        raise VaultError("the broker needs the cryptography package: pip install 'consolegate[broker]'") from None
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEYRING_SEAL_INFO).derive(master))

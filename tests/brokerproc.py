@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +23,8 @@ from proxyproc import REPO, START_TIMEOUT, ProxyProcess, free_port, start_proxy
 
 from broker.client import BrokerClient
 from broker.service import Broker, init_state_dir
+from broker.vault import MASTER_KEY_NAME
+from console_proxy import keyring
 
 HEARTBEAT = 0.5
 """Heartbeat interval for tests: revocation must land within one of these."""
@@ -35,19 +38,30 @@ class BrokerState:
     admin_key: str
     issuer_key: str
     proxies: dict[str, Path] = field(default_factory=dict)
+    database: str | None = None
+    """``--database``: None for the state dir's SQLite file."""
 
     @classmethod
-    def create(cls, root: Path) -> BrokerState:
-        init_state_dir(root)
-        broker = Broker(root)
+    def create(cls, root: Path, database: str | None = None) -> BrokerState:
+        init_state_dir(root, database=database)
+        broker = Broker(root, database=database)
         try:
             return cls(root, broker.create_apikey("admin", "admin", "test"),
-                       broker.create_apikey("issuer", "issuer", "test"))
+                       broker.create_apikey("issuer", "issuer", "test"), database=database)
         finally:
             broker.close()
 
+    def replica(self, root: Path) -> BrokerState:
+        """Another replica's state dir on the same database: a copy of master.key, nothing else."""
+        root.mkdir(mode=0o700)
+        shutil.copy2(self.root / MASTER_KEY_NAME, root / MASTER_KEY_NAME)
+        return BrokerState(root, self.admin_key, self.issuer_key, self.proxies, self.database)
+
+    def open(self) -> Broker:
+        return Broker(self.root, database=self.database)
+
     def add_proxy(self, name: str, public_url: str) -> Path:
-        broker = Broker(self.root)
+        broker = self.open()
         try:
             credential = broker.add_proxy(name, public_url, "test")
         finally:
@@ -57,6 +71,19 @@ class BrokerState:
         path.chmod(0o600)
         self.proxies[name] = path
         return path
+
+
+def legacy_state_dir(root: Path) -> Path:
+    """A state dir as releases before the keyring moved into the database left it: master.key,
+    keyring.json, and no broker.db (the caller writes the old schema). Returns the keyring path."""
+    init_state_dir(root)
+    broker = Broker(root)
+    try:
+        keyring.save(broker.keyring(), root / "keyring.json")
+    finally:
+        broker.close()
+    (root / "broker.db").unlink()
+    return root / "keyring.json"
 
 
 class BrokerProcess(ProxyProcess):
@@ -86,7 +113,7 @@ def start_broker(state: BrokerState, *extra: str, port: int | None = None,
     log_path = state.root.parent / f"broker-{port}.log"
     command = [sys.executable, "-m", "broker.cli", "serve", "--state-dir", str(state.root),
                "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", str(heartbeat_interval),
-               "--log-level", "DEBUG", *extra]
+               "--log-level", "DEBUG", *(["--database", state.database] if state.database else []), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                env=env)

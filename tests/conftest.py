@@ -1,4 +1,5 @@
-"""Shared fixtures: real Xvnc servers (tests/xvnc.py), keyrings, and a real proxy process."""
+"""Shared fixtures: real Xvnc servers (tests/xvnc.py), keyrings, a real proxy process, and the
+broker's two database engines (a throwaway PostgreSQL cluster per session: tests/pgcluster.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pgcluster import PgCluster
 from proxyproc import ProxyProcess, start_proxy
 from xvnc import other_pki, test_pki, xvnc_factory, xvnc_none, xvnc_vncauth, xvnc_x509  # noqa: F401
 
@@ -54,3 +56,28 @@ def proxy_factory(broker_ring: tuple[Keyring, Path], tmp_path: Path) -> Iterator
     yield _start
     for process in started:
         process.stop()
+
+
+ENGINES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One real PostgreSQL 15 server for the whole session, started on first use (~1 s)."""
+    cluster = PgCluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database(engine: str, request: pytest.FixtureRequest) -> str | None:
+    """The ``--database`` for a test on ``engine``: None (the state dir's SQLite file) or the URL
+    of a fresh, empty PostgreSQL database."""
+    if engine == "sqlite":
+        return None
+    return request.getfixturevalue("pg_cluster").new_database()  # type: ignore[no-any-return]

@@ -14,19 +14,21 @@ from typing import Any
 
 import pytest
 from brokerproc import BrokerProcess, BrokerState, start_broker
+from conftest import ENGINES
 
 from broker.client import BrokerClient, BrokerError
-from broker.service import Broker
 from console_proxy import token
 from console_proxy.keyring import Keyring
 
 PASSWORD = "vnc-Pa55-" + secrets.token_hex(4)
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+@pytest.fixture(scope="module", params=ENGINES)
+def broker(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+    """One broker process per engine: its SQLite file, or a fresh PostgreSQL database."""
     tmp = tmp_path_factory.mktemp("broker-api")
-    state = BrokerState.create(tmp / "state")
+    database = request.getfixturevalue("pg_cluster").new_database() if request.param == "postgresql" else None
+    state = BrokerState.create(tmp / "state", database=database)
     state.add_proxy("fake", "http://127.0.0.1:1")
     process = start_broker(state, "--max-ttl", "600")
     yield process
@@ -120,8 +122,13 @@ def test_targets_crud_and_password_is_write_only(broker: BrokerProcess) -> None:
     broker.admin.delete_target("crud-1")
     assert _error(lambda: broker.admin.target("crud-1")) == (404, "target_not_found")
     assert _error(lambda: broker.admin.delete_target("crud-1")) == (404, "target_not_found")
-    for path in Path(broker.state.root).glob("broker.db*"):
+    for path in Path(broker.state.root).glob("broker.db*"):  # SQLite: the files, WAL included
         assert PASSWORD.encode() not in path.read_bytes()
+    stored = broker.state.open()
+    try:  # either engine: what the database hands back
+        assert all(PASSWORD.encode() not in repr(tuple(row)).encode() for row in stored.store.all("SELECT * FROM targets"))
+    finally:
+        stored.close()
     assert PASSWORD not in broker.log_text()
 
 
@@ -197,7 +204,7 @@ def test_sessions_issuer_sees_own_revoke_reaches_heartbeat_and_blocks_redeem(bro
                                                               "exp": int(time.time()) + 60})) == (
         409, "session_revoked")
     assert _error(lambda: broker.admin.revoke("no-such-session")) == (404, "session_not_found")
-    other = Broker(broker.state.root)
+    other = broker.state.open()
     try:
         other_key = other.create_apikey("issuer2", "issuer", "test")
     finally:
@@ -301,3 +308,23 @@ def test_a_console_minted_right_after_a_rotation_opens_on_a_proxy_not_yet_told(b
     with pytest.raises(token.TokenRefused) as refused:
         token.verify(minted, old_ring, time.time())
     assert refused.value.reason == "unknown_fleet_key"  # minted with the new keys now
+
+
+def test_strings_no_database_can_hold_are_400_on_both_engines(broker: BrokerProcess) -> None:
+    """A NUL (PostgreSQL's text cannot hold it), an unpaired surrogate (no driver can encode it),
+    in a body or a path: 400, never a 500, and the same answer from either engine."""
+    for name in ("a\u0000b", "\ud800"):
+        assert _error(lambda name=name: broker.admin.add_target(name=name, host="h", port=1)) == (400, "bad_request")
+    assert _error(lambda: broker.admin.request("DELETE", "/sessions/x%00y")) == (400, "bad_request")
+    assert _error(lambda: broker.admin.request("GET", "/audit", query={"type": "x\u0000"})) == (400, "bad_request")
+    assert " 500 " not in broker.log_text()
+
+
+def test_byte_counters_stop_at_their_maximum(broker: BrokerProcess) -> None:
+    _heartbeat(broker)
+    target = broker.admin.add_target(name="bytes", host="127.0.0.1", port=5907)
+    sid = broker.issuer.mint(target["id"])["session_id"]
+    closed = {"event": "closed", "session_id": sid, "bytes_up": 2**62, "bytes_down": 1, "close_code": 1000}
+    assert _as_proxy(broker, "/proxy/events", {"events": [closed, closed]})[0] == 200
+    row = next(s for s in broker.admin.sessions() if s["session_id"] == sid)
+    assert (row["bytes_up"], row["bytes_down"]) == (2**62, 2)

@@ -20,7 +20,8 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def test_state_dir_lifecycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = str(tmp_path / "var")
     assert _run(capsys, "init", "--state-dir", state)[0] == 0
-    for name in ("broker.db", "keyring.json", "master.key"):
+    assert not (tmp_path / "var" / "keyring.json").exists()  # the keyring is sealed in the database
+    for name in ("broker.db", "master.key"):
         assert stat.S_IMODE((tmp_path / "var" / name).stat().st_mode) == 0o600
     status, _, err = _run(capsys, "init", "--state-dir", state)
     assert status == 1 and "already holds" in err

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from brokerproc import BrokerProcess, BrokerState, start_broker
+from conftest import ENGINES
 from schemathesisrun import operations, run_schemathesis, served_document
 
 from broker import api, openapi
@@ -22,10 +23,12 @@ from broker import api, openapi
 openapi_spec_validator = pytest.importorskip("openapi_spec_validator")
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+@pytest.fixture(scope="module", params=ENGINES)
+def broker(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+    """A broker per engine: the fuzzer's strings and numbers reach SQLite and PostgreSQL alike."""
     tmp = tmp_path_factory.mktemp("broker-openapi")
-    state = BrokerState.create(tmp / "state")
+    database = request.getfixturevalue("pg_cluster").new_database() if request.param == "postgresql" else None
+    state = BrokerState.create(tmp / "state", database=database)
     state.add_proxy("fuzz", "http://127.0.0.1:1")
     process = start_broker(state, heartbeat_interval=600)  # one heartbeat keeps "fuzz" healthy throughout
     yield process

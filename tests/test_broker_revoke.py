@@ -3,7 +3,6 @@ against a real ``console-broker serve`` where it matters (the next request after
 
 from __future__ import annotations
 
-import errno
 import json
 import sqlite3
 import time
@@ -12,16 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokerproc import BrokerProcess, BrokerState, start_broker
+from brokerproc import BrokerProcess, BrokerState, legacy_state_dir, start_broker
 from test_broker_api import _error, _proxy_auth
 from test_broker_cli import _run
 
-from broker import cli, fleet
+from broker import fleet
 from broker.auth import Hasher, Principal
-from broker.service import ApiError, Broker, KeyringNotRestored, init_state_dir
-from broker.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreUnavailable
+from broker.service import ApiError, Broker, init_state_dir
+from broker.store import MIGRATIONS, SCHEMA_VERSION, IntegrityError, Store, StoreUnavailable
 from broker.vault import MASTER_KEY_NAME, Vault
-from console_proxy import keyring, token
+from console_proxy import token
 from console_proxy.keyring import Keyring
 
 Capsys = pytest.CaptureFixture[str]
@@ -162,11 +161,11 @@ def test_remove_with_no_rotate_keeps_the_keys_and_refuses_repeats(state_dir: str
     cred = tmp_path / "old.json"
     _cli(capsys, "proxy", "add", "old", "--public-url", "http://127.0.0.1:1", "--out", str(cred), state=state_dir)
     secret = json.loads(cred.read_text())["secret"]
-    ring_before = (Path(state_dir) / "keyring.json").read_bytes()
+    ring_before = _rows(state_dir, "SELECT * FROM keyring")
 
     status, out, _ = _cli(capsys, "proxy", "remove", "old", "--no-rotate", state=state_dir)
     assert status == 0 and "not rotated" in out
-    assert (Path(state_dir) / "keyring.json").read_bytes() == ring_before
+    assert _rows(state_dir, "SELECT * FROM keyring") == ring_before
     assert [(e["actor"], e["rotate"]) for e in _audit(state_dir, "proxy_removed")] == [("cli", False)]
     assert _audit(state_dir, "key_rotated") == []
     broker = Broker(state_dir)
@@ -181,13 +180,13 @@ def test_remove_with_no_rotate_keeps_the_keys_and_refuses_repeats(state_dir: str
         status, _, err = _cli(capsys, *argv, state=state_dir)
         assert status == 1 and says in err and err.count("\n") == 1, err
     assert _rows(state_dir, "SELECT * FROM audit") == audit
-    assert (Path(state_dir) / "keyring.json").read_bytes() == ring_before
+    assert _rows(state_dir, "SELECT * FROM keyring") == ring_before
 
 
 def test_a_database_failure_leaves_credentials_and_keys_as_they_were(state_dir: str, tmp_path: Path,
                                                                      capsys: Capsys) -> None:
     """Real SQLite errors, raised by triggers at the last write of each operation (for removal:
-    after keyring.json was replaced), must roll everything back and print one line."""
+    after the keys were rotated), must roll everything back and print one line."""
     key = _cli(capsys, "apikey", "create", "ops", "--role", "admin", state=state_dir)[1].strip()
     cred = tmp_path / "px.json"
     _cli(capsys, "proxy", "add", "px", "--public-url", "http://127.0.0.1:1", "--out", str(cred), state=state_dir)
@@ -198,7 +197,7 @@ def test_a_database_failure_leaves_credentials_and_keys_as_they_were(state_dir: 
                 BEGIN SELECT RAISE(ABORT, 'simulated failure'); END;
             CREATE TRIGGER fail_floor BEFORE INSERT ON mint_floor BEGIN SELECT RAISE(ABORT, 'simulated failure'); END;
         """)
-    ring_before = (Path(state_dir) / "keyring.json").read_bytes()
+    ring_before = _rows(state_dir, "SELECT * FROM keyring")
     rows_before = _rows(state_dir, "SELECT * FROM apikeys"), _rows(state_dir, "SELECT * FROM proxies")
     audit_before = _rows(state_dir, "SELECT * FROM audit")
 
@@ -206,7 +205,7 @@ def test_a_database_failure_leaves_credentials_and_keys_as_they_were(state_dir: 
         status, out, err = _cli(capsys, *argv, state=state_dir)
         assert (status, out) == (1, "") and err.count("\n") == 1 and "Traceback" not in err, err
         assert "simulated failure" in err and "nothing was changed" in err
-    assert (Path(state_dir) / "keyring.json").read_bytes() == ring_before
+    assert _rows(state_dir, "SELECT * FROM keyring") == ring_before
     assert (_rows(state_dir, "SELECT * FROM apikeys"), _rows(state_dir, "SELECT * FROM proxies")) == rows_before
     assert _rows(state_dir, "SELECT * FROM audit") == audit_before
     broker = Broker(state_dir)
@@ -220,11 +219,10 @@ def test_a_database_failure_leaves_credentials_and_keys_as_they_were(state_dir: 
 def test_a_version_1_database_migrates_and_its_credentials_keep_working(tmp_path: Path, capsys: Capsys) -> None:
     """Databases made before revocation existed: the new columns start empty (nothing revoked)."""
     root = tmp_path / "old"
-    init_state_dir(root)
-    (root / "broker.db").unlink()
+    legacy_state_dir(root)
     hasher = Hasher(Vault.load(root / MASTER_KEY_NAME).derive("credential-hash"))
     with sqlite3.connect(root / "broker.db") as conn:
-        conn.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+        conn.executescript(MIGRATIONS[0].sqlite + "PRAGMA user_version = 1;")
         conn.execute("INSERT INTO apikeys VALUES ('k1', 'legacy', 'admin', ?, 1.0)",
                      (hasher.digest("apikey", "k1", "s3cret"),))
     broker = Broker(root)
@@ -260,36 +258,6 @@ def pair(tmp_path: Path) -> Iterator[tuple[Broker, Broker]]:
 def _heartbeat(broker: Broker, name: str, version: int) -> dict[str, Any]:
     return broker.heartbeat(Principal(name, name, "proxy"), {
         "proxy_id": name, "public_url": None, "sessions": 0, "capacity": 10, "draining": False, "version": version})
-
-
-def _lock_is_free(db: Path) -> bool:
-    """Whether another writer could take the write lock right now (it does not wait)."""
-    other = sqlite3.connect(db, isolation_level=None, timeout=0)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("ROLLBACK")
-        return True
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        other.close()
-
-
-def _spy_keyring_writes(monkeypatch: pytest.MonkeyPatch, db: Path,
-                        fail_on: int | None = None) -> list[bool]:
-    """Records, for each write of a keyring file, whether the write lock was free then; write
-    number ``fail_on`` (1-based) fails as on a full disk."""
-    writes: list[bool] = []
-    real = keyring.write_private_file
-
-    def spy(path: Any, content: bytes) -> None:
-        writes.append(_lock_is_free(db))
-        if len(writes) == fail_on:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, content)
-
-    monkeypatch.setattr(keyring, "write_private_file", spy)
-    return writes
 
 
 _PROXY_CALLS: dict[str, Callable[[Broker, Principal, int], object]] = {
@@ -382,97 +350,19 @@ _FAIL_AT_COMMIT = """
     CREATE TRIGGER fail_commit AFTER INSERT ON audit WHEN NEW.type = 'key_rotated'
         BEGIN INSERT INTO child VALUES (42); END;
 """
-"""A real COMMIT failure: a deferred foreign key is checked only at COMMIT, after keyring.json was
-replaced, and SQLite keeps the transaction (and the lock) open when it refuses that COMMIT."""
+"""A real COMMIT failure: a deferred foreign key is checked only at COMMIT."""
 
 
-def test_a_failing_commit_puts_keyring_json_back_before_the_lock_is_released(
-        pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch) -> None:
-    serving, _ = pair
-    db = serving.store.path
-    serving.store.conn.executescript(_FAIL_AT_COMMIT)
-    before = serving.keyring_path.read_bytes()
-    writes = _spy_keyring_writes(monkeypatch, db)
-    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-        serving.rotate_keys("test")
-    assert writes == [False, False]  # the new keys and the old ones put back: both under the lock
-    assert serving.keyring_path.read_bytes() == before and _lock_is_free(db)
-    assert serving.store.all("SELECT * FROM audit WHERE type = 'key_rotated'") == []
-
-
-class _CommitRolledBackBySqlite:
-    """A connection whose COMMIT fails as on an I/O error: SQLite rolls back by itself and the
-    lock is released; ``meanwhile`` is what another process does in that gap."""
-
-    def __init__(self, conn: sqlite3.Connection, meanwhile: Callable[[], object]) -> None:
-        self._conn, self._meanwhile = conn, meanwhile
-
-    def execute(self, sql: str, *params: Any) -> sqlite3.Cursor:
-        if sql == "COMMIT":
-            self._conn.execute("ROLLBACK")
-            self._meanwhile()
-            raise sqlite3.OperationalError("disk I/O error")
-        return self._conn.execute(sql, *params)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
-
-
-def test_after_sqlite_rolled_back_by_itself_the_file_is_put_back_under_the_lock_taken_again(
-        pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch) -> None:
-    serving, _ = pair
-    before = serving.keyring_path.read_bytes()
-    conn = serving.store.conn
-    monkeypatch.setattr(serving.store, "conn", _CommitRolledBackBySqlite(conn, lambda: None))
-    writes = _spy_keyring_writes(monkeypatch, serving.store.path)
-    with pytest.raises(StoreUnavailable, match="disk I/O error"):
-        serving.rotate_keys("test")
-    assert writes == [False, False] and serving.keyring_path.read_bytes() == before
-    assert not conn.in_transaction
-
-
-def test_a_rotation_committed_in_that_gap_is_kept_and_the_cli_says_the_file_was_not_restored(
-        pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch, capsys: Capsys) -> None:
-    """Another rotation took the lock between SQLite's own rollback and the undo, and built on the
-    uncommitted file: its committed keys stay, and the command must not claim nothing changed."""
+def test_a_failing_commit_leaves_the_keys_as_they_were(pair: tuple[Broker, Broker]) -> None:
+    """The keyring is a row of the rotation's transaction: a refused COMMIT takes it back too."""
     serving, command = pair
-    state = serving.root
-    command.store.conn = _CommitRolledBackBySqlite(command.store.conn, lambda: serving.rotate_keys("api"))
-    monkeypatch.setattr(cli, "_open", lambda args: command)
-    status, out, err = _cli(capsys, "keys", "rotate", state=state)
-    assert (status, out) == (1, "") and err.count("\n") == 1, err
-    assert "disk I/O error" in err and "could not be restored" in err and "nothing was changed" not in err
-    assert "keys list" in err
-    ring = keyring.load(state / "keyring.json")
-    assert [e["version"] for e in _audit(state, "key_rotated")] == [ring.version]  # the other rotation's
-
-
-def test_a_keyring_that_cannot_be_put_back_is_reported_not_hidden(state_dir: str, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: Capsys) -> None:
-    cred = tmp_path / "px.json"
-    _cli(capsys, "proxy", "add", "px", "--public-url", "http://127.0.0.1:1", "--out", str(cred), state=state_dir)
-    secret = json.loads(cred.read_text())["secret"]
-    with sqlite3.connect(Path(state_dir) / "broker.db") as conn:
-        conn.execute("CREATE TRIGGER fail_floor BEFORE INSERT ON mint_floor "
-                      "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END")
-    ring_before = (Path(state_dir) / "keyring.json").read_bytes()
-    writes = _spy_keyring_writes(monkeypatch, Path(state_dir) / "broker.db", fail_on=2)  # the restore fails
-
-    status, out, err = _cli(capsys, "proxy", "remove", "px", state=state_dir)
-    assert (status, out) == (1, "") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert "simulated failure" in err and "could not be restored (No space left on device)" in err
-    assert "nothing was changed" not in err and "keys list" in err and secret not in err
-    assert writes == [False, False]
-    assert (Path(state_dir) / "keyring.json").read_bytes() != ring_before  # as the message says
-    assert _rows(state_dir, "SELECT removed_at FROM proxies") == [(None,)]  # the database was rolled back
-    broker = Broker(state_dir)  # in-process (the API's path) it is an exception of its own, not sqlite3.Error
-    try:
-        writes.clear()
-        with pytest.raises(KeyringNotRestored, match="could not be restored"):
-            broker.remove_proxy("px", "test")
-    finally:
-        broker.close()
+    serving.store.conn.executescript(_FAIL_AT_COMMIT)
+    before = serving.keyring().to_jwks()
+    with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+        serving.rotate_keys("test")
+    assert serving.keyring().to_jwks() == before and command.keyring().to_jwks() == before
+    assert serving.store.all("SELECT * FROM audit WHERE type = 'key_rotated'") == []
+    assert not serving.store.conn.in_transaction
 
 
 def test_two_processes_opening_an_old_database_at_once_migrate_it_once(tmp_path: Path,
@@ -481,7 +371,7 @@ def test_two_processes_opening_an_old_database_at_once_migrate_it_once(tmp_path:
     under the write lock instead of applying migration 2 again ("duplicate column name")."""
     db = tmp_path / "b.db"
     with sqlite3.connect(db) as conn:
-        conn.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+        conn.executescript(MIGRATIONS[0].sqlite + "PRAGMA user_version = 1;")
     real = Store.version.fget
     assert real is not None
     raced: list[int] = []

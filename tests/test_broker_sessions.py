@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokerproc import BrokerProcess, BrokerState, start_broker
+from brokerproc import BrokerProcess, BrokerState, legacy_state_dir, start_broker
 from freezegun import freeze_time
 from test_broker_api import _error, _heartbeat
 from test_broker_units import registered_proxy
@@ -46,14 +46,17 @@ MAX_PAGES = 100
 
 
 @pytest.fixture
-def open_broker(tmp_path: Path) -> Iterator[Callable[..., tuple[Broker, Principal]]]:
-    """``open_broker(**config)``: a Broker on a fresh state dir with a target and proxy "p"."""
+def open_broker(tmp_path: Path, engine: str,
+                request: pytest.FixtureRequest) -> Iterator[Callable[..., tuple[Broker, Principal]]]:
+    """``open_broker(**config)``: a Broker on a fresh state dir (and database, on either engine)
+    with a target and proxy "p"."""
     opened: list[Broker] = []
 
     def make(**config: Any) -> tuple[Broker, Principal]:
         root = tmp_path / f"s{len(opened)}"
-        init_state_dir(root)
-        broker = Broker(root, BrokerConfig(**config))
+        database = request.getfixturevalue("pg_cluster").new_database() if engine == "postgresql" else None
+        init_state_dir(root, database=database)
+        broker = Broker(root, BrokerConfig(**config), database=database)
         opened.append(broker)
         broker.add_target({"id": "vm", "name": "VM", "host": "10.0.0.5", "port": 5901}, "test")
         return broker, registered_proxy(broker)
@@ -72,6 +75,11 @@ def _mint(broker: Broker, proxy: Principal, **body: Any) -> str:
     """A console minted as the API would (the heartbeat first keeps the proxy healthy)."""
     _beat(broker, proxy)
     return broker.mint_console(ISSUER, {"target_id": "vm", "ttl": TTL, **body})["session_id"]
+
+
+def _rows_in(conn: Any) -> int:
+    """Sessions and redeemed rows, as the transaction on ``conn`` sees them."""
+    return int(conn.execute("SELECT (SELECT count(*) FROM sessions) + (SELECT count(*) FROM redeemed)").fetchone()[0])
 
 
 def _event(kind: str, sid: str) -> dict[str, Any]:
@@ -156,11 +164,11 @@ def test_cleanup_deletes_in_bounded_batches(open_broker: Callable[..., tuple[Bro
         real = broker.store.transaction
 
         @contextmanager
-        def counted(**options: Any) -> Iterator[sqlite3.Connection]:
+        def counted(**options: Any) -> Iterator[Any]:
             with real(**options) as conn:
-                before = conn.total_changes
+                before = _rows_in(conn)
                 yield conn
-                per_transaction.append(conn.total_changes - before)
+                per_transaction.append(before - _rows_in(conn))
 
         monkeypatch.setattr(broker.store, "transaction", counted)
         assert broker.cleanup(batch=10, max_batches=2) == 20
@@ -223,15 +231,15 @@ def test_pages_break_ties_on_the_session_id(open_broker: Callable[..., tuple[Bro
 def test_a_version_2_database_gains_the_session_indexes(tmp_path: Path) -> None:
     """A database made before migration 3 keeps its sessions and pages them through the indexes."""
     root = tmp_path / "old"
-    init_state_dir(root)
-    (root / "broker.db").unlink()
+    legacy_state_dir(root)
     with sqlite3.connect(root / "broker.db") as conn:
-        conn.executescript(MIGRATIONS[0] + MIGRATIONS[1] + "PRAGMA user_version = 2;")
+        conn.executescript(MIGRATIONS[0].sqlite + MIGRATIONS[1].sqlite + "PRAGMA user_version = 2;")
         conn.executemany("INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
                          "VALUES (?, 'k1', 'closed', 1, 100, ?)", [(f"old{i}", float(i)) for i in range(3)])
     broker = Broker(root)
     try:
-        assert SCHEMA_VERSION == 3 and broker.store.version == 3
+        assert broker.store.version == SCHEMA_VERSION
+        assert not (root / "keyring.json").exists() and (root / "keyring.json.imported").exists()
         indexes = {r["name"] for r in broker.store.all("PRAGMA index_list(sessions)")}
         assert {"sessions_minted", "sessions_issuer_minted", "sessions_state_minted"} <= indexes
         plan = " ".join(r["detail"] for r in broker.store.all(
@@ -365,6 +373,24 @@ def test_a_limit_with_leading_zeros_is_its_value(served: BrokerProcess) -> None:
     assert status == 200 and len(page["sessions"]) <= 1
 
 
+def _locked(broker: Broker, call: Callable[[], object]) -> None:
+    """``call`` while another connection holds the lock the broker needs (waits cut short)."""
+    if broker.store.engine.name == "sqlite":
+        other = sqlite3.connect(broker.root / "broker.db", isolation_level=None)
+        broker.store.conn.execute("PRAGMA busy_timeout = 50")
+        other.execute("BEGIN IMMEDIATE")
+    else:
+        import psycopg
+
+        other = psycopg.connect(broker.store.url.conninfo)
+        other.execute("LOCK TABLE redeemed IN ACCESS EXCLUSIVE MODE")
+        broker.store.engine.lock_timeout_ms = 50
+    try:
+        call()
+    finally:
+        other.close()
+
+
 def test_the_served_cleanup_takes_one_batch_per_tick_and_survives_a_locked_database(
         open_broker: Callable[..., tuple[Broker, Principal]], caplog: pytest.LogCaptureFixture) -> None:
     """It runs on the broker's event loop: one batch per table per tick keeps mints and redeems
@@ -376,13 +402,7 @@ def test_the_served_cleanup_takes_one_batch_per_tick_and_survives_a_locked_datab
                          [(f"j{i:030d}", far_past, far_past) for i in range(CLEANUP_BATCH + 5)])
     serve._cleanup(broker)
     assert broker.store.one("SELECT count(*) FROM redeemed")[0] == 5  # one batch this tick, the rest next
-    other = sqlite3.connect(broker.root / "broker.db", isolation_level=None)
-    try:
-        broker.store.conn.execute("PRAGMA busy_timeout = 50")
-        other.execute("BEGIN IMMEDIATE")
-        serve._cleanup(broker)  # no exception
-    finally:
-        other.close()
+    _locked(broker, lambda: serve._cleanup(broker))  # no exception
     assert "cleanup skipped" in caplog.text
     serve._cleanup(broker)
     assert broker.store.one("SELECT count(*) FROM redeemed")[0] == 0

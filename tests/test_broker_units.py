@@ -45,7 +45,8 @@ def test_store_refuses_missing_and_newer_databases(tmp_path: Path) -> None:
 def test_audit_is_append_only(tmp_path: Path) -> None:
     store = Store(tmp_path / "b.db", create=True)
     with store.transaction() as conn:
-        seq = store.append_audit(conn, at=1.0, type_="minted", actor="t", detail={"a": 1})
+        store.append_audit(conn, at=1.0, type_="minted", actor="t", detail={"a": 1})
+    seq = store.one("SELECT seq FROM audit")[0]
     for sql in ("UPDATE audit SET actor = 'x'", "DELETE FROM audit"):
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             store.conn.execute(sql)
@@ -83,11 +84,11 @@ def test_a_full_disk_fails_the_write_whole_and_loses_nothing(tmp_path: Path) -> 
     broker.close()
 
 
-def test_a_target_ca_must_be_a_certificate(tmp_path: Path) -> None:
+def test_a_target_ca_must_be_a_certificate(tmp_path: Path, database: str | None) -> None:
     from xvnc import make_test_pki
 
-    init_state_dir(tmp_path / "s")
-    broker = Broker(tmp_path / "s")
+    init_state_dir(tmp_path / "s", database=database)
+    broker = Broker(tmp_path / "s", database=database)
     try:
         with pytest.raises(ApiError, match="PEM"):
             broker.add_target({"name": "x", "host": "h", "port": 1, "tls": {"ca": "not a certificate"}}, "t")
@@ -179,9 +180,9 @@ def test_schema_accepts_and_documents() -> None:
     assert rendered["required"] == ["name", "host", "port"] and rendered["additionalProperties"] is False
 
 
-def test_redeemed_rows_are_cleaned_up_after_exp(tmp_path: Path) -> None:
-    init_state_dir(tmp_path / "s")
-    broker = Broker(tmp_path / "s")
+def test_redeemed_rows_are_cleaned_up_after_exp(tmp_path: Path, database: str | None) -> None:
+    init_state_dir(tmp_path / "s", database=database)
+    broker = Broker(tmp_path / "s", database=database)
     proxy = registered_proxy(broker)
     try:
         with freeze_time("2030-01-01 00:00:00") as frozen:
@@ -209,18 +210,18 @@ def broker_now() -> float:
 
 
 @contextmanager
-def _revoked_session_announced(tmp_path: Path, ttl: int) -> Iterator[tuple[Any, Callable[[], list[str]]]]:
+def _revoked_session_announced(tmp_path: Path, ttl: int, database: str | None) -> Iterator[tuple[Any, Callable[[], list[str]]]]:
     """At a frozen time, a session "s1" whose token lives ``ttl`` s, revoked and closed right
     after minting: (the frozen clock, what a proxy's heartbeat answer now lists as revoked)."""
-    init_state_dir(tmp_path / "s")
-    broker = Broker(tmp_path / "s")
+    init_state_dir(tmp_path / "s", database=database)
+    broker = Broker(tmp_path / "s", database=database)
     proxy = registered_proxy(broker)
     beat = {"proxy_id": "p", "sessions": 0, "capacity": 1, "draining": False, "version": 0}
     try:
         with freeze_time("2030-01-01 00:00:00") as frozen:
             now = int(broker_now())
             with broker.store.transaction() as conn:
-                conn.execute("INSERT INTO sessions (id, target_id, user, proxy_id, issued_by, state, single_use, exp, "
+                conn.execute("INSERT INTO sessions (id, target_id, \"user\", proxy_id, issued_by, state, single_use, exp, "
                              "minted_at, revoked_at, closed_at) VALUES ('s1', 't', NULL, 'p', 'k', 'revoked', 0, ?, ?, ?, ?)",
                              (now + ttl, now, now + 1, now + 2))
             yield frozen, lambda: broker.heartbeat(proxy, beat)["revoked"]
@@ -228,22 +229,22 @@ def _revoked_session_announced(tmp_path: Path, ttl: int) -> Iterator[tuple[Any, 
         broker.close()
 
 
-def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_token(tmp_path: Path) -> None:
+def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_token(tmp_path: Path, database: str | None) -> None:
     """Proxies replace their revoked set with each heartbeat's list, and a proxy may run with a
     skew of up to MAX_SKEW: a closed, revoked session must stay on the list until its token's
     exp + MAX_SKEW, or a reusable token could reopen it on such a proxy."""
-    with _revoked_session_announced(tmp_path, ttl=60) as (frozen, announced):
+    with _revoked_session_announced(tmp_path, ttl=60, database=database) as (frozen, announced):
         frozen.tick(60 + DEFAULT_SKEW + 60)  # past exp + the default skew
         assert announced() == ["s1"]
         frozen.tick(MAX_SKEW)  # past exp + MAX_SKEW + the default skew: no proxy accepts it now
         assert announced() == []
 
 
-def test_a_long_lived_token_revoked_at_once_stays_announced_until_it_expires_everywhere(tmp_path: Path) -> None:
+def test_a_long_lived_token_revoked_at_once_stays_announced_until_it_expires_everywhere(tmp_path: Path, database: str | None) -> None:
     """REVOKED_MEMORY bounds how long an open session is announced, not a token's validity: a
     token living longer than that (a keyring max_ttl near a day) must stay on the list until
     exp + MAX_SKEW + the default skew, or a proxy could reopen it with the reusable token."""
-    with _revoked_session_announced(tmp_path, ttl=int(REVOKED_MEMORY)) as (frozen, announced):
+    with _revoked_session_announced(tmp_path, ttl=int(REVOKED_MEMORY), database=database) as (frozen, announced):
         frozen.tick(REVOKED_MEMORY + MAX_SKEW)  # revoked over a day ago; a MAX_SKEW proxy still accepts it
         assert announced() == ["s1"]
         frozen.tick(DEFAULT_SKEW + 1)
@@ -252,28 +253,29 @@ def test_a_long_lived_token_revoked_at_once_stays_announced_until_it_expires_eve
 
 def test_a_rotation_the_database_cannot_record_leaves_the_keys_as_they_were(tmp_path: Path) -> None:
     """The audit row and the new keys go together: with the database locked by another writer
-    the rotation is refused (503) and the keyring file is untouched."""
+    the rotation is refused (503) and the sealed keyring is untouched."""
     init_state_dir(tmp_path / "s")
     broker = Broker(tmp_path / "s")
-    before = broker.keyring_path.read_bytes()
+    before = tuple(broker.store.one("SELECT * FROM keyring"))
     other = sqlite3.connect(tmp_path / "s" / "broker.db", isolation_level=None)
     try:
         broker.store.conn.execute("PRAGMA busy_timeout = 50")
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreUnavailable):
             broker.rotate_keys("test")
-        assert broker.keyring_path.read_bytes() == before
+        assert tuple(broker.store.one("SELECT * FROM keyring")) == before
+        assert broker.keyring().version == 1
     finally:
         other.close()
         broker.close()
 
 
-def test_a_console_outliving_the_previous_keys_waits_for_a_proxy_with_the_new_ones(tmp_path: Path) -> None:
+def test_a_console_outliving_the_previous_keys_waits_for_a_proxy_with_the_new_ones(tmp_path: Path, database: str | None) -> None:
     """The previous keys verify until their rotation + max_ttl + skew. For a proxy not yet told
     of the rotation, a console that would outlive them cannot be minted with them (nor with keys
     that proxy lacks): no proxy for it until the proxy reports the new keyring."""
-    init_state_dir(tmp_path / "s")
-    broker = Broker(tmp_path / "s")
+    init_state_dir(tmp_path / "s", database=database)
+    broker = Broker(tmp_path / "s", database=database)
     proxy = registered_proxy(broker)
     target = broker.add_target({"name": "VM", "host": "10.0.0.5", "port": 5901}, "test")["id"]
     issuer = Principal("k", "issuer", "issuer")
