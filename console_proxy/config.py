@@ -41,5 +41,7 @@ class ProxyConfig:
     """Anonymous VeNCrypt TLS for tokens that pin nothing (no ``tls.ca``, no ``tls.require``)."""
     static_dir: Path = REPO_STATIC
     frame_ancestors: str = "'none'"
+    ping_interval: float = 20.0
+    """Seconds between keepalive Pings to every browser (0: none); below nginx's 60 s default."""
     sweep_interval: float = 1.0
     """How often idle, expired and revoked sessions are looked for."""

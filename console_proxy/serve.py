@@ -48,6 +48,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument("--max-sessions", type=int, default=2000)
     serve.add_argument("--idle-timeout", type=float, default=900.0, help="seconds without input; 0 disables")
+    serve.add_argument("--ping-interval", type=float, default=20.0,
+                       help="seconds between keepalive websocket Pings to each browser, so proxies in between "
+                            "(nginx: 60 s) keep idle consoles open; not input for --idle-timeout; 0 disables")
     serve.add_argument("--handshake-timeout", type=float, default=15.0)
     serve.add_argument("--max-message-size", type=int, default=1 << 20, help="largest websocket message, bytes")
     serve.add_argument("--end-at-expiry", action="store_true", help="close sessions (4410) when the token expires")
@@ -88,6 +91,8 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     for name in ("max_sessions", "max_message_size"):
         if getattr(args, name) <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive")
+    if args.ping_interval < 0:
+        raise CommandError("--ping-interval must be 0 (off) or positive")
     if not 0 <= args.skew <= MAX_SKEW:
         raise CommandError(f"--skew must be from 0 to {MAX_SKEW} seconds")
     try:
@@ -99,7 +104,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         origin_policy=policy, trusted_proxies=trusted, public_url=args.public_url,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
         max_message_size=args.max_message_size, shared=not args.no_force_shared, end_at_expiry=args.end_at_expiry,
-        expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace,
+        expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace, ping_interval=args.ping_interval,
         upstream_ca_pem=_read_text(args.upstream_ca), allow_anonymous_tls=args.allow_anonymous_tls,
         static_dir=Path(args.static_dir), frame_ancestors=args.frame_ancestors)
 
@@ -178,9 +183,12 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
         raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     server.install_signal_handlers(state)
     sweeper = server.start_sweeper(state)
+    pinger = server.start_pinger(state)
     log.info("console-proxy listening on %s:%d (%s)", host, port, "https" if tls else "http")
     await state.stopped.wait()
     sweeper.stop()
+    if pinger is not None:
+        pinger.stop()
     http.stop()
     if door is not None:
         door.close()

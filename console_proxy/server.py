@@ -381,3 +381,17 @@ def start_sweeper(state: ProxyState) -> PeriodicCallback:
     sweeper = PeriodicCallback(state.sweep, state.config.sweep_interval * 1000)
     sweeper.start()
     return sweeper
+
+
+def start_pinger(state: ProxyState) -> PeriodicCallback | None:
+    """Keepalive Pings to every open console's browser (one timer for all), or None if off."""
+    interval = state.config.ping_interval
+    if not interval:
+        return None
+
+    def ping_all() -> None:
+        for session in list(state.sessions):
+            session.browser.keepalive()
+    pinger = PeriodicCallback(ping_all, interval * 1000)
+    pinger.start()
+    return pinger
