@@ -18,6 +18,8 @@ class ProxyConfig:
     origin_policy: OriginPolicy = field(default_factory=OriginPolicy)
     trusted_proxies: tuple[Network, ...] = ()
     public_url: str | None = None
+    proxy_protocol: bool = False
+    """Connections from trusted proxies must begin with a PROXY protocol (v1/v2) header."""
     max_sessions: int = 2000
     idle_timeout: float = 900.0
     """No input from the browser for this long closes the session with 4408 (0 disables)."""

@@ -44,6 +44,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "public URL's and the allowed origins' hosts, against DNS rebinding)")
     serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
                        help="a load balancer whose X-Forwarded-* headers are believed (repeatable)")
+    serve.add_argument("--proxy-protocol", action="store_true",
+                       help="connections from --trusted-proxy peers must begin with a PROXY protocol v1/v2 header "
+                            "(HAProxy send-proxy[-v2]) naming the client; other peers must not send one")
     serve.add_argument("--tls-cert", metavar="F")
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument("--max-sessions", type=int, default=2000)
@@ -95,13 +98,18 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         raise CommandError("--ping-interval must be 0 (off) or positive")
     if not 0 <= args.skew <= MAX_SKEW:
         raise CommandError(f"--skew must be from 0 to {MAX_SKEW} seconds")
+    if args.proxy_protocol and not args.trusted_proxy:
+        raise CommandError("--proxy-protocol needs --trusted-proxy (the balancers allowed to send the header)")
+    if args.proxy_protocol and (args.tls_cert or args.tls_key):
+        raise CommandError("--proxy-protocol works on the plain listener only: terminate TLS at the balancer, "
+                           "or leave out --proxy-protocol")
     try:
         policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin, pin_host=not args.no_pin_host)
         trusted = origin.parse_networks(args.trusted_proxy)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     return ProxyConfig(
-        origin_policy=policy, trusted_proxies=trusted, public_url=args.public_url,
+        origin_policy=policy, trusted_proxies=trusted, public_url=args.public_url, proxy_protocol=args.proxy_protocol,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
         max_message_size=args.max_message_size, shared=not args.no_force_shared, end_at_expiry=args.end_at_expiry,
         expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace, ping_interval=args.ping_interval,
