@@ -17,6 +17,7 @@ from console_proxy.config import REPO_STATIC, ProxyConfig
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
+from console_proxy.tlsdoor import TlsDoor
 
 log = logging.getLogger("consolegate.proxy")
 
@@ -100,9 +101,6 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         raise CommandError(f"--skew must be from 0 to {MAX_SKEW} seconds")
     if args.proxy_protocol and not args.trusted_proxy:
         raise CommandError("--proxy-protocol needs --trusted-proxy (the balancers allowed to send the header)")
-    if args.proxy_protocol and (args.tls_cert or args.tls_key):
-        raise CommandError("--proxy-protocol works on the plain listener only: terminate TLS at the balancer, "
-                           "or leave out --proxy-protocol")
     try:
         policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin, pin_host=not args.no_pin_host)
         trusted = origin.parse_networks(args.trusted_proxy)
@@ -182,8 +180,11 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
     http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls, max_body_size=MAX_BODY,
                                          body_timeout=10, idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
     door = None if tls else FrontDoor(state, http, IDLE_CONNECTION_TIMEOUT)
+    tls_door = TlsDoor(state, http, tls, IDLE_CONNECTION_TIMEOUT) if tls and config.proxy_protocol else None
     try:
-        if door is None:
+        if tls_door is not None:
+            tls_door.listen(host, port)
+        elif door is None:
             http.listen(port, host)
         else:
             await door.listen(host, port)
@@ -200,6 +201,8 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
     http.stop()
     if door is not None:
         door.close()
+    if tls_door is not None:
+        tls_door.close()
     if link is not None:
         await link.stop()
     log.info("console-proxy stopped")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import rawws
 from lbproc import haproxy
 from proxyproc import ProxyProcess, free_port
-from xvnc import XvncServer
+from xvnc import TestPki, XvncServer
 
 BROWSER = "127.0.0.5"
 TIMEOUT = 10.0
@@ -128,3 +129,51 @@ def test_an_untrusted_peer_without_a_header_is_served(pp_proxy: ProxyProcess) ->
     reply = _refused_closed(sock)
     sock.close()
     assert reply.startswith(b"HTTP/1.1 200 ")
+
+
+# --- a proxy serving TLS itself behind HAProxy (the header comes before the TLS handshake) ---
+
+
+@pytest.fixture
+def tls_pp_proxy(proxy_factory: Callable[..., ProxyProcess], test_pki: TestPki) -> ProxyProcess:
+    return proxy_factory("--trusted-proxy", "127.0.0.1", "--proxy-protocol",
+                         "--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path))
+
+
+def _tls(sock: socket.socket, test_pki: TestPki) -> ssl.SSLSocket:
+    """What a browser does: verify the proxy's certificate for 127.0.0.1 against the test CA."""
+    return ssl.create_default_context(cafile=str(test_pki.ca_path)).wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_wss_through_haproxy_to_a_tls_proxy_sees_the_browsers_address(
+        tls_pp_proxy: ProxyProcess, mint: Callable[..., str], xvnc_none: XvncServer, test_pki: TestPki,
+        tmp_path: Path, version: int) -> None:
+    tok = mint(host="127.0.0.1", port=xvnc_none.port, client_ip=BROWSER, vm=f"tls-haproxy-{version}")
+    port = free_port()
+    with haproxy(tmp_path, port, tls_pp_proxy.port, version=version):
+        sock = _tls(_connect(port, BROWSER), test_pki)
+        _, rest = rawws.upgrade(sock, port, tok, rawws.new_key())  # type: ignore[arg-type]
+        client = rawws.RawClient(sock, rest)  # type: ignore[arg-type]
+        assert client.read(12) == b"RFB 003.008\n"
+        client.close()
+    line = tls_pp_proxy.wait_for_log('"event":"closed"', f'"vm":"tls-haproxy-{version}"')
+    assert f'"client":"{BROWSER}"' in line
+
+
+def test_tls_proxy_refuses_a_missing_or_untrusted_header_and_serves_untrusted_tls(
+        tls_pp_proxy: ProxyProcess, test_pki: TestPki) -> None:
+    missing = _connect(tls_pp_proxy.port, "127.0.0.1")  # trusted: the header is required
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _tls(missing, test_pki)
+    missing.close()
+    untrusted = _connect(tls_pp_proxy.port, BROWSER)
+    untrusted.sendall(b"PROXY TCP4 10.9.8.7 127.0.0.1 1234 443\r\n")
+    assert _refused_closed(untrusted) == b""
+    untrusted.close()
+    tls_pp_proxy.wait_for_log("PROXY protocol: closed a connection from 127.0.0.1")
+    tls_pp_proxy.wait_for_log("PROXY protocol: closed a connection from 127.0.0.5")
+    plain = _tls(_connect(tls_pp_proxy.port, BROWSER), test_pki)  # an untrusted peer's own TLS
+    plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert _refused_closed(plain).startswith(b"HTTP/1.1 200 ")  # type: ignore[arg-type]
+    plain.close()
