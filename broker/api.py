@@ -31,6 +31,7 @@ from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiError, Broker
 from broker.store import StoreError, StoreUnavailable
 from console_proxy import origin, strictjson
+from console_proxy.httperrors import error_status
 from console_proxy.metrics import Counter, Gauge, Registry
 from console_proxy.origin import Network
 
@@ -65,8 +66,8 @@ def parse_json(raw: bytes) -> Any:
     """Strict JSON (see console_proxy.strictjson); ValueError otherwise."""
     try:
         return strictjson.loads(raw)
-    except ValueError:
-        raise ValueError("the body is not valid JSON") from None
+    except ValueError as exc:
+        raise ValueError(f"the body is {exc}") from None
 
 
 def _declared_length(header: str) -> int:
@@ -227,6 +228,9 @@ class ApiHandler(tornado.web.RequestHandler):
             self.set_status(503)
             body = {"error": "storage_unavailable",
                     "message": "the broker cannot use its database right now (disk full?); nothing was changed"}
+        elif error_status(status_code, error) != status_code:  # input a check missed: logged, but a 400
+            self.set_status(400)
+            body = {"error": "bad_request", "message": "the request holds a value the broker cannot handle"}
         elif status_code >= 500:
             body = {"error": "internal_error", "message": "the broker failed to answer; see its log"}
         else:

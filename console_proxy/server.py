@@ -20,11 +20,12 @@ from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import SSLIOStream
 
-from console_proxy import clock, forwarded, origin, wsconn, wsframes
+from console_proxy import clock, forwarded, openapi, origin, wsconn, wsframes
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
 from console_proxy.handlerlog import PathOnlyLogging, access_log
+from console_proxy.httperrors import JsonErrors, NotFound
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
 from console_proxy.pages import page_routes
@@ -239,7 +240,7 @@ REFUSAL_HINTS = {"websocket_version": ("Sec-WebSocket-Version", "13")}
 NO_STORE = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
 
 
-class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
+class JsonHandler(JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):
     def initialize(self, state: ProxyState) -> None:
         self.state = state
 
@@ -291,6 +292,11 @@ class MetricsHandler(JsonHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.state.metrics.render())
+
+
+class OpenApiHandler(JsonHandler):
+    def get(self) -> None:
+        self.answer(200, openapi.document())
 
 
 class ConsoleSocket(JsonHandler):
@@ -371,9 +377,10 @@ def make_app(state: ProxyState) -> tornado.web.Application:
         (r"/token-status", TokenStatusHandler, {"state": state}),
         (r"/healthz", HealthHandler, {"state": state}),
         (r"/metrics", MetricsHandler, {"state": state}),
+        (r"/openapi.json", OpenApiHandler, {"state": state}),
         *page_routes(state.config),
     ]
-    return tornado.web.Application(routes, log_function=_log_request)
+    return tornado.web.Application(routes, log_function=_log_request, default_handler_class=NotFound)
 
 
 def install_signal_handlers(state: ProxyState) -> None:
