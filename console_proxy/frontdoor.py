@@ -207,6 +207,8 @@ class Doorway(asyncio.Protocol):
         source becomes the peer; an untrusted peer must not send one (it could claim any
         address). True once the HTTP request may be read; a bad start closes the connection."""
         buffer = self.buffer
+        if self.preamble == "refused":  # closing: nothing more is read
+            return False
         if self.preamble == "screen":
             announced = proxyproto.announces(bytes(buffer[:len(proxyproto.V2_SIGNATURE)]))
             if announced:

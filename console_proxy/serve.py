@@ -47,7 +47,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="a load balancer whose X-Forwarded-* headers are believed (repeatable)")
     serve.add_argument("--proxy-protocol", action="store_true",
                        help="connections from --trusted-proxy peers must begin with a PROXY protocol v1/v2 header "
-                            "(HAProxy send-proxy[-v2]) naming the client; other peers must not send one")
+                            "(HAProxy send-proxy[-v2]) naming the client, before TLS with --tls-cert; other peers must "
+                            "not send one")
     serve.add_argument("--tls-cert", metavar="F")
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument("--max-sessions", type=int, default=2000)

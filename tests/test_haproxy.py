@@ -177,3 +177,9 @@ def test_tls_proxy_refuses_a_missing_or_untrusted_header_and_serves_untrusted_tl
     plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert _refused_closed(plain).startswith(b"HTTP/1.1 200 ")  # type: ignore[arg-type]
     plain.close()
+
+
+def test_proxy_protocol_needs_trusted_proxies(proxy_factory: Callable[..., ProxyProcess]) -> None:
+    """Without --trusted-proxy no peer could send the header: refused at start, in one line."""
+    with pytest.raises(AssertionError, match="--proxy-protocol needs --trusted-proxy"):
+        proxy_factory("--proxy-protocol")
