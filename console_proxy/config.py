@@ -18,6 +18,8 @@ class ProxyConfig:
     origin_policy: OriginPolicy = field(default_factory=OriginPolicy)
     trusted_proxies: tuple[Network, ...] = ()
     public_url: str | None = None
+    proxy_protocol: bool = False
+    """Connections from trusted proxies must begin with a PROXY protocol (v1/v2) header."""
     max_sessions: int = 2000
     idle_timeout: float = 900.0
     """No input from the browser for this long closes the session with 4408 (0 disables)."""
@@ -41,5 +43,7 @@ class ProxyConfig:
     """Anonymous VeNCrypt TLS for tokens that pin nothing (no ``tls.ca``, no ``tls.require``)."""
     static_dir: Path = REPO_STATIC
     frame_ancestors: str = "'none'"
+    ping_interval: float = 20.0
+    """Seconds between keepalive Pings to every browser (0: none); below nginx's 60 s default."""
     sweep_interval: float = 1.0
     """How often idle, expired and revoked sessions are looked for."""

@@ -27,7 +27,7 @@ import tornado.httpserver
 import tornado.netutil
 from tornado.iostream import IOStream
 
-from console_proxy import httphead, server, wsconn
+from console_proxy import httphead, origin, proxyproto, server, wsconn
 from console_proxy.admission import Refusal
 from console_proxy.handlerlog import access_log
 from console_proxy.httphead import Head
@@ -162,6 +162,8 @@ class Doorway(asyncio.Protocol):
         self.door = door
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.address: tuple[str, int] | None = None  # the peer's, or the PROXY header's source
+        self.preamble: str | None = None  # with --proxy-protocol: "header" due, or "screen" for one
         self.buffer = bytearray()
         self.open = False  # connected and not yet handed on
         self.started = 0.0
@@ -172,6 +174,10 @@ class Doorway(asyncio.Protocol):
         self.transport, self.open = transport, True
         peer = transport.get_extra_info("peername")  # None if the browser reset before we looked
         self.peer = peer[0] if peer else ""
+        self.address = peer[:2] if peer else None
+        config = self.door.state.config
+        if config.proxy_protocol:
+            self.preamble = "header" if origin.is_trusted(self.peer, config.trusted_proxies) else "screen"
         self.door.waiting[self] = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
@@ -179,6 +185,8 @@ class Doorway(asyncio.Protocol):
             return
         buffer = self.buffer
         buffer += data
+        if self.preamble is not None and not self._read_preamble():
+            return
         end = httphead.HEAD_END.search(buffer)
         if end is None:
             if len(buffer) > MAX_HEAD:
@@ -193,6 +201,39 @@ class Doorway(asyncio.Protocol):
         self.started = time.monotonic()
         self.door.waiting.pop(self, None)
         self.door.upgrade(self, head)
+
+    def _read_preamble(self) -> bool:
+        """``--proxy-protocol``: a trusted peer's connection begins with a PROXY header, whose
+        source becomes the peer; an untrusted peer must not send one (it could claim any
+        address). True once the HTTP request may be read; a bad start closes the connection."""
+        buffer = self.buffer
+        if self.preamble == "refused":  # closing: nothing more is read
+            return False
+        if self.preamble == "screen":
+            announced = proxyproto.announces(bytes(buffer[:len(proxyproto.V2_SIGNATURE)]))
+            if announced:
+                self._refuse_preamble("untrusted", "a PROXY protocol header from a peer not in --trusted-proxy")
+            elif announced is not None:
+                self.preamble = None
+            return self.preamble is None
+        try:
+            header = proxyproto.parse(bytes(buffer[:proxyproto.V2_MAX]))
+        except proxyproto.ProxyProtocolError as error:
+            self._refuse_preamble(error.reason, str(error))
+            return False
+        if header is None:
+            return False
+        self.preamble = None
+        del buffer[:header.length]
+        if header.source is not None:
+            self.address, self.peer = header.source, header.source[0]
+        return True
+
+    def _refuse_preamble(self, reason: str, detail: str) -> None:
+        self.door.state.metrics.proxy_protocol_refused.inc(reason)
+        log.warning("PROXY protocol: closed a connection from %s: %s", self.peer, detail)
+        self.preamble = "refused"
+        self.overdue()
 
     def eof_received(self) -> bool:
         return False  # a browser that ends before its head was read, or after a refusal: close
@@ -240,7 +281,7 @@ class Doorway(asyncio.Protocol):
         since = self.door.waiting.pop(self, time.monotonic())
         self.open = False
         sock = socket.socket(fileno=socket.dup(transport.get_extra_info("socket").fileno()))
-        address = transport.get_extra_info("peername")
+        address = self.address or transport.get_extra_info("peername")
         transport.abort()  # closes our descriptor only: the connection lives on in ``sock``
         self.door.to_tornado(sock, bytes(self.buffer), address, since)
         self.buffer = bytearray()

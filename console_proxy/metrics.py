@@ -139,6 +139,9 @@ class ProxyMetrics:
         add(Gauge("consolegate_proxy_draining", "1 while the proxy drains after SIGTERM.", draining))
         self.sessions = add(Counter("consolegate_proxy_sessions_total", "Sessions ended, by outcome.", ["outcome"]))
         self.refusals = add(Counter("consolegate_proxy_refusals_total", "Requests refused, by code.", ["code"]))
+        self.proxy_protocol_refused = add(Counter(
+            "consolegate_proxy_proxy_protocol_refused_total",
+            "Connections closed for their PROXY protocol header (missing, malformed, untrusted).", ["reason"]))
         add(LiveCounter("consolegate_proxy_bytes_total", "Bytes relayed, by direction (open sessions included).",
                         ["direction"], relayed))
         self.handshake = add(Histogram("consolegate_proxy_handshake_seconds",

@@ -186,6 +186,11 @@ def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return address
 
 
+def is_address(value: str) -> bool:
+    """Whether ``value`` is an IPv4 or IPv6 address (no port, no brackets)."""
+    return _address(value) is not None
+
+
 def is_trusted(peer: str, trusted: Sequence[Network]) -> bool:
     if not trusted:
         return False

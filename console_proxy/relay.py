@@ -69,6 +69,9 @@ class Browser(Protocol):
 
     def close(self, code: int, reason: str) -> None: ...
 
+    def keepalive(self) -> None:
+        """Periodically: a Ping, for intermediaries that cut idle connections (not input)."""
+
     def watch_held(self) -> None:
         """Periodically: if the browser's input is held, find out whether it is still there."""
 

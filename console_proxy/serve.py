@@ -17,6 +17,7 @@ from console_proxy.config import REPO_STATIC, ProxyConfig
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
+from console_proxy.tlsdoor import TlsDoor
 
 log = logging.getLogger("consolegate.proxy")
 
@@ -44,10 +45,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "public URL's and the allowed origins' hosts, against DNS rebinding)")
     serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
                        help="a load balancer whose X-Forwarded-* headers are believed (repeatable)")
+    serve.add_argument("--proxy-protocol", action="store_true",
+                       help="connections from --trusted-proxy peers must begin with a PROXY protocol v1/v2 header "
+                            "(HAProxy send-proxy[-v2]) naming the client, before TLS with --tls-cert; other peers must "
+                            "not send one")
     serve.add_argument("--tls-cert", metavar="F")
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument("--max-sessions", type=int, default=2000)
     serve.add_argument("--idle-timeout", type=float, default=900.0, help="seconds without input; 0 disables")
+    serve.add_argument("--ping-interval", type=float, default=20.0,
+                       help="seconds between keepalive websocket Pings to each browser, so proxies in between "
+                            "(nginx: 60 s) keep idle consoles open; not input for --idle-timeout; 0 disables")
     serve.add_argument("--handshake-timeout", type=float, default=15.0)
     serve.add_argument("--max-message-size", type=int, default=1 << 20, help="largest websocket message, bytes")
     serve.add_argument("--end-at-expiry", action="store_true", help="close sessions (4410) when the token expires")
@@ -88,18 +96,22 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     for name in ("max_sessions", "max_message_size"):
         if getattr(args, name) <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive")
+    if args.ping_interval < 0:
+        raise CommandError("--ping-interval must be 0 (off) or positive")
     if not 0 <= args.skew <= MAX_SKEW:
         raise CommandError(f"--skew must be from 0 to {MAX_SKEW} seconds")
+    if args.proxy_protocol and not args.trusted_proxy:
+        raise CommandError("--proxy-protocol needs --trusted-proxy (the balancers allowed to send the header)")
     try:
         policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin, pin_host=not args.no_pin_host)
         trusted = origin.parse_networks(args.trusted_proxy)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     return ProxyConfig(
-        origin_policy=policy, trusted_proxies=trusted, public_url=args.public_url,
+        origin_policy=policy, trusted_proxies=trusted, public_url=args.public_url, proxy_protocol=args.proxy_protocol,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
         max_message_size=args.max_message_size, shared=not args.no_force_shared, end_at_expiry=args.end_at_expiry,
-        expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace,
+        expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace, ping_interval=args.ping_interval,
         upstream_ca_pem=_read_text(args.upstream_ca), allow_anonymous_tls=args.allow_anonymous_tls,
         static_dir=Path(args.static_dir), frame_ancestors=args.frame_ancestors)
 
@@ -169,8 +181,11 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
     http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls, max_body_size=MAX_BODY,
                                          body_timeout=10, idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
     door = None if tls else FrontDoor(state, http, IDLE_CONNECTION_TIMEOUT)
+    tls_door = TlsDoor(state, http, tls, IDLE_CONNECTION_TIMEOUT) if tls and config.proxy_protocol else None
     try:
-        if door is None:
+        if tls_door is not None:
+            tls_door.listen(host, port)
+        elif door is None:
             http.listen(port, host)
         else:
             await door.listen(host, port)
@@ -178,12 +193,17 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
         raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     server.install_signal_handlers(state)
     sweeper = server.start_sweeper(state)
+    pinger = server.start_pinger(state)
     log.info("console-proxy listening on %s:%d (%s)", host, port, "https" if tls else "http")
     await state.stopped.wait()
     sweeper.stop()
+    if pinger is not None:
+        pinger.stop()
     http.stop()
     if door is not None:
         door.close()
+    if tls_door is not None:
+        tls_door.close()
     if link is not None:
         await link.stop()
     log.info("console-proxy stopped")

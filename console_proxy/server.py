@@ -20,7 +20,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import SSLIOStream
 
-from console_proxy import clock, openapi, origin, wsconn, wsframes
+from console_proxy import clock, forwarded, openapi, origin, wsconn, wsframes
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
@@ -179,8 +179,13 @@ class View(NamedTuple):
 
 
 def request_view(state: ProxyState, peer: str, protocol: str, host: str | None, headers: Mapping[str, str]) -> View:
-    """The client address, the request's own origin and the Host it was addressed to."""
+    """The client address, the request's own origin and the Host it was addressed to: from a
+    trusted peer's RFC 7239 ``Forwarded`` if it sends one that parses, else X-Forwarded-*."""
     trusted = state.config.trusted_proxies
+    said = forwarded.believed(peer, headers.get("Forwarded"), trusted)
+    if said is not None:
+        asked = said.host or host
+        return View(said.client, origin.origin_of(said.proto or protocol, asked), asked)
     client = origin.client_address(peer, headers.get("X-Forwarded-For"), trusted)
     own = origin.effective_origin(peer, protocol, host, {
         "X-Forwarded-Proto": headers.get("X-Forwarded-Proto"),
@@ -388,3 +393,17 @@ def start_sweeper(state: ProxyState) -> PeriodicCallback:
     sweeper = PeriodicCallback(state.sweep, state.config.sweep_interval * 1000)
     sweeper.start()
     return sweeper
+
+
+def start_pinger(state: ProxyState) -> PeriodicCallback | None:
+    """Keepalive Pings to every open console's browser (one timer for all), or None if off."""
+    interval = state.config.ping_interval
+    if not interval:
+        return None
+
+    def ping_all() -> None:
+        for session in list(state.sessions):
+            session.browser.keepalive()
+    pinger = PeriodicCallback(ping_all, interval * 1000)
+    pinger.start()
+    return pinger

@@ -128,6 +128,15 @@ class WsConnection:
         elif not self._backlogged:
             self._write(frame(OP_PING, b""))
 
+    def keepalive(self) -> None:
+        """A Ping, so that whatever sits between us and the browser (nginx's 60 s
+        ``proxy_read_timeout``, a balancer's idle timer) sees traffic on an idle console. Not
+        input: neither it nor the browser's Pong touches the session's idle timer. Skipped while
+        the browser is not taking our writes (data is queued then, and a Ping would only wait
+        behind it)."""
+        if self._open and not (self._closing or self._gone or self._dropping or self._backlogged):
+            self._write(frame(OP_PING, b""))
+
     # --- the relay's Browser interface ---
     def send(self, data: bytes) -> None:
         if self._closing:

@@ -2,12 +2,13 @@
 // open noVNC over /websockify, and explain in words every way the console can end.
 //
 // Loaded as an ES module from the proxy itself (CSP: script-src 'self'); noVNC is served by the
-// same proxy under /novnc/, unpatched.
+// same proxy under novnc/, unpatched. Every URL here is relative to the page (imports to this
+// module), so the viewer works under a path prefix behind a reverse proxy (location /prefix/).
 
-import RFB from "/novnc/core/rfb.js";
-import KeyTable from "/novnc/core/input/keysym.js";
-import keysyms from "/novnc/core/input/keysymdef.js";
-import * as messages from "/static/messages.js";
+import RFB from "../novnc/core/rfb.js";
+import KeyTable from "../novnc/core/input/keysym.js";
+import keysyms from "../novnc/core/input/keysymdef.js";
+import * as messages from "./messages.js";
 
 const $ = (id) => document.getElementById(id);
 const screen = $("screen");
@@ -44,7 +45,7 @@ function show(state, text) {
 async function checkToken(token) {
     let response;
     try {
-        response = await fetch("/token-status", {
+        response = await fetch(new URL("token-status", document.baseURI), {
             headers: { Authorization: `Bearer ${token}` },
             cache: "no-store",
             credentials: "omit",
@@ -59,7 +60,7 @@ async function checkToken(token) {
 }
 
 function websocketUrl() {
-    const url = new URL("/websockify", location.href);
+    const url = new URL("websockify", location.href); // beside the page: /prefix/console → /prefix/websockify
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     return url.href;
 }

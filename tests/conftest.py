@@ -16,6 +16,10 @@ from console_proxy import keyring, token
 from console_proxy.keyring import Keyring
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes a minute or more by its nature (runs in the normal suite)")
+
+
 @pytest.fixture(scope="module")
 def broker_ring(tmp_path_factory: pytest.TempPathFactory) -> tuple[Keyring, Path]:
     """A broker keyring and the path of its exported proxy keyring."""

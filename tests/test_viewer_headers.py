@@ -102,7 +102,8 @@ def test_page_has_nothing_inline_and_nothing_from_elsewhere() -> None:
     parser = _PageResources()
     parser.feed((STATIC / "console.html").read_text())
     assert parser.inline == []
-    assert parser.urls and all(url.startswith("/static/") for url in parser.urls), parser.urls
+    # relative to the page, so the viewer works under a path prefix (contrib/nginx, test_nginx.py)
+    assert parser.urls and all(url.startswith("static/") for url in parser.urls), parser.urls
     css = (STATIC / "console.css").read_text()
     assert "url(" not in css and "@import" not in css and "@font-face" not in css  # system fonts only
 
@@ -146,3 +147,11 @@ def test_novnc_is_pinned_and_not_committed() -> None:
     ignored = subprocess.run(["git", "check-ignore", "-q", "static/node_modules/@novnc/novnc/core/rfb.js"],
                              cwd=REPO, check=False)
     assert ignored.returncode == 0
+
+
+def test_our_scripts_name_no_url_from_the_site_root() -> None:
+    """No string in our scripts starts at the site root (``"/websockify"``): behind a reverse
+    proxy under ``/prefix/`` it would miss the proxy. URLs are built from the page's location."""
+    for name in ("console.js", "messages.js"):
+        text = (STATIC / name).read_text()
+        assert not re.search(r"""["'`]/(?!/)""", text), name
