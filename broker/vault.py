@@ -17,7 +17,8 @@ import os
 import secrets
 from pathlib import Path
 
-from Crypto.Cipher import AES
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from console_proxy.keyring import write_private_file
 
@@ -36,7 +37,7 @@ class Vault:
         if len(master) != 32:
             raise VaultError("master.key must hold 32 bytes")
         self._master = master
-        self._seal_key = self.derive("target-password-seal")
+        self._sealer = AESGCM(self.derive("target-password-seal"))  # built once, reused per value
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> Vault:
@@ -66,18 +67,14 @@ class Vault:
     def seal(self, plaintext: str, *, context: str) -> bytes:
         """AES-GCM: version byte, nonce, ciphertext, tag; ``context`` is bound as associated data."""
         nonce = secrets.token_bytes(12)
-        cipher = AES.new(self._seal_key, AES.MODE_GCM, nonce=nonce)
-        cipher.update(_SEAL_VERSION + context.encode("utf-8"))
-        ciphertext, tag = cipher.encrypt_and_digest(plaintext.encode("utf-8"))
-        return _SEAL_VERSION + nonce + ciphertext + tag
+        sealed = self._sealer.encrypt(nonce, plaintext.encode("utf-8"), _SEAL_VERSION + context.encode("utf-8"))
+        return _SEAL_VERSION + nonce + sealed  # sealed = ciphertext + 16-byte tag
 
     def open(self, sealed: bytes, *, context: str) -> str:
         if len(sealed) < 29 or sealed[:1] != _SEAL_VERSION:
             raise VaultError("sealed value has an unknown format")
-        nonce, body, tag = sealed[1:13], sealed[13:-16], sealed[-16:]
-        cipher = AES.new(self._seal_key, AES.MODE_GCM, nonce=nonce)
-        cipher.update(_SEAL_VERSION + context.encode("utf-8"))
         try:
-            return cipher.decrypt_and_verify(body, tag).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
+            opened = self._sealer.decrypt(sealed[1:13], sealed[13:], _SEAL_VERSION + context.encode("utf-8"))
+            return opened.decode("utf-8")
+        except (InvalidTag, UnicodeDecodeError):
             raise VaultError("sealed value does not open under this master key") from None

@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from Crypto.Cipher import AES
-
 from console_proxy import b64url, strictjson
 from console_proxy.keyring import DEFAULT_SKEW, Keyring
 
@@ -140,9 +138,7 @@ def mint(claims: Claims, keyring: Keyring) -> str:
     jws = signing_input + "." + b64url.encode(signer.sign(signing_input.encode("ascii")))
     header = b64url.encode(_json({"alg": "dir", "enc": "A256GCM", "kid": fleet.kid, "cty": "JWT"}))
     iv = secrets.token_bytes(12)
-    cipher = AES.new(fleet.key, AES.MODE_GCM, nonce=iv)
-    cipher.update(header.encode("ascii"))
-    ciphertext, tag = cipher.encrypt_and_digest(jws.encode("ascii"))
+    ciphertext, tag = fleet.seal(iv, jws.encode("ascii"), header.encode("ascii"))
     token = ".".join((header, "", b64url.encode(iv), b64url.encode(ciphertext), b64url.encode(tag)))
     if len(token) > MAX_TOKEN_LENGTH:  # every proxy would refuse it as too_long
         raise ValueError(f"the token would be {len(token)} characters, above the limit of {MAX_TOKEN_LENGTH}")
@@ -190,12 +186,9 @@ def _decrypt(token: Any, keyring: Keyring, now: float) -> bytes:
     fleet = keyring.fleet_key(kid, now)
     if fleet is None:
         raise TokenRefused("unknown_fleet_key", "the token's fleet key is unknown or retired")
-    cipher = AES.new(fleet.key, AES.MODE_GCM, nonce=iv)
-    cipher.update(header_b64.encode("ascii"))
-    try:
-        plaintext = cipher.decrypt_and_verify(ciphertext, tag)
-    except ValueError:
-        raise TokenRefused("decrypt_failed", "the token does not authenticate under its fleet key") from None
+    plaintext = fleet.open(iv, ciphertext, tag, header_b64.encode("ascii"))
+    if plaintext is None:
+        raise TokenRefused("decrypt_failed", "the token does not authenticate under its fleet key")
     if not plaintext.isascii():
         raise TokenRefused("malformed", "the inner token is not ASCII")
     return plaintext
