@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -210,6 +211,11 @@ class _Upstream(asyncio.BufferedProtocol):
         self.session.browser.resume_reading()
 
 
+def _milestone_passed(action: object, handshake: rfb.UpstreamHandshake) -> bool:
+    """Authenticated with ClientInit already sent: nothing for the handshake coroutine to do."""
+    return type(action) is rfb.Authenticated and handshake.client_init_sent
+
+
 class ConsoleSession:
     """The life of one console, from websocket open to close. Ends exactly once."""
 
@@ -237,15 +243,22 @@ class ConsoleSession:
         self._inbox_full = False  # reasons to leave the hypervisor's socket unread
         self._backlogged = False
         self._task: asyncio.Task[None] | None = None
+        self._dialled: socket.socket | OSError | None = None  # the connect begun in start()
 
     @property
     def sid(self) -> str:
         return self.claims.sid
 
     def start(self) -> None:
-        """Greet the browser and begin the handshake; everything after it runs in callbacks."""
+        """Begin connecting to the hypervisor, greet the browser, and begin the handshake;
+        everything after it runs in callbacks. The TCP connect is begun here, before the 101
+        and the greeting leave, so the hypervisor is already answering while they travel."""
         if self.ending is not None:  # ended before the browser's connection was ours
             return
+        try:
+            self._dialled = dial.connecting_socket(self.claims.host, self.claims.port)
+        except OSError as error:
+            self._dialled = error  # reported by _connect, under the handshake's rules
         self.browser.send(self._down.initiate())
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -272,21 +285,21 @@ class ConsoleSession:
     # --- the handshake (a coroutine, bounded by the handshake timeout) -------------------------
 
     async def _handshake(self) -> None:
-        upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=self._tls)
+        shared = self.config.shared  # the browser's flag does not matter: ClientInit is pipelined
+        upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=self._tls, client_init=True if shared else None)
         await self._connect()
-        await self._drive(upstream, rfb.Authenticated)
-        self.security_type = upstream.security_type
-        if self.config.shared:  # the browser's flag does not matter: ask for ServerInit at once
-            self._write_upstream(upstream.send_client_init(True))
+        if shared:
             ready = await self._drive(upstream, rfb.ServerInitReady)
             client_init = await self._client_init
             if self._upstream_gone:  # it hung up while the browser was still on its way
                 raise _end(4502, "the console server closed the connection during the handshake")
         else:
+            await self._drive(upstream, rfb.Authenticated)
             client_init = await self._client_init
             # a view-only viewer must not disconnect the VM's other viewers (shared=0 would)
             self._write_upstream(upstream.send_client_init(client_init.shared or self.claims.ro))
             ready = await self._drive(upstream, rfb.ServerInitReady)
+        self.security_type = upstream.security_type
         assert isinstance(ready, rfb.ServerInitReady)
         name = self.claims.dn.encode("utf-8") if self.claims.dn else None
         self.browser.send(ready.server_init.encode(name=name))
@@ -312,7 +325,9 @@ class ConsoleSession:
         loop = asyncio.get_running_loop()
         deadline: asyncio.TimerHandle | None = loop.call_later(self.config.connect_timeout, self._connect_overdue)
         try:
-            sock = dial.connecting_socket(self.claims.host, self.claims.port)
+            sock, self._dialled = self._dialled, None
+            if isinstance(sock, OSError):
+                raise sock
             if sock is None:
                 await loop.create_connection(lambda: self._up, self.claims.host, self.claims.port)
             else:
@@ -370,6 +385,8 @@ class ConsoleSession:
     async def _act(self, handshake: rfb.UpstreamHandshake, action: object, until: type) -> object | None:
         if isinstance(action, rfb.Send):
             self._write_upstream(action.data)
+        elif isinstance(action, rfb.Authenticated) and until is rfb.ServerInitReady and not handshake.client_init_sent:
+            self._write_upstream(handshake.send_client_init(True))  # shared, where it could not be pipelined
         elif isinstance(action, rfb.StartTls):
             await self._start_tls(action)
             for follow in self._guard(handshake.tls_started):
@@ -420,9 +437,10 @@ class ConsoleSession:
             return
         try:
             actions = self._guard(handshake.feed, bytes(data))
-            if all(type(action) is rfb.Send for action in actions):
+            if all(type(action) is rfb.Send or _milestone_passed(action, handshake) for action in actions):
                 for action in actions:
-                    self._write_upstream(action.data)  # type: ignore[attr-defined]
+                    if type(action) is rfb.Send:
+                        self._write_upstream(action.data)
                 return
         except Exception as error:  # noqa: BLE001 - the coroutine ends the session (and logs a bug)
             waiter.set_exception(error)
@@ -520,6 +538,8 @@ class ConsoleSession:
             self._client_init.cancel()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
+        if isinstance(self._dialled, socket.socket):  # ended before the handshake took it
+            self._dialled.close()
         if self._up.transport is not None:
             self._up.transport.abort()  # never wait on a hypervisor that stopped reading
         self.browser.close(ending.code, ending.reason)

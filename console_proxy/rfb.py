@@ -152,7 +152,8 @@ class StartTls:
 
 @dataclass(frozen=True)
 class Authenticated:
-    """The target accepted us (SecurityResult OK); next the caller sends ClientInit."""
+    """The target accepted us (SecurityResult OK); next the caller sends ClientInit (unless it
+    was pipelined: ``UpstreamHandshake(client_init=...)``)."""
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,14 @@ class UpstreamHandshake:
     ``send_client_init()``; ``ServerInitReady`` ends the handshake. Bytes that arrive
     before ClientInit was sent (a conforming server sends none) are kept; ``feed(b"")``
     processes them. Calls out of order raise RuntimeError (a bug in the caller, not the peer).
+
+    Pipelining: given ``client_init`` (the shared flag), ClientInit leaves in the same write as
+    the last security message the client sends in the clear or inside the VNC challenge (the
+    None choice, the challenge response), a round trip sooner than after SecurityResult. RFB
+    servers read the client's messages in order from one stream, so the byte simply waits in
+    theirs; if authentication fails the server never reads it. ``client_init_sent`` then says
+    not to call ``send_client_init``. (After a VeNCrypt subtype without a VNC challenge the
+    client sends nothing before SecurityResult, so there it is sent the usual way.)
     """
 
     _LIMIT: ClassVar[int] = MAX_PENDING
@@ -346,7 +355,10 @@ class UpstreamHandshake:
         password: str | None,
         tls: TlsPolicy,
         challenge_cipher: ChallengeCipher = vnc_auth_response,
+        client_init: bool | None = None,
     ) -> None:
+        self._pipelined = b"" if client_init is None else (b"\x01" if client_init else b"\x00")
+        self.client_init_sent = False
         self._password = password
         self._policy = tls
         self._cipher = challenge_cipher
@@ -395,7 +407,7 @@ class UpstreamHandshake:
 
     def send_client_init(self, shared: bool) -> bytes:
         """ClientInit bytes to write after Authenticated; then feed() until ServerInitReady."""
-        if self._state is not _Up.AWAIT_CLIENT_INIT:
+        if self._state is not _Up.AWAIT_CLIENT_INIT or self.client_init_sent:
             raise RuntimeError("send_client_init() before Authenticated")
         self._state = _Up.SERVER_INIT
         return b"\x01" if shared else b"\x00"
@@ -448,7 +460,13 @@ class UpstreamHandshake:
         if body is None:
             return None
         chosen = self._choose_security(frozenset(body[1:]))
-        return [Send(bytes([chosen])), *self._begin_security(chosen)]
+        choice = bytes([chosen]) + self._pipeline() if chosen == SEC_NONE else bytes([chosen])
+        return [Send(choice), *self._begin_security(chosen)]
+
+    def _pipeline(self) -> bytes:
+        """ClientInit to send behind the client's last security message, if pipelining."""
+        self.client_init_sent = bool(self._pipelined)
+        return self._pipelined
 
     def _choose_security(self, offered: frozenset[int]) -> int:
         plain = self._plain_choice(offered)
@@ -497,7 +515,7 @@ class UpstreamHandshake:
             return None
         assert self._password is not None  # guaranteed by the security choice
         self._state = _Up.SECURITY_RESULT
-        return [Send(self._cipher(self._password, challenge))]
+        return [Send(self._cipher(self._password, challenge) + self._pipeline())]
 
     def _on_security_result(self) -> list[UpstreamAction] | None:
         raw = self._buf.take(4)
@@ -510,7 +528,7 @@ class UpstreamHandshake:
         raise RfbError.auth_failed("target rejected authentication")
 
     def _authenticated(self) -> list[UpstreamAction]:
-        self._state = _Up.AWAIT_CLIENT_INIT
+        self._state = _Up.SERVER_INIT if self.client_init_sent else _Up.AWAIT_CLIENT_INIT
         return [Authenticated()]
 
     def _fail_with_reason(self, prefix: str) -> list[UpstreamAction] | None:
