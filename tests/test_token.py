@@ -604,3 +604,13 @@ def test_key_objects_are_built_once_per_key_not_per_token(ring: Keyring, monkeyp
     monkeypatch.setattr(keyring.Ed25519PrivateKey, "from_private_bytes", _NoCrypto.new)
     assert [token.verify(tok, proxy_ring, NOW).host for tok in tokens] == ["10.1.2.3"] * 3
     assert token.verify(token.mint(make_claims(), ring), proxy_ring, NOW)
+
+
+def test_checked_claims_equal_the_dataclass_built_ones(ring: Keyring) -> None:
+    # check_claims builds Claims without the generated __init__ (per-open cost): same object
+    for claims in (make_claims(), full_claims()):
+        verified = token.verify(token.mint(claims, ring), ring, NOW, client_ip=claims.cip)
+        rebuilt = token.Claims(**{name: getattr(verified, name) for name in token.Claims.__dataclass_fields__})
+        assert verified == rebuilt == claims and repr(verified) == repr(rebuilt)
+        with pytest.raises(AttributeError):
+            verified.host = "elsewhere"  # type: ignore[misc]
