@@ -244,6 +244,7 @@ class ConsoleSession:
         self._backlogged = False
         self._task: asyncio.Task[None] | None = None
         self._dialled: socket.socket | OSError | None = None  # the connect begun in start()
+        self._ready: tuple[rfb.ServerInitReady, str] | None = None  # the hypervisor's ServerInit, waiting
 
     @property
     def sid(self) -> str:
@@ -285,13 +286,19 @@ class ConsoleSession:
     # --- the handshake (a coroutine, bounded by the handshake timeout) -------------------------
 
     async def _handshake(self) -> None:
+        """Up to ServerInit on both sides. The session usually opens in a read callback, the
+        moment the later of the hypervisor's ServerInit and the browser's ClientInit arrives
+        (:meth:`_open_now`), not a loop turn later when this coroutine wakes."""
         shared = self.config.shared  # the browser's flag does not matter: ClientInit is pipelined
         upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=self._tls, client_init=True if shared else None)
         await self._connect()
         if shared:
             ready = await self._drive(upstream, rfb.ServerInitReady)
+            assert isinstance(ready, rfb.ServerInitReady)
+            if not self.relaying:
+                self._ready = (ready, upstream.security_type)
             client_init = await self._client_init
-            if self._upstream_gone:  # it hung up while the browser was still on its way
+            if self._upstream_gone and not self.relaying:  # it hung up while the browser was on its way
                 raise _end(4502, "the console server closed the connection during the handshake")
         else:
             await self._drive(upstream, rfb.Authenticated)
@@ -299,8 +306,14 @@ class ConsoleSession:
             # a view-only viewer must not disconnect the VM's other viewers (shared=0 would)
             self._write_upstream(upstream.send_client_init(client_init.shared or self.claims.ro))
             ready = await self._drive(upstream, rfb.ServerInitReady)
-        self.security_type = upstream.security_type
-        assert isinstance(ready, rfb.ServerInitReady)
+            assert isinstance(ready, rfb.ServerInitReady)
+        if not self.relaying:  # not opened in a read callback meanwhile
+            self._open(ready, upstream.security_type, client_init)
+
+    def _open(self, ready: rfb.ServerInitReady, security_type: str, client_init: rfb.ClientInitReceived) -> None:
+        """ServerInit to the browser, then relaying: what either side sent meanwhile goes on."""
+        self._ready = None
+        self.security_type = security_type
         name = self.claims.dn.encode("utf-8") if self.claims.dn else None
         self.browser.send(ready.server_init.encode(name=name))
         self.handshake_seconds = time.monotonic() - self.started
@@ -318,6 +331,21 @@ class ConsoleSession:
         self._early = bytearray()
         if early:
             self._forward(early)
+
+    def _open_now(self, ready: rfb.ServerInitReady, security_type: str) -> bool:
+        """Open from a read callback if the browser's ClientInit is in; True if opened. A
+        failure ends the session here (the coroutine then finds it ended)."""
+        client_init = self._client_init
+        if self.relaying or self.ending is not None or not client_init.done() or client_init.cancelled():
+            return False
+        try:
+            self._open(ready, security_type, client_init.result())
+        except SessionEnded as ended:
+            self.finish(ended.ending)
+        except Exception:  # a bug: as in _run, end the session and free the slot
+            log.exception("session %s failed unexpectedly", self.sid)
+            self.finish(Ending.of(4502, "internal error"))
+        return True
 
     async def _connect(self) -> None:
         """Connect to the hypervisor; for a numeric address, without waiting for the TCP
@@ -346,6 +374,8 @@ class ConsoleSession:
 
     def _handshake_overdue(self) -> None:
         """The whole handshake's deadline, which may come first: unreachable is still 4500."""
+        if self.relaying:  # opened in a callback, the coroutine not yet woken to cancel this
+            return
         self._connect_overdue()
         self.finish(Ending.of(4502, "the RFB handshake did not finish in time"))  # if not ended just now
 
@@ -437,15 +467,23 @@ class ConsoleSession:
             return
         try:
             actions = self._guard(handshake.feed, bytes(data))
-            if all(type(action) is rfb.Send or _milestone_passed(action, handshake) for action in actions):
+            last = actions[-1] if actions else None
+            if all(type(action) is rfb.Send or _milestone_passed(action, handshake) or action is last
+                   and type(last) is rfb.ServerInitReady for action in actions):
                 for action in actions:
                     if type(action) is rfb.Send:
                         self._write_upstream(action.data)
-                return
+                if type(last) is not rfb.ServerInitReady:
+                    return
+                if not self._open_now(last, handshake.security_type):  # type: ignore[arg-type]
+                    self._ready = (last, handshake.security_type)  # type: ignore[assignment]
+                actions = [last]  # the replies are sent: only the milestone is the coroutine's
         except Exception as error:  # noqa: BLE001 - the coroutine ends the session (and logs a bug)
-            waiter.set_exception(error)
+            if not waiter.done():
+                waiter.set_exception(error)
             return
-        waiter.set_result(actions)
+        if not waiter.done():  # ended while opening: finish() cancelled the coroutine and its wait
+            waiter.set_result(actions)
 
     def _steer_upstream(self) -> None:
         """Read the hypervisor unless the inbox is full or the browser is not keeping up."""
@@ -507,6 +545,8 @@ class ConsoleSession:
                 self.browser.send(action.data)
             elif isinstance(action, rfb.ClientInitReceived):
                 self._client_init.set_result(action)
+                if self._ready is not None and not self._upstream_gone:  # the hypervisor's came first
+                    self._open_now(*self._ready)
 
     def _hold_early(self, data: bytes) -> None:
         """Messages sent before ServerInit reached the browser: bounded, then forwarded."""

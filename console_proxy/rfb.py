@@ -18,7 +18,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from Crypto.Cipher import DES
 
@@ -210,9 +210,13 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     """
     if len(challenge) != 16:
         raise ValueError("VNC challenge must be 16 bytes")
+    return _vnc_auth_cipher(password).encrypt(challenge)
+
+
+def _vnc_auth_cipher(password: str) -> Any:
+    """The DES-ECB cipher of :func:`vnc_auth_response` (its key schedule built here)."""
     raw = password.encode("utf-8")[:8].ljust(8, b"\0")
-    key = raw.translate(_REVERSED_BITS)
-    return DES.new(key, DES.MODE_ECB).encrypt(challenge)
+    return DES.new(raw.translate(_REVERSED_BITS), DES.MODE_ECB)
 
 
 class _Buffer:
@@ -362,6 +366,11 @@ class UpstreamHandshake:
         self._password = password
         self._policy = tls
         self._cipher = challenge_cipher
+        # The default answer's DES key schedule is built now, while the hypervisor is still
+        # on its way to the challenge, rather than on the step that answers it.
+        self._prepared: Any = None
+        if challenge_cipher is vnc_auth_response and password is not None:
+            self._prepared = _vnc_auth_cipher(password)
         self._buf = _Buffer(self._LIMIT)
         self._state = _Up.VERSION
         self._version = V3_8
@@ -515,7 +524,8 @@ class UpstreamHandshake:
             return None
         assert self._password is not None  # guaranteed by the security choice
         self._state = _Up.SECURITY_RESULT
-        return [Send(self._cipher(self._password, challenge) + self._pipeline())]
+        response = self._cipher(self._password, challenge) if self._prepared is None else self._prepared.encrypt(challenge)
+        return [Send(response + self._pipeline())]
 
     def _on_security_result(self) -> list[UpstreamAction] | None:
         raw = self._buf.take(4)
