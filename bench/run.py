@@ -6,16 +6,16 @@ Sections (each bounded by its own time budget; a section that overruns is report
    machine's cores: opens/s and open latency p50/p99 — direct TCP, websockify 0.13, consolegate —
    against one real Xvnc (VncAuth, 1920x1080x24). websockify gets the client doing VNC auth
    itself. The added latency is a path's p50 minus direct TCP's.
-   1c. the two proxies each held to the same CPU budget by a cgroup quota (half a core on a
+   1b. the two proxies each held to the same CPU budget by a cgroup quota (half a core on a
    two-core machine, one core from four up; needs root), opened concurrently so the budget is
    used up: the proxy's CPU per open, with the load generator out of the way.
 2. bulk server->browser throughput (full-screen Raw updates) on the same three paths; CPU seconds
    per GiB relayed for each proxy.
 3. small-write latency (16 B, 2 ms pause, 16 B) through each path to bench/echo_target.py.
-4. 1,000 then 2,000 idle sessions in one fresh consolegate process (to the echo target): memory
-   per session, refusals, and one echo round on all of them with a deadline (no stall).
-5. wss: consolegate terminating TLS itself against websockify with ``--cert/--key`` (the same
+4. wss: consolegate terminating TLS itself against websockify with ``--cert/--key`` (the same
    certificate, the same client): sequential opens/s, bulk MiB/s and CPU per GiB.
+5. 1,000 then 2,000 idle sessions in one fresh consolegate process (to the echo target): memory
+   per session, refusals, and one echo round on all of them with a deadline (no stall).
 6. token mints/s and verifies/s against OpenSSL's raw Ed25519 verify (bench/token_bench.py, a
    subprocess: it pins itself to one core).
 
@@ -110,7 +110,7 @@ SECTIONS = ("opens", "bulk", "small_write", "sessions", "wss")
 
 
 def budget_share() -> float:
-    """The CPU each proxy gets in section 1c: at most one core, and never more than half of
+    """The CPU each proxy gets in section 1b: at most one core, and never more than half of
     what the client and Xvnc leave, so the proxy — not the load generator — is the limit."""
     return max(0.25, min(1.0, (len(os.sched_getaffinity(0)) - 1) / 2))
 
@@ -178,7 +178,7 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
             stop()
             if budget.available():
                 share = budget_share()
-                log(f"section 1c: console opens, each proxy held to {share:.2f} CPU (cgroup quota)")
+                log(f"section 1b: console opens, each proxy held to {share:.2f} CPU (cgroup quota)")
                 try:
                     with budget.CpuBudget([cg.process.pid, wsx.process.pid], share):
                         results["opens_budget"] = await interleaved(
@@ -208,7 +208,7 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
             proxy.stop()
         proxies.clear()
         if "wss" in only:
-            log("section 5: wss, each proxy terminating TLS with the same certificate")
+            log("section 4: wss, each proxy terminating TLS with the same certificate")
             results["wss"] = await wss_section(profile, work, xvnc, proxies, spying)
             for proxy in proxies:
                 proxy.stop()
@@ -216,7 +216,7 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
 
         if "sessions" not in only:
             return results
-        log(f"section 4: {profile['sessions_first']} then {profile['sessions_total']} idle sessions in one proxy")
+        log(f"section 5: {profile['sessions_first']} then {profile['sessions_total']} idle sessions in one proxy")
         many = start_consolegate(work, "--max-sessions", str(profile["sessions_total"] + 100))
         proxies.append(many)
         many_path = Path("consolegate", "ws", many.port, "/websockify", token=many.mint("127.0.0.1", echo.port, None))
