@@ -18,18 +18,22 @@ import json
 import logging
 import sqlite3
 import sys
+import time
 from typing import Any
 
 import tornado.web
 from tornado.http1connection import HTTP1Connection
 
-from broker import openapi, schemas
+from broker import openapi, ratelimit, schemas
 from broker.auth import Principal
+from broker.ratelimit import AuthThrottle
 from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiError, Broker
-from broker.store import StoreUnavailable
-from console_proxy import strictjson
+from broker.store import StoreError, StoreUnavailable
+from console_proxy import origin, strictjson
+from console_proxy.httperrors import error_status
 from console_proxy.metrics import Counter, Gauge, Registry
+from console_proxy.origin import Network
 
 log = logging.getLogger("consolegate.broker.api")
 
@@ -39,7 +43,8 @@ _NO_TORNADO_LIMIT = sys.maxsize
 """Tornado's own body limit once a handler enforces :data:`MAX_BODY` itself (see ApiHandler.prepare)."""
 PREFIX = "/api/v1"
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 503: "unavailable"}
+                 405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 429: "too_many_attempts",
+                 503: "unavailable"}
 
 
 class BrokerMetrics:
@@ -48,6 +53,11 @@ class BrokerMetrics:
         self.responses = self.registry.add(Counter("consolegate_broker_responses_total",
                                                    "API answers by status", ("status",)))
         self.minted = self.registry.add(Counter("consolegate_broker_consoles_minted_total", "consoles minted"))
+        self.auth_failures = self.registry.add(Counter(
+            "consolegate_broker_auth_failures_total", "credentials presented and refused, by kind", ("kind",)))
+        self.auth_throttled = self.registry.add(Counter(
+            "consolegate_broker_auth_throttled_total", "requests refused 429 after too many failures, by kind",
+            ("kind",)))
         self.registry.add(Gauge("consolegate_broker_healthy_proxies", "proxies with a recent heartbeat",
                                 lambda: float(sum(1 for p in broker.list_proxies()["proxies"] if p["healthy"]))))
 
@@ -56,8 +66,8 @@ def parse_json(raw: bytes) -> Any:
     """Strict JSON (see console_proxy.strictjson); ValueError otherwise."""
     try:
         return strictjson.loads(raw)
-    except ValueError:
-        raise ValueError("the body is not valid JSON") from None
+    except ValueError as exc:
+        raise ValueError(f"the body is {exc}") from None
 
 
 def _declared_length(header: str) -> int:
@@ -73,6 +83,15 @@ def _declared_length(header: str) -> int:
     return int(significant or "0") if len(significant) <= 18 else MAX_BODY + 1
 
 
+class Throttled(ApiError):
+    """429 too_many_attempts, with the whole seconds a client should wait (its Retry-After)."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(429, "too_many_attempts", "too many failed authentication attempts from this address; "
+                                                   f"retry in {retry_after} seconds")
+        self.retry_after = retry_after
+
+
 def body_too_large() -> ApiError:
     """One refusal for both places a body can be too large: its declared length, or its growth."""
     return ApiError(413, "body_too_large", f"request bodies are limited to {MAX_BODY} bytes")
@@ -82,8 +101,9 @@ def body_too_large() -> ApiError:
 class ApiHandler(tornado.web.RequestHandler):
     """Authentication, body limits and parsing, JSON answers and errors."""
 
-    def initialize(self, broker: Broker, metrics: BrokerMetrics) -> None:
-        self.broker, self.metrics = broker, metrics
+    def initialize(self, broker: Broker, metrics: BrokerMetrics, throttle: AuthThrottle,
+                   trusted: tuple[Network, ...]) -> None:
+        self.broker, self.metrics, self.throttle, self.trusted = broker, metrics, throttle, trusted
         self._body = bytearray()
 
     def set_default_headers(self) -> None:
@@ -119,15 +139,45 @@ class ApiHandler(tornado.web.RequestHandler):
         self.metrics.responses.inc(str(self.get_status()))
 
     def caller(self, *roles: str) -> Principal:
-        """The authenticated caller, who must hold one of ``roles`` ("admin" may do everything)."""
+        """The authenticated caller, who must hold one of ``roles`` ("admin" may do everything).
+
+        A throttled address is refused before its credential is looked at (broker.ratelimit);
+        a presented credential that fails counts against its address."""
         proxy = roles == ("proxy",)
-        principal = self.broker.authenticate(self.request.headers.get("Authorization"), proxy=proxy)
+        kind, address, now = "proxy" if proxy else "apikey", self.client_address(), time.monotonic()
+        self.check_throttle(kind, address, now)
+        authorization = self.request.headers.get("Authorization")
+        principal = self.broker.authenticate(authorization, proxy=proxy)
+        if principal is None and authorization is not None:
+            self.throttle.failed(kind, address, now)
+            self.metrics.auth_failures.inc(kind)
         if principal is None:
             what = "a proxy credential" if proxy else "an API key"
             raise ApiError(401, "unauthorized", f"this endpoint needs {what} as a Bearer token")
         if principal.role not in roles and not (principal.role == "admin" and not proxy):
             raise ApiError(403, "forbidden", f"this endpoint needs the role {' or '.join(roles)}")
         return principal
+
+    def client_address(self) -> str:
+        """The peer, or the client a trusted reverse proxy names in X-Forwarded-For (``--trusted-proxy``;
+        the same right-to-left walk as the console proxy's, so a client cannot pick its address)."""
+        return origin.client_address(self.request.remote_ip or "", self.request.headers.get("X-Forwarded-For"),
+                                     self.trusted)
+
+    def check_throttle(self, kind: str, address: str, now: float) -> None:
+        """429 while the address is throttled; the episode's first refusal is logged and audited."""
+        verdict = self.throttle.check(kind, address, now)
+        if not verdict.throttled:
+            return
+        self.metrics.auth_throttled.inc(kind)
+        if verdict.first:
+            where = ratelimit.client_key(address)
+            log.warning("authentication throttled for %s (%s credentials): too many failures", where, kind)
+            try:
+                self.broker.record_throttled(where, kind, verdict.retry_after)
+            except (StoreError, sqlite3.Error) as exc:  # the 429 stands; the log line above says it
+                log.warning("the auth_throttled audit event could not be written: %s", exc)
+        raise Throttled(verdict.retry_after)
 
     def body(self, fields: dict[str, Field]) -> dict[str, Any]:
         raw = bytes(self._body)
@@ -172,10 +222,15 @@ class ApiHandler(tornado.web.RequestHandler):
                 self.set_header("Connection", "close")
             elif error.status == 401:  # here, not where it is raised: send_error clears earlier headers
                 self.set_header("WWW-Authenticate", 'Bearer realm="consolegate"')
+            elif isinstance(error, Throttled):
+                self.set_header("Retry-After", str(error.retry_after))
         elif isinstance(error, (StoreUnavailable, sqlite3.OperationalError)):
             self.set_status(503)
             body = {"error": "storage_unavailable",
                     "message": "the broker cannot use its database right now (disk full?); nothing was changed"}
+        elif error_status(status_code, error) != status_code:  # input a check missed: logged, but a 400
+            self.set_status(400)
+            body = {"error": "bad_request", "message": "the request holds a value the broker cannot handle"}
         elif status_code >= 500:
             body = {"error": "internal_error", "message": "the broker failed to answer; see its log"}
         else:
@@ -304,8 +359,12 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
                                              request.path, request.remote_ip, 1000.0 * request.request_time())
 
 
-def make_app(broker: Broker) -> tornado.web.Application:
-    options = {"broker": broker, "metrics": BrokerMetrics(broker)}
+def make_app(broker: Broker, throttle: AuthThrottle | None = None,
+             trusted: tuple[Network, ...] = ()) -> tornado.web.Application:
+    """The API; ``throttle`` limits failed authentication per client address (the defaults of
+    broker.ratelimit if None), believing X-Forwarded-For only from the ``trusted`` proxies."""
+    throttle = throttle if throttle is not None else AuthThrottle()
+    options = {"broker": broker, "metrics": BrokerMetrics(broker), "throttle": throttle, "trusted": trusted}
     routes: list[Any] = [(PREFIX + path, handler, options) for path, handler in (
         ("/targets", TargetsHandler), ("/targets/([^/]+)", TargetHandler), ("/consoles", ConsolesHandler),
         ("/sessions", SessionsHandler), ("/sessions/([^/]+)", SessionHandler), ("/audit", AuditHandler),

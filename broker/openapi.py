@@ -10,6 +10,8 @@ from broker.service import AUDIT_TYPES, CURSOR_MAX_LENGTH, SESSION_STATES, SESSI
 
 _ERROR = {"type": "object", "required": ["error", "message"], "additionalProperties": False,
           "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
+_THROTTLED = ("too_many_attempts: too many failed authentications from this address (or its IPv6 /64) for "
+              "this kind of credential; refused before the credential is examined, a correct one included")
 _NULLABLE_STR = {"type": "string", "nullable": True}
 _NULLABLE_NUM = {"type": "number", "nullable": True}
 _NULLABLE_INT = {"type": "integer", "nullable": True}
@@ -56,6 +58,10 @@ def _op(summary: str, who: str, ok: tuple[str, dict[str, Any] | None], *, body: 
     responses: dict[str, Any] = {status: _json(schema) if schema is not None else {"description": "done"}}
     for code in ("400", "401", "403", *errors) if who != "anyone" else errors:
         responses[code] = _json({"$ref": "#/components/schemas/Error"}, "error")
+    if who != "anyone":
+        responses["429"] = {**_json({"$ref": "#/components/schemas/Error"}, _THROTTLED),
+                            "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                                        "description": "whole seconds until one more attempt"}}}
     operation: dict[str, Any] = {"summary": summary, "description": f"Caller: {who}.", "responses": responses,
                                  "security": [] if who == "anyone" else
                                  [{"proxyCredential": []}] if who == "proxy" else [{"apiKey": []}]}

@@ -12,11 +12,13 @@ import ssl
 import tornado.httpserver
 from tornado.ioloop import PeriodicCallback
 
-from broker import api
+from broker import api, ratelimit
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
+from console_proxy import origin
 from console_proxy.brokerlink import is_loopback_host
 from console_proxy.command import CommandError
+from console_proxy.logguard import setup as guard_logging
 from console_proxy.serve import parse_listen, tls_context
 
 log = logging.getLogger("consolegate.broker")
@@ -40,17 +42,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--allow-insecure-http", action="store_true",
                        help="listen without TLS on a non-loopback address (API keys then cross the network "
                             "readable)")
+    serve.add_argument("--auth-burst", type=int, default=ratelimit.DEFAULT_BURST, metavar="N",
+                       help="failed authentications an address may make before it is answered 429 "
+                            f"(default {ratelimit.DEFAULT_BURST})")
+    serve.add_argument("--auth-refill", type=float, default=ratelimit.DEFAULT_REFILL, metavar="SECONDS",
+                       help="one more failed authentication allowed per this many seconds "
+                            f"(default {ratelimit.DEFAULT_REFILL:g})")
+    serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
+                       help="a reverse proxy whose X-Forwarded-For names the client whose failed "
+                            "authentications are counted (repeatable)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    guard_logging(args.log_level)  # first: no line, Tornado's included, may carry a secret
     if not 0 < args.default_ttl <= args.max_ttl:
         raise CommandError("--default-ttl must be positive and at most --max-ttl")
     if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0:
         raise CommandError("intervals must be positive")
     check_retention(args.session_retention)
+    throttle, trusted = auth_limits(args)
     config = BrokerConfig(default_ttl=args.default_ttl, max_ttl=args.max_ttl,
                           heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval,
                           session_retention=args.session_retention)
@@ -59,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
     broker = Broker(args.state_dir, config)
     try:
-        asyncio.run(serve(broker, host, port, tls))
+        asyncio.run(serve(broker, host, port, tls, throttle, trusted))
     finally:
         broker.close()
     return 0
@@ -69,6 +81,18 @@ BODY_TIMEOUT = 30.0
 """Seconds a request body (at most 64 KiB) may take to arrive."""
 IDLE_CONNECTION_TIMEOUT = 60.0
 """Seconds a kept-alive connection may wait for its next request (heartbeats come every few)."""
+
+
+def auth_limits(args: argparse.Namespace) -> tuple[ratelimit.AuthThrottle, tuple[origin.Network, ...]]:
+    """The failed-authentication throttle and the reverse proxies believed about client addresses."""
+    try:
+        throttle = ratelimit.AuthThrottle(args.auth_burst, args.auth_refill)
+    except ValueError:
+        raise CommandError("--auth-burst must be at least 1 and --auth-refill a positive number of seconds") from None
+    try:
+        return throttle, origin.parse_networks(args.trusted_proxy)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def check_retention(seconds: float) -> None:
@@ -91,12 +115,14 @@ def check_plaintext(host: str, tls: bool, *, allow_insecure: bool) -> None:
                 "credentials and fleet keys cross the network unencrypted", host)
 
 
-async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None = None,
+                throttle: ratelimit.AuthThrottle | None = None, trusted: tuple[origin.Network, ...] = ()) -> None:
     # The API handlers stream bodies and enforce api.MAX_BODY themselves, answering 413 in JSON
     # (see api.ApiHandler.prepare); this limit only guards requests refused before that point.
     # Bodies are read before the caller is authenticated: a client trickling one, or idling on a
     # kept-alive connection, must not hold a connection and its buffers for ever.
-    http = tornado.httpserver.HTTPServer(api.make_app(broker), max_body_size=api.MAX_BODY, xheaders=False,
+    app = api.make_app(broker, throttle, trusted)
+    http = tornado.httpserver.HTTPServer(app, max_body_size=api.MAX_BODY, xheaders=False,
                                          ssl_options=tls, body_timeout=BODY_TIMEOUT,
                                          idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
     try:

@@ -37,7 +37,8 @@ log = logging.getLogger("consolegate.broker")
 DB_NAME = "broker.db"
 SESSION_STATES = ("minted", "active", "closed", "revoked")
 AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "key_rotated",
-               "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_changed", "proxy_removed")
+               "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_changed", "proxy_removed",
+               "auth_throttled")
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session that is still open (its close never reported) is sent to proxies.
 A revoked session is also sent, whatever its age, while any proxy could accept its token
@@ -343,6 +344,13 @@ class Broker:
         row = self.store.one("SELECT name, role, hash FROM apikeys WHERE id = ? AND revoked_at IS NULL", key[0])
         ok = self.hasher.matches(row["hash"] if row else None, "apikey", *key)
         return Principal(key[0], row["name"], row["role"]) if ok and row else None
+
+    def record_throttled(self, address: str, kind: str, retry_after: int) -> None:
+        """Audit the start of a throttling episode (broker.ratelimit): who, which credential kind,
+        never what was presented."""
+        with self.store.transaction() as conn:
+            self.store.append_audit(conn, at=clock.now(), type_="auth_throttled", actor="unauthenticated",
+                                    detail={"address": address, "kind": kind, "retry_after": retry_after})
 
     # --- targets ------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Whether a websocket may open: every refusal decided before the upgrade, as plain code.
 
 The order is DESIGN's: draining first (a draining proxy should not even spend crypto), then the
-Origin, capacity, the token (its own ordered checks, client-IP binding included). Single-use
+Origin and the pinned Host (both ``origin_denied``), capacity, the token (its own ordered checks, client-IP binding included). Single-use
 redemption needs the broker and happens in the shell after :func:`admit` succeeds.
 /token-status runs the same function, so its verdict and the websocket's never disagree.
 """
@@ -66,6 +66,8 @@ class Request:
     origin: str | None
     own_origin: str | None
     client_ip: str
+    host: str | None = None
+    """The Host the browser addressed (X-Forwarded-Host from a trusted proxy); see ``host_allowed``."""
 
 
 def token_from(subprotocols: list[str], query_token: str | None) -> str | None:
@@ -91,6 +93,9 @@ def admit(request: Request, *, keyring: Keyring, config: ProxyConfig, now: float
         raise Refusal("draining")
     if not config.origin_policy.allows(request.origin, request.own_origin):
         raise Refusal("origin_denied")
+    if not config.origin_policy.host_allowed(request.host):
+        raise Refusal("origin_denied", reason="host_not_pinned: the Host names neither the public URL nor an "
+                                              "allowed origin (DNS rebinding?)")
     if sessions >= config.max_sessions:
         raise Refusal("over_capacity")
     if not request.token:

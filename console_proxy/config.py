@@ -35,8 +35,10 @@ class ProxyConfig:
     max_ttl: int | None = None
     drain_grace: float = 30.0
     upstream_ca_pem: str | None = None
-    """CA for VeNCrypt X.509 upstreams when the token's ``tls`` claim has none."""
+    """CA that verifies VeNCrypt X.509 upstreams when the token's ``tls`` claim has none; not a
+    demand for TLS (see :mod:`console_proxy.upstream_tls`)."""
     allow_anonymous_tls: bool = False
+    """Anonymous VeNCrypt TLS for tokens that pin nothing (no ``tls.ca``, no ``tls.require``)."""
     static_dir: Path = REPO_STATIC
     frame_ancestors: str = "'none'"
     sweep_interval: float = 1.0

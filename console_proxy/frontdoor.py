@@ -92,10 +92,11 @@ class FrontDoor:
 
     def _upgrade(self, doorway: Doorway, head: Head) -> None:
         state = self.state
-        client, own = server.request_view(state, doorway.peer, "http", head.headers.get("Host"), head.headers)
+        view = server.request_view(state, doorway.peer, "http", head.headers.get("Host"), head.headers)
+        client = view.client
         try:
             claims, key, binary = server.admit_upgrade(state, head.headers, lambda: head.query_argument("token"),
-                                                       client, own)
+                                                       view)
         except Refusal as refusal:
             self._refuse(doorway, head, refusal, client)
             return

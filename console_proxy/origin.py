@@ -3,6 +3,12 @@
 Browsers do not apply the same-origin policy to websockets, so without this check any page a
 logged-in user visits could open a console with a link it stole (Nova's CVE-2015-0259). Headers
 that a client can forge (X-Forwarded-*) count only when the direct peer is a trusted proxy.
+
+The request's own origin is always allowed, which DNS rebinding turns against us: a page at
+``evil.example`` whose name is re-pointed at the proxy's address sends ``Origin:
+http://evil.example`` with ``Host: evil.example``, its own origin. With a public URL the proxy
+therefore also pins the Host: only the public URL's host[:port] and the allowed origins' pass
+(:meth:`OriginPolicy.host_allowed`).
 Pure functions: the handlers pass in what they read off the request.
 """
 
@@ -77,15 +83,56 @@ def origin_of(scheme: str, host_header: str | None) -> str | None:
     return normalize_origin(f"{scheme}://{host_header}")
 
 
+HostPort = tuple[str, int | None]
+"""A Host header's lower-case name and its port (None when the header names none)."""
+
+
+def split_host(value: str | None) -> HostPort | None:
+    """``name[:port]`` or ``[v6]:port`` as (lower-case name, port or None); None if it is not one."""
+    return _split_host(value) if value else None
+
+
+@_cached_if_short(maxsize=1024)
+def _split_host(value: str) -> HostPort | None:
+    try:
+        parts = urlsplit(f"http://{value.strip()}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname or parts.username is not None or parts.path or parts.query or parts.fragment:
+        return None
+    return parts.hostname.lower(), port
+
+
+def _pins(origins: Iterable[str]) -> frozenset[HostPort]:
+    """The Host values that address these origins: ``name:port``, and bare ``name`` when the
+    port is its scheme's default (browsers leave it out)."""
+    pins: set[HostPort] = set()
+    for entry in origins:
+        parts = urlsplit(entry)  # normalised: a host and an explicit port
+        name, port = parts.hostname or "", parts.port or DEFAULT_PORTS[parts.scheme]
+        pins.add((name, port))
+        if port == DEFAULT_PORTS[parts.scheme]:
+            pins.add((name, None))
+    return frozenset(pins)
+
+
 @dataclass(frozen=True)
 class OriginPolicy:
-    """The origins allowed besides the request's own: the public URL's and explicit entries."""
+    """The origins allowed besides the request's own: the public URL's and explicit entries.
+
+    ``pinned``, when not None, is the set of Host values a websocket may be addressed to
+    (see the module's note on DNS rebinding); None accepts any Host.
+    """
 
     public_origin: str | None = None
     allowed: frozenset[str] = frozenset()
+    pinned: frozenset[HostPort] | None = None
 
     @classmethod
-    def build(cls, public_url: str | None, allowed: Iterable[str]) -> OriginPolicy:
+    def build(cls, public_url: str | None, allowed: Iterable[str], *, pin_host: bool = True) -> OriginPolicy:
+        """``pin_host`` takes effect only with a public URL: without one the proxy cannot know
+        which name browsers use for it."""
         entries = set()
         for entry in allowed:
             normal = normalize_origin(entry)
@@ -95,7 +142,8 @@ class OriginPolicy:
         public = normalize_origin(_origin_part(public_url)) if public_url else None
         if public_url and public is None:
             raise ValueError(f"--public-url {public_url!r} is not an http(s) URL")
-        return cls(public, frozenset(entries))
+        pinned = _pins({public, *entries}) if pin_host and public is not None else None
+        return cls(public, frozenset(entries), pinned)
 
     def allows(self, origin_header: str | None, own_origin: str | None) -> bool:
         """A missing Origin (not a browser) passes; a present one must match exactly."""
@@ -105,6 +153,14 @@ class OriginPolicy:
         if origin is None:
             return False
         return origin in (own_origin, self.public_origin) or origin in self.allowed
+
+    def host_allowed(self, host: str | None) -> bool:
+        """Whether a request addressed to this Host (name[:port], any case) may open a console:
+        always when not pinned; else only the public URL's or an allowed origin's host[:port],
+        a default port (:80, :443) written or not. A missing or malformed Host fails."""
+        if self.pinned is None:
+            return True
+        return split_host(host) in self.pinned
 
 
 def _origin_part(url: str) -> str:
@@ -162,10 +218,16 @@ def _canonical(value: str) -> str:
     return str(address) if address is not None else value
 
 
+def effective_host(peer: str, host: str | None, forwarded_host: str | None, trusted: Sequence[Network]) -> str | None:
+    """The Host the browser addressed: X-Forwarded-Host's first value from a trusted proxy, else Host."""
+    if is_trusted(peer, trusted):
+        return (forwarded_host or host or "").split(",")[0].strip() or None
+    return host
+
+
 def effective_origin(peer: str, scheme: str, host: str | None, headers: dict[str, str | None],
                      trusted: Sequence[Network]) -> str | None:
     """The request's own origin, honouring X-Forwarded-Proto/-Host from trusted proxies only."""
     if is_trusted(peer, trusted):
         scheme = (headers.get("X-Forwarded-Proto") or scheme).split(",")[0].strip().lower()
-        host = (headers.get("X-Forwarded-Host") or host or "").split(",")[0].strip() or None
-    return origin_of(scheme, host)
+    return origin_of(scheme, effective_host(peer, host, headers.get("X-Forwarded-Host"), trusted))

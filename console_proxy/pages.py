@@ -7,14 +7,19 @@ Our own files come from ``static/``; noVNC comes from ``static/node_modules/@nov
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import tornado.web
 
 from console_proxy.config import ProxyConfig
 from console_proxy.handlerlog import PathOnlyLogging
+from console_proxy.httperrors import JsonErrors
 
 NOVNC_SUBDIR = ("node_modules", "@novnc", "novnc")
+MAX_STATIC_PATH = 512
+"""Longest static path looked up; our files' are under 100 characters."""
+_NOT_A_FILE_NAME = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def security_headers(handler: tornado.web.RequestHandler, frame_ancestors: str) -> None:
@@ -27,7 +32,7 @@ def security_headers(handler: tornado.web.RequestHandler, frame_ancestors: str) 
     handler.set_header("Cache-Control", "no-store")
 
 
-class ConsolePage(PathOnlyLogging, tornado.web.RequestHandler):
+class ConsolePage(JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):
     """``/console``: the viewer. The token stays in the URL fragment, which browsers never send."""
 
     def initialize(self, config: ProxyConfig) -> None:
@@ -44,15 +49,31 @@ class ConsolePage(PathOnlyLogging, tornado.web.RequestHandler):
         self.finish(body)
 
 
-class StaticFiles(PathOnlyLogging, tornado.web.StaticFileHandler):
-    """Tornado's static handler (it refuses paths outside its root) plus our headers."""
+class StaticFiles(JsonErrors, PathOnlyLogging, tornado.web.StaticFileHandler):
+    """Tornado's static handler (it refuses paths outside its root) plus our headers.
+
+    Paths no file of ours has are refused (404) before they reach the file system: a NUL (the
+    ``os`` functions raise on it: once a 500), control characters, backslashes, ``.`` and ``..``
+    segments (also percent-encoded: the path arrives decoded), empty segments, overlong paths.
+    """
 
     def initialize(self, path: str, frame_ancestors: str = "'none'", default_filename: str | None = None) -> None:
         super().initialize(path, default_filename)
         self.frame_ancestors = frame_ancestors
 
+    def parse_url_path(self, url_path: str) -> str:
+        if url_path and not is_static_path(url_path):
+            raise tornado.web.HTTPError(404, "no such file")
+        return super().parse_url_path(url_path)
+
     def set_extra_headers(self, path: str) -> None:
         security_headers(self, self.frame_ancestors)
+
+
+def is_static_path(url_path: str) -> bool:
+    """A relative path of plain segments: what every file we serve has, and nothing else."""
+    return (len(url_path) <= MAX_STATIC_PATH and not _NOT_A_FILE_NAME.search(url_path)
+            and all(part not in ("", ".", "..") for part in url_path.split("/")))
 
 
 def page_routes(config: ProxyConfig) -> list[Any]:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from console_proxy import dial, rfb
+from console_proxy import dial, rfb, upstream_tls
 from console_proxy.config import ProxyConfig
 from console_proxy.token import Claims
 
@@ -103,30 +103,9 @@ def _end(code: int, detail: str) -> SessionEnded:
 
 
 def tls_policy(claims: Claims, config: ProxyConfig) -> rfb.TlsPolicy:
-    """The token's ``tls`` claim, falling back to the proxy's configured CA."""
-    tls = claims.tls or {}
-    return rfb.TlsPolicy(
-        ca_pem=tls.get("ca") or config.upstream_ca_pem,
-        server_name=tls.get("sni") or claims.host,
-        allow_anonymous=bool(tls.get("allow_anon")) or config.allow_anonymous_tls,
-        require=bool(tls.get("require")),
-    )
-
-
-def ssl_context(policy: rfb.TlsPolicy, verify: bool) -> ssl.SSLContext:
-    """A client context: X.509 verified against the policy's CA, or anonymous when allowed."""
-    if verify:
-        if not policy.ca_pem:
-            raise _end(4501, "the target offers X.509 TLS but no CA is configured to verify it")
-        context = ssl.create_default_context(cadata=policy.ca_pem)
-        context.check_hostname = True
-        return context
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers("aNULL:@SECLEVEL=0")
-    return context
+    """The token's ``tls`` claim with the proxy's defaults (see :func:`upstream_tls.policy_for`)."""
+    return upstream_tls.policy_for(claims.tls, claims.host, upstream_ca_pem=config.upstream_ca_pem,
+                                   allow_anonymous_tls=config.allow_anonymous_tls)
 
 
 class _ReadBuffer:
@@ -193,7 +172,7 @@ class _Upstream(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._connected()
-        self.session.upstream_lost()
+        self.session.upstream_lost(None)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -202,7 +181,7 @@ class _Upstream(asyncio.BufferedProtocol):
             if dial.never_connected(exc):  # the connect itself failed (dial: no wait for it)
                 self.session.finish(Ending.of(4500, CANNOT_CONNECT))
                 return
-        self.session.upstream_lost()
+        self.session.upstream_lost(exc)
 
     def pause_writing(self) -> None:
         self.session.browser.pause_reading()
@@ -240,6 +219,9 @@ class ConsoleSession:
         self._feeding: rfb.UpstreamHandshake | None = None  # parked in _drive: fed by the read callback
         self._actions: asyncio.Future[list[object]] | None = None
         self._upstream_gone = False
+        self._lost_error: BaseException | None = None
+        self._certificate_request: upstream_tls.CertificateRequestWatch | None = None
+        self._tls_quiet = False  # TLS is up and the hypervisor has sent nothing through it yet
         self._inbox_full = False  # reasons to leave the hypervisor's socket unread
         self._backlogged = False
         self._task: asyncio.Task[None] | None = None
@@ -299,7 +281,7 @@ class ConsoleSession:
                 self._ready = (ready, upstream.security_type)
             client_init = await self._client_init
             if self._upstream_gone and not self.relaying:  # it hung up while the browser was on its way
-                raise _end(4502, "the console server closed the connection during the handshake")
+                raise self._hung_up()
         else:
             await self._drive(upstream, rfb.Authenticated)
             client_init = await self._client_init
@@ -405,7 +387,7 @@ class ConsoleSession:
             if actions:
                 return actions
         if self._upstream_gone:
-            raise _end(4502, "the console server closed the connection during the handshake")
+            raise self._hung_up()
         self._feeding, self._actions = handshake, asyncio.get_running_loop().create_future()
         try:
             return await self._actions
@@ -439,9 +421,12 @@ class ConsoleSession:
             raise _end(4502, "the console server sent plaintext where TLS was due")
         policy = self._tls
         try:
-            context = ssl_context(policy, action.verify)
+            context = upstream_tls.client_context(policy, action.verify)
+        except upstream_tls.NoCaError as error:
+            raise _end(4501, str(error)) from None
         except (ssl.SSLError, ValueError):
             raise _end(4501, "the CA certificate for this console server is not usable") from None
+        watch = self._certificate_request = upstream_tls.CertificateRequestWatch(context)
         plain = self._up.transport
         assert plain is not None
         try:
@@ -449,15 +434,34 @@ class ConsoleSession:
                 plain, self._up, context, server_hostname=policy.server_name if action.verify else None)
         except ssl.SSLCertVerificationError:
             raise _end(4501, "the console server's certificate did not verify") from None
-        except (ssl.SSLError, OSError, ConnectionError):
-            raise _end(4502, "the TLS handshake with the console server failed") from None
+        except (ssl.SSLError, OSError, ConnectionError) as error:
+            raise self._tls_failure(error, "the TLS handshake with the console server failed", quiet=True) from None
+        finally:
+            watch.stop()
         if secure is None:
-            raise _end(4502, "the console server closed the connection during TLS")
+            raise self._tls_failure(None, "the console server closed the connection during TLS", quiet=True)
         self._up.transport = secure  # type: ignore[assignment]
+        self._tls_quiet = True  # until the first decrypted byte: a hang-up now may be about our certificate
+
+    def _tls_failure(self, error: BaseException | None, otherwise: str, *, quiet: bool) -> SessionEnded:
+        """The hypervisor's connection ended during the handshake: a refusal (4501) when it
+        wanted a client certificate (see :func:`upstream_tls.is_client_certificate_refusal`;
+        ``quiet``: no byte from it since TLS began), else ``otherwise`` (4502)."""
+        watch = self._certificate_request
+        requested = watch is not None and watch.requested
+        if upstream_tls.is_client_certificate_refusal(error, requested=requested, quiet=quiet):
+            return _end(4501, upstream_tls.CLIENT_CERTIFICATE_REQUIRED)
+        return _end(4502, otherwise)
+
+    def _hung_up(self) -> SessionEnded:
+        """How the hypervisor hanging up before ServerInit ends the session."""
+        return self._tls_failure(self._lost_error, "the console server closed the connection during the handshake",
+                                 quiet=self._tls_quiet)
 
     def handshake_bytes(self, data: memoryview) -> None:
         """The hypervisor's bytes before relaying: fed to the waiting handshake at once, else
         held for it (bounded by pausing)."""
+        self._tls_quiet = False
         handshake, waiter = self._feeding, self._actions
         if handshake is None or waiter is None or waiter.done():
             self._inbox += data
@@ -514,14 +518,16 @@ class ConsoleSession:
         """The hypervisor hung up: a protocol error mid-handshake, a normal end while relaying."""
         return _end(1000 if self.relaying else 4502, "the console server closed the connection")
 
-    def upstream_lost(self) -> None:
+    def upstream_lost(self, error: BaseException | None = None) -> None:
+        """The hypervisor's stream ended (``error`` None: end of stream)."""
         if self.relaying:
             self.finish(self._upstream_closed().ending)
         else:
             self._upstream_gone = True
+            self._lost_error = self._lost_error or error
             waiter = self._actions
             if waiter is not None and not waiter.done():
-                waiter.set_exception(_end(4502, "the console server closed the connection during the handshake"))
+                waiter.set_exception(self._hung_up())
 
     # --- the browser's side (called by the websocket) -----------------------------------------
 

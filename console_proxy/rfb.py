@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 from Crypto.Cipher import DES
 
+from console_proxy.upstream_tls import TlsPolicy
+
 __all__ = [
     "INPUT_MESSAGE_TYPES",
     "Authenticated",
@@ -68,6 +70,9 @@ _SECURITY_NAMES = {
 }
 #: VeNCrypt subtypes that end in VNC Authentication inside the tunnel.
 _VENCRYPT_WITH_VNC_AUTH = frozenset({VENCRYPT_TLSVNC, VENCRYPT_X509VNC})
+#: Anonymous TLS (no certificate, interceptable) and X.509 (certificate verified) subtypes we speak.
+_VENCRYPT_ANONYMOUS = frozenset({VENCRYPT_TLSNONE, VENCRYPT_TLSVNC})
+_VENCRYPT_X509 = frozenset({VENCRYPT_X509NONE, VENCRYPT_X509VNC})
 
 _U32 = struct.Struct(">I")
 _S32 = struct.Struct(">i")
@@ -112,27 +117,6 @@ def printable(raw: bytes) -> str:
 
 
 @dataclass(frozen=True)
-class TlsPolicy:
-    """How much TLS the proxy demands from a target, decided by the token or proxy config.
-
-    ``ca_pem`` set or ``require`` true means a target that only offers plain None/VncAuth is
-    refused rather than silently used: the operator asked for an encrypted hop. Anonymous TLS
-    (VeNCrypt TLSNone/TLSVnc) has no certificate, so a man in the middle can read it; it is used
-    only when ``allow_anonymous`` says so.
-    """
-
-    ca_pem: str | None = None
-    server_name: str | None = None
-    allow_anonymous: bool = False
-    require: bool = False
-
-    @property
-    def tls_required(self) -> bool:
-        """True when falling back to an unencrypted security type would break the policy."""
-        return self.require or self.ca_pem is not None
-
-
-@dataclass(frozen=True)
 class Send:
     """Bytes the caller must write to the peer, in order, before anything else."""
 
@@ -144,7 +128,7 @@ class StartTls:
     """Upgrade the upstream connection to TLS now, then call ``tls_started()``.
 
     ``verify`` is True for X509* subtypes: check the certificate against ``TlsPolicy.ca_pem``
-    and ``server_name``. False means anonymous TLS, which was allowed by the policy.
+    and ``server_name``. False means anonymous TLS, which the policy allows.
     """
 
     verify: bool
@@ -325,13 +309,15 @@ class UpstreamHandshake:
     would need a user name and send the password in the clear inside the tunnel).
 
     Choice among offered types. VeNCrypt's subtype list only arrives after committing to type
-    19, and a connection cannot go back, so: when the policy requires TLS (``ca_pem`` set or
-    ``require``) VeNCrypt is chosen and plain types are never used; otherwise VNC Authentication
-    (if we have a password), then None, and VeNCrypt only when neither is usable. Without a CA
-    configured an X509 certificate could not be verified anyway, and a default TigerVNC offers
-    VeNCrypt (anonymous TLSVnc only) next to VncAuth, which must keep working. Inside VeNCrypt:
-    X509Vnc (with a password) > X509None > TLSVnc > TLSNone, the TLS* pair only when
-    ``allow_anonymous``; unusable subtypes refuse the handshake (4501), never downgrade.
+    19, and a connection cannot go back, so: when the policy requires TLS (the token pins a CA
+    or says ``require``) VeNCrypt is chosen and plain types are never used; otherwise VNC
+    Authentication (if we have a password), then None, and VeNCrypt only when neither is usable:
+    a default TigerVNC offers VeNCrypt (anonymous TLSVnc only) next to VncAuth, which must keep
+    working, and a CA configured on the proxy (``--upstream-ca``) only verifies X.509 servers,
+    it does not demand TLS. Inside VeNCrypt: X509Vnc (with a password) > X509None, only with a
+    CA to verify the certificate against, then TLSVnc > TLSNone, only when ``allow_anonymous``
+    (never for a token that pins a CA); anything else refuses the handshake (4501) with the
+    reason, never downgrades.
 
     ServerInit desktop names: the first 1 KiB is kept, the rest up to 64 KiB is counted off
     without being stored, and a longer announced name is a protocol error.
@@ -483,6 +469,9 @@ class UpstreamHandshake:
             return SEC_VENCRYPT
         if plain is not None:
             return plain
+        if self._policy.tls_required and offered & {SEC_NONE, SEC_VNC}:
+            raise RfbError.auth_failed(f"the console server offers no TLS (server offers {sorted(offered)}); "
+                                       f"this console's token requires TLS (tls.ca or tls.require)")
         raise RfbError.auth_failed(
             f"no acceptable security type offered (server offers {sorted(offered)}, "
             f"tls required: {self._policy.tls_required}, "
@@ -601,20 +590,32 @@ class UpstreamHandshake:
         return [Send(_U32.pack(chosen))]
 
     def _choose_subtype(self, offered: frozenset[int]) -> int:
-        has_pw = self._password is not None
-        order = [VENCRYPT_X509VNC] if has_pw else []
-        order.append(VENCRYPT_X509NONE)
-        if self._policy.allow_anonymous:
-            order += [VENCRYPT_TLSVNC] if has_pw else []
-            order.append(VENCRYPT_TLSNONE)
-        for subtype in order:
+        for subtype in self._acceptable_subtypes():
             if subtype in offered:
                 return subtype
-        raise RfbError.auth_failed(
-            f"no acceptable VeNCrypt subtype offered (server offers {sorted(offered)}, "
-            f"anonymous TLS allowed: {self._policy.allow_anonymous}, "
-            f"password: {'yes' if has_pw else 'no'})"
-        )
+        raise RfbError.auth_failed(self._subtype_refusal(offered))
+
+    def _acceptable_subtypes(self) -> list[int]:
+        """Subtypes the policy accepts, best first: X.509 only if verifiable, anonymous only if allowed."""
+        with_password = [VENCRYPT_X509VNC, VENCRYPT_TLSVNC] if self._password is not None else []
+        order: list[int] = []
+        if self._policy.can_verify:
+            order += [VENCRYPT_X509VNC, VENCRYPT_X509NONE]
+        if self._policy.allow_anonymous:
+            order += [VENCRYPT_TLSVNC, VENCRYPT_TLSNONE]
+        return [subtype for subtype in order if subtype not in _VENCRYPT_WITH_VNC_AUTH or subtype in with_password]
+
+    def _subtype_refusal(self, offered: frozenset[int]) -> str:
+        """Why nothing offered will do, most specific first (for the log and the audit)."""
+        listed = f"server offers VeNCrypt subtypes {sorted(offered)}"
+        if offered & _VENCRYPT_ANONYMOUS and not offered & _VENCRYPT_X509 and not self._policy.allow_anonymous:
+            return f"the console server offers only anonymous TLS (no certificate); {self._policy.anonymous_refusal()} " \
+                   f"({listed})"
+        if offered & _VENCRYPT_X509 and not self._policy.can_verify:
+            return f"the console server offers X.509 TLS but no CA is configured to verify it ({listed})"
+        return (f"no acceptable VeNCrypt subtype offered ({listed}, "
+                f"anonymous TLS allowed: {self._policy.allow_anonymous}, "
+                f"password: {'yes' if self._password is not None else 'no'})")
 
     def _on_vencrypt_accept(self) -> list[UpstreamAction] | None:
         raw = self._buf.take(1)
@@ -625,8 +626,7 @@ class UpstreamHandshake:
         if len(self._buf):
             raise RfbError.protocol("target sent plaintext where TLS was due")
         self._state = _Up.AWAIT_TLS
-        verify = self._security in (VENCRYPT_X509NONE, VENCRYPT_X509VNC)
-        return [StartTls(verify=verify)]
+        return [StartTls(verify=self._security in _VENCRYPT_X509)]
 
     # --- ServerInit ------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tornado.httpserver
 
-from console_proxy import keyring, origin, server
+from console_proxy import keyring, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
 from console_proxy.command import CommandError
 from console_proxy.config import REPO_STATIC, ProxyConfig
@@ -39,6 +39,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--public-url", metavar="URL", help="the URL browsers use to reach this proxy")
     serve.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
                        help="another page origin allowed to open consoles (repeatable)")
+    serve.add_argument("--no-pin-host", action="store_true",
+                       help="with --public-url, accept websockets addressed to any Host (default: only the "
+                            "public URL's and the allowed origins' hosts, against DNS rebinding)")
     serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
                        help="a load balancer whose X-Forwarded-* headers are believed (repeatable)")
     serve.add_argument("--tls-cert", metavar="F")
@@ -52,8 +55,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds open sessions get after SIGTERM")
     serve.add_argument("--no-force-shared", action="store_true",
                        help="pass the browser's ClientInit shared flag instead of forcing it on")
-    serve.add_argument("--upstream-ca", metavar="PEM", help="CA for VeNCrypt X.509 targets whose token has none")
-    serve.add_argument("--allow-anonymous-tls", action="store_true", help="accept VeNCrypt TLSNone/TLSVnc targets")
+    serve.add_argument("--upstream-ca", metavar="PEM",
+                       help="CA bundle that verifies VeNCrypt X.509 targets whose token names no CA (not a "
+                            "demand for TLS: plain targets still work; a token's tls.require demands TLS)")
+    serve.add_argument("--allow-anonymous-tls", action="store_true",
+                       help="accept VeNCrypt TLSNone/TLSVnc (no certificate, interceptable) for targets whose "
+                            "token pins nothing; never for a token with tls.ca or tls.require")
     serve.add_argument("--skew", type=int, default=DEFAULT_SKEW, help="clock-skew allowance, seconds")
     serve.add_argument("--frame-ancestors", default="'none'", help="CSP frame-ancestors for the viewer page")
     serve.add_argument("--static-dir", metavar="DIR", default=str(REPO_STATIC))
@@ -84,7 +91,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     if not 0 <= args.skew <= MAX_SKEW:
         raise CommandError(f"--skew must be from 0 to {MAX_SKEW} seconds")
     try:
-        policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin)
+        policy = origin.OriginPolicy.build(args.public_url, args.allowed_origin, pin_host=not args.no_pin_host)
         trusted = origin.parse_networks(args.trusted_proxy)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
@@ -111,7 +118,7 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logguard.setup(args.log_level)  # first: no line, Tornado's included, may carry a secret
     config = build_config(args)
     link = _broker_link(args)
     ring = keyring.load(args.keyring) if args.keyring else None

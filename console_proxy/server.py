@@ -13,18 +13,19 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import tornado.web
 from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import SSLIOStream
 
-from console_proxy import clock, origin, wsconn, wsframes
+from console_proxy import clock, openapi, origin, wsconn, wsframes
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
 from console_proxy.handlerlog import PathOnlyLogging, access_log
+from console_proxy.httperrors import JsonErrors, NotFound
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
 from console_proxy.pages import page_routes
@@ -169,24 +170,31 @@ class ProxyState:
         self._stop_if_idle()
 
 
-def request_view(state: ProxyState, peer: str, protocol: str, host: str | None,
-                 headers: Mapping[str, str]) -> tuple[str, str | None]:
-    """The client address and the request's own origin, trusting forwarded headers only from proxies."""
+class View(NamedTuple):
+    """What admission reads off a request beyond its token, trusting forwarded headers only from proxies."""
+
+    client: str
+    own: str | None
+    host: str | None
+
+
+def request_view(state: ProxyState, peer: str, protocol: str, host: str | None, headers: Mapping[str, str]) -> View:
+    """The client address, the request's own origin and the Host it was addressed to."""
     trusted = state.config.trusted_proxies
     client = origin.client_address(peer, headers.get("X-Forwarded-For"), trusted)
     own = origin.effective_origin(peer, protocol, host, {
         "X-Forwarded-Proto": headers.get("X-Forwarded-Proto"),
         "X-Forwarded-Host": headers.get("X-Forwarded-Host")}, trusted)
-    return client, own
+    return View(client, own, origin.effective_host(peer, host, headers.get("X-Forwarded-Host"), trusted))
 
 
-def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> tuple[str, str | None]:
+def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> View:
     request: HTTPServerRequest = handler.request
     return request_view(state, request.remote_ip or "", request.protocol, request.host, request.headers)
 
 
 def admit_upgrade(state: ProxyState, headers: Mapping[str, str], query_token: Callable[[], str | None],
-                  client: str, own: str | None) -> tuple[Claims, str, bool]:
+                  view: View) -> tuple[Claims, str, bool]:
     """Claims, the websocket key and whether "binary" was offered; or Refusal. Spends nothing:
     a request that is not a version-13 upgrade is refused before any token work (the query's
     token is not even read)."""
@@ -196,7 +204,7 @@ def admit_upgrade(state: ProxyState, headers: Mapping[str, str], query_token: Ca
         raise Refusal(error.code, reason=str(error), status=error.status) from None
     offered = [p.strip() for p in (headers.get("Sec-WebSocket-Protocol") or "").split(",")]
     candidate = token_from(offered, None) or query_token()
-    claims = state.admit(Request(candidate, headers.get("Origin"), own, client))
+    claims = state.admit(Request(candidate, headers.get("Origin"), view.own, view.client, view.host))
     return claims, key, "binary" in offered
 
 
@@ -227,7 +235,7 @@ REFUSAL_HINTS = {"websocket_version": ("Sec-WebSocket-Version", "13")}
 NO_STORE = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
 
 
-class JsonHandler(PathOnlyLogging, tornado.web.RequestHandler):
+class JsonHandler(JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):
     def initialize(self, state: ProxyState) -> None:
         self.state = state
 
@@ -252,9 +260,10 @@ class TokenStatusHandler(JsonHandler):
     """The verdict the websocket would give now, without redeeming anything."""
 
     def get(self) -> None:
-        client, own = _request_view(self, self.state)
+        view = _request_view(self, self.state)
+        client = view.client
         request = Request(bearer_token(self.request.headers.get("Authorization")),
-                          self.request.headers.get("Origin"), own, client)
+                          self.request.headers.get("Origin"), view.own, client, view.host)
         try:
             claims = self.state.admit(request)
             self.state.spent.check(claims)
@@ -280,6 +289,11 @@ class MetricsHandler(JsonHandler):
         self.finish(self.state.metrics.render())
 
 
+class OpenApiHandler(JsonHandler):
+    def get(self) -> None:
+        self.answer(200, openapi.document())
+
+
 class ConsoleSocket(JsonHandler):
     """``/websockify``: admit before the upgrade, answer 101, hand the connection to a session.
 
@@ -291,11 +305,10 @@ class ConsoleSocket(JsonHandler):
         self.client_ip = ""
 
     async def get(self) -> None:
-        client, own = _request_view(self, self.state)
-        self.client_ip = client
+        view = _request_view(self, self.state)
+        client = self.client_ip = view.client
         try:
-            claims, key, binary = admit_upgrade(self.state, self.request.headers,
-                                                self._query_token, client, own)
+            claims, key, binary = admit_upgrade(self.state, self.request.headers, self._query_token, view)
             await redeem_upgrade(self.state, claims)
         except Refusal as refusal:
             self.refuse(refusal, client)
@@ -359,9 +372,10 @@ def make_app(state: ProxyState) -> tornado.web.Application:
         (r"/token-status", TokenStatusHandler, {"state": state}),
         (r"/healthz", HealthHandler, {"state": state}),
         (r"/metrics", MetricsHandler, {"state": state}),
+        (r"/openapi.json", OpenApiHandler, {"state": state}),
         *page_routes(state.config),
     ]
-    return tornado.web.Application(routes, log_function=_log_request)
+    return tornado.web.Application(routes, log_function=_log_request, default_handler_class=NotFound)
 
 
 def install_signal_handlers(state: ProxyState) -> None:

@@ -120,6 +120,9 @@ def main() -> int:
     state, broker_cli = demo.work / "state", str(BIN / "console-broker")
     broker_url = f"http://127.0.0.1:{args.broker_port}"
     public = args.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+    # The proxy pins the Host to the public URL's (DNS rebinding); the default one is 127.0.0.1,
+    # and a browser pointed at localhost instead should work too.
+    also_localhost = [] if args.public_url else ["--allowed-origin", f"http://localhost:{args.port}"]
     try:
         vnc_port, password_file = start_desktop(demo)
         demo.run(broker_cli, "init", "--state-dir", str(state))
@@ -136,7 +139,7 @@ def main() -> int:
         wait_until("the broker", lambda: listening(args.broker_port), time.monotonic() + 20)
         demo.start([str(BIN / "console-proxy"), "serve", "--listen", f"{args.host}:{args.port}", "--broker",
                     broker_url, "--proxy-credential", str(demo.work / "proxy-credential.json"),
-                    "--public-url", public], "proxy.log")
+                    "--public-url", public, *also_localhost], "proxy.log")
         client = BrokerClient(broker_url, api_key)
         wait_until("the proxy", lambda: any(p.get("healthy") for p in client.proxies()), time.monotonic() + 30)
         console = client.mint("demo-vm", user="demo", ttl=600, single_use=True)

@@ -88,7 +88,7 @@ def start_broker(state: BrokerState, *extra: str, port: int | None = None,
                "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", str(heartbeat_interval),
                "--log-level", "DEBUG", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                env=env)
     broker = BrokerProcess(process, port, log_path, ready_line="console-broker listening")
     broker.state = state

@@ -1,7 +1,7 @@
 """A real ``console-proxy serve`` process for tests: started on a free loopback port, logs kept.
 
 Readiness is an event, not a sleep: the proxy logs "listening" once its socket is bound, and a
-reader thread tees every log line to a file (for the no-secrets-in-logs scan) and wakes the test.
+reader thread tees every line it writes (stdout and stderr, merged) to a file (for the no-secrets-in-logs scan) and wakes the test.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ class ProxyProcess:
         return line
 
     def _pump(self) -> None:
-        assert self.process.stderr is not None
+        assert self.process.stdout is not None  # stdout and stderr, merged
         with self.log_path.open("a", encoding="utf-8") as sink:
-            for line in self.process.stderr:
+            for line in self.process.stdout:
                 sink.write(line)
                 sink.flush()
                 with self._changed:
@@ -104,7 +104,7 @@ def start_proxy(tmp_path: Path, keyring_path: Path | None, *extra: str, log_leve
         command = [sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{port_now}",
                    *keyring_args, "--log-level", log_level, *extra]
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    cwd=REPO, env=env)
         proxy = ProxyProcess(process, port_now, log_path)
         threading.Thread(target=proxy._pump, daemon=True).start()

@@ -10,6 +10,7 @@ from console_proxy import token
 from console_proxy.admission import Refusal, Request, admit, bearer_token, token_from
 from console_proxy.config import ProxyConfig
 from console_proxy.keyring import Keyring
+from console_proxy.origin import OriginPolicy
 
 NOW = 1_800_000_000.0
 RING = Keyring.generate(NOW)
@@ -101,3 +102,15 @@ def test_spent_tokens_remember_single_use_jtis_boundedly() -> None:
     assert len(spent._expiry) <= 4  # bounded even when every entry is still live
     with pytest.raises(Refusal):
         spent.check(once[-1])  # the newest is always kept
+
+
+def test_a_host_the_public_url_does_not_name_is_origin_denied_before_capacity() -> None:
+    """DNS rebinding: the page's own origin passes the Origin check, the pinned Host does not."""
+    config = ProxyConfig(origin_policy=OriginPolicy.build("https://consoles.example.com", []), max_sessions=1)
+    rebound = Request(_token(), "http://evil.example", "http://evil.example:80", "192.0.2.10", "evil.example")
+    with pytest.raises(Refusal) as info:
+        admit(rebound, keyring=PROXY_RING, config=config, now=NOW, draining=False, sessions=1)
+    assert (info.value.code, info.value.status) == ("origin_denied", 403)
+    assert "host" in info.value.reason
+    right = Request(_token(vm="vm-2"), None, "http://consoles.example.com:80", "192.0.2.10", "consoles.example.com")
+    assert admit(right, keyring=PROXY_RING, config=config, now=NOW, draining=False, sessions=0).vm == "vm-2"

@@ -38,3 +38,9 @@ def test_the_cores_do_no_io() -> None:
 def test_no_novnc_or_node_modules_committed() -> None:
     assert not (REPO / "static" / "core").exists()
     assert (REPO / "static" / "package-lock.json").exists()
+
+
+def test_the_broker_auth_throttle_is_sans_io() -> None:
+    """broker/ratelimit.py takes ``now`` and returns verdicts; the API handler does the rest."""
+    imported = _imports(REPO / "broker" / "ratelimit.py")
+    assert not imported & {"tornado", "socket", "asyncio", "time", "ssl", "sqlite3"}

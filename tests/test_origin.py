@@ -98,3 +98,45 @@ def test_long_values_are_answered_but_not_cached() -> None:
     hits = origin._normalize.cache_info().hits
     origin.normalize_origin("http://short.example")
     assert origin._normalize.cache_info().hits == hits + 1
+
+
+# --- Host pinning (DNS rebinding) --------------------------------------------------------------------
+
+PINNED = OriginPolicy.build("https://Consoles.Example.com/base/", ["http://portal.example.com:8080"])
+
+
+@pytest.mark.parametrize("host", [
+    "consoles.example.com", "consoles.example.com:443", "CONSOLES.Example.COM",  # default port, any case
+    "portal.example.com:8080",  # an allowed origin's host
+])
+def test_pinned_host_accepts_the_public_url_and_allowed_origins(host: str) -> None:
+    assert PINNED.host_allowed(host)
+
+
+@pytest.mark.parametrize("host", [
+    "evil.example.com", "consoles.example.com:80", "consoles.example.com:8443",
+    "consoles.example.com.evil.com", "portal.example.com", "portal.example.com:80",
+    "127.0.0.1", "", None, "consoles.example.com:x", "user@consoles.example.com", "consoles.example.com/x",
+])
+def test_pinned_host_refuses_every_other_host(host: str | None) -> None:
+    assert not PINNED.host_allowed(host)
+
+
+def test_http_public_url_pins_port_80_written_or_not_and_ipv6_literals() -> None:
+    policy = OriginPolicy.build("http://proxy.example.com", [])
+    assert policy.host_allowed("proxy.example.com") and policy.host_allowed("proxy.example.com:80")
+    assert not policy.host_allowed("proxy.example.com:443")
+    v6 = OriginPolicy.build("http://[::1]:6080", [])
+    assert v6.host_allowed("[::1]:6080") and not v6.host_allowed("[::1]") and not v6.host_allowed("[::2]:6080")
+
+
+def test_no_public_url_or_opting_out_accepts_any_host() -> None:
+    assert OriginPolicy.build(None, ["https://portal.example.com"]).host_allowed("evil.example.com")
+    assert OriginPolicy.build("https://c.example.com", [], pin_host=False).host_allowed("evil.example.com")
+    assert OriginPolicy().host_allowed(None)
+
+
+def test_effective_host_is_forwarded_only_by_trusted_proxies() -> None:
+    assert origin.effective_host("10.2.3.4", "10.0.0.5:6080", "c.example.com, x", TRUSTED) == "c.example.com"
+    assert origin.effective_host("10.2.3.4", "10.0.0.5:6080", None, TRUSTED) == "10.0.0.5:6080"
+    assert origin.effective_host("192.0.2.9", "10.0.0.5:6080", "c.example.com", TRUSTED) == "10.0.0.5:6080"

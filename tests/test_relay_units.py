@@ -196,7 +196,7 @@ def test_a_server_that_hangs_up_before_the_browser_is_ready_never_opens_a_sessio
                                   on_end=lambda _s: done.set_result(None))
             lost = asyncio.Event()
             upstream_lost = session.upstream_lost
-            session.upstream_lost = lambda: (upstream_lost(), lost.set())  # type: ignore[method-assign]
+            session.upstream_lost = lambda error=None: (upstream_lost(error), lost.set())  # type: ignore[method-assign]
             session.start()
             await asyncio.wait_for(lost.wait(), 10)
             browser_handshake(session, shared=1)

@@ -30,6 +30,7 @@ from console_proxy.rfb import (
     UpstreamHandshake,
     vnc_auth_response,
 )
+from console_proxy.upstream_tls import Pin
 
 PASSWORD = "hunter22"
 CHALLENGE = bytes(range(16))
@@ -59,6 +60,9 @@ def vencrypt_subtypes(*subtypes: int) -> bytes:
 
 
 def upstream(password: str | None = PASSWORD, **policy: object) -> UpstreamHandshake:
+    """A handshake whose policy has a CA to verify X.509 with unless ``ca_pem=None`` is given
+    (a proxy CA, pinning nothing: plain types stay usable)."""
+    policy = {"ca_pem": "PEM", **policy}
     return UpstreamHandshake(password=password, tls=TlsPolicy(**policy))  # type: ignore[arg-type]
 
 
@@ -301,10 +305,11 @@ def test_version_needs_all_twelve_bytes() -> None:
 # --- security type choice ------------------------------------------------------------------
 
 ALL_POLICIES = {
-    "default": {},
-    "require": {"require": True},
-    "ca": {"ca_pem": "PEM"},
+    "default": {"ca_pem": None},
+    "require": {"pin": Pin.REQUIRE},
+    "ca": {"pin": Pin.CA, "ca_pem": "PEM"},
     "anon": {"allow_anonymous": True},
+    "proxy_ca": {"ca_pem": "PEM"},  # --upstream-ca for a token that pins nothing: no demand for TLS
 }
 
 
@@ -326,6 +331,11 @@ ALL_POLICIES = {
         ((19, 2), PASSWORD, "ca", 19),
         ((19, 1), PASSWORD, "ca", 19),
         ((19, 2), PASSWORD, "anon", 2),
+        ((19, 2), PASSWORD, "proxy_ca", 2),
+        ((19, 1), None, "proxy_ca", 1),
+        ((2,), PASSWORD, "proxy_ca", 2),
+        ((1,), None, "proxy_ca", 1),
+        ((19,), PASSWORD, "proxy_ca", 19),
         ((16, 2), PASSWORD, "default", 2),
         ((5, 6, 16, 1), None, "default", 1),
         ((30, 1, 2, 18), PASSWORD, "default", 2),
@@ -363,7 +373,8 @@ def test_security_refused(offered: tuple[int, ...], password: str | None, policy
         handshake.feed(types(*offered))
     assert info.value.code == "target_auth_failed"
     assert info.value.close_code == 4501
-    assert "no acceptable security type" in str(info.value)
+    plain_refused = policy in ("require", "ca") and {1, 2} & set(offered)
+    assert ("offers no TLS" if plain_refused else "no acceptable security type") in str(info.value)
 
 
 def test_security_list_waits_for_all_types() -> None:
@@ -632,6 +643,8 @@ def test_38_failed_result_reads_reason(result: int) -> None:
 
 # --- VeNCrypt ------------------------------------------------------------------------------
 
+CA: dict[str, object] = {"pin": Pin.CA, "ca_pem": "PEM"}
+
 def at_vencrypt(password: str | None = PASSWORD, **policy: object) -> UpstreamHandshake:
     handshake = upstream(password, **policy)
     handshake.feed(V38)
@@ -661,18 +674,21 @@ def test_vencrypt_version_not_acknowledged(ack: int) -> None:
 @pytest.mark.parametrize(
     ("offered", "password", "policy", "chosen", "verify"),
     [
-        ((261,), PASSWORD, {}, 261, True),
-        ((260,), PASSWORD, {}, 260, True),
-        ((260, 261), PASSWORD, {}, 261, True),
-        ((261, 260), None, {}, 260, True),
-        ((256, 257, 258, 259, 260, 261, 262), PASSWORD, {}, 261, True),
-        ((258, 261), PASSWORD, {"allow_anonymous": True}, 261, True),
-        ((257, 260), PASSWORD, {"allow_anonymous": True}, 260, True),
+        ((261,), PASSWORD, CA, 261, True),
+        ((260,), PASSWORD, CA, 260, True),
+        ((260, 261), PASSWORD, CA, 261, True),
+        ((261, 260), None, CA, 260, True),
+        ((256, 257, 258, 259, 260, 261, 262), PASSWORD, CA, 261, True),
+        ((257, 258, 260), PASSWORD, CA, 260, True),
+        ((261,), PASSWORD, {"ca_pem": "PEM"}, 261, True),  # the proxy's --upstream-ca verifies
+        ((258, 261), PASSWORD, {"ca_pem": "PEM", "allow_anonymous": True}, 261, True),
+        ((257, 260), PASSWORD, {"ca_pem": "PEM", "allow_anonymous": True}, 260, True),
+        ((257, 260), PASSWORD, {"ca_pem": None, "allow_anonymous": True}, 257, False),  # X.509 unverifiable
         ((257, 258), PASSWORD, {"allow_anonymous": True}, 258, False),
         ((257, 258), None, {"allow_anonymous": True}, 257, False),
-        ((258,), PASSWORD, {"allow_anonymous": True, "require": True}, 258, False),
+        ((258,), PASSWORD, {"allow_anonymous": True, "pin": Pin.REQUIRE}, 258, False),  # the token's allow_anon
         ((257,), None, {"allow_anonymous": True}, 257, False),
-        ((2, 261), PASSWORD, {"ca_pem": "PEM"}, 261, True),
+        ((2, 261), PASSWORD, CA, 261, True),
     ],
 )
 def test_vencrypt_subtype_choice(
@@ -689,11 +705,14 @@ def test_vencrypt_subtype_choice(
     ("offered", "password", "policy"),
     [
         ((), PASSWORD, {}),
-        ((256,), PASSWORD, {}),
-        ((259, 262), PASSWORD, {}),
+        ((256,), PASSWORD, CA),
+        ((259, 262), PASSWORD, CA),
         ((257, 258), PASSWORD, {}),
+        ((257, 258), PASSWORD, CA),
+        ((257, 258), PASSWORD, {"pin": Pin.REQUIRE, "ca_pem": "PEM"}),
         ((258,), None, {"allow_anonymous": True}),
-        ((261,), None, {}),
+        ((261,), None, CA),
+        ((260, 261), PASSWORD, {"ca_pem": None}),
         ((1, 2, 19), PASSWORD, {}),
         ((0xFFFFFFFF,), PASSWORD, {"allow_anonymous": True}),
     ],
@@ -706,6 +725,25 @@ def test_vencrypt_subtype_refused(
     with pytest.raises(RfbError) as info:
         handshake.feed(vencrypt_subtypes(*offered))
     assert info.value.close_code == 4501
+
+
+@pytest.mark.parametrize(
+    ("offered", "policy", "says"),
+    [
+        ((257, 258), CA, "offers only anonymous TLS (no certificate); this console's token pins a CA"),
+        ((258,), {"pin": Pin.REQUIRE}, "offers only anonymous TLS (no certificate); this console's token requires TLS"),
+        ((257,), {}, "offers only anonymous TLS (no certificate); anonymous TLS is not allowed"),
+        ((260, 261), {"ca_pem": None}, "offers X.509 TLS but no CA is configured to verify it"),
+        ((256, 259), CA, "no acceptable VeNCrypt subtype offered"),
+    ],
+)
+def test_vencrypt_refusal_says_why(offered: tuple[int, ...], policy: dict[str, object], says: str) -> None:
+    handshake = at_vencrypt(PASSWORD, **policy)
+    handshake.feed(b"\x00\x02\x00")
+    with pytest.raises(RfbError) as info:
+        handshake.feed(vencrypt_subtypes(*offered))
+    assert info.value.close_code == 4501 and says in str(info.value)
+    assert str(sorted(offered)) in str(info.value)
 
 
 def test_vencrypt_subtypes_wait_for_whole_list() -> None:
@@ -883,8 +921,9 @@ def test_error_codes() -> None:
 
 def test_tls_policy_requirement() -> None:
     assert not TlsPolicy().tls_required
-    assert TlsPolicy(require=True).tls_required
-    assert TlsPolicy(ca_pem="x").tls_required
+    assert TlsPolicy(Pin.REQUIRE).tls_required
+    assert TlsPolicy(Pin.CA, "x").tls_required
+    assert not TlsPolicy(ca_pem="x").tls_required  # a proxy CA alone demands nothing
     assert not TlsPolicy(allow_anonymous=True).tls_required
 
 

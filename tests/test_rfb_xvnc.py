@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from console_proxy.relay import ssl_context
 from console_proxy.rfb import (
     Authenticated,
     RfbError,
@@ -26,6 +25,7 @@ from console_proxy.rfb import (
     UpstreamAction,
     UpstreamHandshake,
 )
+from console_proxy.upstream_tls import Pin, client_context
 
 if TYPE_CHECKING:  # the fixtures come from conftest.py, which imports tests/xvnc.py
     from xvnc import TestPki, XvncServer
@@ -60,7 +60,7 @@ def run_handshake(
                 if isinstance(action, Send):
                     conn.sendall(action.data)
                 elif isinstance(action, StartTls):
-                    ctx = ssl_context(TlsPolicy(ca_pem=ca_pem), action.verify)  # the relay's own
+                    ctx = client_context(TlsPolicy(ca_pem=ca_pem), action.verify)  # the relay's own
                     conn = ctx.wrap_socket(conn, server_hostname=server.host)
                     pending.extend(handshake.tls_started())
                 elif isinstance(action, Authenticated):
@@ -101,7 +101,7 @@ def test_security_none(xvnc_none: XvncServer) -> None:
 
 
 def test_none_refused_when_tls_required(xvnc_none: XvncServer) -> None:
-    handshake = UpstreamHandshake(password=None, tls=TlsPolicy(require=True))
+    handshake = UpstreamHandshake(password=None, tls=TlsPolicy(Pin.REQUIRE))
     with pytest.raises(RfbError) as info:
         run_handshake(xvnc_none, handshake)
     assert info.value.close_code == 4501
@@ -162,7 +162,7 @@ def test_vncauth_without_password_is_refused(xvnc_vncauth: XvncServer) -> None:
 
 
 def test_x509vnc_verified(xvnc_x509: XvncServer, test_pki: TestPki) -> None:
-    policy = TlsPolicy(ca_pem=test_pki.ca_pem, server_name="127.0.0.1")
+    policy = TlsPolicy(Pin.CA, test_pki.ca_pem, server_name="127.0.0.1")
     handshake = UpstreamHandshake(password=xvnc_x509.password, tls=policy)
     ready, conn = run_handshake(xvnc_x509, handshake, ca_pem=test_pki.ca_pem)
     with conn:
@@ -173,7 +173,7 @@ def test_x509vnc_verified(xvnc_x509: XvncServer, test_pki: TestPki) -> None:
 
 
 def test_x509vnc_wrong_password(xvnc_x509: XvncServer, test_pki: TestPki) -> None:
-    handshake = UpstreamHandshake(password="nope", tls=TlsPolicy(ca_pem=test_pki.ca_pem))
+    handshake = UpstreamHandshake(password="nope", tls=TlsPolicy(Pin.CA, test_pki.ca_pem))
     with pytest.raises(RfbError) as info:
         run_handshake(xvnc_x509, handshake, ca_pem=test_pki.ca_pem)
     assert info.value.close_code == 4501
@@ -181,7 +181,7 @@ def test_x509vnc_wrong_password(xvnc_x509: XvncServer, test_pki: TestPki) -> Non
 
 def test_x509vnc_wrong_ca_fails_verification(xvnc_x509: XvncServer, other_pki: TestPki) -> None:
     """Another CA must not vouch for the server: this is why the policy carries ca_pem."""
-    policy = TlsPolicy(ca_pem=other_pki.ca_pem)
+    policy = TlsPolicy(Pin.CA, other_pki.ca_pem)
     handshake = UpstreamHandshake(password=xvnc_x509.password, tls=policy)
     with pytest.raises(ssl.SSLCertVerificationError):
         run_handshake(xvnc_x509, handshake, ca_pem=other_pki.ca_pem)
@@ -189,17 +189,19 @@ def test_x509vnc_wrong_ca_fails_verification(xvnc_x509: XvncServer, other_pki: T
 
 def test_x509_preferred_over_vncauth(xvnc_factory: StartXvnc, test_pki: TestPki) -> None:
     server = xvnc_factory(security="X509Vnc,VncAuth", password="pw-x509", pki=test_pki)
-    policy = TlsPolicy(ca_pem=test_pki.ca_pem)
+    policy = TlsPolicy(Pin.CA, test_pki.ca_pem)
     handshake = UpstreamHandshake(password=server.password, tls=policy)
     ready, conn = run_handshake(server, handshake, ca_pem=test_pki.ca_pem)
     conn.close()
     assert handshake.security_type == "vencrypt-x509vnc"
     assert_desktop(ready, server)
-    # Without a CA (or `require`) the proxy keeps plain VncAuth, see UpstreamHandshake.
-    plain = UpstreamHandshake(password=server.password, tls=TlsPolicy())
-    _, conn = run_handshake(server, plain)
-    conn.close()
-    assert plain.security_type == "vnc"
+    # A token that pins nothing keeps plain VncAuth, even with a proxy CA (--upstream-ca) to
+    # verify X.509 with: see UpstreamHandshake.
+    for unpinned in (TlsPolicy(), TlsPolicy(ca_pem=test_pki.ca_pem)):
+        plain = UpstreamHandshake(password=server.password, tls=unpinned)
+        _, conn = run_handshake(server, plain)
+        conn.close()
+        assert plain.security_type == "vnc"
 
 
 def test_anonymous_tls_only_when_allowed(xvnc_factory: StartXvnc) -> None:
