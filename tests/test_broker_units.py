@@ -91,6 +91,8 @@ def test_a_target_ca_must_be_a_certificate(tmp_path: Path) -> None:
     try:
         with pytest.raises(ApiError, match="PEM"):
             broker.add_target({"name": "x", "host": "h", "port": 1, "tls": {"ca": "not a certificate"}}, "t")
+        with pytest.raises(ApiError, match="PEM"):  # non-ASCII text: ssl raises TypeError, not a 500
+            broker.add_target({"name": "x", "host": "h", "port": 1, "tls": {"ca": "@\U000929a4"}}, "t")
         ca = make_test_pki(tmp_path / "pki").ca_pem
         assert broker.add_target({"name": "y", "host": "h", "port": 1, "tls": {"ca": ca}}, "t")["name"] == "y"
         assert [t["name"] for t in broker.list_targets()["targets"]] == ["y"]
