@@ -15,6 +15,7 @@ import asyncio
 import base64
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Generator
@@ -34,6 +35,7 @@ class Path:
     ws_path: str = "/"
     token: str | None = None
     password: str | None = None  # only used if the server offers VNC Authentication
+    tls: ssl.SSLContext | None = None  # wss: the client's TLS context (it trusts the proxy's certificate)
 
 
 class ClosedError(ConnectionError):
@@ -202,7 +204,8 @@ class Conn:
     async def _open(cls, path: Path) -> Conn:
         loop = asyncio.get_running_loop()
         proto = _Proto(path.kind == "ws")
-        await loop.create_connection(lambda: proto, "127.0.0.1", path.port)
+        await loop.create_connection(lambda: proto, "127.0.0.1", path.port, ssl=path.tls,
+                                     server_hostname="localhost" if path.tls else None)
         conn = cls(proto)
         if path.kind == "ws":
             proto.http_future = loop.create_future()

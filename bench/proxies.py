@@ -125,11 +125,11 @@ def websockify_command() -> list[str]:
     return [sys.executable, "-m", "websockify"]
 
 
-def start_websockify(workdir: Path, target_port: int) -> Proxy:
+def start_websockify(workdir: Path, target_port: int, *extra: str) -> Proxy:
     for _ in range(5):
         port = free_port()
         log_path = workdir / f"websockify-{port}.log"
-        cmd = [*websockify_command(), f"127.0.0.1:{port}", f"127.0.0.1:{target_port}"]
+        cmd = [*websockify_command(), *extra, f"127.0.0.1:{port}", f"127.0.0.1:{target_port}"]
         with log_path.open("wb") as log:
             process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         proxy = Proxy("websockify", process, port, log_path)

@@ -2,20 +2,22 @@
 
 Sections (each bounded by its own time budget; a section that overruns is reported, not hung on):
 
-1. console opens/s and open latency p50/p99 — direct TCP, websockify 0.13, consolegate — against
-   one real Xvnc (VncAuth, 1920x1080x24). websockify gets the client doing VNC auth itself.
-   1b. the same with the proxies alone on one core and the client and Xvnc on the others (on a
-   machine with two or more cores): the proxy's own capacity, as on a machine of its own.
-   1c. the two proxies each held to the same CPU budget by a cgroup quota (half a core on a
-   two-core machine, one core from four up; needs root), which the client and Xvnc cannot
-   exhaust: what each proxy does with the same CPU, with the load generator out of the way.
+1. console opens, one after another (sequential), the client, Xvnc and the proxy sharing the
+   machine's cores: opens/s and open latency p50/p99 — direct TCP, websockify 0.13, consolegate —
+   against one real Xvnc (VncAuth, 1920x1080x24). websockify gets the client doing VNC auth
+   itself. The added latency is a path's p50 minus direct TCP's.
+   1b. the two proxies each held to the same CPU budget by a cgroup quota (half a core on a
+   two-core machine, one core from four up; needs root), opened concurrently so the budget is
+   used up: the proxy's CPU per open, with the load generator out of the way.
 2. bulk server->browser throughput (full-screen Raw updates) on the same three paths; CPU seconds
    per GiB relayed for each proxy.
 3. small-write latency (16 B, 2 ms pause, 16 B) through each path to bench/echo_target.py.
-4. 1,000 then 2,000 idle sessions in one fresh consolegate process (to the echo target): memory
+4. wss: consolegate terminating TLS itself against websockify with ``--cert/--key`` (the same
+   certificate, the same client): sequential opens/s, bulk MiB/s and CPU per GiB.
+5. 1,000 then 2,000 idle sessions in one fresh consolegate process (to the echo target): memory
    per session, refusals, and one echo round on all of them with a deadline (no stall).
-5. token mints/s and verifies/s against raw Ed25519 verify (bench/token_bench.py, a subprocess:
-   it pins itself to one core).
+6. token mints/s and verifies/s against OpenSSL's raw Ed25519 verify (bench/token_bench.py, a
+   subprocess: it pins itself to one core).
 
 Paths are measured in interleaved rounds (A B C, B C A, ...) and the best round counts, so a
 noisy moment on a shared machine hurts every path alike. Every comparison is a ratio of figures
@@ -35,7 +37,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path as FsPath
-from typing import Any, Self
+from typing import Any
 
 import psutil
 
@@ -43,7 +45,7 @@ from bench import budget, measure, report
 from bench import profile as bench_profile
 from bench.clients import Path
 from bench.proxies import Proxy, start_consolegate, start_websockify, version_of_websockify
-from bench.targets import REPO, Target, start_echo, start_xvnc, workdir
+from bench.targets import REPO, Target, certificate, start_echo, start_xvnc, workdir
 
 PROFILES = {
     "full": {"rounds": 3, "opens_s": 4.0, "bulk_s": 4.0, "small_rounds": 300, "concurrency": 8,
@@ -51,6 +53,7 @@ PROFILES = {
     "quick": {"rounds": 2, "opens_s": 2.0, "bulk_s": 2.0, "small_rounds": 150, "concurrency": 8,
               "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 0.5, "token_rounds": 2},
 }
+"""``concurrency`` is for the CPU-budget section only: the other open measurements are sequential."""
 
 
 def machine() -> dict[str, Any]:
@@ -103,52 +106,11 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-SECTIONS = ("opens", "bulk", "small_write", "sessions")
-
-
-def _threads(pid: int) -> list[int]:
-    try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return []
-
-
-def set_affinity(pids: Sequence[int], cpus: set[int]) -> None:
-    """Every thread of each process (sched_setaffinity alone moves one thread)."""
-    for pid in pids:
-        for tid in _threads(pid):
-            try:
-                os.sched_setaffinity(tid, cpus)
-            except OSError:
-                pass
-
-
-class OneCoreEach:
-    """The proxies on one core, the client and Xvnc on the others: the proxy's own capacity.
-
-    In production a proxy has its machine to itself (browsers and hypervisors are elsewhere);
-    on a small benchmark machine the load generator and Xvnc otherwise take CPU from whichever
-    proxy is measured. Both proxies get the same core; websockify's per-connection children
-    inherit it. Undone on exit.
-    """
-
-    def __init__(self, proxies: Sequence[int], others: Sequence[int]) -> None:
-        self.proxies, self.others = list(proxies), list(others)
-        self.all = set(os.sched_getaffinity(0))
-        self.proxy_cpu = {max(self.all)}
-        self.rest = self.all - self.proxy_cpu
-
-    def __enter__(self) -> Self:
-        set_affinity(self.proxies, self.proxy_cpu)
-        set_affinity(self.others, self.rest)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        set_affinity(self.proxies + self.others, self.all)
+SECTIONS = ("opens", "bulk", "small_write", "sessions", "wss")
 
 
 def budget_share() -> float:
-    """The CPU each proxy gets in section 1c: at most one core, and never more than half of
+    """The CPU each proxy gets in section 1b: at most one core, and never more than half of
     what the client and Xvnc leave, so the proxy — not the load generator — is the limit."""
     return max(0.25, min(1.0, (len(os.sched_getaffinity(0)) - 1) / 2))
 
@@ -207,23 +169,16 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
             return probes
 
         if "opens" in only:
-            log("section 1: console opens")
+            log("section 1: console opens, sequential, sharing the cores")
             stop = spying("opens", cg)
             results["opens"] = await interleaved(
                 vnc_paths, profile["rounds"], profile["opens_s"] + 20,
-                lambda p: measure.opens(p, profile["opens_s"], profile["concurrency"], cpu_probes(p)),
+                lambda p: measure.opens(p, profile["opens_s"], 1, cpu_probes(p)),
                 "per_second", "max")
             stop()
-            if len(os.sched_getaffinity(0)) >= 2:
-                log(f"section 1b: console opens, proxies on CPU {max(os.sched_getaffinity(0))} alone")
-                with OneCoreEach([cg.process.pid, wsx.process.pid], [os.getpid(), xvnc.process.pid]):
-                    results["opens_one_core"] = await interleaved(
-                        vnc_paths, profile["rounds"], profile["opens_s"] + 20,
-                        lambda p: measure.opens(p, profile["opens_s"], profile["concurrency"], cpu_probes(p)),
-                        "per_second", "max")
             if budget.available():
                 share = budget_share()
-                log(f"section 1c: console opens, each proxy held to {share:.2f} CPU (cgroup quota)")
+                log(f"section 1b: console opens, each proxy held to {share:.2f} CPU (cgroup quota)")
                 try:
                     with budget.CpuBudget([cg.process.pid, wsx.process.pid], share):
                         results["opens_budget"] = await interleaved(
@@ -252,10 +207,16 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
         for proxy in proxies:
             proxy.stop()
         proxies.clear()
+        if "wss" in only:
+            log("section 4: wss, each proxy terminating TLS with the same certificate")
+            results["wss"] = await wss_section(profile, work, xvnc, proxies, spying)
+            for proxy in proxies:
+                proxy.stop()
+            proxies.clear()
 
         if "sessions" not in only:
             return results
-        log(f"section 4: {profile['sessions_first']} then {profile['sessions_total']} idle sessions in one proxy")
+        log(f"section 5: {profile['sessions_first']} then {profile['sessions_total']} idle sessions in one proxy")
         many = start_consolegate(work, "--max-sessions", str(profile["sessions_total"] + 100))
         proxies.append(many)
         many_path = Path("consolegate", "ws", many.port, "/websockify", token=many.mint("127.0.0.1", echo.port, None))
@@ -269,6 +230,32 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
         for target in targets:
             target.stop()
     return results
+
+
+async def wss_section(profile: dict[str, Any], work: FsPath, xvnc: Target, proxies: list[Proxy],
+                      spying: Callable[[str, Proxy], Callable[[], None]]) -> dict[str, Any]:
+    """Sequential opens and bulk through consolegate's own TLS and websockify's ``--cert/--key``."""
+    cert, key, client = certificate(work)
+    cg = start_consolegate(work, "--tls-cert", str(cert), "--tls-key", str(key))
+    proxies.append(cg)
+    wsx = start_websockify(work, xvnc.port, "--cert", str(cert), "--key", str(key), "--ssl-only")
+    proxies.append(wsx)
+    paths = [Path("websockify", "ws", wsx.port, "/", password=xvnc.password, tls=client),
+             Path("consolegate", "ws", cg.port, "/websockify", token=cg.mint("127.0.0.1", xvnc.port, xvnc.password),
+                  tls=client)]
+    owner = {"websockify": wsx, "consolegate": cg}
+    stop = spying("wss", cg)
+    try:
+        opened = await interleaved(
+            paths, profile["rounds"], profile["opens_s"] + 20,
+            lambda p: measure.opens(p, profile["opens_s"], 1, {"proxy": owner[p.name].cpu_seconds}),
+            "per_second", "max")
+        relayed = await interleaved(
+            paths, profile["rounds"], profile["bulk_s"] + 25,
+            lambda p: measure.bulk(p, profile["bulk_s"], owner[p.name]), "mib_per_s", "max")
+    finally:
+        stop()
+    return {"opens": opened, "bulk": relayed}
 
 
 def token_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
@@ -307,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spy_dir.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(run_all(profile, work, only, spy_dir))
     if "tokens" in only:
-        log("section 5: token mint/verify vs raw Ed25519")
+        log("section 6: token mint/verify vs OpenSSL's raw Ed25519 verify")
         results["tokens"] = token_section(profile, work)
     info["loadavg_end"] = os.getloadavg()
     document = {"profile": "quick" if args.quick else "full", "settings": profile, "machine": info,

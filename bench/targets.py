@@ -7,9 +7,12 @@ serves the RFB banner, retried on collisions, always stopped.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -128,3 +131,30 @@ def start_echo(workdir: Path) -> Target:
 
 def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="consolegate-bench-"))
+
+
+def certificate(workdir: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    """A self-signed P-256 certificate for localhost and 127.0.0.1 (cert file, key file) and a
+    client context that trusts it: the one certificate both proxies serve in the wss section."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = workdir / "bench-cert.pem", workdir / "bench-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    client = ssl.create_default_context(cafile=str(cert_path))
+    return cert_path, key_path, client

@@ -740,5 +740,5 @@ def _check_ca(pem: str | None) -> None:
         return
     try:
         ssl.create_default_context(cadata=pem)
-    except (ssl.SSLError, ValueError):
+    except (ssl.SSLError, ValueError, TypeError):  # TypeError: text that is not ASCII (schemathesis found it)
         raise ApiError(400, "bad_request", "tls.ca is not a PEM CA certificate") from None

@@ -21,9 +21,11 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-from typing import Any
 
-from Crypto.Cipher import AES
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from console_proxy.keyring import write_private_file
 
@@ -44,7 +46,7 @@ class Vault:
         if len(master) != 32:
             raise VaultError("master.key must hold 32 bytes")
         self._master = master
-        self._seal_key = self.derive("target-password-seal")
+        self._sealer = AESGCM(self.derive("target-password-seal"))  # built once, reused per value
         self._keyring_seal = _keyring_cipher(master)
 
     @classmethod
@@ -75,20 +77,16 @@ class Vault:
     def seal(self, plaintext: str, *, context: str) -> bytes:
         """AES-GCM: version byte, nonce, ciphertext, tag; ``context`` is bound as associated data."""
         nonce = secrets.token_bytes(12)
-        cipher = AES.new(self._seal_key, AES.MODE_GCM, nonce=nonce)
-        cipher.update(_SEAL_VERSION + context.encode("utf-8"))
-        ciphertext, tag = cipher.encrypt_and_digest(plaintext.encode("utf-8"))
-        return _SEAL_VERSION + nonce + ciphertext + tag
+        sealed = self._sealer.encrypt(nonce, plaintext.encode("utf-8"), _SEAL_VERSION + context.encode("utf-8"))
+        return _SEAL_VERSION + nonce + sealed  # sealed = ciphertext + 16-byte tag
 
     def open(self, sealed: bytes, *, context: str) -> str:
         if len(sealed) < 29 or sealed[:1] != _SEAL_VERSION:
             raise VaultError("sealed value has an unknown format")
-        nonce, body, tag = sealed[1:13], sealed[13:-16], sealed[-16:]
-        cipher = AES.new(self._seal_key, AES.MODE_GCM, nonce=nonce)
-        cipher.update(_SEAL_VERSION + context.encode("utf-8"))
         try:
-            return cipher.decrypt_and_verify(body, tag).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
+            opened = self._sealer.decrypt(sealed[1:13], sealed[13:], _SEAL_VERSION + context.encode("utf-8"))
+            return opened.decode("utf-8")
+        except (InvalidTag, UnicodeDecodeError):
             raise VaultError("sealed value does not open under this master key") from None
 
     def seal_keyring(self, plaintext: bytes) -> bytes:
@@ -100,8 +98,6 @@ class Vault:
         sealed = bytes(sealed)
         if len(sealed) < 29 or sealed[:1] != _SEAL_VERSION:
             raise VaultError("the database's keyring has an unknown format")
-        from cryptography.exceptions import InvalidTag
-
         try:
             return self._keyring_seal.decrypt(sealed[1:13], sealed[13:], _SEAL_VERSION + _KEYRING_AAD)
         except InvalidTag:
@@ -109,13 +105,6 @@ class Vault:
                              "every replica needs the master.key of the state dir that created it") from None
 
 
-def _keyring_cipher(master: bytes) -> Any:
-    """AES-GCM under HKDF-SHA256(master.key, info=KEYRING_SEAL_INFO). ``cryptography`` comes with
-    the ``broker`` extra; imported here so that its absence is one line, not a traceback."""
-    try:
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-    except ImportError:
-        raise VaultError("the broker needs the cryptography package: pip install 'consolegate[broker]'") from None
+def _keyring_cipher(master: bytes) -> AESGCM:
+    """AES-GCM under HKDF-SHA256(master.key, info=KEYRING_SEAL_INFO), built once per vault."""
     return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEYRING_SEAL_INFO).derive(master))

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from Crypto.PublicKey import ECC
-from Crypto.Signature import eddsa
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from console_proxy import b64url
 
@@ -59,10 +60,10 @@ class SigningKey:
     _signer: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Building the pycryptodome objects once per key keeps them off the per-token path.
-        object.__setattr__(self, "_verifier", eddsa.new(eddsa.import_public_key(self.public), "rfc8032"))
+        # OpenSSL key objects built once per key (when a keyring is loaded), never per token.
+        object.__setattr__(self, "_verifier", Ed25519PublicKey.from_public_bytes(self.public))
         if self.seed is not None:
-            object.__setattr__(self, "_signer", eddsa.new(eddsa.import_private_key(self.seed), "rfc8032"))
+            object.__setattr__(self, "_signer", Ed25519PrivateKey.from_private_bytes(self.seed))
 
     def sign(self, message: bytes) -> bytes:
         if self._signer is None:
@@ -71,8 +72,8 @@ class SigningKey:
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         try:
-            self._verifier.verify(message, signature)
-        except ValueError:
+            self._verifier.verify(signature, message)
+        except InvalidSignature:
             return False
         return True
 
@@ -92,6 +93,24 @@ class FleetKey:
     key: bytes = field(repr=False)
     created: int
     verify_until: int | None = None
+    # Not an init field: dataclasses.replace() rebuilds it from ``key``.
+    _aead: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # One OpenSSL AES-GCM object per key: its key schedule is reused by every token.
+        object.__setattr__(self, "_aead", AESGCM(self.key))
+
+    def seal(self, iv: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM encryption: (ciphertext, 16-byte tag)."""
+        sealed = self._aead.encrypt(iv, plaintext, aad)
+        return sealed[:-16], sealed[-16:]
+
+    def open(self, iv: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes | None:
+        """The plaintext, or None when the ciphertext, tag or AAD does not authenticate."""
+        try:
+            return self._aead.decrypt(iv, ciphertext + tag, aad)
+        except InvalidTag:
+            return None
 
     def to_jwk(self) -> dict[str, Any]:
         jwk = {"kty": "oct", "kid": self.kid, "use": "enc", "alg": "dir", "k": b64url.encode(self.key)}
@@ -110,8 +129,8 @@ def _new_kid(prefix: str) -> str:
 
 
 def new_signing_key(now: float) -> SigningKey:
-    seed = ECC.generate(curve="ed25519").seed
-    public = eddsa.import_private_key(seed).public_key().export_key(format="raw")
+    private = Ed25519PrivateKey.generate()
+    seed, public = private.private_bytes_raw(), private.public_key().public_bytes_raw()
     return SigningKey(kid=_new_kid("sig"), public=public, seed=seed, created=int(now))
 
 
@@ -274,7 +293,7 @@ def _parse_jwk(jwk: Any) -> SigningKey | FleetKey:
         if len(public) != 32 or (seed is not None and len(seed) != 32):
             raise ValueError(f"key {kid!r} has the wrong Ed25519 length")
         key = SigningKey(kid=kid, public=public, seed=seed, created=created, verify_until=until)
-        if seed is not None and eddsa.import_private_key(seed).public_key().export_key(format="raw") != public:
+        if seed is not None and Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw() != public:
             raise ValueError(f"key {kid!r}: private and public parts do not match")
         return key
     if jwk["kty"] == "oct":

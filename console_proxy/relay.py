@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -192,6 +193,11 @@ class _Upstream(asyncio.BufferedProtocol):
         self.session.browser.resume_reading()
 
 
+def _milestone_passed(action: object, handshake: rfb.UpstreamHandshake) -> bool:
+    """Authenticated with ClientInit already sent: nothing for the handshake coroutine to do."""
+    return type(action) is rfb.Authenticated and handshake.client_init_sent
+
+
 class ConsoleSession:
     """The life of one console, from websocket open to close. Ends exactly once."""
 
@@ -222,15 +228,23 @@ class ConsoleSession:
         self._inbox_full = False  # reasons to leave the hypervisor's socket unread
         self._backlogged = False
         self._task: asyncio.Task[None] | None = None
+        self._dialled: socket.socket | OSError | None = None  # the connect begun in start()
+        self._ready: tuple[rfb.ServerInitReady, str] | None = None  # the hypervisor's ServerInit, waiting
 
     @property
     def sid(self) -> str:
         return self.claims.sid
 
     def start(self) -> None:
-        """Greet the browser and begin the handshake; everything after it runs in callbacks."""
+        """Begin connecting to the hypervisor, greet the browser, and begin the handshake;
+        everything after it runs in callbacks. The TCP connect is begun here, before the 101
+        and the greeting leave, so the hypervisor is already answering while they travel."""
         if self.ending is not None:  # ended before the browser's connection was ours
             return
+        try:
+            self._dialled = dial.connecting_socket(self.claims.host, self.claims.port)
+        except OSError as error:
+            self._dialled = error  # reported by _connect, under the handshake's rules
         self.browser.send(self._down.initiate())
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -257,22 +271,34 @@ class ConsoleSession:
     # --- the handshake (a coroutine, bounded by the handshake timeout) -------------------------
 
     async def _handshake(self) -> None:
-        upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=self._tls)
+        """Up to ServerInit on both sides. The session usually opens in a read callback, the
+        moment the later of the hypervisor's ServerInit and the browser's ClientInit arrives
+        (:meth:`_open_now`), not a loop turn later when this coroutine wakes."""
+        shared = self.config.shared  # the browser's flag does not matter: ClientInit is pipelined
+        upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=self._tls, client_init=True if shared else None)
         await self._connect()
-        await self._drive(upstream, rfb.Authenticated)
-        self.security_type = upstream.security_type
-        if self.config.shared:  # the browser's flag does not matter: ask for ServerInit at once
-            self._write_upstream(upstream.send_client_init(True))
+        if shared:
             ready = await self._drive(upstream, rfb.ServerInitReady)
+            assert isinstance(ready, rfb.ServerInitReady)
+            if not self.relaying:
+                self._ready = (ready, upstream.security_type)
             client_init = await self._client_init
-            if self._upstream_gone:  # it hung up while the browser was still on its way
+            if self._upstream_gone and not self.relaying:  # it hung up while the browser was on its way
                 raise self._hung_up()
         else:
+            await self._drive(upstream, rfb.Authenticated)
             client_init = await self._client_init
             # a view-only viewer must not disconnect the VM's other viewers (shared=0 would)
             self._write_upstream(upstream.send_client_init(client_init.shared or self.claims.ro))
             ready = await self._drive(upstream, rfb.ServerInitReady)
-        assert isinstance(ready, rfb.ServerInitReady)
+            assert isinstance(ready, rfb.ServerInitReady)
+        if not self.relaying:  # not opened in a read callback meanwhile
+            self._open(ready, upstream.security_type, client_init)
+
+    def _open(self, ready: rfb.ServerInitReady, security_type: str, client_init: rfb.ClientInitReceived) -> None:
+        """ServerInit to the browser, then relaying: what either side sent meanwhile goes on."""
+        self._ready = None
+        self.security_type = security_type
         name = self.claims.dn.encode("utf-8") if self.claims.dn else None
         self.browser.send(ready.server_init.encode(name=name))
         self.handshake_seconds = time.monotonic() - self.started
@@ -291,13 +317,30 @@ class ConsoleSession:
         if early:
             self._forward(early)
 
+    def _open_now(self, ready: rfb.ServerInitReady, security_type: str) -> bool:
+        """Open from a read callback if the browser's ClientInit is in; True if opened. A
+        failure ends the session here (the coroutine then finds it ended)."""
+        client_init = self._client_init
+        if self.relaying or self.ending is not None or not client_init.done() or client_init.cancelled():
+            return False
+        try:
+            self._open(ready, security_type, client_init.result())
+        except SessionEnded as ended:
+            self.finish(ended.ending)
+        except Exception:  # a bug: as in _run, end the session and free the slot
+            log.exception("session %s failed unexpectedly", self.sid)
+            self.finish(Ending.of(4502, "internal error"))
+        return True
+
     async def _connect(self) -> None:
         """Connect to the hypervisor; for a numeric address, without waiting for the TCP
         handshake (see :mod:`console_proxy.dial`): the deadline then runs on until its first bytes."""
         loop = asyncio.get_running_loop()
         deadline: asyncio.TimerHandle | None = loop.call_later(self.config.connect_timeout, self._connect_overdue)
         try:
-            sock = dial.connecting_socket(self.claims.host, self.claims.port)
+            sock, self._dialled = self._dialled, None
+            if isinstance(sock, OSError):
+                raise sock
             if sock is None:
                 await loop.create_connection(lambda: self._up, self.claims.host, self.claims.port)
             else:
@@ -316,6 +359,8 @@ class ConsoleSession:
 
     def _handshake_overdue(self) -> None:
         """The whole handshake's deadline, which may come first: unreachable is still 4500."""
+        if self.relaying:  # opened in a callback, the coroutine not yet woken to cancel this
+            return
         self._connect_overdue()
         self.finish(Ending.of(4502, "the RFB handshake did not finish in time"))  # if not ended just now
 
@@ -355,6 +400,8 @@ class ConsoleSession:
     async def _act(self, handshake: rfb.UpstreamHandshake, action: object, until: type) -> object | None:
         if isinstance(action, rfb.Send):
             self._write_upstream(action.data)
+        elif isinstance(action, rfb.Authenticated) and until is rfb.ServerInitReady and not handshake.client_init_sent:
+            self._write_upstream(handshake.send_client_init(True))  # shared, where it could not be pipelined
         elif isinstance(action, rfb.StartTls):
             await self._start_tls(action)
             for follow in self._guard(handshake.tls_started):
@@ -427,14 +474,23 @@ class ConsoleSession:
             return
         try:
             actions = self._guard(handshake.feed, bytes(data))
-            if all(type(action) is rfb.Send for action in actions):
+            last = actions[-1] if actions else None
+            if all(type(action) is rfb.Send or _milestone_passed(action, handshake) or action is last
+                   and type(last) is rfb.ServerInitReady for action in actions):
                 for action in actions:
-                    self._write_upstream(action.data)  # type: ignore[attr-defined]
-                return
+                    if type(action) is rfb.Send:
+                        self._write_upstream(action.data)
+                if type(last) is not rfb.ServerInitReady:
+                    return
+                if not self._open_now(last, handshake.security_type):  # type: ignore[arg-type]
+                    self._ready = (last, handshake.security_type)  # type: ignore[assignment]
+                actions = [last]  # the replies are sent: only the milestone is the coroutine's
         except Exception as error:  # noqa: BLE001 - the coroutine ends the session (and logs a bug)
-            waiter.set_exception(error)
+            if not waiter.done():
+                waiter.set_exception(error)
             return
-        waiter.set_result(actions)
+        if not waiter.done():  # ended while opening: finish() cancelled the coroutine and its wait
+            waiter.set_result(actions)
 
     def _steer_upstream(self) -> None:
         """Read the hypervisor unless the inbox is full or the browser is not keeping up."""
@@ -498,6 +554,8 @@ class ConsoleSession:
                 self.browser.send(action.data)
             elif isinstance(action, rfb.ClientInitReceived):
                 self._client_init.set_result(action)
+                if self._ready is not None and not self._upstream_gone:  # the hypervisor's came first
+                    self._open_now(*self._ready)
 
     def _hold_early(self, data: bytes) -> None:
         """Messages sent before ServerInit reached the browser: bounded, then forwarded."""
@@ -529,6 +587,8 @@ class ConsoleSession:
             self._client_init.cancel()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
+        if isinstance(self._dialled, socket.socket):  # ended before the handshake took it
+            self._dialled.close()
         if self._up.transport is not None:
             self._up.transport.abort()  # never wait on a hypervisor that stopped reading
         self.browser.close(ending.code, ending.reason)

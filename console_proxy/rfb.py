@@ -18,7 +18,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from Crypto.Cipher import DES
 
@@ -136,7 +136,8 @@ class StartTls:
 
 @dataclass(frozen=True)
 class Authenticated:
-    """The target accepted us (SecurityResult OK); next the caller sends ClientInit."""
+    """The target accepted us (SecurityResult OK); next the caller sends ClientInit (unless it
+    was pipelined: ``UpstreamHandshake(client_init=...)``)."""
 
 
 @dataclass(frozen=True)
@@ -193,9 +194,13 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     """
     if len(challenge) != 16:
         raise ValueError("VNC challenge must be 16 bytes")
+    return _vnc_auth_cipher(password).encrypt(challenge)
+
+
+def _vnc_auth_cipher(password: str) -> Any:
+    """The DES-ECB cipher of :func:`vnc_auth_response` (its key schedule built here)."""
     raw = password.encode("utf-8")[:8].ljust(8, b"\0")
-    key = raw.translate(_REVERSED_BITS)
-    return DES.new(key, DES.MODE_ECB).encrypt(challenge)
+    return DES.new(raw.translate(_REVERSED_BITS), DES.MODE_ECB)
 
 
 class _Buffer:
@@ -322,6 +327,14 @@ class UpstreamHandshake:
     ``send_client_init()``; ``ServerInitReady`` ends the handshake. Bytes that arrive
     before ClientInit was sent (a conforming server sends none) are kept; ``feed(b"")``
     processes them. Calls out of order raise RuntimeError (a bug in the caller, not the peer).
+
+    Pipelining: given ``client_init`` (the shared flag), ClientInit leaves in the same write as
+    the last security message the client sends in the clear or inside the VNC challenge (the
+    None choice, the challenge response), a round trip sooner than after SecurityResult. RFB
+    servers read the client's messages in order from one stream, so the byte simply waits in
+    theirs; if authentication fails the server never reads it. ``client_init_sent`` then says
+    not to call ``send_client_init``. (After a VeNCrypt subtype without a VNC challenge the
+    client sends nothing before SecurityResult, so there it is sent the usual way.)
     """
 
     _LIMIT: ClassVar[int] = MAX_PENDING
@@ -332,10 +345,18 @@ class UpstreamHandshake:
         password: str | None,
         tls: TlsPolicy,
         challenge_cipher: ChallengeCipher = vnc_auth_response,
+        client_init: bool | None = None,
     ) -> None:
+        self._pipelined = b"" if client_init is None else (b"\x01" if client_init else b"\x00")
+        self.client_init_sent = False
         self._password = password
         self._policy = tls
         self._cipher = challenge_cipher
+        # The default answer's DES key schedule is built now, while the hypervisor is still
+        # on its way to the challenge, rather than on the step that answers it.
+        self._prepared: Any = None
+        if challenge_cipher is vnc_auth_response and password is not None:
+            self._prepared = _vnc_auth_cipher(password)
         self._buf = _Buffer(self._LIMIT)
         self._state = _Up.VERSION
         self._version = V3_8
@@ -381,7 +402,7 @@ class UpstreamHandshake:
 
     def send_client_init(self, shared: bool) -> bytes:
         """ClientInit bytes to write after Authenticated; then feed() until ServerInitReady."""
-        if self._state is not _Up.AWAIT_CLIENT_INIT:
+        if self._state is not _Up.AWAIT_CLIENT_INIT or self.client_init_sent:
             raise RuntimeError("send_client_init() before Authenticated")
         self._state = _Up.SERVER_INIT
         return b"\x01" if shared else b"\x00"
@@ -434,7 +455,13 @@ class UpstreamHandshake:
         if body is None:
             return None
         chosen = self._choose_security(frozenset(body[1:]))
-        return [Send(bytes([chosen])), *self._begin_security(chosen)]
+        choice = bytes([chosen]) + self._pipeline() if chosen == SEC_NONE else bytes([chosen])
+        return [Send(choice), *self._begin_security(chosen)]
+
+    def _pipeline(self) -> bytes:
+        """ClientInit to send behind the client's last security message, if pipelining."""
+        self.client_init_sent = bool(self._pipelined)
+        return self._pipelined
 
     def _choose_security(self, offered: frozenset[int]) -> int:
         plain = self._plain_choice(offered)
@@ -486,7 +513,8 @@ class UpstreamHandshake:
             return None
         assert self._password is not None  # guaranteed by the security choice
         self._state = _Up.SECURITY_RESULT
-        return [Send(self._cipher(self._password, challenge))]
+        response = self._cipher(self._password, challenge) if self._prepared is None else self._prepared.encrypt(challenge)
+        return [Send(response + self._pipeline())]
 
     def _on_security_result(self) -> list[UpstreamAction] | None:
         raw = self._buf.take(4)
@@ -499,7 +527,7 @@ class UpstreamHandshake:
         raise RfbError.auth_failed("target rejected authentication")
 
     def _authenticated(self) -> list[UpstreamAction]:
-        self._state = _Up.AWAIT_CLIENT_INIT
+        self._state = _Up.SERVER_INIT if self.client_init_sent else _Up.AWAIT_CLIENT_INIT
         return [Authenticated()]
 
     def _fail_with_reason(self, prefix: str) -> list[UpstreamAction] | None:

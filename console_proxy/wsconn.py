@@ -385,6 +385,9 @@ class TlsBrowser(WsConnection):
     def __init__(self, stream: IOStream, max_frame: int) -> None:
         super().__init__(max_frame)
         self.stream = stream
+        # Nagle off, as asyncio has it on the plain path: a handshake reply or a keystroke must
+        # not wait for the ACK of the segment before it (~40 ms with delayed ACKs)
+        stream.set_nodelay(True)
         self._readable = asyncio.Event()
         self._readable.set()
         self._writes = 0  # writes not yet flushed

@@ -92,6 +92,8 @@ def test_a_target_ca_must_be_a_certificate(tmp_path: Path, database: str | None)
     try:
         with pytest.raises(ApiError, match="PEM"):
             broker.add_target({"name": "x", "host": "h", "port": 1, "tls": {"ca": "not a certificate"}}, "t")
+        with pytest.raises(ApiError, match="PEM"):  # non-ASCII text: ssl raises TypeError, not a 500
+            broker.add_target({"name": "x", "host": "h", "port": 1, "tls": {"ca": "@\U000929a4"}}, "t")
         ca = make_test_pki(tmp_path / "pki").ca_pem
         assert broker.add_target({"name": "y", "host": "h", "port": 1, "tls": {"ca": ca}}, "t")["name"] == "y"
         assert [t["name"] for t in broker.list_targets()["targets"]] == ["y"]
@@ -112,6 +114,23 @@ def test_vault_seals_per_context_and_derives_per_purpose(tmp_path: Path) -> None
     assert vault.derive("a") != vault.derive("b") and len(vault.derive("a")) == 32
     with pytest.raises(VaultError, match="exists"):
         Vault.create(tmp_path / "master.key")
+
+
+def test_values_sealed_before_the_move_to_openssl_still_open(tmp_path: Path) -> None:
+    # the layout pycryptodome wrote (version, nonce, ciphertext, tag; AAD version + context),
+    # built here independently of the vault, and the other way round
+    from Crypto.Cipher import AES
+
+    vault = Vault.create(tmp_path / "master.key")
+    key, nonce = vault.derive("target-password-seal"), bytes(range(12))
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
+    cipher.update(b"\x01t-9")
+    body, tag = cipher.encrypt_and_digest("pässwörd".encode())
+    assert vault.open(b"\x01" + nonce + body + tag, context="t-9") == "pässwörd"
+    sealed = vault.seal("", context="t-9")
+    opener = AES.new(key, AES.MODE_GCM, nonce=sealed[1:13])
+    opener.update(b"\x01t-9")
+    assert opener.decrypt_and_verify(sealed[13:-16], sealed[-16:]) == b""
 
 
 def test_credential_hashes_are_keyed_and_checked() -> None:

@@ -19,13 +19,14 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_console_proxy_never_imports_broker_and_needs_only_tornado_and_pycryptodome() -> None:
+def test_console_proxy_never_imports_broker_and_needs_only_tornado_cryptography_and_pycryptodome() -> None:
     third_party = set()
     for path in (REPO / "console_proxy").glob("*.py"):
         imported = _imports(path)
         assert "broker" not in imported, f"{path.name} imports broker"
+        assert "Crypto" not in imported or path.name == "rfb.py", f"{path.name}: pycryptodome is for VNC's DES only"
         third_party |= {name for name in imported if name in {"tornado", "Crypto", "cryptography", "requests"}}
-    assert third_party <= {"tornado", "Crypto"}
+    assert third_party <= {"tornado", "cryptography", "Crypto"}
 
 
 def test_the_cores_do_no_io() -> None:

@@ -222,3 +222,70 @@ def test_without_forced_sharing_a_view_only_viewer_still_asks_for_a_shared_sessi
             session.finish(Ending.of(1000, "test over"))
             return flag
     assert asyncio.run(scenario()) == sent
+
+
+class RecordingBrowser(QuietBrowser):
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+@pytest.mark.parametrize("browser_first", [True, False])
+def test_the_session_opens_once_whichever_serverinit_or_clientinit_comes_last(browser_first: bool) -> None:
+    """Opening happens in the read callback of whichever side finishes last (not a loop turn
+    later in the handshake coroutine): once, with ServerInit sent to the browser once."""
+    async def scenario() -> tuple[list[ConsoleSession], list[bytes], Ending | None]:
+        script = ScriptedServer(hang_up=False)
+        async with script as port:
+            opened: list[ConsoleSession] = []
+            seen = asyncio.Event()
+            browser = RecordingBrowser()
+            claims = token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60)
+            session = ConsoleSession(claims, ProxyConfig(shared=True), browser, "127.0.0.1",
+                                     on_open=lambda s: (opened.append(s), seen.set()), on_end=lambda _s: None)
+            server_init = asyncio.Event()
+            fed = session.handshake_bytes
+
+            def feed(data: memoryview) -> None:
+                fed(data)
+                if session._ready is not None:
+                    server_init.set()
+            session.handshake_bytes = feed  # type: ignore[method-assign]
+            session.start()
+            if browser_first:
+                browser_handshake(session, shared=0)
+            else:
+                await asyncio.wait_for(server_init.wait(), 10)  # the hypervisor's ServerInit is in
+                assert not opened
+                browser_handshake(session, shared=0)
+                assert opened, "opened in the browser's ClientInit callback, synchronously"
+            await asyncio.wait_for(seen.wait(), 10)
+            for _ in range(3):
+                await asyncio.sleep(0)  # let the handshake coroutine wake and end
+            ending = session.ending
+            session.finish(Ending.of(1000, "test over"))
+            return opened, browser.sent, ending
+    opened, sent, ending = asyncio.run(scenario())
+    assert len(opened) == 1 and ending is None
+    server_inits = [m for m in sent if m.startswith(struct.pack(">HH", 800, 600))]
+    assert len(server_inits) == 1
+
+
+def test_a_bug_while_opening_in_a_callback_ends_the_session_4502() -> None:
+    async def scenario() -> Ending | None:
+        script = ScriptedServer(hang_up=False)
+        async with script as port:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def broken(_session: ConsoleSession) -> None:
+                raise RuntimeError("a bug in on_open")
+            session = new_session(port, ProxyConfig(shared=True), on_open=broken,
+                                  on_end=lambda _s: done.set_result(None))
+            session.start()
+            browser_handshake(session, shared=1)
+            await asyncio.wait_for(done, 10)
+            return session.ending
+    ending = asyncio.run(scenario())
+    assert ending is not None and (ending.code, ending.detail) == (4502, "internal error")

@@ -406,6 +406,49 @@ def test_37_none_has_no_security_result() -> None:
     assert handshake.feed(types(1)) == [Send(b"\x01"), Authenticated()]
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_pipelined_client_init_rides_with_the_challenge_response(shared: bool) -> None:
+    handshake = UpstreamHandshake(password=PASSWORD, tls=TlsPolicy(), client_init=shared)
+    handshake.feed(V38)
+    assert handshake.feed(types(2)) == [Send(b"\x02")]
+    assert not handshake.client_init_sent
+    flag = b"\x01" if shared else b"\x00"
+    assert handshake.feed(CHALLENGE) == [Send(RESPONSE + flag)]
+    assert handshake.client_init_sent
+    ready = handshake.feed(u32(0) + server_init())
+    assert ready[0] == Authenticated() and isinstance(ready[1], ServerInitReady)
+    with pytest.raises(RuntimeError):
+        handshake.send_client_init(True)
+
+
+@pytest.mark.parametrize(("version", "result"), [(V38, u32(0)), (V37, b"")])
+def test_pipelined_client_init_rides_with_the_none_choice(version: bytes, result: bytes) -> None:
+    handshake = UpstreamHandshake(password=None, tls=TlsPolicy(), client_init=True)
+    handshake.feed(version)
+    actions = handshake.feed(types(1))
+    assert actions[0] == Send(b"\x01\x01") and handshake.client_init_sent
+    actions += handshake.feed(result + server_init())
+    assert Authenticated() in actions and isinstance(actions[-1], ServerInitReady)
+
+
+def test_pipelined_refusal_still_reports_the_reason() -> None:
+    handshake = UpstreamHandshake(password=PASSWORD, tls=TlsPolicy(), client_init=True)
+    handshake.feed(V38 + types(2))
+    handshake.feed(CHALLENGE)
+    with pytest.raises(RfbError) as info:
+        handshake.feed(u32(1) + reason(b"bad password"))
+    assert info.value.close_code == 4501 and "bad password" in str(info.value)
+
+
+def test_33_none_cannot_pipeline_and_says_so() -> None:
+    # RFB 3.3 None: the client sends nothing before ClientInit, so it is sent the usual way
+    handshake = UpstreamHandshake(password=None, tls=TlsPolicy(), client_init=True)
+    handshake.feed(V33)
+    assert handshake.feed(u32(1)) == [Authenticated()]
+    assert not handshake.client_init_sent
+    assert handshake.send_client_init(True) == b"\x01"
+
+
 # --- RFB 3.3 -------------------------------------------------------------------------------
 
 def test_33_none() -> None:

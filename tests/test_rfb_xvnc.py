@@ -64,7 +64,8 @@ def run_handshake(
                     conn = ctx.wrap_socket(conn, server_hostname=server.host)
                     pending.extend(handshake.tls_started())
                 elif isinstance(action, Authenticated):
-                    conn.sendall(handshake.send_client_init(shared))
+                    if not handshake.client_init_sent:  # else it went with the last security message
+                        conn.sendall(handshake.send_client_init(shared))
                 else:
                     return action, conn
     except BaseException:
@@ -123,6 +124,34 @@ def test_vncauth_wrong_password(xvnc_vncauth: XvncServer) -> None:
     assert info.value.close_code == 4501
     assert "wrong-pw" not in str(info.value)
     assert str(info.value).startswith("target rejected authentication")
+
+
+@pytest.mark.parametrize("server", ["xvnc_none", "xvnc_vncauth"])
+def test_pipelined_client_init_gets_server_init(server: str, request: pytest.FixtureRequest) -> None:
+    xvnc: XvncServer = request.getfixturevalue(server)
+    handshake = UpstreamHandshake(password=xvnc.password, tls=TlsPolicy(), client_init=True)
+    ready, conn = run_handshake(xvnc, handshake)
+    with conn:
+        assert handshake.client_init_sent
+        assert_desktop(ready, xvnc)
+        assert first_update_header(conn, ready)[0] == 0
+
+
+def test_pipelined_client_init_keeps_the_refusal_and_its_reason(xvnc_vncauth: XvncServer) -> None:
+    handshake = UpstreamHandshake(password="wrong-pw", tls=TlsPolicy(), client_init=True)
+    with pytest.raises(RfbError) as info:
+        run_handshake(xvnc_vncauth, handshake)
+    assert (info.value.code, info.value.close_code) == ("target_auth_failed", 4501)
+    assert str(info.value).startswith("target rejected authentication: ")  # Xvnc's reason arrived
+
+
+def test_pipelined_client_init_inside_x509vnc(xvnc_x509: XvncServer, test_pki: TestPki) -> None:
+    policy = TlsPolicy(ca_pem=test_pki.ca_pem, server_name="127.0.0.1")
+    handshake = UpstreamHandshake(password=xvnc_x509.password, tls=policy, client_init=True)
+    ready, conn = run_handshake(xvnc_x509, handshake, ca_pem=test_pki.ca_pem)
+    with conn:
+        assert handshake.client_init_sent and handshake.security_type == "vencrypt-x509vnc"
+        assert first_update_header(conn, ready)[0] == 0
 
 
 def test_vncauth_without_password_is_refused(xvnc_vncauth: XvncServer) -> None:

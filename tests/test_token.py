@@ -14,7 +14,6 @@ from freezegun import freeze_time
 from token_fixtures import (
     NOW,
     PASSWORD,
-    build_jws,
     claims_dict,
     decrypt_inner,
     encrypt,
@@ -199,12 +198,16 @@ class _NoCrypto:
     def new(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("crypto ran")
 
+    @staticmethod
+    def open(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("crypto ran")
+
 
 def test_too_long_is_refused_before_any_crypto(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
     valid = token.mint(make_claims(), ring)
     long_token = valid + "A" * (MAX_TOKEN_LENGTH + 1 - len(valid))
     assert len(long_token) == MAX_TOKEN_LENGTH + 1
-    monkeypatch.setattr(token, "AES", _NoCrypto)
+    monkeypatch.setattr(FleetKey, "open", _NoCrypto.open)
     monkeypatch.setattr(token.b64url, "decode", _NoCrypto.new)
     exc = refused(long_token, ring)
     assert (exc.reason, exc.code, exc.status) == ("too_long", "token_invalid", 401)
@@ -265,7 +268,7 @@ def test_malformed_outer_tokens(ring: Keyring) -> None:
 
 def test_malformed_outer_tokens_never_reach_aes(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
     cases = _outer_malformations(ring)
-    monkeypatch.setattr(token, "AES", _NoCrypto)
+    monkeypatch.setattr(FleetKey, "open", _NoCrypto.open)
     for bad in cases:
         assert refused(bad, ring).reason == "malformed"
 
@@ -574,8 +577,40 @@ def test_retired_fleet_and_signing_keys_fail_closed(ring: Keyring) -> None:
     assert token.verify(tok, no_sig, NOW - 1)
 
 
-def test_aes_module_is_pycryptodome_gcm() -> None:
-    # the codec's AES is the real one (the too_long test swaps it out and must not leak)
-    assert token.AES is AES
-    jws = build_jws({"a": 1}, signer=ECC.generate(curve="ed25519").seed, kid="k")
-    assert jws.count(".") == 2
+def test_openssl_codec_agrees_with_an_independent_implementation(ring: Keyring) -> None:
+    # the codec runs on OpenSSL (cryptography); pycryptodome opens and checks what it minted
+    from Crypto.Signature import eddsa
+
+    header_b64, _, iv_b64, ct_b64, tag_b64 = token.mint(make_claims(), ring).split(".")
+    cipher = AES.new(fleet_key(ring).key, AES.MODE_GCM, nonce=b64url.decode(iv_b64))
+    cipher.update(header_b64.encode("ascii"))
+    jws = cipher.decrypt_and_verify(b64url.decode(ct_b64), b64url.decode(tag_b64))
+    signing_input, _, signature = jws.rpartition(b".")
+    eddsa.new(eddsa.import_public_key(signing_key(ring).public), "rfc8032").verify(
+        signing_input, b64url.decode(signature.decode("ascii")))
+    seed = ECC.generate(curve="ed25519").seed
+    stranger = eddsa.new(eddsa.import_private_key(seed), "rfc8032")
+    assert not signing_key(ring).verify(signing_input, stranger.sign(signing_input))
+    assert FleetKey(kid="k", key=bytes(32), created=0).open(bytes(12), b"x", bytes(16), b"") is None
+
+
+def test_key_objects_are_built_once_per_key_not_per_token(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    from console_proxy import keyring
+
+    proxy_ring = ring.for_proxy()
+    tokens = [token.mint(make_claims(), ring) for _ in range(3)]
+    monkeypatch.setattr(keyring, "AESGCM", _NoCrypto.new)
+    monkeypatch.setattr(keyring.Ed25519PublicKey, "from_public_bytes", _NoCrypto.new)
+    monkeypatch.setattr(keyring.Ed25519PrivateKey, "from_private_bytes", _NoCrypto.new)
+    assert [token.verify(tok, proxy_ring, NOW).host for tok in tokens] == ["10.1.2.3"] * 3
+    assert token.verify(token.mint(make_claims(), ring), proxy_ring, NOW)
+
+
+def test_checked_claims_equal_the_dataclass_built_ones(ring: Keyring) -> None:
+    # check_claims builds Claims without the generated __init__ (per-open cost): same object
+    for claims in (make_claims(), full_claims()):
+        verified = token.verify(token.mint(claims, ring), ring, NOW, client_ip=claims.cip)
+        rebuilt = token.Claims(**{name: getattr(verified, name) for name in token.Claims.__dataclass_fields__})
+        assert verified == rebuilt == claims and repr(verified) == repr(rebuilt)
+        with pytest.raises(AttributeError):
+            verified.host = "elsewhere"  # type: ignore[misc]

@@ -1,6 +1,6 @@
 """Interop with jwcrypto: any JOSE library given the keys reads our tokens, and we read theirs.
 
-jwcrypto is a test dependency only; the codec itself uses pycryptodome.
+jwcrypto is a test dependency only; the codec itself uses cryptography (OpenSSL).
 """
 
 from __future__ import annotations
