@@ -21,6 +21,10 @@ from console_proxy import clock, keyring, token
 from console_proxy.command import CommandError, Parser, read_secret_file, run
 from console_proxy.keyring import DEFAULT_MAX_TTL, KeyringError
 
+PASSWORD_FILE_HELP = ("file holding the VNC password as plain text on one line (not the obfuscated output "
+                      "of vncpasswd -f)")
+STATE_DIR_HELP = "broker state directory (default: %(default)s, relative to the current directory)"
+
 
 def _keyring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyring", metavar="FILE", help="broker keyring file")
@@ -51,7 +55,7 @@ def _add_token(commands: argparse._SubParsersAction) -> None:
     _keyring_options(mint)
     mint.add_argument("--host", required=True)
     mint.add_argument("--port", type=int, required=True)
-    mint.add_argument("--password-file", metavar="F", help="file holding the VNC password")
+    mint.add_argument("--password-file", metavar="F", help=PASSWORD_FILE_HELP)
     mint.add_argument("--ttl", type=int, default=60, help="lifetime in seconds (default 60)")
     mint.add_argument("--view-only", action="store_true")
     mint.add_argument("--client-ip", metavar="IP", help="bind the token to this client address")
@@ -70,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="console-broker", description="consolegate's console broker")
     commands = parser.add_subparsers(metavar="COMMAND")
     init = commands.add_parser("init", help="create a broker state directory")
-    init.add_argument("--state-dir", metavar="D", default="./var")
+    init.add_argument("--state-dir", metavar="D", default="./var", help=STATE_DIR_HELP)
     init.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL, help="longest token lifetime, seconds")
     init.set_defaults(handler=state_init)
     serve.add_parser(commands)
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", metavar="D", default="./var", help="broker state directory")
+    parser.add_argument("--state-dir", metavar="D", default="./var", help=STATE_DIR_HELP)
 
 
 _REMOVE_HELP = """\
@@ -149,7 +153,7 @@ def _add_targets(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--name", required=True)
     add.add_argument("--host", required=True)
     add.add_argument("--port", type=int, required=True)
-    add.add_argument("--password-file", metavar="F", help="file holding the VNC password")
+    add.add_argument("--password-file", metavar="F", help=PASSWORD_FILE_HELP)
     _action(targets, "list", _listing(Broker.list_targets), "targets as JSON (never the password)")
     _action(targets, "remove", targets_remove, "delete a target", "id")
 

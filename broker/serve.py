@@ -26,7 +26,8 @@ log = logging.getLogger("consolegate.broker")
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the broker API")
-    serve.add_argument("--state-dir", metavar="D", default="./var")
+    serve.add_argument("--state-dir", metavar="D", default="./var",
+                       help="broker state directory (default: %(default)s, relative to the current directory)")
     serve.add_argument("--listen", metavar="H:P", default="127.0.0.1:8700")
     serve.add_argument("--default-ttl", type=int, default=60, help="console lifetime when not asked, seconds")
     serve.add_argument("--max-ttl", type=int, default=3600, help="longest console lifetime a request may ask")

@@ -31,6 +31,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--keyring", metavar="FILE",
                        help="proxy keyring (console-broker keys export-proxy); with --broker, used until the "
                             "broker answers")
+    serve.add_argument("--allow-signing-keyring", action="store_true",
+                       help="accept a --keyring holding private signing keys (the broker's own: this proxy could "
+                            "then mint tokens); refused by default")
     serve.add_argument("--broker", metavar="URL", help="the broker: keyring, single-use redemption, events")
     serve.add_argument("--proxy-credential", metavar="FILE", help="credential from console-broker proxy add")
     serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
@@ -121,10 +124,26 @@ def run(args: argparse.Namespace) -> int:
     logguard.setup(args.log_level)  # first: no line, Tornado's included, may carry a secret
     config = build_config(args)
     link = _broker_link(args)
-    ring = keyring.load(args.keyring) if args.keyring else None
+    ring = load_proxy_keyring(args.keyring, allow_signing=args.allow_signing_keyring) if args.keyring else None
     host, port = parse_listen(args.listen)
     asyncio.run(serve(config, ring, host, port, tls_context(args.tls_cert, args.tls_key), link=link))
     return 0
+
+
+def load_proxy_keyring(path: str, *, allow_signing: bool) -> keyring.Keyring:
+    """The proxy's keyring file. The broker's own keyring also verifies, but its private signing
+    keys would let anyone who reads this host's files mint tokens: refused unless asked for."""
+    ring = keyring.load(path)
+    private = sorted(kid for kid, key in ring.signing.items() if key.seed is not None)
+    if private and not allow_signing:
+        raise CommandError(f"{path!r} holds private signing keys ({', '.join(private)}): this proxy could mint "
+                           "tokens. Give it the proxy keyring (console-broker keys export-proxy), or pass "
+                           "--allow-signing-keyring")
+    if private:
+        log.warning("--keyring %s holds private signing keys (--allow-signing-keyring): this proxy can mint tokens",
+                    path)
+        return ring.for_proxy()
+    return ring
 
 
 def _broker_link(args: argparse.Namespace) -> BrokerLink | None:
