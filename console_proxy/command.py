@@ -7,6 +7,7 @@ as argparse does); it never shows a traceback and never echoes a secret it was g
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,9 @@ def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         parser.print_help(sys.stderr)
         return 2
     try:
+        sources = getattr(args, "sources", None)  # a serve command: --config file and CONSOLEGATE_* variables
+        if sources is not None:
+            sources.apply(parser, args, argv, os.environ)
         return handler(args)
     except (CommandError, OSError, *expected) as exc:
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import ssl
 from pathlib import Path
 
 import tornado.httpserver
 
-from console_proxy import keyring, logguard, origin, server
+from console_proxy import keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
 from console_proxy.command import CommandError
 from console_proxy.config import REPO_STATIC, ProxyConfig
+from console_proxy.configsources import Sources
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
@@ -27,7 +29,8 @@ IDLE_CONNECTION_TIMEOUT = 60.0
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--listen", required=True, metavar="H:P", help="address and port to listen on")
+    serve.add_argument("--listen", metavar="H:P", action="append", default=[],
+                       help="address and port to listen on (repeatable; [::]:PORT is IPv6 and IPv4 at once)")
     serve.add_argument("--keyring", metavar="FILE",
                        help="proxy keyring (console-broker keys export-proxy); with --broker, used until the "
                             "broker answers")
@@ -68,7 +71,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--frame-ancestors", default="'none'", help="CSP frame-ancestors for the viewer page")
     serve.add_argument("--static-dir", metavar="DIR", default=str(REPO_STATIC))
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", default="text", choices=logguard.FORMATS,
+                       help="text lines, or one JSON object per line (default: %(default)s)")
     serve.set_defaults(handler=run)
+    Sources(serve, "console-proxy serve")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -121,12 +127,20 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logguard.setup(args.log_level)  # first: no line, Tornado's included, may carry a secret
+    logguard.setup(args.log_level, args.log_format)  # first: no line, Tornado's included, may carry a secret
     config = build_config(args)
     link = _broker_link(args)
     ring = load_proxy_keyring(args.keyring, allow_signing=args.allow_signing_keyring) if args.keyring else None
-    host, port = parse_listen(args.listen)
-    asyncio.run(serve(config, ring, host, port, tls_context(args.tls_cert, args.tls_key), link=link))
+    if not args.listen:
+        raise CommandError("give --listen HOST:PORT (or listen in --config, or CONSOLEGATE_LISTEN)")
+    addresses = [parse_listen(value) for value in args.listen]
+    tls = tls_context(args.tls_cert, args.tls_key)
+    sockets = listeners.bind_all(addresses)  # before the broker hears of us: all bound, or no start
+    try:
+        asyncio.run(serve(config, ring, sockets, tls, link=link))
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 
@@ -175,7 +189,7 @@ async def _first_keyring(link: BrokerLink, config: ProxyConfig, ring: keyring.Ke
         return ring
 
 
-async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, port: int,
+async def serve(config: ProxyConfig, ring: keyring.Keyring | None, sockets: list[socket.socket],
                 tls: ssl.SSLContext | None, *, link: BrokerLink | None = None) -> None:
     if link is not None:
         ring = await _first_keyring(link, config, ring)
@@ -188,16 +202,13 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
     http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls, max_body_size=MAX_BODY,
                                          body_timeout=10, idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
     door = None if tls else FrontDoor(state, http, IDLE_CONNECTION_TIMEOUT)
-    try:
-        if door is None:
-            http.listen(port, host)
-        else:
-            await door.listen(host, port)
-    except OSError as exc:
-        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if door is None:
+        http.add_sockets(sockets)
+    else:
+        await door.listen_on(sockets)
     server.install_signal_handlers(state)
     sweeper = server.start_sweeper(state)
-    log.info("console-proxy listening on %s:%d (%s)", host, port, "https" if tls else "http")
+    log.info("console-proxy listening on %s (%s)", listeners.addresses_of(sockets), "https" if tls else "http")
     await state.stopped.wait()
     sweeper.stop()
     http.stop()
