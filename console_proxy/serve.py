@@ -14,7 +14,7 @@ import tornado.httpserver
 from console_proxy import keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
 from console_proxy.command import CommandError
-from console_proxy.config import REPO_STATIC, ProxyConfig
+from console_proxy.config import ProxyConfig, default_static_dir
 from console_proxy.configsources import Sources
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
@@ -69,7 +69,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "token pins nothing; never for a token with tls.ca or tls.require")
     serve.add_argument("--skew", type=int, default=DEFAULT_SKEW, help="clock-skew allowance, seconds")
     serve.add_argument("--frame-ancestors", default="'none'", help="CSP frame-ancestors for the viewer page")
-    serve.add_argument("--static-dir", metavar="DIR", default=str(REPO_STATIC))
+    serve.add_argument("--static-dir", metavar="DIR",
+                       help="the viewer's files (default: the viewer installed with the package; static/ in a "
+                            "checkout)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", default="text", choices=logguard.FORMATS,
                        help="text lines, or one JSON object per line (default: %(default)s)")
@@ -110,7 +112,8 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         max_message_size=args.max_message_size, shared=not args.no_force_shared, end_at_expiry=args.end_at_expiry,
         expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace,
         upstream_ca_pem=_read_text(args.upstream_ca), allow_anonymous_tls=args.allow_anonymous_tls,
-        static_dir=Path(args.static_dir), frame_ancestors=args.frame_ancestors)
+        static_dir=Path(args.static_dir) if args.static_dir else default_static_dir(),
+        frame_ancestors=args.frame_ancestors)
 
 
 def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
