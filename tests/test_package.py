@@ -69,8 +69,10 @@ def test_the_wheel_serves_the_viewer_and_novnc_without_a_checkout(tmp_path: Path
         names = tar.getnames()
     assert any(name.endswith(f"/{RFB_MODULE}") for name in names)
     assert not any("/static/node_modules/" in name for name in names)
+    assert any(name.endswith("/contrib/systemd/console-proxy.service") for name in names)
     with zipfile.ZipFile(wheel) as archive:
         assert {f"{VIEWER}/console.html", f"{VIEWER}/console.js", RFB_MODULE} <= set(archive.namelist())
+        assert any(name.endswith(".dist-info/LICENSE") for name in archive.namelist())
 
     venv = _fresh_venv(tmp_path, wheel)
     ring = tmp_path / "proxy-keyring.json"
