@@ -139,18 +139,18 @@ class BrokerLink:
                 "version": state.keyring.version if state else 0}
 
     async def first_keyring(self, capacity: int, public_url: str | None) -> Keyring:
-        """The keyring from a first heartbeat, before the proxy listens; BrokerLinkError if none."""
+        """The keyring from a first heartbeat, before the proxy serves; BrokerLinkError if none,
+        naming the cause (TLS handshake, refused, timed out; never Tornado's "HTTP 599")."""
         try:
             answer = await self._post("/proxy/heartbeat", self._report(None, capacity, public_url))
             return Keyring.from_jwks(answer["keyring"])
         except HTTPClientError as exc:
-            if exc.code == CLIENT_SIDE_FAILURE:
-                raise BrokerLinkError(f"cannot reach the broker at {self.base}: {_describe(exc)}") from None
-            raise BrokerLinkError(f"the broker refused the heartbeat: HTTP {exc.code} {_error_code(exc)}") from None
-        except (TimeoutError, OSError) as exc:
-            raise BrokerLinkError(f"cannot reach the broker at {self.base}: {_describe(exc)}") from None
-        except (ValueError, KeyError, TypeError, KeyringError) as exc:
-            raise BrokerLinkError(f"no keyring from the broker at {self.base}: {_describe(exc)}") from None
+            if exc.code != CLIENT_SIDE_FAILURE:
+                raise BrokerLinkError(f"the broker refused the heartbeat: HTTP {exc.code} {_error_code(exc)}") from None
+            failure: BaseException = exc
+        except (TimeoutError, OSError, ValueError, KeyError, TypeError, KeyringError) as exc:
+            failure = exc
+        raise BrokerLinkError(f"no keyring from the broker at {self.base}: {_describe(failure)}")
 
     async def heartbeat(self) -> None:
         """One heartbeat; applies a new keyring and the revoked session ids."""
