@@ -31,7 +31,7 @@ from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiEr
 from broker.store import InvalidValue, StoreError, StoreUnavailable
 from console_proxy import origin, strictjson
 from console_proxy.httperrors import error_status
-from console_proxy.metrics import Counter, Gauge, Registry
+from console_proxy.metrics import Counter, Gauge, Registry, add_process_metrics
 from console_proxy.origin import Network
 
 log = logging.getLogger("consolegate.broker.api")
@@ -59,6 +59,7 @@ class BrokerMetrics:
             ("kind",)))
         self.registry.add(Gauge("consolegate_broker_healthy_proxies", "proxies with a recent heartbeat",
                                 lambda: float(sum(1 for p in broker.list_proxies()["proxies"] if p["healthy"]))))
+        add_process_metrics(self.registry, "broker")
 
 
 def parse_json(raw: bytes) -> Any:

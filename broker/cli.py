@@ -23,10 +23,14 @@ from console_proxy.keyring import DEFAULT_MAX_TTL, KeyringError
 
 DATABASE_HELP = ("the broker's database: sqlite:///PATH (default: <state-dir>/broker.db) or "
                  "postgresql://USER@HOST:PORT/DB (password from the URL, PGPASSWORD or ~/.pgpass; never logged)")
+PASSWORD_FILE_HELP = ("file holding the VNC password as plain text on one line (not the obfuscated output "
+                      "of vncpasswd -f)")
+STATE_DIR_HELP = "broker state directory (default: %(default)s, relative to the current directory)"
 
 
 def add_database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
+
 
 
 def _keyring_options(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +63,7 @@ def _add_token(commands: argparse._SubParsersAction) -> None:
     _keyring_options(mint)
     mint.add_argument("--host", required=True)
     mint.add_argument("--port", type=int, required=True)
-    mint.add_argument("--password-file", metavar="F", help="file holding the VNC password")
+    mint.add_argument("--password-file", metavar="F", help=PASSWORD_FILE_HELP)
     mint.add_argument("--ttl", type=int, default=60, help="lifetime in seconds (default 60)")
     mint.add_argument("--view-only", action="store_true")
     mint.add_argument("--client-ip", metavar="IP", help="bind the token to this client address")
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="console-broker", description="consolegate's console broker")
     commands = parser.add_subparsers(metavar="COMMAND")
     init = commands.add_parser("init", help="create a broker state directory")
-    init.add_argument("--state-dir", metavar="D", default="./var")
+    init.add_argument("--state-dir", metavar="D", default="./var", help=STATE_DIR_HELP)
     add_database_option(init)
     init.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL, help="longest token lifetime, seconds")
     init.set_defaults(handler=state_init)
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", metavar="D", default="./var", help="broker state directory")
+    parser.add_argument("--state-dir", metavar="D", default="./var", help=STATE_DIR_HELP)
     add_database_option(parser)
 
 
@@ -162,7 +166,7 @@ def _add_targets(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--name", required=True)
     add.add_argument("--host", required=True)
     add.add_argument("--port", type=int, required=True)
-    add.add_argument("--password-file", metavar="F", help="file holding the VNC password")
+    add.add_argument("--password-file", metavar="F", help=PASSWORD_FILE_HELP)
     _action(targets, "list", _listing(Broker.list_targets), "targets as JSON (never the password)")
     _action(targets, "remove", targets_remove, "delete a target", "id")
 

@@ -17,6 +17,8 @@ from broker.store import StoreError
 from console_proxy import origin
 from console_proxy.brokerlink import is_loopback_host
 from console_proxy.command import CommandError
+from console_proxy.configsources import Sources
+from console_proxy.logguard import FORMATS
 from console_proxy.logguard import setup as guard_logging
 from console_proxy.serve import parse_listen, tls_context
 
@@ -25,7 +27,8 @@ log = logging.getLogger("consolegate.broker")
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the broker API")
-    serve.add_argument("--state-dir", metavar="D", default="./var")
+    serve.add_argument("--state-dir", metavar="D", default="./var",
+                       help="broker state directory (default: %(default)s, relative to the current directory)")
     serve.add_argument("--database", metavar="URL",
                        help="sqlite:///PATH (default: <state-dir>/broker.db) or postgresql://USER@HOST:PORT/DB, "
                             "shared by replicas (password from the URL, PGPASSWORD or ~/.pgpass; never logged)")
@@ -57,11 +60,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="a reverse proxy whose X-Forwarded-For names the client whose failed "
                             "authentications are counted (repeatable)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", default="text", choices=FORMATS,
+                       help="text lines, or one JSON object per line (default: %(default)s)")
     serve.set_defaults(handler=run)
+    Sources(serve, "console-broker serve")
 
 
 def run(args: argparse.Namespace) -> int:
-    guard_logging(args.log_level)  # first: no line, Tornado's included, may carry a secret
+    guard_logging(args.log_level, args.log_format)  # first: no line, Tornado's included, may carry a secret
     if not 0 < args.default_ttl <= args.max_ttl:
         raise CommandError("--default-ttl must be positive and at most --max-ttl")
     if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0:

@@ -23,6 +23,8 @@ import asyncio
 import ipaddress
 import json
 import logging
+import socket
+import ssl
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 from console_proxy.admission import Refusal
 from console_proxy.keyring import Keyring, KeyringError
@@ -136,14 +139,18 @@ class BrokerLink:
                 "version": state.keyring.version if state else 0}
 
     async def first_keyring(self, capacity: int, public_url: str | None) -> Keyring:
-        """The keyring from a first heartbeat, before the proxy listens; BrokerLinkError if none."""
+        """The keyring from a first heartbeat, before the proxy serves; BrokerLinkError if none,
+        naming the cause (TLS handshake, refused, timed out; never Tornado's "HTTP 599")."""
         try:
             answer = await self._post("/proxy/heartbeat", self._report(None, capacity, public_url))
             return Keyring.from_jwks(answer["keyring"])
         except HTTPClientError as exc:
-            raise BrokerLinkError(f"the broker refused the heartbeat: HTTP {exc.code} {_error_code(exc)}") from None
+            if exc.code != CLIENT_SIDE_FAILURE:
+                raise BrokerLinkError(f"the broker refused the heartbeat: HTTP {exc.code} {_error_code(exc)}") from None
+            failure: BaseException = exc
         except (TimeoutError, OSError, ValueError, KeyError, TypeError, KeyringError) as exc:
-            raise BrokerLinkError(f"no keyring from the broker at {self.base}: {_describe(exc)}") from None
+            failure = exc
+        raise BrokerLinkError(f"no keyring from the broker at {self.base}: {_describe(failure)}")
 
     async def heartbeat(self) -> None:
         """One heartbeat; applies a new keyring and the revoked session ids."""
@@ -301,7 +308,32 @@ def _error_code(exc: HTTPClientError) -> str:
         return ""
 
 
+CLIENT_SIDE_FAILURE = 599
+"""Tornado's code for "no HTTP answer at all" (timeout, closed stream): never show it as one."""
+
+_PLAIN_HTTP_HINT = "is the broker serving plain http? then use an http:// URL (loopback only) or give it --tls-cert"
+
+
 def _describe(exc: BaseException) -> str:
+    """The real cause of a failed call, in an operator's words: TLS handshake, refused, timed out."""
+    if isinstance(exc, HTTPTimeoutError):
+        if "handshake" in str(exc):
+            return f"TLS handshake failed: timed out ({_PLAIN_HTTP_HINT})"
+        return "timed out waiting for the broker"
+    if isinstance(exc, HTTPStreamClosedError):
+        return "the connection was closed before an answer (TLS handshake failed, or the broker stopped)"
     if isinstance(exc, HTTPClientError):
         return f"HTTP {exc.code}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS handshake failed: the broker's certificate is not trusted ({exc.verify_message}; see --broker-ca)"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc}; {_PLAIN_HTTP_HINT})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the broker running, on that address and port?)"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the broker's host name ({exc.strerror})"
+    if isinstance(exc, TimeoutError):
+        return "timed out waiting for the broker"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

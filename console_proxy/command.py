@@ -7,6 +7,7 @@ as argparse does); it never shows a traceback and never echoes a secret it was g
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +42,9 @@ def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         parser.print_help(sys.stderr)
         return 2
     try:
+        sources = getattr(args, "sources", None)  # a serve command: --config file and CONSOLEGATE_* variables
+        if sources is not None:
+            sources.apply(parser, args, argv, os.environ)
         return handler(args)
     except (CommandError, OSError, *expected) as exc:
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
@@ -57,12 +61,28 @@ def _one_line(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
+VNCPASSWD_SIZES = (8, 16)
+"""``vncpasswd -f`` writes the password DES-"encrypted" with a fixed key: 8 bytes (16 with a
+view-only password), no newline, mostly unprintable."""
+
+
+def looks_like_vncpasswd(raw: bytes) -> bool:
+    """An obfuscated ``vncpasswd`` file rather than the plain-text password we need."""
+    return len(raw) in VNCPASSWD_SIZES and any(byte < 0x20 or byte >= 0x7F for byte in raw)
+
+
 def read_secret_file(path: str) -> str:
-    """A secret from a file (never from argv, which other users can read): one line, no newline."""
+    """A secret from a file (never from argv, which other users can read): one line, no newline.
+
+    Password files hold the password as plain UTF-8 text on one line (a final newline is
+    dropped); the obfuscated output of ``vncpasswd -f`` is refused with a message saying so."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise CommandError(f"cannot read {path!r}: {exc.strerror}") from None
+    if looks_like_vncpasswd(raw):
+        raise CommandError(f"{path!r}: this looks like a vncpasswd file (obfuscated); give the password as "
+                           "plain text on one line")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

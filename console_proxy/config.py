@@ -9,6 +9,14 @@ from console_proxy.keyring import DEFAULT_SKEW
 from console_proxy.origin import Network, OriginPolicy
 
 REPO_STATIC = Path(__file__).resolve().parent.parent / "static"
+"""The viewer in a checkout (noVNC under node_modules/ after ``npm ci``)."""
+PACKAGED_VIEWER = Path(__file__).resolve().parent / "viewer"
+"""The viewer a wheel or sdist carries (made at build time by setup.py, same layout)."""
+
+
+def default_static_dir() -> Path:
+    """The checkout's ``static/`` when run from one, else the viewer installed with the package."""
+    return REPO_STATIC if (REPO_STATIC / "console.html").is_file() else PACKAGED_VIEWER
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class ProxyConfig:
     demand for TLS (see :mod:`console_proxy.upstream_tls`)."""
     allow_anonymous_tls: bool = False
     """Anonymous VeNCrypt TLS for tokens that pin nothing (no ``tls.ca``, no ``tls.require``)."""
-    static_dir: Path = REPO_STATIC
+    static_dir: Path = field(default_factory=default_static_dir)
     frame_ancestors: str = "'none'"
     ping_interval: float = 20.0
     """Seconds between keepalive Pings to every browser (0: none); below nginx's 60 s default."""

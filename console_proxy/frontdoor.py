@@ -57,8 +57,12 @@ class FrontDoor:
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def listen(self, host: str, port: int) -> None:
+        await self.listen_on(tornado.netutil.bind_sockets(port, host))
+
+    async def listen_on(self, sockets: list[socket.socket]) -> None:
+        """Serve sockets bound beforehand (all of them bound, or the proxy did not start)."""
         loop = asyncio.get_running_loop()
-        for sock in tornado.netutil.bind_sockets(port, host):
+        for sock in sockets:
             self.servers.append(await loop.create_server(lambda: Doorway(self), sock=sock, backlog=BACKLOG))
         self._sweeper = loop.call_later(SWEEP, self._sweep)
 

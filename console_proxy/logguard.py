@@ -20,18 +20,22 @@ tracebacks. So ``setup`` puts one formatter on the root handler that every recor
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+#: ``--log-format``: text lines (FORMAT), or one JSON object per line (:class:`JsonGuardedFormatter`).
+FORMATS = ("text", "json")
 REDACTED = "[redacted]"
 #: Longest message and traceback kept; a longer one is cut (after redaction) so one request
 #: cannot flood the log.
@@ -209,9 +213,13 @@ class GuardedFormatter(logging.Formatter):
                 safe.exc_text = self.formatException(record.exc_info)
             if record.stack_info:
                 safe.stack_info = sanitise(str(record.stack_info), multiline=True, limit=MAX_TRACEBACK)
-            return super().format(safe)
+            return self.render(safe)
         except Exception:  # noqa: BLE001 - fail closed: a fixed line instead of the record
             return self.withheld(record)
+
+    def render(self, safe: logging.LogRecord) -> str:
+        """The line for a record already made safe (message, name, traceback and stack sanitised)."""
+        return super().format(safe)
 
     def formatException(self, ei: Any) -> str:
         return sanitise(super().formatException(ei), multiline=True, limit=MAX_TRACEBACK)
@@ -226,13 +234,37 @@ class GuardedFormatter(logging.Formatter):
 _LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 
 
+class JsonGuardedFormatter(GuardedFormatter):
+    """The same guard, one JSON object per line: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
+    ``message``, and ``exception``/``stack`` when present. Only :meth:`render` differs: every field
+    is taken from the record after sanitising, and ``json.dumps`` (ASCII) adds no character a
+    reader could mistake for a new line; a withheld record is a JSON line too."""
+
+    def render(self, safe: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"time": _iso(safe.created), "level": safe.levelname, "logger": safe.name,
+                                 "message": safe.msg}
+        if safe.exc_text:
+            entry["exception"] = safe.exc_text
+        if safe.stack_info:
+            entry["stack"] = safe.stack_info
+        return json.dumps(entry, ensure_ascii=True)
+
+    def withheld(self, record: logging.LogRecord | None) -> str:
+        level = record.levelname if record is not None and record.levelname in _LEVELS else "ERROR"
+        return json.dumps({"time": _iso(time.time()), "level": level, "logger": log.name, "message": WITHHELD})
+
+
+def _iso(created: float) -> str:
+    return datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="milliseconds")
+
+
 class GuardedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """stderr, through :class:`GuardedFormatter`; a write that fails is reported by a fixed line,
     never by the logging module's default, which prints the record's message and arguments."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_format: str = "text") -> None:
         super().__init__(sys.stderr)
-        self.setFormatter(GuardedFormatter(FORMAT))
+        self.setFormatter(JsonGuardedFormatter() if log_format == "json" else GuardedFormatter(FORMAT))
 
     def handleError(self, record: logging.LogRecord) -> None:
         try:
@@ -243,12 +275,12 @@ class GuardedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             pass
 
 
-def setup(level: str | int) -> None:
+def setup(level: str | int, log_format: str = "text") -> None:
     """Make the guarded handler the only root handler, at ``level``, and route what Python would
     print itself (uncaught exceptions in any thread, unraisable ones, warnings) through it.
     The first statement of each ``serve``: nothing may log before it."""
     logging.raiseExceptions = False
-    logging.basicConfig(level=level, handlers=[GuardedHandler()], force=True)
+    logging.basicConfig(level=level, handlers=[GuardedHandler(log_format)], force=True)
     logging.captureWarnings(True)
     sys.excepthook = _excepthook
     threading.excepthook = _thread_excepthook

@@ -1,20 +1,32 @@
 """A small Prometheus text-format registry: counters, gauges and histograms with labels.
 
-Written here rather than pulled in (prometheus_client) to keep the proxy at two dependencies;
-it needs only what /metrics shows, and rendering is a plain function of the values.
+Written here rather than pulled in (prometheus_client), and kept so after weighing it again for
+the process figures: prometheus_client would be the proxy's third dependency for what is ~150
+lines here; its default registry is global to the process, where each ProxyState (several per
+test process) owns one; and its process collector reads the same /proc files as
+:func:`add_process_metrics`, under the same standard names (``process_*``), so dashboards built
+for it work unchanged. Rendering stays a plain function of the values.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
+import os
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
+
+from console_proxy import __version__
 
 LabelValues = tuple[str, ...]
 
 
 def _number(value: float) -> str:
     """Exact for whole numbers (byte counters pass 10**6 quickly; ``:g`` would round them)."""
+    if math.isnan(value):  # a figure that could not be read
+        return "NaN"
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
@@ -110,6 +122,19 @@ class Histogram(_Metric):
         return lines
 
 
+class InfoGauge(_Metric):
+    """A constant 1 whose labels carry the information (``consolegate_build_info{version=…}``)."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, labels: dict[str, str]) -> None:
+        super().__init__(name, help_text, list(labels))
+        self.label_values = tuple(labels.values())
+
+    def render(self) -> list[str]:
+        return [*self.header(), f"{self.name}{_labels(self.label_names, self.label_values)} 1"]
+
+
 M = TypeVar("M", bound=_Metric)
 
 
@@ -126,6 +151,58 @@ class Registry:
         for metric in self.metrics:
             lines += metric.render()  # type: ignore[attr-defined]
         return "\n".join(lines) + "\n"
+
+
+# --- the process: the figures prometheus_client's process collector gives, from /proc ----------
+
+_PROC = Path("/proc/self")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def resident_bytes() -> float:
+    """Resident set size: the second field of /proc/self/statm, in pages."""
+    try:
+        return float(int((_PROC / "statm").read_text().split()[1]) * _PAGE)
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def open_fds() -> float:
+    try:
+        return float(len(os.listdir(_PROC / "fd")))
+    except OSError:
+        return float("nan")
+
+
+def cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def start_time() -> float:
+    """Unix time the process started: its start tick (/proc/self/stat) after boot (/proc/stat)."""
+    try:
+        fields = (_PROC / "stat").read_text().rpartition(")")[2].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / _TICKS
+    except (OSError, IndexError, ValueError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def add_process_metrics(registry: Registry, component: str) -> None:
+    """RSS, open files, CPU seconds, start time, and ``consolegate_build_info`` (both servers)."""
+    add = registry.add
+    add(InfoGauge("consolegate_build_info", "Always 1; the labels say what runs.",
+                  {"component": component, "version": __version__}))
+    add(Gauge("process_resident_memory_bytes", "Resident memory size in bytes.", resident_bytes))
+    add(Gauge("process_open_fds", "Number of open file descriptors.", open_fds))
+    add(Gauge("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", cpu_seconds))
+    add(Gauge("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", start_time))
 
 
 class ProxyMetrics:
@@ -147,6 +224,7 @@ class ProxyMetrics:
         self.handshake = add(Histogram("consolegate_proxy_handshake_seconds",
                                        "From websocket open to ServerInit sent to the browser.",
                                        [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]))
+        add_process_metrics(self.registry, "proxy")
 
     def render(self) -> str:
         return self.registry.render()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import ssl
 from pathlib import Path
 
 import tornado.httpserver
 
-from console_proxy import keyring, logguard, origin, server
+from console_proxy import keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
 from console_proxy.command import CommandError
-from console_proxy.config import REPO_STATIC, ProxyConfig
+from console_proxy.config import ProxyConfig, default_static_dir
+from console_proxy.configsources import Sources
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
@@ -28,10 +30,14 @@ IDLE_CONNECTION_TIMEOUT = 60.0
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--listen", required=True, metavar="H:P", help="address and port to listen on")
+    serve.add_argument("--listen", metavar="H:P", action="append", default=[],
+                       help="address and port to listen on (repeatable; [::]:PORT is IPv6 and IPv4 at once)")
     serve.add_argument("--keyring", metavar="FILE",
                        help="proxy keyring (console-broker keys export-proxy); with --broker, used until the "
                             "broker answers")
+    serve.add_argument("--allow-signing-keyring", action="store_true",
+                       help="accept a --keyring holding private signing keys (the broker's own: this proxy could "
+                            "then mint tokens); refused by default")
     serve.add_argument("--broker", metavar="URL", help="the broker: keyring, single-use redemption, events")
     serve.add_argument("--proxy-credential", metavar="FILE", help="credential from console-broker proxy add")
     serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
@@ -71,9 +77,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "token pins nothing; never for a token with tls.ca or tls.require")
     serve.add_argument("--skew", type=int, default=DEFAULT_SKEW, help="clock-skew allowance, seconds")
     serve.add_argument("--frame-ancestors", default="'none'", help="CSP frame-ancestors for the viewer page")
-    serve.add_argument("--static-dir", metavar="DIR", default=str(REPO_STATIC))
+    serve.add_argument("--static-dir", metavar="DIR",
+                       help="the viewer's files (default: the viewer installed with the package; static/ in a "
+                            "checkout)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", default="text", choices=logguard.FORMATS,
+                       help="text lines, or one JSON object per line (default: %(default)s)")
     serve.set_defaults(handler=run)
+    Sources(serve, "console-proxy serve")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -113,7 +124,8 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         max_message_size=args.max_message_size, shared=not args.no_force_shared, end_at_expiry=args.end_at_expiry,
         expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace, ping_interval=args.ping_interval,
         upstream_ca_pem=_read_text(args.upstream_ca), allow_anonymous_tls=args.allow_anonymous_tls,
-        static_dir=Path(args.static_dir), frame_ancestors=args.frame_ancestors)
+        static_dir=Path(args.static_dir) if args.static_dir else default_static_dir(),
+        frame_ancestors=args.frame_ancestors)
 
 
 def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
@@ -130,13 +142,37 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logguard.setup(args.log_level)  # first: no line, Tornado's included, may carry a secret
+    logguard.setup(args.log_level, args.log_format)  # first: no line, Tornado's included, may carry a secret
     config = build_config(args)
     link = _broker_link(args)
-    ring = keyring.load(args.keyring) if args.keyring else None
-    host, port = parse_listen(args.listen)
-    asyncio.run(serve(config, ring, host, port, tls_context(args.tls_cert, args.tls_key), link=link))
+    ring = load_proxy_keyring(args.keyring, allow_signing=args.allow_signing_keyring) if args.keyring else None
+    if not args.listen:
+        raise CommandError("give --listen HOST:PORT (or listen in --config, or CONSOLEGATE_LISTEN)")
+    addresses = [parse_listen(value) for value in args.listen]
+    tls = tls_context(args.tls_cert, args.tls_key)
+    sockets = listeners.bind_all(addresses)  # before the broker hears of us: all bound, or no start
+    try:
+        asyncio.run(serve(config, ring, sockets, tls, link=link))
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
+
+
+def load_proxy_keyring(path: str, *, allow_signing: bool) -> keyring.Keyring:
+    """The proxy's keyring file. The broker's own keyring also verifies, but its private signing
+    keys would let anyone who reads this host's files mint tokens: refused unless asked for."""
+    ring = keyring.load(path)
+    private = sorted(kid for kid, key in ring.signing.items() if key.seed is not None)
+    if private and not allow_signing:
+        raise CommandError(f"{path!r} holds private signing keys ({', '.join(private)}): this proxy could mint "
+                           "tokens. Give it the proxy keyring (console-broker keys export-proxy), or pass "
+                           "--allow-signing-keyring")
+    if private:
+        log.warning("--keyring %s holds private signing keys (--allow-signing-keyring): this proxy can mint tokens",
+                    path)
+        return ring.for_proxy()
+    return ring
 
 
 def _broker_link(args: argparse.Namespace) -> BrokerLink | None:
@@ -168,7 +204,7 @@ async def _first_keyring(link: BrokerLink, config: ProxyConfig, ring: keyring.Ke
         return ring
 
 
-async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, port: int,
+async def serve(config: ProxyConfig, ring: keyring.Keyring | None, sockets: list[socket.socket],
                 tls: ssl.SSLContext | None, *, link: BrokerLink | None = None) -> None:
     if link is not None:
         ring = await _first_keyring(link, config, ring)
@@ -182,19 +218,16 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, host: str, po
                                          body_timeout=10, idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
     door = None if tls else FrontDoor(state, http, IDLE_CONNECTION_TIMEOUT)
     tls_door = TlsDoor(state, http, tls, IDLE_CONNECTION_TIMEOUT) if tls and config.proxy_protocol else None
-    try:
-        if tls_door is not None:
-            tls_door.listen(host, port)
-        elif door is None:
-            http.listen(port, host)
-        else:
-            await door.listen(host, port)
-    except OSError as exc:
-        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if tls_door is not None:
+        tls_door.listen_on(sockets)
+    elif door is None:
+        http.add_sockets(sockets)
+    else:
+        await door.listen_on(sockets)
     server.install_signal_handlers(state)
     sweeper = server.start_sweeper(state)
     pinger = server.start_pinger(state)
-    log.info("console-proxy listening on %s:%d (%s)", host, port, "https" if tls else "http")
+    log.info("console-proxy listening on %s (%s)", listeners.addresses_of(sockets), "https" if tls else "http")
     await state.stopped.wait()
     sweeper.stop()
     if pinger is not None:

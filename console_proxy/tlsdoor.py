@@ -42,7 +42,11 @@ class TlsDoor:
         self._stop_accepting: list[Any] = []
 
     def listen(self, host: str, port: int) -> None:
-        for sock in tornado.netutil.bind_sockets(port, host, backlog=BACKLOG):
+        self.listen_on(tornado.netutil.bind_sockets(port, host, backlog=BACKLOG))
+
+    def listen_on(self, sockets: list[socket.socket]) -> None:
+        """Accept on sockets already bound (console_proxy.listeners binds every --listen first)."""
+        for sock in sockets:
             self.sockets.append(sock)
             self._stop_accepting.append(tornado.netutil.add_accept_handler(sock, self._accepted))
 

@@ -50,6 +50,15 @@ def wait_until(what: str, check: Callable[[], object], deadline: float) -> None:
     raise SystemExit(f"demo: {what} did not come up; see the logs")
 
 
+class ChildFailed(Exception):
+    """A process the demo started died or never came up: the one line to show."""
+
+
+def last_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
 def listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -67,6 +76,26 @@ class Demo:
         with (self.work / log).open("wb") as handle:
             self.children.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
                                                   start_new_session=True))
+
+    def wait_ready(self, what: str, log: str, ready_line: str, timeout: float = 30) -> None:
+        """Wait for the last child started to log ``ready_line`` (it has bound its port: a port
+        already held by someone else must not pass for ours), failing at once if it exits."""
+        child, path = self.children[-1], self.work / log
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                raise ChildFailed(f"{what} exited at start: {last_line(path)}")
+            if ready_line in path.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise ChildFailed(f"{what} did not come up within {timeout:.0f} s: {last_line(path)}")
+
+    def check_alive(self) -> None:
+        """Every child still running: checked right before a URL is printed."""
+        for child in self.children:
+            if child.poll() is not None:
+                raise ChildFailed(f"{Path(str(child.args[0])).name} exited (status {child.returncode}); "
+                                  f"see the logs in {self.work}")
 
     def run(self, *command: str) -> str:
         return subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -92,7 +121,7 @@ def start_desktop(demo: Demo) -> tuple[int, str]:
     demo.start(["Xvnc", f":{display}", "-rfbport", str(port), "-interface", "127.0.0.1", "-localhost",
                 "-SecurityTypes", "VncAuth", "-PasswordFile", str(demo.work / "vnc.obf"), "-geometry", "1024x768",
                 "-desktop", "consolegate demo VM"], "xvnc.log")
-    wait_until("the VNC desktop", lambda: listening(port), time.monotonic() + 20)
+    wait_until("the VNC desktop", lambda: demo.check_alive() or listening(port), time.monotonic() + 20)
     demo.start(["xterm", "-geometry", "100x30+40+40", "-e", "sh", "-c",
                 "echo 'consolegate demo: this xterm runs inside the VM console'; exec sh"],
                "xterm.log", env={**os.environ, "DISPLAY": f":{display}"})
@@ -136,12 +165,14 @@ def main() -> int:
                  "--port", str(vnc_port), "--password-file", password_file, "--state-dir", str(state))
         demo.start([broker_cli, "serve", "--state-dir", str(state), "--listen", f"127.0.0.1:{args.broker_port}"],
                    "broker.log")
-        wait_until("the broker", lambda: listening(args.broker_port), time.monotonic() + 20)
+        demo.wait_ready("the broker", "broker.log", "console-broker listening")
         demo.start([str(BIN / "console-proxy"), "serve", "--listen", f"{args.host}:{args.port}", "--broker",
                     broker_url, "--proxy-credential", str(demo.work / "proxy-credential.json"),
                     "--public-url", public, *also_localhost], "proxy.log")
+        demo.wait_ready("the proxy", "proxy.log", "console-proxy listening")
         client = BrokerClient(broker_url, api_key)
         wait_until("the proxy", lambda: any(p.get("healthy") for p in client.proxies()), time.monotonic() + 30)
+        demo.check_alive()
         console = client.mint("demo-vm", user="demo", ttl=600, single_use=True)
         another = (f"curl -s -H \"Authorization: Bearer $(cat {shlex.quote(str(demo.work / 'api.key'))})\" "
                    f"-d '{json.dumps({'target_id': 'demo-vm'})}' {broker_url}/api/v1/consoles")
@@ -149,9 +180,11 @@ def main() -> int:
         print(f"  console URL (single use, valid 10 minutes):\n    {console['url']}\n")
         print(f"  mint another console:\n    {another}\n")
         print(f"  audit trail:\n    {broker_cli} audit tail --state-dir {state}\n")
+        if os.geteuid() == 0:
+            print("  note: the demo runs as root, so the console's xterm is a root shell on this machine.\n")
         print("Press Ctrl-C to stop.", flush=True)
         wait_for_stop()
-    except (BrokerError, subprocess.CalledProcessError) as exc:
+    except (BrokerError, subprocess.CalledProcessError, ChildFailed) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything consolegate needs on a Debian 12 machine (run as root; idempotent):
-# Debian packages (Xvnc, Chromium, X tools, Node.js), a Python venv in .venv with the project
+# Debian packages (Xvnc, Chromium, X tools, Node.js, curl and git, systemd for systemd-analyze; systemd is
+# not booted), a Python venv in .venv with the project
 # and its test/bench extras, and noVNC from static/package-lock.json into static/node_modules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(tigervnc-standalone-server tigervnc-tools xterm x11-apps x11-utils x11-xserver-utils xdotool chromium openssl
-              python3-venv qemu-system-x86 qemu-utils postgresql nginx haproxy)
+APT_PACKAGES=(curl git tigervnc-standalone-server tigervnc-tools xterm x11-apps x11-utils x11-xserver-utils xdotool chromium
+              openssl python3-venv qemu-system-x86 qemu-utils postgresql nginx haproxy systemd)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 
 missing=()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from proxyproc import REPO, free_port
 from rfbclient import Console
 
@@ -50,3 +52,24 @@ def test_demo_prints_a_working_console_url_and_stops_cleanly() -> None:
     assert process.returncode == 0, output
     assert "demo stopped" in output
     assert not work.exists()
+
+
+@pytest.mark.parametrize("busy", ["proxy", "broker"])
+def test_a_busy_port_fails_in_one_line_and_prints_no_url(busy: str) -> None:
+    """Someone else listens on the demo's port: the demo must not take their listener for its own
+    child and print a URL that reaches it; it says why in one line and exits non-zero."""
+    proxy_port, broker_port = free_port(), free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", proxy_port if busy == "proxy" else broker_port))
+        holder.listen()
+        done = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "demo.py"), "--port", str(proxy_port),
+             "--broker-port", str(broker_port)],
+            check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "/console#token=" not in done.stdout
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 1, done.stderr
+    assert errors[0].startswith(f"demo: the {busy} exited at start: ")
+    assert "Address already in use" in errors[0]
