@@ -32,7 +32,6 @@ def add_database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
 
 
-
 def _keyring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyring", metavar="FILE", help="broker keyring file")
     parser.add_argument("--state-dir", metavar="D", help="broker state directory (the keyring in its database)")
