@@ -171,7 +171,8 @@ def _add_targets(commands: argparse._SubParsersAction) -> None:
 _HYPERVISOR_HELP = ("A libvirt connection: consoles for its domains are looked up at mint time "
                     '(POST /consoles {"hypervisor": NAME, "domain": NAME-or-UUID}). Credentials are '
                     "libvirt's own: TLS client certificates under the URI's pkipath, SSH keys, socket "
-                    "permissions; the broker stores none. It reads the domain's state and XML, and writes nothing.")
+                    "permissions; the broker stores none. It reads the domain's state and XML, and writes nothing "
+                    "unless --console-passwords.")
 
 
 def _add_hypervisors(commands: argparse._SubParsersAction) -> None:
@@ -185,6 +186,9 @@ def _add_hypervisors(commands: argparse._SubParsersAction) -> None:
                      help="where proxies reach VNC servers that listen on 0.0.0.0 or :: (default: the URI's host)")
     add.add_argument("--tls-ca", metavar="PEM", help="CA certificate the VNC servers' VeNCrypt certificates verify with")
     add.add_argument("--tls-require", action="store_true", help="refuse consoles whose VNC server offers no TLS")
+    add.add_argument("--console-passwords", action="store_true",
+                     help="each mint sets the domain's VNC password (live), valid until the last outstanding "
+                          "console's expiry: a password from an expired token opens nothing")
     _action(group, "list", _listing(Broker.list_hypervisors), "hypervisors as JSON")
     _action(group, "remove", hypervisors_remove, "forget a hypervisor", "name")
 
@@ -203,6 +207,8 @@ def hypervisors_add(args: argparse.Namespace) -> int:
         tls["require"] = True
     if tls:
         body["tls"] = tls
+    if args.console_passwords:
+        body["console_passwords"] = True
     try:  # the API's own checks
         checked = schemas.validate(body, schemas.HYPERVISOR_CREATE)
     except ValueError as exc:

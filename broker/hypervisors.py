@@ -12,13 +12,24 @@ waiting at a deadline (503 ``hypervisor_unavailable``); a hung call holds one po
 libvirt gives up, and a full pool makes further lookups time out the same way.
 
 What the broker does on the hypervisor: it reads (connect, look the domain up, its state, its
-XML); it writes nothing.
+XML). It writes only for a hypervisor registered with per-console passwords
+(:attr:`Hypervisor.console_passwords`): then each mint sets the domain's VNC password, live, with
+``passwdValidTo`` (QEMU's ``expire_password``) at the console's ``exp`` — a fresh random password
+when no console is outstanding, else the current one with its validity stretched to the latest
+``exp`` (QEMU holds one VNC password, and every outstanding token must still open). So a password
+carried by a token opens nothing once the last console minted with it has expired; VNC checks
+passwords only when a viewer connects, so open sessions stay open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import ipaddress
+import secrets
+import string
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +42,12 @@ LOOKUP_THREADS = 8
 URI_SCHEMES = ("qemu", "qemu+tcp", "qemu+tls", "qemu+ssh", "qemu+unix", "qemu+libssh", "qemu+libssh2", "test")
 _WILDCARDS = {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")}
 _pool = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="libvirt")
+PASSWORD_LENGTH = 8
+"""QEMU compares 8 bytes of a VNC password and libvirt refuses longer ones."""
+_PASSWORD_ALPHABET = string.ascii_letters + string.digits
+_VALID_TO_FORMAT = "%Y-%m-%dT%H:%M:%S"  # libvirt's passwdValidTo, UTC
+_rekey_lock = threading.Lock()
+"""One password change at a time in this broker: two mints must not each set a fresh password."""
 
 
 class HypervisorError(Exception):
@@ -59,6 +76,8 @@ class Hypervisor:
     """Where proxies reach its VNC servers when a domain listens on a wildcard address."""
     tls: dict[str, Any] | None = None
     """The upstream VeNCrypt policy for its consoles (libvirt's vnc_tls is in qemu.conf, not the XML)."""
+    console_passwords: bool = False
+    """Each mint sets the domain's VNC password (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +130,31 @@ def vnc_from_xml(xml: str, hypervisor: Hypervisor, domain: str) -> VncConsole:
     return VncConsole(host, port, vnc.get("passwd"))
 
 
+def _vnc_graphics(root: ElementTree.Element, domain: str) -> ElementTree.Element:
+    graphics = next((g for g in root.findall("./devices/graphics") if g.get("type") == "vnc"), None)
+    if graphics is None:
+        raise HypervisorError(409, "no_vnc_console", f"domain {domain!r} has no VNC console")
+    return graphics
+
+
+def rekeyed_graphics(xml: str, domain: str, now: float, until: float) -> tuple[str, str]:
+    """(the graphics device to apply live, its password) for a console valid until ``until`` (pure).
+
+    The current password is kept while it is still valid (a console minted earlier may not be
+    open yet), its validity stretched to ``until`` if that is later; otherwise a fresh one."""
+    graphics = _vnc_graphics(ElementTree.fromstring(xml), domain)
+    password, valid_to = graphics.get("passwd"), graphics.get("passwdValidTo")
+    current_until = calendar.timegm(time.strptime(valid_to, _VALID_TO_FORMAT)) if valid_to else None
+    if password and current_until is not None and current_until > now:
+        until = max(until, current_until)
+    else:
+        password = "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+    graphics.set("passwd", password)
+    graphics.set("passwdValidTo", time.strftime(_VALID_TO_FORMAT, time.gmtime(until)))
+    graphics.tail = None
+    return ElementTree.tostring(graphics, encoding="unicode"), password
+
+
 def _libvirt() -> Any:
     try:
         import libvirt  # the optional [libvirt] extra
@@ -131,8 +175,21 @@ def _find_domain(libvirt: Any, conn: Any, hypervisor: Hypervisor, domain: str) -
     raise not_found(domain, hypervisor.name)
 
 
-def lookup(hypervisor: Hypervisor, domain: str) -> VncConsole:
-    """The domain's VNC console now (blocking: call it through :func:`lookup_async`)."""
+def _console(libvirt: Any, found: Any, hypervisor: Hypervisor, domain: str, until: float) -> VncConsole:
+    xml = found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+    console = vnc_from_xml(xml, hypervisor, domain)
+    if not hypervisor.console_passwords:
+        return console
+    with _rekey_lock:
+        graphics, password = rekeyed_graphics(found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE), domain,
+                                              time.time(), until)
+        found.updateDeviceFlags(graphics, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    return VncConsole(console.host, console.port, password)
+
+
+def lookup(hypervisor: Hypervisor, domain: str, until: float = 0.0) -> VncConsole:
+    """The domain's VNC console now (blocking: call it through :func:`lookup_async`); with
+    per-console passwords, one valid until ``until`` (the console's ``exp``) is set first."""
     libvirt = _libvirt()
     try:
         conn = libvirt.open(hypervisor.uri)
@@ -142,7 +199,7 @@ def lookup(hypervisor: Hypervisor, domain: str) -> VncConsole:
         found = _find_domain(libvirt, conn, hypervisor, domain)
         if not found.isActive():
             raise HypervisorError(409, "domain_not_running", f"domain {domain!r} is not running")
-        return vnc_from_xml(found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE), hypervisor, domain)
+        return _console(libvirt, found, hypervisor, domain, until)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             raise not_found(domain, hypervisor.name) from None
@@ -153,9 +210,10 @@ def lookup(hypervisor: Hypervisor, domain: str) -> VncConsole:
         conn.close()
 
 
-async def lookup_async(hypervisor: Hypervisor, domain: str, timeout: float = LOOKUP_TIMEOUT) -> VncConsole:
+async def lookup_async(hypervisor: Hypervisor, domain: str, until: float,
+                       timeout: float = LOOKUP_TIMEOUT) -> VncConsole:
     """:func:`lookup` off the event loop, given up after ``timeout`` seconds (503)."""
-    future = asyncio.get_running_loop().run_in_executor(_pool, lookup, hypervisor, domain)
+    future = asyncio.get_running_loop().run_in_executor(_pool, lookup, hypervisor, domain, until)
     try:
         return await asyncio.wait_for(future, timeout)
     except TimeoutError:

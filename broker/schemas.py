@@ -166,6 +166,8 @@ HYPERVISOR_CREATE = {
     "address": Field("string", min_length=1, max_length=253, pattern=_HOST, nullable=True,
                      description="host proxies use for domains whose VNC listens on 0.0.0.0 / ::"),
     "tls": Field("object", properties=TLS, nullable=True, description="upstream VeNCrypt policy"),
+    "console_passwords": Field("boolean", description="each mint sets the domain's VNC password, valid until "
+                                                      "the last outstanding console's exp (default false)"),
 }
 
 CONSOLE_CREATE = {

@@ -405,10 +405,12 @@ class Broker:
         now = clock.now()
         try:
             with self.store.transaction() as conn:
-                conn.execute("INSERT INTO hypervisors (name, uri, address, tls, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (body["name"], body["uri"], body.get("address"), tls, now))
+                conn.execute("INSERT INTO hypervisors (name, uri, address, tls, console_passwords, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (body["name"], body["uri"], body.get("address"), tls,
+                                                           int(body.get("console_passwords", False)), now))
                 self.store.append_audit(conn, at=now, type_="hypervisor_changed", actor=actor, detail={
-                    "action": "created", "name": body["name"], "uri": body["uri"], "address": body.get("address")})
+                    "action": "created", "name": body["name"], "uri": body["uri"], "address": body.get("address"),
+                    "console_passwords": body.get("console_passwords", False)})
         except IntegrityError:
             raise ApiError(409, "hypervisor_exists", f"a hypervisor named {body['name']!r} exists already") from None
         return self.get_hypervisor(body["name"])
@@ -444,9 +446,11 @@ class Broker:
             return None
         row = self._hypervisor_row(body["hypervisor"])
         tls = json.loads(row["tls"]) if row["tls"] else None
-        hypervisor = hypervisors.Hypervisor(row["name"], row["uri"], row["address"], tls)
+        hypervisor = hypervisors.Hypervisor(row["name"], row["uri"], row["address"], tls,
+                                            bool(row["console_passwords"]))
+        until = int(clock.now()) + self._ttl(body)  # the console's exp (DESIGN: valid until the last exp)
         try:
-            found = await hypervisors.lookup_async(hypervisor, body["domain"], self.config.hypervisor_timeout)
+            found = await hypervisors.lookup_async(hypervisor, body["domain"], until, self.config.hypervisor_timeout)
         except hypervisors.HypervisorError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
         return {"id": None, "vm": f"{row['name']}/{body['domain']}", "name": body["domain"], "host": found.host,
@@ -465,9 +469,7 @@ class Broker:
             row = located or conn.execute("SELECT * FROM targets WHERE id = ?", (body.get("target_id"),)).fetchone()
             if row is None:
                 raise ApiError(404, "target_not_found", "no target with this id")
-            ttl = body.get("ttl", self.config.default_ttl)
-            if not 1 <= ttl <= self.max_ttl():
-                raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
+            ttl = self._ttl(body)
             now = clock.now()
             chosen, ring = self._choose(now, int(now) + ttl + DEFAULT_SKEW)
             claims = self._claims(row, body, now, ttl)
@@ -484,6 +486,12 @@ class Broker:
         return {"session_id": claims.sid, "url": f"{chosen.public_url}/console#token={minted}",
                 "websocket_url": fleet.websocket_url(chosen.public_url), "token": minted,
                 "expires_at": claims.exp, "proxy_id": chosen.id}
+
+    def _ttl(self, body: dict[str, Any]) -> int:
+        ttl: int = body.get("ttl", self.config.default_ttl)
+        if not 1 <= ttl <= self.max_ttl():
+            raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
+        return ttl
 
     def _choose(self, now: float, until: float) -> tuple[fleet.ProxyView, Keyring]:
         """The proxy for the next console and the keys to mint it with: the previous generation
@@ -718,7 +726,8 @@ def _public_url(value: str | None) -> str | None:
 
 def _hypervisor_json(row: Any) -> dict[str, Any]:
     return {"name": row["name"], "uri": row["uri"], "address": row["address"],
-            "tls": json.loads(row["tls"]) if row["tls"] else None, "created_at": row["created_at"]}
+            "tls": json.loads(row["tls"]) if row["tls"] else None,
+            "console_passwords": bool(row["console_passwords"]), "created_at": row["created_at"]}
 
 
 def _target_json(row: Any) -> dict[str, Any]:

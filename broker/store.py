@@ -179,7 +179,8 @@ MIGRATIONS: list[Migration] = [
     # (broker.hypervisors); no secret here: libvirt's credentials live where libvirt reads them.
     Migration.shared("""
     CREATE TABLE hypervisors (
-        name TEXT PRIMARY KEY, uri TEXT NOT NULL, address TEXT, tls TEXT, created_at {real} NOT NULL);
+        name TEXT PRIMARY KEY, uri TEXT NOT NULL, address TEXT, tls TEXT,
+        console_passwords INTEGER NOT NULL DEFAULT 0, created_at {real} NOT NULL);
     """),
 ]
 

@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import libvirt
 import pytest
 import rfbframes
-from brokerproc import BrokerProcess, BrokerState, healthy_proxies, start_broker, start_linked_proxy
+from brokerproc import BrokerProcess, BrokerState, healthy_proxies, start_broker, start_linked_proxy, wait_for
 from libvirtd import Libvirtd, domain_xml, libvirtd_available, start_libvirtd
 from proxyproc import ProxyProcess, free_port
 from qemu import write_boot_floppy
 from rfbclient import Console
-from test_qemu_console import closed_with, painted
+from test_qemu_console import cell_is, closed_with, painted
+from tornado.websocket import WebSocketClosedError
 
 from broker import hypervisors
 from broker.client import BrokerError
@@ -79,6 +82,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, daemon: Libvirtd,
         broker.add_hypervisor({"name": "lab", "uri": daemon.uri}, "test")
         broker.add_hypervisor({"name": "wild", "uri": daemon.uri, "address": "localhost"}, "test")
         broker.add_hypervisor({"name": "hung", "uri": hung_libvirt}, "test")
+        broker.add_hypervisor({"name": "fresh", "uri": daemon.uri, "console_passwords": True}, "test")
     finally:
         broker.close()
     process = start_broker(state, "--hypervisor-timeout", str(HUNG_TIMEOUT))
@@ -174,6 +178,66 @@ def test_a_domain_listening_on_every_address_is_reached_at_the_registered_addres
     broker, proxy = fleet
     domains("wildcard", listen="0.0.0.0")
     assert opens(proxy, broker.issuer.mint_domain("wild", "wildcard"))
+
+
+# --- per-console passwords (--console-passwords) -------------------------------------------
+
+def vnc_secret(domain: Any) -> tuple[str | None, str | None]:
+    """The domain's VNC password and its passwdValidTo, as libvirt holds them now."""
+    graphics = ElementTree.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)).find("./devices/graphics")
+    assert graphics is not None
+    return graphics.get("passwd"), graphics.get("passwdValidTo")
+
+
+def accepted(proxy: ProxyProcess, token: str) -> bool:
+    """True if the token reaches the desktop, False if the VNC server refused its password."""
+    async def scenario() -> bool:
+        console = await Console.open(proxy.ws_url, token)
+        try:
+            await console.handshake()
+            return True
+        except (ConnectionError, AssertionError, WebSocketClosedError):
+            return (console.ws.close_code, console.ws.close_reason) != TARGET_AUTH_FAILED
+        finally:
+            console.close()
+    return asyncio.run(scenario())
+
+
+def test_console_passwords_are_fresh_shared_while_outstanding_and_expire(fleet, domains, proxy, mint) -> None:
+    broker, fleet_proxy = fleet
+    domain = domains("guarded", password="initial1")
+    port = vnc_port(domain)
+
+    def direct(password: str) -> str:  # a token of our own carrying exactly this password
+        return mint(host="127.0.0.1", port=port, password=password, ttl=300)
+
+    first = broker.issuer.mint_domain("fresh", "guarded", ttl=3, single_use=False)
+    password, valid_to = vnc_secret(domain)
+    assert password not in (None, "initial1") and len(password) == 8 and valid_to
+    assert not accepted(proxy, direct("initial1"))  # the password set before opens nothing now
+    second = broker.issuer.mint_domain("fresh", "guarded", ttl=1)
+    assert vnc_secret(domain) == (password, valid_to)  # shared while the first is outstanding
+    assert opens(fleet_proxy, second)
+
+    async def keep_open() -> tuple[Console, rfbframes.Screen]:
+        console = await Console.open(fleet_proxy.ws_url, first["token"])
+        await console.handshake()
+        return console, await rfbframes.start(console)
+
+    async def scenario() -> None:
+        console, screen = await keep_open()
+        await rfbframes.wait_until(console, screen, painted)
+        # QEMU expires the password at the first console's exp: polled, as no event announces it
+        await asyncio.to_thread(wait_for, lambda: not accepted(proxy, direct(password)), 15.0, 0.25,
+                                "the per-console password to expire")
+        await rfbframes.key(console, ord("a"))  # the session opened before the expiry still works
+        await rfbframes.wait_until(console, screen, cell_is(0, 1))
+        console.close()
+    asyncio.run(scenario())
+    assert time.time() >= first["expires_at"] - 1  # it expired with the console, not before
+    third = broker.issuer.mint_domain("fresh", "guarded")
+    assert vnc_secret(domain)[0] != password
+    assert opens(fleet_proxy, third)
 
 
 # --- refusals -------------------------------------------------------------------------------
@@ -296,3 +360,18 @@ def test_hypervisors_are_added_listed_and_removed(engine: str, database: str | N
         assert gone.value.code == "hypervisor_not_found"
     finally:
         broker.close()
+
+
+def test_rekeying_keeps_a_valid_password_stretched_and_replaces_an_expired_one() -> None:
+    now = 1_800_000_000.0
+    graphics = "<graphics type='vnc' port='5901' passwd='{pw}' passwdValidTo='{to}'/>"
+    valid = _xml(graphics.format(pw="keepme01", to="2027-01-15T08:00:00"))  # 1_800_000_000 + 0
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now + 60)
+    assert password == "keepme01" and "passwdValidTo=\"2027-01-15T08:01:00\"" in device and "port=\"5901\"" in device
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now - 5)
+    assert password == "keepme01" and "2027-01-15T08:00:00" in device  # never shortened
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now + 1, now + 60)
+    assert password != "keepme01" and len(password) == hypervisors.PASSWORD_LENGTH  # expired: fresh
+    fresh_a = hypervisors.rekeyed_graphics(_xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9)
+    fresh_b = hypervisors.rekeyed_graphics(_xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9)
+    assert "x" not in (fresh_a[1], fresh_b[1]) and fresh_a[1] != fresh_b[1]  # no validity: an admin's password
