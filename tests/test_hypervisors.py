@@ -238,6 +238,8 @@ def test_console_passwords_are_fresh_shared_while_outstanding_and_expire(fleet, 
     third = broker.issuer.mint_domain("fresh", "guarded")
     assert vnc_secret(domain)[0] != password
     assert opens(fleet_proxy, third)
+    for log in (broker.log_text(), fleet_proxy.log_text()):  # no password the broker set is logged
+        assert password not in log and vnc_secret(domain)[0] not in log
 
 
 # --- refusals -------------------------------------------------------------------------------
