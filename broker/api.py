@@ -272,9 +272,11 @@ class TargetHandler(ApiHandler):
 
 
 class ConsolesHandler(ApiHandler):
-    def post(self) -> None:
+    async def post(self) -> None:
         who = self.caller("issuer")
-        result = self.broker.mint_console(who, self.body(schemas.CONSOLE_CREATE))
+        body = self.body(schemas.CONSOLE_CREATE)
+        located = await self.broker.locate_console(body)  # libvirt, off the event loop, with a deadline
+        result = self.broker.mint_console(who, body, located)
         self.metrics.minted.inc()
         self.answer(201, result)
 

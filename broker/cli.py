@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_apikeys(commands)
     _add_proxies(commands)
     _add_targets(commands)
+    _add_hypervisors(commands)
     _add_audit(commands)
     return parser
 
@@ -168,6 +169,63 @@ def _add_targets(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--password-file", metavar="F", help=PASSWORD_FILE_HELP)
     _action(targets, "list", _listing(Broker.list_targets), "targets as JSON (never the password)")
     _action(targets, "remove", targets_remove, "delete a target", "id")
+
+
+_HYPERVISOR_HELP = ("A libvirt connection: consoles for its domains are looked up at mint time "
+                    '(POST /consoles {"hypervisor": NAME, "domain": NAME-or-UUID}). Credentials are '
+                    "libvirt's own: TLS client certificates under the URI's pkipath, SSH keys, socket "
+                    "permissions; the broker stores none. It reads the domain's state and XML, and writes nothing "
+                    "unless --console-passwords.")
+
+
+def _add_hypervisors(commands: argparse._SubParsersAction) -> None:
+    group = commands.add_parser("hypervisors", help="libvirt hypervisors").add_subparsers(metavar="ACTION")
+    add = _action(group, "add", hypervisors_add, "register a libvirt connection", "name",
+                  description=_HYPERVISOR_HELP)
+    add.add_argument("--uri", required=True,
+                     help="libvirt URI: qemu:///system, qemu+tls://HOST/system, qemu+ssh://USER@HOST/system, "
+                          "qemu+tcp://HOST/system, test:///default")
+    add.add_argument("--address", metavar="HOST",
+                     help="where proxies reach VNC servers that listen on 0.0.0.0 or :: (default: the URI's host)")
+    add.add_argument("--tls-ca", metavar="PEM", help="CA certificate the VNC servers' VeNCrypt certificates verify with")
+    add.add_argument("--tls-require", action="store_true", help="refuse consoles whose VNC server offers no TLS")
+    add.add_argument("--console-passwords", action="store_true",
+                     help="each mint sets the domain's VNC password (live), valid until the last outstanding "
+                          "console's expiry: a password from an expired token opens nothing")
+    _action(group, "list", _listing(Broker.list_hypervisors), "hypervisors as JSON")
+    _action(group, "remove", hypervisors_remove, "forget a hypervisor", "name")
+
+
+def hypervisors_add(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {"name": args.name, "uri": args.uri}
+    if args.address:
+        body["address"] = args.address
+    tls: dict[str, object] = {}
+    if args.tls_ca:
+        try:
+            tls["ca"] = Path(args.tls_ca).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"cannot read the CA certificate {args.tls_ca!r} ({exc})") from None
+    if args.tls_require:
+        tls["require"] = True
+    if tls:
+        body["tls"] = tls
+    if args.console_passwords:
+        body["console_passwords"] = True
+    try:  # the API's own checks
+        checked = schemas.validate(body, schemas.HYPERVISOR_CREATE)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    with _broker(args) as broker:
+        print(json.dumps(broker.add_hypervisor(checked, "cli")))
+    return 0
+
+
+def hypervisors_remove(args: argparse.Namespace) -> int:
+    with _broker(args) as broker:
+        broker.delete_hypervisor(args.name, "cli")
+    print(f"removed hypervisor {args.name}")
+    return 0
 
 
 def _add_audit(commands: argparse._SubParsersAction) -> None:

@@ -107,6 +107,10 @@ class BrokerClient:
     def mint(self, target_id: str, **options: Any) -> dict[str, Any]:
         return self._post("/consoles", {"target_id": target_id, **options})
 
+    def mint_domain(self, hypervisor: str, domain: str, **options: Any) -> dict[str, Any]:
+        """A console for a libvirt domain, looked up at mint time (name or UUID)."""
+        return self._post("/consoles", {"hypervisor": hypervisor, "domain": domain, **options})
+
     def sessions(self, state: str = "all", *, limit: int | None = None,
                  cursor: str | None = None) -> list[dict[str, Any]]:
         """One page of sessions, newest first (up to 1000 unless ``limit``); see :meth:`sessions_page`."""

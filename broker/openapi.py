@@ -80,6 +80,21 @@ def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema}
 
 
+_MINT_ERRORS = (
+    "Name either `target_id`, or `hypervisor` and `domain` (a libvirt domain name or UUID, looked "
+    "up at mint time). Errors: 404 `target_not_found`, `hypervisor_not_found`, `domain_not_found`; "
+    "409 `domain_not_running`, `no_vnc_console` (SPICE only, or VNC on a unix socket); "
+    "503 `hypervisor_unavailable` (libvirt did not answer within the broker's deadline), "
+    "`no_proxy_available`.")
+
+
+def _mint_console() -> dict[str, Any]:
+    operation = _op("Mint a console: a token and the URL of the assigned proxy", "issuer", ("201", _CONSOLE),
+                    body=object_schema(schemas.CONSOLE_CREATE), errors=("404", "409", "413", "503"))
+    operation["description"] += " " + _MINT_ERRORS
+    return operation
+
+
 def document() -> dict[str, Any]:
     """The whole document; served at ``GET /api/v1/openapi.json``."""
     empty = {"type": "object", "additionalProperties": False}
@@ -92,9 +107,7 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("id")],
             "get": _op("One target", "admin", ("200", _TARGET), errors=("404",)),
             "delete": _op("Delete a target", "admin", ("204", None), errors=("404",))},
-        "/consoles": {"post": _op(
-            "Mint a console: a token and the URL of the assigned proxy", "issuer", ("201", _CONSOLE),
-            body=object_schema(schemas.CONSOLE_CREATE), errors=("404", "413", "503"))},
+        "/consoles": {"post": _mint_console()},
         "/sessions": {"get": _op(
             "Console sessions, newest first, a page at a time (issuers see their own)", "issuer",
             ("200", _SESSION_PAGE),

@@ -159,8 +159,21 @@ TARGET_CREATE = {
     "tls": Field("object", properties=TLS, nullable=True, description="upstream VeNCrypt policy"),
 }
 
+HYPERVISOR_CREATE = {
+    "name": Field("string", required=True, pattern=_ID),
+    "uri": Field("string", required=True, min_length=1, max_length=2048,
+                 description="libvirt URI: qemu:///system, qemu+tls://HOST/system, qemu+ssh://…, test:///default"),
+    "address": Field("string", min_length=1, max_length=253, pattern=_HOST, nullable=True,
+                     description="host proxies use for domains whose VNC listens on 0.0.0.0 / ::"),
+    "tls": Field("object", properties=TLS, nullable=True, description="upstream VeNCrypt policy"),
+    "console_passwords": Field("boolean", description="each mint sets the domain's VNC password, valid until "
+                                                      "the last outstanding console's exp (default false)"),
+}
+
 CONSOLE_CREATE = {
-    "target_id": Field("string", required=True, min_length=1, max_length=64),
+    "target_id": Field("string", min_length=1, max_length=64, description="a registered target; or:"),
+    "hypervisor": Field("string", pattern=_ID, description="a registered hypervisor (with domain)"),
+    "domain": Field("string", min_length=1, max_length=256, description="a libvirt domain name or UUID"),
     "user": Field("string", min_length=1, max_length=256, nullable=True),
     "ttl": Field("integer", minimum=1, maximum=86400, description="seconds; default 60, at most the broker's max"),
     "single_use": Field("boolean", description="default true"),

@@ -11,7 +11,7 @@ import ssl
 import tornado.httpserver
 from tornado.ioloop import PeriodicCallback
 
-from broker import api, ratelimit
+from broker import api, hypervisors, ratelimit
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
 from console_proxy import origin
@@ -59,6 +59,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
                        help="a reverse proxy whose X-Forwarded-For names the client whose failed "
                             "authentications are counted (repeatable)")
+    serve.add_argument("--hypervisor-timeout", type=float, default=hypervisors.LOOKUP_TIMEOUT, metavar="SECONDS",
+                       help="how long a mint naming a hypervisor waits for libvirt before 503 hypervisor_unavailable")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", default="text", choices=FORMATS,
                        help="text lines, or one JSON object per line (default: %(default)s)")
@@ -72,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--default-ttl must be positive and at most --max-ttl")
     if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0:
         raise CommandError("intervals must be positive")
+    if args.hypervisor_timeout <= 0:
+        raise CommandError("--hypervisor-timeout must be positive")
     check_retention(args.session_retention)
     throttle, trusted = auth_limits(args)
     config = BrokerConfig(default_ttl=args.default_ttl, max_ttl=args.max_ttl,
                           heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval,
-                          session_retention=args.session_retention)
+                          session_retention=args.session_retention, hypervisor_timeout=args.hypervisor_timeout)
     tls = tls_context(args.tls_cert, args.tls_key)
     host, port = parse_listen(args.listen)
     check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import tornado.web
 
-from broker import auth, fleet, keyfiles
+from broker import auth, fleet, hypervisors, keyfiles
 from broker.auth import Hasher, Principal
 from broker.engines import DB_NAME, DatabaseUrl, parse_database_url
 from broker.keystore import KeyStore
@@ -36,7 +36,7 @@ log = logging.getLogger("consolegate.broker")
 
 SESSION_STATES = ("minted", "active", "closed", "revoked")
 AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "key_rotated",
-               "apikey_created", "apikey_revoked", "target_changed", "proxy_added", "proxy_changed", "proxy_removed",
+               "apikey_created", "apikey_revoked", "target_changed", "hypervisor_changed", "proxy_added", "proxy_changed", "proxy_removed",
                "auth_throttled")
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session that is still open (its close never reported) is sent to proxies.
@@ -84,6 +84,8 @@ class BrokerConfig:
     """Seconds a session's row outlives its end (token expiry, close, revocation: the latest);
     values below :data:`MIN_SESSION_RETENTION` act as it (``serve`` refuses them)."""
     issuer: str = "consolegate"
+    hypervisor_timeout: float = hypervisors.LOOKUP_TIMEOUT
+    """Seconds a mint naming a hypervisor waits for libvirt before its 503."""
 
 
 def init_state_dir(path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_TTL,
@@ -391,7 +393,71 @@ class Broker:
         row = self.store.one("SELECT version FROM mint_floor WHERE id = 1")
         return int(row["version"]) if row else 0
 
-    def mint_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    # --- hypervisors ---------------------------------------------------------------------
+
+    def add_hypervisor(self, body: dict[str, Any], actor: str) -> dict[str, Any]:
+        try:
+            hypervisors.check_uri(body["uri"])
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        _check_ca((body.get("tls") or {}).get("ca"))
+        tls = json.dumps(body["tls"]) if body.get("tls") is not None else None
+        now = clock.now()
+        try:
+            with self.store.transaction() as conn:
+                conn.execute("INSERT INTO hypervisors (name, uri, address, tls, console_passwords, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (body["name"], body["uri"], body.get("address"), tls,
+                                                           int(body.get("console_passwords", False)), now))
+                self.store.append_audit(conn, at=now, type_="hypervisor_changed", actor=actor, detail={
+                    "action": "created", "name": body["name"], "uri": body["uri"], "address": body.get("address"),
+                    "console_passwords": body.get("console_passwords", False)})
+        except IntegrityError:
+            raise ApiError(409, "hypervisor_exists", f"a hypervisor named {body['name']!r} exists already") from None
+        return self.get_hypervisor(body["name"])
+
+    def get_hypervisor(self, name: str) -> dict[str, Any]:
+        return _hypervisor_json(self._hypervisor_row(name))
+
+    def _hypervisor_row(self, name: str) -> Any:
+        row = self.store.one("SELECT * FROM hypervisors WHERE name = ?", name)
+        if row is None:
+            raise ApiError(404, "hypervisor_not_found", f"no hypervisor named {name!r}")
+        return row
+
+    def list_hypervisors(self) -> dict[str, Any]:
+        rows = self.store.all("SELECT * FROM hypervisors ORDER BY name")
+        return {"hypervisors": [_hypervisor_json(r) for r in rows]}
+
+    def delete_hypervisor(self, name: str, actor: str) -> None:
+        now = clock.now()
+        with self.store.transaction() as conn:
+            if conn.execute("DELETE FROM hypervisors WHERE name = ?", (name,)).rowcount == 0:
+                raise ApiError(404, "hypervisor_not_found", f"no hypervisor named {name!r}")
+            self.store.append_audit(conn, at=now, type_="hypervisor_changed", actor=actor,
+                                    detail={"action": "deleted", "name": name})
+
+    async def locate_console(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """For a request naming a hypervisor and domain: where its VNC console is now, asked of
+        libvirt off the event loop (None for a request naming a target). The answer has a
+        target row's shape, so minting treats both alike."""
+        if ("target_id" in body) == ("hypervisor" in body) or ("hypervisor" in body) != ("domain" in body):
+            raise ApiError(400, "bad_request", "name either target_id, or hypervisor and domain")
+        if "target_id" in body:
+            return None
+        row = self._hypervisor_row(body["hypervisor"])
+        tls = json.loads(row["tls"]) if row["tls"] else None
+        hypervisor = hypervisors.Hypervisor(row["name"], row["uri"], row["address"], tls,
+                                            bool(row["console_passwords"]))
+        until = int(clock.now()) + self._ttl(body)  # the console's exp (DESIGN: valid until the last exp)
+        try:
+            found = await hypervisors.lookup_async(hypervisor, body["domain"], until, self.config.hypervisor_timeout)
+        except hypervisors.HypervisorError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        return {"id": None, "vm": f"{row['name']}/{body['domain']}", "name": body["domain"], "host": found.host,
+                "port": found.port, "password": found.password, "tls": row["tls"]}
+
+    def mint_console(self, principal: Principal, body: dict[str, Any],
+                     located: dict[str, Any] | None = None) -> dict[str, Any]:
         """Claims from the target and the request, a proxy from the fleet, one audited session.
 
         Keys, fleet, mint floor and choice are read in the transaction that records the session,
@@ -400,12 +466,10 @@ class Broker:
         removed meanwhile nor be signed with keys that were leaked (or not committed yet)."""
         with self.store.transaction() as conn:
             self.keyring()  # locks the keys (shared) first: a rotation or removal is before or after, whole
-            row = conn.execute("SELECT * FROM targets WHERE id = ?", (body["target_id"],)).fetchone()
+            row = located or conn.execute("SELECT * FROM targets WHERE id = ?", (body.get("target_id"),)).fetchone()
             if row is None:
                 raise ApiError(404, "target_not_found", "no target with this id")
-            ttl = body.get("ttl", self.config.default_ttl)
-            if not 1 <= ttl <= self.max_ttl():
-                raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
+            ttl = self._ttl(body)
             now = clock.now()
             chosen, ring = self._choose(now, int(now) + ttl + DEFAULT_SKEW)
             claims = self._claims(row, body, now, ttl)
@@ -415,13 +479,19 @@ class Broker:
                          (claims.sid, row["id"], claims.sub, chosen.id, principal.id, int(claims.once), claims.exp,
                           now))
             self.store.append_audit(conn, at=now, type_="minted", actor=principal.actor, session_id=claims.sid,
-                                    detail={"target_id": row["id"], "user": claims.sub, "proxy_id": chosen.id,
+                                    detail={"target_id": row["id"], "vm": claims.vm, "user": claims.sub, "proxy_id": chosen.id,
                                             "ttl": ttl, "single_use": claims.once, "view_only": claims.ro,
                                             "client_ip": claims.cip, "exp": claims.exp})
         self.pending[chosen.id] = self.pending.get(chosen.id, 0) + 1
         return {"session_id": claims.sid, "url": f"{chosen.public_url}/console#token={minted}",
                 "websocket_url": fleet.websocket_url(chosen.public_url), "token": minted,
                 "expires_at": claims.exp, "proxy_id": chosen.id}
+
+    def _ttl(self, body: dict[str, Any]) -> int:
+        ttl: int = body.get("ttl", self.config.default_ttl)
+        if not 1 <= ttl <= self.max_ttl():
+            raise ApiError(400, "bad_request", f"ttl must be from 1 to {self.max_ttl()} seconds")
+        return ttl
 
     def _choose(self, now: float, until: float) -> tuple[fleet.ProxyView, Keyring]:
         """The proxy for the next console and the keys to mint it with: the previous generation
@@ -444,11 +514,15 @@ class Broker:
         return chosen, ring
 
     def _claims(self, row: Any, body: dict[str, Any], now: float, ttl: int) -> token.Claims:
-        password = self.vault.open(row["password_enc"], context=row["id"]) if row["password_enc"] else None
+        if row["id"] is None:  # located in libvirt just now (locate_console)
+            password, vm = row["password"], row["vm"]
+        else:
+            password = self.vault.open(row["password_enc"], context=row["id"]) if row["password_enc"] else None
+            vm = row["id"]
         try:
             return token.new_claims(
                 host=row["host"], port=row["port"], now=now, ttl=ttl, issuer=self.config.issuer,
-                password=password, vm=row["id"], user=body.get("user"), client_ip=body.get("client_ip"),
+                password=password, vm=vm, user=body.get("user"), client_ip=body.get("client_ip"),
                 view_only=body.get("view_only", False), single_use=body.get("single_use", True),
                 desktop_name=body.get("desktop_name") or row["name"],
                 tls=json.loads(row["tls"]) if row["tls"] else None)
@@ -648,6 +722,12 @@ def _public_url(value: str | None) -> str | None:
     if value and value.startswith(("http://", "https://")):
         return value.rstrip("/")
     return None
+
+
+def _hypervisor_json(row: Any) -> dict[str, Any]:
+    return {"name": row["name"], "uri": row["uri"], "address": row["address"],
+            "tls": json.loads(row["tls"]) if row["tls"] else None,
+            "console_passwords": bool(row["console_passwords"]), "created_at": row["created_at"]}
 
 
 def _target_json(row: Any) -> dict[str, Any]:

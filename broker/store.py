@@ -175,6 +175,13 @@ MIGRATIONS: list[Migration] = [
     CREATE TABLE audit_counter (id INTEGER PRIMARY KEY CHECK (id = 1), seq {bigint} NOT NULL);
     INSERT INTO audit_counter (id, seq) SELECT 1, COALESCE(MAX(seq), 0) FROM audit;
     """),
+    # 5 -> 6: libvirt connections whose domains' consoles are looked up at mint time
+    # (broker.hypervisors); no secret here: libvirt's credentials live where libvirt reads them.
+    Migration.shared("""
+    CREATE TABLE hypervisors (
+        name TEXT PRIMARY KEY, uri TEXT NOT NULL, address TEXT, tls TEXT,
+        console_passwords INTEGER NOT NULL DEFAULT 0, created_at {real} NOT NULL);
+    """),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

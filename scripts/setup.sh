@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(curl git tigervnc-standalone-server tigervnc-tools xterm x11-apps x11-utils x11-xserver-utils xdotool chromium
-              openssl python3-venv qemu-system-x86 qemu-utils postgresql nginx haproxy systemd)
+              openssl python3-venv qemu-system-x86 qemu-utils postgresql nginx haproxy systemd
+              libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-dev pkg-config)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 
 missing=()
@@ -24,7 +25,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,broker,bench]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,broker,bench,libvirt]'
 
 (cd static && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 echo "setup: ready (.venv, static/node_modules)"

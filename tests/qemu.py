@@ -9,6 +9,13 @@ opens its VNC listener before its main loop, and QMP commands are answered from 
 so once ``qmp_capabilities`` is answered the VNC port accepts connections. The password is set over
 QMP (``set_password``), as libvirt does, never on the command line.
 
+A guest that paints a known picture: ``start_qemu(..., guest=write_boot_floppy(PATH))`` boots
+``-machine pc`` from a floppy holding :data:`BOOT_SECTOR` (written here, 512 bytes). It sets VGA
+mode 13h (320x200, 256 colours) and paints eight horizontal bands of 25 rows in colours 0..7
+(band 0 black). Then each key read with ``int 16h`` fills the next 40x25 cell of band 0 (left to
+right) with colour ``ASCII & 7``: 'a' paints band 1's colour, 'd' band 4's. So the picture, keys
+reaching the guest and their order are all checks on pixels, with no palette table in the tests.
+
 TLS: ``tls="anon"`` is ``-object tls-creds-anon`` (VeNCrypt TLSNone/TLSVnc only);
 ``tls="x509"`` is ``-object tls-creds-x509`` over a directory holding ``ca-cert.pem``,
 ``server-cert.pem`` and ``server-key.pem`` (QEMU's layout), with ``verify-peer`` on (QEMU's
@@ -34,6 +41,31 @@ START_TIMEOUT = 15.0
 START_ATTEMPTS = 5
 VNC_BASE_PORT = 5900  # QEMU's -vnc HOST:N listens on 5900 + N
 QMP_TIMEOUT = 10.0
+
+
+#: The guest, hand-assembled 16-bit real mode code loaded at 0x7C00 (see the module docstring).
+BOOT_CODE = bytes.fromhex(
+    "B81300CD10"                  # mov ax,0x0013; int 0x10        VGA mode 13h
+    "B800A08EC031FF31C0FC"        # mov ax,0xA000; mov es,ax; xor di,di; xor ax,ax; cld
+    "B9401FF3AAFEC03C0872F5"      # band: mov cx,8000; rep stosb; inc al; cmp al,8; jb band
+    "31DB"                        # xor bx,bx                       next cell of band 0
+    "31C0CD162407"                # key: xor ax,ax; int 0x16; and al,7
+    "89DFBA1900"                  # mov di,bx; mov dx,25
+    "B92800F3AA81C718014A75F4"    # row: mov cx,40; rep stosb; add di,280; dec dx; jnz row
+    "83C328EBE4")                 # add bx,40; jmp key
+BOOT_SECTOR = BOOT_CODE.ljust(510, b"\x00") + b"\x55\xaa"
+FLOPPY_SIZE = 1_474_560  # a 1.44 MB image, so the BIOS sees a standard floppy geometry
+#: The picture as VNC shows it: QEMU's std VGA doubles mode 13h to 640x400, so a band is 50 rows
+#: and a cell 80 pixels wide on the desktop.
+GUEST_WIDTH, GUEST_HEIGHT, BAND_HEIGHT, CELL_WIDTH = 640, 400, 50, 80
+
+
+def write_boot_floppy(path: Path) -> Path:
+    """A floppy image whose boot sector is :data:`BOOT_SECTOR` (sparse past the first sector)."""
+    with path.open("wb") as image:
+        image.write(BOOT_SECTOR)
+        image.truncate(FLOPPY_SIZE)
+    return path
 
 
 class QemuStartError(RuntimeError):
@@ -115,9 +147,12 @@ def _free_vnc_port() -> int:
 
 
 def _command(port: int, qmp_path: Path, tls: str | None, x509_dir: Path | None, verify_peer: bool,
-             password: bool) -> list[str]:
+             password: bool, guest: Path | None) -> list[str]:
     vnc = f"127.0.0.1:{port - VNC_BASE_PORT}"
-    command = [QEMU, "-accel", "tcg", "-machine", "none", "-nodefaults", "-S", "-display", "none",
+    machine = ["-machine", "none"] if guest is None else [
+        "-machine", "pc", "-m", "16", "-vga", "std", "-boot", "a",
+        "-drive", f"format=raw,file={guest},if=floppy,readonly=on"]
+    command = [QEMU, "-accel", "tcg", *machine, "-nodefaults", "-S", "-display", "none",
                "-qmp", f"unix:{qmp_path}"]
     if tls == "anon":
         command += ["-object", "tls-creds-anon,id=tls0,endpoint=server"]
@@ -149,8 +184,11 @@ def _await_qmp(listener: socket.socket, process: subprocess.Popen[bytes]) -> soc
 
 
 def start_qemu(tmp_path: Path, *, tls: Literal["anon", "x509"] | None = None, pki: TestPki | None = None,
-               verify_peer: bool = False, password: str | None = None) -> QemuVnc:
-    """Start QEMU serving VNC on a free loopback port; return it once VNC accepts connections."""
+               verify_peer: bool = False, password: str | None = None, guest: Path | None = None) -> QemuVnc:
+    """Start QEMU serving VNC on a free loopback port; return it once VNC accepts connections.
+
+    With ``guest`` (a floppy image) the machine is a PC that boots it; its CPUs start once the
+    password is set, so no viewer ever sees the guest before its VNC is locked."""
     if not qemu_available():
         raise QemuStartError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -165,7 +203,7 @@ def start_qemu(tmp_path: Path, *, tls: Literal["anon", "x509"] | None = None, pk
             listener.listen(1)
             with log_path.open("wb") as log:
                 process = subprocess.Popen(
-                    _command(port, qmp_path, tls, x509_dir, verify_peer, password is not None),
+                    _command(port, qmp_path, tls, x509_dir, verify_peer, password is not None, guest),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
             conn = _await_qmp(listener, process)
         qmp_path.unlink(missing_ok=True)
@@ -183,6 +221,8 @@ def start_qemu(tmp_path: Path, *, tls: Literal["anon", "x509"] | None = None, pk
             server.qmp("qmp_capabilities")
             if password is not None:
                 server.qmp("set_password", protocol="vnc", password=password)
+            if guest is not None:
+                server.qmp("cont")
         except BaseException:
             server.stop()
             raise

@@ -95,3 +95,23 @@ def test_offline_commands_still_work(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert _run(capsys, "keys", "rotate", "--keyring", ring)[0] == 0
     status, out, _ = _run(capsys, "token", "mint", "--keyring", ring, "--host", "h", "--port", "1")
     assert status == 0 and out.count(".") == 4
+
+
+def test_hypervisors_add_list_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = str(tmp_path / "var")
+    assert _run(capsys, "init", "--state-dir", state)[0] == 0
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate")
+    status, _, err = _run(capsys, "hypervisors", "add", "hv1", "--uri", "qemu+tls://hv1/system",
+                          "--tls-ca", str(ca), "--state-dir", state)
+    assert status == 1 and err.count("\n") == 1, err  # a CA that does not load is refused now
+    status, out, _ = _run(capsys, "hypervisors", "add", "hv1", "--uri", "qemu+tls://hv1/system",
+                          "--address", "10.0.0.1", "--tls-require", "--state-dir", state)
+    assert status == 0 and json.loads(out)["tls"] == {"require": True}
+    status, _, err = _run(capsys, "hypervisors", "add", "hv2", "--uri", "vnc://hv2", "--state-dir", state)
+    assert status == 1 and "libvirt" in err
+    status, out, _ = _run(capsys, "hypervisors", "list", "--state-dir", state)
+    assert [(h["name"], h["address"]) for h in json.loads(out)["hypervisors"]] == [("hv1", "10.0.0.1")]
+    assert _run(capsys, "hypervisors", "remove", "hv1", "--state-dir", state)[:2] == (0, "removed hypervisor hv1\n")
+    status, _, err = _run(capsys, "hypervisors", "remove", "hv1", "--state-dir", state)
+    assert status == 1 and "no hypervisor named 'hv1'" in err
