@@ -31,7 +31,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--keyring", metavar="FILE",
                        help="proxy keyring (console-broker keys export-proxy); with --broker, used until the "
                             "broker answers")
-    serve.add_argument("--broker", metavar="URL", help="the broker: keyring, single-use redemption, events")
+    serve.add_argument("--broker", metavar="URL", action="append",
+                       help="the broker: keyring, single-use redemption, events, revocations pushed; repeat it "
+                            "for replicas (one used at a time, the next on failure)")
     serve.add_argument("--proxy-credential", metavar="FILE", help="credential from console-broker proxy add")
     serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
     serve.add_argument("--broker-ca", metavar="PEM", help="CA bundle that signed the broker's certificate "
