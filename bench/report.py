@@ -73,6 +73,11 @@ def ratios_and_goals(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
         goal("token verify >= 75% of raw Ed25519", r["token_verify_over_raw"], ">= 0.75",
              cmp(r["token_verify_over_raw"], lambda v: v >= 0.75)),
     ]
+    for name, rev in (results.get("revocation") or {}).items():
+        if isinstance(rev, dict) and "p99_ms" in rev:
+            r[f"revocation_{name}_p99_ms"] = rev["p99_ms"]
+            goals.append(goal(f"revocation p99 < 1 s ({name}, DELETE to 4410)", rev["p99_ms"], "< 1000 ms",
+                              rev["p99_ms"] < 1000))
     return r, goals
 
 
@@ -154,6 +159,10 @@ def table(doc: dict[str, Any]) -> str:
     lines += ["", "ratios (same run):"]
     for key, value in doc["ratios"].items():
         lines.append(f"  {key:<48}{_f(value, '{:.3f}')}")
+    rev = res.get("revocation")
+    if rev:
+        from bench.revocation import table as revocation_table  # its figures' one formatter
+        lines += ["", f"revocation: {rev['error']}" if "error" in rev else revocation_table(rev)]
     lines += ["", "goals:"]
     for g in doc["goals"]:
         state = {True: "MET", False: "MISSED", None: "n/a"}[g["met"]]
