@@ -173,6 +173,9 @@ def test_a_revocation_at_b_closes_a_console_whose_proxy_watches_a_long_before_a_
 
         assert asyncio.run(scenario()) == (4410, "session_ended")
         assert "the broker revoked 1 session(s)" in proxy.log_text()
+        before = b.admin.keys()["version"]
+        rotated = b.admin.rotate_keys()["version"]  # the watch answers; the proxy fetches the keys at once
+        proxy.wait_for_log(f"keyring version {before} -> {rotated}", timeout=ANSWERED)
         assert tok not in proxy.log_text() + a.log_text() + b.log_text()
     finally:
         proxy.stop()
