@@ -118,6 +118,8 @@ class BrokerLink:
         add = state.metrics.registry.add
         add(Gauge("consolegate_proxy_broker_reachable", "1 while the last call to the broker succeeded.",
                   lambda: float(self._reachable)))
+        add(Gauge("consolegate_proxy_broker_replica", "Which --broker is in use: 0 for the first, 1 the next, ...",
+                  lambda: float(self._current)))
         add(Gauge("consolegate_proxy_broker_events_queued", "Events waiting to be posted to the broker.",
                   lambda: float(len(self.queue))))
         add(LiveCounter("consolegate_proxy_broker_events_dropped_total",
