@@ -92,6 +92,11 @@ def ratios_and_goals(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict
         {"goal": "2,000 concurrent sessions: no refusal, no stall", "value": echo_ok,
          "target": "all open, all echo in deadline", "met": echo_ok, "margin": None},
     ]
+    for name, rev in (results.get("revocation") or {}).items():
+        if isinstance(rev, dict) and "p99_ms" in rev:
+            r[f"revocation_{name}_p99_ms"] = rev["p99_ms"]
+            goals.append(_goal(f"revocation p99 <= 1 s ({name}, DELETE to 4410)", rev["p99_ms"], "<=", 1000.0,
+                               unit=" ms"))
     return r, goals
 
 
@@ -189,6 +194,10 @@ def table(doc: dict[str, Any]) -> str:
     lines += ["", "ratios (same run):"]
     for key, value in doc["ratios"].items():
         lines.append(f"  {key:<56}{_f(value, '{:.3f}')}")
+    rev = res.get("revocation")
+    if rev:
+        from bench.revocation import table as revocation_table  # its figures' one formatter
+        lines += ["", f"revocation: {rev['error']}" if "error" in rev else revocation_table(rev)]
     lines += ["", "goals (MET/MISSED, margin = how far past (+) or short of (-) the target):"]
     for g in doc["goals"]:
         state = {True: "MET", False: "MISSED", None: "n/a"}[g["met"]]

@@ -18,6 +18,8 @@ Sections (each bounded by its own time budget; a section that overruns is report
    per session, refusals, and one echo round on all of them with a deadline (no stall).
 6. token mints/s and verifies/s against OpenSSL's raw Ed25519 verify (bench/token_bench.py, a
    subprocess: it pins itself to one core).
+7. revocation latency, DELETE to the browser's 4410 (bench/revocation.py): SQLite with one
+   broker, and two replicas on a throwaway PostgreSQL when Debian's postgresql is installed.
 
 Paths are measured in interleaved rounds (A B C, B C A, ...) and the best round counts, so a
 noisy moment on a shared machine hurts every path alike. Every comparison is a ratio of figures
@@ -41,7 +43,7 @@ from typing import Any
 
 import psutil
 
-from bench import budget, measure, report
+from bench import budget, measure, report, revocation
 from bench import profile as bench_profile
 from bench.clients import Path
 from bench.proxies import Proxy, start_consolegate, start_websockify, version_of_websockify
@@ -49,9 +51,11 @@ from bench.targets import REPO, Target, certificate, start_echo, start_xvnc, wor
 
 PROFILES = {
     "full": {"rounds": 3, "opens_s": 4.0, "bulk_s": 4.0, "small_rounds": 300, "concurrency": 8,
-             "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 1.0, "token_rounds": 3},
+             "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 1.0, "token_rounds": 3,
+             "revocations": 50},
     "quick": {"rounds": 2, "opens_s": 2.0, "bulk_s": 2.0, "small_rounds": 150, "concurrency": 8,
-              "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 0.5, "token_rounds": 2},
+              "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 0.5, "token_rounds": 2,
+              "revocations": 20},
 }
 """``concurrency`` is for the CPU-budget section only: the other open measurements are sequential."""
 
@@ -274,11 +278,18 @@ def token_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
+def revocation_section(profile: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return revocation.run(profile["revocations"], postgres=FsPath("/usr/lib/postgresql/15/bin/initdb").exists())
+    except Exception as exc:  # noqa: BLE001 - a failed section is reported, the run goes on
+        return {"error": f"revocation: {type(exc).__name__}: {exc}"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter rounds (about one minute in all)")
     parser.add_argument("--json", metavar="FILE", help="write every figure, round and ratio as JSON")
-    parser.add_argument("--only", action="append", choices=[*SECTIONS, "tokens"],
+    parser.add_argument("--only", action="append", choices=[*SECTIONS, "tokens", "revocation"],
                         help="run only this section (repeatable); default: all")
     parser.add_argument("--profile", metavar="DIR",
                         help="record the consolegate proxy with py-spy during each section; summaries in DIR")
@@ -288,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     started = time.time()
     work = workdir()
-    only = set(args.only or [*SECTIONS, "tokens"])
+    only = set(args.only or [*SECTIONS, "tokens", "revocation"])
     spy_dir = FsPath(args.profile) if args.profile else None
     if spy_dir is not None:
         spy_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "tokens" in only:
         log("section 6: token mint/verify vs OpenSSL's raw Ed25519 verify")
         results["tokens"] = token_section(profile, work)
+    if "revocation" in only:
+        log("section 7: revocation latency")
+        results["revocation"] = revocation_section(profile)
     info["loadavg_end"] = os.getloadavg()
     document = {"profile": "quick" if args.quick else "full", "settings": profile, "machine": info,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),

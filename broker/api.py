@@ -14,6 +14,7 @@ before a byte of the body is read, and a chunked body is refused as soon as it g
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -29,6 +30,7 @@ from broker.ratelimit import AuthThrottle
 from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiError, Broker
 from broker.store import InvalidValue, StoreError, StoreUnavailable
+from broker.watch import ChangeFeed
 from console_proxy import origin, strictjson
 from console_proxy.httperrors import error_status
 from console_proxy.metrics import Counter, Gauge, Registry, add_process_metrics
@@ -47,7 +49,7 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
 
 
 class BrokerMetrics:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, feed: ChangeFeed | None = None) -> None:
         self.registry = Registry()
         self.responses = self.registry.add(Counter("consolegate_broker_responses_total",
                                                    "API answers by status", ("status",)))
@@ -59,6 +61,8 @@ class BrokerMetrics:
             ("kind",)))
         self.registry.add(Gauge("consolegate_broker_healthy_proxies", "proxies with a recent heartbeat",
                                 lambda: float(sum(1 for p in broker.list_proxies()["proxies"] if p["healthy"]))))
+        self.registry.add(Gauge("consolegate_broker_watches", "GET /proxy/watch requests held open",
+                                lambda: float(feed.watching if feed is not None else 0)))
         add_process_metrics(self.registry, "broker")
 
 
@@ -336,6 +340,29 @@ class RedeemHandler(ApiHandler):
         self.answer(200, self.broker.redeem(who, self.body(schemas.REDEEM)))
 
 
+class WatchHandler(ApiHandler):
+    """The long-poll (broker.watch): at once when a watched change is newer than ``since``,
+    else when one commits, else after the hold with the current position."""
+
+    def initialize(self, feed: ChangeFeed, **options: Any) -> None:  # type: ignore[override]
+        super().initialize(**options)
+        self.feed, self.gone = feed, asyncio.Event()
+
+    async def get(self) -> None:
+        who = self.caller("proxy")
+        since = self.query_int("since", -1, 0, 2**62)
+        answer, changed = self.broker.watch(who, None if since < 0 else since)
+        if not changed:
+            await self.feed.wait(who.id, since, self.broker.config.watch_hold, self.gone)
+            if self.gone.is_set():
+                return
+            answer, _ = self.broker.watch(who, since)
+        self.answer(200, answer)
+
+    def on_connection_close(self) -> None:
+        self.gone.set()
+
+
 class ProxyEventsHandler(ApiHandler):
     def post(self) -> None:
         who = self.caller("proxy")
@@ -373,17 +400,22 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 def make_app(broker: Broker, throttle: AuthThrottle | None = None,
-             trusted: tuple[Network, ...] = ()) -> tornado.web.Application:
+             trusted: tuple[Network, ...] = (), feed: ChangeFeed | None = None) -> tornado.web.Application:
     """The API; ``throttle`` limits failed authentication per client address (the defaults of
-    broker.ratelimit if None), believing X-Forwarded-For only from the ``trusted`` proxies."""
+    broker.ratelimit if None), believing X-Forwarded-For only from the ``trusted`` proxies.
+    ``feed`` wakes the watches (one per process; made here, woken in-process only, if None)."""
     throttle = throttle if throttle is not None else AuthThrottle()
-    options = {"broker": broker, "metrics": BrokerMetrics(broker), "throttle": throttle, "trusted": trusted}
+    if feed is None:
+        feed = ChangeFeed(broker.latest_change)
+        broker.store.on_change(feed.poke)
+    options = {"broker": broker, "metrics": BrokerMetrics(broker, feed), "throttle": throttle, "trusted": trusted}
     routes: list[Any] = [(PREFIX + path, handler, options) for path, handler in (
         ("/targets", TargetsHandler), ("/targets/([^/]+)", TargetHandler), ("/consoles", ConsolesHandler),
         ("/sessions", SessionsHandler), ("/sessions/([^/]+)", SessionHandler), ("/audit", AuditHandler),
         ("/keys", KeysHandler), ("/keys/rotate", KeysRotateHandler), ("/proxies", ProxiesHandler),
         ("/proxy/heartbeat", HeartbeatHandler), ("/proxy/redeem", RedeemHandler),
         ("/proxy/events", ProxyEventsHandler), ("/openapi.json", OpenApiHandler))]
+    routes.append((PREFIX + "/proxy/watch", WatchHandler, {**options, "feed": feed}))
     routes += [("/healthz", HealthHandler, options), ("/metrics", MetricsHandler, options)]
     return tornado.web.Application(routes, default_handler_class=NotFoundHandler, default_handler_args=options,
                                    log_function=_log_request)

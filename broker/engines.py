@@ -161,6 +161,9 @@ class SqliteEngine:
                     self.conn.execute("ROLLBACK")
             raise
 
+    def notify(self, conn: Any, channel: str) -> None:
+        """One process per SQLite file: its watchers are woken in-process (Store.on_change)."""
+
     def migration(self) -> Any:
         """A migration's transaction: BEGIN IMMEDIATE is the lock."""
         return self.transaction()
@@ -235,6 +238,11 @@ class PostgresEngine:
             if self.lock_timeout_ms != LOCK_TIMEOUT_MS:  # changed (tests): for this transaction only
                 conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
             yield PgConnection(conn)
+
+    def notify(self, conn: PgConnection, channel: str) -> None:
+        """NOTIFY inside the transaction: PostgreSQL delivers it to every listener on COMMIT (and
+        never on ROLLBACK), so a woken watcher always reads the change."""
+        conn.execute("SELECT pg_notify(?, '')", (channel,))
 
     @contextmanager
     def migration(self) -> Iterator[PgConnection]:

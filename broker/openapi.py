@@ -7,6 +7,7 @@ from typing import Any
 from broker import schemas
 from broker.schemas import object_schema
 from broker.service import AUDIT_TYPES, CURSOR_MAX_LENGTH, SESSION_STATES, SESSIONS_PAGE_MAX
+from broker.watch import WATCH_HOLD
 
 _ERROR = {"type": "object", "required": ["error", "message"], "additionalProperties": False,
           "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
@@ -42,6 +43,13 @@ _PROXY = {"type": "object", "properties": {
     "healthy": {"type": "boolean"}}}
 _KEYS = {"type": "object", "properties": {"version": {"type": "integer"}, "max_ttl": {"type": "integer"},
                                           "keys": {"type": "array", "items": {"type": "object"}}}}
+
+_WATCH = {"type": "object", "required": ["seq", "revoked", "keyring_version"], "properties": {
+    "seq": {"type": "integer", "minimum": 0,
+            "description": "position in the audit sequence: pass it as ?since= on the next watch"},
+    "revoked": {"type": "array", "items": {"type": "string"},
+                "description": "sessions revoked after `since` (the snapshot: all a proxy must refuse)"},
+    "keyring_version": {"type": "integer", "description": "the broker's keyring version now"}}}
 
 
 def _list(name: str, item: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +124,8 @@ def document() -> dict[str, Any]:
                     _query("cursor", {"type": "string", "minLength": 1, "maxLength": CURSOR_MAX_LENGTH,
                                       "description": "the previous page's next_cursor (opaque)"})])},
         "/sessions/{id}": {"parameters": [_path_param("id")], "delete": _op(
-            "Revoke: the proxy holding it closes it with 4410 within one heartbeat", "admin",
+            "Revoke: the proxy holding it closes it with 4410 at once (its watch), at the latest within one "
+            "heartbeat", "admin",
             ("202", {"type": "object"}), errors=("404",))},
         "/audit": {"get": _op(
             "Audit events after a sequence number", "admin", ("200", _list("events", _AUDIT_EVENT)),
@@ -137,6 +146,15 @@ def document() -> dict[str, Any]:
         "/proxy/events": {"post": _op(
             "Session opened / closed (bytes, duration, close code) / refused (reason)", "proxy",
             ("200", {"type": "object"}), body=object_schema(schemas.EVENTS), errors=("413",))},
+        "/proxy/watch": {"get": _op(
+            "Long-poll for revocations and key changes: answered at once when a session was revoked, the keys "
+            "rotated or a proxy removed after position `since` (any replica answers from the database), else "
+            f"after at most {WATCH_HOLD:g} s (the broker's --watch-hold) with the current position. Without "
+            "`since` (or with one ahead of the database): at once, the position and every revoked session a proxy "
+            "must still refuse. The proxy acts on `revoked` (close with 4410) and fetches the keys with a "
+            "heartbeat when `keyring_version` differs from its own; then watches again from `seq`", "proxy",
+            ("200", _WATCH), params=[_query("since", {"type": "integer", "minimum": 0, "maximum": 2**62,
+                                                       "description": "the previous answer's seq"})])},
         "/openapi.json": {"get": _op("This document", "anyone", ("200", {"type": "object"}))},
     }
     return {

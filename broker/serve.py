@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 
 import tornado.httpserver
 from tornado.ioloop import PeriodicCallback
@@ -14,6 +15,7 @@ from tornado.ioloop import PeriodicCallback
 from broker import api, hypervisors, ratelimit
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
+from broker.watch import POLL_POSTGRESQL, POLL_SQLITE, WATCH_HOLD, ChangeFeed, PgListener
 from console_proxy import origin
 from console_proxy.brokerlink import is_loopback_host
 from console_proxy.command import CommandError
@@ -45,6 +47,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--session-retention", type=float, default=DEFAULT_SESSION_RETENTION, metavar="SECONDS",
                        help="how long a session's row outlives its end (the audit log keeps it for good); "
                             f"at least {MIN_SESSION_RETENTION:.0f}, default {DEFAULT_SESSION_RETENTION:.0f}")
+    serve.add_argument("--watch-hold", type=float, default=WATCH_HOLD, metavar="SECONDS",
+                       help=f"longest a proxy's GET /proxy/watch is held without a change (default {WATCH_HOLD:g})")
     serve.add_argument("--tls-cert", metavar="F", help="serve HTTPS: heartbeat answers carry the fleet keys")
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument("--allow-insecure-http", action="store_true",
@@ -72,15 +76,16 @@ def run(args: argparse.Namespace) -> int:
     guard_logging(args.log_level, args.log_format)  # first: no line, Tornado's included, may carry a secret
     if not 0 < args.default_ttl <= args.max_ttl:
         raise CommandError("--default-ttl must be positive and at most --max-ttl")
-    if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0:
-        raise CommandError("intervals must be positive")
+    if args.heartbeat_interval <= 0 or args.cleanup_interval <= 0 or not 0 < args.watch_hold <= WATCH_HOLD:
+        raise CommandError(f"intervals must be positive (--watch-hold at most {WATCH_HOLD:g})")
     if args.hypervisor_timeout <= 0:
         raise CommandError("--hypervisor-timeout must be positive")
     check_retention(args.session_retention)
     throttle, trusted = auth_limits(args)
     config = BrokerConfig(default_ttl=args.default_ttl, max_ttl=args.max_ttl,
                           heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval,
-                          session_retention=args.session_retention, hypervisor_timeout=args.hypervisor_timeout)
+                          session_retention=args.session_retention, hypervisor_timeout=args.hypervisor_timeout,
+                          watch_hold=args.watch_hold)
     tls = tls_context(args.tls_cert, args.tls_key)
     host, port = parse_listen(args.listen)
     check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
@@ -136,7 +141,8 @@ async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None
     # (see api.ApiHandler.prepare); this limit only guards requests refused before that point.
     # Bodies are read before the caller is authenticated: a client trickling one, or idling on a
     # kept-alive connection, must not hold a connection and its buffers for ever.
-    app = api.make_app(broker, throttle, trusted)
+    feed, stop_feed = start_feed(broker)
+    app = api.make_app(broker, throttle, trusted, feed)
     http = tornado.httpserver.HTTPServer(app, max_body_size=api.MAX_BODY, xheaders=False,
                                          ssl_options=tls, body_timeout=BODY_TIMEOUT,
                                          idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
@@ -155,8 +161,31 @@ async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None
              broker.root, broker.store.description)
     await stopped.wait()
     cleaner.stop()
+    stop_feed()
     http.stop()
     log.info("console-broker stopped")
+
+
+def start_feed(broker: Broker) -> tuple[ChangeFeed, Callable[[], None]]:
+    """The process's watch feed (broker.watch), woken by its own commits, by PostgreSQL's
+    notifications through a listening thread, and by a slow poll; returns it and its stop."""
+    feed = ChangeFeed(broker.latest_change)
+    feed.bind()
+    forget = broker.store.on_change(feed.poke)
+    listener = None
+    if broker.store.url.engine == "postgresql":
+        listener = PgListener(broker.store.url.conninfo or "", feed.poke)
+        listener.start()
+    poll = POLL_POSTGRESQL if listener is not None else POLL_SQLITE
+    poller = PeriodicCallback(feed.refresh, poll * 1000)
+    poller.start()
+
+    def stop() -> None:
+        poller.stop()
+        forget()
+        if listener is not None:
+            listener.stop()
+    return feed, stop
 
 
 def _cleanup(broker: Broker) -> None:

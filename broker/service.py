@@ -28,6 +28,7 @@ from broker.engines import DB_NAME, DatabaseUrl, parse_database_url
 from broker.keystore import KeyStore
 from broker.store import IntegrityError, Store
 from broker.vault import MASTER_KEY_NAME, Vault
+from broker.watch import WATCH_CHANGES_MAX, WATCH_HOLD, WATCHED_TYPES
 from console_proxy import b64url, clock, strictjson, token
 from console_proxy.command import CommandError
 from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyring
@@ -86,6 +87,8 @@ class BrokerConfig:
     issuer: str = "consolegate"
     hypervisor_timeout: float = hypervisors.LOOKUP_TIMEOUT
     """Seconds a mint naming a hypervisor waits for libvirt before its 503."""
+    watch_hold: float = WATCH_HOLD
+    """Longest ``GET /proxy/watch`` waits for a change before answering the current position."""
 
 
 def init_state_dir(path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_TTL,
@@ -139,6 +142,7 @@ class Broker:
             self.keys = KeyStore(self.store, self.vault)
             self.keys.import_file(self.root / keyfiles.KEYRING_NAME, clock.now())
             self.keys.current()  # fail at start when master.key does not open the database's keyring
+            self.store.watched = frozenset(WATCHED_TYPES)
         except BaseException:
             self.store.close()
             raise
@@ -593,9 +597,7 @@ class Broker:
             registered = conn.execute("SELECT public_url FROM proxies WHERE id = ?", (principal.id,)).fetchone()[0]
         self._note_reported_url(principal.id, registered, _public_url(body.get("public_url")))
         self.pending[principal.id] = 0
-        revoked = [r["id"] for r in self.store.all(
-            "SELECT id FROM sessions WHERE state = 'revoked' AND (exp > ? OR (closed_at IS NULL AND revoked_at > ?))",
-            now - MAX_SKEW - DEFAULT_SKEW, now - REVOKED_MEMORY)]
+        revoked = self._revoked_now(now)
         answer: dict[str, Any] = {"keyring_version": ring.version, "revoked": revoked}
         if body["version"] != ring.version:
             answer["keyring"] = ring.pruned(now).for_proxy().to_jwks()
@@ -667,6 +669,49 @@ class Broker:
             "sessions", "id", "state IN ('minted', 'closed', 'revoked') AND exp < ? "
             "AND COALESCE(closed_at, 0) < ? AND COALESCE(revoked_at, 0) < ?", (cutoff, cutoff, cutoff),
             batch=batch, max_batches=max_batches)
+
+    # --- push: GET /proxy/watch (broker.watch) -----------------------------------------------
+
+    def change_position(self) -> int:
+        """The audit sequence as committed: every event numbered up to it has committed."""
+        row = self.store.one("SELECT seq FROM audit_counter WHERE id = 1")
+        return int(row[0]) if row else 0
+
+    def latest_change(self) -> int:
+        """The newest watched event's number (0: none yet); one index lookup per type."""
+        row = self.store.one("SELECT MAX(m) FROM (" + " UNION ALL ".join(
+            "SELECT MAX(seq) AS m FROM audit WHERE type = ?" for _ in WATCHED_TYPES) + ") AS latest", *WATCHED_TYPES)
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def watch(self, principal: Principal, since: int | None) -> tuple[dict[str, Any], bool]:
+        """The answer to ``GET /proxy/watch?since=N``, and whether it holds a change after N.
+
+        Without ``since`` (or one ahead of the database: restored from a backup), a snapshot:
+        the position and every revoked session the heartbeat would list. Otherwise the watched
+        changes after ``since``. The position is read first: every change up to it has committed
+        (commit order), so the changes read next include them all; a truncated answer ends at its
+        last change. A removed proxy gets 401, as on every proxy call."""
+        row = self.store.one("SELECT removed_at FROM proxies WHERE id = ?", principal.id)
+        if row is None or row["removed_at"] is not None:
+            raise ApiError(401, "unauthorized", "this endpoint needs a proxy credential as a Bearer token")
+        position, now = self.change_position(), clock.now()
+        version = self.keyring().version
+        if since is None or since > position:
+            return {"seq": position, "revoked": self._revoked_now(now), "keyring_version": version}, True
+        rows = self.store.all("SELECT seq, type, session_id FROM audit WHERE seq > ? AND type IN (?, ?, ?) "
+                              "ORDER BY seq LIMIT ?", since, *WATCHED_TYPES, WATCH_CHANGES_MAX)
+        if len(rows) == WATCH_CHANGES_MAX:
+            position = int(rows[-1]["seq"])
+        else:
+            position = max(position, *(int(r["seq"]) for r in rows)) if rows else position
+        revoked = [r["session_id"] for r in rows if r["type"] == "revoked" and r["session_id"]]
+        return {"seq": position, "revoked": revoked, "keyring_version": version}, bool(rows)
+
+    def _revoked_now(self, now: float) -> list[str]:
+        """Revoked sessions any proxy must still refuse or close (see :meth:`heartbeat`)."""
+        return [r["id"] for r in self.store.all(
+            "SELECT id FROM sessions WHERE state = 'revoked' AND (exp > ? OR (closed_at IS NULL AND revoked_at > ?))",
+            now - MAX_SKEW - DEFAULT_SKEW, now - REVOKED_MEMORY)]
 
     # --- audit --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +185,8 @@ MIGRATIONS: list[Migration] = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+CHANGES_CHANNEL = "consolegate_changes"
+"""PostgreSQL's NOTIFY channel for the watched changes (revocations, rotations, removals)."""
 
 
 class StoreError(Exception):
@@ -228,6 +230,9 @@ class Store:
         except EngineOpenError as exc:
             raise StoreError(str(exc)) from None
         self._local = threading.local()
+        self.watched: frozenset[str] = frozenset()
+        """Audit types whose commit wakes the watchers (``GET /proxy/watch``): see :meth:`on_change`."""
+        self._change_listeners: list[Callable[[], None]] = []
         try:
             self.check(migrate=url.engine == "sqlite" if migrate is None else migrate)
         except BaseException as exc:
@@ -310,12 +315,16 @@ class Store:
         ``migration``: the transaction starts once the migration lock is held."""
         if getattr(self._local, "conn", None) is not None:
             raise RuntimeError("transactions do not nest")
+        changed = False
         try:
             with (self.engine.migration() if migration else self.engine.transaction()) as conn:
                 self._local.conn, self._local.audit = conn, []
                 try:
                     yield conn
+                    changed = any(event[1] in self.watched for event in self._local.audit)
                     self._flush_audit(conn, self._local.audit)
+                    if changed:  # PostgreSQL: delivered to every replica's listener on COMMIT, not before
+                        self.engine.notify(conn, CHANGES_CHANNEL)
                 finally:
                     self._local.conn, self._local.audit = None, []
         except self.engine.integrity_errors as exc:
@@ -324,6 +333,15 @@ class Store:
             raise StoreUnavailable(f"the broker cannot write its database: {_one_line(exc)}") from None
         except self.engine.invalid_value_errors:
             raise InvalidValue() from None
+        if changed:  # committed: this process's watchers need not wait for the notification's round trip
+            for listener in list(self._change_listeners):
+                listener()
+
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` (in the committing thread) after each commit of a :attr:`watched`
+        audit type by this process; returns the function that removes it."""
+        self._change_listeners.append(listener)
+        return lambda: self._change_listeners.remove(listener)
 
     @contextmanager
     def _reader(self) -> Iterator[Any]:

@@ -13,6 +13,14 @@ credential file that ``console-broker proxy add`` wrote (JSON ``{"proxy_id", "se
   any error) and the revoked session ids, which :meth:`ProxyState.sweep` closes with 4410.
 * events: the records of :class:`console_proxy.events.Events` are queued (bounded; the oldest
   are dropped, and counted, while the broker is away) and posted in small batches.
+* watch: one long-poll ``GET /proxy/watch?since=N`` held at a time; the broker answers when a
+  session is revoked (closed here at once, 4410, as the heartbeat's list does), the keys rotate
+  (a heartbeat is sent at once: its answer carries them) or a proxy is removed, else after its
+  hold with the current position. A failing watch is retried with backoff; heartbeats go on.
+
+Replicas: ``--broker`` may name several (any replica serves any proxy, with the same
+credential). One is used at a time; a connection failure, a timeout or a 5xx moves every call
+(heartbeat, redeem, events, watch) to the next, and the failed call is tried there at once.
 
 Never imports ``broker``.
 """
@@ -26,6 +34,7 @@ import logging
 import socket
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,13 +83,25 @@ class ProxyCredential:
         return f"Bearer {self.proxy_id}.{self.secret}"
 
 
+WATCH_HOLD_MAX = 25.0
+"""The broker holds a watch at most this long (its ``--watch-hold``); the request's timeout adds
+the link's timeout to it."""
+WATCH_RETRY = (1.0, 30.0)
+"""First and longest pause before a failed watch is tried again (doubling in between)."""
+
+
 class BrokerLink:
     """One per proxy process; :meth:`attach` it to the ProxyState, then :meth:`start` it."""
 
-    def __init__(self, base_url: str, credential: ProxyCredential, *, interval: float = 5.0,
+    def __init__(self, base_url: str | Sequence[str], credential: ProxyCredential, *, interval: float = 5.0,
                  timeout: float = 3.0, queue_limit: int = 1000, batch: int = 50, ca_file: str | None = None) -> None:
-        check_broker_url(base_url)
-        self.base = base_url.rstrip("/") + API
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise BrokerLinkError("--broker needs a URL")
+        for url in urls:
+            check_broker_url(url)
+        self.bases = [url.rstrip("/") + API for url in urls]
+        self._current = 0
         self.ca_file = ca_file
         self.credential, self.interval, self.timeout, self.batch = credential, interval, timeout, batch
         self.state: ProxyState | None = None
@@ -91,6 +112,8 @@ class BrokerLink:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._reachable = True
+        self._pushed: set[str] = set()  # revoked ids the watch brought since the last heartbeat was sent
+        self.watch_position: int | None = None
 
     def attach(self, state: ProxyState) -> None:
         """Serve the proxy's state to the broker, and this link's health in its ``/metrics``."""
@@ -98,20 +121,50 @@ class BrokerLink:
         add = state.metrics.registry.add
         add(Gauge("consolegate_proxy_broker_reachable", "1 while the last call to the broker succeeded.",
                   lambda: float(self._reachable)))
+        add(Gauge("consolegate_proxy_broker_replica", "Which --broker is in use: 0 for the first, 1 the next, ...",
+                  lambda: float(self._current)))
         add(Gauge("consolegate_proxy_broker_events_queued", "Events waiting to be posted to the broker.",
                   lambda: float(len(self.queue))))
         add(LiveCounter("consolegate_proxy_broker_events_dropped_total",
                         "Events the broker will never see: the queue was full, or the broker rejected them.",
                         ["reason"], lambda: {(reason,): float(n) for reason, n in self.dropped.items()}))
 
+    @property
+    def base(self) -> str:
+        """The replica in use (its API root)."""
+        return self.bases[self._current]
+
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        request = HTTPRequest(self.base + path, method="POST", body=json.dumps(body),
-                              headers={"Authorization": self.credential.authorization,
-                                       "Content-Type": "application/json"},
-                              connect_timeout=self.timeout, request_timeout=self.timeout,
-                              follow_redirects=False, ca_certs=self.ca_file)  # a redirect must not carry the secret
-        response = await AsyncHTTPClient().fetch(request)
-        return json.loads(response.body)
+        return await self._call("POST", path, json.dumps(body), self.timeout)
+
+    async def _call(self, method: str, path: str, body: str | None, timeout: float) -> Any:
+        """One call, at the replica in use; when that replica fails (unreachable, timeout, 5xx)
+        the next one is used from now on and the call is tried there, each replica once."""
+        for attempt in range(len(self.bases)):
+            index = self._current
+            headers = {"Authorization": self.credential.authorization}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            request = HTTPRequest(self.bases[index] + path, method=method, body=body, headers=headers,
+                                  connect_timeout=self.timeout, request_timeout=timeout,
+                                  follow_redirects=False, ca_certs=self.ca_file)  # a redirect must not carry the secret
+            try:
+                response = await AsyncHTTPClient().fetch(request)
+            except Exception as exc:
+                if not replica_failed(exc) or attempt == len(self.bases) - 1:
+                    raise
+                self._fail_over(index, exc)
+                continue
+            return json.loads(response.body)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _fail_over(self, index: int, exc: BaseException) -> None:
+        """Move to the replica after ``index`` (unless a concurrent call already moved on)."""
+        if self._current != index:
+            return
+        self._current = (index + 1) % len(self.bases)
+        log.warning("broker replica %s failed (%s); using %s", _origin(self.bases[index]), _describe(exc),
+                    _origin(self.bases[self._current]))
 
     # --- single use ---------------------------------------------------------------------
 
@@ -156,13 +209,15 @@ class BrokerLink:
         """One heartbeat; applies a new keyring and the revoked session ids."""
         state = self.state
         assert state is not None
+        self._pushed.clear()
         answer = await self._post("/proxy/heartbeat", self._report(
             state, state.config.max_sessions, state.config.public_url))
         if "keyring" in answer:
             self._apply_keyring(state, answer["keyring"])
         # The broker sends every id revoked in the last day each time: replacing the set keeps
-        # it bounded, and new ids are closed at once rather than at the next sweep.
-        revoked = {sid for sid in answer.get("revoked") or [] if isinstance(sid, str)}
+        # it bounded, and new ids are closed at once rather than at the next sweep. Ids the watch
+        # brought while this heartbeat was under way may be newer than the list: they stay.
+        revoked = {sid for sid in answer.get("revoked") or [] if isinstance(sid, str)} | self._pushed
         new = revoked - state.revoked
         state.revoked = revoked
         if new:
@@ -203,6 +258,37 @@ class BrokerLink:
             else:
                 log.warning("broker unreachable (%s): keeping the last keyring; single-use tokens fail closed", why)
         self._reachable = reachable
+
+    # --- watch --------------------------------------------------------------------------
+
+    async def watch_once(self) -> None:
+        """One long-poll from :attr:`watch_position` (none yet: a snapshot), applied."""
+        query = "" if self.watch_position is None else f"?since={self.watch_position}"
+        answer = await self._call("GET", "/proxy/watch" + query, None, WATCH_HOLD_MAX + self.timeout)
+        position, revoked, version = _watch_answer(answer)
+        state = self.state
+        if state is not None:
+            new = revoked - state.revoked
+            if new:
+                self._pushed |= new
+                state.revoked |= new
+                log.info("the broker revoked %d session(s): closing them", len(new))
+                state.sweep()
+            if version != state.keyring.version:
+                self.nudge()  # the heartbeat's answer carries the keys
+        self.watch_position = position
+
+    async def _watches(self) -> None:
+        pause = WATCH_RETRY[0]
+        while not self._stopping:
+            try:
+                await self.watch_once()
+                pause = WATCH_RETRY[0]
+            except Exception as exc:  # noqa: BLE001 - heartbeats still bring revocations: try again later
+                log.warning("the broker watch failed (%s); revocations come with heartbeats until it works, "
+                            "next try in %.0f s", _describe(exc), pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, WATCH_RETRY[1])
 
     # --- events -------------------------------------------------------------------------
 
@@ -251,7 +337,8 @@ class BrokerLink:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._events())]
+        self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._events()),
+                       loop.create_task(self._watches())]
 
     async def stop(self) -> None:
         """Stop the loops; tell the broker we are gone (draining) and send the last events."""
@@ -298,6 +385,30 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def replica_failed(exc: BaseException) -> bool:
+    """A failure of the replica, not of the request: another replica may answer it."""
+    if isinstance(exc, HTTPClientError):
+        return exc.code == 599 or exc.code >= 500
+    return isinstance(exc, OSError | TimeoutError)
+
+
+def _watch_answer(answer: Any) -> tuple[int, set[str], int]:
+    """(position, revoked ids, keyring version) from a watch answer; ValueError if malformed."""
+    if not isinstance(answer, dict):
+        raise ValueError("the watch answer is not an object")
+    position, revoked, version = answer.get("seq"), answer.get("revoked"), answer.get("keyring_version")
+    if (not isinstance(position, int) or isinstance(position, bool) or position < 0
+            or not isinstance(version, int) or isinstance(version, bool) or not isinstance(revoked, list)):
+        raise ValueError("the watch answer lacks seq, revoked or keyring_version")
+    return position, {sid for sid in revoked if isinstance(sid, str)}, version
+
+
+def _origin(base: str) -> str:
+    """scheme://host:port of a replica, for log lines."""
+    parts = urlsplit(base)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _error_code(exc: HTTPClientError) -> str:

@@ -38,7 +38,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--allow-signing-keyring", action="store_true",
                        help="accept a --keyring holding private signing keys (the broker's own: this proxy could "
                             "then mint tokens); refused by default")
-    serve.add_argument("--broker", metavar="URL", help="the broker: keyring, single-use redemption, events")
+    serve.add_argument("--broker", metavar="URL", action="append",
+                       help="the broker: keyring, single-use redemption, events, revocations pushed; repeat it "
+                            "for replicas (one used at a time, the next on failure)")
     serve.add_argument("--proxy-credential", metavar="FILE", help="credential from console-broker proxy add")
     serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
     serve.add_argument("--broker-ca", metavar="PEM", help="CA bundle that signed the broker's certificate "

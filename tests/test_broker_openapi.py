@@ -30,7 +30,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     database = request.getfixturevalue("pg_cluster").new_database() if request.param == "postgresql" else None
     state = BrokerState.create(tmp / "state", database=database)
     state.add_proxy("fuzz", "http://127.0.0.1:1")
-    process = start_broker(state, heartbeat_interval=600)  # one heartbeat keeps "fuzz" healthy throughout
+    # one heartbeat keeps "fuzz" healthy throughout; a watch without a change answers after 0.1 s, not 25
+    process = start_broker(state, "--watch-hold", "0.1", heartbeat_interval=600)
     yield process
     process.stop()
 
@@ -47,9 +48,18 @@ def test_document_covers_every_route() -> None:
 
 
 def _rules() -> list:
+    class _Store:
+        def on_change(self, listener: object) -> None:
+            return None
+
     class _Stub:
+        store = _Store()
+
         def list_proxies(self) -> dict:
             return {"proxies": []}
+
+        def latest_change(self) -> int:
+            return 0
     return api.make_app(_Stub()).default_router.rules[0].target.rules  # type: ignore[arg-type]
 
 
@@ -69,6 +79,6 @@ def test_schemathesis_finds_no_server_error(broker: BrokerProcess, tmp_path: Pat
                               "--exclude-path-regex", "^/proxy/")
     proxy_only = run_schemathesis(*spec, tmp_path / "proxy.xml", "-H", f"Authorization: {authorization}",
                                   "--include-path-regex", "^/proxy/")
-    assert proxy_only == {"POST /proxy/heartbeat", "POST /proxy/redeem", "POST /proxy/events"}
+    assert proxy_only == {"POST /proxy/heartbeat", "POST /proxy/redeem", "POST /proxy/events", "GET /proxy/watch"}
     assert tested | proxy_only == operations(openapi.document())
     assert " 500 " not in broker.log_text() and "Traceback" not in broker.log_text()

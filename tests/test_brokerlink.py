@@ -18,6 +18,7 @@ from console_proxy.brokerlink import API, BrokerLink, BrokerLinkError, ProxyCred
 from console_proxy.config import ProxyConfig
 from console_proxy.keyring import Keyring
 from console_proxy.server import ProxyState
+from console_proxy.token import new_claims
 
 RING = Keyring.generate(time.time()).for_proxy()
 
@@ -61,6 +62,7 @@ def test_events_the_broker_never_sees_are_counted_by_reason() -> None:
     before, after, flushed = asyncio.run(scenario())
     assert before == {
         "consolegate_proxy_broker_reachable": "1",
+        "consolegate_proxy_broker_replica": "0",
         "consolegate_proxy_broker_events_queued": "3",
         'consolegate_proxy_broker_events_dropped_total{reason="queue_full"}': "2",
         'consolegate_proxy_broker_events_dropped_total{reason="rejected"}': "0",
@@ -94,3 +96,51 @@ def test_a_refused_broker_url_is_one_line_without_user_info(url: str, message: s
                                  "http://[::1]:8700", "http://localhost:8700"])
 def test_https_anywhere_and_http_to_this_host_are_accepted(url: str) -> None:
     check_broker_url(url)
+
+
+class Unavailable(tornado.web.RequestHandler):
+    """A replica whose database is away: 503 storage_unavailable to everything."""
+
+    def post(self) -> None:
+        self.set_status(503)
+        self.write({"error": "storage_unavailable"})
+
+
+class Redeemed(tornado.web.RequestHandler):
+    calls = 0
+
+    def post(self) -> None:
+        Redeemed.calls += 1
+        self.write({"redeemed": True})
+
+
+def test_a_replica_answering_5xx_is_left_for_the_next_and_a_4xx_is_not() -> None:
+    """``--broker A --broker B``: A answers 503, so the redeem is tried at B at once and B is used
+    from then on; a 4xx is the request's answer (another replica would say the same), not a
+    reason to move. (A stand-in: a real broker answers 503 only with its database away.)"""
+    async def scenario() -> tuple[str, str, int, str]:
+        servers, urls = [], []
+        for handler in (Unavailable, Redeemed):
+            sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+            server = tornado.httpserver.HTTPServer(tornado.web.Application([
+                (API + "/proxy/redeem", handler), (API + "/proxy/events", RejectingEvents)]))
+            server.add_sockets(sockets)
+            servers.append(server)
+            urls.append(f"http://127.0.0.1:{sockets[0].getsockname()[1]}")
+        try:
+            link = BrokerLink(urls, ProxyCredential("proxy-1", "s" * 40))
+            state = ProxyState(ProxyConfig(), RING)
+            link.attach(state)
+            first = link.base
+            await link.redeem(new_claims(host="127.0.0.1", port=5900, now=time.time(), ttl=60, single_use=True))
+            moved = link.base
+            link.forward({"event": "closed"})
+            await link.flush()  # B rejects it (400): B stays in use
+            replica = metric_lines(state, "consolegate_proxy_broker_replica")["consolegate_proxy_broker_replica"]
+            return first, moved, Redeemed.calls if link.base == moved else -1, replica
+        finally:
+            for server in servers:
+                server.stop()
+
+    first, moved, calls, replica = asyncio.run(scenario())
+    assert first.endswith(API) and moved != first and calls == 1 and replica == "1"

@@ -312,7 +312,8 @@ def test_every_broker_operation_and_member_is_fuzzed() -> None:
     document = openapi.document()
     assert len(ADMIN_OPERATIONS) + len(PROXY_OPERATIONS) == sum(
         1 for item in document["paths"].values() for method in item if method != "parameters")
-    assert {path for _, path in PROXY_OPERATIONS} == {"/proxy/heartbeat", "/proxy/redeem", "/proxy/events"}
+    assert {path for _, path in PROXY_OPERATIONS} == {"/proxy/heartbeat", "/proxy/redeem", "/proxy/events",
+                                                        "/proxy/watch"}
     with_bodies = {path for path, item in document["paths"].items()
                    if any("requestBody" in op for op in item.values() if isinstance(op, dict))}
     assert with_bodies == set(VALID_BODIES)
