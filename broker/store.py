@@ -332,6 +332,20 @@ class Store:
         except self.engine.invalid_value_errors:
             raise InvalidValue() from None
 
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Whether this replica has the periodic cleanup's turn (PostgreSQL's
+        ``pg_try_advisory_lock``, never waited for; always on SQLite), held for the block."""
+        try:
+            with self.engine.exclusive() as got:
+                yield got
+        except self.engine.unavailable_errors as exc:
+            raise StoreUnavailable(f"the broker cannot use its database: {_one_line(exc)}") from None
+
+    def ready(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the database answers a query now (``/readyz``)."""
+        self.one("SELECT 1")
+
     def one(self, sql: str, *params: Any) -> Any:
         with self._reader() as conn:
             return conn.execute(sql, params).fetchone()
