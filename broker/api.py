@@ -221,6 +221,16 @@ class ApiHandler(tornado.web.RequestHandler):
         else:
             self.finish(json.dumps(body))
 
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """A database that cannot be used is one line, not a traceback per request: a WARNING
+        (disk full, a lock held too long), or DEBUG during an outage the broker logged already."""
+        if isinstance(value, StoreUnavailable):
+            during_outage = self.broker.store.unreachable
+            log.log(logging.DEBUG if during_outage else logging.WARNING, "%s %s: 503 storage_unavailable: %s",
+                    self.request.method, self.request.path, value)
+            return
+        super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(error, ApiError):

@@ -342,6 +342,12 @@ class Store:
         except self.engine.unavailable_errors as exc:
             raise StoreUnavailable(f"the broker cannot use its database: {_one_line(exc)}") from None
 
+    @property
+    def unreachable(self) -> bool:
+        """True while the engine knows its server is gone (PostgreSQL's outage circuit is open)."""
+        outage = getattr(self.engine, "outage", None)
+        return bool(outage is not None and outage.down)
+
     def ready(self) -> None:
         """Raise :class:`StoreUnavailable` unless the database answers a query now (``/readyz``)."""
         self.one("SELECT 1")
