@@ -40,6 +40,8 @@ class Outage:
         self._lock = threading.Lock()
         self._since: float | None = None
         self._closing = threading.Event()
+        self._up = threading.Event()
+        self._up.set()
 
     @property
     def down(self) -> bool:
@@ -50,12 +52,17 @@ class Outage:
         if self._since is not None:
             raise DatabaseDown(f"the database {self.what} is unreachable (for {time.monotonic() - self._since:.1f} s)")
 
+    def wait_up(self, timeout: float) -> bool:
+        """Block until the circuit is closed (the database answers again); False on timeout."""
+        return self._up.wait(timeout)
+
     def begin(self, reason: BaseException | str) -> None:
         """The database was just found gone: open the circuit and start probing (once)."""
         with self._lock:
             if self._since is not None or self._closing.is_set():
                 return
             self._since = time.monotonic()
+            self._up.clear()
         log.warning("the database %s is unreachable (%s): answering 503 storage_unavailable until it is back",
                     self.what, _one_line(reason))
         threading.Thread(target=self._watch, name="consolegate-db-probe", daemon=True).start()
@@ -74,6 +81,7 @@ class Outage:
                 continue
             with self._lock:
                 since, self._since = self._since, None
+                self._up.set()
             log.warning("the database %s answers again after %.1f s", self.what,
                         time.monotonic() - (since or time.monotonic()))
             return

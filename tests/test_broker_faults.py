@@ -312,3 +312,32 @@ def test_two_replicas_started_at_once_on_an_empty_database_migrate_it_once(pg_cl
         for replica in started:
             if replica is not None:
                 replica.stop()
+
+
+# --- the periodic cleanup, one replica at a time ---------------------------------------------------
+
+def test_a_cleanup_tick_is_skipped_while_another_replica_runs_one(engine: str, database: str | None,
+                                                                  tmp_path: Path) -> None:
+    """While the cleanup's advisory lock is held (by "another replica": a plain connection here),
+    a tick deletes nothing; once it is released, the next tick does. SQLite: always this
+    process's turn."""
+    from broker import serve
+    from broker.engines import CLEANUP_LOCK_KEY
+
+    state = BrokerState.create(tmp_path / "a", database=database)
+    broker = state.open()
+    try:
+        with broker.store.transaction() as conn:
+            conn.execute("INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES ('old', 's', 'p', 1, 1.0)")
+        count = lambda: broker.store.one("SELECT count(*) FROM redeemed")[0]
+        if engine == "postgresql":
+            assert database is not None
+            with psycopg.connect(database, autocommit=True) as other:
+                other.execute("SELECT pg_advisory_lock(%s)", (CLEANUP_LOCK_KEY,))
+                serve._cleanup(broker)
+                assert count() == 1
+                other.execute("SELECT pg_advisory_unlock(%s)", (CLEANUP_LOCK_KEY,))  # closing frees it later
+        serve._cleanup(broker)
+        assert count() == 0
+    finally:
+        broker.close()
