@@ -16,6 +16,8 @@ Sections (each bounded by its own time budget; a section that overruns is report
    per session, refusals, and one echo round on all of them with a deadline (no stall).
 5. token mints/s and verifies/s against raw Ed25519 verify (bench/token_bench.py, a subprocess:
    it pins itself to one core).
+6. ``brokers``: broker mints/s and redeems/s on SQLite, PostgreSQL with one replica and two, CPU
+   per mint, heartbeats of 100 proxies, and a fleet sizing (bench/brokers.py; also runs alone).
 
 Paths are measured in interleaved rounds (A B C, B C A, ...) and the best round counts, so a
 noisy moment on a shared machine hurts every path alike. Every comparison is a ratio of figures
@@ -39,7 +41,7 @@ from typing import Any, Self
 
 import psutil
 
-from bench import budget, measure, report
+from bench import brokers, budget, measure, report
 from bench import profile as bench_profile
 from bench.clients import Path
 from bench.proxies import Proxy, start_consolegate, start_websockify, version_of_websockify
@@ -47,9 +49,11 @@ from bench.targets import REPO, Target, start_echo, start_xvnc, workdir
 
 PROFILES = {
     "full": {"rounds": 3, "opens_s": 4.0, "bulk_s": 4.0, "small_rounds": 300, "concurrency": 8,
-             "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 1.0, "token_rounds": 3},
+             "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 1.0, "token_rounds": 3,
+             "broker_seconds": 5.0},
     "quick": {"rounds": 2, "opens_s": 2.0, "bulk_s": 2.0, "small_rounds": 150, "concurrency": 8,
-              "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 0.5, "token_rounds": 2},
+              "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 0.5, "token_rounds": 2,
+              "broker_seconds": 2.0},
 }
 
 
@@ -287,11 +291,19 @@ def token_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
+def broker_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
+    """bench/brokers.py in this process (it starts its own brokers and PostgreSQL)."""
+    try:
+        return brokers.run(profile["broker_seconds"], work)
+    except Exception as exc:  # noqa: BLE001 - a failed section is reported, the run goes on
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter rounds (about one minute in all)")
     parser.add_argument("--json", metavar="FILE", help="write every figure, round and ratio as JSON")
-    parser.add_argument("--only", action="append", choices=[*SECTIONS, "tokens"],
+    parser.add_argument("--only", action="append", choices=[*SECTIONS, "tokens", "brokers"],
                         help="run only this section (repeatable); default: all")
     parser.add_argument("--profile", metavar="DIR",
                         help="record the consolegate proxy with py-spy during each section; summaries in DIR")
@@ -301,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     started = time.time()
     work = workdir()
-    only = set(args.only or [*SECTIONS, "tokens"])
+    only = set(args.only or [*SECTIONS, "tokens", "brokers"])
     spy_dir = FsPath(args.profile) if args.profile else None
     if spy_dir is not None:
         spy_dir.mkdir(parents=True, exist_ok=True)
@@ -309,12 +321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "tokens" in only:
         log("section 5: token mint/verify vs raw Ed25519")
         results["tokens"] = token_section(profile, work)
+    if "brokers" in only:
+        log("section 6: brokers on SQLite and PostgreSQL")
+        results["brokers"] = broker_section(profile, work)
     info["loadavg_end"] = os.getloadavg()
     document = {"profile": "quick" if args.quick else "full", "settings": profile, "machine": info,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                 "duration_s": round(time.time() - started, 1), "results": results}
     document["ratios"], document["goals"] = report.ratios_and_goals(results)
     print(report.table(document))
+    if "brokers" in results:
+        print("\n" + (brokers.table(results["brokers"]) if "error" not in results["brokers"]
+                      else f"brokers: {results['brokers']['error']}"))
     if args.json:
         FsPath(args.json).write_text(json.dumps(document, indent=2, default=str) + "\n")
         log(f"wrote {args.json}")
