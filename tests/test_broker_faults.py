@@ -236,7 +236,9 @@ def test_postgresql_stopped_mid_traffic_answers_503_at_once_and_recovers_by_itse
         during = len(traffic.answers)
 
         private_pg.start()
+        back = time.monotonic()
         wait_for(lambda: _get(broker, "/readyz")[0] == 200, timeout=30, what="the broker ready again")
+        ready_after = time.monotonic() - back
         wait_for(lambda: len(traffic.answers) > during and traffic.answers[-1][0] == 200, timeout=10,
                  what="mints answered again")
         answers = traffic.stop()
@@ -253,7 +255,8 @@ def test_postgresql_stopped_mid_traffic_answers_503_at_once_and_recovers_by_itse
 
         asyncio.run(single_use_after())
         healthy_proxies(broker, 1)
-        print(f"slowest mint answer through the outage: {traffic.slowest:.3f} s")
+        print(f"slowest mint answer through the outage: {traffic.slowest:.3f} s; "
+              f"ready {ready_after:.2f} s after PostgreSQL was")
         text = broker.log_text()
         assert private_pg.password not in text + proxy.log_text()
         assert "Traceback" not in text and " 500 " not in text
