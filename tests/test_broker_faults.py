@@ -344,3 +344,34 @@ def test_a_cleanup_tick_is_skipped_while_another_replica_runs_one(engine: str, d
         assert count() == 0
     finally:
         broker.close()
+
+
+def test_a_lock_held_elsewhere_or_a_slow_statement_is_a_503_not_a_stuck_loop_nor_an_outage(
+        pg_cluster: PgCluster, tmp_path: Path) -> None:
+    """Another session holds the keyring row (a stuck transaction elsewhere): a mint waits at
+    most the lock timeout and fails as storage_unavailable; a statement running past the
+    statement timeout is cancelled the same way. Neither opens the outage circuit: the next
+    request goes through."""
+    from broker.auth import Principal
+    from broker.store import StoreUnavailable
+
+    state = BrokerState.create(tmp_path / "a", database=pg_cluster.new_database())
+    state.add_proxy("fake", "http://127.0.0.1:1")
+    broker = state.open()
+    try:
+        issuer = broker.authenticate(f"Bearer {state.issuer_key}", proxy=False)
+        assert isinstance(issuer, Principal)
+        target = broker.add_target({"name": "vm", "host": "127.0.0.1", "port": 5901}, "t")
+        assert state.database is not None
+        with psycopg.connect(state.database) as other:
+            other.execute("SELECT * FROM keyring FOR UPDATE")
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                broker.mint_console(issuer, {"target_id": target["id"]})
+            other.rollback()
+        assert not broker.store.unreachable
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            broker.store.one("SELECT pg_sleep(5)")
+        assert not broker.store.unreachable
+        broker.store.ready()
+    finally:
+        broker.close()
