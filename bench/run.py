@@ -20,6 +20,8 @@ Sections (each bounded by its own time budget; a section that overruns is report
    subprocess: it pins itself to one core).
 7. revocation latency, DELETE to the browser's 4410 (bench/revocation.py): SQLite with one
    broker, and two replicas on a throwaway PostgreSQL when Debian's postgresql is installed.
+8. ``brokers``: broker mints/s and redeems/s on SQLite, PostgreSQL with one replica and two, CPU
+   per mint, heartbeats of 100 proxies, and a fleet sizing (bench/brokers.py; also runs alone).
 
 Paths are measured in interleaved rounds (A B C, B C A, ...) and the best round counts, so a
 noisy moment on a shared machine hurts every path alike. Every comparison is a ratio of figures
@@ -43,7 +45,7 @@ from typing import Any
 
 import psutil
 
-from bench import budget, measure, report, revocation
+from bench import brokers, budget, measure, report, revocation
 from bench import profile as bench_profile
 from bench.clients import Path
 from bench.proxies import Proxy, start_consolegate, start_websockify, version_of_websockify
@@ -52,10 +54,10 @@ from bench.targets import REPO, Target, certificate, start_echo, start_xvnc, wor
 PROFILES = {
     "full": {"rounds": 3, "opens_s": 4.0, "bulk_s": 4.0, "small_rounds": 300, "concurrency": 8,
              "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 1.0, "token_rounds": 3,
-             "revocations": 50},
+             "revocations": 50, "broker_seconds": 5.0},
     "quick": {"rounds": 2, "opens_s": 2.0, "bulk_s": 2.0, "small_rounds": 150, "concurrency": 8,
               "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 0.5, "token_rounds": 2,
-              "revocations": 20},
+              "revocations": 20, "broker_seconds": 2.0},
 }
 """``concurrency`` is for the CPU-budget section only: the other open measurements are sequential."""
 
@@ -285,11 +287,19 @@ def revocation_section(profile: dict[str, Any]) -> dict[str, Any]:
         return {"error": f"revocation: {type(exc).__name__}: {exc}"}
 
 
+def broker_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
+    """bench/brokers.py in this process (it starts its own brokers and PostgreSQL)."""
+    try:
+        return brokers.run(profile["broker_seconds"], work)
+    except Exception as exc:  # noqa: BLE001 - a failed section is reported, the run goes on
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter rounds (about one minute in all)")
     parser.add_argument("--json", metavar="FILE", help="write every figure, round and ratio as JSON")
-    parser.add_argument("--only", action="append", choices=[*SECTIONS, "tokens", "revocation"],
+    parser.add_argument("--only", action="append", choices=[*SECTIONS, "tokens", "revocation", "brokers"],
                         help="run only this section (repeatable); default: all")
     parser.add_argument("--profile", metavar="DIR",
                         help="record the consolegate proxy with py-spy during each section; summaries in DIR")
@@ -299,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     started = time.time()
     work = workdir()
-    only = set(args.only or [*SECTIONS, "tokens", "revocation"])
+    only = set(args.only or [*SECTIONS, "tokens", "revocation", "brokers"])
     spy_dir = FsPath(args.profile) if args.profile else None
     if spy_dir is not None:
         spy_dir.mkdir(parents=True, exist_ok=True)
@@ -310,12 +320,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "revocation" in only:
         log("section 7: revocation latency")
         results["revocation"] = revocation_section(profile)
+    if "brokers" in only:
+        log("section 8: brokers on SQLite and PostgreSQL")
+        results["brokers"] = broker_section(profile, work)
     info["loadavg_end"] = os.getloadavg()
     document = {"profile": "quick" if args.quick else "full", "settings": profile, "machine": info,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                 "duration_s": round(time.time() - started, 1), "results": results}
     document["ratios"], document["goals"] = report.ratios_and_goals(results)
     print(report.table(document))
+    if "brokers" in results:
+        print("\n" + (brokers.table(results["brokers"]) if "error" not in results["brokers"]
+                      else f"brokers: {results['brokers']['error']}"))
     if args.json:
         FsPath(args.json).write_text(json.dumps(document, indent=2, default=str) + "\n")
         log(f"wrote {args.json}")

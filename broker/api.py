@@ -226,6 +226,16 @@ class ApiHandler(tornado.web.RequestHandler):
         else:
             self.finish(json.dumps(body))
 
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """A database that cannot be used is one line, not a traceback per request: a WARNING
+        (disk full, a lock held too long), or DEBUG during an outage the broker logged already."""
+        if isinstance(value, StoreUnavailable):
+            during_outage = self.broker.store.unreachable
+            log.log(logging.DEBUG if during_outage else logging.WARNING, "%s %s: 503 storage_unavailable: %s",
+                    self.request.method, self.request.path, value)
+            return
+        super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(error, ApiError):
@@ -241,8 +251,10 @@ class ApiHandler(tornado.web.RequestHandler):
             body = {"error": "bad_request", "message": str(error)}
         elif isinstance(error, StoreUnavailable):
             self.set_status(503)
+            self.set_header("Retry-After", "1")
             body = {"error": "storage_unavailable",
-                    "message": "the broker cannot use its database right now (disk full?); nothing was changed"}
+                    "message": "the broker cannot use its database right now (unreachable, or its disk full); "
+                               "nothing was changed: retry later"}
         elif error_status(status_code, error) != status_code:  # input a check missed: logged, but a 400
             self.set_status(400)
             body = {"error": "bad_request", "message": "the request holds a value the broker cannot handle"}
@@ -375,9 +387,19 @@ class OpenApiHandler(ApiHandler):
 
 
 class HealthHandler(ApiHandler):
+    """Liveness: the process answers. It does not touch the database, so an outage of a shared
+    PostgreSQL does not get every replica restarted; readiness is /readyz."""
+
     def get(self) -> None:
-        self.broker.store.one("SELECT 1")
         self.answer(200, {"status": "ok"})
+
+
+class ReadyHandler(ApiHandler):
+    """Readiness: 200 while the database answers, 503 storage_unavailable (at once) while not."""
+
+    def get(self) -> None:
+        self.broker.store.ready()
+        self.answer(200, {"status": "ready"})
 
 
 class MetricsHandler(ApiHandler):
@@ -416,6 +438,7 @@ def make_app(broker: Broker, throttle: AuthThrottle | None = None,
         ("/proxy/heartbeat", HeartbeatHandler), ("/proxy/redeem", RedeemHandler),
         ("/proxy/events", ProxyEventsHandler), ("/openapi.json", OpenApiHandler))]
     routes.append((PREFIX + "/proxy/watch", WatchHandler, {**options, "feed": feed}))
-    routes += [("/healthz", HealthHandler, options), ("/metrics", MetricsHandler, options)]
+    routes += [("/healthz", HealthHandler, options), ("/readyz", ReadyHandler, options),
+               ("/metrics", MetricsHandler, options)]
     return tornado.web.Application(routes, default_handler_class=NotFoundHandler, default_handler_args=options,
                                    log_function=_log_request)

@@ -30,18 +30,31 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from broker.outage import DatabaseDown, Outage
+
 MIGRATION_LOCK_KEY = 0x636F6E736F6C65  # "console": one advisory lock id for the broker's migrations
 DB_NAME = "broker.db"
 POOL_MAX = 8
 """Connections per broker process: the event loop runs one request at a time, the CLI one
 command; a few more let threads (tests, the cleanup) run beside it."""
-CONNECT_TIMEOUT = 5
-"""Seconds to establish a connection (libpq's ``connect_timeout``)."""
-LOCK_TIMEOUT_MS = 10000
-"""Longest wait for a row or table lock, as SQLite's busy_timeout: then the request fails as
-storage_unavailable instead of hanging."""
-POOL_TIMEOUT = 2.0
-"""Seconds a request waits for a pool connection before it fails as storage_unavailable."""
+CONNECT_TIMEOUT = 2
+"""Seconds to establish a connection (libpq's ``connect_timeout``; 2 is its smallest)."""
+LOCK_TIMEOUT_MS = 1000
+"""Longest wait for a row lock (or the audit counter's): then the request fails as
+storage_unavailable instead of holding the broker's event loop. Replicas' transactions last
+milliseconds, so only a stuck one is ever waited on this long."""
+STATEMENT_TIMEOUT_MS = 1500
+"""Longest a statement may run on the server: the event loop waits for it (migrations, which
+run before the broker serves, are exempt)."""
+TCP_USER_TIMEOUT_MS = 2000
+"""Longest sent data may stay unacknowledged before the connection counts as broken (a server
+gone without closing its sockets: a power cut, a partition)."""
+POOL_TIMEOUT = 1.5
+"""Seconds a request waits for a pool connection before it fails as storage_unavailable: the
+whole answer stays within 2 s. Once one such wait failed the circuit of :mod:`broker.outage`
+opens and later requests fail at once."""
+CLEANUP_LOCK_KEY = MIGRATION_LOCK_KEY + 1
+"""The advisory lock a replica holds around a cleanup tick: one replica cleans at a time."""
 
 
 class DatabaseUrlError(ValueError):
@@ -168,6 +181,11 @@ class SqliteEngine:
         """A migration's transaction: BEGIN IMMEDIATE is the lock."""
         return self.transaction()
 
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """The cleanup's turn: always this process's (one broker serves a SQLite file)."""
+        yield True
+
     def version(self, conn: Any) -> int:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
@@ -202,39 +220,83 @@ class PostgresEngine:
             raise EngineOpenError("PostgreSQL needs psycopg 3 and psycopg-pool: "
                                   "pip install 'consolegate[broker]'") from None
         self.url = url
-        self.errors = (psycopg.Error, psycopg_pool.PoolTimeout)
+        self._psycopg, self._psycopg_pool = psycopg, psycopg_pool
+        self.errors = (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseDown)
         self.integrity_errors = (psycopg.errors.IntegrityError,)
-        self.unavailable_errors = (psycopg.OperationalError, psycopg_pool.PoolTimeout,
+        self.unavailable_errors = (psycopg.OperationalError, psycopg_pool.PoolTimeout, DatabaseDown,
                                    psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
         # NUL in a string (PostgreSQL's text cannot hold it), a number out of a column's range
         self.invalid_value_errors = (psycopg.DataError, UnicodeEncodeError, OverflowError)
-        # the URL's own connect_timeout (and every other libpq option in it) wins
-        options = {} if "connect_timeout" in (url.conninfo or "") else {"connect_timeout": CONNECT_TIMEOUT}
+        # the URL's own libpq options win over these defaults
+        self.options: dict[str, Any] = {name: value for name, value in (
+            ("connect_timeout", CONNECT_TIMEOUT), ("tcp_user_timeout", TCP_USER_TIMEOUT_MS),
+            ("keepalives_idle", 5), ("keepalives_interval", 1), ("keepalives_count", 3),
+        ) if name not in (url.conninfo or "")}
         try:  # fail at start, in one line, when the server cannot be reached or refuses us
-            psycopg.connect(url.conninfo or "", **options).close()
+            psycopg.connect(url.conninfo or "", **self.options).close()
         except psycopg.Error as exc:
             raise EngineOpenError(f"cannot connect to {url.redacted}: {_first_line(exc)}") from None
         self.lock_timeout_ms = LOCK_TIMEOUT_MS
-        self.pool = psycopg_pool.ConnectionPool(
-            url.conninfo or "", min_size=1, max_size=POOL_MAX, timeout=POOL_TIMEOUT, open=True,
-            kwargs={"autocommit": True, **options}, name="consolegate",
-            configure=lambda conn: conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}"))
+        self.outage = Outage(url.redacted, self._probe, self._renew_pool)
+        self.pool = self._new_pool()
+        self.pool.open()
+
+    def _new_pool(self) -> Any:
+        def configure(conn: Any) -> None:
+            conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+            conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+
+        return self._psycopg_pool.ConnectionPool(
+            self.url.conninfo or "", min_size=1, max_size=POOL_MAX, timeout=POOL_TIMEOUT, open=False,
+            kwargs={"autocommit": True, **self.options}, name="consolegate", configure=configure)
+
+    def _probe(self) -> None:
+        """One fresh connection and ``SELECT 1`` (the outage's probe, in its thread)."""
+        with self._psycopg.connect(self.url.conninfo or "", **self.options) as conn:
+            conn.execute("SELECT 1")
+
+    def _renew_pool(self) -> None:
+        """The database is back: a fresh pool with a connection ready, the old one closed behind
+        (its reconnection attempts back off for up to minutes; connections still lent out are
+        closed when they come back)."""
+        pool = self._new_pool()
+        pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        old, self.pool = self.pool, pool
+        threading.Thread(target=old.close, kwargs={"timeout": 1.0}, daemon=True).start()
 
     @property
     def description(self) -> str:
         return self.url.redacted
 
     def close(self) -> None:
+        self.outage.close()
         self.pool.close()
 
     @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A pool connection, failing at once while the circuit is open; a connection found
+        broken (or none to be had in time) opens it."""
+        self.outage.check()
+        try:
+            with self.pool.connection() as conn:
+                try:
+                    yield conn
+                except self._psycopg.OperationalError as exc:
+                    if conn.broken or conn.closed:
+                        self.outage.begin(exc)
+                    raise
+        except self._psycopg_pool.PoolTimeout as exc:
+            self.outage.begin(exc)
+            raise
+
+    @contextmanager
     def reader(self) -> Iterator[PgConnection]:
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             yield PgConnection(conn)
 
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
-        with self.pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             if self.lock_timeout_ms != LOCK_TIMEOUT_MS:  # changed (tests): for this transaction only
                 conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
             yield PgConnection(conn)
@@ -248,14 +310,35 @@ class PostgresEngine:
     def migration(self) -> Iterator[PgConnection]:
         """A transaction begun once ``pg_advisory_lock`` is held (two replicas starting at once
         apply each migration once). The lock comes before BEGIN so that the transaction's
-        catalog snapshot already shows what the previous holder committed."""
-        with self.pool.connection() as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        catalog snapshot already shows what the previous holder committed. No lock or statement
+        timeout here: the other replica's migration is waited for, however long it takes."""
+        with self._connection() as conn:
+            conn.execute("SET lock_timeout = 0")
+            conn.execute("SET statement_timeout = 0")
             try:
-                with conn.transaction():
-                    yield PgConnection(conn)
+                conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+                try:
+                    with conn.transaction():
+                        yield PgConnection(conn)
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
             finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+                with contextlib.suppress(self._psycopg.Error):  # a broken connection is discarded anyway
+                    conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+                    conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Whether this process got the cleanup's advisory lock (``pg_try_advisory_lock``, no
+        wait), held until the block ends: one replica at a time runs a cleanup tick. The lock
+        belongs to this connection's session, so a replica that dies mid-tick releases it."""
+        with self._connection() as conn:
+            got = bool(conn.execute("SELECT pg_try_advisory_lock(%s)", (CLEANUP_LOCK_KEY,)).fetchone()[0])
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (CLEANUP_LOCK_KEY,))
 
     def version(self, conn: PgConnection) -> int:
         if conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0] is not True:

@@ -191,8 +191,14 @@ def start_feed(broker: Broker) -> tuple[ChangeFeed, Callable[[], None]]:
 def _cleanup(broker: Broker) -> None:
     """One batch per table per tick: cleanup runs on the event loop, so a large backlog (after an
     upgrade) is worked off over several ticks instead of stalling mints and redeems meanwhile.
-    A failure (a locked database) is logged and retried at the next tick, never fatal."""
+    A failure (a locked database) is logged and retried at the next tick, never fatal. On
+    PostgreSQL the tick runs under an advisory lock: one replica cleans at a time, the others
+    skip their tick."""
     try:
-        broker.cleanup(max_batches=1)  # logs what it removed
+        with broker.store.exclusive() as turn:  # one replica at a time
+            if turn:
+                broker.cleanup(max_batches=1)  # logs what it removed
+            else:
+                log.debug("cleanup skipped: another replica is running its tick")
     except (*broker.store.engine.errors, StoreError) as exc:
         log.warning("cleanup skipped, retried in %.0f s: %s", broker.config.cleanup_interval, exc)

@@ -357,6 +357,26 @@ class Store:
         except self.engine.invalid_value_errors:
             raise InvalidValue() from None
 
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Whether this replica has the periodic cleanup's turn (PostgreSQL's
+        ``pg_try_advisory_lock``, never waited for; always on SQLite), held for the block."""
+        try:
+            with self.engine.exclusive() as got:
+                yield got
+        except self.engine.unavailable_errors as exc:
+            raise StoreUnavailable(f"the broker cannot use its database: {_one_line(exc)}") from None
+
+    @property
+    def unreachable(self) -> bool:
+        """True while the engine knows its server is gone (PostgreSQL's outage circuit is open)."""
+        outage = getattr(self.engine, "outage", None)
+        return bool(outage is not None and outage.down)
+
+    def ready(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the database answers a query now (``/readyz``)."""
+        self.one("SELECT 1")
+
     def one(self, sql: str, *params: Any) -> Any:
         with self._reader() as conn:
             return conn.execute(sql, params).fetchone()

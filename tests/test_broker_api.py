@@ -268,6 +268,8 @@ def test_healthz_and_metrics(broker: BrokerProcess) -> None:
 
     with urllib.request.urlopen(f"{broker.base}/healthz", timeout=10) as response:
         assert response.status == 200 and json.loads(response.read())
+    with urllib.request.urlopen(f"{broker.base}/readyz", timeout=10) as response:
+        assert response.status == 200 and json.loads(response.read()) == {"status": "ready"}
     with urllib.request.urlopen(f"{broker.base}/metrics", timeout=10) as response:
         text = response.read().decode()
     assert response.headers["Content-Type"].startswith("text/plain")
