@@ -167,6 +167,7 @@ def _add_targets(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--host", required=True)
     add.add_argument("--port", type=int, required=True)
     add.add_argument("--password-file", metavar="F", help=PASSWORD_FILE_HELP)
+    _add_tls_options(add)
     _action(targets, "list", _listing(Broker.list_targets), "targets as JSON (never the password)")
     _action(targets, "remove", targets_remove, "delete a target", "id")
 
@@ -187,8 +188,7 @@ def _add_hypervisors(commands: argparse._SubParsersAction) -> None:
                           "qemu+tcp://HOST/system, test:///default")
     add.add_argument("--address", metavar="HOST",
                      help="where proxies reach VNC servers that listen on 0.0.0.0 or :: (default: the URI's host)")
-    add.add_argument("--tls-ca", metavar="PEM", help="CA certificate the VNC servers' VeNCrypt certificates verify with")
-    add.add_argument("--tls-require", action="store_true", help="refuse consoles whose VNC server offers no TLS")
+    _add_tls_options(add)
     add.add_argument("--console-passwords", action="store_true",
                      help="each mint sets the domain's VNC password (live), valid until the last outstanding "
                           "console's expiry: a password from an expired token opens nothing")
@@ -196,10 +196,16 @@ def _add_hypervisors(commands: argparse._SubParsersAction) -> None:
     _action(group, "remove", hypervisors_remove, "forget a hypervisor", "name")
 
 
-def hypervisors_add(args: argparse.Namespace) -> int:
-    body: dict[str, object] = {"name": args.name, "uri": args.uri}
-    if args.address:
-        body["address"] = args.address
+def _add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """The upstream TLS policy of a target or a hypervisor: the same flags, the same token claim."""
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="CA certificate the VNC servers' VeNCrypt certificates verify with (then only "
+                             "verified X.509 VeNCrypt is accepted)")
+    parser.add_argument("--tls-require", action="store_true", help="refuse consoles whose VNC server offers no TLS")
+
+
+def _tls_body(args: argparse.Namespace, body: dict[str, object]) -> None:
+    """Put ``--tls-ca``/``--tls-require`` into a create request's ``tls`` member."""
     tls: dict[str, object] = {}
     if args.tls_ca:
         try:
@@ -210,6 +216,13 @@ def hypervisors_add(args: argparse.Namespace) -> int:
         tls["require"] = True
     if tls:
         body["tls"] = tls
+
+
+def hypervisors_add(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {"name": args.name, "uri": args.uri}
+    if args.address:
+        body["address"] = args.address
+    _tls_body(args, body)
     if args.console_passwords:
         body["console_passwords"] = True
     try:  # the API's own checks
@@ -344,6 +357,7 @@ def targets_add(args: argparse.Namespace) -> int:
         body["id"] = args.id
     if args.password_file:
         body["password"] = read_secret_file(args.password_file)
+    _tls_body(args, body)
     try:  # the API's own checks, so the CLI and the API accept the same targets
         checked = schemas.validate(body, schemas.TARGET_CREATE)
     except ValueError as exc:

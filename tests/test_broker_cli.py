@@ -115,3 +115,27 @@ def test_hypervisors_add_list_remove(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert _run(capsys, "hypervisors", "remove", "hv1", "--state-dir", state)[:2] == (0, "removed hypervisor hv1\n")
     status, _, err = _run(capsys, "hypervisors", "remove", "hv1", "--state-dir", state)
     assert status == 1 and "no hypervisor named 'hv1'" in err
+
+
+def test_targets_add_takes_the_hypervisors_tls_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A target that is not libvirt's gets the same TLS policy flags as a hypervisor: --tls-ca
+    pins the CA (only verified X.509 VeNCrypt then), --tls-require demands TLS; an unreadable
+    CA file is one line, nothing stored."""
+    from xvnc import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    state = str(tmp_path / "state")
+    assert _run(capsys, "init", "--state-dir", state)[0] == 0
+    status, out, _ = _run(capsys, "targets", "add", "--id", "tls1", "--name", "TLS", "--host", "10.0.0.2",
+                          "--port", "5901", "--tls-ca", str(pki.ca_path), "--tls-require", "--state-dir", state)
+    assert status == 0, out
+    status, out, _ = _run(capsys, "targets", "add", "--id", "req1", "--name", "Req", "--host", "10.0.0.3",
+                          "--port", "5901", "--tls-require", "--state-dir", state)
+    assert status == 0, out
+    status, _, err = _run(capsys, "targets", "add", "--id", "bad", "--name", "Bad", "--host", "10.0.0.4",
+                          "--port", "5901", "--tls-ca", str(tmp_path / "missing.pem"), "--state-dir", state)
+    assert status == 1 and "cannot read the CA certificate" in err and err.count("\n") == 1, err
+    listed = {t["id"]: t for t in json.loads(_run(capsys, "targets", "list", "--state-dir", state)[1])["targets"]}
+    assert set(listed) == {"tls1", "req1"}
+    assert listed["tls1"]["tls"]["ca"].strip() == pki.ca_pem.strip() and listed["tls1"]["tls"]["require"] is True
+    assert listed["req1"]["tls"]["require"] is True and not listed["req1"]["tls"].get("ca")
