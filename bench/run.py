@@ -21,7 +21,8 @@ Sections (each bounded by its own time budget; a section that overruns is report
 7. revocation latency, DELETE to the browser's 4410 (bench/revocation.py): SQLite with one
    broker, and two replicas on a throwaway PostgreSQL when Debian's postgresql is installed.
 8. ``brokers``: broker mints/s and redeems/s on SQLite, PostgreSQL with one replica and two, CPU
-   per mint, heartbeats of 100 proxies, and a fleet sizing (bench/brokers.py; also runs alone).
+   per mint, heartbeats and watches of 100 proxies (a revocation's fan-out), and a fleet sizing
+   (bench/brokers.py; also runs alone).
 
 Paths are measured in interleaved rounds (A B C, B C A, ...) and the best round counts, so a
 noisy moment on a shared machine hurts every path alike. Every comparison is a ratio of figures
