@@ -561,7 +561,7 @@ def table(results: dict[str, Any]) -> str:
                      f"{s['heartbeats_per_s']:.0f}/s = {s['heartbeat_broker_cores']:.3f} core; broker cores "
                      f"{s['broker_cores_steady']:.2f} steady, {s['broker_cores_storm']:.2f} storm; one replica "
                      f"measured {s['consoles_per_s_one_replica_measured']}/s consoles (mint + redeem): "
-                     f"{s['replicas_steady']} replicas steady, {s['replicas_storm']} for the storm (plus one spare)")
+                     f"{_replicas(s['replicas_steady'])} steady, {s['replicas_storm']} for the storm (plus one spare)")
         if "watches" in s:
             lines.append(f"  sizing, {s['watches']} watches: held idle {s['watches_idle_broker_cores']:.3f} broker core"
                          " + "
@@ -609,3 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _replicas(count: int) -> str:
+    return f"{count} replica" if count == 1 else f"{count} replicas"
