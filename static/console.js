@@ -9,16 +9,18 @@ import RFB from "../novnc/core/rfb.js";
 import KeyTable from "../novnc/core/input/keysym.js";
 import keysyms from "../novnc/core/input/keysymdef.js";
 import * as messages from "./messages.js";
+import { sendCombination, wireKeysMenu } from "./keysmenu.js";
 
 const $ = (id) => document.getElementById(id);
 const screen = $("screen");
 const statusLine = $("status");
-const inputButtons = [$("ctrl-alt-del"), $("send-text")];
+const inputButtons = [$("ctrl-alt-del"), $("keys"), $("send-text")];
 const viewButtons = [$("scale"), $("fullscreen"), $("disconnect")];
 
 let rfb = null;
 let verdict = null;          // the /token-status answer for this token (view_only, expires_at, …)
 let userDisconnected = false;
+let keysMenu = null;         // the keys menu's controls, once wired
 
 /** The token from `#token=…`, removed from the address bar (and history) before anything else. */
 function takeToken() {
@@ -39,6 +41,9 @@ function show(state, text) {
     const live = state === "connected";
     for (const button of viewButtons) button.disabled = !live;
     for (const button of inputButtons) button.disabled = !live || Boolean(verdict && verdict.view_only);
+    // Input controls are hidden, not only greyed out, for a view-only console.
+    for (const button of inputButtons) button.hidden = Boolean(verdict && verdict.view_only);
+    if ($("keys").disabled && keysMenu) keysMenu.close(false);
 }
 
 /** The proxy's verdict on the token, without redeeming it: {ok: true, …} or {ok: false, message}. */
@@ -137,6 +142,10 @@ function wireToolbar() {
     const backToConsole = () => { if (rfb) rfb.focus(); };
 
     $("ctrl-alt-del").addEventListener("click", () => { rfb.sendCtrlAltDel(); backToConsole(); });
+    keysMenu = wireKeysMenu($("keys"), $("keys-menu"), (names) => {
+        if (rfb) sendCombination(rfb, names);
+        backToConsole();
+    });
 
     $("send-text").addEventListener("click", async () => {
         textInput.value = "";

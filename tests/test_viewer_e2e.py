@@ -498,3 +498,105 @@ def test_revoked_session_says_so(page, fleet, xvnc_vncauth) -> None:
     status = wait_state(page, "ended")  # 4410 within one heartbeat
     assert status == js_messages(page)["CLOSES"]["4410"]
     assert "administrator" in status
+
+
+# --- the keys menu -----------------------------------------------------------------------------------
+
+
+def key_logger(x_clients: Callable[..., subprocess.Popen[bytes]], server: XvncServer, tmp_path: Path) -> Path:
+    """``xev`` over the middle of the screen (where the pointer, so the X focus, is), logging every
+    key event it receives to a file: what the VM's own programs see."""
+    log = tmp_path / "keys.log"
+    x_clients("sh", "-c", f"exec xev -event keyboard -geometry 600x400+100+100 -name key-logger > {log}")
+    wait_viewable(server, "key-logger")
+    return log
+
+
+def key_events(log: Path) -> list[tuple[str, str, int]]:
+    """(KeyPress|KeyRelease, keysym name, modifier state) for every key event xev logged."""
+    pattern = re.compile(r"^(KeyPress|KeyRelease) event.*?\n\s+.*?state (0x[0-9a-f]+), keycode \d+ "
+                         r"\(keysym 0x[0-9a-f]+, (\w+)\)", re.MULTILINE | re.DOTALL)
+    return [(kind, name, int(state, 16)) for kind, state, name in pattern.findall(log.read_text())]
+
+
+def press(page: Page, key: str, code: str, vk: int) -> None:
+    """One key pressed and released on the page (not the VM): for the page's own controls."""
+    common = {"key": key, "code": code, "windowsVirtualKeyCode": vk}
+    typed = {"text": "\r"} if key == "Enter" else {}  # a button's activation comes from the typed character
+    page.call("Input.dispatchKeyEvent", {"type": "keyDown", **typed, **common})
+    page.call("Input.dispatchKeyEvent", {"type": "keyUp", **common})
+
+
+CONTROL, MOD1 = 0x4, 0x8  # X modifier state bits: Control, Mod1 (Alt)
+
+
+def test_keys_menu_sends_combinations_to_the_vm(page, proxy, mint, xvnc_vncauth, x_clients, tmp_path) -> None:
+    log = key_logger(x_clients, xvnc_vncauth, tmp_path)
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    menu_open = "!document.getElementById('keys-menu').hidden"
+    assert page.evaluate("document.getElementById('keys').getAttribute('aria-haspopup')") == "menu"
+
+    # By keyboard: Enter on the button opens the menu on its first entry, Enter picks it.
+    page.evaluate("document.getElementById('keys').focus()")
+    press(page, "Enter", "Enter", 13)
+    page.wait_for(menu_open)
+    assert page.evaluate("document.getElementById('keys').getAttribute('aria-expanded')") == "true"
+    assert page.evaluate("document.activeElement.textContent") == "Ctrl-Alt-F1"
+    assert page.evaluate("document.activeElement.getAttribute('role')") == "menuitem"
+    press(page, "Enter", "Enter", 13)
+    page.wait_for(f"!({menu_open})")
+    assert page.evaluate("document.activeElement.tagName") == "CANVAS"  # back to the console
+
+    # Arrows move (wrapping), Escape closes and gives the focus back to the button.
+    page.evaluate("document.getElementById('keys').focus()")
+    press(page, "ArrowUp", "ArrowUp", 38)  # opens on the last entry
+    page.wait_for(menu_open)
+    assert page.evaluate("document.activeElement.textContent") == "Tab"
+    press(page, "ArrowDown", "ArrowDown", 40)
+    assert page.evaluate("document.activeElement.textContent") == "Ctrl-Alt-F1"
+    press(page, "Escape", "Escape", 27)
+    page.wait_for(f"!({menu_open})")
+    assert page.evaluate("document.activeElement.id") == "keys"
+
+    # By mouse, the rest.
+    for keys in ["ctrl alt f12", "ctrl alt backspace", "alt sysrq s", "super", "escape", "tab"]:
+        page.click("#keys")
+        page.wait_for(menu_open)
+        item = f'#keys-menu [data-keys="{keys}"]'
+        page.evaluate(f"document.querySelector({json.dumps(item)}).scrollIntoView({{block: 'nearest'}})")
+        page.click(item)
+        page.wait_for(f"!({menu_open})")
+
+    expected_presses = ["Control_L", "Alt_L", "F1", "Control_L", "Alt_L", "F12", "Control_L", "Alt_L",
+                        "BackSpace", "Alt_L", "Sys_Req", "s", "Super_L", "Escape", "Tab"]
+
+    def all_logged() -> list[tuple[str, str, int]] | None:
+        events = key_events(log)
+        releases = [e for e in events if e[0] == "KeyRelease" and e[1] != "Shift_L"]
+        return events if len(releases) >= len(expected_presses) else None
+    events = poll(all_logged, "xev to log every key")
+    # Xvnc holds Shift_L around F1…F12 pressed with Ctrl+Alt: its keymap's F-keys give
+    # XF86Switch_VT_n at that level, so it adds a shift level to produce the keysym it was sent.
+    presses = [name for kind, name, _ in events if kind == "KeyPress" and name != "Shift_L"]
+    assert presses == expected_presses, events
+    # Each combination's last key arrives with its modifiers held, as a user's fingers would.
+    f1 = next(state for kind, name, state in events if kind == "KeyPress" and name == "F1")
+    assert f1 & CONTROL and f1 & MOD1
+    backspace = next(state for kind, name, state in events if kind == "KeyPress" and name == "BackSpace")
+    assert backspace & CONTROL and backspace & MOD1
+    sysrq_s = next(state for kind, name, state in events if kind == "KeyPress" and name == "s")
+    assert sysrq_s & MOD1
+    # Nothing stays held down: every press has its release.
+    assert len([e for e in events if e[0] == "KeyPress"]) == len([e for e in events if e[0] == "KeyRelease"])
+    assert csp_violations(page) == []
+
+
+def test_keys_menu_is_hidden_for_view_only(page, proxy, mint, xvnc_vncauth) -> None:
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password, view_only=True)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    assert page.evaluate("document.getElementById('keys').disabled") is True
+    assert page.evaluate("getComputedStyle(document.getElementById('keys')).display") == "none"
+    assert page.evaluate("document.getElementById('keys-menu').hidden") is True
