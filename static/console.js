@@ -21,6 +21,12 @@ let rfb = null;
 let verdict = null;          // the /token-status answer for this token (view_only, expires_at, …)
 let userDisconnected = false;
 let keysMenu = null;         // the keys menu's controls, once wired
+let attempt = 0;             // reconnect attempts since the console was last connected
+
+// Reconnect after a drop: 1, 2, 4, 8, 8… seconds apart, at most this many times in a row, and
+// only while the token is valid. A ceiling, so a page left open cannot knock forever.
+const RECONNECT_ATTEMPTS = 8;
+const RECONNECT_MAX_DELAY_MS = 8000;
 
 /** The token from `#token=…`, removed from the address bar (and history) before anything else. */
 function takeToken() {
@@ -56,12 +62,13 @@ async function checkToken(token) {
             credentials: "omit",
         });
     } catch {
-        return { ok: false, message: messages.UNREACHABLE };
+        return { ok: false, message: messages.UNREACHABLE, transient: true };
     }
     const body = await response.json().catch(() => null);
     if (response.ok && body && body.ok) return body;
     if (body && body.error) return { ok: false, message: messages.refusalMessage(body.error, body.message) };
-    return { ok: false, message: `The console service answered with an error (HTTP ${response.status}).` };
+    return { ok: false, message: `The console service answered with an error (HTTP ${response.status}).`,
+             transient: response.status >= 500 };
 }
 
 function websocketUrl() {
@@ -97,6 +104,7 @@ function connect(token) {
 
     rfb.addEventListener("desktopname", (event) => { document.title = event.detail.name; });
     rfb.addEventListener("connect", () => {
+        attempt = 0;
         show("connected", `Connected to ${document.title}${verdict.view_only ? " (view only)" : ""}`);
         rfb.focus();
     });
@@ -106,8 +114,46 @@ function connect(token) {
     });
     rfb.addEventListener("disconnect", () => {
         rfb = null;
-        explain(token, seen).then((text) => show("ended", text));
+        endOrReconnect(token, seen);
     });
+}
+
+/** A drop is an abnormal close of a console that was open (or of a reconnect attempt): not a
+ * refusal, not an end the proxy chose and named with a code, not the user's own disconnect. */
+function wasDropped(seen) {
+    const code = seen.close ? seen.close.code : 1006;
+    return !userDisconnected && (code === 1006 || code === 1005) && (seen.opened || attempt > 0);
+}
+
+async function endOrReconnect(token, seen) {
+    if (wasDropped(seen)) {
+        // A single-use link was redeemed when it opened: it cannot open the console again.
+        if (verdict.single_use) return show("ended", messages.SINGLE_USE_SPENT);
+        if (await reconnect(token)) return;
+        return show("ended", messages.RECONNECT_GAVE_UP);
+    }
+    show("ended", await explain(token, seen));
+}
+
+/** Wait, then open the console again with the same token; false when it is time to give up. */
+async function reconnect(token) {
+    while (attempt < RECONNECT_ATTEMPTS) {
+        attempt += 1;
+        if (verdict.expires_at && Date.now() / 1000 >= verdict.expires_at) return false;
+        show("reconnecting", messages.reconnecting(attempt));
+        const delay = Math.min(1000 * 2 ** (attempt - 1), RECONNECT_MAX_DELAY_MS);
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        const again = await checkToken(token);
+        if (again.ok) {
+            connect(token);  // its disconnect comes back here while `attempt` counts
+            return true;
+        }
+        if (!again.transient) {
+            show("ended", again.message);  // expired or revoked meanwhile: the reason, in words
+            return true;
+        }
+    }
+    return false;
 }
 
 /** Why the console ended, in words. */

@@ -15,13 +15,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from threading import Thread
+from threading import Lock, Thread
 
 import pytest
 from brokerproc import BrokerProcess, BrokerState, healthy_proxies, start_broker, start_linked_proxy
@@ -600,3 +601,127 @@ def test_keys_menu_is_hidden_for_view_only(page, proxy, mint, xvnc_vncauth) -> N
     assert page.evaluate("document.getElementById('keys').disabled") is True
     assert page.evaluate("getComputedStyle(document.getElementById('keys')).display") == "none"
     assert page.evaluate("document.getElementById('keys-menu').hidden") is True
+
+
+# --- reconnecting after a drop ---------------------------------------------------------------------
+
+
+class CuttableLink:
+    """A TCP relay between the browser and a proxy that can drop every connection through it at
+    once: a network blip as the page sees it (the TCP connection ends with no websocket close
+    frame, so the browser reports 1006). New connections are relayed again right after."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.cuts = 0
+        self._open: list[socket.socket] = []
+        self._lock = Lock()
+        Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open += [client, upstream]
+            Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """End every relayed connection now, both ways."""
+        with self._lock:
+            ends, self._open = self._open, []
+        self.cuts += 1
+        for end in ends:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def cuttable() -> Iterator[Callable[[int], CuttableLink]]:
+    links: list[CuttableLink] = []
+
+    def start(port: int) -> CuttableLink:
+        links.append(CuttableLink(port))
+        return links[-1]
+    yield start
+    for link in links:
+        link.close()
+
+
+def test_reusable_link_reconnects_after_a_drop(page, proxy, mint, xvnc_vncauth, x_clients, tmp_path,
+                                              cuttable) -> None:
+    typed = line_reader(x_clients, xvnc_vncauth, tmp_path)
+    link = cuttable(proxy.port)
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password,
+                 desktop_name="Flaky network VM")
+    page.goto(console_url(link.base, token))
+    wait_state(page, "connected")
+
+    link.cut()
+
+    status = wait_state(page, "reconnecting")
+    reconnecting = page.evaluate("import('/static/messages.js').then(m => m.reconnecting(1))")
+    assert status == reconnecting == "Connection lost — reconnecting (attempt 1)…"
+    assert "Connected to Flaky network VM" in wait_state(page, "connected")
+    # The new connection is a working console: keys typed now reach the VM.
+    page.wait_for("document.activeElement && document.activeElement.tagName === 'CANVAS'")
+    page.type("again\n")
+    poll(typed.exists, "the xterm's shell to write the typed line")
+    assert typed.read_text() == "again"
+    assert csp_violations(page) == []
+
+
+def test_user_disconnect_does_not_reconnect(page, proxy, mint, xvnc_vncauth) -> None:
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    page.click("#disconnect")
+    assert wait_state(page, "ended") == js_messages(page)["USER_DISCONNECTED"]
+
+
+def test_single_use_link_says_it_is_spent_after_a_drop(page, fleet, xvnc_vncauth, cuttable, tmp_path) -> None:
+    broker, _ = fleet
+    link = cuttable(0)
+    # The page's origin is the relay's: a proxy of the same fleet that allows it.
+    own = start_linked_proxy(tmp_path, broker, "drop-proxy", "--allowed-origin", link.base)
+    try:
+        link.target_port = own.port
+        target = broker.admin.add_target(name="drop-vm", host="127.0.0.1", port=xvnc_vncauth.port,
+                                         password=xvnc_vncauth.password)
+        console = broker.issuer.mint(target["id"])  # single-use by default
+        page.goto(link.base + "/console" + console["url"].split("/console", 1)[1])
+        wait_state(page, "connected")
+
+        link.cut()
+
+        status = wait_state(page, "ended")
+        assert status == js_messages(page)["SINGLE_USE_SPENT"]
+        assert "new link" in status
+    finally:
+        own.stop()
