@@ -14,7 +14,8 @@ import { sendCombination, wireKeysMenu } from "./keysmenu.js";
 const $ = (id) => document.getElementById(id);
 const screen = $("screen");
 const statusLine = $("status");
-const inputButtons = [$("ctrl-alt-del"), $("keys"), $("send-text")];
+// Remote resize (SetDesktopSize) changes the VM's screen: input, which a view-only console lacks.
+const inputButtons = [$("ctrl-alt-del"), $("keys"), $("send-text"), $("resize")];
 const viewButtons = [$("scale"), $("fullscreen"), $("disconnect")];
 
 let rfb = null;
@@ -98,7 +99,9 @@ function connect(token) {
     show("connecting", name ? `Connecting to ${name}…` : "Connecting…");
     rfb = new RFB(screen, socket, { shared: true });
     rfb.viewOnly = Boolean(verdict.view_only);   // the proxy drops input anyway; this hides it
-    rfb.scaleViewport = true;
+    // A reconnect keeps the user's choices: the buttons hold them.
+    rfb.scaleViewport = $("scale").getAttribute("aria-pressed") === "true";
+    rfb.resizeSession = $("resize").getAttribute("aria-pressed") === "true";
     rfb.background = "#1b1d21";
     $("view-only").hidden = !verdict.view_only;
 
@@ -216,6 +219,15 @@ function wireToolbar() {
         rfb.scaleViewport = !rfb.scaleViewport;
         scale.setAttribute("aria-pressed", String(rfb.scaleViewport));
         scale.textContent = rfb.scaleViewport ? "Scale to fit" : "1:1";
+        backToConsole();
+    });
+
+    // noVNC asks the server for the screen's size now and whenever the window changes, and
+    // does nothing when the server does not offer SetDesktopSize (ExtendedDesktopSize).
+    const resize = $("resize");
+    resize.addEventListener("click", () => {
+        rfb.resizeSession = !rfb.resizeSession;
+        resize.setAttribute("aria-pressed", String(rfb.resizeSession));
         backToConsole();
     });
 

@@ -725,3 +725,59 @@ def test_single_use_link_says_it_is_spent_after_a_drop(page, fleet, xvnc_vncauth
         assert "new link" in status
     finally:
         own.stop()
+
+
+# --- remote resize -------------------------------------------------------------------------------
+
+
+def x_screen_size(server: XvncServer) -> tuple[int, int]:
+    """The X screen's size as the VM's programs see it (xdpyinfo)."""
+    out = subprocess.run(["xdpyinfo", "-display", f":{server.display}"], capture_output=True, text=True,
+                         check=True).stdout
+    found = re.search(r"dimensions:\s+(\d+)x(\d+) pixels", out)
+    assert found, out
+    return int(found[1]), int(found[2])
+
+
+def test_remote_resize_follows_the_window(page, proxy, mint, xvnc_factory) -> None:
+    server = xvnc_factory(security="VncAuth", password="resize-pw")  # its own: this test resizes it
+    token = mint(host="127.0.0.1", port=server.port, password=server.password)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    assert x_screen_size(server) == server.geometry
+    assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "false"
+    screen_size = "(() => { const r = document.getElementById('screen').getBoundingClientRect();" \
+                  " return [Math.floor(r.width), Math.floor(r.height)]; })()"
+
+    page.click("#resize")
+    assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "true"
+    assert page.evaluate("document.activeElement.tagName") == "CANVAS"
+    first = tuple(page.evaluate(screen_size))
+    assert first[0] == 1024 and first != server.geometry
+    poll(lambda: x_screen_size(server) == first, f"the VM's screen to become {first}")
+    page.wait_for(f"document.querySelector('#screen canvas').width === {first[0]}")
+
+    # A second window size: the VM's screen follows again.
+    page.call("Emulation.setDeviceMetricsOverride", {"width": 700, "height": 560, "deviceScaleFactor": 1,
+                                                     "mobile": False})
+    page.wait_for(f"{screen_size}[0] === 700")
+    second = tuple(page.evaluate(screen_size))
+    poll(lambda: x_screen_size(server) == second, f"the VM's screen to become {second}")
+    page.wait_for(f"document.querySelector('#screen canvas').width === {second[0]}")
+
+    # Off again: the window changes, the VM's screen stays.
+    page.click("#resize")
+    assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "false"
+    page.call("Emulation.setDeviceMetricsOverride", {"width": 1024, "height": 768, "deviceScaleFactor": 1,
+                                                     "mobile": False})
+    page.wait_for(f"{screen_size}[0] === 1024")
+    assert x_screen_size(server) == second
+    assert csp_violations(page) == []
+
+
+def test_remote_resize_is_hidden_for_view_only(page, proxy, mint, xvnc_vncauth) -> None:
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password, view_only=True)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    assert page.evaluate("document.getElementById('resize').disabled") is True
+    assert page.evaluate("getComputedStyle(document.getElementById('resize')).display") == "none"
