@@ -142,7 +142,10 @@ async function endOrReconnect(token, seen) {
 async function reconnect(token) {
     while (attempt < RECONNECT_ATTEMPTS) {
         attempt += 1;
-        if (verdict.expires_at && Date.now() / 1000 >= verdict.expires_at) return false;
+        if (verdict.expires_at && Date.now() / 1000 >= verdict.expires_at) {
+            show("ended", messages.refusalMessage("token_expired"));  // no point knocking
+            return true;
+        }
         show("reconnecting", messages.reconnecting(attempt));
         const delay = Math.min(1000 * 2 ** (attempt - 1), RECONNECT_MAX_DELAY_MS);
         await new Promise((resolve) => setTimeout(resolve, delay));
