@@ -9,16 +9,25 @@ import RFB from "../novnc/core/rfb.js";
 import KeyTable from "../novnc/core/input/keysym.js";
 import keysyms from "../novnc/core/input/keysymdef.js";
 import * as messages from "./messages.js";
+import { sendCombination, wireKeysMenu } from "./keysmenu.js";
 
 const $ = (id) => document.getElementById(id);
 const screen = $("screen");
 const statusLine = $("status");
-const inputButtons = [$("ctrl-alt-del"), $("send-text")];
+// Remote resize (SetDesktopSize) changes the VM's screen: input, which a view-only console lacks.
+const inputButtons = [$("ctrl-alt-del"), $("keys"), $("send-text"), $("resize")];
 const viewButtons = [$("scale"), $("fullscreen"), $("disconnect")];
 
 let rfb = null;
 let verdict = null;          // the /token-status answer for this token (view_only, expires_at, …)
 let userDisconnected = false;
+let keysMenu = null;         // the keys menu's controls, once wired
+let attempt = 0;             // reconnect attempts since the console was last connected
+
+// Reconnect after a drop: 1, 2, 4, 8, 8… seconds apart, at most this many times in a row, and
+// only while the token is valid. A ceiling, so a page left open cannot knock forever.
+const RECONNECT_ATTEMPTS = 8;
+const RECONNECT_MAX_DELAY_MS = 8000;
 
 /** The token from `#token=…`, removed from the address bar (and history) before anything else. */
 function takeToken() {
@@ -39,6 +48,9 @@ function show(state, text) {
     const live = state === "connected";
     for (const button of viewButtons) button.disabled = !live;
     for (const button of inputButtons) button.disabled = !live || Boolean(verdict && verdict.view_only);
+    // Input controls are hidden, not only greyed out, for a view-only console.
+    for (const button of inputButtons) button.hidden = Boolean(verdict && verdict.view_only);
+    if ($("keys").disabled && keysMenu) keysMenu.close(false);
 }
 
 /** The proxy's verdict on the token, without redeeming it: {ok: true, …} or {ok: false, message}. */
@@ -51,12 +63,13 @@ async function checkToken(token) {
             credentials: "omit",
         });
     } catch {
-        return { ok: false, message: messages.UNREACHABLE };
+        return { ok: false, message: messages.UNREACHABLE, transient: true };
     }
     const body = await response.json().catch(() => null);
     if (response.ok && body && body.ok) return body;
     if (body && body.error) return { ok: false, message: messages.refusalMessage(body.error, body.message) };
-    return { ok: false, message: `The console service answered with an error (HTTP ${response.status}).` };
+    return { ok: false, message: `The console service answered with an error (HTTP ${response.status}).`,
+             transient: response.status >= 500 };
 }
 
 function websocketUrl() {
@@ -86,12 +99,15 @@ function connect(token) {
     show("connecting", name ? `Connecting to ${name}…` : "Connecting…");
     rfb = new RFB(screen, socket, { shared: true });
     rfb.viewOnly = Boolean(verdict.view_only);   // the proxy drops input anyway; this hides it
-    rfb.scaleViewport = true;
+    // A reconnect keeps the user's choices: the buttons hold them.
+    rfb.scaleViewport = $("scale").getAttribute("aria-pressed") === "true";
+    rfb.resizeSession = $("resize").getAttribute("aria-pressed") === "true";
     rfb.background = "#1b1d21";
     $("view-only").hidden = !verdict.view_only;
 
     rfb.addEventListener("desktopname", (event) => { document.title = event.detail.name; });
     rfb.addEventListener("connect", () => {
+        attempt = 0;
         show("connected", `Connected to ${document.title}${verdict.view_only ? " (view only)" : ""}`);
         rfb.focus();
     });
@@ -101,8 +117,49 @@ function connect(token) {
     });
     rfb.addEventListener("disconnect", () => {
         rfb = null;
-        explain(token, seen).then((text) => show("ended", text));
+        endOrReconnect(token, seen);
     });
+}
+
+/** A drop is an abnormal close of a console that was open (or of a reconnect attempt): not a
+ * refusal, not an end the proxy chose and named with a code, not the user's own disconnect. */
+function wasDropped(seen) {
+    const code = seen.close ? seen.close.code : 1006;
+    return !userDisconnected && (code === 1006 || code === 1005) && (seen.opened || attempt > 0);
+}
+
+async function endOrReconnect(token, seen) {
+    if (wasDropped(seen)) {
+        // A single-use link was redeemed when it opened: it cannot open the console again.
+        if (verdict.single_use) return show("ended", messages.SINGLE_USE_SPENT);
+        if (await reconnect(token)) return;
+        return show("ended", messages.RECONNECT_GAVE_UP);
+    }
+    show("ended", await explain(token, seen));
+}
+
+/** Wait, then open the console again with the same token; false when it is time to give up. */
+async function reconnect(token) {
+    while (attempt < RECONNECT_ATTEMPTS) {
+        attempt += 1;
+        if (verdict.expires_at && Date.now() / 1000 >= verdict.expires_at) {
+            show("ended", messages.refusalMessage("token_expired"));  // no point knocking
+            return true;
+        }
+        show("reconnecting", messages.reconnecting(attempt));
+        const delay = Math.min(1000 * 2 ** (attempt - 1), RECONNECT_MAX_DELAY_MS);
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        const again = await checkToken(token);
+        if (again.ok) {
+            connect(token);  // its disconnect comes back here while `attempt` counts
+            return true;
+        }
+        if (!again.transient) {
+            show("ended", again.message);  // expired or revoked meanwhile: the reason, in words
+            return true;
+        }
+    }
+    return false;
 }
 
 /** Why the console ended, in words. */
@@ -137,6 +194,10 @@ function wireToolbar() {
     const backToConsole = () => { if (rfb) rfb.focus(); };
 
     $("ctrl-alt-del").addEventListener("click", () => { rfb.sendCtrlAltDel(); backToConsole(); });
+    keysMenu = wireKeysMenu($("keys"), $("keys-menu"), (names) => {
+        if (rfb) sendCombination(rfb, names);
+        backToConsole();
+    });
 
     $("send-text").addEventListener("click", async () => {
         textInput.value = "";
@@ -161,6 +222,15 @@ function wireToolbar() {
         rfb.scaleViewport = !rfb.scaleViewport;
         scale.setAttribute("aria-pressed", String(rfb.scaleViewport));
         scale.textContent = rfb.scaleViewport ? "Scale to fit" : "1:1";
+        backToConsole();
+    });
+
+    // noVNC asks the server for the screen's size now and whenever the window changes, and
+    // does nothing when the server does not offer SetDesktopSize (ExtendedDesktopSize).
+    const resize = $("resize");
+    resize.addEventListener("click", () => {
+        rfb.resizeSession = !rfb.resizeSession;
+        resize.setAttribute("aria-pressed", String(rfb.resizeSession));
         backToConsole();
     });
 

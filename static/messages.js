@@ -47,6 +47,20 @@ export const SINGLE_USE_NOT_OPENED =
 export const UNREACHABLE = "The console service cannot be reached. Check your network connection and try again.";
 export const USER_DISCONNECTED = "You disconnected the console.";
 
+// After a drop (the network, a proxy restarting): a reusable link reconnects by itself, a
+// single-use link is spent.
+export const SINGLE_USE_SPENT =
+    "The connection to the console was lost. This single-use console link has been used and cannot " +
+    "reconnect: open the console from your portal again to get a new link.";
+export const RECONNECT_GAVE_UP =
+    "The connection to the console was lost and reconnecting did not succeed. Check your network " +
+    "connection and open the console again.";
+
+/** The status while reconnecting after a drop. */
+export function reconnecting(attempt) {
+    return `Connection lost — reconnecting (attempt ${attempt})…`;
+}
+
 /** The message for a refusal code, or the proxy's own message for a code this page does not know. */
 export function refusalMessage(code, serverMessage) {
     return REFUSALS[code] || serverMessage || `The console was refused (${code}).`;

@@ -15,13 +15,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from threading import Thread
+from threading import Lock, Thread
 
 import pytest
 from brokerproc import BrokerProcess, BrokerState, healthy_proxies, start_broker, start_linked_proxy
@@ -498,3 +499,285 @@ def test_revoked_session_says_so(page, fleet, xvnc_vncauth) -> None:
     status = wait_state(page, "ended")  # 4410 within one heartbeat
     assert status == js_messages(page)["CLOSES"]["4410"]
     assert "administrator" in status
+
+
+# --- the keys menu -----------------------------------------------------------------------------------
+
+
+def key_logger(x_clients: Callable[..., subprocess.Popen[bytes]], server: XvncServer, tmp_path: Path) -> Path:
+    """``xev`` over the middle of the screen (where the pointer, so the X focus, is), logging every
+    key event it receives to a file: what the VM's own programs see."""
+    log = tmp_path / "keys.log"
+    x_clients("sh", "-c", f"exec xev -event keyboard -geometry 600x400+100+100 -name key-logger > {log}")
+    wait_viewable(server, "key-logger")
+    return log
+
+
+def key_events(log: Path) -> list[tuple[str, str, int]]:
+    """(KeyPress|KeyRelease, keysym name, modifier state) for every key event xev logged."""
+    pattern = re.compile(r"^(KeyPress|KeyRelease) event.*?\n\s+.*?state (0x[0-9a-f]+), keycode \d+ "
+                         r"\(keysym 0x[0-9a-f]+, (\w+)\)", re.MULTILINE | re.DOTALL)
+    return [(kind, name, int(state, 16)) for kind, state, name in pattern.findall(log.read_text())]
+
+
+def press(page: Page, key: str, code: str, vk: int) -> None:
+    """One key pressed and released on the page (not the VM): for the page's own controls."""
+    common = {"key": key, "code": code, "windowsVirtualKeyCode": vk}
+    typed = {"text": "\r"} if key == "Enter" else {}  # a button's activation comes from the typed character
+    page.call("Input.dispatchKeyEvent", {"type": "keyDown", **typed, **common})
+    page.call("Input.dispatchKeyEvent", {"type": "keyUp", **common})
+
+
+CONTROL, MOD1 = 0x4, 0x8  # X modifier state bits: Control, Mod1 (Alt)
+
+
+def test_keys_menu_sends_combinations_to_the_vm(page, proxy, mint, xvnc_vncauth, x_clients, tmp_path) -> None:
+    log = key_logger(x_clients, xvnc_vncauth, tmp_path)
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    menu_open = "!document.getElementById('keys-menu').hidden"
+    assert page.evaluate("document.getElementById('keys').getAttribute('aria-haspopup')") == "menu"
+
+    # By keyboard: Enter on the button opens the menu on its first entry, Enter picks it.
+    page.evaluate("document.getElementById('keys').focus()")
+    press(page, "Enter", "Enter", 13)
+    page.wait_for(menu_open)
+    assert page.evaluate("document.getElementById('keys').getAttribute('aria-expanded')") == "true"
+    assert page.evaluate("document.activeElement.textContent") == "Ctrl-Alt-F1"
+    assert page.evaluate("document.activeElement.getAttribute('role')") == "menuitem"
+    press(page, "Enter", "Enter", 13)
+    page.wait_for(f"!({menu_open})")
+    assert page.evaluate("document.activeElement.tagName") == "CANVAS"  # back to the console
+
+    # Arrows move (wrapping), Escape closes and gives the focus back to the button.
+    page.evaluate("document.getElementById('keys').focus()")
+    press(page, "ArrowUp", "ArrowUp", 38)  # opens on the last entry
+    page.wait_for(menu_open)
+    assert page.evaluate("document.activeElement.textContent") == "Tab"
+    press(page, "ArrowDown", "ArrowDown", 40)
+    assert page.evaluate("document.activeElement.textContent") == "Ctrl-Alt-F1"
+    press(page, "Escape", "Escape", 27)
+    page.wait_for(f"!({menu_open})")
+    assert page.evaluate("document.activeElement.id") == "keys"
+
+    # By mouse, the rest.
+    for keys in ["ctrl alt f12", "ctrl alt backspace", "alt sysrq s", "super", "escape", "tab"]:
+        page.click("#keys")
+        page.wait_for(menu_open)
+        item = f'#keys-menu [data-keys="{keys}"]'
+        page.evaluate(f"document.querySelector({json.dumps(item)}).scrollIntoView({{block: 'nearest'}})")
+        page.click(item)
+        page.wait_for(f"!({menu_open})")
+
+    expected_presses = ["Control_L", "Alt_L", "F1", "Control_L", "Alt_L", "F12", "Control_L", "Alt_L",
+                        "BackSpace", "Alt_L", "Sys_Req", "s", "Super_L", "Escape", "Tab"]
+
+    def all_logged() -> list[tuple[str, str, int]] | None:
+        events = key_events(log)
+        releases = [e for e in events if e[0] == "KeyRelease" and e[1] != "Shift_L"]
+        return events if len(releases) >= len(expected_presses) else None
+    events = poll(all_logged, "xev to log every key")
+    # Xvnc holds Shift_L around F1…F12 pressed with Ctrl+Alt: its keymap's F-keys give
+    # XF86Switch_VT_n at that level, so it adds a shift level to produce the keysym it was sent.
+    presses = [name for kind, name, _ in events if kind == "KeyPress" and name != "Shift_L"]
+    assert presses == expected_presses, events
+    # Each combination's last key arrives with its modifiers held, as a user's fingers would.
+    f1 = next(state for kind, name, state in events if kind == "KeyPress" and name == "F1")
+    assert f1 & CONTROL and f1 & MOD1
+    backspace = next(state for kind, name, state in events if kind == "KeyPress" and name == "BackSpace")
+    assert backspace & CONTROL and backspace & MOD1
+    sysrq_s = next(state for kind, name, state in events if kind == "KeyPress" and name == "s")
+    assert sysrq_s & MOD1
+    # Nothing stays held down: every press has its release.
+    assert len([e for e in events if e[0] == "KeyPress"]) == len([e for e in events if e[0] == "KeyRelease"])
+    assert csp_violations(page) == []
+
+
+def test_keys_menu_is_hidden_for_view_only(page, proxy, mint, xvnc_vncauth) -> None:
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password, view_only=True)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    assert page.evaluate("document.getElementById('keys').disabled") is True
+    assert page.evaluate("getComputedStyle(document.getElementById('keys')).display") == "none"
+    assert page.evaluate("document.getElementById('keys-menu').hidden") is True
+
+
+# --- reconnecting after a drop ---------------------------------------------------------------------
+
+
+class CuttableLink:
+    """A TCP relay between the browser and a proxy that can drop every connection through it at
+    once: a network blip as the page sees it (the TCP connection ends with no websocket close
+    frame, so the browser reports 1006). New connections are relayed again right after."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.cuts = 0
+        self._open: list[socket.socket] = []
+        self._lock = Lock()
+        Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open += [client, upstream]
+            Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """End every relayed connection now, both ways."""
+        with self._lock:
+            ends, self._open = self._open, []
+        self.cuts += 1
+        for end in ends:
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def cuttable() -> Iterator[Callable[[int], CuttableLink]]:
+    links: list[CuttableLink] = []
+
+    def start(port: int) -> CuttableLink:
+        links.append(CuttableLink(port))
+        return links[-1]
+    yield start
+    for link in links:
+        link.close()
+
+
+def test_reusable_link_reconnects_after_a_drop(page, proxy, mint, xvnc_vncauth, x_clients, tmp_path,
+                                              cuttable) -> None:
+    typed = line_reader(x_clients, xvnc_vncauth, tmp_path)
+    link = cuttable(proxy.port)
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password,
+                 desktop_name="Flaky network VM")
+    page.goto(console_url(link.base, token))
+    wait_state(page, "connected")
+
+    link.cut()
+
+    status = wait_state(page, "reconnecting")
+    reconnecting = page.evaluate("import('/static/messages.js').then(m => m.reconnecting(1))")
+    assert status == reconnecting == "Connection lost — reconnecting (attempt 1)…"
+    assert "Connected to Flaky network VM" in wait_state(page, "connected")
+    # The new connection is a working console: keys typed now reach the VM.
+    page.wait_for("document.activeElement && document.activeElement.tagName === 'CANVAS'")
+    page.type("again\n")
+    poll(typed.exists, "the xterm's shell to write the typed line")
+    assert typed.read_text() == "again"
+    assert csp_violations(page) == []
+
+
+def test_user_disconnect_does_not_reconnect(page, proxy, mint, xvnc_vncauth) -> None:
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    page.click("#disconnect")
+    assert wait_state(page, "ended") == js_messages(page)["USER_DISCONNECTED"]
+
+
+def test_single_use_link_says_it_is_spent_after_a_drop(page, fleet, xvnc_vncauth, cuttable, tmp_path) -> None:
+    broker, _ = fleet
+    link = cuttable(0)
+    # The page's origin is the relay's: a proxy of the same fleet that allows it.
+    own = start_linked_proxy(tmp_path, broker, "drop-proxy", "--allowed-origin", link.base)
+    try:
+        link.target_port = own.port
+        target = broker.admin.add_target(name="drop-vm", host="127.0.0.1", port=xvnc_vncauth.port,
+                                         password=xvnc_vncauth.password)
+        console = broker.issuer.mint(target["id"])  # single-use by default
+        page.goto(link.base + "/console" + console["url"].split("/console", 1)[1])
+        wait_state(page, "connected")
+
+        link.cut()
+
+        status = wait_state(page, "ended")
+        assert status == js_messages(page)["SINGLE_USE_SPENT"]
+        assert "new link" in status
+    finally:
+        own.stop()
+
+
+# --- remote resize -------------------------------------------------------------------------------
+
+
+def x_screen_size(server: XvncServer) -> tuple[int, int]:
+    """The X screen's size as the VM's programs see it (xdpyinfo)."""
+    out = subprocess.run(["xdpyinfo", "-display", f":{server.display}"], capture_output=True, text=True,
+                         check=True).stdout
+    found = re.search(r"dimensions:\s+(\d+)x(\d+) pixels", out)
+    assert found, out
+    return int(found[1]), int(found[2])
+
+
+def test_remote_resize_follows_the_window(page, proxy, mint, xvnc_factory) -> None:
+    server = xvnc_factory(security="VncAuth", password="resize-pw")  # its own: this test resizes it
+    token = mint(host="127.0.0.1", port=server.port, password=server.password)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    assert x_screen_size(server) == server.geometry
+    assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "false"
+    screen_size = "(() => { const r = document.getElementById('screen').getBoundingClientRect();" \
+                  " return [Math.floor(r.width), Math.floor(r.height)]; })()"
+
+    page.click("#resize")
+    assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "true"
+    assert page.evaluate("document.activeElement.tagName") == "CANVAS"
+    first = tuple(page.evaluate(screen_size))
+    assert first[0] == 1024 and first != server.geometry
+    poll(lambda: x_screen_size(server) == first, f"the VM's screen to become {first}")
+    page.wait_for(f"document.querySelector('#screen canvas').width === {first[0]}")
+
+    # A second window size: the VM's screen follows again.
+    page.call("Emulation.setDeviceMetricsOverride", {"width": 700, "height": 560, "deviceScaleFactor": 1,
+                                                     "mobile": False})
+    page.wait_for(f"{screen_size}[0] === 700")
+    second = tuple(page.evaluate(screen_size))
+    poll(lambda: x_screen_size(server) == second, f"the VM's screen to become {second}")
+    page.wait_for(f"document.querySelector('#screen canvas').width === {second[0]}")
+
+    # Off again: the window changes, the VM's screen stays.
+    page.click("#resize")
+    assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "false"
+    page.call("Emulation.setDeviceMetricsOverride", {"width": 1024, "height": 768, "deviceScaleFactor": 1,
+                                                     "mobile": False})
+    page.wait_for(f"{screen_size}[0] === 1024")
+    assert x_screen_size(server) == second
+    assert csp_violations(page) == []
+
+
+def test_remote_resize_is_hidden_for_view_only(page, proxy, mint, xvnc_vncauth) -> None:
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password, view_only=True)
+    page.goto(console_url(proxy.base, token))
+    wait_state(page, "connected")
+    assert page.evaluate("document.getElementById('resize').disabled") is True
+    assert page.evaluate("getComputedStyle(document.getElementById('resize')).display") == "none"
