@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
 
+from console_proxy import tornado_compat
 from console_proxy.relay import FRAME_HEADROOM, Ending
 from console_proxy.wsframes import (
     OP_PING,
@@ -298,7 +299,7 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         The socket is duplicated and Tornado's stream closed, so Tornado forgets it entirely;
         bytes the browser sent right behind its request are carried over, not lost.
         """
-        self._greeting, self._early = greeting, _take_buffered(stream)
+        self._greeting, self._early = greeting, tornado_compat.unread_bytes(stream)
         try:
             sock = socket.socket(fileno=socket.dup(stream.socket.fileno()))  # type: ignore[union-attr]
         finally:
@@ -462,11 +463,3 @@ class TlsBrowser(WsConnection):
     def _socket(self) -> socket.socket | None:
         return self.stream.socket
 
-
-def _take_buffered(stream: IOStream) -> bytes:
-    """Bytes Tornado read past the request's headers (a pipelining client's first frames)."""
-    size = getattr(stream, "_read_buffer_size", 0)
-    if not size:
-        return b""
-    buffer = stream._read_buffer  # type: ignore[attr-defined]
-    return bytes(buffer[:size])
