@@ -29,6 +29,7 @@ from tornado.iostream import IOStream
 
 from console_proxy import httphead, origin, proxyproto, server, tornado_compat, wsconn
 from console_proxy.admission import Refusal
+from console_proxy.codes import Close
 from console_proxy.handlerlog import access_log
 from console_proxy.httphead import Head
 from console_proxy.relay import Ending
@@ -133,7 +134,7 @@ class FrontDoor:
             doorway.log(101, head)
             doorway.become(browser, server.switching(key, binary))
         except BaseException:
-            session.finish(Ending.of(4502, "internal error"))
+            session.finish(Ending.of(Close.TARGET_PROTOCOL_ERROR, "internal error"))
             if not doorway.open and doorway.transport is not None:
                 doorway.transport.abort()  # handed over half-way: nobody else will close it
             raise
