@@ -10,7 +10,7 @@ equal). Pure: no I/O, imported by the sans-I/O cores (``rfb``, ``wsframes``) and
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Self
 
 
@@ -54,3 +54,35 @@ class Close(IntEnum):
 
 REPORT_ONLY = frozenset((Close.NO_STATUS, Close.ABNORMAL, Close.TLS_HANDSHAKE))
 """Codes that only report what happened and are never sent in a Close frame (RFC 6455 7.4.1)."""
+
+
+class Refused(StrEnum):
+    """A refusal before the upgrade (and /token-status's verdict): the ``error`` code of the JSON
+    answer, owning its HTTP status and the message the answer carries (the viewer shows its own
+    words for each, ``REFUSALS`` in static/messages.js). The token's codes are here too:
+    :data:`console_proxy.token.REASONS` maps each precise reason to one of them."""
+
+    status: int
+    message: str
+
+    def __new__(cls, code: str, status: int, message: str) -> Self:
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.status = status
+        member.message = message
+        return member
+
+    TOKEN_MISSING = "token_missing", 400, "No console token was given."
+    TOKEN_INVALID = "token_invalid", 401, "This console link is not valid."
+    TOKEN_EXPIRED = "token_expired", 401, "This console link has expired; ask for a new one."
+    TOKEN_NOT_YET_VALID = ("token_not_yet_valid", 401,
+                           "This console link is not valid yet; check the clock or ask for a new one.")
+    CLIENT_IP_MISMATCH = "client_ip_mismatch", 403, "This console link was issued for another network address."
+    ORIGIN_DENIED = "origin_denied", 403, "This console was opened from a page that is not allowed to use it."
+    OVER_CAPACITY = "over_capacity", 503, "This console proxy is full; try again in a moment."
+    DRAINING = "draining", 503, "This console proxy is shutting down; open the console again."
+    BROKER_UNAVAILABLE = "broker_unavailable", 503, "Single-use links cannot be checked right now; try again shortly."
+    TOKEN_USED = "token_used", 409, "This console link has already been used; ask for a new one."
+    SESSION_REVOKED = "session_revoked", 410, "This console session was ended by an administrator."
+    WEBSOCKET_REQUIRED = "websocket_required", 400, "This address takes a websocket connection from the console page."
+    WEBSOCKET_VERSION = "websocket_version", 426, "This console proxy speaks websocket version 13 only."

@@ -22,7 +22,7 @@ from tornado.iostream import SSLIOStream
 
 from console_proxy import clock, forwarded, openapi, origin, wsconn, wsframes
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
-from console_proxy.codes import Close
+from console_proxy.codes import Close, Refused
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
 from console_proxy.handlerlog import PathOnlyLogging, access_log
@@ -73,7 +73,7 @@ class ProxyState:
         claims = admit(request, keyring=self.keyring, config=self.config, now=clock.now(),
                        draining=self.draining, sessions=len(self.sessions) + self.pending)
         if claims.sid in self.revoked:  # a reusable token must not reopen a revoked session
-            raise Refusal("session_revoked", reason="the broker revoked this session", claims=claims)
+            raise Refusal(Refused.SESSION_REVOKED, reason="the broker revoked this session", claims=claims)
         return claims
 
     async def redeem(self, claims: Claims) -> None:
@@ -81,7 +81,7 @@ class ProxyState:
             return
         self.spent.check(claims)
         if self.broker is None:
-            raise Refusal("broker_unavailable", reason="single-use token and no broker configured", claims=claims)
+            raise Refusal(Refused.BROKER_UNAVAILABLE, reason="single-use token and no broker configured", claims=claims)
         try:
             await self.broker.redeem(claims)
         except Refusal as refusal:
@@ -220,7 +220,7 @@ async def redeem_upgrade(state: ProxyState, claims: Claims) -> None:
     try:
         await state.redeem(claims)
         if state.draining:  # began while the broker answered: no new session now
-            raise Refusal("draining", reason="the proxy began draining during the upgrade", claims=claims)
+            raise Refusal(Refused.DRAINING, reason="the proxy began draining during the upgrade", claims=claims)
     finally:
         state.release_pending()  # a session takes the slot in this same turn, or none
 

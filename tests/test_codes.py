@@ -6,8 +6,9 @@ import json
 import re
 from pathlib import Path
 
-from console_proxy import rfb, wsframes
-from console_proxy.codes import REPORT_ONLY, Close
+from console_proxy import rfb, token, wsframes
+from console_proxy.admission import Refusal
+from console_proxy.codes import REPORT_ONLY, Close, Refused
 from console_proxy.relay import Ending
 
 MESSAGES_JS = Path(__file__).resolve().parent.parent / "static" / "messages.js"
@@ -51,3 +52,13 @@ def test_an_ending_and_an_rfb_error_take_their_reason_from_the_one_table() -> No
 def test_wire_names_are_unique() -> None:
     names = [code.reason for code in Close]
     assert len(names) == len(set(names))
+
+
+def test_every_refusal_code_owns_its_status_and_message_and_the_token_uses_them() -> None:
+    assert {code.status for code in Refused} <= {400, 401, 403, 409, 410, 426, 503}
+    assert all(code.message for code in Refused)
+    for reason, (code, status) in token.REASONS.items():
+        assert (Refused(code).status, Refused(code).message) == (status, token.PUBLIC_MESSAGES[code]), reason
+    refusal = Refusal(Refused.TOKEN_USED)
+    assert (refusal.status, refusal.body()) == (409, {"error": "token_used", "message": Refused.TOKEN_USED.message})
+    assert json.dumps(refusal.body()).startswith('{"error": "token_used"')
