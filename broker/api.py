@@ -31,7 +31,7 @@ from broker.schemas import Field
 from broker.service import AUDIT_TYPES, SESSION_STATES, SESSIONS_PAGE_MAX, ApiError, Broker
 from broker.store import InvalidValue, StoreError, StoreUnavailable
 from broker.watch import ChangeFeed
-from console_proxy import origin, strictjson
+from console_proxy import origin, strictjson, tornado_compat
 from console_proxy.httperrors import error_status
 from console_proxy.metrics import Counter, Gauge, Registry, add_process_metrics
 from console_proxy.origin import Network
@@ -261,7 +261,7 @@ class ApiHandler(tornado.web.RequestHandler):
         elif status_code >= 500:
             body = {"error": "internal_error", "message": "the broker failed to answer; see its log"}
         else:
-            body = {"error": _STATUS_CODES.get(status_code, "error"), "message": self._reason}
+            body = {"error": _STATUS_CODES.get(status_code, "error"), "message": tornado_compat.response_reason(self)}
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(body))
 

@@ -11,27 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from console_proxy import token
+from console_proxy.codes import Refused
 from console_proxy.config import ProxyConfig
 from console_proxy.keyring import Keyring
 from console_proxy.token import Claims, TokenRefused
 
 SUBPROTOCOL_PREFIX = "token."
 
-MESSAGES = {
-    "token_missing": "No console token was given.",
-    "origin_denied": "This console was opened from a page that is not allowed to use it.",
-    "over_capacity": "This console proxy is full; try again in a moment.",
-    "draining": "This console proxy is shutting down; open the console again.",
-    "broker_unavailable": "Single-use links cannot be checked right now; try again shortly.",
-    "token_used": "This console link has already been used; ask for a new one.",
-    "session_revoked": "This console session was ended by an administrator.",
-    "websocket_required": "This address takes a websocket connection from the console page.",
-    "websocket_version": "This console proxy speaks websocket version 13 only.",
-    **token.PUBLIC_MESSAGES,
-}
-STATUS = {"token_missing": 400, "origin_denied": 403, "over_capacity": 503, "draining": 503,
-          "broker_unavailable": 503, "token_used": 409, "session_revoked": 410,
-          "websocket_required": 400, "websocket_version": 426}
+#: Views of :class:`console_proxy.codes.Refused`, the one table: code -> message, code -> status.
+MESSAGES = {code.value: code.message for code in Refused}
+STATUS = {code.value: code.status for code in Refused}
 
 
 class Refusal(Exception):
@@ -43,11 +32,12 @@ class Refusal(Exception):
 
     def __init__(self, code: str, *, reason: str | None = None, claims: Claims | None = None,
                  status: int | None = None) -> None:
-        self.code = code
-        self.status = status or STATUS[code]
-        self.reason = reason or code
+        refused = Refused(code)
+        self.code: str = refused
+        self.status = status or refused.status
+        self.reason = reason or refused.value
         self.claims = claims
-        self.message = MESSAGES[code]
+        self.message = refused.message
         super().__init__(self.reason)
 
     @classmethod
@@ -90,16 +80,16 @@ def admit(request: Request, *, keyring: Keyring, config: ProxyConfig, now: float
           draining: bool, sessions: int) -> Claims:
     """The verified claims, or Refusal."""
     if draining:
-        raise Refusal("draining")
+        raise Refusal(Refused.DRAINING)
     if not config.origin_policy.allows(request.origin, request.own_origin):
-        raise Refusal("origin_denied")
+        raise Refusal(Refused.ORIGIN_DENIED)
     if not config.origin_policy.host_allowed(request.host):
-        raise Refusal("origin_denied", reason="host_not_pinned: the Host names neither the public URL nor an "
+        raise Refusal(Refused.ORIGIN_DENIED, reason="host_not_pinned: the Host names neither the public URL nor an "
                                               "allowed origin (DNS rebinding?)")
     if sessions >= config.max_sessions:
-        raise Refusal("over_capacity")
+        raise Refusal(Refused.OVER_CAPACITY)
     if not request.token:
-        raise Refusal("token_missing")
+        raise Refusal(Refused.TOKEN_MISSING)
     try:
         return token.verify(request.token, keyring, now, skew=config.skew, max_ttl=config.max_ttl,
                             client_ip=request.client_ip)
@@ -129,4 +119,4 @@ class SpentTokens:
     def check(self, claims: Claims) -> None:
         """Refuse with token_used if this single-use token is known to be spent."""
         if claims.once and claims.jti in self._expiry:
-            raise Refusal("token_used", reason="single-use token already redeemed", claims=claims)
+            raise Refusal(Refused.TOKEN_USED, reason="single-use token already redeemed", claims=claims)

@@ -44,6 +44,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 from console_proxy.admission import Refusal
+from console_proxy.codes import Refused
 from console_proxy.keyring import Keyring, KeyringError
 from console_proxy.metrics import Gauge, LiveCounter
 from console_proxy.token import Claims
@@ -177,10 +178,10 @@ class BrokerLink:
             await self._post("/proxy/redeem", {"jti": claims.jti, "session_id": claims.sid, "exp": claims.exp + skew})
         except HTTPClientError as exc:
             if exc.code == 409:
-                raise Refusal("token_used", reason=_error_code(exc) or "token_used", claims=claims) from None
-            raise Refusal("broker_unavailable", reason=f"redeem failed: HTTP {exc.code}", claims=claims) from None
+                raise Refusal(Refused.TOKEN_USED, reason=_error_code(exc) or "token_used", claims=claims) from None
+            raise Refusal(Refused.BROKER_UNAVAILABLE, reason=f"redeem failed: HTTP {exc.code}", claims=claims) from None
         except Exception as exc:  # noqa: BLE001 - anything else unexpected: fail closed
-            raise Refusal("broker_unavailable", reason=f"redeem failed: {type(exc).__name__}",
+            raise Refusal(Refused.BROKER_UNAVAILABLE, reason=f"redeem failed: {type(exc).__name__}",
                           claims=claims) from None
 
     # --- heartbeat ----------------------------------------------------------------------

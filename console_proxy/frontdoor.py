@@ -27,8 +27,9 @@ import tornado.httpserver
 import tornado.netutil
 from tornado.iostream import IOStream
 
-from console_proxy import httphead, origin, proxyproto, server, wsconn
+from console_proxy import httphead, origin, proxyproto, server, tornado_compat, wsconn
 from console_proxy.admission import Refusal
+from console_proxy.codes import Close
 from console_proxy.handlerlog import access_log
 from console_proxy.httphead import Head
 from console_proxy.relay import Ending
@@ -133,7 +134,7 @@ class FrontDoor:
             doorway.log(101, head)
             doorway.become(browser, server.switching(key, binary))
         except BaseException:
-            session.finish(Ending.of(4502, "internal error"))
+            session.finish(Ending.of(Close.TARGET_PROTOCOL_ERROR, "internal error"))
             if not doorway.open and doorway.transport is not None:
                 doorway.transport.abort()  # handed over half-way: nobody else will close it
             raise
@@ -294,16 +295,15 @@ class Doorway(asyncio.Protocol):
 class _Prefilled(IOStream):
     """Tornado's stream on a socket whose first bytes the front door already read.
 
-    They go where Tornado keeps what it has read but not consumed (a private buffer, read the
-    same way by ``wsconn._take_buffered``; tests pin both), so Tornado applies its own limits
+    They go where Tornado keeps what it has read but not consumed
+    (:func:`console_proxy.tornado_compat.preload_read_buffer`), so Tornado applies its own limits
     to all of them at once — serving them through ``read_from_fd`` would hand over at most one
     read chunk and strand the rest until the socket next became readable.
     """
 
     def __init__(self, sock: socket.socket, early: bytes, deadline: float, **kwargs: int | None) -> None:
         super().__init__(sock, **kwargs)  # type: ignore[arg-type]
-        self._read_buffer += early
-        self._read_buffer_size = len(self._read_buffer)
+        tornado_compat.preload_read_buffer(self, early)
         self._head_deadline: float | None = deadline
 
     def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:

@@ -21,6 +21,8 @@ class PathOnlyLogging:
     request: HTTPServerRequest
 
     def _request_summary(self) -> str:
+        """Overrides Tornado's private method of this name (:data:`tornado_compat.REQUEST_SUMMARY`,
+        which the compatibility test pins): Tornado's names the request by its whole URI."""
         return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
 
     def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,

@@ -18,6 +18,7 @@ from typing import Any
 
 import tornado.web
 
+from console_proxy import tornado_compat
 from console_proxy.handlerlog import PathOnlyLogging
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (UnicodeError, ValueError, OverflowError, RecursionError)
@@ -58,7 +59,7 @@ class JsonErrors(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
-        self.finish(json.dumps(error_body(status, error, self._reason)))
+        self.finish(json.dumps(error_body(status, error, tornado_compat.response_reason(self))))
 
 
 class NotFound(JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):

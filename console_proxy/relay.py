@@ -26,24 +26,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from console_proxy import dial, rfb, upstream_tls
+from console_proxy.codes import Close
 from console_proxy.config import ProxyConfig
 from console_proxy.token import Claims
 
 log = logging.getLogger("consolegate.proxy.session")
-
-CLOSE_REASONS = {
-    4500: "target_unreachable",
-    4501: "target_auth_failed",
-    4502: "target_protocol_error",
-    4408: "idle_timeout",
-    4410: "session_ended",
-    1000: "normal",
-    1001: "going_away",
-    1002: "protocol_error",
-    1003: "unsupported_data",
-    1007: "invalid_data",
-    1009: "message_too_big",
-}
 
 CANNOT_CONNECT = "cannot connect to the console server"
 CONNECT_TIMED_OUT = "connecting to the console server timed out"
@@ -91,8 +78,10 @@ class Ending:
 
     @classmethod
     def of(cls, code: int, detail: str) -> Ending:
-        """The ending for one of the proxy's own close codes, with its public reason."""
-        return cls(code, CLOSE_REASONS[code], detail)
+        """The ending for one of the proxy's own close codes, with its public reason
+        (a :class:`Close`, or its number: a number the table lacks raises ``ValueError``)."""
+        close = Close(code)
+        return cls(close, close.reason, detail)
 
 
 class SessionEnded(Exception):
@@ -182,7 +171,7 @@ class _Upstream(asyncio.BufferedProtocol):
         if self.connecting is not None:
             self._connected()
             if dial.never_connected(exc):  # the connect itself failed (dial: no wait for it)
-                self.session.finish(Ending.of(4500, CANNOT_CONNECT))
+                self.session.finish(Ending.of(Close.TARGET_UNREACHABLE, CANNOT_CONNECT))
                 return
         self.session.upstream_lost(exc)
 
@@ -258,10 +247,10 @@ class ConsoleSession:
         except SessionEnded as ended:
             self.finish(ended.ending)
         except asyncio.CancelledError:  # the session ended (timeout, browser, drain)
-            self.finish(Ending.of(1001, "the session was cancelled"))
+            self.finish(Ending.of(Close.GOING_AWAY, "the session was cancelled"))
         except Exception:  # a bug must still end the session: close both sides, free the slot
             log.exception("session %s failed unexpectedly", self.sid)
-            self.finish(Ending.of(4502, "internal error"))
+            self.finish(Ending.of(Close.TARGET_PROTOCOL_ERROR, "internal error"))
         finally:
             deadline.cancel()
             self._task = None
@@ -329,7 +318,7 @@ class ConsoleSession:
             self.finish(ended.ending)
         except Exception:  # a bug: as in _run, end the session and free the slot
             log.exception("session %s failed unexpectedly", self.sid)
-            self.finish(Ending.of(4502, "internal error"))
+            self.finish(Ending.of(Close.TARGET_PROTOCOL_ERROR, "internal error"))
         return True
 
     async def _connect(self) -> None:
@@ -347,7 +336,7 @@ class ConsoleSession:
                 await loop.create_connection(lambda: self._up, sock=sock)
                 self._up.connecting, deadline = deadline, None
         except OSError:
-            raise _end(4500, CANNOT_CONNECT) from None
+            raise _end(Close.TARGET_UNREACHABLE, CANNOT_CONNECT) from None
         finally:
             if deadline is not None:
                 deadline.cancel()
@@ -355,14 +344,15 @@ class ConsoleSession:
     def _connect_overdue(self) -> None:
         """The connect deadline: a connection made but silent is the handshake deadline's."""
         if not self._upstream_connected():
-            self.finish(Ending.of(4500, CONNECT_TIMED_OUT))
+            self.finish(Ending.of(Close.TARGET_UNREACHABLE, CONNECT_TIMED_OUT))
 
     def _handshake_overdue(self) -> None:
         """The whole handshake's deadline, which may come first: unreachable is still 4500."""
         if self.relaying:  # opened in a callback, the coroutine not yet woken to cancel this
             return
         self._connect_overdue()
-        self.finish(Ending.of(4502, "the RFB handshake did not finish in time"))  # if not ended just now
+        # if not ended just now:
+        self.finish(Ending.of(Close.TARGET_PROTOCOL_ERROR, "the RFB handshake did not finish in time"))
 
     def _upstream_connected(self) -> bool:
         transport = self._up.transport
@@ -421,14 +411,14 @@ class ConsoleSession:
 
     async def _start_tls(self, action: rfb.StartTls) -> None:
         if self._inbox:  # plaintext after the server agreed to TLS: it must never pass for decrypted
-            raise _end(4502, "the console server sent plaintext where TLS was due")
+            raise _end(Close.TARGET_PROTOCOL_ERROR, "the console server sent plaintext where TLS was due")
         policy = self._tls
         try:
             context = upstream_tls.client_context(policy, action.verify)
         except upstream_tls.NoCaError as error:
-            raise _end(4501, str(error)) from None
+            raise _end(Close.TARGET_AUTH_FAILED, str(error)) from None
         except (ssl.SSLError, ValueError):
-            raise _end(4501, "the CA certificate for this console server is not usable") from None
+            raise _end(Close.TARGET_AUTH_FAILED, "the CA certificate for this console server is not usable") from None
         watch = self._certificate_request = upstream_tls.CertificateRequestWatch(context)
         plain = self._up.transport
         assert plain is not None
@@ -436,7 +426,7 @@ class ConsoleSession:
             secure = await asyncio.get_running_loop().start_tls(
                 plain, self._up, context, server_hostname=policy.server_name if action.verify else None)
         except ssl.SSLCertVerificationError:
-            raise _end(4501, "the console server's certificate did not verify") from None
+            raise _end(Close.TARGET_AUTH_FAILED, "the console server's certificate did not verify") from None
         except (ssl.SSLError, OSError, ConnectionError) as error:
             raise self._tls_failure(error, "the TLS handshake with the console server failed", quiet=True) from None
         finally:
@@ -453,8 +443,8 @@ class ConsoleSession:
         watch = self._certificate_request
         requested = watch is not None and watch.requested
         if upstream_tls.is_client_certificate_refusal(error, requested=requested, quiet=quiet):
-            return _end(4501, upstream_tls.CLIENT_CERTIFICATE_REQUIRED)
-        return _end(4502, otherwise)
+            return _end(Close.TARGET_AUTH_FAILED, upstream_tls.CLIENT_CERTIFICATE_REQUIRED)
+        return _end(Close.TARGET_PROTOCOL_ERROR, otherwise)
 
     def _hung_up(self) -> SessionEnded:
         """How the hypervisor hanging up before ServerInit ends the session."""
@@ -519,7 +509,8 @@ class ConsoleSession:
 
     def _upstream_closed(self) -> SessionEnded:
         """The hypervisor hung up: a protocol error mid-handshake, a normal end while relaying."""
-        return _end(1000 if self.relaying else 4502, "the console server closed the connection")
+        code = Close.NORMAL if self.relaying else Close.TARGET_PROTOCOL_ERROR
+        return _end(code, "the console server closed the connection")
 
     def upstream_lost(self, error: BaseException | None = None) -> None:
         """The hypervisor's stream ended (``error`` None: end of stream)."""
@@ -560,7 +551,7 @@ class ConsoleSession:
     def _hold_early(self, data: bytes) -> None:
         """Messages sent before ServerInit reached the browser: bounded, then forwarded."""
         if len(self._early) + len(data) > self.config.max_message_size:
-            raise _end(4502, "the browser sent too much before the session was ready")
+            raise _end(Close.TARGET_PROTOCOL_ERROR, "the browser sent too much before the session was ready")
         self._early += data
 
     def _forward(self, data: bytes) -> None:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from Crypto.Cipher import DES
 
+from console_proxy.codes import Close
 from console_proxy.upstream_tls import TlsPolicy
 
 __all__ = [
@@ -47,9 +48,9 @@ MAX_NAME_LENGTH = 64 * 1024
 #: Bytes a handshake may hold while waiting for more; honest peers never come close.
 MAX_PENDING = 64 * 1024
 
-AUTH_FAILED = "target_auth_failed"
-PROTOCOL_ERROR = "target_protocol_error"
-_CLOSE_CODES = {AUTH_FAILED: 4501, PROTOCOL_ERROR: 4502}
+AUTH_FAILED = Close.TARGET_AUTH_FAILED.reason
+PROTOCOL_ERROR = Close.TARGET_PROTOCOL_ERROR.reason
+_CLOSE_CODES = {close.reason: close for close in (Close.TARGET_AUTH_FAILED, Close.TARGET_PROTOCOL_ERROR)}
 
 SEC_NONE = 1
 SEC_VNC = 2
@@ -97,7 +98,7 @@ class RfbError(Exception):
             raise ValueError(f"unknown RFB error code {code!r}")
         super().__init__(message)
         self.code = code
-        self.close_code = _CLOSE_CODES[code]
+        self.close_code: Close = _CLOSE_CODES[code]
 
     @classmethod
     def auth_failed(cls, message: str) -> RfbError:

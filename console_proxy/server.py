@@ -22,6 +22,7 @@ from tornado.iostream import SSLIOStream
 
 from console_proxy import clock, forwarded, openapi, origin, wsconn, wsframes
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
+from console_proxy.codes import Close, Refused
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
 from console_proxy.handlerlog import PathOnlyLogging, access_log
@@ -72,7 +73,7 @@ class ProxyState:
         claims = admit(request, keyring=self.keyring, config=self.config, now=clock.now(),
                        draining=self.draining, sessions=len(self.sessions) + self.pending)
         if claims.sid in self.revoked:  # a reusable token must not reopen a revoked session
-            raise Refusal("session_revoked", reason="the broker revoked this session", claims=claims)
+            raise Refusal(Refused.SESSION_REVOKED, reason="the broker revoked this session", claims=claims)
         return claims
 
     async def redeem(self, claims: Claims) -> None:
@@ -80,7 +81,7 @@ class ProxyState:
             return
         self.spent.check(claims)
         if self.broker is None:
-            raise Refusal("broker_unavailable", reason="single-use token and no broker configured", claims=claims)
+            raise Refusal(Refused.BROKER_UNAVAILABLE, reason="single-use token and no broker configured", claims=claims)
         try:
             await self.broker.redeem(claims)
         except Refusal as refusal:
@@ -142,11 +143,11 @@ class ProxyState:
     def _due_ending(self, session: ConsoleSession, now: float, wall: float) -> Ending | None:
         config = self.config
         if session.sid in self.revoked:
-            return Ending.of(4410, "revoked by the broker")
+            return Ending.of(Close.SESSION_ENDED, "revoked by the broker")
         if config.end_at_expiry and wall >= session.claims.exp + config.expiry_grace:
-            return Ending.of(4410, "the console's time ran out")
+            return Ending.of(Close.SESSION_ENDED, "the console's time ran out")
         if config.idle_timeout and now - session.last_input >= config.idle_timeout:
-            return Ending.of(4408, "no input from the browser")
+            return Ending.of(Close.IDLE_TIMEOUT, "no input from the browser")
         return None
 
     def begin_drain(self) -> None:
@@ -163,7 +164,7 @@ class ProxyState:
 
     def _going_away(self) -> None:
         for session in list(self.sessions):
-            session.finish(Ending.of(1001, "the proxy is shutting down"))
+            session.finish(Ending.of(Close.GOING_AWAY, "the proxy is shutting down"))
         # Each connection ends within CLOSE_TIMEOUT of its Close; a connection the browser
         # object never got (a failed hand-over) would never report: stop then regardless.
         asyncio.get_running_loop().call_later(wsconn.CLOSE_TIMEOUT + 1.0, self.stopped.set)
@@ -219,7 +220,7 @@ async def redeem_upgrade(state: ProxyState, claims: Claims) -> None:
     try:
         await state.redeem(claims)
         if state.draining:  # began while the broker answered: no new session now
-            raise Refusal("draining", reason="the proxy began draining during the upgrade", claims=claims)
+            raise Refusal(Refused.DRAINING, reason="the proxy began draining during the upgrade", claims=claims)
     finally:
         state.release_pending()  # a session takes the slot in this same turn, or none
 
@@ -353,7 +354,7 @@ class ConsoleSocket(JsonHandler):
 
 
 #: How a session ends whose browser went away between the 101 and the session's start.
-LEFT_DURING_UPGRADE = Ending(1006, "browser_closed", "the browser left during the upgrade")
+LEFT_DURING_UPGRADE = Ending(Close.ABNORMAL, "browser_closed", "the browser left during the upgrade")
 
 
 def switching(key: str, binary: bool) -> bytes:

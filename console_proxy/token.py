@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from console_proxy import b64url, strictjson
+from console_proxy.codes import Refused
 from console_proxy.keyring import DEFAULT_SKEW, Keyring
 
 AUDIENCE = "console-proxy"
@@ -31,28 +32,25 @@ _JWS_HEADER_KEYS = frozenset({"alg", "kid"})
 _JWE_HEADER_KEYS = frozenset({"alg", "enc", "kid", "cty"})
 _TLS_KEYS = {"ca": str, "sni": str, "allow_anon": bool, "require": bool}
 
-# internal reason -> (public code, HTTP status)
+# internal reason -> (public code, HTTP status); each code owns its status and message
+_INVALID, _EXPIRED, _NOT_YET, _IP = (Refused.TOKEN_INVALID, Refused.TOKEN_EXPIRED, Refused.TOKEN_NOT_YET_VALID,
+                                     Refused.CLIENT_IP_MISMATCH)
 REASONS: dict[str, tuple[str, int]] = {
-    "too_long": ("token_invalid", 401),
-    "malformed": ("token_invalid", 401),
-    "unknown_fleet_key": ("token_invalid", 401),
-    "decrypt_failed": ("token_invalid", 401),
-    "unknown_signing_key": ("token_invalid", 401),
-    "bad_signature": ("token_invalid", 401),
-    "wrong_audience": ("token_invalid", 401),
-    "bad_claims": ("token_invalid", 401),
-    "lifetime_too_long": ("token_invalid", 401),
-    "expired": ("token_expired", 401),
-    "not_yet_valid": ("token_not_yet_valid", 401),
-    "client_ip_mismatch": ("client_ip_mismatch", 403),
+    "too_long": (_INVALID, _INVALID.status),
+    "malformed": (_INVALID, _INVALID.status),
+    "unknown_fleet_key": (_INVALID, _INVALID.status),
+    "decrypt_failed": (_INVALID, _INVALID.status),
+    "unknown_signing_key": (_INVALID, _INVALID.status),
+    "bad_signature": (_INVALID, _INVALID.status),
+    "wrong_audience": (_INVALID, _INVALID.status),
+    "bad_claims": (_INVALID, _INVALID.status),
+    "lifetime_too_long": (_INVALID, _INVALID.status),
+    "expired": (_EXPIRED, _EXPIRED.status),
+    "not_yet_valid": (_NOT_YET, _NOT_YET.status),
+    "client_ip_mismatch": (_IP, _IP.status),
 }
 
-PUBLIC_MESSAGES = {
-    "token_invalid": "This console link is not valid.",
-    "token_expired": "This console link has expired; ask for a new one.",
-    "token_not_yet_valid": "This console link is not valid yet; check the clock or ask for a new one.",
-    "client_ip_mismatch": "This console link was issued for another network address.",
-}
+PUBLIC_MESSAGES = {code.value: code.message for code in (_INVALID, _EXPIRED, _NOT_YET, _IP)}
 
 
 class TokenRefused(Exception):

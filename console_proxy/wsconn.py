@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
 
+from console_proxy import codes, tornado_compat
 from console_proxy.relay import FRAME_HEADROOM, Ending
 from console_proxy.wsframes import (
     OP_PING,
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 
 #: Seconds the proxy waits for the browser's Close after sending its own.
 CLOSE_TIMEOUT = 5.0
-#: Codes that only report what happened and are never sent in a Close (RFC 6455 7.4.1).
-REPORT_ONLY = frozenset((1005, 1006, 1015))
 #: Bytes read from a TLS browser per read.
 TLS_READ = 64 * 1024
 #: TCP_INFO's first byte is the connection's state on Linux (other systems number states
@@ -160,7 +159,7 @@ class WsConnection:
         if self._closing or self._gone:
             return
         self._closing = True
-        final = close_frame(None) if code in REPORT_ONLY else close_frame(code, reason)
+        final = close_frame(None) if code in codes.REPORT_ONLY else close_frame(code, reason)
         if not self._open:  # the session ended before the connection was handed over
             self._final = final
             return
@@ -249,7 +248,7 @@ class WsConnection:
         self._end_writing()
 
     def _peer_closed(self, event: Close) -> None:
-        self.close_code = event.code or 1005  # 1005: a Close without a status code
+        self.close_code = event.code or codes.Close.NO_STATUS  # a Close without a status code
         if not self._closing:
             self._closing = True
             self._write(close_frame(event.code))  # echo the code (RFC 6455 5.5.1)
@@ -262,7 +261,7 @@ class WsConnection:
         Close is sent — a browser that went without one is not waiting for ours."""
         self._closing = True
         if self.session is not None:
-            self.session.browser_closed(self.close_code or 1006)
+            self.session.browser_closed(self.close_code or codes.Close.ABNORMAL)
         self._let_go()
 
     def lost(self) -> None:
@@ -272,7 +271,7 @@ class WsConnection:
             self._timer.cancel()
             self._timer = None
         if self.session is not None:
-            self.session.browser_closed(self.close_code or 1006)
+            self.session.browser_closed(self.close_code or codes.Close.ABNORMAL)
         if self._on_gone is not None:
             callback, self._on_gone = self._on_gone, None
             callback()
@@ -298,7 +297,7 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         The socket is duplicated and Tornado's stream closed, so Tornado forgets it entirely;
         bytes the browser sent right behind its request are carried over, not lost.
         """
-        self._greeting, self._early = greeting, _take_buffered(stream)
+        self._greeting, self._early = greeting, tornado_compat.unread_bytes(stream)
         try:
             sock = socket.socket(fileno=socket.dup(stream.socket.fileno()))  # type: ignore[union-attr]
         finally:
@@ -462,11 +461,3 @@ class TlsBrowser(WsConnection):
     def _socket(self) -> socket.socket | None:
         return self.stream.socket
 
-
-def _take_buffered(stream: IOStream) -> bytes:
-    """Bytes Tornado read past the request's headers (a pipelining client's first frames)."""
-    size = getattr(stream, "_read_buffer_size", 0)
-    if not size:
-        return b""
-    buffer = stream._read_buffer  # type: ignore[attr-defined]
-    return bytes(buffer[:size])

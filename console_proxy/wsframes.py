@@ -22,6 +22,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from console_proxy import codes
+
 try:
     from tornado.speedups import websocket_mask as _mask  # C, installed with tornado
 except ImportError:  # pragma: no cover - tornado built without its extension
@@ -35,7 +37,9 @@ __all__ = ["Close", "FrameReader", "Ping", "Pong", "UpgradeError", "WsError", "a
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-PROTOCOL_ERROR, UNSUPPORTED_DATA, NO_STATUS, INVALID_DATA, TOO_BIG = 1002, 1003, 1005, 1007, 1009
+PROTOCOL_ERROR, UNSUPPORTED_DATA, NO_STATUS, INVALID_DATA, TOO_BIG = (
+    codes.Close.PROTOCOL_ERROR, codes.Close.UNSUPPORTED_DATA, codes.Close.NO_STATUS, codes.Close.INVALID_DATA,
+    codes.Close.MESSAGE_TOO_BIG)
 MAX_CONTROL = 125
 #: Close codes a peer may send (RFC 6455 7.4): 1000-1003, 1007-1011, 3000-4999.
 _SENDABLE = frozenset((1000, 1001, 1002, 1003, *range(1007, 1012)))
@@ -44,7 +48,7 @@ _SENDABLE = frozenset((1000, 1001, 1002, 1003, *range(1007, 1012)))
 class WsError(Exception):
     """A protocol violation by the browser; ``code`` is the close code to answer with."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: codes.Close, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason

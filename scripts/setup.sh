@@ -2,7 +2,7 @@
 # Installs everything consolegate needs on a Debian 12 machine (run as root; idempotent):
 # Debian packages (Xvnc, Chromium, X tools, Node.js, curl and git, systemd for systemd-analyze; systemd is
 # not booted), a Python venv in .venv with the project
-# and its test/bench extras, and noVNC from static/package-lock.json into static/node_modules.
+# and its test/bench extras (versions pinned by constraints.txt), and noVNC from static/package-lock.json into static/node_modules.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,broker,bench,libvirt]'
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,broker,bench,libvirt]'
 
 (cd static && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 echo "setup: ready (.venv, static/node_modules)"
