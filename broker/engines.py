@@ -23,6 +23,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from broker.outage import DatabaseDown, Outage
 
 MIGRATION_LOCK_KEY = 0x636F6E736F6C65  # "console": one advisory lock id for the broker's migrations
 DB_NAME = "broker.db"
+BUSY_TIMEOUT_S = 10.0
+"""How long SQLite waits for its write lock (the CLI and a running broker share one file)."""
 POOL_MAX = 8
 """Connections per broker process: the event loop runs one request at a time, the CLI one
 command; a few more let threads (tests, the cleanup) run beside it."""
@@ -137,8 +140,8 @@ class SqliteEngine:
         self.conn: Any = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA busy_timeout = 10000")
-            mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            mode = self._enter_wal()
             if mode != "wal":
                 raise EngineOpenError(f"cannot put {str(path)!r} in WAL mode (got {mode})")
             self.conn.execute("PRAGMA synchronous = FULL")
@@ -149,6 +152,20 @@ class SqliteEngine:
         except BaseException:
             self.conn.close()
             raise
+
+    def _enter_wal(self) -> str:
+        """Switch a new database to WAL. The switch needs the file to itself, and SQLite answers
+        "database is locked" at once, without its busy wait, when another connection is opening
+        or switching the same new file at that moment (two replicas started together): retry for
+        as long as the busy timeout would have waited."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                return str(self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)  # startup only, never on a request
 
     @property
     def description(self) -> str:
