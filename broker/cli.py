@@ -21,21 +21,14 @@ from console_proxy import clock, keyring, token
 from console_proxy.command import CommandError, Parser, read_secret_file, run
 from console_proxy.keyring import DEFAULT_MAX_TTL, KeyringError
 
-DATABASE_HELP = ("the broker's database: sqlite:///PATH (default: <state-dir>/broker.db) or "
-                 "postgresql://USER@HOST:PORT/DB (password from the URL, PGPASSWORD or ~/.pgpass; never logged)")
 PASSWORD_FILE_HELP = ("file holding the VNC password as plain text on one line (not the obfuscated output "
                       "of vncpasswd -f)")
-STATE_DIR_HELP = "broker state directory (default: %(default)s, relative to the current directory)"
-
-
-def add_database_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
 
 
 def _keyring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyring", metavar="FILE", help="broker keyring file")
     parser.add_argument("--state-dir", metavar="D", help="broker state directory (the keyring in its database)")
-    add_database_option(parser)
+    serve.add_database_option(parser)
 
 
 def _add_keys(commands: argparse._SubParsersAction) -> None:
@@ -81,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="console-broker", description="consolegate's console broker")
     commands = parser.add_subparsers(metavar="COMMAND")
     init = commands.add_parser("init", help="create a broker state directory")
-    init.add_argument("--state-dir", metavar="D", default="./var", help=STATE_DIR_HELP)
-    add_database_option(init)
+    serve.add_state_options(init)
     init.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL, help="longest token lifetime, seconds")
     init.set_defaults(handler=state_init)
     migrate = commands.add_parser("migrate", help="apply the database's schema migrations (under a database lock)")
@@ -100,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", metavar="D", default="./var", help=STATE_DIR_HELP)
-    add_database_option(parser)
+    serve.add_state_options(parser)
 
 
 _REMOVE_HELP = """\
@@ -225,13 +216,7 @@ def hypervisors_add(args: argparse.Namespace) -> int:
     _tls_body(args, body)
     if args.console_passwords:
         body["console_passwords"] = True
-    try:  # the API's own checks
-        checked = schemas.validate(body, schemas.HYPERVISOR_CREATE)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-    with _broker(args) as broker:
-        print(json.dumps(broker.add_hypervisor(checked, "cli")))
-    return 0
+    return _create(args, body, schemas.HYPERVISOR_CREATE, Broker.add_hypervisor)
 
 
 def hypervisors_remove(args: argparse.Namespace) -> int:
@@ -358,12 +343,19 @@ def targets_add(args: argparse.Namespace) -> int:
     if args.password_file:
         body["password"] = read_secret_file(args.password_file)
     _tls_body(args, body)
-    try:  # the API's own checks, so the CLI and the API accept the same targets
-        checked = schemas.validate(body, schemas.TARGET_CREATE)
+    return _create(args, body, schemas.TARGET_CREATE, Broker.add_target)
+
+
+def _create(args: argparse.Namespace, body: dict[str, object], schema: Any,
+            add: Callable[[Broker, Any, str], dict[str, Any]]) -> int:
+    """Check ``body`` with the API's own schema (the CLI and the API accept the same things),
+    then add it as the actor ``cli`` and print the result."""
+    try:
+        checked = schemas.validate(body, schema)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     with _broker(args) as broker:
-        print(json.dumps(broker.add_target(checked, "cli")))
+        print(json.dumps(add(broker, checked, "cli")))
     return 0
 
 

@@ -27,13 +27,25 @@ from console_proxy.serve import parse_listen, tls_context
 log = logging.getLogger("consolegate.broker")
 
 
+DATABASE_HELP = ("the broker's database: sqlite:///PATH (default: <state-dir>/broker.db) or "
+                 "postgresql://USER@HOST:PORT/DB, shared by replicas (password from the URL, PGPASSWORD or "
+                 "~/.pgpass; never logged)")
+
+
+def add_state_options(parser: argparse.ArgumentParser) -> None:
+    """``--state-dir`` and ``--database``: every broker command that opens the broker's state."""
+    parser.add_argument("--state-dir", metavar="D", default="./var",
+                        help="broker state directory (default: %(default)s, relative to the current directory)")
+    add_database_option(parser)
+
+
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the broker API")
-    serve.add_argument("--state-dir", metavar="D", default="./var",
-                       help="broker state directory (default: %(default)s, relative to the current directory)")
-    serve.add_argument("--database", metavar="URL",
-                       help="sqlite:///PATH (default: <state-dir>/broker.db) or postgresql://USER@HOST:PORT/DB, "
-                            "shared by replicas (password from the URL, PGPASSWORD or ~/.pgpass; never logged)")
+    add_state_options(serve)
     serve.add_argument("--migrate", action="store_true",
                        help="apply missing schema migrations first (a SQLite state dir is always migrated; "
                             "a PostgreSQL database otherwise only by console-broker migrate)")
