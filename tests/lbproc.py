@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from xvnc import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 NGINX_EXAMPLE = REPO / "contrib" / "nginx" / "consolegate.conf"
@@ -47,13 +48,7 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> N
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, timeout=10)
 
 
 def require(binary: str) -> str:

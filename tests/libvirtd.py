@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from xvnc import stop_process
+
 LIBVIRTD = "/usr/sbin/libvirtd"
 START_TIMEOUT = 30.0
 USER = "nobody"
@@ -48,13 +50,7 @@ class Libvirtd:
         return libvirt.open(self.uri)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

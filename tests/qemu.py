@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from xvnc import TestPki
+from xvnc import TestPki, stop_process
 
 QEMU = "qemu-system-x86_64"
 START_TIMEOUT = 15.0
@@ -112,14 +112,7 @@ class QemuVnc:
     def stop(self) -> None:
         """Quit QEMU (SIGTERM), wait, and kill if it will not go: never leave one behind."""
         self.qmp_sock.close()
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        stop_process(self.process)
 
 
 def qemu_available() -> bool:

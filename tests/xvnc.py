@@ -87,15 +87,20 @@ class XvncServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        """Terminate, wait, and kill if it will not go: never leave a server behind."""
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 5) -> None:
+    """Terminate, wait, and kill if it will not go: never leave a server behind (every real
+    server the tests start ends this way)."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
 
 
 def xvnc_available() -> bool:
