@@ -45,8 +45,11 @@ def make_viewer(target: Path) -> None:
         for name in ("package.json", "package-lock.json"):
             shutil.copy2(STATIC / name, Path(work) / name)
         try:
-            subprocess.run(["npm", "ci", "--prefer-offline", "--no-audit", "--no-fund", "--ignore-scripts",
-                            "--loglevel=error"], cwd=work, check=True)
+            subprocess.run(
+                ["npm", "ci", "--prefer-offline", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
+                cwd=work,
+                check=True,
+            )
         except (OSError, subprocess.CalledProcessError) as exc:
             raise SystemExit(f"cannot build the viewer: npm ci failed ({exc}); Node.js and npm are needed") from None
         for part in NOVNC_PARTS:

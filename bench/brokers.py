@@ -83,9 +83,21 @@ class Replica:
 
     def __init__(self, root: Path, database: str | None) -> None:
         self.port = free_port()
-        command = [sys.executable, "-m", "broker.cli", "serve", "--state-dir", str(root), "--listen",
-                   f"127.0.0.1:{self.port}", "--heartbeat-interval", str(HEARTBEAT_INTERVAL * 120),
-                   "--log-level", "WARNING", *(["--database", database] if database else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "serve",
+            "--state-dir",
+            str(root),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--heartbeat-interval",
+            str(HEARTBEAT_INTERVAL * 120),
+            "--log-level",
+            "WARNING",
+            *(["--database", database] if database else []),
+        ]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.ps = psutil.Process(self.process.pid)
         deadline = time.monotonic() + 30
@@ -146,8 +158,9 @@ def postgres_cpu(cluster: Any) -> float:
         return 0.0
 
 
-def drive(replicas: Sequence[Replica], threads_each: int, seconds: float,
-          request: Callable[[Http, int], bool]) -> dict[str, float]:
+def drive(
+    replicas: Sequence[Replica], threads_each: int, seconds: float, request: Callable[[Http, int], bool]
+) -> dict[str, float]:
     """``request(conn, n)`` from ``threads_each`` threads per replica for ``seconds``; the
     successful requests/s and failures."""
     done, failed, stop = [0], [0], threading.Event()
@@ -219,14 +232,19 @@ def bench_engine(name: str, work: Path, cluster: Any, replicas_count: int, secon
         auths = list(fleet.proxies.values())
 
         def redeem(conn: Http, n: int) -> bool:
-            body = {"jti": secrets.token_urlsafe(18), "session_id": sessions[n % len(sessions)],
-                    "exp": int(time.time()) + 600}
+            body = {
+                "jti": secrets.token_urlsafe(18),
+                "session_id": sessions[n % len(sessions)],
+                "exp": int(time.time()) + 600,
+            }
             return conn.call("POST", "/api/v1/proxy/redeem", body, auths[n % len(auths)])[0] == 200
 
         drive(replicas, 2, min(0.5, seconds), mint)  # warm-up: pools, caches
-        result = {"replicas": replicas_count,
-                  "mint": measured(replicas, cluster, lambda: drive(replicas, 4, seconds, mint)),
-                  "redeem": measured(replicas, cluster, lambda: drive(replicas, 4, seconds, redeem))}
+        result = {
+            "replicas": replicas_count,
+            "mint": measured(replicas, cluster, lambda: drive(replicas, 4, seconds, mint)),
+            "redeem": measured(replicas, cluster, lambda: drive(replicas, 4, seconds, redeem)),
+        }
         return result
     finally:
         for replica in replicas:
@@ -234,8 +252,14 @@ def bench_engine(name: str, work: Path, cluster: Any, replicas_count: int, secon
 
 
 def heartbeat(proxy: str, version: int, sessions: int = 0) -> dict[str, Any]:
-    return {"proxy_id": proxy, "public_url": None, "sessions": sessions, "capacity": FLEET_SESSIONS,
-            "draining": False, "version": version}
+    return {
+        "proxy_id": proxy,
+        "public_url": None,
+        "sessions": sessions,
+        "capacity": FLEET_SESSIONS,
+        "draining": False,
+        "version": version,
+    }
 
 
 def bench_heartbeats(work: Path, cluster: Any, seconds: float) -> dict[str, Any]:
@@ -246,8 +270,10 @@ def bench_heartbeats(work: Path, cluster: Any, seconds: float) -> dict[str, Any]
     replica = Replica(work / "heartbeats", database)
     try:
         conn = Http(replica.port)
-        versions = {p: conn.call("POST", "/api/v1/proxy/heartbeat", heartbeat(p, 0), a)[1]["keyring_version"]
-                    for p, a in fleet.proxies.items()}
+        versions = {
+            p: conn.call("POST", "/api/v1/proxy/heartbeat", heartbeat(p, 0), a)[1]["keyring_version"]
+            for p, a in fleet.proxies.items()
+        }
         names = list(fleet.proxies)
 
         def beat(http: Http, n: int) -> bool:
@@ -282,8 +308,15 @@ class Heartbeats(threading.Thread):
             due = (due if now - due < step else now) + step  # late by a beat or more: move on
             proxy = names[n % len(names)]
             try:
-                ok = conn.call("POST", "/api/v1/proxy/heartbeat", heartbeat(proxy, self.versions[proxy]),
-                               self.fleet.proxies[proxy])[0] == 200
+                ok = (
+                    conn.call(
+                        "POST",
+                        "/api/v1/proxy/heartbeat",
+                        heartbeat(proxy, self.versions[proxy]),
+                        self.fleet.proxies[proxy],
+                    )[0]
+                    == 200
+                )
             except (OSError, http.client.HTTPException):
                 ok = False
             self.sent, self.failed = self.sent + ok, self.failed + (not ok)
@@ -368,22 +401,24 @@ def await_held(port: int, count: int, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def cpu_per_second(replica: Replica, cluster: Any, seconds: float,
-                   beats: Heartbeats | None) -> dict[str, float]:
+def cpu_per_second(replica: Replica, cluster: Any, seconds: float, beats: Heartbeats | None) -> dict[str, float]:
     """The replica's and PostgreSQL's CPU over ``seconds`` of whatever is running, in ms per s
     (millicores), and the heartbeats answered meanwhile."""
     sent = beats.sent if beats else 0
     broker, pg, started = replica.cpu(), postgres_cpu(cluster), time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - started
-    return {"seconds": round(elapsed, 2),
-            "broker_cpu_ms_per_s": round(1000 * (replica.cpu() - broker) / elapsed, 2),
-            "postgres_cpu_ms_per_s": round(1000 * (postgres_cpu(cluster) - pg) / elapsed, 2),
-            "heartbeats_per_s": round(((beats.sent if beats else 0) - sent) / elapsed, 1)}
+    return {
+        "seconds": round(elapsed, 2),
+        "broker_cpu_ms_per_s": round(1000 * (replica.cpu() - broker) / elapsed, 2),
+        "postgres_cpu_ms_per_s": round(1000 * (postgres_cpu(cluster) - pg) / elapsed, 2),
+        "heartbeats_per_s": round(((beats.sent if beats else 0) - sent) / elapsed, 1),
+    }
 
 
-def revocation_rounds(replica: Replica, cluster: Any, fleet: Fleet, fanout: Fanout,
-                      idle: dict[str, float]) -> dict[str, Any]:
+def revocation_rounds(
+    replica: Replica, cluster: Any, fleet: Fleet, fanout: Fanout, idle: dict[str, float]
+) -> dict[str, Any]:
     """:data:`WATCH_REVOCATIONS` rounds: mint a console, wait for every watch to be held, revoke
     it, time until every watch has answered with it, and wait for every watch to be held again.
     The CPU from the DELETE to the watches held again, less the idle rate (heartbeats, held
@@ -391,8 +426,9 @@ def revocation_rounds(replica: Replica, cluster: Any, fleet: Fleet, fanout: Fano
     conn, rounds = Http(replica.port), []
     broker_spent = pg_spent = 0.0
     for _ in range(WATCH_REVOCATIONS):
-        status, body = conn.call("POST", "/api/v1/consoles", {"target_id": fleet.target, "ttl": 600},
-                                 f"Bearer {fleet.issuer}")
+        status, body = conn.call(
+            "POST", "/api/v1/consoles", {"target_id": fleet.target, "ttl": 600}, f"Bearer {fleet.issuer}"
+        )
         if status != 201:
             raise RuntimeError(f"mint answered {status}")
         await_held(replica.port, fanout.watchers)
@@ -408,11 +444,14 @@ def revocation_rounds(replica: Replica, cluster: Any, fleet: Fleet, fanout: Fano
         answered = sorted(1000 * (t - started) for t in fanout.answered)
         rounds.append({"all_answered_ms": answered[-1], "median_watch_ms": statistics.median(answered)})
     every = [r["all_answered_ms"] for r in rounds]
-    return {"revocations": len(rounds), "all_answered_ms_p50": round(statistics.median(every), 1),
-            "all_answered_ms_max": round(max(every), 1),
-            "median_watch_ms_p50": round(statistics.median(r["median_watch_ms"] for r in rounds), 1),
-            "broker_cpu_ms_per_fanout": round(1000 * broker_spent / len(rounds), 1),
-            "postgres_cpu_ms_per_fanout": round(1000 * pg_spent / len(rounds), 1)}
+    return {
+        "revocations": len(rounds),
+        "all_answered_ms_p50": round(statistics.median(every), 1),
+        "all_answered_ms_max": round(max(every), 1),
+        "median_watch_ms_p50": round(statistics.median(r["median_watch_ms"] for r in rounds), 1),
+        "broker_cpu_ms_per_fanout": round(1000 * broker_spent / len(rounds), 1),
+        "postgres_cpu_ms_per_fanout": round(1000 * pg_spent / len(rounds), 1),
+    }
 
 
 def bench_watches(work: Path, cluster: Any, seconds: float) -> dict[str, Any]:
@@ -429,8 +468,12 @@ def bench_watches(work: Path, cluster: Any, seconds: float) -> dict[str, Any]:
     beats = Heartbeats(replica.port, fleet, {})
     try:
         conn = Http(replica.port)
-        beats.versions.update({p: conn.call("POST", "/api/v1/proxy/heartbeat", heartbeat(p, 0), a)[1]["keyring_version"]
-                               for p, a in fleet.proxies.items()})
+        beats.versions.update(
+            {
+                p: conn.call("POST", "/api/v1/proxy/heartbeat", heartbeat(p, 0), a)[1]["keyring_version"]
+                for p, a in fleet.proxies.items()
+            }
+        )
         quiet = cpu_per_second(replica, cluster, min(seconds, 5.0), None)
         beats.start()
         time.sleep(1.0)  # warm-up: the pool, the first heartbeats
@@ -439,9 +482,15 @@ def bench_watches(work: Path, cluster: Any, seconds: float) -> dict[str, Any]:
             watcher.start()
         await_held(replica.port, PROXIES)
         idle = cpu_per_second(replica, cluster, max(seconds, WATCH_HOLD + 1), beats)
-        result = {"proxies": PROXIES, "heartbeat_interval": HEARTBEAT_INTERVAL, "watch_hold": WATCH_HOLD,
-                  "quiet": quiet, "heartbeats_alone": alone, "with_watches_idle": idle,
-                  **revocation_rounds(replica, cluster, fleet, fanout, idle)}
+        result = {
+            "proxies": PROXIES,
+            "heartbeat_interval": HEARTBEAT_INTERVAL,
+            "watch_hold": WATCH_HOLD,
+            "quiet": quiet,
+            "heartbeats_alone": alone,
+            "with_watches_idle": idle,
+            **revocation_rounds(replica, cluster, fleet, fanout, idle),
+        }
         result["heartbeats_failed"] = beats.failed
         result["watch_failures"] = sum(w.failed for w in watchers)
         return result
@@ -488,16 +537,21 @@ def sizing(results: dict[str, Any]) -> dict[str, Any]:
     one, two, beats = results["postgresql_1"], results["postgresql_2"], results["heartbeats"]
     console_cpu = one["mint"]["broker_cpu_ms_per_request_total"] + one["redeem"]["broker_cpu_ms_per_request_total"]
     pg_console_cpu = one["mint"].get("postgres_cpu_ms_per_request", 0) + one["redeem"].get(
-        "postgres_cpu_ms_per_request", 0)
+        "postgres_cpu_ms_per_request", 0
+    )
     sessions = FLEET_PROXIES * FLEET_SESSIONS
     steady, storm = sessions / 1800, sessions / 600
     beat_rate = FLEET_PROXIES / HEARTBEAT_INTERVAL
     beat_cores = beat_rate * beats["broker_cpu_ms_per_request_total"] / 1000
     per_replica_consoles = 1 / (1 / one["mint"]["per_second"] + 1 / one["redeem"]["per_second"])
     return {
-        "sessions": sessions, "consoles_per_s_steady": round(steady, 1), "consoles_per_s_storm": round(storm, 1),
-        "broker_cpu_ms_per_console": round(console_cpu, 3), "postgres_cpu_ms_per_console": round(pg_console_cpu, 3),
-        "heartbeats_per_s": beat_rate, "heartbeat_broker_cores": round(beat_cores, 4),
+        "sessions": sessions,
+        "consoles_per_s_steady": round(steady, 1),
+        "consoles_per_s_storm": round(storm, 1),
+        "broker_cpu_ms_per_console": round(console_cpu, 3),
+        "postgres_cpu_ms_per_console": round(pg_console_cpu, 3),
+        "heartbeats_per_s": beat_rate,
+        "heartbeat_broker_cores": round(beat_cores, 4),
         "consoles_per_s_one_replica_measured": round(per_replica_consoles, 1),
         "mints_per_s_two_replicas_measured": round(two["mint"]["per_second"], 1),
         "broker_cores_steady": round(steady * console_cpu / 1000 + beat_cores, 3),
@@ -517,24 +571,31 @@ def watch_sizing(watches: dict[str, Any]) -> dict[str, Any]:
     sum of their CPU is the same."""
     idle, alone = watches["with_watches_idle"], watches["heartbeats_alone"]
     fanout = watches["broker_cpu_ms_per_fanout"]
-    return {"watches": watches["proxies"],
-            "watches_idle_broker_cores": round(
-                (idle["broker_cpu_ms_per_s"] - alone["broker_cpu_ms_per_s"]) / 1000, 4),
-            "watches_idle_postgres_cores": round(
-                (idle["postgres_cpu_ms_per_s"] - alone["postgres_cpu_ms_per_s"]) / 1000, 4),
-            "heartbeats_measured_broker_cores": round(
-                (alone["broker_cpu_ms_per_s"] - watches["quiet"]["broker_cpu_ms_per_s"]) / 1000, 4),
-            "revocation_broker_cpu_ms": fanout,
-            "revocation_postgres_cpu_ms": watches["postgres_cpu_ms_per_fanout"],
-            "revocations_per_s_per_broker_core": round(1000 / fanout, 1) if fanout > 0 else None}
+    return {
+        "watches": watches["proxies"],
+        "watches_idle_broker_cores": round((idle["broker_cpu_ms_per_s"] - alone["broker_cpu_ms_per_s"]) / 1000, 4),
+        "watches_idle_postgres_cores": round(
+            (idle["postgres_cpu_ms_per_s"] - alone["postgres_cpu_ms_per_s"]) / 1000, 4
+        ),
+        "heartbeats_measured_broker_cores": round(
+            (alone["broker_cpu_ms_per_s"] - watches["quiet"]["broker_cpu_ms_per_s"]) / 1000, 4
+        ),
+        "revocation_broker_cpu_ms": fanout,
+        "revocation_postgres_cpu_ms": watches["postgres_cpu_ms_per_fanout"],
+        "revocations_per_s_per_broker_core": round(1000 / fanout, 1) if fanout > 0 else None,
+    }
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["broker (mints and redeems over HTTP, 4 client threads per replica):",
-             (f"  {'engine':<22}{'mints/s':>9}{'redeems/s':>11}{'CPU ms/mint (per replica)':>28}"
-             f"{'PG CPU ms/mint':>16}")]
-    for key, label in (("sqlite", "SQLite"), ("postgresql_1", "PostgreSQL, 1 replica"),
-                       ("postgresql_2", "PostgreSQL, 2 replicas")):
+    lines = [
+        "broker (mints and redeems over HTTP, 4 client threads per replica):",
+        (f"  {'engine':<22}{'mints/s':>9}{'redeems/s':>11}{'CPU ms/mint (per replica)':>28}{'PG CPU ms/mint':>16}"),
+    ]
+    for key, label in (
+        ("sqlite", "SQLite"),
+        ("postgresql_1", "PostgreSQL, 1 replica"),
+        ("postgresql_2", "PostgreSQL, 2 replicas"),
+    ):
         r = results.get(key)
         if not r or "error" in r:
             lines.append(f"  {label:<22}{(r or {}).get('error', 'not run')}")
@@ -542,54 +603,73 @@ def table(results: dict[str, Any]) -> str:
         m, d = r["mint"], r["redeem"]
         per = ", ".join(f"{v:.2f}" for v in m["broker_cpu_ms_per_request"])
         pg = m.get("postgres_cpu_ms_per_request")
-        lines.append(f"  {label:<22}{m['per_second']:>9,.0f}{d['per_second']:>11,.0f}{per:>28}"
-                     f"{'-' if pg is None else f'{pg:.2f}':>16}")
+        lines.append(
+            f"  {label:<22}{m['per_second']:>9,.0f}{d['per_second']:>11,.0f}{per:>28}"
+            f"{'-' if pg is None else f'{pg:.2f}':>16}"
+        )
     b = results.get("heartbeats")
     if b:
-        lines.append(f"  heartbeats of {b['proxies']} proxies on one PostgreSQL replica: {b['per_second']:,.0f}/s at most, "
-                     f"{b['broker_cpu_ms_per_request_total']:.2f} ms broker CPU and "
-                     f"{b.get('postgres_cpu_ms_per_request', 0):.2f} ms PostgreSQL CPU per heartbeat")
+        lines.append(
+            f"  heartbeats of {b['proxies']} proxies on one PostgreSQL replica: {b['per_second']:,.0f}/s at most, "
+            f"{b['broker_cpu_ms_per_request_total']:.2f} ms broker CPU and "
+            f"{b.get('postgres_cpu_ms_per_request', 0):.2f} ms PostgreSQL CPU per heartbeat"
+        )
     w = results.get("watches")
     if w:
         lines += watch_lines(w)
     s = results.get("sizing")
     if s:
-        lines.append(f"  sizing, {FLEET_PROXIES} proxies x {FLEET_SESSIONS} sessions ({s['sessions']:,}): "
-                     f"{s['consoles_per_s_steady']}/s consoles steady (30 min sessions), {s['consoles_per_s_storm']}/s "
-                     f"in a 10-minute storm; {s['broker_cpu_ms_per_console']:.2f} ms broker + "
-                     f"{s['postgres_cpu_ms_per_console']:.2f} ms PostgreSQL CPU per console; heartbeats "
-                     f"{s['heartbeats_per_s']:.0f}/s = {s['heartbeat_broker_cores']:.3f} core; broker cores "
-                     f"{s['broker_cores_steady']:.2f} steady, {s['broker_cores_storm']:.2f} storm; one replica "
-                     f"measured {s['consoles_per_s_one_replica_measured']}/s consoles (mint + redeem): "
-                     f"{_replicas(s['replicas_steady'])} steady, {s['replicas_storm']} for the storm (plus one spare)")
+        lines.append(
+            f"  sizing, {FLEET_PROXIES} proxies x {FLEET_SESSIONS} sessions ({s['sessions']:,}): "
+            f"{s['consoles_per_s_steady']}/s consoles steady (30 min sessions), {s['consoles_per_s_storm']}/s "
+            f"in a 10-minute storm; {s['broker_cpu_ms_per_console']:.2f} ms broker + "
+            f"{s['postgres_cpu_ms_per_console']:.2f} ms PostgreSQL CPU per console; heartbeats "
+            f"{s['heartbeats_per_s']:.0f}/s = {s['heartbeat_broker_cores']:.3f} core; broker cores "
+            f"{s['broker_cores_steady']:.2f} steady, {s['broker_cores_storm']:.2f} storm; one replica "
+            f"measured {s['consoles_per_s_one_replica_measured']}/s consoles (mint + redeem): "
+            f"{_replicas(s['replicas_steady'])} steady, {s['replicas_storm']} for the storm (plus one spare)"
+        )
         if "watches" in s:
-            lines.append(f"  sizing, {s['watches']} watches: held idle {s['watches_idle_broker_cores']:.3f} broker core"
-                         " + "
-                         f"{s['watches_idle_postgres_cores']:.3f} PostgreSQL core (heartbeats at their normal rate "
-                         f"measured {s['heartbeats_measured_broker_cores']:.3f} core above the idle replica); each "
-                         f"revocation fans out for {s['revocation_broker_cpu_ms']:.0f} ms broker + "
-                         f"{s['revocation_postgres_cpu_ms']:.0f} ms PostgreSQL CPU: one broker core carries "
-                         f"{s['revocations_per_s_per_broker_core']} revocations/s to all {s['watches']} proxies")
+            lines.append(
+                f"  sizing, {s['watches']} watches: held idle {s['watches_idle_broker_cores']:.3f} broker core"
+                " + "
+                f"{s['watches_idle_postgres_cores']:.3f} PostgreSQL core (heartbeats at their normal rate "
+                f"measured {s['heartbeats_measured_broker_cores']:.3f} core above the idle replica); each "
+                f"revocation fans out for {s['revocation_broker_cpu_ms']:.0f} ms broker + "
+                f"{s['revocation_postgres_cpu_ms']:.0f} ms PostgreSQL CPU: one broker core carries "
+                f"{s['revocations_per_s_per_broker_core']} revocations/s to all {s['watches']} proxies"
+            )
     return "\n".join(lines)
 
 
 def watch_lines(w: dict[str, Any]) -> list[str]:
     """The watch load's rows of the table: CPU per second at rest, then per revocation."""
-    lines = [(f"  watches: {w['proxies']} proxies on one PostgreSQL replica, heartbeats every "
-              f"{w['heartbeat_interval']:g} s each, one watch each (held up to {w['watch_hold']:g} s, "
-              "re-issued after each answer):"),
-             f"    {'load':<38}{'heartbeats/s':>13}{'broker CPU ms/s':>17}{'PG CPU ms/s':>13}"]
-    for key, label in (("quiet", "nothing (the replica's floor)"), ("heartbeats_alone", "heartbeats alone"),
-                       ("with_watches_idle", "heartbeats + 100 watches held, idle")):
+    lines = [
+        (
+            f"  watches: {w['proxies']} proxies on one PostgreSQL replica, heartbeats every "
+            f"{w['heartbeat_interval']:g} s each, one watch each (held up to {w['watch_hold']:g} s, "
+            "re-issued after each answer):"
+        ),
+        f"    {'load':<38}{'heartbeats/s':>13}{'broker CPU ms/s':>17}{'PG CPU ms/s':>13}",
+    ]
+    for key, label in (
+        ("quiet", "nothing (the replica's floor)"),
+        ("heartbeats_alone", "heartbeats alone"),
+        ("with_watches_idle", "heartbeats + 100 watches held, idle"),
+    ):
         r = w[key]
-        lines.append(f"    {label:<38}{r['heartbeats_per_s']:>13.1f}{r['broker_cpu_ms_per_s']:>17.1f}"
-                     f"{r['postgres_cpu_ms_per_s']:>13.1f}")
-    lines.append(f"    one revocation (DELETE) to all {w['proxies']} watches answered: "
-                 f"p50 {w['all_answered_ms_p50']:.0f} ms, "
-                 f"max {w['all_answered_ms_max']:.0f} ms over {w['revocations']} (median watch "
-                 f"{w['median_watch_ms_p50']:.0f} ms); per fan-out {w['broker_cpu_ms_per_fanout']:.0f} ms broker + "
-                 f"{w['postgres_cpu_ms_per_fanout']:.0f} ms PostgreSQL CPU (the revoke, {w['proxies']} answers, "
-                 f"{w['proxies']} watches re-issued)")
+        lines.append(
+            f"    {label:<38}{r['heartbeats_per_s']:>13.1f}{r['broker_cpu_ms_per_s']:>17.1f}"
+            f"{r['postgres_cpu_ms_per_s']:>13.1f}"
+        )
+    lines.append(
+        f"    one revocation (DELETE) to all {w['proxies']} watches answered: "
+        f"p50 {w['all_answered_ms_p50']:.0f} ms, "
+        f"max {w['all_answered_ms_max']:.0f} ms over {w['revocations']} (median watch "
+        f"{w['median_watch_ms_p50']:.0f} ms); per fan-out {w['broker_cpu_ms_per_fanout']:.0f} ms broker + "
+        f"{w['postgres_cpu_ms_per_fanout']:.0f} ms PostgreSQL CPU (the revoke, {w['proxies']} answers, "
+        f"{w['proxies']} watches re-issued)"
+    )
     if w["heartbeats_failed"] or w["watch_failures"]:
         lines.append(f"    failures: {w['heartbeats_failed']} heartbeats, {w['watch_failures']} watches")
     return lines

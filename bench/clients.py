@@ -204,16 +204,19 @@ class Conn:
     async def _open(cls, path: Path) -> Conn:
         loop = asyncio.get_running_loop()
         proto = _Proto(path.kind == "ws")
-        await loop.create_connection(lambda: proto, "127.0.0.1", path.port, ssl=path.tls,
-                                     server_hostname="localhost" if path.tls else None)
+        await loop.create_connection(
+            lambda: proto, "127.0.0.1", path.port, ssl=path.tls, server_hostname="localhost" if path.tls else None
+        )
         conn = cls(proto)
         if path.kind == "ws":
             proto.http_future = loop.create_future()
             protocols = "binary" + (f", token.{path.token}" if path.token else "")
             key = base64.b64encode(os.urandom(16)).decode()
-            request = (f"GET {path.ws_path} HTTP/1.1\r\nHost: 127.0.0.1:{path.port}\r\nUpgrade: websocket\r\n"
-                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                       f"Sec-WebSocket-Protocol: {protocols}\r\n\r\n")
+            request = (
+                f"GET {path.ws_path} HTTP/1.1\r\nHost: 127.0.0.1:{path.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Sec-WebSocket-Protocol: {protocols}\r\n\r\n"
+            )
             proto.transport.write(request.encode())  # type: ignore[union-attr]
             try:
                 head = await proto.http_future
@@ -290,7 +293,7 @@ class Conn:
             except StopIteration as stop:
                 p.on_data = None
                 done.set_result(stop.value)
-            except Exception as exc:  # noqa: BLE001 - handed to the awaiting side
+            except Exception as exc:
                 p.on_data = None
                 done.set_exception(exc)
 
@@ -436,5 +439,3 @@ async def open_console(path: Path, region: tuple[int, int] = (64, 64)) -> tuple[
         conn.close()
         raise
     return conn, desktop, time.perf_counter() - start
-
-

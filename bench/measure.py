@@ -50,8 +50,9 @@ def cpu_per(before: dict[str, float], after: dict[str, float], count: int, scale
     return {name: scale * (after[name] - before[name]) / count for name in before} if count else {}
 
 
-async def opens(path: Path, seconds: float, concurrency: int,
-                probes: dict[str, Callable[[], float]] | None = None) -> dict[str, Any]:
+async def opens(
+    path: Path, seconds: float, concurrency: int, probes: dict[str, Callable[[], float]] | None = None
+) -> dict[str, Any]:
     """Open/close consoles from ``concurrency`` workers for ``seconds``: rate and latencies.
 
     One open = TCP connect + websocket upgrade (if any) + RFB handshake with authentication
@@ -78,10 +79,17 @@ async def opens(path: Path, seconds: float, concurrency: int,
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     cpu_ms = cpu_per(cpu0, cpu_snapshot(probes), len(latencies))
-    return {"opens": len(latencies), "seconds": elapsed, "per_second": len(latencies) / elapsed,
-            "cpu_ms_per_open": cpu_ms,
-            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-            "errors": len(errors), "first_error": errors[0] if errors else None, "concurrency": concurrency}
+    return {
+        "opens": len(latencies),
+        "seconds": elapsed,
+        "per_second": len(latencies) / elapsed,
+        "cpu_ms_per_open": cpu_ms,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "concurrency": concurrency,
+    }
 
 
 # --- bulk throughput -------------------------------------------------------------------------
@@ -113,9 +121,13 @@ async def bulk(path: Path, seconds: float, proxy: Proxy | None) -> dict[str, Any
     finally:
         conn.close()
     moved = bytes1 - bytes0
-    result: dict[str, Any] = {"bytes": moved, "seconds": t1 - t0, "updates": updates,
-                              "mib_per_s": moved / MIB / (t1 - t0),
-                              "update_bytes": desktop.width * desktop.height * desktop.bpp}
+    result: dict[str, Any] = {
+        "bytes": moved,
+        "seconds": t1 - t0,
+        "updates": updates,
+        "mib_per_s": moved / MIB / (t1 - t0),
+        "update_bytes": desktop.width * desktop.height * desktop.bpp,
+    }
     if proxy is not None:
         result["proxy_cpu_s"] = cpu1 - cpu0
         result["cpu_s_per_gib"] = (cpu1 - cpu0) / (moved / GIB) if moved else float("nan")
@@ -146,9 +158,13 @@ async def small_writes(path: Path, rounds: int, pause: float = 0.002, gap: float
             await asyncio.sleep(gap)
     finally:
         conn.close()
-    return {"rounds": len(samples), "p50_ms": 1000 * percentile(samples, 50),
-            "p99_ms": 1000 * percentile(samples, 99), "max_ms": 1000 * max(samples),
-            "mean_ms": 1000 * statistics.fmean(samples)}
+    return {
+        "rounds": len(samples),
+        "p50_ms": 1000 * percentile(samples, 50),
+        "p99_ms": 1000 * percentile(samples, 99),
+        "max_ms": 1000 * max(samples),
+        "mean_ms": 1000 * statistics.fmean(samples),
+    }
 
 
 # --- many idle sessions in one process -------------------------------------------------------
@@ -223,15 +239,25 @@ async def many_sessions(path: Path, proxy: Proxy, first: int, total: int, deadli
         conn.close()
     per = lambda mem, n, key: (mem[key] - before[key]) / n if n else float("nan")
     return {
-        "sessions_first": opened_first, "sessions_total": len(conns), "asked": total,
-        "refused_or_failed_opens": len(errors), "first_error": errors[0] if errors else None,
-        "open_seconds_first": t_first, "open_seconds_rest": t_rest,
-        "memory_before": before, "memory_at_first": at_first, "memory_at_total": at_total,
+        "sessions_first": opened_first,
+        "sessions_total": len(conns),
+        "asked": total,
+        "refused_or_failed_opens": len(errors),
+        "first_error": errors[0] if errors else None,
+        "open_seconds_first": t_first,
+        "open_seconds_rest": t_rest,
+        "memory_before": before,
+        "memory_at_first": at_first,
+        "memory_at_total": at_total,
         "rss_per_session_first_kib": per(at_first, opened_first, "rss") / 1024,
         "pss_per_session_first_kib": per(at_first, opened_first, "pss") / 1024,
         "rss_per_session_total_kib": per(at_total, len(conns), "rss") / 1024,
-        "echo_done": len(latencies), "echo_failed": failed, "echo_stalled": len(pending),
-        "echo_round_s": round_s, "echo_p50_ms": 1000 * percentile(latencies, 50),
+        "echo_done": len(latencies),
+        "echo_failed": failed,
+        "echo_stalled": len(pending),
+        "echo_round_s": round_s,
+        "echo_p50_ms": 1000 * percentile(latencies, 50),
         "echo_p99_ms": 1000 * percentile(latencies, 99),
-        "echo_max_ms": 1000 * max(latencies) if latencies else float("nan"), "deadline_s": deadline_s,
+        "echo_max_ms": 1000 * max(latencies) if latencies else float("nan"),
+        "deadline_s": deadline_s,
     }

@@ -24,9 +24,27 @@ class Recorder:
     def __init__(self, pid: int, out: Path, rate: int = 250) -> None:
         self.out = out
         exe = py_spy()
-        self.process = None if exe is None else subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate), "--nonblocking",
-             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = (
+            None
+            if exe is None
+            else subprocess.Popen(
+                [
+                    exe,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    str(rate),
+                    "--nonblocking",
+                    "-o",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
     def stop(self) -> Path | None:
         if self.process is None:
@@ -59,8 +77,11 @@ def summarize(path: Path, top: int = 18) -> str:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [_frame_name(f) for f in stack.split(";") if f and not f.startswith("process ")
-                  and not f.startswith("thread ")]
+        frames = [
+            _frame_name(f)
+            for f in stack.split(";")
+            if f and not f.startswith("process ") and not f.startswith("thread ")
+        ]
         if not frames:
             continue
         total += count

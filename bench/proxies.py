@@ -86,6 +86,7 @@ class Proxy:
 
 def _wait_listening(process: subprocess.Popen[bytes], port: int, log_path: Path) -> bool:
     import socket
+
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -103,11 +104,28 @@ def start_consolegate(workdir: Path, *extra: str) -> Proxy:
     for _ in range(5):
         port = free_port()
         log_path = workdir / f"consolegate-{port}.log"
-        cmd = [sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{port}",
-               "--keyring", str(ring_path), "--log-level", "WARNING", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "console_proxy.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--keyring",
+            str(ring_path),
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
         with log_path.open("wb") as log:
-            process = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONPATH": str(REPO)})
+            process = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
         proxy = Proxy("consolegate", process, port, log_path, ring)
         if _wait_listening(process, port, log_path):
             return proxy
@@ -142,8 +160,7 @@ def start_websockify(workdir: Path, target_port: int, *extra: str) -> Proxy:
 def version_of_websockify() -> str:
     try:
         from importlib.metadata import version
+
         return version("websockify")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "unknown"
-
-

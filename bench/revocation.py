@@ -47,8 +47,14 @@ def _log(msg: str) -> None:
 def _spawn(work: FsPath, name: str, command: list[str], ready_url: str) -> subprocess.Popen[bytes]:
     """Start a process (log to ``work/name.log``); return once ``ready_url`` answers."""
     with (work / f"{name}.log").open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -85,18 +91,56 @@ class Fleet:
             roots.append(work / "state-b")
         self.brokers = [self._broker(work, r, database) for r in roots]
         self.proxy_port = proxy_port
-        self.processes.append(_spawn(work, "proxy", [
-            sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{proxy_port}",
-            "--broker", self.brokers[0], "--proxy-credential", str(work / "p1.json"),
-            "--heartbeat-interval", str(HEARTBEAT), "--public-url", f"http://127.0.0.1:{proxy_port}",
-            "--log-level", "WARNING"], f"http://127.0.0.1:{proxy_port}/healthz"))
+        self.processes.append(
+            _spawn(
+                work,
+                "proxy",
+                [
+                    sys.executable,
+                    "-m",
+                    "console_proxy.cli",
+                    "serve",
+                    "--listen",
+                    f"127.0.0.1:{proxy_port}",
+                    "--broker",
+                    self.brokers[0],
+                    "--proxy-credential",
+                    str(work / "p1.json"),
+                    "--heartbeat-interval",
+                    str(HEARTBEAT),
+                    "--public-url",
+                    f"http://127.0.0.1:{proxy_port}",
+                    "--log-level",
+                    "WARNING",
+                ],
+                f"http://127.0.0.1:{proxy_port}/healthz",
+            )
+        )
 
     def _broker(self, work: FsPath, root: FsPath, database: str | None) -> str:
         port = free_port()
-        self.processes.append(_spawn(work, f"broker-{root.name}", [
-            sys.executable, "-m", "broker.cli", "serve", "--state-dir", str(root), "--listen", f"127.0.0.1:{port}",
-            "--heartbeat-interval", str(HEARTBEAT), "--log-level", "WARNING",
-            *(["--database", database] if database else [])], f"http://127.0.0.1:{port}/healthz"))
+        self.processes.append(
+            _spawn(
+                work,
+                f"broker-{root.name}",
+                [
+                    sys.executable,
+                    "-m",
+                    "broker.cli",
+                    "serve",
+                    "--state-dir",
+                    str(root),
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--heartbeat-interval",
+                    str(HEARTBEAT),
+                    "--log-level",
+                    "WARNING",
+                    *(["--database", database] if database else []),
+                ],
+                f"http://127.0.0.1:{port}/healthz",
+            )
+        )
         return f"http://127.0.0.1:{port}"
 
     @property
@@ -123,8 +167,9 @@ async def _one(fleet: Fleet, target_id: str, password: str) -> float:
     issuer = BrokerClient(fleet.revoking, fleet.issuer_key)
     admin = BrokerClient(fleet.revoking, fleet.admin_key)
     console = await asyncio.to_thread(issuer.mint, target_id, single_use=False)
-    conn = await Conn.open(Path("consolegate", "ws", fleet.proxy_port, "/websockify", token=console["token"],
-                                password=password))
+    conn = await Conn.open(
+        Path("consolegate", "ws", fleet.proxy_port, "/websockify", token=console["token"], password=password)
+    )
     try:
         await handshake(conn, password)
         closed = asyncio.ensure_future(_closed(conn))
@@ -162,11 +207,18 @@ async def measure(work: FsPath, count: int, database: str | None) -> dict[str, A
             fleet.stop()
         xvnc.stop()
     p99 = _percentile(latencies, 0.99)
-    return {"engine": "postgresql" if database else "sqlite", "replicas": 2 if database else 1,
-            "revocations": count, "proxy_heartbeat_s": HEARTBEAT,
-            "p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(p99, 2),
-            "max_ms": round(max(latencies), 2), "min_ms": round(min(latencies), 2),
-            "goal_p99_ms": GOAL_P99_MS, "met": p99 < GOAL_P99_MS}
+    return {
+        "engine": "postgresql" if database else "sqlite",
+        "replicas": 2 if database else 1,
+        "revocations": count,
+        "proxy_heartbeat_s": HEARTBEAT,
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(p99, 2),
+        "max_ms": round(max(latencies), 2),
+        "min_ms": round(min(latencies), 2),
+        "goal_p99_ms": GOAL_P99_MS,
+        "met": p99 < GOAL_P99_MS,
+    }
 
 
 def run(count: int = 50, *, postgres: bool = False, database: str | None = None) -> dict[str, Any]:
@@ -181,6 +233,7 @@ def run(count: int = 50, *, postgres: bool = False, database: str | None = None)
         if postgres and database is None:
             sys.path.insert(0, str(REPO / "tests"))
             from pgcluster import PgCluster  # the tests' throwaway cluster (needs Debian's postgresql)
+
             cluster = PgCluster()
             database = cluster.new_database()
         try:
@@ -200,9 +253,11 @@ def table(results: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"  {name}: {r['error']}")
             continue
-        lines.append(f"  {r['engine']:<10} {r['replicas']} replica(s)  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms"
-                     f"  max {r['max_ms']:.1f} ms  over {r['revocations']}  (goal p99 < {r['goal_p99_ms']:.0f} ms: "
-                     f"{'met' if r['met'] else 'MISSED'})")
+        lines.append(
+            f"  {r['engine']:<10} {r['replicas']} replica(s)  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms"
+            f"  max {r['max_ms']:.1f} ms  over {r['revocations']}  (goal p99 < {r['goal_p99_ms']:.0f} ms: "
+            f"{'met' if r['met'] else 'MISSED'})"
+        )
     return "\n".join(lines)
 
 

@@ -53,12 +53,32 @@ from bench.proxies import Proxy, start_consolegate, start_websockify, version_of
 from bench.targets import REPO, Target, certificate, start_echo, start_xvnc, workdir
 
 PROFILES = {
-    "full": {"rounds": 3, "opens_s": 4.0, "bulk_s": 4.0, "small_rounds": 300, "concurrency": 8,
-             "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 1.0, "token_rounds": 3,
-             "revocations": 50, "broker_seconds": 5.0},
-    "quick": {"rounds": 2, "opens_s": 2.0, "bulk_s": 2.0, "small_rounds": 150, "concurrency": 8,
-              "sessions_first": 1000, "sessions_total": 2000, "token_seconds": 0.5, "token_rounds": 2,
-              "revocations": 20, "broker_seconds": 2.0},
+    "full": {
+        "rounds": 3,
+        "opens_s": 4.0,
+        "bulk_s": 4.0,
+        "small_rounds": 300,
+        "concurrency": 8,
+        "sessions_first": 1000,
+        "sessions_total": 2000,
+        "token_seconds": 1.0,
+        "token_rounds": 3,
+        "revocations": 50,
+        "broker_seconds": 5.0,
+    },
+    "quick": {
+        "rounds": 2,
+        "opens_s": 2.0,
+        "bulk_s": 2.0,
+        "small_rounds": 150,
+        "concurrency": 8,
+        "sessions_first": 1000,
+        "sessions_total": 2000,
+        "token_seconds": 0.5,
+        "token_rounds": 2,
+        "revocations": 20,
+        "broker_seconds": 2.0,
+    },
 }
 """``concurrency`` is for the CPU-budget section only: the other open measurements are sequential."""
 
@@ -73,9 +93,16 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     import tornado
-    return {"cpu_model": model, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "tornado": tornado.version,
-            "websockify": version_of_websockify(), "loadavg_start": os.getloadavg()}
+
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "tornado": tornado.version,
+        "websockify": version_of_websockify(),
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 def raise_nofile(wanted: int = 16384) -> int:
@@ -90,15 +117,16 @@ async def bounded(name: str, budget: float, coro: Awaitable[dict[str, Any]]) -> 
         return await asyncio.wait_for(coro, budget)
     except TimeoutError:
         return {"error": f"{name}: over its {budget:.0f}s budget"}
-    except Exception as exc:  # noqa: BLE001 - a failed section is reported, the run goes on
+    except Exception as exc:
         return {"error": f"{name}: {type(exc).__name__}: {exc}"}
 
 
-async def interleaved(paths: list[Path], rounds: int, budget: float,
-                      one: Callable[[Path], Awaitable[dict[str, Any]]], key: str, best: str) -> dict[str, Any]:
+async def interleaved(
+    paths: list[Path], rounds: int, budget: float, one: Callable[[Path], Awaitable[dict[str, Any]]], key: str, best: str
+) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {p.name: [] for p in paths}
     for r in range(rounds):
-        order = paths[r % len(paths):] + paths[: r % len(paths)]
+        order = paths[r % len(paths) :] + paths[: r % len(paths)]
         for path in order:
             runs[path.name].append(await bounded(f"{key} {path.name}", budget, one(path)))
     out = {}
@@ -137,6 +165,7 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
                 summary = bench_profile.summarize(out)
                 (spy_dir / f"{section}.summary.txt").write_text(summary + "\n")
                 log("py-spy " + summary.replace("\n", "\n    "))
+
         return stop
 
     targets: list[Target] = []
@@ -170,7 +199,9 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
         def cpu_probes(path: Path) -> dict[str, Callable[[], float]]:
             """CPU seconds of the client (this process), Xvnc, and the path's proxy if any."""
             probes: dict[str, Callable[[], float]] = {
-                "client": time.process_time, "xvnc": lambda: sum(xvnc_ps.cpu_times()[:2])}
+                "client": time.process_time,
+                "xvnc": lambda: sum(xvnc_ps.cpu_times()[:2]),
+            }
             if path.name in owner:
                 probes["proxy"] = owner[path.name].cpu_seconds
             return probes
@@ -179,9 +210,13 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
             log("section 1: console opens, sequential, sharing the cores")
             stop = spying("opens", cg)
             results["opens"] = await interleaved(
-                vnc_paths, profile["rounds"], profile["opens_s"] + 20,
+                vnc_paths,
+                profile["rounds"],
+                profile["opens_s"] + 20,
                 lambda p: measure.opens(p, profile["opens_s"], 1, cpu_probes(p)),
-                "per_second", "max")
+                "per_second",
+                "max",
+            )
             stop()
             if budget.available():
                 share = budget_share()
@@ -189,9 +224,13 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
                 try:
                     with budget.CpuBudget([cg.process.pid, wsx.process.pid], share):
                         results["opens_budget"] = await interleaved(
-                            vnc_paths[1:], profile["rounds"], profile["opens_s"] + 20,
+                            vnc_paths[1:],
+                            profile["rounds"],
+                            profile["opens_s"] + 20,
                             lambda p: measure.opens(p, profile["opens_s"], profile["concurrency"], cpu_probes(p)),
-                            "per_second", "max")
+                            "per_second",
+                            "max",
+                        )
                     results["opens_budget"]["share"] = share
                 except (OSError, RuntimeError) as exc:  # the cgroup would not take them: say so, go on
                     results["opens_budget"] = {"error": f"CPU budget: {exc}"}
@@ -201,15 +240,25 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
             log("section 2: bulk throughput")
             stop = spying("bulk", cg)
             results["bulk"] = await interleaved(
-                vnc_paths, profile["rounds"], profile["bulk_s"] + 25,
-                lambda p: measure.bulk(p, profile["bulk_s"], owner.get(p.name)), "mib_per_s", "max")
+                vnc_paths,
+                profile["rounds"],
+                profile["bulk_s"] + 25,
+                lambda p: measure.bulk(p, profile["bulk_s"], owner.get(p.name)),
+                "mib_per_s",
+                "max",
+            )
             stop()
         if "small_write" in only:
             log("section 3: small-write latency")
             stop = spying("small_write", cg)
             results["small_write"] = await interleaved(
-                echo_paths, profile["rounds"], 60,
-                lambda p: measure.small_writes(p, profile["small_rounds"]), "p50_ms", "min")
+                echo_paths,
+                profile["rounds"],
+                60,
+                lambda p: measure.small_writes(p, profile["small_rounds"]),
+                "p50_ms",
+                "min",
+            )
             stop()
         for proxy in proxies:
             proxy.stop()
@@ -228,8 +277,13 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
         proxies.append(many)
         many_path = Path("consolegate", "ws", many.port, "/websockify", token=many.mint("127.0.0.1", echo.port, None))
         stop = spying("sessions", many)
-        results["sessions"] = await bounded("sessions", 150, measure.many_sessions(
-            many_path, many, profile["sessions_first"], profile["sessions_total"], deadline_s=10.0))
+        results["sessions"] = await bounded(
+            "sessions",
+            150,
+            measure.many_sessions(
+                many_path, many, profile["sessions_first"], profile["sessions_total"], deadline_s=10.0
+            ),
+        )
         stop()
     finally:
         for proxy in proxies:
@@ -239,27 +293,49 @@ async def run_all(profile: dict[str, Any], work: FsPath, only: set[str], spy_dir
     return results
 
 
-async def wss_section(profile: dict[str, Any], work: FsPath, xvnc: Target, proxies: list[Proxy],
-                      spying: Callable[[str, Proxy], Callable[[], None]]) -> dict[str, Any]:
+async def wss_section(
+    profile: dict[str, Any],
+    work: FsPath,
+    xvnc: Target,
+    proxies: list[Proxy],
+    spying: Callable[[str, Proxy], Callable[[], None]],
+) -> dict[str, Any]:
     """Sequential opens and bulk through consolegate's own TLS and websockify's ``--cert/--key``."""
     cert, key, client = certificate(work)
     cg = start_consolegate(work, "--tls-cert", str(cert), "--tls-key", str(key))
     proxies.append(cg)
     wsx = start_websockify(work, xvnc.port, "--cert", str(cert), "--key", str(key), "--ssl-only")
     proxies.append(wsx)
-    paths = [Path("websockify", "ws", wsx.port, "/", password=xvnc.password, tls=client),
-             Path("consolegate", "ws", cg.port, "/websockify", token=cg.mint("127.0.0.1", xvnc.port, xvnc.password),
-                  tls=client)]
+    paths = [
+        Path("websockify", "ws", wsx.port, "/", password=xvnc.password, tls=client),
+        Path(
+            "consolegate",
+            "ws",
+            cg.port,
+            "/websockify",
+            token=cg.mint("127.0.0.1", xvnc.port, xvnc.password),
+            tls=client,
+        ),
+    ]
     owner = {"websockify": wsx, "consolegate": cg}
     stop = spying("wss", cg)
     try:
         opened = await interleaved(
-            paths, profile["rounds"], profile["opens_s"] + 20,
+            paths,
+            profile["rounds"],
+            profile["opens_s"] + 20,
             lambda p: measure.opens(p, profile["opens_s"], 1, {"proxy": owner[p.name].cpu_seconds}),
-            "per_second", "max")
+            "per_second",
+            "max",
+        )
         relayed = await interleaved(
-            paths, profile["rounds"], profile["bulk_s"] + 25,
-            lambda p: measure.bulk(p, profile["bulk_s"], owner[p.name]), "mib_per_s", "max")
+            paths,
+            profile["rounds"],
+            profile["bulk_s"] + 25,
+            lambda p: measure.bulk(p, profile["bulk_s"], owner[p.name]),
+            "mib_per_s",
+            "max",
+        )
     finally:
         stop()
     return {"opens": opened, "bulk": relayed}
@@ -268,12 +344,28 @@ async def wss_section(profile: dict[str, Any], work: FsPath, xvnc: Target, proxi
 def token_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
     """bench/token_bench.py as a subprocess (it pins its process to one core)."""
     out = work / "token.json"
-    cmd = [sys.executable, "-m", "bench.token_bench", "--seconds", str(profile["token_seconds"]),
-           "--rounds", str(profile["token_rounds"]), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.token_bench",
+        "--seconds",
+        str(profile["token_seconds"]),
+        "--rounds",
+        str(profile["token_rounds"]),
+        "--json",
+        str(out),
+    ]
     budget = 20 + 6 * profile["token_seconds"] * profile["token_rounds"] * 3
     try:
-        done = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=budget,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        done = subprocess.run(
+            cmd,
+            check=False,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=budget,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"token_bench over its {budget:.0f}s budget"}
     if done.returncode != 0 or not out.exists():
@@ -284,7 +376,7 @@ def token_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
 def revocation_section(profile: dict[str, Any]) -> dict[str, Any]:
     try:
         return revocation.run(profile["revocations"], postgres=FsPath("/usr/lib/postgresql/15/bin/initdb").exists())
-    except Exception as exc:  # noqa: BLE001 - a failed section is reported, the run goes on
+    except Exception as exc:
         return {"error": f"revocation: {type(exc).__name__}: {exc}"}
 
 
@@ -292,7 +384,7 @@ def broker_section(profile: dict[str, Any], work: FsPath) -> dict[str, Any]:
     """bench/brokers.py in this process (it starts its own brokers and PostgreSQL)."""
     try:
         return brokers.run(profile["broker_seconds"], work)
-    except Exception as exc:  # noqa: BLE001 - a failed section is reported, the run goes on
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -300,10 +392,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter rounds (about one minute in all)")
     parser.add_argument("--json", metavar="FILE", help="write every figure, round and ratio as JSON")
-    parser.add_argument("--only", action="append", choices=[*SECTIONS, "tokens", "revocation", "brokers"],
-                        help="run only this section (repeatable); default: all")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="record the consolegate proxy with py-spy during each section; summaries in DIR")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[*SECTIONS, "tokens", "revocation", "brokers"],
+        help="run only this section (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="record the consolegate proxy with py-spy during each section; summaries in DIR",
+    )
     args = parser.parse_args(argv)
     profile = PROFILES["quick" if args.quick else "full"]
     raise_nofile()
@@ -325,19 +424,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("section 8: brokers on SQLite and PostgreSQL")
         results["brokers"] = broker_section(profile, work)
     info["loadavg_end"] = os.getloadavg()
-    document = {"profile": "quick" if args.quick else "full", "settings": profile, "machine": info,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                "duration_s": round(time.time() - started, 1), "results": results}
+    document = {
+        "profile": "quick" if args.quick else "full",
+        "settings": profile,
+        "machine": info,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "results": results,
+    }
     document["ratios"], document["goals"] = report.ratios_and_goals(results)
     print(report.table(document))
     if "brokers" in results:
-        print("\n" + (brokers.table(results["brokers"]) if "error" not in results["brokers"]
-                      else f"brokers: {results['brokers']['error']}"))
+        print(
+            "\n"
+            + (
+                brokers.table(results["brokers"])
+                if "error" not in results["brokers"]
+                else f"brokers: {results['brokers']['error']}"
+            )
+        )
     if args.json:
         FsPath(args.json).write_text(json.dumps(document, indent=2, default=str) + "\n")
         log(f"wrote {args.json}")
     return 0
-
 
 
 if __name__ == "__main__":

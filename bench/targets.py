@@ -86,13 +86,33 @@ def start_xvnc(workdir: Path, geometry: tuple[int, int] = GEOMETRY) -> Target:
             continue
         port = free_port()
         log_path = workdir / f"xvnc-{display}.log"
-        cmd = ["Xvnc", f":{display}", "-rfbport", str(port), "-interface", "127.0.0.1", "-localhost",
-               "-UseBlacklist=0", "-geometry", f"{geometry[0]}x{geometry[1]}", "-depth", "24",
-               "-SecurityTypes", "VncAuth", "-PasswordFile", str(pwfile), "-desktop", "bench",
-               "-AlwaysShared", "-FrameRate=1000", "-CompareFB=0"]
+        cmd = [
+            "Xvnc",
+            f":{display}",
+            "-rfbport",
+            str(port),
+            "-interface",
+            "127.0.0.1",
+            "-localhost",
+            "-UseBlacklist=0",
+            "-geometry",
+            f"{geometry[0]}x{geometry[1]}",
+            "-depth",
+            "24",
+            "-SecurityTypes",
+            "VncAuth",
+            "-PasswordFile",
+            str(pwfile),
+            "-desktop",
+            "bench",
+            "-AlwaysShared",
+            "-FrameRate=1000",
+            "-CompareFB=0",
+        ]
         with log_path.open("wb") as log:
-            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "DISPLAY": ""})
+            process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DISPLAY": ""}
+            )
         target = Target(process, port, PASSWORD, log_path, *geometry)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
@@ -115,9 +135,14 @@ def start_echo(workdir: Path) -> Target:
         port = free_port()
         log_path = workdir / f"echo-{port}.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "bench.echo_target", str(port)], cwd=REPO,
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONPATH": str(REPO)})
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bench.echo_target", str(port)],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
         target = Target(process, port, None, log_path, 1024, 768)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
@@ -144,17 +169,26 @@ def certificate(workdir: Path) -> tuple[Path, Path, ssl.SSLContext]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = workdir / "bench-cert.pem", workdir / "bench-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     key_path.chmod(0o600)
     client = ssl.create_default_context(cafile=str(cert_path))
     return cert_path, key_path, client

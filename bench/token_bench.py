@@ -75,8 +75,9 @@ def timed(operation: Callable[[int], None], seconds: float, limit: int | None = 
             return done, now - start
 
 
-def paired(verify: Callable[[int], None], raw: Callable[[int], None], seconds: float,
-           pool_size: int) -> tuple[float, float]:
+def paired(
+    verify: Callable[[int], None], raw: Callable[[int], None], seconds: float, pool_size: int
+) -> tuple[float, float]:
     """verify/s and raw/s over the same moments: ``SLICES`` short turns each, alternating, so a
     machine whose speed drifts within seconds (a shared VM) slows both alike."""
     counts, times = [0, 0], [0.0, 0.0]
@@ -95,16 +96,28 @@ def paired(verify: Callable[[int], None], raw: Callable[[int], None], seconds: f
 
 
 def fresh_claims(now: float) -> token.Claims:
-    return token.new_claims(host="10.20.30.40", port=5901, now=now, ttl=300, password="vnc-pass-1234",
-                            vm="vm-0b5e2a", user="alice@example.org", desktop_name="alice's desktop")
+    return token.new_claims(
+        host="10.20.30.40",
+        port=5901,
+        now=now,
+        ttl=300,
+        password="vnc-pass-1234",
+        vm="vm-0b5e2a",
+        user="alice@example.org",
+        desktop_name="alice's desktop",
+    )
 
 
 def gcm_opener(tok: str, ring: Keyring) -> Callable[[], bytes]:
     """A call that opens ``tok``'s JWE the way verify does (the fleet key's AES-GCM, AAD, tag check)."""
     header_b64, _, iv_b64, ct_b64, tag_b64 = tok.split(".")
     fleet = ring.fleet[json.loads(b64url.decode(header_b64))["kid"]]
-    aad, iv, ciphertext, tag = header_b64.encode("ascii"), b64url.decode(iv_b64), b64url.decode(ct_b64), b64url.decode(
-        tag_b64)
+    aad, iv, ciphertext, tag = (
+        header_b64.encode("ascii"),
+        b64url.decode(iv_b64),
+        b64url.decode(ct_b64),
+        b64url.decode(tag_b64),
+    )
 
     def open_jwe() -> bytes:
         plaintext = fleet.open(iv, ciphertext, tag, aad)
@@ -176,29 +189,42 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
 
     ratio = statistics.median(ratios)
     return {
-        "cpu": cpu, "python": platform.python_version(), "cryptography": cryptography.__version__,
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "cryptography": cryptography.__version__,
         "openssl": openssl_backend.openssl_version_text(),
-        "seconds_per_round": seconds, "rounds": rounds, "token_length": len(sample),
-        "signing_input_length": message_length, "verify_pool_per_round": pool_size,
+        "seconds_per_round": seconds,
+        "rounds": rounds,
+        "token_length": len(sample),
+        "signing_input_length": message_length,
+        "verify_pool_per_round": pool_size,
         "best_per_second": {name: round(rate, 1) for name, rate in best.items()},
         "rounds_per_second": {name: [round(r, 1) for r in rates] for name, rates in per_round.items()},
-        "verify_over_raw": round(ratio, 4), "goal": GOAL, "goal_met": ratio >= GOAL,
+        "verify_over_raw": round(ratio, 4),
+        "goal": GOAL,
+        "goal_met": ratio >= GOAL,
     }
 
 
 def report(result: dict[str, Any]) -> str:
-    rows = [("token mint", result["best_per_second"]["mint"]),
-            ("token verify (distinct tokens)", result["best_per_second"]["verify"]),
-            ("raw Ed25519 verify (OpenSSL)", result["best_per_second"]["raw"]),
-            ("  breakdown: AES-256-GCM open", result["best_per_second"]["aes"])]
-    title = (f"token benchmark: CPU {result['cpu']}, Python {result['python']}, cryptography "
-             f"{result['cryptography']} ({result['openssl']}), best of {result['rounds']} x {result['seconds_per_round']}s, "
-             f"token {result['token_length']} chars, signing input {result['signing_input_length']} bytes")
+    rows = [
+        ("token mint", result["best_per_second"]["mint"]),
+        ("token verify (distinct tokens)", result["best_per_second"]["verify"]),
+        ("raw Ed25519 verify (OpenSSL)", result["best_per_second"]["raw"]),
+        ("  breakdown: AES-256-GCM open", result["best_per_second"]["aes"]),
+    ]
+    title = (
+        f"token benchmark: CPU {result['cpu']}, Python {result['python']}, cryptography "
+        f"{result['cryptography']} ({result['openssl']}), best of {result['rounds']} x {result['seconds_per_round']}s, "
+        f"token {result['token_length']} chars, signing input {result['signing_input_length']} bytes"
+    )
     lines = [title, f"{'measurement':<36}{'ops/s':>12}{'us/op':>10}"]
     lines += [f"{name:<36}{rate:>12,.0f}{1e6 / rate:>10.1f}" for name, rate in rows]
     met = "met" if result["goal_met"] else "NOT met"
-    lines.append(f"verify / raw = {result['verify_over_raw']:.1%}, median of rounds with verify and raw interleaved "
-                 f"(goal >= {GOAL:.0%}): {met}")
+    lines.append(
+        f"verify / raw = {result['verify_over_raw']:.1%}, median of rounds with verify and raw interleaved "
+        f"(goal >= {GOAL:.0%}): {met}"
+    )
     return "\n".join(lines)
 
 

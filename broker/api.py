@@ -43,26 +43,50 @@ MAX_BODY = 64 * 1024
 _NO_TORNADO_LIMIT = sys.maxsize
 """Tornado's own body limit once a handler enforces :data:`MAX_BODY` itself (see ApiHandler.prepare)."""
 PREFIX = "/api/v1"
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 429: "too_many_attempts",
-                 503: "unavailable"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    429: "too_many_attempts",
+    503: "unavailable",
+}
 
 
 class BrokerMetrics:
     def __init__(self, broker: Broker, feed: ChangeFeed | None = None) -> None:
         self.registry = Registry()
-        self.responses = self.registry.add(Counter("consolegate_broker_responses_total",
-                                                   "API answers by status", ("status",)))
+        self.responses = self.registry.add(
+            Counter("consolegate_broker_responses_total", "API answers by status", ("status",))
+        )
         self.minted = self.registry.add(Counter("consolegate_broker_consoles_minted_total", "consoles minted"))
-        self.auth_failures = self.registry.add(Counter(
-            "consolegate_broker_auth_failures_total", "credentials presented and refused, by kind", ("kind",)))
-        self.auth_throttled = self.registry.add(Counter(
-            "consolegate_broker_auth_throttled_total", "requests refused 429 after too many failures, by kind",
-            ("kind",)))
-        self.registry.add(Gauge("consolegate_broker_healthy_proxies", "proxies with a recent heartbeat",
-                                lambda: float(sum(1 for p in broker.list_proxies()["proxies"] if p["healthy"]))))
-        self.registry.add(Gauge("consolegate_broker_watches", "GET /proxy/watch requests held open",
-                                lambda: float(feed.watching if feed is not None else 0)))
+        self.auth_failures = self.registry.add(
+            Counter("consolegate_broker_auth_failures_total", "credentials presented and refused, by kind", ("kind",))
+        )
+        self.auth_throttled = self.registry.add(
+            Counter(
+                "consolegate_broker_auth_throttled_total",
+                "requests refused 429 after too many failures, by kind",
+                ("kind",),
+            )
+        )
+        self.registry.add(
+            Gauge(
+                "consolegate_broker_healthy_proxies",
+                "proxies with a recent heartbeat",
+                lambda: float(sum(1 for p in broker.list_proxies()["proxies"] if p["healthy"])),
+            )
+        )
+        self.registry.add(
+            Gauge(
+                "consolegate_broker_watches",
+                "GET /proxy/watch requests held open",
+                lambda: float(feed.watching if feed is not None else 0),
+            )
+        )
         add_process_metrics(self.registry, "broker")
 
 
@@ -91,8 +115,12 @@ class Throttled(ApiError):
     """429 too_many_attempts, with the whole seconds a client should wait (its Retry-After)."""
 
     def __init__(self, retry_after: int) -> None:
-        super().__init__(429, "too_many_attempts", "too many failed authentication attempts from this address; "
-                                                   f"retry in {retry_after} second{'' if retry_after == 1 else 's'}")
+        super().__init__(
+            429,
+            "too_many_attempts",
+            "too many failed authentication attempts from this address; "
+            f"retry in {retry_after} second{'' if retry_after == 1 else 's'}",
+        )
         self.retry_after = retry_after
 
 
@@ -105,8 +133,9 @@ def body_too_large() -> ApiError:
 class ApiHandler(tornado.web.RequestHandler):
     """Authentication, body limits and parsing, JSON answers and errors."""
 
-    def initialize(self, broker: Broker, metrics: BrokerMetrics, throttle: AuthThrottle,
-                   trusted: tuple[Network, ...]) -> None:
+    def initialize(
+        self, broker: Broker, metrics: BrokerMetrics, throttle: AuthThrottle, trusted: tuple[Network, ...]
+    ) -> None:
         self.broker, self.metrics, self.throttle, self.trusted = broker, metrics, throttle, trusted
         self._body = bytearray()
 
@@ -173,8 +202,9 @@ class ApiHandler(tornado.web.RequestHandler):
     def client_address(self) -> str:
         """The peer, or the client a trusted reverse proxy names in X-Forwarded-For (``--trusted-proxy``;
         the same right-to-left walk as the console proxy's, so a client cannot pick its address)."""
-        return origin.client_address(self.request.remote_ip or "", self.request.headers.get("X-Forwarded-For"),
-                                     self.trusted)
+        return origin.client_address(
+            self.request.remote_ip or "", self.request.headers.get("X-Forwarded-For"), self.trusted
+        )
 
     def check_throttle(self, kind: str, address: str, now: float) -> None:
         """429 while the address is throttled; the episode's first refusal is logged and audited."""
@@ -205,8 +235,11 @@ class ApiHandler(tornado.web.RequestHandler):
         if value is None:
             return default
         digits = value.lstrip("0") or "0"  # int() refuses over 4300 digits: never ask it for more than high's
-        if (not (value.isascii() and value.isdigit()) or len(digits) > len(str(high))  # "²" is a digit
-                or not low <= int(digits) <= high):
+        if (
+            not (value.isascii() and value.isdigit())
+            or len(digits) > len(str(high))  # "²" is a digit
+            or not low <= int(digits) <= high
+        ):
             raise ApiError(400, "bad_request", f"query parameter {name!r} must be an integer from {low} to {high}")
         return int(digits)
 
@@ -231,8 +264,13 @@ class ApiHandler(tornado.web.RequestHandler):
         (disk full, a lock held too long), or DEBUG during an outage the broker logged already."""
         if isinstance(value, StoreUnavailable):
             during_outage = self.broker.store.unreachable
-            log.log(logging.DEBUG if during_outage else logging.WARNING, "%s %s: 503 storage_unavailable: %s",
-                    self.request.method, self.request.path, value)
+            log.log(
+                logging.DEBUG if during_outage else logging.WARNING,
+                "%s %s: 503 storage_unavailable: %s",
+                self.request.method,
+                self.request.path,
+                value,
+            )
             return
         super().log_exception(typ, value, tb)
 
@@ -252,9 +290,11 @@ class ApiHandler(tornado.web.RequestHandler):
         elif isinstance(error, StoreUnavailable):
             self.set_status(503)
             self.set_header("Retry-After", "1")
-            body = {"error": "storage_unavailable",
-                    "message": "the broker cannot use its database right now (unreachable, or its disk full); "
-                               "nothing was changed: retry later"}
+            body = {
+                "error": "storage_unavailable",
+                "message": "the broker cannot use its database right now (unreachable, or its disk full); "
+                "nothing was changed: retry later",
+            }
         elif error_status(status_code, error) != status_code:  # input a check missed: logged, but a 400
             self.set_status(400)
             body = {"error": "bad_request", "message": "the request holds a value the broker cannot handle"}
@@ -417,12 +457,22 @@ class NotFoundHandler(ApiHandler):
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log: method, path (never the query or headers), status, time."""
     request = handler.request
-    logging.getLogger("tornado.access").info("%d %s %s (%s) %.1fms", handler.get_status(), request.method,
-                                             request.path, request.remote_ip, 1000.0 * request.request_time())
+    logging.getLogger("tornado.access").info(
+        "%d %s %s (%s) %.1fms",
+        handler.get_status(),
+        request.method,
+        request.path,
+        request.remote_ip,
+        1000.0 * request.request_time(),
+    )
 
 
-def make_app(broker: Broker, throttle: AuthThrottle | None = None,
-             trusted: tuple[Network, ...] = (), feed: ChangeFeed | None = None) -> tornado.web.Application:
+def make_app(
+    broker: Broker,
+    throttle: AuthThrottle | None = None,
+    trusted: tuple[Network, ...] = (),
+    feed: ChangeFeed | None = None,
+) -> tornado.web.Application:
     """The API; ``throttle`` limits failed authentication per client address (the defaults of
     broker.ratelimit if None), believing X-Forwarded-For only from the ``trusted`` proxies.
     ``feed`` wakes the watches (one per process; made here, woken in-process only, if None)."""
@@ -431,14 +481,30 @@ def make_app(broker: Broker, throttle: AuthThrottle | None = None,
         feed = ChangeFeed(broker.latest_change)
         broker.store.on_change(feed.poke)
     options = {"broker": broker, "metrics": BrokerMetrics(broker, feed), "throttle": throttle, "trusted": trusted}
-    routes: list[Any] = [(PREFIX + path, handler, options) for path, handler in (
-        ("/targets", TargetsHandler), ("/targets/([^/]+)", TargetHandler), ("/consoles", ConsolesHandler),
-        ("/sessions", SessionsHandler), ("/sessions/([^/]+)", SessionHandler), ("/audit", AuditHandler),
-        ("/keys", KeysHandler), ("/keys/rotate", KeysRotateHandler), ("/proxies", ProxiesHandler),
-        ("/proxy/heartbeat", HeartbeatHandler), ("/proxy/redeem", RedeemHandler),
-        ("/proxy/events", ProxyEventsHandler), ("/openapi.json", OpenApiHandler))]
+    routes: list[Any] = [
+        (PREFIX + path, handler, options)
+        for path, handler in (
+            ("/targets", TargetsHandler),
+            ("/targets/([^/]+)", TargetHandler),
+            ("/consoles", ConsolesHandler),
+            ("/sessions", SessionsHandler),
+            ("/sessions/([^/]+)", SessionHandler),
+            ("/audit", AuditHandler),
+            ("/keys", KeysHandler),
+            ("/keys/rotate", KeysRotateHandler),
+            ("/proxies", ProxiesHandler),
+            ("/proxy/heartbeat", HeartbeatHandler),
+            ("/proxy/redeem", RedeemHandler),
+            ("/proxy/events", ProxyEventsHandler),
+            ("/openapi.json", OpenApiHandler),
+        )
+    ]
     routes.append((PREFIX + "/proxy/watch", WatchHandler, {**options, "feed": feed}))
-    routes += [("/healthz", HealthHandler, options), ("/readyz", ReadyHandler, options),
-               ("/metrics", MetricsHandler, options)]
-    return tornado.web.Application(routes, default_handler_class=NotFoundHandler, default_handler_args=options,
-                                   log_function=_log_request)
+    routes += [
+        ("/healthz", HealthHandler, options),
+        ("/readyz", ReadyHandler, options),
+        ("/metrics", MetricsHandler, options),
+    ]
+    return tornado.web.Application(
+        routes, default_handler_class=NotFoundHandler, default_handler_args=options, log_function=_log_request
+    )

@@ -21,8 +21,9 @@ from console_proxy import clock, keyring, token
 from console_proxy.command import CommandError, Parser, read_secret_file, run
 from console_proxy.keyring import DEFAULT_MAX_TTL, KeyringError
 
-PASSWORD_FILE_HELP = ("file holding the VNC password as plain text on one line (not the obfuscated output "
-                      "of vncpasswd -f)")
+PASSWORD_FILE_HELP = (
+    "file holding the VNC password as plain text on one line (not the obfuscated output of vncpasswd -f)"
+)
 
 
 def _keyring_options(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +39,10 @@ def _add_keys(commands: argparse._SubParsersAction) -> None:
     init.add_argument("--max-ttl", type=int, default=DEFAULT_MAX_TTL, help="longest token lifetime, seconds")
     init.add_argument("--force", action="store_true", help="replace an existing file")
     init.set_defaults(handler=keys_init)
-    for name, handler, text in (("rotate", keys_rotate, "new active keys; old ones verify until their tokens expire"),
-                                ("list", keys_list, "key ids and status (never key material)")):
+    for name, handler, text in (
+        ("rotate", keys_rotate, "new active keys; old ones verify until their tokens expire"),
+        ("list", keys_list, "key ids and status (never key material)"),
+    ):
         sub = keys.add_parser(name, help=text)
         _keyring_options(sub)
         sub.set_defaults(handler=handler)
@@ -50,8 +53,11 @@ def _add_keys(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_token(commands: argparse._SubParsersAction) -> None:
-    mint = commands.add_parser("token", help="offline tokens").add_subparsers(metavar="ACTION").add_parser(
-        "mint", help="print one access token (offline, for scripts and tests)")
+    mint = (
+        commands.add_parser("token", help="offline tokens")
+        .add_subparsers(metavar="ACTION")
+        .add_parser("mint", help="print one access token (offline, for scripts and tests)")
+    )
     _keyring_options(mint)
     mint.add_argument("--host", required=True)
     mint.add_argument("--port", type=int, required=True)
@@ -106,8 +112,14 @@ Use --no-rotate only for a proxy decommissioned in good order, never for one tha
 compromised. The name stays in the records and is not reused."""
 
 
-def _action(group: argparse._SubParsersAction, name: str, handler: Any, help: str, *positionals: str,
-            description: str | None = None) -> argparse.ArgumentParser:
+def _action(
+    group: argparse._SubParsersAction,
+    name: str,
+    handler: Any,
+    help: str,
+    *positionals: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
     """One subcommand on the state dir: its positional arguments, ``--state-dir``, its handler
     (options particular to it are added by the caller)."""
     parser = group.add_parser(name, help=help, description=description)
@@ -126,28 +138,60 @@ def _add_apikeys(commands: argparse._SubParsersAction) -> None:
     apikeys = commands.add_parser("apikey", help="API keys").add_subparsers(metavar="ACTION")
     create = _action(apikeys, "create", apikey_create, "create an API key and print it (once)", "name")
     create.add_argument("--role", required=True, choices=["admin", "issuer"])
-    _action(apikeys, "list", _listing(Broker.list_apikeys),
-            "API keys as JSON: name, key id, role, created, revoked (no secret)")
-    _action(apikeys, "revoke", apikey_revoke, "revoke an API key: refused from its next request on (audited)",
-            "name", description="Revoke the API key NAME. A running broker refuses it from its next request on. "
-                                "The key stays listed as revoked and its name is not reused.")
+    _action(
+        apikeys,
+        "list",
+        _listing(Broker.list_apikeys),
+        "API keys as JSON: name, key id, role, created, revoked (no secret)",
+    )
+    _action(
+        apikeys,
+        "revoke",
+        apikey_revoke,
+        "revoke an API key: refused from its next request on (audited)",
+        "name",
+        description="Revoke the API key NAME. A running broker refuses it from its next request on. "
+        "The key stays listed as revoked and its name is not reused.",
+    )
 
 
 def _add_proxies(commands: argparse._SubParsersAction) -> None:
     proxies = commands.add_parser("proxy", help="the proxy fleet").add_subparsers(metavar="ACTION")
-    add = _action(proxies, "add", proxy_add, "register a proxy and write its credential file {proxy_id, secret}",
-                  "name")
+    add = _action(
+        proxies, "add", proxy_add, "register a proxy and write its credential file {proxy_id, secret}", "name"
+    )
     add.add_argument("--public-url", required=True, metavar="URL", help="the URL browsers use to reach it")
     add.add_argument("--out", required=True, metavar="FILE", help="credential file to write (0600)")
-    _action(proxies, "list", _listing(Broker.list_proxy_records),
-            "registered proxies as JSON, removed ones included (no secret)")
-    _action(proxies, "set-url", proxy_set_url, "change the URL browsers use to reach a proxy (audited)",
-            "name", "url", description="Consoles use the registered URL only: a proxy's heartbeat cannot "
-                                       "change it, so a stolen proxy credential cannot steer browsers.")
-    remove = _action(proxies, "remove", proxy_remove, "revoke a proxy's credential and rotate the keys (audited)",
-                     "name", description=_REMOVE_HELP)
-    remove.add_argument("--no-rotate", dest="rotate", action="store_false",
-                        help="keep the keys (only for a proxy decommissioned, not compromised)")
+    _action(
+        proxies,
+        "list",
+        _listing(Broker.list_proxy_records),
+        "registered proxies as JSON, removed ones included (no secret)",
+    )
+    _action(
+        proxies,
+        "set-url",
+        proxy_set_url,
+        "change the URL browsers use to reach a proxy (audited)",
+        "name",
+        "url",
+        description="Consoles use the registered URL only: a proxy's heartbeat cannot "
+        "change it, so a stolen proxy credential cannot steer browsers.",
+    )
+    remove = _action(
+        proxies,
+        "remove",
+        proxy_remove,
+        "revoke a proxy's credential and rotate the keys (audited)",
+        "name",
+        description=_REMOVE_HELP,
+    )
+    remove.add_argument(
+        "--no-rotate",
+        dest="rotate",
+        action="store_false",
+        help="keep the keys (only for a proxy decommissioned, not compromised)",
+    )
 
 
 def _add_targets(commands: argparse._SubParsersAction) -> None:
@@ -163,35 +207,48 @@ def _add_targets(commands: argparse._SubParsersAction) -> None:
     _action(targets, "remove", targets_remove, "delete a target", "id")
 
 
-_HYPERVISOR_HELP = ("A libvirt connection: consoles for its domains are looked up at mint time "
-                    '(POST /consoles {"hypervisor": NAME, "domain": NAME-or-UUID}). Credentials are '
-                    "libvirt's own: TLS client certificates under the URI's pkipath, SSH keys, socket "
-                    "permissions; the broker stores none. It reads the domain's state and XML, and writes nothing "
-                    "unless --console-passwords.")
+_HYPERVISOR_HELP = (
+    "A libvirt connection: consoles for its domains are looked up at mint time "
+    '(POST /consoles {"hypervisor": NAME, "domain": NAME-or-UUID}). Credentials are '
+    "libvirt's own: TLS client certificates under the URI's pkipath, SSH keys, socket "
+    "permissions; the broker stores none. It reads the domain's state and XML, and writes nothing "
+    "unless --console-passwords."
+)
 
 
 def _add_hypervisors(commands: argparse._SubParsersAction) -> None:
     group = commands.add_parser("hypervisors", help="libvirt hypervisors").add_subparsers(metavar="ACTION")
-    add = _action(group, "add", hypervisors_add, "register a libvirt connection", "name",
-                  description=_HYPERVISOR_HELP)
-    add.add_argument("--uri", required=True,
-                     help="libvirt URI: qemu:///system, qemu+tls://HOST/system, qemu+ssh://USER@HOST/system, "
-                          "qemu+tcp://HOST/system, test:///default")
-    add.add_argument("--address", metavar="HOST",
-                     help="where proxies reach VNC servers that listen on 0.0.0.0 or :: (default: the URI's host)")
+    add = _action(group, "add", hypervisors_add, "register a libvirt connection", "name", description=_HYPERVISOR_HELP)
+    add.add_argument(
+        "--uri",
+        required=True,
+        help="libvirt URI: qemu:///system, qemu+tls://HOST/system, qemu+ssh://USER@HOST/system, "
+        "qemu+tcp://HOST/system, test:///default",
+    )
+    add.add_argument(
+        "--address",
+        metavar="HOST",
+        help="where proxies reach VNC servers that listen on 0.0.0.0 or :: (default: the URI's host)",
+    )
     _add_tls_options(add)
-    add.add_argument("--console-passwords", action="store_true",
-                     help="each mint sets the domain's VNC password (live), valid until the last outstanding "
-                          "console's expiry: a password from an expired token opens nothing")
+    add.add_argument(
+        "--console-passwords",
+        action="store_true",
+        help="each mint sets the domain's VNC password (live), valid until the last outstanding "
+        "console's expiry: a password from an expired token opens nothing",
+    )
     _action(group, "list", _listing(Broker.list_hypervisors), "hypervisors as JSON")
     _action(group, "remove", hypervisors_remove, "forget a hypervisor", "name")
 
 
 def _add_tls_options(parser: argparse.ArgumentParser) -> None:
     """The upstream TLS policy of a target or a hypervisor: the same flags, the same token claim."""
-    parser.add_argument("--tls-ca", metavar="PEM",
-                        help="CA certificate the VNC servers' VeNCrypt certificates verify with (then only "
-                             "verified X.509 VeNCrypt is accepted)")
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA certificate the VNC servers' VeNCrypt certificates verify with (then only "
+        "verified X.509 VeNCrypt is accepted)",
+    )
     parser.add_argument("--tls-require", action="store_true", help="refuse consoles whose VNC server offers no TLS")
 
 
@@ -227,8 +284,11 @@ def hypervisors_remove(args: argparse.Namespace) -> int:
 
 
 def _add_audit(commands: argparse._SubParsersAction) -> None:
-    tail = commands.add_parser("audit", help="the audit log").add_subparsers(metavar="ACTION").add_parser(
-        "tail", help="print audit events as JSON lines (from the state dir, or a broker's API)")
+    tail = (
+        commands.add_parser("audit", help="the audit log")
+        .add_subparsers(metavar="ACTION")
+        .add_parser("tail", help="print audit events as JSON lines (from the state dir, or a broker's API)")
+    )
     _state_dir(tail)
     tail.add_argument("--broker", metavar="URL", help="read through the API of this broker instead")
     tail.add_argument("--api-key-file", metavar="F", help="admin API key, with --broker")
@@ -310,8 +370,10 @@ def proxy_remove(args: argparse.Namespace) -> int:
     if rotation is None:
         print(f"removed proxy {args.name}; keys not rotated (--no-rotate)")
     else:
-        print(f"removed proxy {args.name}; keys rotated (version {rotation['version']}): "
-              "new consoles use keys it never received")
+        print(
+            f"removed proxy {args.name}; keys rotated (version {rotation['version']}): "
+            "new consoles use keys it never received"
+        )
     return 0
 
 
@@ -327,8 +389,9 @@ def proxy_add(args: argparse.Namespace) -> int:
         try:
             keyring.write_private_file(args.out, json.dumps(credential).encode() + b"\n")
         except OSError as exc:
-            raise CommandError(f"cannot write the credential to {args.out!r} ({exc.strerror}); "
-                               f"proxy {args.name!r} was not registered") from None
+            raise CommandError(
+                f"cannot write the credential to {args.out!r} ({exc.strerror}); proxy {args.name!r} was not registered"
+            ) from None
 
     with _broker(args) as broker:
         broker.add_proxy(args.name, args.public_url, "cli", deliver)
@@ -346,8 +409,9 @@ def targets_add(args: argparse.Namespace) -> int:
     return _create(args, body, schemas.TARGET_CREATE, Broker.add_target)
 
 
-def _create(args: argparse.Namespace, body: dict[str, object], schema: Any,
-            add: Callable[[Broker, Any, str], dict[str, Any]]) -> int:
+def _create(
+    args: argparse.Namespace, body: dict[str, object], schema: Any, add: Callable[[Broker, Any, str], dict[str, Any]]
+) -> int:
     """Check ``body`` with the API's own schema (the CLI and the API accept the same things),
     then add it as the actor ``cli`` and print the result."""
     try:
@@ -391,8 +455,9 @@ def audit_tail(args: argparse.Namespace) -> int:
 
 
 def keys_init(args: argparse.Namespace) -> int:
-    ring = keyfiles.create_keyring(keyfiles.keyring_path(args.keyring, None), clock.now(),
-                                   max_ttl=args.max_ttl, force=args.force)
+    ring = keyfiles.create_keyring(
+        keyfiles.keyring_path(args.keyring, None), clock.now(), max_ttl=args.max_ttl, force=args.force
+    )
     print(f"created keyring {args.keyring}: signing {ring.active_signing}, fleet {ring.active_fleet}")
     return 0
 
@@ -452,9 +517,19 @@ def token_mint(args: argparse.Namespace) -> int:
     password = read_secret_file(args.password_file) if args.password_file else None
     try:
         claims = token.new_claims(
-            host=args.host, port=args.port, now=clock.now(), ttl=args.ttl, password=password,
-            vm=args.vm, user=args.user, client_ip=args.client_ip, view_only=args.view_only,
-            single_use=args.single_use, desktop_name=args.desktop_name, tls=_tls_claim(args))
+            host=args.host,
+            port=args.port,
+            now=clock.now(),
+            ttl=args.ttl,
+            password=password,
+            vm=args.vm,
+            user=args.user,
+            client_ip=args.client_ip,
+            view_only=args.view_only,
+            single_use=args.single_use,
+            desktop_name=args.desktop_name,
+            tls=_tls_claim(args),
+        )
     except ValueError as exc:
         raise CommandError(f"invalid token request: {exc}") from None
     print(token.mint(claims, ring))
@@ -462,8 +537,12 @@ def token_mint(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run("console-broker", build_parser(), argv,
-               (KeyringError, ValueError, StoreError, VaultError, ApiError, BrokerError))
+    return run(
+        "console-broker",
+        build_parser(),
+        argv,
+        (KeyringError, ValueError, StoreError, VaultError, ApiError, BrokerError),
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,8 +39,10 @@ def check_broker_url(url: str, *, allow_insecure: bool = False) -> None:
     if not host or parts.scheme not in ("http", "https"):
         raise InsecureBrokerURL("the broker URL must be https://HOST[:PORT] (or http:// to this host)")
     if parts.scheme == "http" and not allow_insecure and not is_loopback_host(host):
-        raise InsecureBrokerURL(f"refusing plain http to the broker at {host!r}: the API key would cross the "
-                                "network readable; use https:// (plain http only to this host)")
+        raise InsecureBrokerURL(
+            f"refusing plain http to the broker at {host!r}: the API key would cross the "
+            "network readable; use https:// (plain http only to this host)"
+        )
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -55,8 +57,15 @@ class BrokerClient:
     without it such a URL raises :class:`InsecureBrokerURL` before anything is sent.
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 10.0,
-                 ca_file: str | None = None, allow_insecure: bool = False) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 10.0,
+        ca_file: str | None = None,
+        allow_insecure: bool = False,
+    ) -> None:
         check_broker_url(base_url, allow_insecure=allow_insecure)
         self.base = base_url.rstrip("/") + "/api/v1"
         self.api_key, self.timeout = api_key, timeout
@@ -64,8 +73,16 @@ class BrokerClient:
         # No redirects: urllib would follow one carrying the Authorization header along.
         self._opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
 
-    def request(self, method: str, path: str, body: Any = None, *, query: dict[str, Any] | None = None,
-                raw: bytes | None = None, authorization: str | None = None) -> tuple[int, Any]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: dict[str, Any] | None = None,
+        raw: bytes | None = None,
+        authorization: str | None = None,
+    ) -> tuple[int, Any]:
         """(status, decoded JSON or None); raises BrokerError for 4xx/5xx and network failures."""
         url = self.base + path
         if query:
@@ -111,13 +128,15 @@ class BrokerClient:
         """A console for a libvirt domain, looked up at mint time (name or UUID)."""
         return self._post("/consoles", {"hypervisor": hypervisor, "domain": domain, **options})
 
-    def sessions(self, state: str = "all", *, limit: int | None = None,
-                 cursor: str | None = None) -> list[dict[str, Any]]:
+    def sessions(
+        self, state: str = "all", *, limit: int | None = None, cursor: str | None = None
+    ) -> list[dict[str, Any]]:
         """One page of sessions, newest first (up to 1000 unless ``limit``); see :meth:`sessions_page`."""
         return self.sessions_page(state, limit=limit, cursor=cursor)["sessions"]
 
-    def sessions_page(self, state: str = "all", *, limit: int | None = None,
-                      cursor: str | None = None) -> dict[str, Any]:
+    def sessions_page(
+        self, state: str = "all", *, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
         """``{sessions, next_cursor}``: pass ``next_cursor`` back as ``cursor`` until it is None."""
         return self._get("/sessions", state=state, limit=limit, cursor=cursor)
 

@@ -100,7 +100,7 @@ def parse_database_url(value: str | None, state_dir: str | os.PathLike[str]) -> 
     if value is None:
         return DatabaseUrl("sqlite", path=Path(state_dir) / DB_NAME)
     if value.startswith("sqlite://"):
-        path = value[len("sqlite://"):]
+        path = value[len("sqlite://") :]
         if not path.startswith("/") or path == "/":
             raise DatabaseUrlError("a SQLite URL is sqlite:///PATH (three slashes, then the file's path)")
         return DatabaseUrl("sqlite", path=Path(unquote(path[1:]) if path.startswith("//") else unquote(path)))
@@ -234,21 +234,34 @@ class PostgresEngine:
             import psycopg
             import psycopg_pool
         except ImportError:
-            raise EngineOpenError("PostgreSQL needs psycopg 3 and psycopg-pool: "
-                                  "pip install 'consolegate[broker]'") from None
+            raise EngineOpenError(
+                "PostgreSQL needs psycopg 3 and psycopg-pool: pip install 'consolegate[broker]'"
+            ) from None
         self.url = url
         self._psycopg, self._psycopg_pool = psycopg, psycopg_pool
         self.errors = (psycopg.Error, psycopg_pool.PoolTimeout, DatabaseDown)
         self.integrity_errors = (psycopg.errors.IntegrityError,)
-        self.unavailable_errors = (psycopg.OperationalError, psycopg_pool.PoolTimeout, DatabaseDown,
-                                   psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+        self.unavailable_errors = (
+            psycopg.OperationalError,
+            psycopg_pool.PoolTimeout,
+            DatabaseDown,
+            psycopg.errors.DeadlockDetected,
+            psycopg.errors.SerializationFailure,
+        )
         # NUL in a string (PostgreSQL's text cannot hold it), a number out of a column's range
         self.invalid_value_errors = (psycopg.DataError, UnicodeEncodeError, OverflowError)
         # the URL's own libpq options win over these defaults
-        self.options: dict[str, Any] = {name: value for name, value in (
-            ("connect_timeout", CONNECT_TIMEOUT), ("tcp_user_timeout", TCP_USER_TIMEOUT_MS),
-            ("keepalives_idle", 5), ("keepalives_interval", 1), ("keepalives_count", 3),
-        ) if name not in (url.conninfo or "")}
+        self.options: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("connect_timeout", CONNECT_TIMEOUT),
+                ("tcp_user_timeout", TCP_USER_TIMEOUT_MS),
+                ("keepalives_idle", 5),
+                ("keepalives_interval", 1),
+                ("keepalives_count", 3),
+            )
+            if name not in (url.conninfo or "")
+        }
         try:  # fail at start, in one line, when the server cannot be reached or refuses us
             psycopg.connect(url.conninfo or "", **self.options).close()
         except psycopg.Error as exc:
@@ -264,8 +277,15 @@ class PostgresEngine:
             conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
 
         return self._psycopg_pool.ConnectionPool(
-            self.url.conninfo or "", min_size=1, max_size=POOL_MAX, timeout=POOL_TIMEOUT, open=False,
-            kwargs={"autocommit": True, **self.options}, name="consolegate", configure=configure)
+            self.url.conninfo or "",
+            min_size=1,
+            max_size=POOL_MAX,
+            timeout=POOL_TIMEOUT,
+            open=False,
+            kwargs={"autocommit": True, **self.options},
+            name="consolegate",
+            configure=configure,
+        )
 
     def _probe(self) -> None:
         """One fresh connection and ``SELECT 1`` (the outage's probe, in its thread)."""
@@ -364,10 +384,15 @@ class PostgresEngine:
         return int(row[0]) if row else 0
 
     def set_version(self, conn: PgConnection, version: int) -> None:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), "
-                     "version INTEGER NOT NULL)")
-        conn.execute("INSERT INTO schema_version (id, version) VALUES (1, ?) "
-                     "ON CONFLICT (id) DO UPDATE SET version = excluded.version", (version,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), "
+            "version INTEGER NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO schema_version (id, version) VALUES (1, ?) "
+            "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+            (version,),
+        )
 
     def statements(self, script: str) -> Iterator[str]:
         """A PostgreSQL migration runs as one script (several statements, no parameters)."""

@@ -60,12 +60,24 @@ def one_rotation_behind(proxy: ProxyView, ring_version: int) -> bool:
     return proxy.keyring_version != 0 and proxy.keyring_version == ring_version - 1
 
 
-def choose(proxies: Iterable[ProxyView], now: float, interval: float, *, ring_version: int = 0,
-           floor: int = 0, previous_usable: bool = False) -> ProxyView | None:
+def choose(
+    proxies: Iterable[ProxyView],
+    now: float,
+    interval: float,
+    *,
+    ring_version: int = 0,
+    floor: int = 0,
+    previous_usable: bool = False,
+) -> ProxyView | None:
     """The proxy for the next console, or None when no proxy can take one."""
-    candidates = [p for p in proxies if p.healthy(now, interval) and not p.draining
-                  and p.sessions + p.pending < p.capacity
-                  and holds_minting_keys(p, ring_version, floor, previous_usable)]
+    candidates = [
+        p
+        for p in proxies
+        if p.healthy(now, interval)
+        and not p.draining
+        and p.sessions + p.pending < p.capacity
+        and holds_minting_keys(p, ring_version, floor, previous_usable)
+    ]
     if not candidates:
         return None
     return min(candidates, key=lambda p: (p.load, p.id))
@@ -75,7 +87,7 @@ def websocket_url(public_url: str) -> str:
     """``http(s)://host/prefix`` → ``ws(s)://host/prefix/websockify``."""
     base = public_url.rstrip("/")
     if base.startswith("https://"):
-        base = "wss://" + base[len("https://"):]
+        base = "wss://" + base[len("https://") :]
     elif base.startswith("http://"):
-        base = "ws://" + base[len("http://"):]
+        base = "ws://" + base[len("http://") :]
     return base + "/websockify"

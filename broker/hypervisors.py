@@ -91,8 +91,9 @@ def check_uri(uri: str) -> str:
     """A libvirt URI the broker accepts (a ValueError naming what is wrong otherwise)."""
     scheme = urlsplit(uri).scheme
     if scheme not in URI_SCHEMES:
-        raise ValueError(f"uri must be a libvirt QEMU URI ({', '.join(s + '://' for s in URI_SCHEMES)}), "
-                         f"not {scheme or 'no scheme'}")
+        raise ValueError(
+            f"uri must be a libvirt QEMU URI ({', '.join(s + '://' for s in URI_SCHEMES)}), not {scheme or 'no scheme'}"
+        )
     return uri
 
 
@@ -120,8 +121,12 @@ def vnc_from_xml(xml: str, hypervisor: Hypervisor, domain: str) -> VncConsole:
         raise HypervisorError(409, "no_vnc_console", f"domain {domain!r} has no VNC console (graphics: {kinds})")
     listen = vnc.find("./listen")
     if listen is not None and listen.get("type") == "socket":
-        raise HypervisorError(409, "no_vnc_console", f"domain {domain!r} serves VNC on a unix socket only; "
-                              "proxies need a TCP port (listen type 'address' or 'network')")
+        raise HypervisorError(
+            409,
+            "no_vnc_console",
+            f"domain {domain!r} serves VNC on a unix socket only; "
+            "proxies need a TCP port (listen type 'address' or 'network')",
+        )
     port = int(vnc.get("port") or -1)
     if not 0 < port < 65536:
         raise HypervisorError(409, "no_vnc_console", f"domain {domain!r} has no VNC port yet")
@@ -159,8 +164,11 @@ def _libvirt() -> Any:
     try:
         import libvirt  # the optional [libvirt] extra
     except ImportError:
-        raise HypervisorError(503, "hypervisor_unavailable", "the broker cannot reach libvirt: libvirt-python "
-                              "is not installed (pip install 'consolegate[libvirt]')") from None
+        raise HypervisorError(
+            503,
+            "hypervisor_unavailable",
+            "the broker cannot reach libvirt: libvirt-python is not installed (pip install 'consolegate[libvirt]')",
+        ) from None
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are exceptions; not on stderr
     return libvirt
 
@@ -181,8 +189,7 @@ def _console(libvirt: Any, found: Any, hypervisor: Hypervisor, domain: str, unti
     if not hypervisor.console_passwords:
         return console
     with _rekey_lock:
-        graphics, password = rekeyed_graphics(found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE), domain,
-                                              time.time(), until)
+        graphics, password = rekeyed_graphics(found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE), domain, time.time(), until)
         found.updateDeviceFlags(graphics, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     return VncConsole(console.host, console.port, password)
 
@@ -210,8 +217,9 @@ def lookup(hypervisor: Hypervisor, domain: str, until: float = 0.0) -> VncConsol
         conn.close()
 
 
-async def lookup_async(hypervisor: Hypervisor, domain: str, until: float,
-                       timeout: float = LOOKUP_TIMEOUT) -> VncConsole:
+async def lookup_async(
+    hypervisor: Hypervisor, domain: str, until: float, timeout: float = LOOKUP_TIMEOUT
+) -> VncConsole:
     """:func:`lookup` off the event loop, given up after ``timeout`` seconds (503)."""
     future = asyncio.get_running_loop().run_in_executor(_pool, lookup, hypervisor, domain, until)
     try:

@@ -60,13 +60,17 @@ class KeyStore:
 
     def create(self, conn: Any, ring: Keyring, now: float) -> None:
         """The first keyring (``init``, or the import of keyring.json); IntegrityError if one exists."""
-        conn.execute("INSERT INTO keyring (id, revision, version, sealed, changed_at) VALUES (1, 1, ?, ?, ?)",
-                     (ring.version, self.vault.seal_keyring(_dump(ring)), now))
+        conn.execute(
+            "INSERT INTO keyring (id, revision, version, sealed, changed_at) VALUES (1, 1, ?, ?, ?)",
+            (ring.version, self.vault.seal_keyring(_dump(ring)), now),
+        )
 
     def replace(self, conn: Any, ring: Keyring, now: float) -> None:
         """Inside the rotation's transaction, after :meth:`current` with ``for_update``."""
-        conn.execute("UPDATE keyring SET revision = revision + 1, version = ?, sealed = ?, changed_at = ? "
-                     "WHERE id = 1", (ring.version, self.vault.seal_keyring(_dump(ring)), now))
+        conn.execute(
+            "UPDATE keyring SET revision = revision + 1, version = ?, sealed = ?, changed_at = ? WHERE id = 1",
+            (ring.version, self.vault.seal_keyring(_dump(ring)), now),
+        )
 
     def import_file(self, path: Path, now: float) -> bool:
         """Once: a state dir's keyring.json into an empty keyring row, then renamed to
@@ -89,8 +93,13 @@ class KeyStore:
             return False
         with contextlib.suppress(OSError):
             path.replace(path.with_name(path.name + IMPORTED_SUFFIX))
-        log.info("imported %s into the database (version %d); the file is now %s%s", path, ring.version,
-                 path.name, IMPORTED_SUFFIX)
+        log.info(
+            "imported %s into the database (version %d); the file is now %s%s",
+            path,
+            ring.version,
+            path.name,
+            IMPORTED_SUFFIX,
+        )
         return True
 
 

@@ -34,8 +34,9 @@ class Outage:
     ``probe`` raises while the database cannot be used; ``recovered`` runs (in the probe thread)
     once it can, before calls go through again."""
 
-    def __init__(self, what: str, probe: Callable[[], None], recovered: Callable[[], None],
-                 interval: float = PROBE_INTERVAL) -> None:
+    def __init__(
+        self, what: str, probe: Callable[[], None], recovered: Callable[[], None], interval: float = PROBE_INTERVAL
+    ) -> None:
         self.what, self.probe, self.recovered, self.interval = what, probe, recovered, interval
         self._lock = threading.Lock()
         self._since: float | None = None
@@ -63,8 +64,11 @@ class Outage:
                 return
             self._since = time.monotonic()
             self._up.clear()
-        log.warning("the database %s is unreachable (%s): answering 503 storage_unavailable until it is back",
-                    self.what, _one_line(reason))
+        log.warning(
+            "the database %s is unreachable (%s): answering 503 storage_unavailable until it is back",
+            self.what,
+            _one_line(reason),
+        )
         threading.Thread(target=self._watch, name="consolegate-db-probe", daemon=True).start()
 
     def close(self) -> None:
@@ -76,14 +80,15 @@ class Outage:
             try:
                 self.probe()
                 self.recovered()
-            except Exception as exc:  # noqa: BLE001 - any failure means "still down"
+            except Exception as exc:
                 log.debug("database probe failed: %s", _one_line(exc))
                 continue
             with self._lock:
                 since, self._since = self._since, None
                 self._up.set()
-            log.warning("the database %s answers again after %.1f s", self.what,
-                        time.monotonic() - (since or time.monotonic()))
+            log.warning(
+                "the database %s answers again after %.1f s", self.what, time.monotonic() - (since or time.monotonic())
+            )
             return
 
 

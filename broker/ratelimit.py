@@ -72,8 +72,9 @@ ALLOWED = Verdict(False)
 class AuthThrottle:
     """Token buckets for failed authentication, keyed by credential kind and client address."""
 
-    def __init__(self, burst: int = DEFAULT_BURST, refill: float = DEFAULT_REFILL,
-                 max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(
+        self, burst: int = DEFAULT_BURST, refill: float = DEFAULT_REFILL, max_entries: int = MAX_ENTRIES
+    ) -> None:
         if burst < 1 or not refill > 0 or math.isinf(refill) or max_entries < 1:
             raise ValueError("the burst must be at least 1 and the refill a positive number of seconds")
         self.burst, self.refill, self.max_entries = burst, refill, max_entries

@@ -13,8 +13,14 @@ from typing import Any
 
 from broker.auth import NAME_PATTERN
 
-_JSON_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,),
-                                            "object": (dict,), "array": (list,), "number": (int, float)}
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "number": (int, float),
+}
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,14 @@ def validate(data: Any, fields: dict[str, Field], *, where: str = "body", open_:
 def to_openapi(spec: Field) -> dict[str, Any]:
     """The OpenAPI 3.0 schema of one field (objects recursively)."""
     schema: dict[str, Any] = {"type": spec.kind}
-    for key, value in (("minimum", spec.minimum), ("maximum", spec.maximum), ("minLength", spec.min_length),
-                       ("maxLength", spec.max_length), ("maxItems", spec.max_items),
-                       ("description", spec.description or None)):
+    for key, value in (
+        ("minimum", spec.minimum),
+        ("maximum", spec.maximum),
+        ("minLength", spec.min_length),
+        ("maxLength", spec.max_length),
+        ("maxItems", spec.max_items),
+        ("description", spec.description or None),
+    ):
         if value is not None:
             schema[key] = value
     if spec.pattern is not None:
@@ -134,8 +145,11 @@ def to_openapi(spec: Field) -> dict[str, Any]:
 
 
 def object_schema(fields: dict[str, Field], *, open_: bool = False) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "object", "properties": {k: to_openapi(v) for k, v in fields.items()},
-                              "additionalProperties": open_}
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {k: to_openapi(v) for k, v in fields.items()},
+        "additionalProperties": open_,
+    }
     required = [k for k, v in fields.items() if v.required]
     if required:
         schema["required"] = required
@@ -146,9 +160,12 @@ _ID = NAME_PATTERN.pattern.strip("^$")
 _HOST = r"[^\s/@\x00-\x1f\x7f]+"
 _TIME_MAX = 2**53
 """Largest time, duration or count given as a JSON number: every integer up to it is exact as a float."""
-TLS = {"ca": Field("string", max_length=4096, description="PEM CA certificate for VeNCrypt X.509"),
-       "sni": Field("string", min_length=1, max_length=253), "allow_anon": Field("boolean"),
-       "require": Field("boolean")}
+TLS = {
+    "ca": Field("string", max_length=4096, description="PEM CA certificate for VeNCrypt X.509"),
+    "sni": Field("string", min_length=1, max_length=253),
+    "allow_anon": Field("boolean"),
+    "require": Field("boolean"),
+}
 
 TARGET_CREATE = {
     "id": Field("string", pattern=_ID, description="default: generated"),
@@ -161,13 +178,27 @@ TARGET_CREATE = {
 
 HYPERVISOR_CREATE = {
     "name": Field("string", required=True, pattern=_ID),
-    "uri": Field("string", required=True, min_length=1, max_length=2048,
-                 description="libvirt URI: qemu:///system, qemu+tls://HOST/system, qemu+ssh://…, test:///default"),
-    "address": Field("string", min_length=1, max_length=253, pattern=_HOST, nullable=True,
-                     description="host proxies use for domains whose VNC listens on 0.0.0.0 / ::"),
+    "uri": Field(
+        "string",
+        required=True,
+        min_length=1,
+        max_length=2048,
+        description="libvirt URI: qemu:///system, qemu+tls://HOST/system, qemu+ssh://…, test:///default",
+    ),
+    "address": Field(
+        "string",
+        min_length=1,
+        max_length=253,
+        pattern=_HOST,
+        nullable=True,
+        description="host proxies use for domains whose VNC listens on 0.0.0.0 / ::",
+    ),
     "tls": Field("object", properties=TLS, nullable=True, description="upstream VeNCrypt policy"),
-    "console_passwords": Field("boolean", description="each mint sets the domain's VNC password, valid until "
-                                                      "the last outstanding console's exp (default false)"),
+    "console_passwords": Field(
+        "boolean",
+        description="each mint sets the domain's VNC password, valid until "
+        "the last outstanding console's exp (default false)",
+    ),
 }
 
 CONSOLE_CREATE = {
@@ -188,8 +219,13 @@ HEARTBEAT = {
     "sessions": Field("integer", required=True, minimum=0, maximum=10**9),
     "capacity": Field("integer", required=True, minimum=0, maximum=10**9),
     "draining": Field("boolean", required=True),
-    "version": Field("integer", required=True, minimum=0, maximum=2**62,
-                     description="the keyring version the proxy holds (0: none yet)"),
+    "version": Field(
+        "integer",
+        required=True,
+        minimum=0,
+        maximum=2**62,
+        description="the keyring version the proxy holds (0: none yet)",
+    ),
 }
 
 REDEEM = {
@@ -220,7 +256,6 @@ _EVENT = {
     "path": Field("string", nullable=True, max_length=256),
 }
 
-EVENTS = {"events": Field("array", required=True, max_items=500,
-                          items=Field("object", properties=_EVENT, open=True))}
+EVENTS = {"events": Field("array", required=True, max_items=500, items=Field("object", properties=_EVENT, open=True))}
 
 EMPTY: dict[str, Field] = {}

@@ -27,15 +27,21 @@ from console_proxy.serve import parse_listen, tls_context
 log = logging.getLogger("consolegate.broker")
 
 
-DATABASE_HELP = ("the broker's database: sqlite:///PATH (default: <state-dir>/broker.db) or "
-                 "postgresql://USER@HOST:PORT/DB, shared by replicas (password from the URL, PGPASSWORD or "
-                 "~/.pgpass; never logged)")
+DATABASE_HELP = (
+    "the broker's database: sqlite:///PATH (default: <state-dir>/broker.db) or "
+    "postgresql://USER@HOST:PORT/DB, shared by replicas (password from the URL, PGPASSWORD or "
+    "~/.pgpass; never logged)"
+)
 
 
 def add_state_options(parser: argparse.ArgumentParser) -> None:
     """``--state-dir`` and ``--database``: every broker command that opens the broker's state."""
-    parser.add_argument("--state-dir", metavar="D", default="./var",
-                        help="broker state directory (default: %(default)s, relative to the current directory)")
+    parser.add_argument(
+        "--state-dir",
+        metavar="D",
+        default="./var",
+        help="broker state directory (default: %(default)s, relative to the current directory)",
+    )
     add_database_option(parser)
 
 
@@ -46,40 +52,86 @@ def add_database_option(parser: argparse.ArgumentParser) -> None:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the broker API")
     add_state_options(serve)
-    serve.add_argument("--migrate", action="store_true",
-                       help="apply missing schema migrations first (a SQLite state dir is always migrated; "
-                            "a PostgreSQL database otherwise only by console-broker migrate)")
+    serve.add_argument(
+        "--migrate",
+        action="store_true",
+        help="apply missing schema migrations first (a SQLite state dir is always migrated; "
+        "a PostgreSQL database otherwise only by console-broker migrate)",
+    )
     serve.add_argument("--listen", metavar="H:P", default="127.0.0.1:8700")
     serve.add_argument("--default-ttl", type=int, default=60, help="console lifetime when not asked, seconds")
     serve.add_argument("--max-ttl", type=int, default=3600, help="longest console lifetime a request may ask")
-    serve.add_argument("--heartbeat-interval", type=float, default=5.0,
-                       help="the proxies' heartbeat interval; healthy = a heartbeat within 3 intervals")
-    serve.add_argument("--cleanup-interval", type=float, default=60.0,
-                       help="how often expired redeemed-token rows and old sessions are deleted, seconds")
-    serve.add_argument("--session-retention", type=float, default=DEFAULT_SESSION_RETENTION, metavar="SECONDS",
-                       help="how long a session's row outlives its end (the audit log keeps it for good); "
-                            f"at least {MIN_SESSION_RETENTION:.0f}, default {DEFAULT_SESSION_RETENTION:.0f}")
-    serve.add_argument("--watch-hold", type=float, default=WATCH_HOLD, metavar="SECONDS",
-                       help=f"longest a proxy's GET /proxy/watch is held without a change (default {WATCH_HOLD:g})")
+    serve.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=5.0,
+        help="the proxies' heartbeat interval; healthy = a heartbeat within 3 intervals",
+    )
+    serve.add_argument(
+        "--cleanup-interval",
+        type=float,
+        default=60.0,
+        help="how often expired redeemed-token rows and old sessions are deleted, seconds",
+    )
+    serve.add_argument(
+        "--session-retention",
+        type=float,
+        default=DEFAULT_SESSION_RETENTION,
+        metavar="SECONDS",
+        help="how long a session's row outlives its end (the audit log keeps it for good); "
+        f"at least {MIN_SESSION_RETENTION:.0f}, default {DEFAULT_SESSION_RETENTION:.0f}",
+    )
+    serve.add_argument(
+        "--watch-hold",
+        type=float,
+        default=WATCH_HOLD,
+        metavar="SECONDS",
+        help=f"longest a proxy's GET /proxy/watch is held without a change (default {WATCH_HOLD:g})",
+    )
     serve.add_argument("--tls-cert", metavar="F", help="serve HTTPS: heartbeat answers carry the fleet keys")
     serve.add_argument("--tls-key", metavar="F")
-    serve.add_argument("--allow-insecure-http", action="store_true",
-                       help="listen without TLS on a non-loopback address (API keys then cross the network "
-                            "readable)")
-    serve.add_argument("--auth-burst", type=int, default=ratelimit.DEFAULT_BURST, metavar="N",
-                       help="failed authentications an address may make before it is answered 429 "
-                            f"(default {ratelimit.DEFAULT_BURST})")
-    serve.add_argument("--auth-refill", type=float, default=ratelimit.DEFAULT_REFILL, metavar="SECONDS",
-                       help="one more failed authentication allowed per this many seconds "
-                            f"(default {ratelimit.DEFAULT_REFILL:g})")
-    serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
-                       help="a reverse proxy whose X-Forwarded-For names the client whose failed "
-                            "authentications are counted (repeatable)")
-    serve.add_argument("--hypervisor-timeout", type=float, default=hypervisors.LOOKUP_TIMEOUT, metavar="SECONDS",
-                       help="how long a mint naming a hypervisor waits for libvirt before 503 hypervisor_unavailable")
+    serve.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="listen without TLS on a non-loopback address (API keys then cross the network readable)",
+    )
+    serve.add_argument(
+        "--auth-burst",
+        type=int,
+        default=ratelimit.DEFAULT_BURST,
+        metavar="N",
+        help="failed authentications an address may make before it is answered 429 "
+        f"(default {ratelimit.DEFAULT_BURST})",
+    )
+    serve.add_argument(
+        "--auth-refill",
+        type=float,
+        default=ratelimit.DEFAULT_REFILL,
+        metavar="SECONDS",
+        help=f"one more failed authentication allowed per this many seconds (default {ratelimit.DEFAULT_REFILL:g})",
+    )
+    serve.add_argument(
+        "--trusted-proxy",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="a reverse proxy whose X-Forwarded-For names the client whose failed "
+        "authentications are counted (repeatable)",
+    )
+    serve.add_argument(
+        "--hypervisor-timeout",
+        type=float,
+        default=hypervisors.LOOKUP_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a mint naming a hypervisor waits for libvirt before 503 hypervisor_unavailable",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.add_argument("--log-format", default="text", choices=FORMATS,
-                       help="text lines, or one JSON object per line (default: %(default)s)")
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=FORMATS,
+        help="text lines, or one JSON object per line (default: %(default)s)",
+    )
     serve.set_defaults(handler=run)
     Sources(serve, "console-broker serve")
 
@@ -94,10 +146,15 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--hypervisor-timeout must be positive")
     check_retention(args.session_retention)
     throttle, trusted = auth_limits(args)
-    config = BrokerConfig(default_ttl=args.default_ttl, max_ttl=args.max_ttl,
-                          heartbeat_interval=args.heartbeat_interval, cleanup_interval=args.cleanup_interval,
-                          session_retention=args.session_retention, hypervisor_timeout=args.hypervisor_timeout,
-                          watch_hold=args.watch_hold)
+    config = BrokerConfig(
+        default_ttl=args.default_ttl,
+        max_ttl=args.max_ttl,
+        heartbeat_interval=args.heartbeat_interval,
+        cleanup_interval=args.cleanup_interval,
+        session_retention=args.session_retention,
+        hypervisor_timeout=args.hypervisor_timeout,
+        watch_hold=args.watch_hold,
+    )
     tls = tls_context(args.tls_cert, args.tls_key)
     host, port = parse_listen(args.listen)
     check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
@@ -131,8 +188,10 @@ def check_retention(seconds: float) -> None:
     """Refuse, rather than silently raise, a retention shorter than the revocation bound: a session
     row deleted earlier would read as "not revoked" to redeem and drop off the proxies' lists."""
     if not seconds >= MIN_SESSION_RETENTION:  # NaN included
-        raise CommandError(f"--session-retention must be at least {MIN_SESSION_RETENTION:.0f} seconds: a revoked "
-                           "session must be remembered while any proxy could still accept its token")
+        raise CommandError(
+            f"--session-retention must be at least {MIN_SESSION_RETENTION:.0f} seconds: a revoked "
+            "session must be remembered while any proxy could still accept its token"
+        )
 
 
 def check_plaintext(host: str, tls: bool, *, allow_insecure: bool) -> None:
@@ -141,23 +200,39 @@ def check_plaintext(host: str, tls: bool, *, allow_insecure: bool) -> None:
     if tls or is_loopback_host(host):
         return
     if not allow_insecure:
-        raise CommandError(f"refusing to serve plain http on non-loopback address {host!r}: give --tls-cert and "
-                           "--tls-key, or --allow-insecure-http")
-    log.warning("serving plain http on non-loopback address %s (--allow-insecure-http): API keys, proxy "
-                "credentials and fleet keys cross the network unencrypted", host)
+        raise CommandError(
+            f"refusing to serve plain http on non-loopback address {host!r}: give --tls-cert and "
+            "--tls-key, or --allow-insecure-http"
+        )
+    log.warning(
+        "serving plain http on non-loopback address %s (--allow-insecure-http): API keys, proxy "
+        "credentials and fleet keys cross the network unencrypted",
+        host,
+    )
 
 
-async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None = None,
-                throttle: ratelimit.AuthThrottle | None = None, trusted: tuple[origin.Network, ...] = ()) -> None:
+async def serve(
+    broker: Broker,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    throttle: ratelimit.AuthThrottle | None = None,
+    trusted: tuple[origin.Network, ...] = (),
+) -> None:
     # The API handlers stream bodies and enforce api.MAX_BODY themselves, answering 413 in JSON
     # (see api.ApiHandler.prepare); this limit only guards requests refused before that point.
     # Bodies are read before the caller is authenticated: a client trickling one, or idling on a
     # kept-alive connection, must not hold a connection and its buffers for ever.
     feed, stop_feed = start_feed(broker)
     app = api.make_app(broker, throttle, trusted, feed)
-    http = tornado.httpserver.HTTPServer(app, max_body_size=api.MAX_BODY, xheaders=False,
-                                         ssl_options=tls, body_timeout=BODY_TIMEOUT,
-                                         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
+    http = tornado.httpserver.HTTPServer(
+        app,
+        max_body_size=api.MAX_BODY,
+        xheaders=False,
+        ssl_options=tls,
+        body_timeout=BODY_TIMEOUT,
+        idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
+    )
     try:
         http.listen(port, host)
     except OSError as exc:
@@ -169,8 +244,14 @@ async def serve(broker: Broker, host: str, port: int, tls: ssl.SSLContext | None
     cleaner = PeriodicCallback(lambda: _cleanup(broker), broker.config.cleanup_interval * 1000)
     cleaner.start()
     _cleanup(broker)
-    log.info("console-broker listening on %s:%d (%s, state %s, database %s)", host, port, "https" if tls else "http",
-             broker.root, broker.store.description)
+    log.info(
+        "console-broker listening on %s:%d (%s, state %s, database %s)",
+        host,
+        port,
+        "https" if tls else "http",
+        broker.root,
+        broker.store.description,
+    )
     await stopped.wait()
     cleaner.stop()
     stop_feed()
@@ -197,6 +278,7 @@ def start_feed(broker: Broker) -> tuple[ChangeFeed, Callable[[], None]]:
         forget()
         if listener is not None:
             listener.stop()
+
     return feed, stop
 
 

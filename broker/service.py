@@ -36,9 +36,23 @@ from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyri
 log = logging.getLogger("consolegate.broker")
 
 SESSION_STATES = ("minted", "active", "closed", "revoked")
-AUDIT_TYPES = ("minted", "redeemed", "refused", "opened", "closed", "revoked", "key_rotated",
-               "apikey_created", "apikey_revoked", "target_changed", "hypervisor_changed", "proxy_added", "proxy_changed", "proxy_removed",
-               "auth_throttled")
+AUDIT_TYPES = (
+    "minted",
+    "redeemed",
+    "refused",
+    "opened",
+    "closed",
+    "revoked",
+    "key_rotated",
+    "apikey_created",
+    "apikey_revoked",
+    "target_changed",
+    "hypervisor_changed",
+    "proxy_added",
+    "proxy_changed",
+    "proxy_removed",
+    "auth_throttled",
+)
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session that is still open (its close never reported) is sent to proxies.
 A revoked session is also sent, whatever its age, while any proxy could accept its token
@@ -91,8 +105,9 @@ class BrokerConfig:
     """Longest ``GET /proxy/watch`` waits for a change before answering the current position."""
 
 
-def init_state_dir(path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_TTL,
-                   database: str | None = None) -> Path:
+def init_state_dir(
+    path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_TTL, database: str | None = None
+) -> Path:
     """Create the state directory (0700) with master.key (0600), and the database with its schema
     and the keyring sealed in it (``<state-dir>/broker.db`` unless ``database`` names another).
 
@@ -113,8 +128,10 @@ def init_state_dir(path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_T
     store = Store(url, create=True, migrate=True)
     try:
         if store.one("SELECT 1 FROM keyring WHERE id = 1") is not None:
-            raise CommandError(f"the database {store.description} is initialised already: copy master.key "
-                               "from the state dir that initialised it instead")
+            raise CommandError(
+                f"the database {store.description} is initialised already: copy master.key "
+                "from the state dir that initialised it instead"
+            )
         vault = Vault.create(root / MASTER_KEY_NAME)
         now = clock.now()
         with store.transaction() as conn:
@@ -127,13 +144,21 @@ def init_state_dir(path: str | os.PathLike[str], *, max_ttl: int = DEFAULT_MAX_T
 class Broker:
     """The state directory opened: master.key, the database, the keyring in it."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], config: BrokerConfig | None = None, *,
-                 database: str | DatabaseUrl | None = None, migrate: bool | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        config: BrokerConfig | None = None,
+        *,
+        database: str | DatabaseUrl | None = None,
+        migrate: bool | None = None,
+    ) -> None:
         self.root = Path(state_dir)
         self.config = config or BrokerConfig()
         if not (self.root / MASTER_KEY_NAME).exists():
-            raise CommandError(f"{str(self.root)!r} is not a broker state directory (no master.key): "
-                               "run console-broker init, or copy master.key from the first replica")
+            raise CommandError(
+                f"{str(self.root)!r} is not a broker state directory (no master.key): "
+                "run console-broker init, or copy master.key from the first replica"
+            )
         self.vault = Vault.load(self.root / MASTER_KEY_NAME)
         url = database if isinstance(database, DatabaseUrl) else parse_database_url(database, self.root)
         self.store = Store(url, migrate=migrate)
@@ -170,8 +195,13 @@ class Broker:
         """The one rotation code path (``keys rotate``, ``POST /keys/rotate``, ``proxy remove``),
         inside the caller's transaction with the audit event: both commit or neither."""
         ring = self.keys.current(for_update=True).rotate(now)
-        self.store.append_audit(conn, at=now, type_="key_rotated", actor=actor, detail={
-            "version": ring.version, "signing": ring.active_signing, "fleet": ring.active_fleet, **why})
+        self.store.append_audit(
+            conn,
+            at=now,
+            type_="key_rotated",
+            actor=actor,
+            detail={"version": ring.version, "signing": ring.active_signing, "fleet": ring.active_fleet, **why},
+        )
         self.keys.replace(conn, ring, now)
         log.info("keys rotated to version %d by %s", ring.version, actor)
         return ring
@@ -200,10 +230,17 @@ class Broker:
             with self.store.transaction() as conn:
                 if conn.execute("SELECT 1 FROM apikeys WHERE name = ?", (name,)).fetchone():
                     raise taken
-                conn.execute("INSERT INTO apikeys (id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (key_id, name, role, self.hasher.digest("apikey", key_id, secret), now))
-                self.store.append_audit(conn, at=now, type_="apikey_created", actor=actor,
-                                        detail={"name": name, "role": role, "key_id": key_id})
+                conn.execute(
+                    "INSERT INTO apikeys (id, name, role, hash, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (key_id, name, role, self.hasher.digest("apikey", key_id, secret), now),
+                )
+                self.store.append_audit(
+                    conn,
+                    at=now,
+                    type_="apikey_created",
+                    actor=actor,
+                    detail={"name": name, "role": role, "key_id": key_id},
+                )
         except IntegrityError:  # PostgreSQL: another replica created the name meanwhile (unique index)
             raise taken from None
         return whole
@@ -211,8 +248,19 @@ class Broker:
     def list_apikeys(self) -> dict[str, Any]:
         """Every key ever created, revoked ones included; never a secret or a hash."""
         rows = self.store.all("SELECT id, name, role, created_at, revoked_at FROM apikeys ORDER BY created_at, id")
-        return {"apikeys": [{"name": r["name"], "key_id": r["id"], "role": r["role"], "created_at": r["created_at"],
-                             "revoked": r["revoked_at"] is not None, "revoked_at": r["revoked_at"]} for r in rows]}
+        return {
+            "apikeys": [
+                {
+                    "name": r["name"],
+                    "key_id": r["id"],
+                    "role": r["role"],
+                    "created_at": r["created_at"],
+                    "revoked": r["revoked_at"] is not None,
+                    "revoked_at": r["revoked_at"],
+                }
+                for r in rows
+            ]
+        }
 
     def revoke_apikey(self, name: str, actor: str) -> list[str]:
         """Mark the key revoked: :meth:`authenticate` reads the row on every request, so a running
@@ -220,8 +268,9 @@ class Broker:
         only for names duplicated before names became unique)."""
         now = clock.now()
         with self.store.transaction() as conn:
-            rows = conn.execute("SELECT id, role, revoked_at FROM apikeys WHERE name = ?" + self.store.lock_update,
-                                (name,)).fetchall()
+            rows = conn.execute(
+                "SELECT id, role, revoked_at FROM apikeys WHERE name = ?" + self.store.lock_update, (name,)
+            ).fetchall()
             if not rows:
                 raise ApiError(404, "apikey_not_found", f"no API key named {name!r}")
             live = [r for r in rows if r["revoked_at"] is None]
@@ -229,12 +278,18 @@ class Broker:
                 raise ApiError(409, "apikey_revoked", f"the API key {name!r} is revoked already")
             for row in live:
                 conn.execute("UPDATE apikeys SET revoked_at = ? WHERE id = ?", (now, row["id"]))
-                self.store.append_audit(conn, at=now, type_="apikey_revoked", actor=actor,
-                                        detail={"name": name, "role": row["role"], "key_id": row["id"]})
+                self.store.append_audit(
+                    conn,
+                    at=now,
+                    type_="apikey_revoked",
+                    actor=actor,
+                    detail={"name": name, "role": row["role"], "key_id": row["id"]},
+                )
         return [r["id"] for r in live]
 
-    def add_proxy(self, name: str, public_url: str, actor: str,
-                  deliver: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+    def add_proxy(
+        self, name: str, public_url: str, actor: str, deliver: Callable[[dict[str, str]], None] | None = None
+    ) -> dict[str, str]:
         """Register a proxy; the credential ``{proxy_id, secret}`` is returned once. ``deliver``
         (writing it out) runs before the commit: if it fails, the name is not used up."""
         if not auth.NAME_PATTERN.match(name):
@@ -243,10 +298,13 @@ class Broker:
         secret, now = auth.new_secret(), clock.now()
         try:
             with self.store.transaction() as conn:
-                conn.execute("INSERT INTO proxies (id, public_url, secret_hash, created_at) VALUES (?, ?, ?, ?)",
-                             (name, public_url, self.hasher.digest("proxy", name, secret), now))
-                self.store.append_audit(conn, at=now, type_="proxy_added", actor=actor,
-                                        detail={"proxy_id": name, "public_url": public_url})
+                conn.execute(
+                    "INSERT INTO proxies (id, public_url, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+                    (name, public_url, self.hasher.digest("proxy", name, secret), now),
+                )
+                self.store.append_audit(
+                    conn, at=now, type_="proxy_added", actor=actor, detail={"proxy_id": name, "public_url": public_url}
+                )
                 if deliver is not None:
                     deliver({"proxy_id": name, "secret": secret})
         except IntegrityError:
@@ -260,31 +318,57 @@ class Broker:
         if reported is None or reported == registered or self.reported_urls.get(proxy_id) == reported:
             return
         self.reported_urls[proxy_id] = reported
-        log.warning("proxy %s reports public URL %r but is registered as %s; consoles keep the registered one "
-                    "(change it with `console-broker proxy set-url`)", proxy_id, reported, registered)
+        log.warning(
+            "proxy %s reports public URL %r but is registered as %s; consoles keep the registered one "
+            "(change it with `console-broker proxy set-url`)",
+            proxy_id,
+            reported,
+            registered,
+        )
 
     def set_proxy_url(self, name: str, public_url: str, actor: str) -> None:
         """The browsers' way to a proxy, changed by an operator only (audited)."""
         public_url = _checked_public_url(public_url)
         now = clock.now()
         with self.store.transaction() as conn:
-            row = conn.execute("SELECT public_url FROM proxies WHERE id = ? AND removed_at IS NULL"
-                               + self.store.lock_update, (name,)).fetchone()
+            row = conn.execute(
+                "SELECT public_url FROM proxies WHERE id = ? AND removed_at IS NULL" + self.store.lock_update, (name,)
+            ).fetchone()
             if row is None:
                 raise ApiError(404, "proxy_not_found", f"no registered proxy named {name!r}")
             conn.execute("UPDATE proxies SET public_url = ? WHERE id = ?", (public_url, name))
-            self.store.append_audit(conn, at=now, type_="proxy_changed", actor=actor, detail={
-                "proxy_id": name, "public_url": public_url, "previous": row["public_url"]})
+            self.store.append_audit(
+                conn,
+                at=now,
+                type_="proxy_changed",
+                actor=actor,
+                detail={"proxy_id": name, "public_url": public_url, "previous": row["public_url"]},
+            )
 
     def list_proxy_records(self) -> dict[str, Any]:
         """Every registered proxy, removed ones included, as the database knows it (``healthy``
         depends on the running broker's heartbeat interval: see ``GET /proxies``); no secret."""
-        rows = self.store.all("SELECT id, public_url, created_at, last_seen, sessions, capacity, draining, "
-                              "keyring_version, removed_at FROM proxies ORDER BY id")
-        return {"proxies": [{"id": r["id"], "public_url": r["public_url"], "created_at": r["created_at"],
-                             "last_seen": r["last_seen"], "sessions": r["sessions"], "capacity": r["capacity"],
-                             "draining": bool(r["draining"]), "keyring_version": r["keyring_version"],
-                             "removed": r["removed_at"] is not None, "removed_at": r["removed_at"]} for r in rows]}
+        rows = self.store.all(
+            "SELECT id, public_url, created_at, last_seen, sessions, capacity, draining, "
+            "keyring_version, removed_at FROM proxies ORDER BY id"
+        )
+        return {
+            "proxies": [
+                {
+                    "id": r["id"],
+                    "public_url": r["public_url"],
+                    "created_at": r["created_at"],
+                    "last_seen": r["last_seen"],
+                    "sessions": r["sessions"],
+                    "capacity": r["capacity"],
+                    "draining": bool(r["draining"]),
+                    "keyring_version": r["keyring_version"],
+                    "removed": r["removed_at"] is not None,
+                    "removed_at": r["removed_at"],
+                }
+                for r in rows
+            ]
+        }
 
     def remove_proxy(self, name: str, actor: str, *, rotate: bool = True) -> dict[str, Any]:
         """Mark the proxy removed: its credential stops authenticating (heartbeat, redeem, events)
@@ -296,12 +380,20 @@ class Broker:
         with self.store.transaction() as conn:
             self.keys.current(for_update=True)  # waits for mints and heartbeats in flight, then holds them
             public_url = self._mark_removed(conn, name, now)
-            self.store.append_audit(conn, at=now, type_="proxy_removed", actor=actor,
-                                    detail={"proxy_id": name, "public_url": public_url, "rotate": rotate})
+            self.store.append_audit(
+                conn,
+                at=now,
+                type_="proxy_removed",
+                actor=actor,
+                detail={"proxy_id": name, "public_url": public_url, "rotate": rotate},
+            )
             ring = self._rotate(conn, now, actor, reason="proxy_removed", proxy_id=name) if rotate else None
             if ring is not None:
-                conn.execute("INSERT INTO mint_floor (id, version) VALUES (1, ?) "
-                             "ON CONFLICT (id) DO UPDATE SET version = excluded.version", (ring.version,))
+                conn.execute(
+                    "INSERT INTO mint_floor (id, version) VALUES (1, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                    (ring.version,),
+                )
         self.pending.pop(name, None)
         return {"proxy_id": name, "rotation": _rotation_json(ring) if ring else None}
 
@@ -341,8 +433,13 @@ class Broker:
         """Audit the start of a throttling episode (broker.ratelimit): who, which credential kind,
         never what was presented."""
         with self.store.transaction() as conn:
-            self.store.append_audit(conn, at=clock.now(), type_="auth_throttled", actor="unauthenticated",
-                                    detail={"address": address, "kind": kind, "retry_after": retry_after})
+            self.store.append_audit(
+                conn,
+                at=clock.now(),
+                type_="auth_throttled",
+                actor="unauthenticated",
+                detail={"address": address, "kind": kind, "retry_after": retry_after},
+            )
 
     # --- targets ------------------------------------------------------------------------
 
@@ -355,12 +452,25 @@ class Broker:
         now = clock.now()
         try:
             with self.store.transaction() as conn:
-                conn.execute("INSERT INTO targets (id, name, host, port, password_enc, tls, created_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (target_id, body["name"], body["host"], body["port"], sealed, tls, now))
-                self.store.append_audit(conn, at=now, type_="target_changed", actor=actor, detail={
-                    "action": "created", "target_id": target_id, "name": body["name"], "host": body["host"],
-                    "port": body["port"], "has_password": sealed is not None})
+                conn.execute(
+                    "INSERT INTO targets (id, name, host, port, password_enc, tls, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (target_id, body["name"], body["host"], body["port"], sealed, tls, now),
+                )
+                self.store.append_audit(
+                    conn,
+                    at=now,
+                    type_="target_changed",
+                    actor=actor,
+                    detail={
+                        "action": "created",
+                        "target_id": target_id,
+                        "name": body["name"],
+                        "host": body["host"],
+                        "port": body["port"],
+                        "has_password": sealed is not None,
+                    },
+                )
         except IntegrityError:
             raise ApiError(409, "target_exists", f"a target with id {target_id!r} exists already") from None
         return self.get_target(target_id)
@@ -379,8 +489,9 @@ class Broker:
         with self.store.transaction() as conn:
             if conn.execute("DELETE FROM targets WHERE id = ?", (target_id,)).rowcount == 0:
                 raise ApiError(404, "target_not_found", "no target with this id")
-            self.store.append_audit(conn, at=now, type_="target_changed", actor=actor,
-                                    detail={"action": "deleted", "target_id": target_id})
+            self.store.append_audit(
+                conn, at=now, type_="target_changed", actor=actor, detail={"action": "deleted", "target_id": target_id}
+            )
 
     # --- consoles -----------------------------------------------------------------------
 
@@ -388,9 +499,19 @@ class Broker:
         return min(self.config.max_ttl, self.keyring().max_ttl)
 
     def proxies(self) -> list[fleet.ProxyView]:
-        return [fleet.ProxyView(r["id"], r["public_url"], r["sessions"], r["capacity"], bool(r["draining"]),
-                                r["last_seen"], self.pending.get(r["id"], 0), r["keyring_version"] or 0)
-                for r in self.store.all("SELECT * FROM proxies WHERE removed_at IS NULL")]
+        return [
+            fleet.ProxyView(
+                r["id"],
+                r["public_url"],
+                r["sessions"],
+                r["capacity"],
+                bool(r["draining"]),
+                r["last_seen"],
+                self.pending.get(r["id"], 0),
+                r["keyring_version"] or 0,
+            )
+            for r in self.store.all("SELECT * FROM proxies WHERE removed_at IS NULL")
+        ]
 
     def mint_floor(self) -> int:
         """The oldest keyring version a proxy must hold to be given consoles (0: any)."""
@@ -409,12 +530,31 @@ class Broker:
         now = clock.now()
         try:
             with self.store.transaction() as conn:
-                conn.execute("INSERT INTO hypervisors (name, uri, address, tls, console_passwords, created_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", (body["name"], body["uri"], body.get("address"), tls,
-                                                           int(body.get("console_passwords", False)), now))
-                self.store.append_audit(conn, at=now, type_="hypervisor_changed", actor=actor, detail={
-                    "action": "created", "name": body["name"], "uri": body["uri"], "address": body.get("address"),
-                    "console_passwords": body.get("console_passwords", False)})
+                conn.execute(
+                    "INSERT INTO hypervisors (name, uri, address, tls, console_passwords, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        body["name"],
+                        body["uri"],
+                        body.get("address"),
+                        tls,
+                        int(body.get("console_passwords", False)),
+                        now,
+                    ),
+                )
+                self.store.append_audit(
+                    conn,
+                    at=now,
+                    type_="hypervisor_changed",
+                    actor=actor,
+                    detail={
+                        "action": "created",
+                        "name": body["name"],
+                        "uri": body["uri"],
+                        "address": body.get("address"),
+                        "console_passwords": body.get("console_passwords", False),
+                    },
+                )
         except IntegrityError:
             raise ApiError(409, "hypervisor_exists", f"a hypervisor named {body['name']!r} exists already") from None
         return self.get_hypervisor(body["name"])
@@ -437,8 +577,9 @@ class Broker:
         with self.store.transaction() as conn:
             if conn.execute("DELETE FROM hypervisors WHERE name = ?", (name,)).rowcount == 0:
                 raise ApiError(404, "hypervisor_not_found", f"no hypervisor named {name!r}")
-            self.store.append_audit(conn, at=now, type_="hypervisor_changed", actor=actor,
-                                    detail={"action": "deleted", "name": name})
+            self.store.append_audit(
+                conn, at=now, type_="hypervisor_changed", actor=actor, detail={"action": "deleted", "name": name}
+            )
 
     async def locate_console(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """For a request naming a hypervisor and domain: where its VNC console is now, asked of
@@ -450,18 +591,27 @@ class Broker:
             return None
         row = self._hypervisor_row(body["hypervisor"])
         tls = json.loads(row["tls"]) if row["tls"] else None
-        hypervisor = hypervisors.Hypervisor(row["name"], row["uri"], row["address"], tls,
-                                            bool(row["console_passwords"]))
+        hypervisor = hypervisors.Hypervisor(
+            row["name"], row["uri"], row["address"], tls, bool(row["console_passwords"])
+        )
         until = int(clock.now()) + self._ttl(body)  # the console's exp (DESIGN: valid until the last exp)
         try:
             found = await hypervisors.lookup_async(hypervisor, body["domain"], until, self.config.hypervisor_timeout)
         except hypervisors.HypervisorError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
-        return {"id": None, "vm": f"{row['name']}/{body['domain']}", "name": body["domain"], "host": found.host,
-                "port": found.port, "password": found.password, "tls": row["tls"]}
+        return {
+            "id": None,
+            "vm": f"{row['name']}/{body['domain']}",
+            "name": body["domain"],
+            "host": found.host,
+            "port": found.port,
+            "password": found.password,
+            "tls": row["tls"],
+        }
 
-    def mint_console(self, principal: Principal, body: dict[str, Any],
-                     located: dict[str, Any] | None = None) -> dict[str, Any]:
+    def mint_console(
+        self, principal: Principal, body: dict[str, Any], located: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Claims from the target and the request, a proxy from the fleet, one audited session.
 
         Keys, fleet, mint floor and choice are read in the transaction that records the session,
@@ -478,18 +628,38 @@ class Broker:
             chosen, ring = self._choose(now, int(now) + ttl + DEFAULT_SKEW)
             claims = self._claims(row, body, now, ttl)
             minted = _sign(claims, ring)
-            conn.execute("INSERT INTO sessions (id, target_id, \"user\", proxy_id, issued_by, state, single_use, exp, "
-                         "minted_at) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?)",
-                         (claims.sid, row["id"], claims.sub, chosen.id, principal.id, int(claims.once), claims.exp,
-                          now))
-            self.store.append_audit(conn, at=now, type_="minted", actor=principal.actor, session_id=claims.sid,
-                                    detail={"target_id": row["id"], "vm": claims.vm, "user": claims.sub, "proxy_id": chosen.id,
-                                            "ttl": ttl, "single_use": claims.once, "view_only": claims.ro,
-                                            "client_ip": claims.cip, "exp": claims.exp})
+            conn.execute(
+                'INSERT INTO sessions (id, target_id, "user", proxy_id, issued_by, state, single_use, exp, '
+                "minted_at) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?)",
+                (claims.sid, row["id"], claims.sub, chosen.id, principal.id, int(claims.once), claims.exp, now),
+            )
+            self.store.append_audit(
+                conn,
+                at=now,
+                type_="minted",
+                actor=principal.actor,
+                session_id=claims.sid,
+                detail={
+                    "target_id": row["id"],
+                    "vm": claims.vm,
+                    "user": claims.sub,
+                    "proxy_id": chosen.id,
+                    "ttl": ttl,
+                    "single_use": claims.once,
+                    "view_only": claims.ro,
+                    "client_ip": claims.cip,
+                    "exp": claims.exp,
+                },
+            )
         self.pending[chosen.id] = self.pending.get(chosen.id, 0) + 1
-        return {"session_id": claims.sid, "url": f"{chosen.public_url}/console#token={minted}",
-                "websocket_url": fleet.websocket_url(chosen.public_url), "token": minted,
-                "expires_at": claims.exp, "proxy_id": chosen.id}
+        return {
+            "session_id": claims.sid,
+            "url": f"{chosen.public_url}/console#token={minted}",
+            "websocket_url": fleet.websocket_url(chosen.public_url),
+            "token": minted,
+            "expires_at": claims.exp,
+            "proxy_id": chosen.id,
+        }
 
     def _ttl(self, body: dict[str, Any]) -> int:
         ttl: int = body.get("ttl", self.config.default_ttl)
@@ -509,8 +679,14 @@ class Broker:
         whole fleet."""
         ring = self.keyring()
         previous = ring.previous_generation(until)
-        chosen = fleet.choose(self.proxies(), now, self.config.heartbeat_interval, ring_version=ring.version,
-                              floor=min(self.mint_floor(), ring.version), previous_usable=previous is not None)
+        chosen = fleet.choose(
+            self.proxies(),
+            now,
+            self.config.heartbeat_interval,
+            ring_version=ring.version,
+            floor=min(self.mint_floor(), ring.version),
+            previous_usable=previous is not None,
+        )
         if chosen is None:
             raise ApiError(503, "no_proxy_available", "no healthy console proxy can take a session now")
         if previous is not None and fleet.one_rotation_behind(chosen, ring.version):
@@ -525,18 +701,28 @@ class Broker:
             vm = row["id"]
         try:
             return token.new_claims(
-                host=row["host"], port=row["port"], now=now, ttl=ttl, issuer=self.config.issuer,
-                password=password, vm=vm, user=body.get("user"), client_ip=body.get("client_ip"),
-                view_only=body.get("view_only", False), single_use=body.get("single_use", True),
+                host=row["host"],
+                port=row["port"],
+                now=now,
+                ttl=ttl,
+                issuer=self.config.issuer,
+                password=password,
+                vm=vm,
+                user=body.get("user"),
+                client_ip=body.get("client_ip"),
+                view_only=body.get("view_only", False),
+                single_use=body.get("single_use", True),
                 desktop_name=body.get("desktop_name") or row["name"],
-                tls=json.loads(row["tls"]) if row["tls"] else None)
+                tls=json.loads(row["tls"]) if row["tls"] else None,
+            )
         except ValueError as exc:
             raise ApiError(400, "bad_request", f"invalid console request: {exc}") from None
 
     # --- sessions -----------------------------------------------------------------------
 
-    def list_sessions(self, principal: Principal, state: str, *, limit: int = SESSIONS_PAGE_MAX,
-                      cursor: str | None = None) -> dict[str, Any]:
+    def list_sessions(
+        self, principal: Principal, state: str, *, limit: int = SESSIONS_PAGE_MAX, cursor: str | None = None
+    ) -> dict[str, Any]:
         """One page, newest first; ``next_cursor`` (None on the last page) continues after it.
 
         The cursor is the keyset (minted_at, id) of the page's last row, not an offset: sessions
@@ -554,8 +740,10 @@ class Broker:
             params.extend(_cursor_position(cursor))
         rows = self.store.all(sql + " ORDER BY minted_at DESC, id DESC LIMIT ?", *params, limit + 1)
         page = rows[:limit]
-        return {"sessions": [_session_json(r) for r in page],
-                "next_cursor": _page_cursor(page[-1]) if len(rows) > limit else None}
+        return {
+            "sessions": [_session_json(r) for r in page],
+            "next_cursor": _page_cursor(page[-1]) if len(rows) > limit else None,
+        }
 
     def revoke_session(self, session_id: str, actor: str) -> None:
         """Mark revoked; every proxy learns it with its next heartbeat and closes it (4410).
@@ -563,15 +751,22 @@ class Broker:
         A session pruned by :meth:`cleanup` is 404 like an unknown one: its token is dead."""
         now = clock.now()
         with self.store.transaction() as conn:
-            row = conn.execute("SELECT state FROM sessions WHERE id = ?" + self.store.lock_update,
-                               (session_id,)).fetchone()
+            row = conn.execute(
+                "SELECT state FROM sessions WHERE id = ?" + self.store.lock_update, (session_id,)
+            ).fetchone()
             if row is None:
                 raise ApiError(404, "session_not_found", "no session with this id")
             if row["state"] == "revoked":
                 return
             conn.execute("UPDATE sessions SET state = 'revoked', revoked_at = ? WHERE id = ?", (now, session_id))
-            self.store.append_audit(conn, at=now, type_="revoked", actor=actor, session_id=session_id,
-                                    detail={"previous_state": row["state"]})
+            self.store.append_audit(
+                conn,
+                at=now,
+                type_="revoked",
+                actor=actor,
+                session_id=session_id,
+                detail={"previous_state": row["state"]},
+            )
 
     # --- fleet --------------------------------------------------------------------------
 
@@ -590,10 +785,11 @@ class Broker:
             now = clock.now()
             ring = self.keyring()  # locked (shared) before the removal check: see remove_proxy
             _check_proxy_live(conn, principal.id)
-            conn.execute("UPDATE proxies SET sessions = ?, capacity = ?, draining = ?, last_seen = ?, "
-                         "keyring_version = ? WHERE id = ? AND removed_at IS NULL",
-                         (body["sessions"], body["capacity"], int(body["draining"]), now, body["version"],
-                          principal.id))
+            conn.execute(
+                "UPDATE proxies SET sessions = ?, capacity = ?, draining = ?, last_seen = ?, "
+                "keyring_version = ? WHERE id = ? AND removed_at IS NULL",
+                (body["sessions"], body["capacity"], int(body["draining"]), now, body["version"], principal.id),
+            )
             registered = conn.execute("SELECT public_url FROM proxies WHERE id = ?", (principal.id,)).fetchone()[0]
         self._note_reported_url(principal.id, registered, _public_url(body.get("public_url")))
         self.pending[principal.id] = 0
@@ -612,14 +808,23 @@ class Broker:
                 self.keyring()  # locked (shared): a removal of this proxy commits before or after, whole
                 _check_proxy_live(conn, principal.id)
                 # FOR SHARE (PostgreSQL): a revoke cannot commit between this check and the commit
-                session = conn.execute("SELECT state FROM sessions WHERE id = ?" + self.store.lock_share,
-                                       (body["session_id"],)).fetchone()
+                session = conn.execute(
+                    "SELECT state FROM sessions WHERE id = ?" + self.store.lock_share, (body["session_id"],)
+                ).fetchone()
                 if session is not None and session["state"] == "revoked":
                     raise ApiError(409, "session_revoked", "this console session was revoked")
-                conn.execute("INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES (?, ?, ?, ?, ?)",
-                             (body["jti"], body["session_id"], principal.id, exp, now))
-                self.store.append_audit(conn, at=now, type_="redeemed", actor=principal.actor,
-                                        session_id=body["session_id"], detail={"proxy_id": principal.id})
+                conn.execute(
+                    "INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES (?, ?, ?, ?, ?)",
+                    (body["jti"], body["session_id"], principal.id, exp, now),
+                )
+                self.store.append_audit(
+                    conn,
+                    at=now,
+                    type_="redeemed",
+                    actor=principal.actor,
+                    session_id=body["session_id"],
+                    detail={"proxy_id": principal.id},
+                )
         except IntegrityError:
             raise ApiError(409, "token_used", "this token has been redeemed already") from None
         return {"redeemed": True}
@@ -635,9 +840,20 @@ class Broker:
 
     def list_proxies(self) -> dict[str, Any]:
         now, interval = clock.now(), self.config.heartbeat_interval
-        return {"proxies": [{"id": p.id, "public_url": p.public_url, "sessions": p.sessions,
-                             "capacity": p.capacity, "draining": p.draining, "last_seen": p.last_seen,
-                             "healthy": p.healthy(now, interval)} for p in self.proxies()]}
+        return {
+            "proxies": [
+                {
+                    "id": p.id,
+                    "public_url": p.public_url,
+                    "sessions": p.sessions,
+                    "capacity": p.capacity,
+                    "draining": p.draining,
+                    "last_seen": p.last_seen,
+                    "healthy": p.healthy(now, interval),
+                }
+                for p in self.proxies()
+            ]
+        }
 
     def cleanup(self, *, batch: int = CLEANUP_BATCH, max_batches: int = CLEANUP_MAX_BATCHES) -> int:
         """The periodic housekeeping, in bounded batches (see Store.delete_in_batches); returns
@@ -647,8 +863,9 @@ class Broker:
         covers the redeeming proxy's skew, but another proxy may run with up to ``MAX_SKEW``.
         Session rows go per :meth:`_prune_sessions`."""
         now = clock.now()
-        redeemed = self.store.delete_in_batches("redeemed", "jti", "exp < ?", (now - MAX_SKEW - DEFAULT_SKEW,),
-                                                batch=batch, max_batches=max_batches)
+        redeemed = self.store.delete_in_batches(
+            "redeemed", "jti", "exp < ?", (now - MAX_SKEW - DEFAULT_SKEW,), batch=batch, max_batches=max_batches
+        )
         sessions = self._prune_sessions(now, batch=batch, max_batches=max_batches)
         if redeemed or sessions:
             log.info("cleanup removed %d expired redeemed-token rows and %d ended sessions", redeemed, sessions)
@@ -666,9 +883,14 @@ class Broker:
         index finds the candidates."""
         cutoff = now - max(self.config.session_retention, MIN_SESSION_RETENTION)
         return self.store.delete_in_batches(
-            "sessions", "id", "state IN ('minted', 'closed', 'revoked') AND exp < ? "
-            "AND COALESCE(closed_at, 0) < ? AND COALESCE(revoked_at, 0) < ?", (cutoff, cutoff, cutoff),
-            batch=batch, max_batches=max_batches)
+            "sessions",
+            "id",
+            "state IN ('minted', 'closed', 'revoked') AND exp < ? "
+            "AND COALESCE(closed_at, 0) < ? AND COALESCE(revoked_at, 0) < ?",
+            (cutoff, cutoff, cutoff),
+            batch=batch,
+            max_batches=max_batches,
+        )
 
     # --- push: GET /proxy/watch (broker.watch) -----------------------------------------------
 
@@ -679,8 +901,12 @@ class Broker:
 
     def latest_change(self) -> int:
         """The newest watched event's number (0: none yet); one index lookup per type."""
-        row = self.store.one("SELECT MAX(m) FROM (" + " UNION ALL ".join(
-            "SELECT MAX(seq) AS m FROM audit WHERE type = ?" for _ in WATCHED_TYPES) + ") AS latest", *WATCHED_TYPES)
+        row = self.store.one(
+            "SELECT MAX(m) FROM ("
+            + " UNION ALL ".join("SELECT MAX(seq) AS m FROM audit WHERE type = ?" for _ in WATCHED_TYPES)
+            + ") AS latest",
+            *WATCHED_TYPES,
+        )
         return int(row[0]) if row and row[0] is not None else 0
 
     def watch(self, principal: Principal, since: int | None) -> tuple[dict[str, Any], bool]:
@@ -698,8 +924,12 @@ class Broker:
         version = self.keyring().version
         if since is None or since > position:
             return {"seq": position, "revoked": self._revoked_now(now), "keyring_version": version}, True
-        rows = self.store.all("SELECT seq, type, session_id FROM audit WHERE seq > ? AND type IN (?, ?, ?) "
-                              "ORDER BY seq LIMIT ?", since, *WATCHED_TYPES, WATCH_CHANGES_MAX)
+        rows = self.store.all(
+            "SELECT seq, type, session_id FROM audit WHERE seq > ? AND type IN (?, ?, ?) ORDER BY seq LIMIT ?",
+            since,
+            *WATCHED_TYPES,
+            WATCH_CHANGES_MAX,
+        )
         if len(rows) == WATCH_CHANGES_MAX:
             position = int(rows[-1]["seq"])
         else:
@@ -709,9 +939,14 @@ class Broker:
 
     def _revoked_now(self, now: float) -> list[str]:
         """Revoked sessions any proxy must still refuse or close (see :meth:`heartbeat`)."""
-        return [r["id"] for r in self.store.all(
-            "SELECT id FROM sessions WHERE state = 'revoked' AND (exp > ? OR (closed_at IS NULL AND revoked_at > ?))",
-            now - MAX_SKEW - DEFAULT_SKEW, now - REVOKED_MEMORY)]
+        return [
+            r["id"]
+            for r in self.store.all(
+                "SELECT id FROM sessions WHERE state = 'revoked' AND (exp > ? OR (closed_at IS NULL AND revoked_at > ?))",
+                now - MAX_SKEW - DEFAULT_SKEW,
+                now - REVOKED_MEMORY,
+            )
+        ]
 
     # --- audit --------------------------------------------------------------------------
 
@@ -721,8 +956,19 @@ class Broker:
             sql += " AND type = ?"
             params.append(type_)
         rows = self.store.all(sql + " ORDER BY seq LIMIT ?", *params, limit)
-        return {"events": [{"seq": r["seq"], "at": r["at"], "type": r["type"], "session_id": r["session_id"],
-                            "actor": r["actor"], "detail": json.loads(r["detail"])} for r in rows]}
+        return {
+            "events": [
+                {
+                    "seq": r["seq"],
+                    "at": r["at"],
+                    "type": r["type"],
+                    "session_id": r["session_id"],
+                    "actor": r["actor"],
+                    "detail": json.loads(r["detail"]),
+                }
+                for r in rows
+            ]
+        }
 
 
 def _sign(claims: token.Claims, ring: Keyring) -> str:
@@ -752,9 +998,15 @@ def _checked_public_url(url: str) -> str:
     query, fragment or whitespace (it is pasted into every console URL of the proxy)."""
     try:
         parts = urlsplit(url)
-        valid = (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-                 and parts.username is None and not any(c in url for c in "?#\\")
-                 and url.isprintable() and not any(c.isspace() for c in url))
+        valid = (
+            parts.scheme in ("http", "https")
+            and bool(parts.hostname)
+            and parts.port != 0
+            and parts.username is None
+            and not any(c in url for c in "?#\\")
+            and url.isprintable()
+            and not any(c.isspace() for c in url)
+        )
     except ValueError:
         valid = False
     if not valid:
@@ -770,22 +1022,44 @@ def _public_url(value: str | None) -> str | None:
 
 
 def _hypervisor_json(row: Any) -> dict[str, Any]:
-    return {"name": row["name"], "uri": row["uri"], "address": row["address"],
-            "tls": json.loads(row["tls"]) if row["tls"] else None,
-            "console_passwords": bool(row["console_passwords"]), "created_at": row["created_at"]}
+    return {
+        "name": row["name"],
+        "uri": row["uri"],
+        "address": row["address"],
+        "tls": json.loads(row["tls"]) if row["tls"] else None,
+        "console_passwords": bool(row["console_passwords"]),
+        "created_at": row["created_at"],
+    }
 
 
 def _target_json(row: Any) -> dict[str, Any]:
-    return {"id": row["id"], "name": row["name"], "host": row["host"], "port": row["port"],
-            "has_password": row["password_enc"] is not None, "tls": json.loads(row["tls"]) if row["tls"] else None,
-            "created_at": row["created_at"]}
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "host": row["host"],
+        "port": row["port"],
+        "has_password": row["password_enc"] is not None,
+        "tls": json.loads(row["tls"]) if row["tls"] else None,
+        "created_at": row["created_at"],
+    }
 
 
 def _session_json(row: Any) -> dict[str, Any]:
-    return {"session_id": row["id"], "target_id": row["target_id"], "user": row["user"], "proxy_id": row["proxy_id"],
-            "state": row["state"], "single_use": bool(row["single_use"]), "expires_at": row["exp"],
-            "minted_at": row["minted_at"], "opened_at": row["opened_at"], "closed_at": row["closed_at"],
-            "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"], "close_code": row["close_code"]}
+    return {
+        "session_id": row["id"],
+        "target_id": row["target_id"],
+        "user": row["user"],
+        "proxy_id": row["proxy_id"],
+        "state": row["state"],
+        "single_use": bool(row["single_use"]),
+        "expires_at": row["exp"],
+        "minted_at": row["minted_at"],
+        "opened_at": row["opened_at"],
+        "closed_at": row["closed_at"],
+        "bytes_up": row["bytes_up"],
+        "bytes_down": row["bytes_down"],
+        "close_code": row["close_code"],
+    }
 
 
 def _page_cursor(row: Any) -> str:
@@ -822,12 +1096,27 @@ def _event_time(event: dict[str, Any], now: float) -> float:
 def _opened(store: Store, conn: Any, who: Principal, event: dict[str, Any], now: float) -> None:
     at, sid = _event_time(event, now), event.get("session_id")
     if sid:
-        conn.execute("UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'active' END, "
-                     "opened_at = COALESCE(opened_at, ?), proxy_id = ? WHERE id = ?", (at, who.id, sid))
-    store.append_audit(conn, at=now, type_="opened", actor=who.actor, session_id=sid, detail={
-        "proxy_id": who.id, "client": event.get("client"), "vm": event.get("vm"), "user": event.get("user"),
-        "security": event.get("security"), "view_only": event.get("view_only"),
-        "handshake_ms": event.get("handshake_ms")})
+        conn.execute(
+            "UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'active' END, "
+            "opened_at = COALESCE(opened_at, ?), proxy_id = ? WHERE id = ?",
+            (at, who.id, sid),
+        )
+    store.append_audit(
+        conn,
+        at=now,
+        type_="opened",
+        actor=who.actor,
+        session_id=sid,
+        detail={
+            "proxy_id": who.id,
+            "client": event.get("client"),
+            "vm": event.get("vm"),
+            "user": event.get("user"),
+            "security": event.get("security"),
+            "view_only": event.get("view_only"),
+            "handshake_ms": event.get("handshake_ms"),
+        },
+    )
 
 
 BYTES_MAX = 2**62
@@ -840,20 +1129,46 @@ def _closed(store: Store, conn: Any, who: Principal, event: dict[str, Any], now:
     at, sid = _event_time(event, now), event.get("session_id")
     up, down = event.get("bytes_up") or 0, event.get("bytes_down") or 0
     if sid:
-        conn.execute("UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'closed' END, "
-                     f"closed_at = ?, bytes_up = {_ADD_BYTES.format(column='bytes_up')}, "
-                     f"bytes_down = {_ADD_BYTES.format(column='bytes_down')}, close_code = ? WHERE id = ?",
-                     (at, up, up, down, down, event.get("close_code"), sid))
-    store.append_audit(conn, at=now, type_="closed", actor=who.actor, session_id=sid, detail={
-        "proxy_id": who.id, "bytes_up": up, "bytes_down": down, "duration_s": event.get("duration_s"),
-        "close_code": event.get("close_code"), "close_reason": event.get("close_reason"),
-        "note": event.get("detail")})
+        conn.execute(
+            "UPDATE sessions SET state = CASE WHEN state = 'revoked' THEN state ELSE 'closed' END, "
+            f"closed_at = ?, bytes_up = {_ADD_BYTES.format(column='bytes_up')}, "
+            f"bytes_down = {_ADD_BYTES.format(column='bytes_down')}, close_code = ? WHERE id = ?",
+            (at, up, up, down, down, event.get("close_code"), sid),
+        )
+    store.append_audit(
+        conn,
+        at=now,
+        type_="closed",
+        actor=who.actor,
+        session_id=sid,
+        detail={
+            "proxy_id": who.id,
+            "bytes_up": up,
+            "bytes_down": down,
+            "duration_s": event.get("duration_s"),
+            "close_code": event.get("close_code"),
+            "close_reason": event.get("close_reason"),
+            "note": event.get("detail"),
+        },
+    )
 
 
 def _refused(store: Store, conn: Any, who: Principal, event: dict[str, Any], now: float) -> None:
-    store.append_audit(conn, at=now, type_="refused", actor=who.actor, session_id=event.get("session_id"), detail={
-        "proxy_id": who.id, "code": event.get("code"), "reason": event.get("reason"),
-        "status": event.get("status"), "client": event.get("client"), "path": event.get("path")})
+    store.append_audit(
+        conn,
+        at=now,
+        type_="refused",
+        actor=who.actor,
+        session_id=event.get("session_id"),
+        detail={
+            "proxy_id": who.id,
+            "code": event.get("code"),
+            "reason": event.get("reason"),
+            "status": event.get("status"),
+            "client": event.get("client"),
+            "path": event.get("path"),
+        },
+    )
 
 
 _EVENT_HANDLERS = {"opened": _opened, "closed": _closed, "refused": _refused}

@@ -46,8 +46,10 @@ class Migration:
     @classmethod
     def shared(cls, script: str) -> Migration:
         """One script for both engines, its column types filled in per engine."""
-        return cls(script.format(blob="BLOB", real="REAL", bigint="INTEGER"),
-                   script.format(blob="BYTEA", real="DOUBLE PRECISION", bigint="BIGINT"))
+        return cls(
+            script.format(blob="BLOB", real="REAL", bigint="INTEGER"),
+            script.format(blob="BYTEA", real="DOUBLE PRECISION", bigint="BIGINT"),
+        )
 
 
 _SQLITE_HISTORY: list[str] = [
@@ -208,8 +210,9 @@ class InvalidValue(StoreError):
     range): the request is refused as bad, nothing was written."""
 
     def __init__(self) -> None:
-        super().__init__("a value in the request cannot be stored (a NUL or a lone surrogate in a string, "
-                         "or a number out of range)")
+        super().__init__(
+            "a value in the request cannot be stored (a NUL or a lone surrogate in a string, or a number out of range)"
+        )
 
 
 class Store:
@@ -220,13 +223,17 @@ class Store:
     yes for the embedded SQLite file, no for a shared PostgreSQL database: see :meth:`check`).
     """
 
-    def __init__(self, target: str | os.PathLike[str] | DatabaseUrl, *, create: bool = False,
-                 migrate: bool | None = None) -> None:
+    def __init__(
+        self, target: str | os.PathLike[str] | DatabaseUrl, *, create: bool = False, migrate: bool | None = None
+    ) -> None:
         url = _as_url(target)
         self.url = url
         try:
-            self.engine: Any = (SqliteEngine(url.path, create=create) if url.engine == "sqlite"  # type: ignore[arg-type]
-                                else PostgresEngine(url))
+            self.engine: Any = (
+                SqliteEngine(url.path, create=create)
+                if url.engine == "sqlite"  # type: ignore[arg-type]
+                else PostgresEngine(url)
+            )
         except EngineOpenError as exc:
             raise StoreError(str(exc)) from None
         self._local = threading.local()
@@ -273,13 +280,16 @@ class Store:
         always, an older one unless ``migrate`` (``console-broker migrate``, ``serve --migrate``)."""
         current = self.version
         if current > SCHEMA_VERSION:
-            raise StoreError(f"database schema {current} is newer than this broker's {SCHEMA_VERSION}: "
-                             "run the newer release")
+            raise StoreError(
+                f"database schema {current} is newer than this broker's {SCHEMA_VERSION}: run the newer release"
+            )
         if current < SCHEMA_VERSION:
             if not migrate:
                 what = "empty" if current == 0 else f"at schema {current}, older than this broker's {SCHEMA_VERSION}"
-                raise StoreError(f"the database {self.description} is {what}: run console-broker "
-                                 f"{'init' if current == 0 else 'migrate'} (or serve --migrate)")
+                raise StoreError(
+                    f"the database {self.description} is {what}: run console-broker "
+                    f"{'init' if current == 0 else 'migrate'} (or serve --migrate)"
+                )
             return self.migrate()
         return current
 
@@ -317,7 +327,7 @@ class Store:
             raise RuntimeError("transactions do not nest")
         changed = False
         try:
-            with (self.engine.migration() if migration else self.engine.transaction()) as conn:
+            with self.engine.migration() if migration else self.engine.transaction() as conn:
                 self._local.conn, self._local.audit = conn, []
                 try:
                     yield conn
@@ -400,8 +410,9 @@ class Store:
         """Append to a SELECT of rows the transaction will change (empty on SQLite)."""
         return str(self.engine.lock_update)
 
-    def delete_in_batches(self, table: str, key: str, where: str, params: Sequence[Any], *, batch: int,
-                          max_batches: int) -> int:
+    def delete_in_batches(
+        self, table: str, key: str, where: str, params: Sequence[Any], *, batch: int, max_batches: int
+    ) -> int:
         """Delete the rows of ``table`` matching ``where``, at most ``batch`` per transaction and
         ``max_batches`` transactions per call; returns how many went.
 
@@ -413,16 +424,25 @@ class Store:
         total = 0
         for _ in range(max_batches):
             with self.transaction() as conn:
-                deleted = conn.execute(f"DELETE FROM {table} WHERE {key} IN "
-                                       f"(SELECT {key} FROM {table} WHERE {where} LIMIT ?)",
-                                       (*params, batch)).rowcount
+                deleted = conn.execute(
+                    f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {where} LIMIT ?)",
+                    (*params, batch),
+                ).rowcount
             total += deleted
             if deleted < batch:
                 break
         return total
 
-    def append_audit(self, conn: Any, *, at: float, type_: str, actor: str,
-                     session_id: str | None = None, detail: dict[str, Any] | None = None) -> None:
+    def append_audit(
+        self,
+        conn: Any,
+        *,
+        at: float,
+        type_: str,
+        actor: str,
+        session_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         """Add one audit event to the caller's transaction ``conn``: written, numbered, as its
         last statements (see :meth:`_flush_audit`), so it commits with the change it records."""
         if conn is not getattr(self._local, "conn", None):
@@ -436,12 +456,17 @@ class Store:
         transaction takes."""
         if not events:
             return
-        last = int(conn.execute("UPDATE audit_counter SET seq = seq + ? WHERE id = 1 RETURNING seq",
-                                (len(events),)).fetchone()[0])
+        last = int(
+            conn.execute(
+                "UPDATE audit_counter SET seq = seq + ? WHERE id = 1 RETURNING seq", (len(events),)
+            ).fetchone()[0]
+        )
         first = last - len(events) + 1
         for offset, event in enumerate(events):
-            conn.execute("INSERT INTO audit (seq, at, type, session_id, actor, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                         (first + offset, *event))
+            conn.execute(
+                "INSERT INTO audit (seq, at, type, session_id, actor, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                (first + offset, *event),
+            )
 
 
 def _as_url(target: str | os.PathLike[str] | DatabaseUrl) -> DatabaseUrl:

@@ -101,8 +101,10 @@ class Vault:
         try:
             return self._keyring_seal.decrypt(sealed[1:13], sealed[13:], _SEAL_VERSION + _KEYRING_AAD)
         except InvalidTag:
-            raise VaultError("the database's keyring does not open under this master.key: "
-                             "every replica needs the master.key of the state dir that created it") from None
+            raise VaultError(
+                "the database's keyring does not open under this master.key: "
+                "every replica needs the master.key of the state dir that created it"
+            ) from None
 
 
 def _keyring_cipher(master: bytes) -> AESGCM:

@@ -164,8 +164,7 @@ class PgListener:
                     self._drain(conn)
             except psycopg.Error as exc:
                 self.listening.clear()
-                log.warning("the change listener lost PostgreSQL (%s); retrying in %.1f s",
-                            _first_line(exc), delay)
+                log.warning("the change listener lost PostgreSQL (%s); retrying in %.1f s", _first_line(exc), delay)
             self._stopping.wait(delay)
             delay = min(delay * 2, LISTEN_RETRY_MAX)
 

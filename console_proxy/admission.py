@@ -30,8 +30,9 @@ class Refusal(Exception):
     shown to the browser; ``claims`` is known when the token itself was authentic.
     """
 
-    def __init__(self, code: str, *, reason: str | None = None, claims: Claims | None = None,
-                 status: int | None = None) -> None:
+    def __init__(
+        self, code: str, *, reason: str | None = None, claims: Claims | None = None, status: int | None = None
+    ) -> None:
         refused = Refused(code)
         self.code: str = refused
         self.status = status or refused.status
@@ -64,7 +65,7 @@ def token_from(subprotocols: list[str], query_token: str | None) -> str | None:
     """The token from a ``token.<token>`` subprotocol (preferred: never in a URL), or ``?token=``."""
     for proto in subprotocols:
         if proto.startswith(SUBPROTOCOL_PREFIX) and len(proto) > len(SUBPROTOCOL_PREFIX):
-            return proto[len(SUBPROTOCOL_PREFIX):]
+            return proto[len(SUBPROTOCOL_PREFIX) :]
     return query_token or None
 
 
@@ -76,23 +77,27 @@ def bearer_token(authorization: str | None) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
-def admit(request: Request, *, keyring: Keyring, config: ProxyConfig, now: float,
-          draining: bool, sessions: int) -> Claims:
+def admit(
+    request: Request, *, keyring: Keyring, config: ProxyConfig, now: float, draining: bool, sessions: int
+) -> Claims:
     """The verified claims, or Refusal."""
     if draining:
         raise Refusal(Refused.DRAINING)
     if not config.origin_policy.allows(request.origin, request.own_origin):
         raise Refusal(Refused.ORIGIN_DENIED)
     if not config.origin_policy.host_allowed(request.host):
-        raise Refusal(Refused.ORIGIN_DENIED, reason="host_not_pinned: the Host names neither the public URL nor an "
-                                              "allowed origin (DNS rebinding?)")
+        raise Refusal(
+            Refused.ORIGIN_DENIED,
+            reason="host_not_pinned: the Host names neither the public URL nor an allowed origin (DNS rebinding?)",
+        )
     if sessions >= config.max_sessions:
         raise Refusal(Refused.OVER_CAPACITY)
     if not request.token:
         raise Refusal(Refused.TOKEN_MISSING)
     try:
-        return token.verify(request.token, keyring, now, skew=config.skew, max_ttl=config.max_ttl,
-                            client_ip=request.client_ip)
+        return token.verify(
+            request.token, keyring, now, skew=config.skew, max_ttl=config.max_ttl, client_ip=request.client_ip
+        )
     except TokenRefused as refused:
         raise Refusal.from_token(refused) from None
 
@@ -113,7 +118,7 @@ class SpentTokens:
         if len(self._expiry) >= self.limit:
             self._expiry = {jti: exp for jti, exp in self._expiry.items() if exp > now}
             if len(self._expiry) >= self.limit:  # all still live: forget the oldest half
-                self._expiry = dict(list(self._expiry.items())[self.limit // 2:])
+                self._expiry = dict(list(self._expiry.items())[self.limit // 2 :])
         self._expiry[claims.jti] = claims.exp
 
     def check(self, claims: Claims) -> None:

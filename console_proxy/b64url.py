@@ -34,8 +34,9 @@ def decode(text: str) -> bytes:
     if remainder == 1:
         raise ValueError("impossible base64url length")
     try:
-        data = binascii.a2b_base64(text.encode("ascii").translate(_FROM_URLSAFE) + _PADDING[remainder],
-                                   strict_mode=True)
+        data = binascii.a2b_base64(
+            text.encode("ascii").translate(_FROM_URLSAFE) + _PADDING[remainder], strict_mode=True
+        )
     except (UnicodeEncodeError, binascii.Error) as exc:
         raise ValueError("not base64url") from exc
     except AttributeError:  # not str: the same TypeError as before

@@ -94,8 +94,17 @@ WATCH_RETRY = (1.0, 30.0)
 class BrokerLink:
     """One per proxy process; :meth:`attach` it to the ProxyState, then :meth:`start` it."""
 
-    def __init__(self, base_url: str | Sequence[str], credential: ProxyCredential, *, interval: float = 5.0,
-                 timeout: float = 3.0, queue_limit: int = 1000, batch: int = 50, ca_file: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | Sequence[str],
+        credential: ProxyCredential,
+        *,
+        interval: float = 5.0,
+        timeout: float = 3.0,
+        queue_limit: int = 1000,
+        batch: int = 50,
+        ca_file: str | None = None,
+    ) -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
             raise BrokerLinkError("--broker needs a URL")
@@ -120,15 +129,35 @@ class BrokerLink:
         """Serve the proxy's state to the broker, and this link's health in its ``/metrics``."""
         self.state = state
         add = state.metrics.registry.add
-        add(Gauge("consolegate_proxy_broker_reachable", "1 while the last call to the broker succeeded.",
-                  lambda: float(self._reachable)))
-        add(Gauge("consolegate_proxy_broker_replica", "Which --broker is in use: 0 for the first, 1 the next, ...",
-                  lambda: float(self._current)))
-        add(Gauge("consolegate_proxy_broker_events_queued", "Events waiting to be posted to the broker.",
-                  lambda: float(len(self.queue))))
-        add(LiveCounter("consolegate_proxy_broker_events_dropped_total",
-                        "Events the broker will never see: the queue was full, or the broker rejected them.",
-                        ["reason"], lambda: {(reason,): float(n) for reason, n in self.dropped.items()}))
+        add(
+            Gauge(
+                "consolegate_proxy_broker_reachable",
+                "1 while the last call to the broker succeeded.",
+                lambda: float(self._reachable),
+            )
+        )
+        add(
+            Gauge(
+                "consolegate_proxy_broker_replica",
+                "Which --broker is in use: 0 for the first, 1 the next, ...",
+                lambda: float(self._current),
+            )
+        )
+        add(
+            Gauge(
+                "consolegate_proxy_broker_events_queued",
+                "Events waiting to be posted to the broker.",
+                lambda: float(len(self.queue)),
+            )
+        )
+        add(
+            LiveCounter(
+                "consolegate_proxy_broker_events_dropped_total",
+                "Events the broker will never see: the queue was full, or the broker rejected them.",
+                ["reason"],
+                lambda: {(reason,): float(n) for reason, n in self.dropped.items()},
+            )
+        )
 
     @property
     def base(self) -> str:
@@ -146,9 +175,16 @@ class BrokerLink:
             headers = {"Authorization": self.credential.authorization}
             if body is not None:
                 headers["Content-Type"] = "application/json"
-            request = HTTPRequest(self.bases[index] + path, method=method, body=body, headers=headers,
-                                  connect_timeout=self.timeout, request_timeout=timeout,
-                                  follow_redirects=False, ca_certs=self.ca_file)  # a redirect must not carry the secret
+            request = HTTPRequest(
+                self.bases[index] + path,
+                method=method,
+                body=body,
+                headers=headers,
+                connect_timeout=self.timeout,
+                request_timeout=timeout,
+                follow_redirects=False,
+                ca_certs=self.ca_file,
+            )  # a redirect must not carry the secret
             try:
                 response = await AsyncHTTPClient().fetch(request)
             except Exception as exc:
@@ -164,8 +200,12 @@ class BrokerLink:
         if self._current != index:
             return
         self._current = (index + 1) % len(self.bases)
-        log.warning("broker replica %s failed (%s); using %s", _origin(self.bases[index]), _describe(exc),
-                    _origin(self.bases[self._current]))
+        log.warning(
+            "broker replica %s failed (%s); using %s",
+            _origin(self.bases[index]),
+            _describe(exc),
+            _origin(self.bases[self._current]),
+        )
 
     # --- single use ---------------------------------------------------------------------
 
@@ -180,17 +220,22 @@ class BrokerLink:
             if exc.code == 409:
                 raise Refusal(Refused.TOKEN_USED, reason=_error_code(exc) or "token_used", claims=claims) from None
             raise Refusal(Refused.BROKER_UNAVAILABLE, reason=f"redeem failed: HTTP {exc.code}", claims=claims) from None
-        except Exception as exc:  # noqa: BLE001 - anything else unexpected: fail closed
-            raise Refusal(Refused.BROKER_UNAVAILABLE, reason=f"redeem failed: {type(exc).__name__}",
-                          claims=claims) from None
+        except Exception as exc:
+            raise Refusal(
+                Refused.BROKER_UNAVAILABLE, reason=f"redeem failed: {type(exc).__name__}", claims=claims
+            ) from None
 
     # --- heartbeat ----------------------------------------------------------------------
 
     def _report(self, state: ProxyState | None, capacity: int, public_url: str | None) -> dict[str, Any]:
-        return {"proxy_id": self.credential.proxy_id, "public_url": public_url,
-                "sessions": len(state.sessions) if state else 0, "capacity": capacity,
-                "draining": state.draining if state else False,
-                "version": state.keyring.version if state else 0}
+        return {
+            "proxy_id": self.credential.proxy_id,
+            "public_url": public_url,
+            "sessions": len(state.sessions) if state else 0,
+            "capacity": capacity,
+            "draining": state.draining if state else False,
+            "version": state.keyring.version if state else 0,
+        }
 
     async def first_keyring(self, capacity: int, public_url: str | None) -> Keyring:
         """The keyring from a first heartbeat, before the proxy serves; BrokerLinkError if none,
@@ -211,8 +256,9 @@ class BrokerLink:
         state = self.state
         assert state is not None
         self._pushed.clear()
-        answer = await self._post("/proxy/heartbeat", self._report(
-            state, state.config.max_sessions, state.config.public_url))
+        answer = await self._post(
+            "/proxy/heartbeat", self._report(state, state.config.max_sessions, state.config.public_url)
+        )
         if "keyring" in answer:
             self._apply_keyring(state, answer["keyring"])
         # The broker sends every id revoked in the last day each time: replacing the set keeps
@@ -240,7 +286,7 @@ class BrokerLink:
             try:
                 await self.heartbeat()
                 self._set_reachable(True, "")
-            except Exception as exc:  # noqa: BLE001 - any failure: keep serving with what we have
+            except Exception as exc:
                 self._set_reachable(False, _describe(exc))
             try:
                 await asyncio.wait_for(self._beat_now.wait(), self.interval)
@@ -285,9 +331,12 @@ class BrokerLink:
             try:
                 await self.watch_once()
                 pause = WATCH_RETRY[0]
-            except Exception as exc:  # noqa: BLE001 - heartbeats still bring revocations: try again later
-                log.warning("the broker watch failed (%s); revocations come with heartbeats until it works, "
-                            "next try in %.0f s", _describe(exc), pause)
+            except Exception as exc:
+                log.warning(
+                    "the broker watch failed (%s); revocations come with heartbeats until it works, next try in %.0f s",
+                    _describe(exc),
+                    pause,
+                )
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, WATCH_RETRY[1])
 
@@ -311,8 +360,9 @@ class BrokerLink:
                 await self._post("/proxy/events", {"events": batch})
             except HTTPClientError as exc:
                 if exc.code is not None and 400 <= exc.code < 500 and exc.code not in (401, 408, 429):
-                    log.warning("the broker rejected %d events (HTTP %d %s); dropped", len(batch), exc.code,
-                                _error_code(exc))
+                    log.warning(
+                        "the broker rejected %d events (HTTP %d %s); dropped", len(batch), exc.code, _error_code(exc)
+                    )
                     self.dropped["rejected"] += len(batch)
                     self._drop(len(batch))
                     continue
@@ -338,8 +388,11 @@ class BrokerLink:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._events()),
-                       loop.create_task(self._watches())]
+        self._tasks = [
+            loop.create_task(self._heartbeats()),
+            loop.create_task(self._events()),
+            loop.create_task(self._watches()),
+        ]
 
     async def stop(self) -> None:
         """Stop the loops; tell the broker we are gone (draining) and send the last events."""
@@ -349,7 +402,7 @@ class BrokerLink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await asyncio.wait_for(self._last_words(), self.timeout)
-        except Exception:  # noqa: BLE001 - best effort on the way out
+        except Exception:
             log.warning("could not send the last heartbeat and events to the broker")
 
     async def _last_words(self) -> None:
@@ -370,8 +423,9 @@ def check_broker_url(url: str) -> None:
         raise BrokerLinkError("--broker is not a URL (https://HOST[:PORT])") from None
     shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"  # never echo user info
     if parts.username is not None or parts.password is not None:
-        raise BrokerLinkError(f"--broker {shown!r} must not carry user info: the proxy authenticates "
-                              "with its credential file")
+        raise BrokerLinkError(
+            f"--broker {shown!r} must not carry user info: the proxy authenticates with its credential file"
+        )
     if host and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(host))):
         return
     raise BrokerLinkError(f"--broker {shown!r} must be an https:// URL (plain http only to this host)")
@@ -400,8 +454,14 @@ def _watch_answer(answer: Any) -> tuple[int, set[str], int]:
     if not isinstance(answer, dict):
         raise ValueError("the watch answer is not an object")
     position, revoked, version = answer.get("seq"), answer.get("revoked"), answer.get("keyring_version")
-    if (not isinstance(position, int) or isinstance(position, bool) or position < 0
-            or not isinstance(version, int) or isinstance(version, bool) or not isinstance(revoked, list)):
+    if (
+        not isinstance(position, int)
+        or isinstance(position, bool)
+        or position < 0
+        or not isinstance(version, int)
+        or isinstance(version, bool)
+        or not isinstance(revoked, list)
+    ):
         raise ValueError("the watch answer lacks seq, revoked or keyring_version")
     return position, {sid for sid in revoked if isinstance(sid, str)}, version
 

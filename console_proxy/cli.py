@@ -35,8 +35,7 @@ def inspect_token(args: argparse.Namespace) -> int:
     ring = keyring.load(args.keyring)
     raw = read_token_argument(args.token)
     try:
-        claims = token.verify(raw, ring, clock.now(), skew=args.skew, max_ttl=args.max_ttl,
-                              client_ip=args.client_ip)
+        claims = token.verify(raw, ring, clock.now(), skew=args.skew, max_ttl=args.max_ttl, client_ip=args.client_ip)
     except token.TokenRefused as refused:
         print("verdict: refused")
         print(f"reason: {refused.reason}" + (f" ({refused.detail})" if refused.detail else ""))

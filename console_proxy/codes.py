@@ -33,8 +33,11 @@ class Close(IntEnum):
     PROTOCOL_ERROR = 1002, "protocol_error", "The console connection received malformed data and was closed."
     UNSUPPORTED_DATA = 1003, "unsupported_data", "The console connection received data it cannot use and was closed."
     INVALID_DATA = 1007, "invalid_data", "The console connection received malformed data and was closed."
-    MESSAGE_TOO_BIG = (1009, "message_too_big",
-                       "The console connection received a message that was too large and was closed.")
+    MESSAGE_TOO_BIG = (
+        1009,
+        "message_too_big",
+        "The console connection received a message that was too large and was closed.",
+    )
 
     # RFC 6455's codes that are only reported, never sent in a Close frame (no public message:
     # the viewer never receives them from the proxy; 1006 it works out with /token-status)
@@ -45,11 +48,17 @@ class Close(IntEnum):
     # The proxy's own codes (DESIGN: after the upgrade)
     IDLE_TIMEOUT = 4408, "idle_timeout", "The console was closed because it was idle for too long."
     SESSION_ENDED = 4410, "session_ended", "This console session was ended by an administrator."
-    TARGET_UNREACHABLE = (4500, "target_unreachable", ("The virtual machine's console cannot be reached right now. "
-                                                       "The VM may be off or moving; try again later."))
+    TARGET_UNREACHABLE = (
+        4500,
+        "target_unreachable",
+        ("The virtual machine's console cannot be reached right now. The VM may be off or moving; try again later."),
+    )
     TARGET_AUTH_FAILED = 4501, "target_auth_failed", "The virtual machine refused the console service's credentials."
-    TARGET_PROTOCOL_ERROR = (4502, "target_protocol_error", ("The virtual machine's console answered in a way "
-                                                             "the console service does not understand."))
+    TARGET_PROTOCOL_ERROR = (
+        4502,
+        "target_protocol_error",
+        ("The virtual machine's console answered in a way the console service does not understand."),
+    )
 
 
 REPORT_ONLY = frozenset((Close.NO_STATUS, Close.ABNORMAL, Close.TLS_HANDSHAKE))
@@ -75,8 +84,11 @@ class Refused(StrEnum):
     TOKEN_MISSING = "token_missing", 400, "No console token was given."
     TOKEN_INVALID = "token_invalid", 401, "This console link is not valid."
     TOKEN_EXPIRED = "token_expired", 401, "This console link has expired; ask for a new one."
-    TOKEN_NOT_YET_VALID = ("token_not_yet_valid", 401,
-                           "This console link is not valid yet; check the clock or ask for a new one.")
+    TOKEN_NOT_YET_VALID = (
+        "token_not_yet_valid",
+        401,
+        "This console link is not valid yet; check the clock or ask for a new one.",
+    )
     CLIENT_IP_MISMATCH = "client_ip_mismatch", 403, "This console link was issued for another network address."
     ORIGIN_DENIED = "origin_denied", 403, "This console was opened from a page that is not allowed to use it."
     OVER_CAPACITY = "over_capacity", 503, "This console proxy is full; try again in a moment."

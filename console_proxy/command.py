@@ -33,8 +33,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
-def run(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-        expected: tuple[type[Exception], ...]) -> int:
+def run(
+    prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None, expected: tuple[type[Exception], ...]
+) -> int:
     """Parse, dispatch to ``args.handler`` and turn expected failures into one-line errors."""
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
@@ -81,8 +82,9 @@ def read_secret_file(path: str) -> str:
     except OSError as exc:
         raise CommandError(f"cannot read {path!r}: {exc.strerror}") from None
     if looks_like_vncpasswd(raw):
-        raise CommandError(f"{path!r}: this looks like a vncpasswd file (obfuscated); give the password as "
-                           "plain text on one line")
+        raise CommandError(
+            f"{path!r}: this looks like a vncpasswd file (obfuscated); give the password as plain text on one line"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -33,8 +33,10 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 PATH_METAVARS = frozenset({"FILE", "F", "PEM", "DIR", "D"})
 _SECRET_NAME = re.compile(r"(?i)(password|passwd|secret|token|api[-_]?key|private[-_]?key|^key$)")
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off", ""})
-_SECRETS_FROM_FILES = ("secrets come only from files (--proxy-credential, --keyring, --tls-key, "
-                       "--password-file name files; no setting takes the secret itself)")
+_SECRETS_FROM_FILES = (
+    "secrets come only from files (--proxy-credential, --keyring, --tls-key, "
+    "--password-file name files; no setting takes the secret itself)"
+)
 
 
 class Sources:
@@ -43,20 +45,32 @@ class Sources:
 
     def __init__(self, parser: argparse.ArgumentParser, prog: str) -> None:
         self.parser, self.prog = parser, prog
-        parser.add_argument("--config", metavar="FILE",
-                            help=f"TOML file of settings: keys are this command's flags without the dashes; "
-                                 f"{ENV_PREFIX}<FLAG> variables override it, flags override both "
-                                 f"(default: ${CONFIG_ENV}, else none)")
+        parser.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"TOML file of settings: keys are this command's flags without the dashes; "
+            f"{ENV_PREFIX}<FLAG> variables override it, flags override both "
+            f"(default: ${CONFIG_ENV}, else none)",
+        )
         parser.set_defaults(sources=self)
 
     def options(self) -> dict[str, argparse.Action]:
         """Settable name (flag without dashes) -> its argparse action."""
-        return {action.option_strings[-1][2:]: action for action in self.parser._actions
-                if action.option_strings and action.option_strings[-1].startswith("--")
-                and action.dest not in ("help", "config")}
+        return {
+            action.option_strings[-1][2:]: action
+            for action in self.parser._actions
+            if action.option_strings
+            and action.option_strings[-1].startswith("--")
+            and action.dest not in ("help", "config")
+        }
 
-    def apply(self, root: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None,
-              environ: Mapping[str, str]) -> None:
+    def apply(
+        self,
+        root: argparse.ArgumentParser,
+        args: argparse.Namespace,
+        argv: Sequence[str] | None,
+        environ: Mapping[str, str],
+    ) -> None:
         """Fill every flag not given on the command line from the environment, else the file."""
         given = self._given(root, argv)
         path = args.config if "config" in given else environ.get(CONFIG_ENV)
@@ -114,7 +128,7 @@ class Sources:
         for name in sorted(environ):
             if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
                 continue
-            key = name[len(ENV_PREFIX):].lower().replace("_", "-")
+            key = name[len(ENV_PREFIX) :].lower().replace("_", "-")
             action = options.get(key)
             if action is None:
                 raise CommandError(f"environment variable {name}: {_unknown(key, self.prog)}")

@@ -16,10 +16,17 @@ import ipaddress
 import socket
 
 #: Errors that mean the connection was never made (as opposed to made, then lost).
-CONNECT_FAILURES = frozenset({
-    errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
-    errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL,
-})
+CONNECT_FAILURES = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ETIMEDOUT,
+        errno.EHOSTDOWN,
+        errno.ENETDOWN,
+        errno.EADDRNOTAVAIL,
+    }
+)
 
 
 def connecting_socket(host: str, port: int) -> socket.socket | None:

@@ -36,8 +36,13 @@ class Events:
     @staticmethod
     def _who(session: ConsoleSession) -> dict[str, Any]:
         claims = session.claims
-        return {"session_id": claims.sid, "vm": claims.vm, "user": claims.sub, "client": session.client_ip,
-                "view_only": claims.ro}
+        return {
+            "session_id": claims.sid,
+            "vm": claims.vm,
+            "user": claims.sub,
+            "client": session.client_ip,
+            "view_only": claims.ro,
+        }
 
     def _unheard(self, level: int = logging.INFO) -> bool:
         """Nobody takes the event (not logged at this level, no broker): spare building it."""
@@ -46,22 +51,46 @@ class Events:
     def opened(self, session: ConsoleSession) -> None:
         if self._unheard():
             return
-        self._emit({"event": "opened", **self._who(session), "security": session.security_type,
-                    "handshake_ms": round((session.handshake_seconds or 0) * 1000, 2)})
+        self._emit(
+            {
+                "event": "opened",
+                **self._who(session),
+                "security": session.security_type,
+                "handshake_ms": round((session.handshake_seconds or 0) * 1000, 2),
+            }
+        )
 
     def closed(self, session: ConsoleSession) -> None:
         ending = session.ending
         assert ending is not None
         if self._unheard():
             return
-        self._emit({"event": "closed", **self._who(session), "bytes_up": session.bytes_up,
-                    "bytes_down": session.bytes_down,
-                    "duration_s": round(time.monotonic() - session.started, 3),
-                    "close_code": ending.code, "close_reason": ending.reason, "detail": ending.detail})
+        self._emit(
+            {
+                "event": "closed",
+                **self._who(session),
+                "bytes_up": session.bytes_up,
+                "bytes_down": session.bytes_down,
+                "duration_s": round(time.monotonic() - session.started, 3),
+                "close_code": ending.code,
+                "close_reason": ending.reason,
+                "detail": ending.detail,
+            }
+        )
 
     def refused(self, refusal: Refusal, client_ip: str, path: str) -> None:
         claims = refusal.claims
-        self._emit({"event": "refused", "code": refusal.code, "reason": refusal.reason, "status": refusal.status,
-                    "client": client_ip, "path": path,
-                    "session_id": claims.sid if claims else None, "vm": claims.vm if claims else None,
-                    "user": claims.sub if claims else None}, logging.WARNING)
+        self._emit(
+            {
+                "event": "refused",
+                "code": refusal.code,
+                "reason": refusal.reason,
+                "status": refusal.status,
+                "client": client_ip,
+                "path": path,
+                "session_id": claims.sid if claims else None,
+                "vm": claims.vm if claims else None,
+                "user": claims.sub if claims else None,
+            },
+            logging.WARNING,
+        )

@@ -86,7 +86,7 @@ def node_address(node: str | None) -> str | None:
 def _port(text: str) -> bool:
     """``:port`` (a number, or an obfuscated ``_name`` per RFC 7239 6.3)."""
     port = text[1:]
-    return text.startswith(":") and (port.isdigit() and len(port) <= 5 or bool(re.fullmatch(r"_[\w.-]+", port)))
+    return text.startswith(":") and ((port.isdigit() and len(port) <= 5) or bool(re.fullmatch(r"_[\w.-]+", port)))
 
 
 def believed(peer: str, value: str | None, trusted: Sequence[Network]) -> Said | None:

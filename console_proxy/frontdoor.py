@@ -83,8 +83,13 @@ class FrontDoor:
 
     def to_tornado(self, sock: socket.socket, early: bytes, address: tuple[str, int], since: float) -> None:
         """Tornado serves the connection; its first head must still come within our window."""
-        stream = _Prefilled(sock, early, since + self.head_timeout, max_buffer_size=self.http.max_buffer_size,
-                            read_chunk_size=self.http.read_chunk_size)
+        stream = _Prefilled(
+            sock,
+            early,
+            since + self.head_timeout,
+            max_buffer_size=self.http.max_buffer_size,
+            read_chunk_size=self.http.read_chunk_size,
+        )
         self.http.handle_stream(stream, address)
 
     def upgrade(self, doorway: Doorway, head: Head) -> None:
@@ -92,7 +97,7 @@ class FrontDoor:
         A bug on the way never leaves a connection or a session behind (see ``_failed``)."""
         try:
             self._upgrade(doorway, head)
-        except Exception:  # noqa: BLE001 - logged by path only, the connection answered 500
+        except Exception:
             self._failed(doorway, head)
 
     def _upgrade(self, doorway: Doorway, head: Head) -> None:
@@ -100,8 +105,7 @@ class FrontDoor:
         view = server.request_view(state, doorway.peer, "http", head.headers.get("Host"), head.headers)
         client = view.client
         try:
-            claims, key, binary = server.admit_upgrade(state, head.headers, lambda: head.query_argument("token"),
-                                                       view)
+            claims, key, binary = server.admit_upgrade(state, head.headers, lambda: head.query_argument("token"), view)
         except Refusal as refusal:
             self._refuse(doorway, head, refusal, client)
             return
@@ -113,8 +117,9 @@ class FrontDoor:
         self._redeeming.add(task)
         task.add_done_callback(self._redeeming.discard)
 
-    async def _redeem_then_open(self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool,
-                                client: str) -> None:
+    async def _redeem_then_open(
+        self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool, client: str
+    ) -> None:
         try:
             try:
                 await server.redeem_upgrade(self.state, claims)
@@ -122,7 +127,7 @@ class FrontDoor:
                 self._refuse(doorway, head, refusal, client)
                 return
             self._open(doorway, head, claims, key, binary, client)
-        except Exception:  # noqa: BLE001 - as in upgrade()
+        except Exception:
             self._failed(doorway, head)
 
     def _open(self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool, client: str) -> None:
@@ -198,11 +203,11 @@ class Doorway(asyncio.Protocol):
                 self._hand_over()
             return
         ours = end.group() == b"\r\n\r\n" and end.end() <= MAX_HEAD  # one read can bring a longer one
-        head = httphead.parse_head(bytes(buffer[:end.start()])) if ours else None
+        head = httphead.parse_head(bytes(buffer[: end.start()])) if ours else None
         if head is None or head.method != "GET" or head.path != "/websockify":
             self._hand_over()
             return
-        del buffer[:end.end()]
+        del buffer[: end.end()]
         self.started = time.monotonic()
         self.door.waiting.pop(self, None)
         self.door.upgrade(self, head)
@@ -215,21 +220,21 @@ class Doorway(asyncio.Protocol):
         if self.preamble == "refused":  # closing: nothing more is read
             return False
         if self.preamble == "screen":
-            announced = proxyproto.announces(bytes(buffer[:len(proxyproto.V2_SIGNATURE)]))
+            announced = proxyproto.announces(bytes(buffer[: len(proxyproto.V2_SIGNATURE)]))
             if announced:
                 self._refuse_preamble("untrusted", "a PROXY protocol header from a peer not in --trusted-proxy")
             elif announced is not None:
                 self.preamble = None
             return self.preamble is None
         try:
-            header = proxyproto.parse(bytes(buffer[:proxyproto.V2_MAX]))
+            header = proxyproto.parse(bytes(buffer[: proxyproto.V2_MAX]))
         except proxyproto.ProxyProtocolError as error:
             self._refuse_preamble(error.reason, str(error))
             return False
         if header is None:
             return False
         self.preamble = None
-        del buffer[:header.length]
+        del buffer[: header.length]
         if header.source is not None:
             self.address, self.peer = header.source, header.source[0]
         return True

@@ -25,8 +25,9 @@ class PathOnlyLogging:
         which the compatibility test pins): Tornado's names the request by its whole URI."""
         return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
 
-    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
-                      tb: TracebackType | None) -> None:
+    def log_exception(
+        self, typ: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if isinstance(value, tornado.web.HTTPError):
             log.warning("%d %s", value.status_code, self._request_summary())
         else:

@@ -26,8 +26,16 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (UnicodeError, ValueError, Overf
 (``UnicodeEncodeError``), a NUL in a path (``ValueError: embedded null byte``), a number too
 large for a float (``OverflowError``), nesting too deep (``RecursionError``)."""
 
-ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "body_too_large", 500: "internal_error", 503: "unavailable"}
+ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    500: "internal_error",
+    503: "unavailable",
+}
 
 
 def error_status(status_code: int, error: BaseException | None) -> int:

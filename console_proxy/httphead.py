@@ -76,8 +76,7 @@ def parse_head(raw: bytes) -> Head | None:
                 return None  # two Hosts: Tornado answers 400 (RFC 9112 3.2)
             value = f"{headers[key]},{value}"
         headers[key] = value
-    if not _HOST.fullmatch(headers.get("host") or "") or "content-length" in headers \
-            or "transfer-encoding" in headers:
+    if not _HOST.fullmatch(headers.get("host") or "") or "content-length" in headers or "transfer-encoding" in headers:
         return None
     path, _, query = target.partition("?")
     return Head(method, path, query, headers)
@@ -85,6 +84,12 @@ def parse_head(raw: bytes) -> Head | None:
 
 def response(status: int, fields: list[tuple[str, str]], body: bytes = b"") -> bytes:
     """A complete response that closes the connection; ``fields`` are the caller's own."""
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", *(f"{k}: {v}" for k, v in fields),
-             f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        *(f"{k}: {v}" for k, v in fields),
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        "",
+        "",
+    ]
     return "\r\n".join(lines).encode("latin-1") + body

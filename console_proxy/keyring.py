@@ -78,8 +78,14 @@ class SigningKey:
         return True
 
     def to_jwk(self, *, private: bool) -> dict[str, Any]:
-        jwk: dict[str, Any] = {"kty": "OKP", "crv": "Ed25519", "kid": self.kid, "use": "sig",
-                               "alg": "EdDSA", "x": b64url.encode(self.public)}
+        jwk: dict[str, Any] = {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "kid": self.kid,
+            "use": "sig",
+            "alg": "EdDSA",
+            "x": b64url.encode(self.public),
+        }
         if private and self.seed is not None:
             jwk["d"] = b64url.encode(self.seed)
         return _with_times(jwk, self.created, self.verify_until)
@@ -169,10 +175,20 @@ class Keyring:
         """This keyring minting with the keys active before the last rotation (the newest
         others), if they still verify at ``until``; None if there are none. For a proxy that
         has not yet heard of a rotation: its keyring has those keys and not the new ones."""
-        signing = max((k for kid, k in self.signing.items() if kid != self.active_signing and k.seed is not None
-                       and _usable(k.verify_until, until)), key=lambda k: k.created, default=None)
-        fleet = max((k for kid, k in self.fleet.items() if kid != self.active_fleet
-                     and _usable(k.verify_until, until)), key=lambda k: k.created, default=None)
+        signing = max(
+            (
+                k
+                for kid, k in self.signing.items()
+                if kid != self.active_signing and k.seed is not None and _usable(k.verify_until, until)
+            ),
+            key=lambda k: k.created,
+            default=None,
+        )
+        fleet = max(
+            (k for kid, k in self.fleet.items() if kid != self.active_fleet and _usable(k.verify_until, until)),
+            key=lambda k: k.created,
+            default=None,
+        )
         if signing is None or fleet is None:
             return None
         return replace(self, active_signing=signing.kid, active_fleet=fleet.kid)
@@ -193,8 +209,9 @@ class Keyring:
         fleet = {k: _retire(v, until) for k, v in self.fleet.items()}
         sig, enc = new_signing_key(now), new_fleet_key(now)
         signing[sig.kid], fleet[enc.kid] = sig, enc
-        rotated = replace(self, signing=signing, fleet=fleet, active_signing=sig.kid,
-                          active_fleet=enc.kid, version=self.version + 1)
+        rotated = replace(
+            self, signing=signing, fleet=fleet, active_signing=sig.kid, active_fleet=enc.kid, version=self.version + 1
+        )
         return rotated.pruned(now)
 
     def pruned(self, now: float) -> Keyring:
@@ -242,8 +259,7 @@ def _retire(key: Any, until: int) -> Any:
 
 def _kid_row(key: SigningKey | FleetKey, kind: str, active: str | None) -> dict[str, Any]:
     status = "active" if key.kid == active else "verify-only"
-    return {"kid": key.kid, "kind": kind, "status": status, "created": key.created,
-            "verify_until": key.verify_until}
+    return {"kid": key.kid, "kind": kind, "status": status, "created": key.created, "verify_until": key.verify_until}
 
 
 def _describe(exc: Exception) -> str:
@@ -264,9 +280,14 @@ def _parse_keyring(data: Any) -> Keyring:
             raise ValueError(f"duplicate kid {key.kid!r}")
         target[key.kid] = key
     active = data.get("active", {})
-    ring = Keyring(signing, fleet, active.get("sig"), active.get("enc"),
-                   max_ttl=_positive_int(data.get("max_ttl", DEFAULT_MAX_TTL), "max_ttl"),
-                   version=_positive_int(data.get("version", 1), "version"))
+    ring = Keyring(
+        signing,
+        fleet,
+        active.get("sig"),
+        active.get("enc"),
+        max_ttl=_positive_int(data.get("max_ttl", DEFAULT_MAX_TTL), "max_ttl"),
+        version=_positive_int(data.get("version", 1), "version"),
+    )
     if ring.active_signing is not None and ring.active_signing not in signing:
         raise ValueError("active signing kid is not in the set")
     if ring.active_fleet is not None and ring.active_fleet not in fleet:

@@ -51,39 +51,79 @@ log = logging.getLogger("consolegate.logguard")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 #: Tornado's fixed reasons for a malformed message; the value it appends after one is dropped.
 TORNADO_REASONS = (
-    "Invalid header name", "Invalid header value", "header line cannot start with whitespace",
-    "no colon in header line", "Missing Host header", "Invalid Host header", "Multiple host headers not allowed",
-    "Invalid query string", "Unsupported Content-Encoding", "Invalid x-www-form-urlencoded body",
-    "Invalid content type", "multipart boundary not found", "Invalid multipart/form-data",
-    "multipart/form-data has too many parts", "multipart/form-data missing headers",
-    "multipart/form-data part header too large", "multipart/form-data missing name",
-    "multipart/form-data parsing is disabled", "Malformed HTTP request line", "Malformed HTTP headers",
-    "Malformed HTTP version", "Unexpected HTTP version", "Multiple unequal Content-Lengths",
-    "Only integer Content-Length is allowed", "Content-Length too long", "invalid chunk size",
-    "improperly terminated chunked request", "chunked body too large", "improperly terminated chunk",
-    "Body too long", "invalid gzip data", "decompressed body too large",
-    "Message with both Transfer-Encoding and Content-Length", "Unsupported Transfer-Encoding",
+    "Invalid header name",
+    "Invalid header value",
+    "header line cannot start with whitespace",
+    "no colon in header line",
+    "Missing Host header",
+    "Invalid Host header",
+    "Multiple host headers not allowed",
+    "Invalid query string",
+    "Unsupported Content-Encoding",
+    "Invalid x-www-form-urlencoded body",
+    "Invalid content type",
+    "multipart boundary not found",
+    "Invalid multipart/form-data",
+    "multipart/form-data has too many parts",
+    "multipart/form-data missing headers",
+    "multipart/form-data part header too large",
+    "multipart/form-data missing name",
+    "multipart/form-data parsing is disabled",
+    "Malformed HTTP request line",
+    "Malformed HTTP headers",
+    "Malformed HTTP version",
+    "Unexpected HTTP version",
+    "Multiple unequal Content-Lengths",
+    "Only integer Content-Length is allowed",
+    "Content-Length too long",
+    "invalid chunk size",
+    "improperly terminated chunked request",
+    "chunked body too large",
+    "improperly terminated chunk",
+    "Body too long",
+    "invalid gzip data",
+    "decompressed body too large",
+    "Message with both Transfer-Encoding and Content-Length",
+    "Unsupported Transfer-Encoding",
 )
 UNKNOWN_REASON = "unreadable request (details withheld)"
 #: The reasons Tornado follows with the value it refused (in messages and exception texts).
 VALUED_REASONS = (
-    "Invalid header name", "Invalid header value", "Invalid Host header", "Multiple host headers not allowed",
-    "Invalid query string", "Unsupported Content-Encoding", "Invalid x-www-form-urlencoded body",
-    "Invalid multipart/form-data", "Malformed HTTP headers", "Malformed HTTP version", "Unexpected HTTP version",
-    "Multiple unequal Content-Lengths", "Only integer Content-Length is allowed", "invalid gzip data",
-    "Unsupported Transfer-Encoding", "Invalid cookie signature", "Expired cookie", "Tampered cookie",
+    "Invalid header name",
+    "Invalid header value",
+    "Invalid Host header",
+    "Multiple host headers not allowed",
+    "Invalid query string",
+    "Unsupported Content-Encoding",
+    "Invalid x-www-form-urlencoded body",
+    "Invalid multipart/form-data",
+    "Malformed HTTP headers",
+    "Malformed HTTP version",
+    "Unexpected HTTP version",
+    "Multiple unequal Content-Lengths",
+    "Only integer Content-Length is allowed",
+    "invalid gzip data",
+    "Unsupported Transfer-Encoding",
+    "Invalid cookie signature",
+    "Expired cookie",
+    "Tampered cookie",
     "possible tampering",
 )
 _VALUE_AFTER_REASON = re.compile("(" + "|".join(re.escape(r) for r in VALUED_REASONS) + r")[^\n]+")
 _CREDENTIAL_HEADER = re.compile(
     r"""(?i)(["']?)\b(authorization|proxy-authorization|cookie|set-cookie|sec-websocket-protocol|sec-websocket-key|"""
-    r"""x-api-key|x-auth-token)\1\s*[:=]\s*("[^"\n]*"?|'[^'\n]*'?|[^\n]*)""")
+    r"""x-api-key|x-auth-token)\1\s*[:=]\s*("[^"\n]*"?|'[^'\n]*'?|[^\n]*)"""
+)
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic|digest|negotiate)(?:\s|\\t|\\x09)+\S+")
 _API_KEY = re.compile(r"\bcgk\.\S+")
-_ASSIGNED = re.compile(r"(?i)\b(token|access_token|api_?key|key|secret|password|passwd|pw|credential|auth|"
-                       r"authorization|sig|signature)=[^\s&'\"<>]*")
-_KEYED = re.compile(r"""(?i)(["'])(token|access_token|api_?key|key|secret|password|passwd|pw|credential|"""
-                    r"""authorization|cookie)\1(\s*:\s*)(["'])(?:\\.|(?!\4)[^\\])*\4?""")
+_ASSIGNED = re.compile(
+    r"(?i)\b(token|access_token|api_?key|key|secret|password|passwd|pw|credential|auth|"
+    r"authorization|sig|signature)=[^\s&'\"<>]*"
+)
+_KEYED = re.compile(
+    r"""(?i)(["'])(token|access_token|api_?key|key|secret|password|passwd|pw|credential|"""
+    r"""authorization|cookie)\1(\s*:\s*)(["'])(?:\\.|(?!\4)[^\\])*\4?"""
+)
 _QUERY = re.compile(r"(?<=[\w/%.~\-])\?[^\s'\"<>]*")
 _FRAGMENT = re.compile(r"#token[=.][^\s'\"<>]*")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -97,8 +137,7 @@ def _token_shaped(segment: str) -> bool:
     token whose long segments are base64url: all caught. A canonical UUID (a VM's id) is kept."""
     if len(segment) < 20 or _UUID.fullmatch(segment):
         return False
-    classes = (any(c.islower() for c in segment) + any(c.isupper() for c in segment)
-               + any(c.isdigit() for c in segment))
+    classes = any(c.islower() for c in segment) + any(c.isupper() for c in segment) + any(c.isdigit() for c in segment)
     return classes >= 3 or (len(segment) >= 32 and classes >= 2)
 
 
@@ -117,12 +156,14 @@ def _redact_header(match: re.Match[str]) -> str:
 def escape_unprintable(text: str, *, keep_newlines: bool = False) -> str:
     """Control characters, DEL, non-ASCII and lone surrogates as ``\\xNN``/``\\uNNNN``: a log
     line stays one line, in ASCII, and cannot carry terminal escapes or fail to encode."""
+
     def escaped(match: re.Match[str]) -> str:
         char = match.group()
         if keep_newlines and char == "\n":
             return char
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
     return _UNPRINTABLE.sub(escaped, text)
 
 
@@ -134,8 +175,9 @@ def sanitise(text: str, *, multiline: bool = False, limit: int = MAX_MESSAGE) ->
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _API_KEY.sub(f"cgk.{REDACTED}", text)
     text = _ASSIGNED.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
-    text = _KEYED.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}{m.group(4)}{REDACTED}{m.group(4)}",
-                      text)
+    text = _KEYED.sub(
+        lambda m: f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}{m.group(4)}{REDACTED}{m.group(4)}", text
+    )
     text = _FRAGMENT.sub(f"#{REDACTED}", text)
     text = _QUERY.sub(f"?{REDACTED}", text)
     text = _RUN.sub(_redact_run, text)
@@ -170,14 +212,17 @@ def safe_argument(value: object) -> object:
 
 Rewrite = Callable[[tuple[Any, ...]], tuple[str, tuple[Any, ...]]]
 _REWRITES: dict[tuple[str, str], Rewrite] = {
-    ("tornado.general", "Malformed HTTP message from %s: %s"):
-        lambda args: ("Malformed HTTP message from %s: %s", (args[0], tornado_reason(args[1]))),
-    ("tornado.application", "Uncaught exception %s\n%r"):
-        lambda args: ("Uncaught exception %s", (args[0],)),
+    ("tornado.general", "Malformed HTTP message from %s: %s"): lambda args: (
+        "Malformed HTTP message from %s: %s",
+        (args[0], tornado_reason(args[1])),
+    ),
+    ("tornado.application", "Uncaught exception %s\n%r"): lambda args: ("Uncaught exception %s", (args[0],)),
     ("tornado.general", "Invalid cookie signature %r"): lambda args: ("Invalid cookie signature", ()),
     ("tornado.general", "Expired cookie %r"): lambda args: ("Expired cookie", ()),
-    ("tornado.general", "Cookie timestamp in future; possible tampering %r"):
-        lambda args: ("Cookie timestamp in future; possible tampering", ()),
+    ("tornado.general", "Cookie timestamp in future; possible tampering %r"): lambda args: (
+        "Cookie timestamp in future; possible tampering",
+        (),
+    ),
     ("tornado.general", "Tampered cookie %r"): lambda args: ("Tampered cookie", ()),
 }
 
@@ -200,6 +245,7 @@ def safe_message(record: logging.LogRecord) -> str:
 
 # --- the shell: formatter, handler, hooks -----------------------------------------------------
 
+
 class GuardedFormatter(logging.Formatter):
     """Formats a sanitised copy of each record; never the raw one, never an exception."""
 
@@ -214,7 +260,7 @@ class GuardedFormatter(logging.Formatter):
             if record.stack_info:
                 safe.stack_info = sanitise(str(record.stack_info), multiline=True, limit=MAX_TRACEBACK)
             return self.render(safe)
-        except Exception:  # noqa: BLE001 - fail closed: a fixed line instead of the record
+        except Exception:
             return self.withheld(record)
 
     def render(self, safe: logging.LogRecord) -> str:
@@ -241,8 +287,12 @@ class JsonGuardedFormatter(GuardedFormatter):
     reader could mistake for a new line; a withheld record is a JSON line too."""
 
     def render(self, safe: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"time": _iso(safe.created), "level": safe.levelname, "logger": safe.name,
-                                 "message": safe.msg}
+        entry: dict[str, Any] = {
+            "time": _iso(safe.created),
+            "level": safe.levelname,
+            "logger": safe.name,
+            "message": safe.msg,
+        }
         if safe.exc_text:
             entry["exception"] = safe.exc_text
         if safe.stack_info:
@@ -271,7 +321,7 @@ class GuardedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             formatter = self.formatter if isinstance(self.formatter, GuardedFormatter) else GuardedFormatter()
             self.stream.write(formatter.withheld(record) + self.terminator)
             self.flush()
-        except Exception:  # noqa: BLE001, S110 - nothing left to report it on
+        except Exception:
             pass
 
 
@@ -294,11 +344,17 @@ def _excepthook(kind: type[BaseException], value: BaseException, tb: TracebackTy
 def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
-    log.error("uncaught exception in thread %s", args.thread.name if args.thread else "?",
-              exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    log.error(
+        "uncaught exception in thread %s",
+        args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 def _unraisablehook(unraisable: Any) -> None:
     value = unraisable.exc_value
-    log.error("unraisable exception%s", f": {unraisable.err_msg}" if unraisable.err_msg else "",
-              exc_info=(unraisable.exc_type, value, unraisable.exc_traceback) if value is not None else None)
+    log.error(
+        "unraisable exception%s",
+        f": {unraisable.err_msg}" if unraisable.err_msg else "",
+        exc_info=(unraisable.exc_type, value, unraisable.exc_traceback) if value is not None else None,
+    )

@@ -76,8 +76,9 @@ class Counter(_Metric):
 class LiveCounter(Counter):
     """A counter whose labelled values are read when rendered (e.g. bytes of open sessions too)."""
 
-    def __init__(self, name: str, help_text: str, labels: Sequence[str],
-                 read: Callable[[], dict[LabelValues, float]]) -> None:
+    def __init__(
+        self, name: str, help_text: str, labels: Sequence[str], read: Callable[[], dict[LabelValues, float]]
+    ) -> None:
         super().__init__(name, help_text, labels)
         self.read = read
 
@@ -184,8 +185,9 @@ def start_time() -> float:
     """Unix time the process started: its start tick (/proc/self/stat) after boot (/proc/stat)."""
     try:
         fields = (_PROC / "stat").read_text().rpartition(")")[2].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return boot + int(fields[19]) / _TICKS
     except (OSError, IndexError, ValueError, StopIteration):
         return _IMPORTED
@@ -197,8 +199,13 @@ _IMPORTED = time.time()
 def add_process_metrics(registry: Registry, component: str) -> None:
     """RSS, open files, CPU seconds, start time, and ``consolegate_build_info`` (both servers)."""
     add = registry.add
-    add(InfoGauge("consolegate_build_info", "Always 1; the labels say what runs.",
-                  {"component": component, "version": __version__}))
+    add(
+        InfoGauge(
+            "consolegate_build_info",
+            "Always 1; the labels say what runs.",
+            {"component": component, "version": __version__},
+        )
+    )
     add(Gauge("process_resident_memory_bytes", "Resident memory size in bytes.", resident_bytes))
     add(Gauge("process_open_fds", "Number of open file descriptors.", open_fds))
     add(Gauge("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", cpu_seconds))
@@ -208,22 +215,40 @@ def add_process_metrics(registry: Registry, component: str) -> None:
 class ProxyMetrics:
     """The proxy's metrics; one instance per process."""
 
-    def __init__(self, active_sessions: Callable[[], float], draining: Callable[[], float],
-                 relayed: Callable[[], dict[LabelValues, float]]) -> None:
+    def __init__(
+        self,
+        active_sessions: Callable[[], float],
+        draining: Callable[[], float],
+        relayed: Callable[[], dict[LabelValues, float]],
+    ) -> None:
         self.registry = Registry()
         add = self.registry.add
         add(Gauge("consolegate_proxy_active_sessions", "Console sessions open now.", active_sessions))
         add(Gauge("consolegate_proxy_draining", "1 while the proxy drains after SIGTERM.", draining))
         self.sessions = add(Counter("consolegate_proxy_sessions_total", "Sessions ended, by outcome.", ["outcome"]))
         self.refusals = add(Counter("consolegate_proxy_refusals_total", "Requests refused, by code.", ["code"]))
-        self.proxy_protocol_refused = add(Counter(
-            "consolegate_proxy_proxy_protocol_refused_total",
-            "Connections closed for their PROXY protocol header (missing, malformed, untrusted).", ["reason"]))
-        add(LiveCounter("consolegate_proxy_bytes_total", "Bytes relayed, by direction (open sessions included).",
-                        ["direction"], relayed))
-        self.handshake = add(Histogram("consolegate_proxy_handshake_seconds",
-                                       "From websocket open to ServerInit sent to the browser.",
-                                       [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]))
+        self.proxy_protocol_refused = add(
+            Counter(
+                "consolegate_proxy_proxy_protocol_refused_total",
+                "Connections closed for their PROXY protocol header (missing, malformed, untrusted).",
+                ["reason"],
+            )
+        )
+        add(
+            LiveCounter(
+                "consolegate_proxy_bytes_total",
+                "Bytes relayed, by direction (open sessions included).",
+                ["direction"],
+                relayed,
+            )
+        )
+        self.handshake = add(
+            Histogram(
+                "consolegate_proxy_handshake_seconds",
+                "From websocket open to ServerInit sent to the browser.",
+                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+            )
+        )
         add_process_metrics(self.registry, "proxy")
 
     def render(self) -> str:

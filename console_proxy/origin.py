@@ -230,8 +230,9 @@ def effective_host(peer: str, host: str | None, forwarded_host: str | None, trus
     return host
 
 
-def effective_origin(peer: str, scheme: str, host: str | None, headers: dict[str, str | None],
-                     trusted: Sequence[Network]) -> str | None:
+def effective_origin(
+    peer: str, scheme: str, host: str | None, headers: dict[str, str | None], trusted: Sequence[Network]
+) -> str | None:
     """The request's own origin, honouring X-Forwarded-Proto/-Host from trusted proxies only."""
     if is_trusted(peer, trusted):
         scheme = (headers.get("X-Forwarded-Proto") or scheme).split(",")[0].strip().lower()

@@ -24,9 +24,13 @@ _NOT_A_FILE_NAME = re.compile(r"[\x00-\x1f\x7f\\]")
 
 def security_headers(handler: tornado.web.RequestHandler, frame_ancestors: str) -> None:
     """Only the proxy's own scripts and websocket; no referrer (the fragment holds the token)."""
-    handler.set_header("Content-Security-Policy", (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        f"connect-src 'self'; frame-ancestors {frame_ancestors}; base-uri 'none'; form-action 'none'"))
+    handler.set_header(
+        "Content-Security-Policy",
+        (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            f"connect-src 'self'; frame-ancestors {frame_ancestors}; base-uri 'none'; form-action 'none'"
+        ),
+    )
     handler.set_header("Referrer-Policy", "no-referrer")
     handler.set_header("X-Content-Type-Options", "nosniff")
     handler.set_header("Cache-Control", "no-store")
@@ -72,8 +76,11 @@ class StaticFiles(JsonErrors, PathOnlyLogging, tornado.web.StaticFileHandler):
 
 def is_static_path(url_path: str) -> bool:
     """A relative path of plain segments: what every file we serve has, and nothing else."""
-    return (len(url_path) <= MAX_STATIC_PATH and not _NOT_A_FILE_NAME.search(url_path)
-            and all(part not in ("", ".", "..") for part in url_path.split("/")))
+    return (
+        len(url_path) <= MAX_STATIC_PATH
+        and not _NOT_A_FILE_NAME.search(url_path)
+        and all(part not in ("", ".", "..") for part in url_path.split("/"))
+    )
 
 
 def page_routes(config: ProxyConfig) -> list[Any]:

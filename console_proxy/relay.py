@@ -96,8 +96,9 @@ def _end(code: int, detail: str) -> SessionEnded:
 
 def tls_policy(claims: Claims, config: ProxyConfig) -> rfb.TlsPolicy:
     """The token's ``tls`` claim with the proxy's defaults (see :func:`upstream_tls.policy_for`)."""
-    return upstream_tls.policy_for(claims.tls, claims.host, upstream_ca_pem=config.upstream_ca_pem,
-                                   allow_anonymous_tls=config.allow_anonymous_tls)
+    return upstream_tls.policy_for(
+        claims.tls, claims.host, upstream_ca_pem=config.upstream_ca_pem, allow_anonymous_tls=config.allow_anonymous_tls
+    )
 
 
 class _ReadBuffer:
@@ -190,8 +191,16 @@ def _milestone_passed(action: object, handshake: rfb.UpstreamHandshake) -> bool:
 class ConsoleSession:
     """The life of one console, from websocket open to close. Ends exactly once."""
 
-    def __init__(self, claims: Claims, config: ProxyConfig, browser: Browser, client_ip: str, *,
-                 on_open: Callable[[ConsoleSession], None], on_end: Callable[[ConsoleSession], None]) -> None:
+    def __init__(
+        self,
+        claims: Claims,
+        config: ProxyConfig,
+        browser: Browser,
+        client_ip: str,
+        *,
+        on_open: Callable[[ConsoleSession], None],
+        on_end: Callable[[ConsoleSession], None],
+    ) -> None:
         self.claims, self.config, self.browser, self.client_ip = claims, config, browser, client_ip
         self.on_open, self.on_end = on_open, on_end
         self.started = time.monotonic()
@@ -424,7 +433,8 @@ class ConsoleSession:
         assert plain is not None
         try:
             secure = await asyncio.get_running_loop().start_tls(
-                plain, self._up, context, server_hostname=policy.server_name if action.verify else None)
+                plain, self._up, context, server_hostname=policy.server_name if action.verify else None
+            )
         except ssl.SSLCertVerificationError:
             raise _end(Close.TARGET_AUTH_FAILED, "the console server's certificate did not verify") from None
         except (ssl.SSLError, OSError, ConnectionError) as error:
@@ -448,8 +458,9 @@ class ConsoleSession:
 
     def _hung_up(self) -> SessionEnded:
         """How the hypervisor hanging up before ServerInit ends the session."""
-        return self._tls_failure(self._lost_error, "the console server closed the connection during the handshake",
-                                 quiet=self._tls_quiet)
+        return self._tls_failure(
+            self._lost_error, "the console server closed the connection during the handshake", quiet=self._tls_quiet
+        )
 
     def handshake_bytes(self, data: memoryview) -> None:
         """The hypervisor's bytes before relaying: fed to the waiting handshake at once, else
@@ -465,8 +476,13 @@ class ConsoleSession:
         try:
             actions = self._guard(handshake.feed, bytes(data))
             last = actions[-1] if actions else None
-            if all(type(action) is rfb.Send or _milestone_passed(action, handshake) or action is last
-                   and type(last) is rfb.ServerInitReady for action in actions):
+            if all(
+                type(action) is rfb.Send
+                or _milestone_passed(action, handshake)
+                or (action is last
+                and type(last) is rfb.ServerInitReady)
+                for action in actions
+            ):
                 for action in actions:
                     if type(action) is rfb.Send:
                         self._write_upstream(action.data)
@@ -475,7 +491,7 @@ class ConsoleSession:
                 if not self._open_now(last, handshake.security_type):  # type: ignore[arg-type]
                     self._ready = (last, handshake.security_type)  # type: ignore[assignment]
                 actions = [last]  # the replies are sent: only the milestone is the coroutine's
-        except Exception as error:  # noqa: BLE001 - the coroutine ends the session (and logs a bug)
+        except Exception as error:
             if not waiter.done():
                 waiter.set_exception(error)
             return

@@ -272,7 +272,7 @@ def negotiate_version(offered: tuple[int, int]) -> tuple[int, int]:
         return V3_8
     if offered == V3_7:
         return V3_7
-    if V3_3 <= offered:
+    if offered >= V3_3:
         return V3_3
     raise RfbError.protocol(f"unsupported RFB version {offered[0]}.{offered[1]}")
 
@@ -471,8 +471,10 @@ class UpstreamHandshake:
         if plain is not None:
             return plain
         if self._policy.tls_required and offered & {SEC_NONE, SEC_VNC}:
-            raise RfbError.auth_failed(f"the console server offers no TLS (server offers {sorted(offered)}); "
-                                       f"this console's token requires TLS (tls.ca or tls.require)")
+            raise RfbError.auth_failed(
+                f"the console server offers no TLS (server offers {sorted(offered)}); "
+                f"this console's token requires TLS (tls.ca or tls.require)"
+            )
         raise RfbError.auth_failed(
             f"no acceptable security type offered (server offers {sorted(offered)}, "
             f"tls required: {self._policy.tls_required}, "
@@ -514,7 +516,9 @@ class UpstreamHandshake:
             return None
         assert self._password is not None  # guaranteed by the security choice
         self._state = _Up.SECURITY_RESULT
-        response = self._cipher(self._password, challenge) if self._prepared is None else self._prepared.encrypt(challenge)
+        response = (
+            self._cipher(self._password, challenge) if self._prepared is None else self._prepared.encrypt(challenge)
+        )
         return [Send(response + self._pipeline())]
 
     def _on_security_result(self) -> list[UpstreamAction] | None:
@@ -610,13 +614,17 @@ class UpstreamHandshake:
         """Why nothing offered will do, most specific first (for the log and the audit)."""
         listed = f"server offers VeNCrypt subtypes {sorted(offered)}"
         if offered & _VENCRYPT_ANONYMOUS and not offered & _VENCRYPT_X509 and not self._policy.allow_anonymous:
-            return f"the console server offers only anonymous TLS (no certificate); {self._policy.anonymous_refusal()} " \
-                   f"({listed})"
+            return (
+                f"the console server offers only anonymous TLS (no certificate); {self._policy.anonymous_refusal()} "
+                f"({listed})"
+            )
         if offered & _VENCRYPT_X509 and not self._policy.can_verify:
             return f"the console server offers X.509 TLS but no CA is configured to verify it ({listed})"
-        return (f"no acceptable VeNCrypt subtype offered ({listed}, "
-                f"anonymous TLS allowed: {self._policy.allow_anonymous}, "
-                f"password: {'yes' if self._password is not None else 'no'})")
+        return (
+            f"no acceptable VeNCrypt subtype offered ({listed}, "
+            f"anonymous TLS allowed: {self._policy.allow_anonymous}, "
+            f"password: {'yes' if self._password is not None else 'no'})"
+        )
 
     def _on_vencrypt_accept(self) -> list[UpstreamAction] | None:
         raw = self._buf.take(1)
@@ -855,9 +863,7 @@ class ClientMessageFramer:
                 if size is None:
                     break
                 if size > self._max:
-                    raise RfbError.protocol(
-                        f"client message of {size} bytes exceeds the {self._max} byte limit"
-                    )
+                    raise RfbError.protocol(f"client message of {size} bytes exceeds the {self._max} byte limit")
                 if len(self._buf) - start < size:
                     break
                 messages.append((self._buf[start], bytes(view[start : start + size])))

@@ -30,61 +30,111 @@ IDLE_CONNECTION_TIMEOUT = 60.0
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--listen", metavar="H:P", action="append", default=[],
-                       help="address and port to listen on (repeatable; [::]:PORT is IPv6 and IPv4 at once)")
-    serve.add_argument("--keyring", metavar="FILE",
-                       help="proxy keyring (console-broker keys export-proxy); with --broker, used until the "
-                            "broker answers")
-    serve.add_argument("--allow-signing-keyring", action="store_true",
-                       help="accept a --keyring holding private signing keys (the broker's own: this proxy could "
-                            "then mint tokens); refused by default")
-    serve.add_argument("--broker", metavar="URL", action="append",
-                       help="the broker: keyring, single-use redemption, events, revocations pushed; repeat it "
-                            "for replicas (one used at a time, the next on failure)")
+    serve.add_argument(
+        "--listen",
+        metavar="H:P",
+        action="append",
+        default=[],
+        help="address and port to listen on (repeatable; [::]:PORT is IPv6 and IPv4 at once)",
+    )
+    serve.add_argument(
+        "--keyring",
+        metavar="FILE",
+        help="proxy keyring (console-broker keys export-proxy); with --broker, used until the broker answers",
+    )
+    serve.add_argument(
+        "--allow-signing-keyring",
+        action="store_true",
+        help="accept a --keyring holding private signing keys (the broker's own: this proxy could "
+        "then mint tokens); refused by default",
+    )
+    serve.add_argument(
+        "--broker",
+        metavar="URL",
+        action="append",
+        help="the broker: keyring, single-use redemption, events, revocations pushed; repeat it "
+        "for replicas (one used at a time, the next on failure)",
+    )
     serve.add_argument("--proxy-credential", metavar="FILE", help="credential from console-broker proxy add")
     serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
-    serve.add_argument("--broker-ca", metavar="PEM", help="CA bundle that signed the broker's certificate "
-                       "(default: the system's)")
+    serve.add_argument(
+        "--broker-ca", metavar="PEM", help="CA bundle that signed the broker's certificate (default: the system's)"
+    )
     serve.add_argument("--public-url", metavar="URL", help="the URL browsers use to reach this proxy")
-    serve.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
-                       help="another page origin allowed to open consoles (repeatable)")
-    serve.add_argument("--no-pin-host", action="store_true",
-                       help="with --public-url, accept websockets addressed to any Host (default: only the "
-                            "public URL's and the allowed origins' hosts, against DNS rebinding)")
-    serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
-                       help="a load balancer whose X-Forwarded-* headers are believed (repeatable)")
-    serve.add_argument("--proxy-protocol", action="store_true",
-                       help="connections from --trusted-proxy peers must begin with a PROXY protocol v1/v2 header "
-                            "(HAProxy send-proxy[-v2]) naming the client, before TLS with --tls-cert; other peers must "
-                            "not send one")
+    serve.add_argument(
+        "--allowed-origin",
+        metavar="ORIGIN",
+        action="append",
+        default=[],
+        help="another page origin allowed to open consoles (repeatable)",
+    )
+    serve.add_argument(
+        "--no-pin-host",
+        action="store_true",
+        help="with --public-url, accept websockets addressed to any Host (default: only the "
+        "public URL's and the allowed origins' hosts, against DNS rebinding)",
+    )
+    serve.add_argument(
+        "--trusted-proxy",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="a load balancer whose X-Forwarded-* headers are believed (repeatable)",
+    )
+    serve.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="connections from --trusted-proxy peers must begin with a PROXY protocol v1/v2 header "
+        "(HAProxy send-proxy[-v2]) naming the client, before TLS with --tls-cert; other peers must "
+        "not send one",
+    )
     serve.add_argument("--tls-cert", metavar="F")
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument("--max-sessions", type=int, default=2000)
     serve.add_argument("--idle-timeout", type=float, default=900.0, help="seconds without input; 0 disables")
-    serve.add_argument("--ping-interval", type=float, default=20.0,
-                       help="seconds between keepalive websocket Pings to each browser, so proxies in between "
-                            "(nginx: 60 s) keep idle consoles open; not input for --idle-timeout; 0 disables")
+    serve.add_argument(
+        "--ping-interval",
+        type=float,
+        default=20.0,
+        help="seconds between keepalive websocket Pings to each browser, so proxies in between "
+        "(nginx: 60 s) keep idle consoles open; not input for --idle-timeout; 0 disables",
+    )
     serve.add_argument("--handshake-timeout", type=float, default=15.0)
     serve.add_argument("--max-message-size", type=int, default=1 << 20, help="largest websocket message, bytes")
     serve.add_argument("--end-at-expiry", action="store_true", help="close sessions (4410) when the token expires")
     serve.add_argument("--expiry-grace", type=float, default=0.0, help="seconds after exp, with --end-at-expiry")
     serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds open sessions get after SIGTERM")
-    serve.add_argument("--no-force-shared", action="store_true",
-                       help="pass the browser's ClientInit shared flag instead of forcing it on")
-    serve.add_argument("--upstream-ca", metavar="PEM",
-                       help="CA bundle that verifies VeNCrypt X.509 targets whose token names no CA (not a "
-                            "demand for TLS: plain targets still work; a token's tls.require demands TLS)")
-    serve.add_argument("--allow-anonymous-tls", action="store_true",
-                       help="accept VeNCrypt TLSNone/TLSVnc (no certificate, interceptable) for targets whose "
-                            "token pins nothing; never for a token with tls.ca or tls.require")
+    serve.add_argument(
+        "--no-force-shared",
+        action="store_true",
+        help="pass the browser's ClientInit shared flag instead of forcing it on",
+    )
+    serve.add_argument(
+        "--upstream-ca",
+        metavar="PEM",
+        help="CA bundle that verifies VeNCrypt X.509 targets whose token names no CA (not a "
+        "demand for TLS: plain targets still work; a token's tls.require demands TLS)",
+    )
+    serve.add_argument(
+        "--allow-anonymous-tls",
+        action="store_true",
+        help="accept VeNCrypt TLSNone/TLSVnc (no certificate, interceptable) for targets whose "
+        "token pins nothing; never for a token with tls.ca or tls.require",
+    )
     serve.add_argument("--skew", type=int, default=DEFAULT_SKEW, help="clock-skew allowance, seconds")
     serve.add_argument("--frame-ancestors", default="'none'", help="CSP frame-ancestors for the viewer page")
-    serve.add_argument("--static-dir", metavar="DIR",
-                       help="the viewer's files (default: the viewer installed with the package; static/ in a "
-                            "checkout)")
+    serve.add_argument(
+        "--static-dir",
+        metavar="DIR",
+        help="the viewer's files (default: the viewer installed with the package; static/ in a checkout)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.add_argument("--log-format", default="text", choices=logguard.FORMATS,
-                       help="text lines, or one JSON object per line (default: %(default)s)")
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=logguard.FORMATS,
+        help="text lines, or one JSON object per line (default: %(default)s)",
+    )
     serve.set_defaults(handler=run)
     Sources(serve, "console-proxy serve")
 
@@ -121,13 +171,25 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     return ProxyConfig(
-        origin_policy=policy, trusted_proxies=trusted, public_url=args.public_url, proxy_protocol=args.proxy_protocol,
-        max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
-        max_message_size=args.max_message_size, shared=not args.no_force_shared, end_at_expiry=args.end_at_expiry,
-        expiry_grace=args.expiry_grace, skew=args.skew, drain_grace=args.drain_grace, ping_interval=args.ping_interval,
-        upstream_ca_pem=_read_text(args.upstream_ca), allow_anonymous_tls=args.allow_anonymous_tls,
+        origin_policy=policy,
+        trusted_proxies=trusted,
+        public_url=args.public_url,
+        proxy_protocol=args.proxy_protocol,
+        max_sessions=args.max_sessions,
+        idle_timeout=args.idle_timeout,
+        handshake_timeout=args.handshake_timeout,
+        max_message_size=args.max_message_size,
+        shared=not args.no_force_shared,
+        end_at_expiry=args.end_at_expiry,
+        expiry_grace=args.expiry_grace,
+        skew=args.skew,
+        drain_grace=args.drain_grace,
+        ping_interval=args.ping_interval,
+        upstream_ca_pem=_read_text(args.upstream_ca),
+        allow_anonymous_tls=args.allow_anonymous_tls,
         static_dir=Path(args.static_dir) if args.static_dir else default_static_dir(),
-        frame_ancestors=args.frame_ancestors)
+        frame_ancestors=args.frame_ancestors,
+    )
 
 
 def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
@@ -167,12 +229,15 @@ def load_proxy_keyring(path: str, *, allow_signing: bool) -> keyring.Keyring:
     ring = keyring.load(path)
     private = sorted(kid for kid, key in ring.signing.items() if key.seed is not None)
     if private and not allow_signing:
-        raise CommandError(f"{path!r} holds private signing keys ({', '.join(private)}): this proxy could mint "
-                           "tokens. Give it the proxy keyring (console-broker keys export-proxy), or pass "
-                           "--allow-signing-keyring")
+        raise CommandError(
+            f"{path!r} holds private signing keys ({', '.join(private)}): this proxy could mint "
+            "tokens. Give it the proxy keyring (console-broker keys export-proxy), or pass "
+            "--allow-signing-keyring"
+        )
     if private:
-        log.warning("--keyring %s holds private signing keys (--allow-signing-keyring): this proxy can mint tokens",
-                    path)
+        log.warning(
+            "--keyring %s holds private signing keys (--allow-signing-keyring): this proxy can mint tokens", path
+        )
         return ring.for_proxy()
     return ring
 
@@ -206,8 +271,14 @@ async def _first_keyring(link: BrokerLink, config: ProxyConfig, ring: keyring.Ke
         return ring
 
 
-async def serve(config: ProxyConfig, ring: keyring.Keyring | None, sockets: list[socket.socket],
-                tls: ssl.SSLContext | None, *, link: BrokerLink | None = None) -> None:
+async def serve(
+    config: ProxyConfig,
+    ring: keyring.Keyring | None,
+    sockets: list[socket.socket],
+    tls: ssl.SSLContext | None,
+    *,
+    link: BrokerLink | None = None,
+) -> None:
     if link is not None:
         ring = await _first_keyring(link, config, ring)
     assert ring is not None
@@ -216,8 +287,13 @@ async def serve(config: ProxyConfig, ring: keyring.Keyring | None, sockets: list
         link.attach(state)
         link.start()
     # No proxy endpoint takes a body; without these limits Tornado buffers ~100 MiB per request.
-    http = tornado.httpserver.HTTPServer(server.make_app(state), ssl_options=tls, max_body_size=MAX_BODY,
-                                         body_timeout=10, idle_connection_timeout=IDLE_CONNECTION_TIMEOUT)
+    http = tornado.httpserver.HTTPServer(
+        server.make_app(state),
+        ssl_options=tls,
+        max_body_size=MAX_BODY,
+        body_timeout=10,
+        idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
+    )
     door = None if tls else FrontDoor(state, http, IDLE_CONNECTION_TIMEOUT)
     tls_door = TlsDoor(state, http, tls, IDLE_CONNECTION_TIMEOUT) if tls and config.proxy_protocol else None
     if tls_door is not None:

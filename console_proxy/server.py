@@ -49,8 +49,9 @@ class BrokerLink(Protocol):
 class ProxyState:
     """Everything one proxy process shares between requests. No durable state."""
 
-    def __init__(self, config: ProxyConfig, keyring: Keyring, *, broker: BrokerLink | None = None,
-                 events: Events | None = None) -> None:
+    def __init__(
+        self, config: ProxyConfig, keyring: Keyring, *, broker: BrokerLink | None = None, events: Events | None = None
+    ) -> None:
         self.config, self.keyring, self.broker = config, keyring, broker
         self.events = events or Events()
         self.sessions: dict[ConsoleSession, None] = {}
@@ -70,8 +71,14 @@ class ProxyState:
 
     def admit(self, request: Request) -> Claims:
         """The pure admission, then what only this process knows: revoked sessions."""
-        claims = admit(request, keyring=self.keyring, config=self.config, now=clock.now(),
-                       draining=self.draining, sessions=len(self.sessions) + self.pending)
+        claims = admit(
+            request,
+            keyring=self.keyring,
+            config=self.config,
+            now=clock.now(),
+            draining=self.draining,
+            sessions=len(self.sessions) + self.pending,
+        )
         if claims.sid in self.revoked:  # a reusable token must not reopen a revoked session
             raise Refusal(Refused.SESSION_REVOKED, reason="the broker revoked this session", claims=claims)
         return claims
@@ -155,8 +162,12 @@ class ProxyState:
         if self.draining:
             return
         self.draining = True
-        log.info("draining: %d open sessions, %d upgrades under way, grace %.0fs", len(self.sessions), self.pending,
-                 self.config.drain_grace)
+        log.info(
+            "draining: %d open sessions, %d upgrades under way, grace %.0fs",
+            len(self.sessions),
+            self.pending,
+            self.config.drain_grace,
+        )
         if self.broker is not None:
             self.broker.nudge()  # so the broker stops assigning consoles here at once
         asyncio.get_running_loop().call_later(self.config.drain_grace, self._going_away)
@@ -188,9 +199,13 @@ def request_view(state: ProxyState, peer: str, protocol: str, host: str | None, 
         asked = said.host or host
         return View(said.client, origin.origin_of(said.proto or protocol, asked), asked)
     client = origin.client_address(peer, headers.get("X-Forwarded-For"), trusted)
-    own = origin.effective_origin(peer, protocol, host, {
-        "X-Forwarded-Proto": headers.get("X-Forwarded-Proto"),
-        "X-Forwarded-Host": headers.get("X-Forwarded-Host")}, trusted)
+    own = origin.effective_origin(
+        peer,
+        protocol,
+        host,
+        {"X-Forwarded-Proto": headers.get("X-Forwarded-Proto"), "X-Forwarded-Host": headers.get("X-Forwarded-Host")},
+        trusted,
+    )
     return View(client, own, origin.effective_host(peer, host, headers.get("X-Forwarded-Host"), trusted))
 
 
@@ -199,8 +214,9 @@ def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> Vie
     return request_view(state, request.remote_ip or "", request.protocol, request.host, request.headers)
 
 
-def admit_upgrade(state: ProxyState, headers: Mapping[str, str], query_token: Callable[[], str | None],
-                  view: View) -> tuple[Claims, str, bool]:
+def admit_upgrade(
+    state: ProxyState, headers: Mapping[str, str], query_token: Callable[[], str | None], view: View
+) -> tuple[Claims, str, bool]:
     """Claims, the websocket key and whether "binary" was offered; or Refusal. Spends nothing:
     a request that is not a version-13 upgrade is refused before any token work (the query's
     token is not even read)."""
@@ -225,11 +241,13 @@ async def redeem_upgrade(state: ProxyState, claims: Claims) -> None:
         state.release_pending()  # a session takes the slot in this same turn, or none
 
 
-def start_session(state: ProxyState, claims: Claims, browser: wsconn.PlainBrowser | wsconn.TlsBrowser,
-                  client_ip: str) -> ConsoleSession:
+def start_session(
+    state: ProxyState, claims: Claims, browser: wsconn.PlainBrowser | wsconn.TlsBrowser, client_ip: str
+) -> ConsoleSession:
     """The session, registered before anything can await, so it is counted throughout."""
-    session = ConsoleSession(claims, state.config, browser, client_ip,
-                             on_open=state.session_opened, on_end=state.session_ended)
+    session = ConsoleSession(
+        claims, state.config, browser, client_ip, on_open=state.session_opened, on_end=state.session_ended
+    )
     browser.session = session
     state.sessions[session] = None
     return session
@@ -268,16 +286,29 @@ class TokenStatusHandler(JsonHandler):
     def get(self) -> None:
         view = _request_view(self, self.state)
         client = view.client
-        request = Request(bearer_token(self.request.headers.get("Authorization")),
-                          self.request.headers.get("Origin"), view.own, client, view.host)
+        request = Request(
+            bearer_token(self.request.headers.get("Authorization")),
+            self.request.headers.get("Origin"),
+            view.own,
+            client,
+            view.host,
+        )
         try:
             claims = self.state.admit(request)
             self.state.spent.check(claims)
         except Refusal as refusal:
             self.refuse(refusal, client)
             return
-        self.answer(200, {"ok": True, "expires_at": claims.exp, "view_only": claims.ro,
-                          "single_use": claims.once, "desktop_name": claims.dn})
+        self.answer(
+            200,
+            {
+                "ok": True,
+                "expires_at": claims.exp,
+                "view_only": claims.ro,
+                "single_use": claims.once,
+                "desktop_name": claims.dn,
+            },
+        )
 
 
 class HealthHandler(JsonHandler):
@@ -285,8 +316,9 @@ class HealthHandler(JsonHandler):
         if self.state.draining:
             self.answer(503, {"status": "draining", "sessions": len(self.state.sessions)})
         else:
-            self.answer(200, {"status": "ok", "sessions": len(self.state.sessions),
-                              "capacity": self.state.config.max_sessions})
+            self.answer(
+                200, {"status": "ok", "sessions": len(self.state.sessions), "capacity": self.state.config.max_sessions}
+            )
 
 
 class MetricsHandler(JsonHandler):
@@ -349,7 +381,7 @@ class ConsoleSocket(JsonHandler):
             return
         try:
             await browser.adopt(stream, greeting)
-        except Exception:  # noqa: BLE001 - whatever failed, the registered session must end
+        except Exception:
             session.finish(LEFT_DURING_UPGRADE)
 
 
@@ -359,8 +391,12 @@ LEFT_DURING_UPGRADE = Ending(Close.ABNORMAL, "browser_closed", "the browser left
 
 def switching(key: str, binary: bool) -> bytes:
     """The 101 answer. The subprotocol is "binary" when offered, never the token one."""
-    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Accept: {wsframes.accept_value(key)}"]
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {wsframes.accept_value(key)}",
+    ]
     if binary:
         lines.append("Sec-WebSocket-Protocol: binary")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
@@ -368,8 +404,9 @@ def switching(key: str, binary: bool) -> bytes:
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     request = handler.request
-    access_log(handler.get_status(), request.method or "", request.path, request.remote_ip or "",
-               request.request_time())
+    access_log(
+        handler.get_status(), request.method or "", request.path, request.remote_ip or "", request.request_time()
+    )
 
 
 def make_app(state: ProxyState) -> tornado.web.Application:
@@ -405,6 +442,7 @@ def start_pinger(state: ProxyState) -> PeriodicCallback | None:
     def ping_all() -> None:
         for session in list(state.sessions):
             session.browser.keepalive()
+
     pinger = PeriodicCallback(ping_all, interval * 1000)
     pinger.start()
     return pinger

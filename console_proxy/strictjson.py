@@ -52,8 +52,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_no_constants,
-                            parse_int=_bounded_int, parse_float=_finite_float)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_reject_duplicates,
+    parse_constant=_no_constants,
+    parse_int=_bounded_int,
+    parse_float=_finite_float,
+)
 
 
 class _Invalid(ValueError):

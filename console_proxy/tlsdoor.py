@@ -35,8 +35,9 @@ HEADER_STARTS = (proxyproto.V1_PREFIX[:1], proxyproto.V2_SIGNATURE[:1])
 class TlsDoor:
     """Listening sockets whose connections begin with a PROXY header, then TLS (Tornado's)."""
 
-    def __init__(self, state: ProxyState, http: tornado.httpserver.HTTPServer, ssl_options: ssl.SSLContext,
-                 head_timeout: float) -> None:
+    def __init__(
+        self, state: ProxyState, http: tornado.httpserver.HTTPServer, ssl_options: ssl.SSLContext, head_timeout: float
+    ) -> None:
         self.state, self.http, self.ssl_options, self.head_timeout = state, http, ssl_options, head_timeout
         self.sockets: list[socket.socket] = []
         self._stop_accepting: list[Any] = []
@@ -66,13 +67,15 @@ class TlsDoor:
     def to_tornado(self, sock: socket.socket, address: tuple[str, int]) -> None:
         """What Tornado's own TLS listener does with an accepted socket."""
         try:
-            connection = tornado.netutil.ssl_wrap_socket(sock, self.ssl_options, server_side=True,
-                                                         do_handshake_on_connect=False)
+            connection = tornado.netutil.ssl_wrap_socket(
+                sock, self.ssl_options, server_side=True, do_handshake_on_connect=False
+            )
         except (ssl.SSLError, OSError):
             sock.close()
             return
-        stream = SSLIOStream(connection, max_buffer_size=self.http.max_buffer_size,
-                             read_chunk_size=self.http.read_chunk_size)
+        stream = SSLIOStream(
+            connection, max_buffer_size=self.http.max_buffer_size, read_chunk_size=self.http.read_chunk_size
+        )
         self.http.handle_stream(stream, address)
 
 
@@ -115,8 +118,9 @@ class _Preamble:
             raise ConnectionResetError
         if not self.trusted:
             if waiting[:1] in HEADER_STARTS:
-                raise proxyproto.ProxyProtocolError("untrusted", "a PROXY protocol header from a peer not in "
-                                                                 "--trusted-proxy")
+                raise proxyproto.ProxyProtocolError(
+                    "untrusted", "a PROXY protocol header from a peer not in --trusted-proxy"
+                )
             return proxyproto.ProxyHeader(None, 0)  # TLS straight from the browser
         header = proxyproto.parse(self.header + waiting)
         take = len(waiting) if header is None else header.length - len(self.header)

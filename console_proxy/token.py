@@ -33,8 +33,12 @@ _JWE_HEADER_KEYS = frozenset({"alg", "enc", "kid", "cty"})
 _TLS_KEYS = {"ca": str, "sni": str, "allow_anon": bool, "require": bool}
 
 # internal reason -> (public code, HTTP status); each code owns its status and message
-_INVALID, _EXPIRED, _NOT_YET, _IP = (Refused.TOKEN_INVALID, Refused.TOKEN_EXPIRED, Refused.TOKEN_NOT_YET_VALID,
-                                     Refused.CLIENT_IP_MISMATCH)
+_INVALID, _EXPIRED, _NOT_YET, _IP = (
+    Refused.TOKEN_INVALID,
+    Refused.TOKEN_EXPIRED,
+    Refused.TOKEN_NOT_YET_VALID,
+    Refused.CLIENT_IP_MISMATCH,
+)
 REASONS: dict[str, tuple[str, int]] = {
     "too_long": (_INVALID, _INVALID.status),
     "malformed": (_INVALID, _INVALID.status),
@@ -117,17 +121,43 @@ class Claims:
         return shown
 
 
-def new_claims(*, host: str, port: int, now: float, ttl: int, issuer: str = "consolegate",
-               password: str | None = None, vm: str | None = None, user: str | None = None,
-               client_ip: str | None = None, view_only: bool = False, single_use: bool = False,
-               desktop_name: str | None = None, tls: dict[str, Any] | None = None,
-               session_id: str | None = None) -> Claims:
+def new_claims(
+    *,
+    host: str,
+    port: int,
+    now: float,
+    ttl: int,
+    issuer: str = "consolegate",
+    password: str | None = None,
+    vm: str | None = None,
+    user: str | None = None,
+    client_ip: str | None = None,
+    view_only: bool = False,
+    single_use: bool = False,
+    desktop_name: str | None = None,
+    tls: dict[str, Any] | None = None,
+    session_id: str | None = None,
+) -> Claims:
     """Claims for a new console: fresh ``jti`` (128+ random bits) and session id, window [now, now+ttl]."""
     issued = int(now)
-    claims = Claims(iss=issuer, iat=issued, nbf=issued, exp=issued + int(ttl),
-                    jti=secrets.token_urlsafe(18), sid=session_id or secrets.token_urlsafe(12),
-                    host=host, port=port, pw=password, tls=tls, vm=vm, sub=user, cip=client_ip,
-                    ro=view_only, once=single_use, dn=desktop_name)
+    claims = Claims(
+        iss=issuer,
+        iat=issued,
+        nbf=issued,
+        exp=issued + int(ttl),
+        jti=secrets.token_urlsafe(18),
+        sid=session_id or secrets.token_urlsafe(12),
+        host=host,
+        port=port,
+        pw=password,
+        tls=tls,
+        vm=vm,
+        sub=user,
+        cip=client_ip,
+        ro=view_only,
+        once=single_use,
+        dn=desktop_name,
+    )
     check_claims(claims.to_json_dict(), max_ttl=None)
     return claims
 
@@ -141,8 +171,9 @@ def mint(claims: Claims, keyring: Keyring) -> str:
     if claims.exp - claims.iat > keyring.max_ttl:
         raise ValueError(f"token lifetime {claims.exp - claims.iat}s exceeds the keyring's max_ttl {keyring.max_ttl}s")
     signer, fleet = keyring.minting_keys()
-    signing_input = b64url.encode(_json({"alg": "EdDSA", "kid": signer.kid})) + "." + b64url.encode(
-        _json(claims.to_json_dict()))
+    signing_input = (
+        b64url.encode(_json({"alg": "EdDSA", "kid": signer.kid})) + "." + b64url.encode(_json(claims.to_json_dict()))
+    )
     jws = signing_input + "." + b64url.encode(signer.sign(signing_input.encode("ascii")))
     header = b64url.encode(_json({"alg": "dir", "enc": "A256GCM", "kid": fleet.kid, "cty": "JWT"}))
     iv = secrets.token_bytes(12)
@@ -153,8 +184,15 @@ def mint(claims: Claims, keyring: Keyring) -> str:
     return token
 
 
-def verify(token: str, keyring: Keyring, now: float, *, skew: int = DEFAULT_SKEW,
-           max_ttl: int | None = None, client_ip: str | None = None) -> Claims:
+def verify(
+    token: str,
+    keyring: Keyring,
+    now: float,
+    *,
+    skew: int = DEFAULT_SKEW,
+    max_ttl: int | None = None,
+    client_ip: str | None = None,
+) -> Claims:
     """The claims of a token the proxy may accept at ``now``, or TokenRefused.
 
     ``max_ttl`` defaults to the keyring's. ``client_ip`` is the peer as the proxy sees it; a
@@ -248,8 +286,13 @@ def _header_kid(encoded: str, check: Callable[[dict[str, Any]], str]) -> str:
 
 
 def _jwe_kid(header: dict[str, Any]) -> str:
-    if (set(header) != _JWE_HEADER_KEYS or header["alg"] != "dir" or header["enc"] != "A256GCM"
-            or header["cty"] != "JWT" or not isinstance(header["kid"], str)):
+    if (
+        set(header) != _JWE_HEADER_KEYS
+        or header["alg"] != "dir"
+        or header["enc"] != "A256GCM"
+        or header["cty"] != "JWT"
+        or not isinstance(header["kid"], str)
+    ):
         raise ValueError("unexpected JWE header")
     return header["kid"]
 
@@ -342,17 +385,40 @@ def check_claims(data: dict[str, Any], *, max_ttl: int | None) -> Claims:
     ro, once = data.get("ro", False), data.get("once", False)
     if type(ro) is not bool or type(once) is not bool:
         raise ValueError(f"claim {'ro' if type(ro) is not bool else 'once'!r} must be a boolean")
-    return Claims._checked({
-        "iss": texts["iss"], "iat": iat, "nbf": nbf, "exp": exp, "jti": jti, "sid": texts["sid"],
-        "host": _check_host(texts["host"] or ""), "port": port, "aud": data.get("aud", AUDIENCE),
-        "pw": texts["pw"], "tls": _check_tls(data.get("tls")), "vm": texts["vm"], "sub": texts["sub"],
-        "cip": _check_cip(texts["cip"]), "ro": ro, "once": once, "dn": texts["dn"],
-    })
+    return Claims._checked(
+        {
+            "iss": texts["iss"],
+            "iat": iat,
+            "nbf": nbf,
+            "exp": exp,
+            "jti": jti,
+            "sid": texts["sid"],
+            "host": _check_host(texts["host"] or ""),
+            "port": port,
+            "aud": data.get("aud", AUDIENCE),
+            "pw": texts["pw"],
+            "tls": _check_tls(data.get("tls")),
+            "vm": texts["vm"],
+            "sub": texts["sub"],
+            "cip": _check_cip(texts["cip"]),
+            "ro": ro,
+            "once": once,
+            "dn": texts["dn"],
+        }
+    )
 
 
 #: Text claims: name, required, longest length.
-_TEXT_CLAIMS = (("iss", True, 256), ("sid", True, 128), ("host", True, 253), ("pw", False, 256),
-                ("vm", False, 256), ("sub", False, 256), ("cip", False, 64), ("dn", False, 1024))
+_TEXT_CLAIMS = (
+    ("iss", True, 256),
+    ("sid", True, 128),
+    ("host", True, 253),
+    ("pw", False, 256),
+    ("vm", False, 256),
+    ("sub", False, 256),
+    ("cip", False, 64),
+    ("dn", False, 1024),
+)
 
 
 def _check_time(claims: Claims, now: float, skew: int) -> None:

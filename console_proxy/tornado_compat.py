@@ -77,4 +77,3 @@ def response_reason(handler: tornado.web.RequestHandler) -> str:
     """
     reason: str = getattr(handler, REASON)
     return reason
-

@@ -87,8 +87,9 @@ class TlsPolicy:
         return "anonymous TLS is not allowed (proxy --allow-anonymous-tls, token tls.allow_anon)"
 
 
-def policy_for(tls: Mapping[str, Any] | None, host: str, *, upstream_ca_pem: str | None,
-               allow_anonymous_tls: bool) -> TlsPolicy:
+def policy_for(
+    tls: Mapping[str, Any] | None, host: str, *, upstream_ca_pem: str | None, allow_anonymous_tls: bool
+) -> TlsPolicy:
     """The policy for a token's ``tls`` claim (already type-checked) on a proxy with these flags.
 
     The proxy's flags only fill in what the token leaves open: ``--upstream-ca`` verifies
@@ -102,8 +103,9 @@ def policy_for(tls: Mapping[str, Any] | None, host: str, *, upstream_ca_pem: str
         return TlsPolicy(Pin.CA, claim["ca"], server_name, allow_anonymous=False)
     if claim.get("require"):
         return TlsPolicy(Pin.REQUIRE, upstream_ca_pem, server_name, allow_anonymous=token_allows_anonymous)
-    return TlsPolicy(Pin.NOTHING, upstream_ca_pem, server_name,
-                     allow_anonymous=token_allows_anonymous or allow_anonymous_tls)
+    return TlsPolicy(
+        Pin.NOTHING, upstream_ca_pem, server_name, allow_anonymous=token_allows_anonymous or allow_anonymous_tls
+    )
 
 
 class NoCaError(ValueError):
@@ -134,8 +136,9 @@ _CERTIFICATE_REQUEST = 13
 #: OpenSSL's names for the alerts a server sends when it wanted a client certificate. The first
 #: says so exactly (TLS 1.3); the others only count after the server asked for a certificate.
 _CERTIFICATE_REQUIRED_ALERT = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
-_CERTIFICATE_ALERTS = frozenset({"SSLV3_ALERT_HANDSHAKE_FAILURE", "SSLV3_ALERT_BAD_CERTIFICATE",
-                                 "TLSV1_ALERT_ACCESS_DENIED"})
+_CERTIFICATE_ALERTS = frozenset(
+    {"SSLV3_ALERT_HANDSHAKE_FAILURE", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED"}
+)
 
 
 class CertificateRequestWatch:
@@ -154,8 +157,9 @@ class CertificateRequestWatch:
         if hasattr(context, "_msg_callback"):
             context._msg_callback = self._message  # type: ignore[attr-defined]
 
-    def _message(self, conn: object, direction: str, version: object, content_type: object,
-                 msg_type: object, data: bytes) -> None:
+    def _message(
+        self, conn: object, direction: str, version: object, content_type: object, msg_type: object, data: bytes
+    ) -> None:
         if direction == "read" and content_type == _HANDSHAKE and msg_type == _CERTIFICATE_REQUEST:
             self.requested = True
 

@@ -152,7 +152,7 @@ class WsConnection:
         start = FRAME_HEADROOM - len(header)
         buffer[start:FRAME_HEADROOM] = header
         with memoryview(buffer) as view:
-            return self._write(view[start:FRAME_HEADROOM + size])
+            return self._write(view[start : FRAME_HEADROOM + size])
 
     def close(self, code: int, reason: str) -> None:
         """Send Close once; the connection ends at the browser's Close, its EOF or the timeout."""
@@ -460,4 +460,3 @@ class TlsBrowser(WsConnection):
 
     def _socket(self) -> socket.socket | None:
         return self.stream.socket
-

@@ -27,19 +27,36 @@ from console_proxy import codes
 try:
     from tornado.speedups import websocket_mask as _mask  # C, installed with tornado
 except ImportError:  # pragma: no cover - tornado built without its extension
+
     def _mask(mask: bytes, data: bytes) -> bytes:
         n = len(data)
         key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
         return (int.from_bytes(data, "big") ^ key).to_bytes(n, "big")
 
-__all__ = ["Close", "FrameReader", "Ping", "Pong", "UpgradeError", "WsError", "accept_value",
-           "binary_header", "check_upgrade", "close_frame", "frame"]
+
+__all__ = [
+    "Close",
+    "FrameReader",
+    "Ping",
+    "Pong",
+    "UpgradeError",
+    "WsError",
+    "accept_value",
+    "binary_header",
+    "check_upgrade",
+    "close_frame",
+    "frame",
+]
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 PROTOCOL_ERROR, UNSUPPORTED_DATA, NO_STATUS, INVALID_DATA, TOO_BIG = (
-    codes.Close.PROTOCOL_ERROR, codes.Close.UNSUPPORTED_DATA, codes.Close.NO_STATUS, codes.Close.INVALID_DATA,
-    codes.Close.MESSAGE_TOO_BIG)
+    codes.Close.PROTOCOL_ERROR,
+    codes.Close.UNSUPPORTED_DATA,
+    codes.Close.NO_STATUS,
+    codes.Close.INVALID_DATA,
+    codes.Close.MESSAGE_TOO_BIG,
+)
 MAX_CONTROL = 125
 #: Close codes a peer may send (RFC 6455 7.4): 1000-1003, 1007-1011, 3000-4999.
 _SENDABLE = frozenset((1000, 1001, 1002, 1003, *range(1007, 1012)))
@@ -88,8 +105,9 @@ def _tokens(value: str) -> set[str]:
 
 def check_upgrade(headers: Mapping[str, str]) -> str:
     """The ``Sec-WebSocket-Key`` of a valid version-13 upgrade request, else UpgradeError."""
-    if headers.get("Upgrade", "").strip().lower() != "websocket" or \
-            "upgrade" not in _tokens(headers.get("Connection", "")):
+    if headers.get("Upgrade", "").strip().lower() != "websocket" or "upgrade" not in _tokens(
+        headers.get("Connection", "")
+    ):
         raise UpgradeError(400, "websocket_required", "not a websocket upgrade request")
     if headers.get("Sec-WebSocket-Version", "").strip() != "13":
         raise UpgradeError(426, "websocket_version", "only websocket version 13 is spoken")
@@ -229,7 +247,7 @@ class FrameReader:
         if end - at < 4 + size:
             self._need = at - start + 4 + size
             return None
-        payload = _mask(buf[at:at + 4], buf[at + 4:at + 4 + size]) if size else b""
+        payload = _mask(buf[at : at + 4], buf[at + 4 : at + 4 + size]) if size else b""
         return at + 4 + size, self._event(opcode, bool(b0 & 0x80), payload)
 
     def _check_header(self, opcode: int, final: bool, size: int) -> None:

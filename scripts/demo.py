@@ -74,8 +74,9 @@ class Demo:
 
     def start(self, command: list[str], log: str, env: dict[str, str] | None = None) -> None:
         with (self.work / log).open("wb") as handle:
-            self.children.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                                  start_new_session=True))
+            self.children.append(
+                subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            )
 
     def wait_ready(self, what: str, log: str, ready_line: str, timeout: float = 30) -> None:
         """Wait for the last child started to log ``ready_line`` (it has bound its port: a port
@@ -94,8 +95,9 @@ class Demo:
         """Every child still running: checked right before a URL is printed."""
         for child in self.children:
             if child.poll() is not None:
-                raise ChildFailed(f"{Path(str(child.args[0])).name} exited (status {child.returncode}); "
-                                  f"see the logs in {self.work}")
+                raise ChildFailed(
+                    f"{Path(str(child.args[0])).name} exited (status {child.returncode}); see the logs in {self.work}"
+                )
 
     def run(self, *command: str) -> str:
         return subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -118,13 +120,40 @@ def start_desktop(demo: Demo) -> tuple[int, str]:
     os.chmod(demo.work / "vnc.pass", 0o600)
     with (demo.work / "vnc.pass").open("rb") as plain, (demo.work / "vnc.obf").open("wb") as obf:
         subprocess.run(["vncpasswd", "-f"], stdin=plain, stdout=obf, check=True)
-    demo.start(["Xvnc", f":{display}", "-rfbport", str(port), "-interface", "127.0.0.1", "-localhost",
-                "-SecurityTypes", "VncAuth", "-PasswordFile", str(demo.work / "vnc.obf"), "-geometry", "1024x768",
-                "-desktop", "consolegate demo VM"], "xvnc.log")
+    demo.start(
+        [
+            "Xvnc",
+            f":{display}",
+            "-rfbport",
+            str(port),
+            "-interface",
+            "127.0.0.1",
+            "-localhost",
+            "-SecurityTypes",
+            "VncAuth",
+            "-PasswordFile",
+            str(demo.work / "vnc.obf"),
+            "-geometry",
+            "1024x768",
+            "-desktop",
+            "consolegate demo VM",
+        ],
+        "xvnc.log",
+    )
     wait_until("the VNC desktop", lambda: demo.check_alive() or listening(port), time.monotonic() + 20)
-    demo.start(["xterm", "-geometry", "100x30+40+40", "-e", "sh", "-c",
-                "echo 'consolegate demo: this xterm runs inside the VM console'; exec sh"],
-               "xterm.log", env={**os.environ, "DISPLAY": f":{display}"})
+    demo.start(
+        [
+            "xterm",
+            "-geometry",
+            "100x30+40+40",
+            "-e",
+            "sh",
+            "-c",
+            "echo 'consolegate demo: this xterm runs inside the VM console'; exec sh",
+        ],
+        "xterm.log",
+        env={**os.environ, "DISPLAY": f":{display}"},
+    )
     return port, str(demo.work / "vnc.pass")
 
 
@@ -155,27 +184,69 @@ def main() -> int:
     try:
         vnc_port, password_file = start_desktop(demo)
         demo.run(broker_cli, "init", "--state-dir", str(state))
-        api_key = demo.run(broker_cli, "apikey", "create", "demo-admin", "--role", "admin",
-                           "--state-dir", str(state)).split()[-1]
+        api_key = demo.run(
+            broker_cli, "apikey", "create", "demo-admin", "--role", "admin", "--state-dir", str(state)
+        ).split()[-1]
         (demo.work / "api.key").write_text(api_key + "\n")
         os.chmod(demo.work / "api.key", 0o600)
-        demo.run(broker_cli, "proxy", "add", "demo-proxy", "--public-url", public, "--out",
-                 str(demo.work / "proxy-credential.json"), "--state-dir", str(state))
-        demo.run(broker_cli, "targets", "add", "--id", "demo-vm", "--name", "Demo VM", "--host", "127.0.0.1",
-                 "--port", str(vnc_port), "--password-file", password_file, "--state-dir", str(state))
-        demo.start([broker_cli, "serve", "--state-dir", str(state), "--listen", f"127.0.0.1:{args.broker_port}"],
-                   "broker.log")
+        demo.run(
+            broker_cli,
+            "proxy",
+            "add",
+            "demo-proxy",
+            "--public-url",
+            public,
+            "--out",
+            str(demo.work / "proxy-credential.json"),
+            "--state-dir",
+            str(state),
+        )
+        demo.run(
+            broker_cli,
+            "targets",
+            "add",
+            "--id",
+            "demo-vm",
+            "--name",
+            "Demo VM",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(vnc_port),
+            "--password-file",
+            password_file,
+            "--state-dir",
+            str(state),
+        )
+        demo.start(
+            [broker_cli, "serve", "--state-dir", str(state), "--listen", f"127.0.0.1:{args.broker_port}"], "broker.log"
+        )
         demo.wait_ready("the broker", "broker.log", "console-broker listening")
-        demo.start([str(BIN / "console-proxy"), "serve", "--listen", f"{args.host}:{args.port}", "--broker",
-                    broker_url, "--proxy-credential", str(demo.work / "proxy-credential.json"),
-                    "--public-url", public, *also_localhost], "proxy.log")
+        demo.start(
+            [
+                str(BIN / "console-proxy"),
+                "serve",
+                "--listen",
+                f"{args.host}:{args.port}",
+                "--broker",
+                broker_url,
+                "--proxy-credential",
+                str(demo.work / "proxy-credential.json"),
+                "--public-url",
+                public,
+                *also_localhost,
+            ],
+            "proxy.log",
+        )
         demo.wait_ready("the proxy", "proxy.log", "console-proxy listening")
         client = BrokerClient(broker_url, api_key)
         wait_until("the proxy", lambda: any(p.get("healthy") for p in client.proxies()), time.monotonic() + 30)
         demo.check_alive()
         console = client.mint("demo-vm", user="demo", ttl=600, single_use=True)
-        another = (f"curl -s -H \"Authorization: Bearer $(cat {shlex.quote(str(demo.work / 'api.key'))})\" "
-                   f"-d '{json.dumps({'target_id': 'demo-vm'})}' {broker_url}/api/v1/consoles")
+        another = (
+            f'curl -s -H "Authorization: Bearer $(cat {shlex.quote(str(demo.work / "api.key"))})" '
+            f"-d '{json.dumps({'target_id': 'demo-vm'})}' {broker_url}/api/v1/consoles"
+        )
         print(f"\nconsolegate demo is running (state, keys and logs in {demo.work})\n")
         print(f"  console URL (single use, valid 10 minutes):\n    {console['url']}\n")
         print(f"  mint another console:\n    {another}\n")

@@ -46,8 +46,12 @@ class BrokerState:
         init_state_dir(root, database=database)
         broker = Broker(root, database=database)
         try:
-            return cls(root, broker.create_apikey("admin", "admin", "test"),
-                       broker.create_apikey("issuer", "issuer", "test"), database=database)
+            return cls(
+                root,
+                broker.create_apikey("admin", "admin", "test"),
+                broker.create_apikey("issuer", "issuer", "test"),
+                database=database,
+            )
         finally:
             broker.close()
 
@@ -106,17 +110,30 @@ class BrokerProcess(ProxyProcess):
         self.process.wait()
 
 
-def start_broker(state: BrokerState, *extra: str, port: int | None = None,
-                 heartbeat_interval: float = HEARTBEAT) -> BrokerProcess:
+def start_broker(
+    state: BrokerState, *extra: str, port: int | None = None, heartbeat_interval: float = HEARTBEAT
+) -> BrokerProcess:
     """Start ``console-broker serve`` on ``state``; returns once it listens."""
     port = port or free_port()
     log_path = state.root.parent / f"broker-{port}.log"
-    command = [sys.executable, "-m", "broker.cli", "serve", "--state-dir", str(state.root),
-               "--listen", f"127.0.0.1:{port}", "--heartbeat-interval", str(heartbeat_interval),
-               "--log-level", "DEBUG", *(["--database", state.database] if state.database else []), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "broker.cli",
+        "serve",
+        "--state-dir",
+        str(state.root),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--heartbeat-interval",
+        str(heartbeat_interval),
+        "--log-level",
+        "DEBUG",
+        *(["--database", state.database] if state.database else []),
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                               env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     broker = BrokerProcess(process, port, log_path, ready_line="console-broker listening")
     broker.state = state
     threading.Thread(target=broker._pump, daemon=True).start()
@@ -126,18 +143,32 @@ def start_broker(state: BrokerState, *extra: str, port: int | None = None,
     return broker
 
 
-def start_linked_proxy(tmp_path: Path, broker: BrokerProcess, name: str, *extra: str,
-                       interval: float = HEARTBEAT) -> ProxyProcess:
+def start_linked_proxy(
+    tmp_path: Path, broker: BrokerProcess, name: str, *extra: str, interval: float = HEARTBEAT
+) -> ProxyProcess:
     """A proxy registered at the broker (``proxy add``) and started with ``--broker``."""
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
     credential = broker.state.proxies.get(name) or broker.state.add_proxy(name, public_url)
-    return start_proxy(tmp_path, None, "--broker", broker.base, "--proxy-credential", str(credential),
-                       "--heartbeat-interval", str(interval), "--public-url", public_url, *extra, port=port)
+    return start_proxy(
+        tmp_path,
+        None,
+        "--broker",
+        broker.base,
+        "--proxy-credential",
+        str(credential),
+        "--heartbeat-interval",
+        str(interval),
+        "--public-url",
+        public_url,
+        *extra,
+        port=port,
+    )
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy, with a deadline (for heartbeats, where
     no event exists to wait on)."""
     deadline = time.monotonic() + timeout
@@ -151,6 +182,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 
 def healthy_proxies(broker: BrokerProcess, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-    return wait_for(lambda: [p for p in broker.admin.proxies() if p["healthy"]]
-                    if sum(p["healthy"] for p in broker.admin.proxies()) >= count else None,
-                    timeout, what=f"{count} healthy proxies")
+    return wait_for(
+        lambda: (
+            [p for p in broker.admin.proxies() if p["healthy"]]
+            if sum(p["healthy"] for p in broker.admin.proxies()) >= count
+            else None
+        ),
+        timeout,
+        what=f"{count} healthy proxies",
+    )

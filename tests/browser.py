@@ -29,8 +29,14 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 CHROMIUM = "/usr/bin/chromium"
 HEADLESS_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--disable-dev-shm-usage",
 ]
 START_TIMEOUT = 30.0
@@ -52,9 +58,12 @@ class Chromium:
         self.profile = Path(tempfile.mkdtemp(prefix="consolegate-chromium-"))
         self.log_path = log_path or self.profile / "chromium.log"
         self.process = subprocess.Popen(
-            [CHROMIUM, *HEADLESS_FLAGS, "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
-             "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [CHROMIUM, *HEADLESS_FLAGS, "--remote-debugging-port=0", f"--user-data-dir={self.profile}", "about:blank"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self._devtools_url: Future[str] = Future()
         threading.Thread(target=self._pump_stderr, daemon=True).start()
         self.loop = asyncio.new_event_loop()
@@ -119,8 +128,14 @@ class Chromium:
             raise CdpError(f"{method}: {answer['error']}")
         return answer.get("result", {})
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None,
-             timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        session: str | None = None,
+        timeout: float = CALL_TIMEOUT,
+    ) -> dict[str, Any]:
         return self._run(self._call(method, params, session), timeout)
 
     def listen(self, session: str, listener: Callable[[str, dict[str, Any]], None]) -> None:
@@ -133,8 +148,10 @@ class Chromium:
         page = Page(self, target, session)
         for method in ("Page.enable", "Runtime.enable", "Log.enable"):
             page.call(method)
-        page.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
         # Headless windows are never "focused"; without this, key events reach no element.
         page.call("Emulation.setFocusEmulationEnabled", {"enabled": True})
         return page
@@ -240,11 +257,14 @@ class Page:
 
     def click(self, selector: str) -> None:
         """A real (trusted) mouse click in the middle of an element, as a user gesture."""
-        box = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-                            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        box = self.evaluate(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
         for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent",
-                      {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1})
+            self.call(
+                "Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1}
+            )
 
     def screenshot(self, path: Path) -> Path:
         # A background tab produces no frames, and capturing it would wait for one forever.
@@ -256,8 +276,10 @@ class Page:
 
     def frame_context(self, url_prefix: str) -> int:
         """An isolated-world execution context in the (same-process) child frame at ``url_prefix``."""
+
         def frames(node: dict[str, Any]) -> list[dict[str, Any]]:
             return [node["frame"], *(f for child in node.get("childFrames", ()) for f in frames(child))]
+
         tree = self.call("Page.getFrameTree")["frameTree"]
         frame = next((f for f in frames(tree) if f["url"].startswith(url_prefix)), None)
         if frame is None:

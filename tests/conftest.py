@@ -37,6 +37,7 @@ def mint(broker_ring: tuple[Keyring, Path]) -> Callable[..., str]:
     def _mint(*, ttl: int = 60, now: float | None = None, **options: object) -> str:
         claims = token.new_claims(now=time.time() if now is None else now, ttl=ttl, **options)  # type: ignore[arg-type]
         return token.mint(claims, ring)
+
     return _mint
 
 
@@ -57,6 +58,7 @@ def proxy_factory(broker_ring: tuple[Keyring, Path], tmp_path: Path) -> Iterator
         process = start_proxy(tmp_path, broker_ring[1], *extra)
         started.append(process)
         return process
+
     yield _start
     for process in started:
         process.stop()

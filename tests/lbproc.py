@@ -62,10 +62,13 @@ def require(binary: str) -> str:
 def nginx(directory: Path, port: int, upstream_port: int) -> Iterator[subprocess.Popen[bytes]]:
     """The example site on 127.0.0.1:``port``, passing to a proxy on ``upstream_port``."""
     binary = require("nginx")
-    site = fill(NGINX_EXAMPLE.read_text(), {
-        "listen 80;": f"listen 127.0.0.1:{port};",
-        "server 127.0.0.1:8080;": f"server 127.0.0.1:{upstream_port};",
-    })
+    site = fill(
+        NGINX_EXAMPLE.read_text(),
+        {
+            "listen 80;": f"listen 127.0.0.1:{port};",
+            "server 127.0.0.1:8080;": f"server 127.0.0.1:{upstream_port};",
+        },
+    )
     (directory / "consolegate.conf").write_text(site)
     log = directory / "error.log"
     # The main file a distribution ships, reduced to what the site needs; temp paths in DIR.
@@ -83,8 +86,11 @@ http {{
     include {directory}/consolegate.conf;
 }}
 """)
-    process = subprocess.Popen([binary, "-p", str(directory), "-c", str(directory / "nginx.conf"),
-                                "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    process = subprocess.Popen(
+        [binary, "-p", str(directory), "-c", str(directory / "nginx.conf"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
     try:
         _wait_listening(port, process, log)
         yield process
@@ -103,8 +109,9 @@ def haproxy(directory: Path, port: int, upstream_port: int, *, version: int = 2)
     path.write_text(config)
     log = directory / "haproxy.log"
     env = {**os.environ, "CONSOLEGATE_BIND": f"127.0.0.1:{port}", "CONSOLEGATE_PROXY1": f"127.0.0.1:{upstream_port}"}
-    process = subprocess.Popen([binary, "-db", "-f", str(path)], stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                               env=env, cwd=directory)
+    process = subprocess.Popen(
+        [binary, "-db", "-f", str(path)], stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=directory
+    )
     try:
         _wait_listening(port, process, log)
         yield process

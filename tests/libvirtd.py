@@ -59,9 +59,14 @@ def libvirtd_available() -> bool:
 
 
 def _environment(root: Path) -> dict[str, str]:
-    return {"PATH": "/usr/sbin:/usr/bin:/bin", "HOME": str(root), "XDG_CONFIG_HOME": str(root / "config"),
-            "XDG_RUNTIME_DIR": str(root / "run"), "XDG_CACHE_HOME": str(root / "cache"),
-            "XDG_DATA_HOME": str(root / "data")}
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/bin",
+        "HOME": str(root),
+        "XDG_CONFIG_HOME": str(root / "config"),
+        "XDG_RUNTIME_DIR": str(root / "run"),
+        "XDG_CACHE_HOME": str(root / "cache"),
+        "XDG_DATA_HOME": str(root / "data"),
+    }
 
 
 def _prepare(root: Path) -> None:
@@ -84,9 +89,17 @@ def start_libvirtd() -> Libvirtd:
     _prepare(root)
     user = pwd.getpwnam(USER)
     with (root / "libvirtd.log").open("wb") as log:
-        process = subprocess.Popen([LIBVIRTD], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=root, env=_environment(root), user=user.pw_uid, group=user.pw_gid,
-                                   extra_groups=[])
+        process = subprocess.Popen(
+            [LIBVIRTD],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            env=_environment(root),
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+        )
     daemon = Libvirtd(root, process)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline and process.poll() is None:
@@ -99,19 +112,33 @@ def start_libvirtd() -> Libvirtd:
     raise AssertionError(f"libvirtd did not answer:\n{daemon.log()}")
 
 
-def domain_xml(name: str, *, floppy: Path | None, vnc_port: int | None, password: str | None,
-               listen: str = "127.0.0.1", graphics: str = "vnc") -> str:
+def domain_xml(
+    name: str,
+    *,
+    floppy: Path | None,
+    vnc_port: int | None,
+    password: str | None,
+    listen: str = "127.0.0.1",
+    graphics: str = "vnc",
+) -> str:
     """A TCG domain booting ``floppy`` (if any) with one graphics device."""
-    disk = "" if floppy is None else (
-        "<disk type='file' device='floppy'><driver name='qemu' type='raw'/>"
-        f"<source file={quoteattr(str(floppy))}/><target dev='fda' bus='fdc'/><readonly/></disk>")
+    disk = (
+        ""
+        if floppy is None
+        else (
+            "<disk type='file' device='floppy'><driver name='qemu' type='raw'/>"
+            f"<source file={quoteattr(str(floppy))}/><target dev='fda' bus='fdc'/><readonly/></disk>"
+        )
+    )
     if graphics == "vnc":
         port = f"port='{vnc_port}' autoport='no'" if vnc_port else "autoport='yes'"
         secret = f" passwd={quoteattr(password)}" if password else ""
         device = f"<graphics type='vnc' {port} listen={quoteattr(listen)}{secret}/>"
     else:
         device = "<graphics type='spice' autoport='yes' listen='127.0.0.1'/>"
-    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>16</memory><vcpu>1</vcpu>"
-            "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='fd'/></os>"
-            f"<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{disk}{device}"
-            "<video><model type='vga'/></video></devices></domain>")
+    return (
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>16</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='fd'/></os>"
+        f"<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{disk}{device}"
+        "<video><model type='vga'/></video></devices></domain>"
+    )

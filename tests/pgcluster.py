@@ -42,13 +42,37 @@ class PgCluster:
         pwfile.write_text(self.password + "\n")
         if self._as_postgres:
             shutil.chown(pwfile, "postgres", "postgres")
-        self._run(PG_BIN / "initdb", "-D", str(self.root / "data"), "-U", "postgres", "-A", "scram-sha-256",
-                  f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8", "--locale", "C")
+        self._run(
+            PG_BIN / "initdb",
+            "-D",
+            str(self.root / "data"),
+            "-U",
+            "postgres",
+            "-A",
+            "scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale",
+            "C",
+        )
         pwfile.unlink()
-        self._options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                   "-c fsync=off -c full_page_writes=off -c max_connections=200")
-        self._run(PG_BIN / "pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w",
-                  "-o", self._options, "start")
+        self._options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
+            "-c fsync=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            PG_BIN / "pg_ctl",
+            "-D",
+            str(self.root / "data"),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-o",
+            self._options,
+            "start",
+        )
 
     def _run(self, *command: object) -> None:
         argv = [str(c) for c in command]
@@ -77,8 +101,17 @@ class PgCluster:
 
     def start(self) -> None:
         """Start it again after :meth:`stop`, on the same port (a test's outage ends)."""
-        self._run(PG_BIN / "pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w",
-                  "-o", self._options, "start")
+        self._run(
+            PG_BIN / "pg_ctl",
+            "-D",
+            str(self.root / "data"),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-o",
+            self._options,
+            "start",
+        )
 
     def destroy(self) -> None:
         try:

@@ -50,8 +50,10 @@ class ProxyProcess:
 
     def wait_for_log(self, needle: str, *more: str, timeout: float = 10.0) -> str:
         """The first log line containing ``needle`` (and every one of ``more``), waiting for it."""
+
         def found() -> str | None:
             return next((line for line in self.lines if needle in line and all(m in line for m in more)), None)
+
         with self._changed:
             if not self._changed.wait_for(lambda: found() is not None or self.exited.is_set(), timeout):
                 raise AssertionError(f"no log line with {needle!r} within {timeout}s")
@@ -90,8 +92,9 @@ class ProxyProcess:
         return self.process.returncode
 
 
-def start_proxy(tmp_path: Path, keyring_path: Path | None, *extra: str, log_level: str = "DEBUG",
-                port: int | None = None) -> ProxyProcess:
+def start_proxy(
+    tmp_path: Path, keyring_path: Path | None, *extra: str, log_level: str = "DEBUG", port: int | None = None
+) -> ProxyProcess:
     """Start ``console-proxy serve`` from this checkout; returns once it listens.
 
     ``keyring_path`` None starts it without ``--keyring`` (pass ``--broker …`` in ``extra``);
@@ -101,11 +104,22 @@ def start_proxy(tmp_path: Path, keyring_path: Path | None, *extra: str, log_leve
         port_now = port or free_port()
         log_path = tmp_path / f"proxy-{port_now}.log"
         keyring_args = ["--keyring", str(keyring_path)] if keyring_path is not None else []
-        command = [sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{port_now}",
-                   *keyring_args, "--log-level", log_level, *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "console_proxy.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port_now}",
+            *keyring_args,
+            "--log-level",
+            log_level,
+            *extra,
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   cwd=REPO, env=env)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
+        )
         proxy = ProxyProcess(process, port_now, log_path)
         threading.Thread(target=proxy._pump, daemon=True).start()
         if not proxy.ready.wait(START_TIMEOUT):

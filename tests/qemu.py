@@ -45,14 +45,15 @@ QMP_TIMEOUT = 10.0
 
 #: The guest, hand-assembled 16-bit real mode code loaded at 0x7C00 (see the module docstring).
 BOOT_CODE = bytes.fromhex(
-    "B81300CD10"                  # mov ax,0x0013; int 0x10        VGA mode 13h
-    "B800A08EC031FF31C0FC"        # mov ax,0xA000; mov es,ax; xor di,di; xor ax,ax; cld
-    "B9401FF3AAFEC03C0872F5"      # band: mov cx,8000; rep stosb; inc al; cmp al,8; jb band
-    "31DB"                        # xor bx,bx                       next cell of band 0
-    "31C0CD162407"                # key: xor ax,ax; int 0x16; and al,7
-    "89DFBA1900"                  # mov di,bx; mov dx,25
-    "B92800F3AA81C718014A75F4"    # row: mov cx,40; rep stosb; add di,280; dec dx; jnz row
-    "83C328EBE4")                 # add bx,40; jmp key
+    "B81300CD10"  # mov ax,0x0013; int 0x10        VGA mode 13h
+    "B800A08EC031FF31C0FC"  # mov ax,0xA000; mov es,ax; xor di,di; xor ax,ax; cld
+    "B9401FF3AAFEC03C0872F5"  # band: mov cx,8000; rep stosb; inc al; cmp al,8; jb band
+    "31DB"  # xor bx,bx                       next cell of band 0
+    "31C0CD162407"  # key: xor ax,ax; int 0x16; and al,7
+    "89DFBA1900"  # mov di,bx; mov dx,25
+    "B92800F3AA81C718014A75F4"  # row: mov cx,40; rep stosb; add di,280; dec dx; jnz row
+    "83C328EBE4"
+)  # add bx,40; jmp key
 BOOT_SECTOR = BOOT_CODE.ljust(510, b"\x00") + b"\x55\xaa"
 FLOPPY_SIZE = 1_474_560  # a 1.44 MB image, so the BIOS sees a standard floppy geometry
 #: The picture as VNC shows it: QEMU's std VGA doubles mode 13h to 640x400, so a band is 50 rows
@@ -139,14 +140,33 @@ def _free_vnc_port() -> int:
             return port
 
 
-def _command(port: int, qmp_path: Path, tls: str | None, x509_dir: Path | None, verify_peer: bool,
-             password: bool, guest: Path | None) -> list[str]:
+def _command(
+    port: int,
+    qmp_path: Path,
+    tls: str | None,
+    x509_dir: Path | None,
+    verify_peer: bool,
+    password: bool,
+    guest: Path | None,
+) -> list[str]:
     vnc = f"127.0.0.1:{port - VNC_BASE_PORT}"
-    machine = ["-machine", "none"] if guest is None else [
-        "-machine", "pc", "-m", "16", "-vga", "std", "-boot", "a",
-        "-drive", f"format=raw,file={guest},if=floppy,readonly=on"]
-    command = [QEMU, "-accel", "tcg", *machine, "-nodefaults", "-S", "-display", "none",
-               "-qmp", f"unix:{qmp_path}"]
+    machine = (
+        ["-machine", "none"]
+        if guest is None
+        else [
+            "-machine",
+            "pc",
+            "-m",
+            "16",
+            "-vga",
+            "std",
+            "-boot",
+            "a",
+            "-drive",
+            f"format=raw,file={guest},if=floppy,readonly=on",
+        ]
+    )
+    command = [QEMU, "-accel", "tcg", *machine, "-nodefaults", "-S", "-display", "none", "-qmp", f"unix:{qmp_path}"]
     if tls == "anon":
         command += ["-object", "tls-creds-anon,id=tls0,endpoint=server"]
     elif tls == "x509":
@@ -176,8 +196,15 @@ def _await_qmp(listener: socket.socket, process: subprocess.Popen[bytes]) -> soc
     return None
 
 
-def start_qemu(tmp_path: Path, *, tls: Literal["anon", "x509"] | None = None, pki: TestPki | None = None,
-               verify_peer: bool = False, password: str | None = None, guest: Path | None = None) -> QemuVnc:
+def start_qemu(
+    tmp_path: Path,
+    *,
+    tls: Literal["anon", "x509"] | None = None,
+    pki: TestPki | None = None,
+    verify_peer: bool = False,
+    password: str | None = None,
+    guest: Path | None = None,
+) -> QemuVnc:
     """Start QEMU serving VNC on a free loopback port; return it once VNC accepts connections.
 
     With ``guest`` (a floppy image) the machine is a PC that boots it; its CPUs start once the
@@ -197,7 +224,11 @@ def start_qemu(tmp_path: Path, *, tls: Literal["anon", "x509"] | None = None, pk
             with log_path.open("wb") as log:
                 process = subprocess.Popen(
                     _command(port, qmp_path, tls, x509_dir, verify_peer, password is not None, guest),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ},
+                )
             conn = _await_qmp(listener, process)
         qmp_path.unlink(missing_ok=True)
         if conn is None:

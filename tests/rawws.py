@@ -19,8 +19,9 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-                 masked: bool = True, length: int | None = None) -> bytes:
+def client_frame(
+    opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, masked: bool = True, length: int | None = None
+) -> bytes:
     """One frame as a browser writes it, with every field open to being wrong on purpose.
 
     ``length`` announces a size other than the payload's (a header sent without its payload).
@@ -65,8 +66,8 @@ def parse_server_frame(raw: bytearray, *, check_rsv: bool = False) -> tuple[int,
         size, at = struct.unpack_from("!Q", raw, 2)[0], 10
     if len(raw) < at + size:
         return None
-    payload = bytes(raw[at:at + size])
-    del raw[:at + size]
+    payload = bytes(raw[at : at + size])
+    del raw[: at + size]
     return opcode, payload
 
 
@@ -85,8 +86,7 @@ def get_request(port: int, path: str, headers: dict[str, str]) -> bytes:
 
 
 def upgrade_headers(key: str, protocols: str | None) -> dict[str, str]:
-    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key,
-               "Sec-WebSocket-Version": "13"}
+    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}
     if protocols is not None:
         headers["Sec-WebSocket-Protocol"] = protocols
     return headers

@@ -41,14 +41,25 @@ def _url(ws_url: str, token: str | None, via: str) -> str:
     return f"{ws_url}?token={token}" if token is not None and via == "query" else ws_url
 
 
-async def try_upgrade(ws_url: str, token: str | None, *, origin: str | None = None, via: str = "subprotocol",
-                      headers: dict[str, str] | None = None) -> Refused | None:
+async def try_upgrade(
+    ws_url: str,
+    token: str | None,
+    *,
+    origin: str | None = None,
+    via: str = "subprotocol",
+    headers: dict[str, str] | None = None,
+) -> Refused | None:
     """The refusal a plain HTTP upgrade request gets (status + JSON), or None if it would upgrade."""
     all_headers = _headers(token, origin, via, headers)
-    all_headers.update({"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
-    request = HTTPRequest(_url(ws_url, token, via).replace("ws://", "http://"), headers=all_headers,
-                          request_timeout=10)
+    all_headers.update(
+        {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+    )
+    request = HTTPRequest(_url(ws_url, token, via).replace("ws://", "http://"), headers=all_headers, request_timeout=10)
     response = await AsyncHTTPClient().fetch(request, raise_error=False)
     if response.code == 101 or response.code == 599:
         return None
@@ -64,10 +75,18 @@ class Console:
         self.server_init: ServerInitInfo | None = None
 
     @classmethod
-    async def open(cls, ws_url: str, token: str, *, origin: str | None = None, via: str = "subprotocol",
-                   headers: dict[str, str] | None = None) -> Console:
-        request = HTTPRequest(_url(ws_url, token, via), headers=_headers(token, origin, via, headers),
-                              request_timeout=10)
+    async def open(
+        cls,
+        ws_url: str,
+        token: str,
+        *,
+        origin: str | None = None,
+        via: str = "subprotocol",
+        headers: dict[str, str] | None = None,
+    ) -> Console:
+        request = HTTPRequest(
+            _url(ws_url, token, via), headers=_headers(token, origin, via, headers), request_timeout=10
+        )
         ws = await websocket_connect(request, subprotocols=None)
         return cls(ws)
 

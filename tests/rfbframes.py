@@ -125,8 +125,9 @@ async def request(console: Transport, screen: Screen, incremental: bool) -> None
     await console.send(struct.pack(">BBHHHH", 3, int(incremental), 0, 0, screen.width, screen.height))
 
 
-async def wait_until(console: Transport, screen: Screen, ready: Callable[[Screen], bool],
-                     timeout: float = WAIT_TIMEOUT) -> Screen:
+async def wait_until(
+    console: Transport, screen: Screen, ready: Callable[[Screen], bool], timeout: float = WAIT_TIMEOUT
+) -> Screen:
     """Keep the screen current until ``ready(screen)``; an error naming the last state if never.
 
     The first request is a full one; later ones are incremental (the server answers when the

@@ -32,14 +32,36 @@ def run_schemathesis(spec: str, base: str, junit: Path, *extra: str) -> set[str]
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
     if st is None:
         pytest.skip("schemathesis is not installed")
-    command = [st, "run", spec, base, "--checks", CHECKS, "--max-examples", "10", "--phases", "examples,coverage,fuzzing",
-               "--seed", "1", "--request-timeout", "10", "--report", "junit", "--report-junit-path", str(junit),
-               *extra]
+    command = [
+        st,
+        "run",
+        spec,
+        base,
+        "--checks",
+        CHECKS,
+        "--max-examples",
+        "10",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--seed",
+        "1",
+        "--request-timeout",
+        "10",
+        "--report",
+        "junit",
+        "--report-junit-path",
+        str(junit),
+        *extra,
+    ]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:]
     return {case.attrib["name"] for case in ET.parse(junit).getroot().iter("testcase")}
 
 
 def operations(document: dict[str, Any]) -> set[str]:
-    return {f"{method.upper()} {path}" for path, item in document["paths"].items() for method in item
-            if method != "parameters"}
+    return {
+        f"{method.upper()} {path}"
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }

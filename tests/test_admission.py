@@ -23,10 +23,24 @@ def _token(**options: object) -> str:
     return token.mint(claims, RING)
 
 
-def _admit(tok: str | None, *, origin: str | None = None, draining: bool = False, sessions: int = 0,
-           client: str = "192.0.2.10", config: ProxyConfig | None = None, now: float = NOW) -> token.Claims:
-    return admit(Request(tok, origin, OWN, client), keyring=PROXY_RING, config=config or ProxyConfig(),
-                 now=now, draining=draining, sessions=sessions)
+def _admit(
+    tok: str | None,
+    *,
+    origin: str | None = None,
+    draining: bool = False,
+    sessions: int = 0,
+    client: str = "192.0.2.10",
+    config: ProxyConfig | None = None,
+    now: float = NOW,
+) -> token.Claims:
+    return admit(
+        Request(tok, origin, OWN, client),
+        keyring=PROXY_RING,
+        config=config or ProxyConfig(),
+        now=now,
+        draining=draining,
+        sessions=sessions,
+    )
 
 
 def _code(**kwargs: object) -> tuple[str, int]:
@@ -50,11 +64,14 @@ def test_origin_then_capacity_then_token() -> None:
     assert _code(tok=None) == ("token_missing", 400)
 
 
-@pytest.mark.parametrize(("mutation", "expected"), [
-    ({"tok": "garbage"}, ("token_invalid", 401)),
-    ({"now": NOW + 3600}, ("token_expired", 401)),
-    ({"now": NOW - 3600}, ("token_not_yet_valid", 401)),
-])
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        ({"tok": "garbage"}, ("token_invalid", 401)),
+        ({"now": NOW + 3600}, ("token_expired", 401)),
+        ({"now": NOW - 3600}, ("token_not_yet_valid", 401)),
+    ],
+)
 def test_token_refusals_keep_their_codes(mutation: dict[str, object], expected: tuple[str, int]) -> None:
     assert _code(**{"tok": _token(), **mutation}) == expected
 

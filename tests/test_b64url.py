@@ -20,30 +20,35 @@ def test_roundtrip_and_matches_stdlib_without_padding(data: bytes) -> None:
     assert b64url.decode(text) == data
 
 
-@pytest.mark.parametrize(("text", "data"), [("", b""), ("AA", b"\x00"), ("AAA", b"\x00\x00"), ("-_8", b"\xfb\xff"),
-                                            ("AAAA", b"\x00\x00\x00")])
+@pytest.mark.parametrize(
+    ("text", "data"),
+    [("", b""), ("AA", b"\x00"), ("AAA", b"\x00\x00"), ("-_8", b"\xfb\xff"), ("AAAA", b"\x00\x00\x00")],
+)
 def test_known_values(text: str, data: bytes) -> None:
     assert b64url.decode(text) == data
     assert b64url.encode(data) == text
 
 
-@pytest.mark.parametrize("text", [
-    "AA==",  # padding
-    "AAA=",
-    "A",  # impossible length
-    "AAAAA",
-    "+_8",  # standard alphabet
-    "-/8",
-    "AB",  # non-zero trailing bits (the canonical spelling of b"\x00" is "AA")
-    "AAB",  # likewise for two bytes
-    "A A",  # whitespace
-    "AA\n",
-    "\nAA",
-    "AA.A",
-    "A*A",
-    "\u00c0AA",  # non-ASCII
-    "AA\x00",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AA==",  # padding
+        "AAA=",
+        "A",  # impossible length
+        "AAAAA",
+        "+_8",  # standard alphabet
+        "-/8",
+        "AB",  # non-zero trailing bits (the canonical spelling of b"\x00" is "AA")
+        "AAB",  # likewise for two bytes
+        "A A",  # whitespace
+        "AA\n",
+        "\nAA",
+        "AA.A",
+        "A*A",
+        "\u00c0AA",  # non-ASCII
+        "AA\x00",
+    ],
+)
 def test_non_canonical_spellings_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         b64url.decode(text)

@@ -45,8 +45,15 @@ def _as_proxy(broker: BrokerProcess, path: str, body: Any) -> tuple[int, Any]:
 
 
 def _heartbeat(broker: BrokerProcess, version: int = 0, **over: Any) -> dict[str, Any]:
-    body = {"proxy_id": "fake", "public_url": None, "sessions": 0, "capacity": 10, "draining": False,
-            "version": version, **over}
+    body = {
+        "proxy_id": "fake",
+        "public_url": None,
+        "sessions": 0,
+        "capacity": 10,
+        "draining": False,
+        "version": version,
+        **over,
+    }
     return _as_proxy(broker, "/proxy/heartbeat", body)[1]
 
 
@@ -60,8 +67,9 @@ def test_401_answers_name_the_bearer_scheme(broker: BrokerProcess) -> None:
     """RFC 6750: a 401 carries WWW-Authenticate. Tornado's send_error clears headers set before
     the raise, so this pins that the header survives to the wire."""
     for path in ("/api/v1/targets", "/api/v1/proxy/heartbeat"):
-        request = urllib.request.Request(broker.base + path, method="POST", data=b"{}",
-                                         headers={"Authorization": "Bearer cgk.nope.nope"})
+        request = urllib.request.Request(
+            broker.base + path, method="POST", data=b"{}", headers={"Authorization": "Bearer cgk.nope.nope"}
+        )
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(request, timeout=10)
         assert info.value.code == 401
@@ -78,22 +86,29 @@ def test_authentication_and_roles(broker: BrokerProcess) -> None:
     assert _error(lambda: broker.issuer.audit()) == (403, "forbidden")
     # a proxy credential is no API key, and an API key is no proxy credential
     assert _error(lambda: broker.client().request("GET", "/targets", authorization=_proxy_auth(broker))) == (
-        401, "unauthorized")
+        401,
+        "unauthorized",
+    )
     assert _error(lambda: broker.admin.request("POST", "/proxy/redeem", {})) == (401, "unauthorized")
     assert broker.admin.openapi()["openapi"].startswith("3.")
     assert broker.client().openapi()["paths"]  # anyone
 
 
-@pytest.mark.parametrize("raw, code", [
-    (b"{", "bad_request"), (b"[]", "bad_request"), (b'{"name": "a", "name": "b", "host": "h", "port": 1}',
-                                                     "bad_request"),
-    (b'{"name": "a", "host": "h", "port": "1"}', "bad_request"), (b'{"name": "a", "host": "h", "port": true}',
-                                                                 "bad_request"),
-    (b'{"name": "a", "host": "h", "port": 1, "extra": 1}', "bad_request"), (b'{"name": "a", "port": 1}',
-                                                                            "bad_request"),
-    (b'{"name": "a", "host": "h", "port": 70000}', "bad_request"), (b"\xff\xfe", "bad_request"),
-    (b'{"name": "a", "host": "h", "port": NaN}', "bad_request"),
-])
+@pytest.mark.parametrize(
+    "raw, code",
+    [
+        (b"{", "bad_request"),
+        (b"[]", "bad_request"),
+        (b'{"name": "a", "name": "b", "host": "h", "port": 1}', "bad_request"),
+        (b'{"name": "a", "host": "h", "port": "1"}', "bad_request"),
+        (b'{"name": "a", "host": "h", "port": true}', "bad_request"),
+        (b'{"name": "a", "host": "h", "port": 1, "extra": 1}', "bad_request"),
+        (b'{"name": "a", "port": 1}', "bad_request"),
+        (b'{"name": "a", "host": "h", "port": 70000}', "bad_request"),
+        (b"\xff\xfe", "bad_request"),
+        (b'{"name": "a", "host": "h", "port": NaN}', "bad_request"),
+    ],
+)
 def test_bad_bodies_are_400(broker: BrokerProcess, raw: bytes, code: str) -> None:
     status, error = _error(lambda: broker.admin.request("POST", "/targets", raw=raw))
     assert (status, error) == (400, code)
@@ -103,7 +118,9 @@ def test_body_over_the_limit_is_413(broker: BrokerProcess) -> None:
     raw = json.dumps({"name": "x" * 70000, "host": "h", "port": 1}).encode()
     assert _error(lambda: broker.admin.request("POST", "/targets", raw=raw)) == (413, "body_too_large")
     assert _error(lambda: _as_proxy(broker, "/proxy/events", {"events": [{"event": "x" * 70000}]})) == (
-        413, "body_too_large")
+        413,
+        "body_too_large",
+    )
 
 
 def test_error_shape_for_unknown_paths_and_methods(broker: BrokerProcess) -> None:
@@ -114,8 +131,14 @@ def test_error_shape_for_unknown_paths_and_methods(broker: BrokerProcess) -> Non
 
 
 def test_targets_crud_and_password_is_write_only(broker: BrokerProcess) -> None:
-    created = broker.admin.add_target(id="crud-1", name="CRUD", host="10.0.0.5", port=5901, password=PASSWORD,
-                                      tls={"require": True, "sni": "vm.example"})
+    created = broker.admin.add_target(
+        id="crud-1",
+        name="CRUD",
+        host="10.0.0.5",
+        port=5901,
+        password=PASSWORD,
+        tls={"require": True, "sni": "vm.example"},
+    )
     assert created == {**created, "id": "crud-1", "has_password": True, "tls": {"require": True, "sni": "vm.example"}}
     assert PASSWORD not in json.dumps(broker.admin.targets()) + json.dumps(broker.admin.target("crud-1"))
     assert _error(lambda: broker.admin.add_target(id="crud-1", name="x", host="h", port=1)) == (409, "target_exists")
@@ -126,7 +149,9 @@ def test_targets_crud_and_password_is_write_only(broker: BrokerProcess) -> None:
         assert PASSWORD.encode() not in path.read_bytes()
     stored = broker.state.open()
     try:  # either engine: what the database hands back
-        assert all(PASSWORD.encode() not in repr(tuple(row)).encode() for row in stored.store.all("SELECT * FROM targets"))
+        assert all(
+            PASSWORD.encode() not in repr(tuple(row)).encode() for row in stored.store.all("SELECT * FROM targets")
+        )
     finally:
         stored.close()
     assert PASSWORD not in broker.log_text()
@@ -146,15 +171,25 @@ def test_mint_claims_defaults_and_limits(broker: BrokerProcess) -> None:
     assert console["websocket_url"] == "ws://127.0.0.1:1/websockify"
     claims = token.verify(console["token"], ring, time.time(), client_ip="192.0.2.7")
     assert (claims.host, claims.port, claims.pw, claims.sub, claims.once, claims.ro, claims.dn, claims.vm) == (
-        "127.0.0.1", 5905, PASSWORD, "bob", True, True, "Mint VM", target["id"])
+        "127.0.0.1",
+        5905,
+        PASSWORD,
+        "bob",
+        True,
+        True,
+        "Mint VM",
+        target["id"],
+    )
     assert claims.exp - claims.iat == 60 and claims.sid == console["session_id"]
     assert broker.issuer.mint(target["id"], ttl=600)["expires_at"] > time.time() + 590
     assert _error(lambda: broker.issuer.mint(target["id"], ttl=601)) == (400, "bad_request")
     assert _error(lambda: broker.issuer.mint(target["id"], client_ip="not-an-ip")) == (400, "bad_request")
     assert _error(lambda: broker.issuer.mint("no-such-target")) == (404, "target_not_found")
     # within every field's limit, but the token would exceed what a proxy accepts: 400, not 500
-    assert _error(lambda: broker.issuer.mint(target["id"], desktop_name="\U0001F600" * 1024,
-                                                    user="u" * 256)) == (400, "bad_request")
+    assert _error(lambda: broker.issuer.mint(target["id"], desktop_name="\U0001f600" * 1024, user="u" * 256)) == (
+        400,
+        "bad_request",
+    )
     assert PASSWORD not in broker.log_text()
 
 
@@ -163,9 +198,13 @@ def test_heartbeat_keyring_only_when_changed_and_identity_checked(broker: Broker
     ring = Keyring.from_jwks(first["keyring"])
     assert not ring.can_mint and all(k.seed is None for k in ring.signing.values())
     assert "keyring" not in _heartbeat(broker, version=first["keyring_version"])
-    assert _error(lambda: _as_proxy(broker, "/proxy/heartbeat", {
-        "proxy_id": "other", "public_url": None, "sessions": 0, "capacity": 1, "draining": False,
-        "version": 0})) == (403, "forbidden")
+    assert _error(
+        lambda: _as_proxy(
+            broker,
+            "/proxy/heartbeat",
+            {"proxy_id": "other", "public_url": None, "sessions": 0, "capacity": 1, "draining": False, "version": 0},
+        )
+    ) == (403, "forbidden")
 
 
 def test_redeem_first_wins_then_409_even_under_a_race(broker: BrokerProcess) -> None:
@@ -180,6 +219,7 @@ def test_redeem_first_wins_then_409_even_under_a_race(broker: BrokerProcess) -> 
             results.append(_as_proxy(broker, "/proxy/redeem", body)[0])
         except BrokerError as exc:
             results.append(exc.status)
+
     threads = [threading.Thread(target=attempt) for _ in range(8)]
     for thread in threads:
         thread.start()
@@ -200,9 +240,11 @@ def test_sessions_issuer_sees_own_revoke_reaches_heartbeat_and_blocks_redeem(bro
     broker.admin.revoke(sid)  # idempotent
     assert sid in _heartbeat(broker, version=1 << 40)["revoked"]
     assert [s["state"] for s in broker.admin.sessions("revoked") if s["session_id"] == sid] == ["revoked"]
-    assert _error(lambda: _as_proxy(broker, "/proxy/redeem", {"jti": secrets.token_urlsafe(18), "session_id": sid,
-                                                              "exp": int(time.time()) + 60})) == (
-        409, "session_revoked")
+    assert _error(
+        lambda: _as_proxy(
+            broker, "/proxy/redeem", {"jti": secrets.token_urlsafe(18), "session_id": sid, "exp": int(time.time()) + 60}
+        )
+    ) == (409, "session_revoked")
     assert _error(lambda: broker.admin.revoke("no-such-session")) == (404, "session_not_found")
     other = broker.state.open()
     try:
@@ -218,12 +260,32 @@ def test_events_update_sessions_and_audit(broker: BrokerProcess) -> None:
     target = broker.admin.add_target(name="ev", host="127.0.0.1", port=5907)
     sid = broker.issuer.mint(target["id"])["session_id"]
     mark = broker.admin.audit(0, limit=1000)[-1]["seq"]
-    _as_proxy(broker, "/proxy/events", {"events": [
-        {"event": "opened", "session_id": sid, "client": "198.51.100.1", "at": time.time(), "extra": "ignored"},
-        {"event": "closed", "session_id": sid, "bytes_up": 10, "bytes_down": 2000, "close_code": 1000,
-         "duration_s": 1.5, "close_reason": "browser_closed"},
-        {"event": "refused", "code": "token_expired", "reason": "expired", "status": 401, "client": "198.51.100.2",
-         "path": "/websockify"}]})
+    _as_proxy(
+        broker,
+        "/proxy/events",
+        {
+            "events": [
+                {"event": "opened", "session_id": sid, "client": "198.51.100.1", "at": time.time(), "extra": "ignored"},
+                {
+                    "event": "closed",
+                    "session_id": sid,
+                    "bytes_up": 10,
+                    "bytes_down": 2000,
+                    "close_code": 1000,
+                    "duration_s": 1.5,
+                    "close_reason": "browser_closed",
+                },
+                {
+                    "event": "refused",
+                    "code": "token_expired",
+                    "reason": "expired",
+                    "status": 401,
+                    "client": "198.51.100.2",
+                    "path": "/websockify",
+                },
+            ]
+        },
+    )
     row = next(s for s in broker.admin.sessions() if s["session_id"] == sid)
     assert (row["state"], row["bytes_up"], row["bytes_down"], row["close_code"]) == ("closed", 10, 2000, 1000)
     assert row["opened_at"] is not None and row["closed_at"] is not None
@@ -231,11 +293,13 @@ def test_events_update_sessions_and_audit(broker: BrokerProcess) -> None:
     assert [e["type"] for e in events] == ["opened", "closed", "refused"]
     assert events[2]["detail"]["reason"] == "expired" and all(e["actor"] == "proxy:fake" for e in events)
     assert [e["type"] for e in broker.admin.audit(mark, "refused")] == ["refused"]
-    assert _error(lambda: _as_proxy(broker, "/proxy/events", {"events": [{"event": "bogus"}]})) == (
-        400, "bad_request")
+    assert _error(lambda: _as_proxy(broker, "/proxy/events", {"events": [{"event": "bogus"}]})) == (400, "bad_request")
     # beyond SQLite's 64-bit integers: refused as a bad request, not a 500 that loses the batch
-    assert _error(lambda: _as_proxy(broker, "/proxy/events", {"events": [
-        {"event": "closed", "session_id": sid, "bytes_up": 2**64}]})) == (400, "bad_request")
+    assert _error(
+        lambda: _as_proxy(
+            broker, "/proxy/events", {"events": [{"event": "closed", "session_id": sid, "bytes_up": 2**64}]}
+        )
+    ) == (400, "bad_request")
     assert _error(lambda: broker.admin.audit("\u00b2")) == (400, "bad_request")  # a digit, not ASCII
 
 
@@ -258,6 +322,7 @@ def test_proxies_listing(broker: BrokerProcess) -> None:
 
 def test_client_reports_unreachable_broker() -> None:
     from proxyproc import free_port
+
     with pytest.raises(BrokerError) as info:
         BrokerClient(f"http://127.0.0.1:{free_port()}", "k").targets()
     assert (info.value.status, info.value.code) == (0, "broker_unreachable")
@@ -273,8 +338,11 @@ def test_healthz_and_metrics(broker: BrokerProcess) -> None:
     with urllib.request.urlopen(f"{broker.base}/metrics", timeout=10) as response:
         text = response.read().decode()
     assert response.headers["Content-Type"].startswith("text/plain")
-    for name in ("consolegate_broker_responses_total", "consolegate_broker_consoles_minted_total",
-                 "consolegate_broker_healthy_proxies"):
+    for name in (
+        "consolegate_broker_responses_total",
+        "consolegate_broker_consoles_minted_total",
+        "consolegate_broker_healthy_proxies",
+    ):
         assert f"# TYPE {name}" in text
 
 

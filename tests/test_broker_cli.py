@@ -35,26 +35,57 @@ def test_state_dir_lifecycle(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     capsys.readouterr()
 
     # the credential cannot be written: nothing is registered, so the same name works afterwards
-    status, _, err = _run(capsys, "proxy", "add", "p1", "--public-url", "http://127.0.0.1:1",
-                          "--out", str(tmp_path / "no-such-dir" / "p1.json"), "--state-dir", state)
+    status, _, err = _run(
+        capsys,
+        "proxy",
+        "add",
+        "p1",
+        "--public-url",
+        "http://127.0.0.1:1",
+        "--out",
+        str(tmp_path / "no-such-dir" / "p1.json"),
+        "--state-dir",
+        state,
+    )
     assert status == 1 and "was not registered" in err and err.count("\n") == 1, err
     cred = tmp_path / "p1.json"
-    assert _run(capsys, "proxy", "add", "p1", "--public-url", "http://127.0.0.1:1", "--out", str(cred),
-                "--state-dir", state)[0] == 0
+    assert (
+        _run(
+            capsys, "proxy", "add", "p1", "--public-url", "http://127.0.0.1:1", "--out", str(cred), "--state-dir", state
+        )[0]
+        == 0
+    )
     assert set(json.loads(cred.read_text())) == {"proxy_id", "secret"}
     assert stat.S_IMODE(cred.stat().st_mode) == 0o600
-    assert _run(capsys, "proxy", "add", "p1", "--public-url", "http://x", "--out", str(cred),
-                "--state-dir", state)[0] == 1
+    assert (
+        _run(capsys, "proxy", "add", "p1", "--public-url", "http://x", "--out", str(cred), "--state-dir", state)[0] == 1
+    )
 
     pw = tmp_path / "pw"
     pw.write_text("s3cret-vnc\n")
-    status, out, _ = _run(capsys, "targets", "add", "--id", "vm1", "--name", "VM one", "--host", "10.0.0.1",
-                          "--port", "5901", "--password-file", str(pw), "--state-dir", state)
+    status, out, _ = _run(
+        capsys,
+        "targets",
+        "add",
+        "--id",
+        "vm1",
+        "--name",
+        "VM one",
+        "--host",
+        "10.0.0.1",
+        "--port",
+        "5901",
+        "--password-file",
+        str(pw),
+        "--state-dir",
+        state,
+    )
     assert status == 0 and json.loads(out)["has_password"] is True and "s3cret" not in out
     status, out, _ = _run(capsys, "targets", "list", "--state-dir", state)
     assert [t["id"] for t in json.loads(out)["targets"]] == ["vm1"]
-    assert _run(capsys, "targets", "add", "--name", "x", "--host", "bad host", "--port", "1",
-                "--state-dir", state)[0] == 1
+    assert (
+        _run(capsys, "targets", "add", "--name", "x", "--host", "bad host", "--port", "1", "--state-dir", state)[0] == 1
+    )
     assert _run(capsys, "targets", "remove", "vm1", "--state-dir", state)[0] == 0
     status, _, err = _run(capsys, "targets", "remove", "vm1", "--state-dir", state)
     assert status == 1 and "no target" in err
@@ -102,11 +133,23 @@ def test_hypervisors_add_list_remove(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert _run(capsys, "init", "--state-dir", state)[0] == 0
     ca = tmp_path / "ca.pem"
     ca.write_text("not a certificate")
-    status, _, err = _run(capsys, "hypervisors", "add", "hv1", "--uri", "qemu+tls://hv1/system",
-                          "--tls-ca", str(ca), "--state-dir", state)
+    status, _, err = _run(
+        capsys, "hypervisors", "add", "hv1", "--uri", "qemu+tls://hv1/system", "--tls-ca", str(ca), "--state-dir", state
+    )
     assert status == 1 and err.count("\n") == 1, err  # a CA that does not load is refused now
-    status, out, _ = _run(capsys, "hypervisors", "add", "hv1", "--uri", "qemu+tls://hv1/system",
-                          "--address", "10.0.0.1", "--tls-require", "--state-dir", state)
+    status, out, _ = _run(
+        capsys,
+        "hypervisors",
+        "add",
+        "hv1",
+        "--uri",
+        "qemu+tls://hv1/system",
+        "--address",
+        "10.0.0.1",
+        "--tls-require",
+        "--state-dir",
+        state,
+    )
     assert status == 0 and json.loads(out)["tls"] == {"require": True}
     status, _, err = _run(capsys, "hypervisors", "add", "hv2", "--uri", "vnc://hv2", "--state-dir", state)
     assert status == 1 and "libvirt" in err
@@ -126,14 +169,59 @@ def test_targets_add_takes_the_hypervisors_tls_options(capsys: pytest.CaptureFix
     pki = make_test_pki(tmp_path / "pki")
     state = str(tmp_path / "state")
     assert _run(capsys, "init", "--state-dir", state)[0] == 0
-    status, out, _ = _run(capsys, "targets", "add", "--id", "tls1", "--name", "TLS", "--host", "10.0.0.2",
-                          "--port", "5901", "--tls-ca", str(pki.ca_path), "--tls-require", "--state-dir", state)
+    status, out, _ = _run(
+        capsys,
+        "targets",
+        "add",
+        "--id",
+        "tls1",
+        "--name",
+        "TLS",
+        "--host",
+        "10.0.0.2",
+        "--port",
+        "5901",
+        "--tls-ca",
+        str(pki.ca_path),
+        "--tls-require",
+        "--state-dir",
+        state,
+    )
     assert status == 0, out
-    status, out, _ = _run(capsys, "targets", "add", "--id", "req1", "--name", "Req", "--host", "10.0.0.3",
-                          "--port", "5901", "--tls-require", "--state-dir", state)
+    status, out, _ = _run(
+        capsys,
+        "targets",
+        "add",
+        "--id",
+        "req1",
+        "--name",
+        "Req",
+        "--host",
+        "10.0.0.3",
+        "--port",
+        "5901",
+        "--tls-require",
+        "--state-dir",
+        state,
+    )
     assert status == 0, out
-    status, _, err = _run(capsys, "targets", "add", "--id", "bad", "--name", "Bad", "--host", "10.0.0.4",
-                          "--port", "5901", "--tls-ca", str(tmp_path / "missing.pem"), "--state-dir", state)
+    status, _, err = _run(
+        capsys,
+        "targets",
+        "add",
+        "--id",
+        "bad",
+        "--name",
+        "Bad",
+        "--host",
+        "10.0.0.4",
+        "--port",
+        "5901",
+        "--tls-ca",
+        str(tmp_path / "missing.pem"),
+        "--state-dir",
+        state,
+    )
     assert status == 1 and "cannot read the CA certificate" in err and err.count("\n") == 1, err
     listed = {t["id"]: t for t in json.loads(_run(capsys, "targets", "list", "--state-dir", state)[1])["targets"]}
     assert set(listed) == {"tls1", "req1"}

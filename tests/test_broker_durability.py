@@ -26,9 +26,12 @@ def test_every_201_survives_a_sigkill(tmp_path: Path) -> None:
     state = BrokerState.create(tmp_path / "state")
     credential = json.loads(state.add_proxy("dur", "http://127.0.0.1:1").read_text())
     broker = start_broker(state, heartbeat_interval=600)
-    broker.client().request("POST", "/proxy/heartbeat", {
-        "proxy_id": "dur", "public_url": None, "sessions": 0, "capacity": 10**6, "draining": False, "version": 0},
-        authorization=f"Bearer {credential['proxy_id']}.{credential['secret']}")
+    broker.client().request(
+        "POST",
+        "/proxy/heartbeat",
+        {"proxy_id": "dur", "public_url": None, "sessions": 0, "capacity": 10**6, "draining": False, "version": 0},
+        authorization=f"Bearer {credential['proxy_id']}.{credential['secret']}",
+    )
     target = broker.admin.add_target(name="durable", host="127.0.0.1", port=5900)
     minted: list[str] = []
     enough, done = threading.Event(), threading.Event()

@@ -49,8 +49,9 @@ def _audit_for(broker: BrokerProcess, sid: str) -> list[dict]:
 
 def test_console_lifecycle_across_two_proxies(fleet, xvnc_vncauth) -> None:
     broker, proxies = fleet
-    target = broker.admin.add_target(name="web-vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                     password=xvnc_vncauth.password)
+    target = broker.admin.add_target(
+        name="web-vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+    )
     assert target["has_password"] is True and "password" not in target
     console = broker.issuer.mint(target["id"], user="alice")
     assert console["url"] == f"{proxies[console['proxy_id']].base}/console#token={console['token']}"
@@ -122,8 +123,9 @@ def _no_secrets(broker: BrokerProcess, proxies: dict[str, ProxyProcess], passwor
 
 def test_reusable_token_works_on_any_proxy_and_revocation_closes_both(fleet, xvnc_vncauth) -> None:
     broker, proxies = fleet
-    target = broker.admin.add_target(name="shared", host="127.0.0.1", port=xvnc_vncauth.port,
-                                     password=xvnc_vncauth.password)
+    target = broker.admin.add_target(
+        name="shared", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+    )
     console = broker.issuer.mint(target["id"], single_use=False)
 
     async def scenario() -> tuple[list[int | None], list[tuple[int, str]]]:
@@ -143,8 +145,9 @@ def test_reusable_token_works_on_any_proxy_and_revocation_closes_both(fleet, xvn
 
 def test_keyring_rotation_reaches_proxies_and_old_tokens_keep_working(fleet, xvnc_vncauth) -> None:
     broker, proxies = fleet
-    target = broker.admin.add_target(name="rot", host="127.0.0.1", port=xvnc_vncauth.port,
-                                     password=xvnc_vncauth.password)
+    target = broker.admin.add_target(
+        name="rot", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+    )
     before = broker.issuer.mint(target["id"], single_use=False)
     rotated = broker.admin.rotate_keys()
     for proxy in proxies.values():
@@ -167,8 +170,9 @@ def test_broker_down_reusable_tokens_still_work_single_use_fail_closed(tmp_path:
     proxy = start_linked_proxy(tmp_path, broker, "solo")
     try:
         healthy_proxies(broker, 1)
-        target = broker.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                         password=xvnc_vncauth.password)
+        target = broker.admin.add_target(
+            name="vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+        )
         reusable = broker.issuer.mint(target["id"], single_use=False)["token"]
         once = broker.issuer.mint(target["id"])["token"]
         broker.stop()
@@ -193,11 +197,28 @@ def test_proxy_without_broker_or_keyring_fails_with_one_line(tmp_path: Path) -> 
     import sys
 
     from proxyproc import REPO, free_port
+
     credential = tmp_path / "cred.json"
     credential.write_text('{"proxy_id": "x", "secret": "y"}')
-    result = subprocess.run([sys.executable, "-m", "console_proxy.cli", "serve", "--listen", "127.0.0.1:0",
-                             "--broker", f"http://127.0.0.1:{free_port()}", "--proxy-credential", str(credential)],
-                            check=False, capture_output=True, text=True, cwd=REPO, timeout=30)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "console_proxy.cli",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--broker",
+            f"http://127.0.0.1:{free_port()}",
+            "--proxy-credential",
+            str(credential),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("console-proxy: error: cannot start: no keyring from the broker"), result.stderr
@@ -208,8 +229,9 @@ def test_a_draining_proxy_tells_the_broker_at_once(tmp_path: Path, xvnc_vncauth)
     broker = start_broker(BrokerState.create(tmp_path / "state"))
     proxy = start_linked_proxy(tmp_path, broker, "slow", interval=60)
     try:
-        target = broker.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                         password=xvnc_vncauth.password)
+        target = broker.admin.add_target(
+            name="vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+        )
         console = broker.issuer.mint(target["id"], single_use=False)
 
         async def scenario() -> bool:
@@ -218,7 +240,8 @@ def test_a_draining_proxy_tells_the_broker_at_once(tmp_path: Path, xvnc_vncauth)
             proxy.signal(signal.SIGTERM)
             proxy.wait_for_log("draining: 1 open sessions")
             draining = await asyncio.to_thread(
-                wait_for, lambda: any(p["draining"] for p in broker.admin.proxies()), 10, what="draining reported")
+                wait_for, lambda: any(p["draining"] for p in broker.admin.proxies()), 10, what="draining reported"
+            )
             viewer.close()
             await viewer.wait_closed()  # the proxy sees the close, so it can exit without the grace
             return bool(draining)

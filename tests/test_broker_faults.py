@@ -80,10 +80,8 @@ def _get(broker: BrokerProcess, path: str) -> tuple[int, dict[str, Any]]:
 
 
 def _beat(broker: BrokerProcess, name: str = "fake") -> dict[str, Any]:
-    body = {"proxy_id": name, "public_url": None, "sessions": 0, "capacity": 100000, "draining": False,
-            "version": 0}
-    return _client(broker, None).request("POST", "/proxy/heartbeat", body,
-                                         authorization=_proxy_auth(broker, name))[1]
+    body = {"proxy_id": name, "public_url": None, "sessions": 0, "capacity": 100000, "draining": False, "version": 0}
+    return _client(broker, None).request("POST", "/proxy/heartbeat", body, authorization=_proxy_auth(broker, name))[1]
 
 
 def _redeem(client: BrokerClient, auth: str, claims: token.Claims) -> int:
@@ -96,8 +94,10 @@ def _redeem(client: BrokerClient, auth: str, claims: token.Claims) -> int:
 
 # --- a replica SIGKILLed during a thousand mints -------------------------------------------------
 
+
 def test_a_replica_killed_mid_traffic_loses_no_acknowledged_console_and_none_redeems_twice(
-        pg_cluster: PgCluster, tmp_path: Path) -> None:
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
     """1,000 mints from eight threads spread over replicas A and B; B is SIGKILLed after 300
     acknowledgements (a thread whose replica is gone carries on at the other, as a balancer
     would). Every mint answered 201 is in the database with its audit event; B is started
@@ -160,7 +160,9 @@ def test_a_replica_killed_mid_traffic_loses_no_acknowledged_console_and_none_red
         wins: dict[str, list[int]] = {}
         for jti, status in statuses:
             wins.setdefault(jti, []).append(status)
-        assert all(sorted(s) == [200, 409] for s in wins.values()), [s for s in wins.values() if sorted(s) != [200, 409]]
+        assert all(sorted(s) == [200, 409] for s in wins.values()), [
+            s for s in wins.values() if sorted(s) != [200, 409]
+        ]
         with psycopg.connect(database) as conn:
             redeemed = [row[0] for row in conn.execute("SELECT session_id FROM audit WHERE type = 'redeemed'")]
         assert sorted(redeemed) == sorted(ids)
@@ -170,6 +172,7 @@ def test_a_replica_killed_mid_traffic_loses_no_acknowledged_console_and_none_red
 
 
 # --- PostgreSQL stopped with -m immediate mid-traffic --------------------------------------------
+
 
 class Traffic:
     """Mints in a loop at one replica until stopped, recording every answer (a client timeout
@@ -198,7 +201,8 @@ class Traffic:
 
 
 def test_postgresql_stopped_mid_traffic_answers_503_at_once_and_recovers_by_itself(
-        private_pg: PgCluster, tmp_path: Path, xvnc_vncauth: Any) -> None:
+    private_pg: PgCluster, tmp_path: Path, xvnc_vncauth: Any
+) -> None:
     """``pg_ctl stop -m immediate`` while mints flow: /readyz and the API answer 503
     storage_unavailable (never a hang, never a 500), /healthz stays 200, a linked proxy keeps
     opening a reusable console at the real Xvnc and refuses a single-use one (503
@@ -210,8 +214,9 @@ def test_postgresql_stopped_mid_traffic_answers_503_at_once_and_recovers_by_itse
     traffic: Traffic | None = None
     try:
         healthy_proxies(broker, 1)
-        target = broker.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                         password=xvnc_vncauth.password)
+        target = broker.admin.add_target(
+            name="vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+        )
         reusable = broker.issuer.mint(target["id"], single_use=False, ttl=600)["token"]
         single = broker.issuer.mint(target["id"], ttl=600)["token"]
         traffic = Traffic(broker, state.issuer_key, target["id"])
@@ -220,8 +225,13 @@ def test_postgresql_stopped_mid_traffic_answers_503_at_once_and_recovers_by_itse
         private_pg.stop("immediate")
         status, body = _get(broker, "/readyz")
         assert (status, body["error"]) == (503, "storage_unavailable")
-        for call in (lambda: broker.issuer.mint(target["id"]), broker.issuer.sessions,
-                     lambda: broker.admin.audit(0), broker.admin.proxies, lambda: _beat(broker, "pa")):
+        for call in (
+            lambda: broker.issuer.mint(target["id"]),
+            broker.issuer.sessions,
+            lambda: broker.admin.audit(0),
+            broker.admin.proxies,
+            lambda: _beat(broker, "pa"),
+        ):
             assert _status(call) == (503, "storage_unavailable")
         assert _get(broker, "/healthz")[0] == 200
 
@@ -239,8 +249,11 @@ def test_postgresql_stopped_mid_traffic_answers_503_at_once_and_recovers_by_itse
         back = time.monotonic()
         wait_for(lambda: _get(broker, "/readyz")[0] == 200, timeout=30, what="the broker ready again")
         ready_after = time.monotonic() - back
-        wait_for(lambda: len(traffic.answers) > during and traffic.answers[-1][0] == 200, timeout=10,
-                 what="mints answered again")
+        wait_for(
+            lambda: len(traffic.answers) > during and traffic.answers[-1][0] == 200,
+            timeout=10,
+            what="mints answered again",
+        )
         answers = traffic.stop()
         # no_proxy_available: for a heartbeat interval after the outage, the proxy's heartbeats
         # (refused while it lasted) have not yet made it healthy again
@@ -255,8 +268,10 @@ def test_postgresql_stopped_mid_traffic_answers_503_at_once_and_recovers_by_itse
 
         asyncio.run(single_use_after())
         healthy_proxies(broker, 1)
-        print(f"slowest mint answer through the outage: {traffic.slowest:.3f} s; "
-              f"ready {ready_after:.2f} s after PostgreSQL was")
+        print(
+            f"slowest mint answer through the outage: {traffic.slowest:.3f} s; "
+            f"ready {ready_after:.2f} s after PostgreSQL was"
+        )
         text = broker.log_text()
         assert private_pg.password not in text + proxy.log_text()
         assert "Traceback" not in text and " 500 " not in text
@@ -269,8 +284,10 @@ def test_postgresql_stopped_mid_traffic_answers_503_at_once_and_recovers_by_itse
 
 # --- two replicas migrating one empty database at once -------------------------------------------
 
-def test_two_replicas_started_at_once_on_an_empty_database_migrate_it_once(pg_cluster: PgCluster,
-                                                                          tmp_path: Path) -> None:
+
+def test_two_replicas_started_at_once_on_an_empty_database_migrate_it_once(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
     """Both state dirs hold master.key and keyring.json (as an upgrade from the embedded
     store leaves them); both ``serve --migrate`` on one empty PostgreSQL database, started
     together. Each migration is applied once (one log line per schema version across both),
@@ -319,8 +336,10 @@ def test_two_replicas_started_at_once_on_an_empty_database_migrate_it_once(pg_cl
 
 # --- the periodic cleanup, one replica at a time ---------------------------------------------------
 
-def test_a_cleanup_tick_is_skipped_while_another_replica_runs_one(engine: str, database: str | None,
-                                                                  tmp_path: Path) -> None:
+
+def test_a_cleanup_tick_is_skipped_while_another_replica_runs_one(
+    engine: str, database: str | None, tmp_path: Path
+) -> None:
     """While the cleanup's advisory lock is held (by "another replica": a plain connection here),
     a tick deletes nothing; once it is released, the next tick does. SQLite: always this
     process's turn."""
@@ -347,7 +366,8 @@ def test_a_cleanup_tick_is_skipped_while_another_replica_runs_one(engine: str, d
 
 
 def test_a_lock_held_elsewhere_or_a_slow_statement_is_a_503_not_a_stuck_loop_nor_an_outage(
-        pg_cluster: PgCluster, tmp_path: Path) -> None:
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
     """Another session holds the keyring row (a stuck transaction elsewhere): a mint waits at
     most the lock timeout and fails as storage_unavailable; a statement running past the
     statement timeout is cancelled the same way. Neither opens the outage circuit: the next

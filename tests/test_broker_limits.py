@@ -37,9 +37,11 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
 
 
 def _head(broker: BrokerProcess, framing: str) -> bytes:
-    return (f"POST /api/v1/targets HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\n"
-            f"Authorization: Bearer {broker.state.admin_key}\r\nContent-Type: application/json\r\n"
-            f"{framing}\r\n\r\n").encode()
+    return (
+        f"POST /api/v1/targets HTTP/1.1\r\nHost: 127.0.0.1:{broker.port}\r\n"
+        f"Authorization: Bearer {broker.state.admin_key}\r\nContent-Type: application/json\r\n"
+        f"{framing}\r\n\r\n"
+    ).encode()
 
 
 def _exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -106,8 +108,13 @@ def test_oversized_body_to_an_unknown_path_is_413_too(broker: BrokerProcess) -> 
 
 def test_chunked_body_is_refused_once_it_grows_past_the_limit(broker: BrokerProcess) -> None:
     small = json.dumps({"id": "chunked-ok", "name": "n", "host": "10.0.0.9", "port": 5901}).encode()
-    status, _, body = _exchange(broker.port, _head(broker, "Transfer-Encoding: chunked\r\nConnection: close")
-                                + _chunk(small[:10]) + _chunk(small[10:]) + b"0\r\n\r\n")
+    status, _, body = _exchange(
+        broker.port,
+        _head(broker, "Transfer-Encoding: chunked\r\nConnection: close")
+        + _chunk(small[:10])
+        + _chunk(small[10:])
+        + b"0\r\n\r\n",
+    )
     assert (status, json.loads(body)["id"]) == (201, "chunked-ok")  # chunked bodies under the limit work
 
     before = _counts(broker)
@@ -120,17 +127,24 @@ def test_chunked_body_is_refused_once_it_grows_past_the_limit(broker: BrokerProc
 
 
 def _serve(state: BrokerState, listen: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker.cli", "serve", "--state-dir", str(state.root),
-                           "--listen", listen, *extra], check=False, capture_output=True, text=True, cwd=REPO,
-                          timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--state-dir", str(state.root), "--listen", listen, *extra],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "[::]", "broker.example"])
 def test_serve_refuses_plain_http_on_a_non_loopback_address(tmp_path: Path, host: str) -> None:
     result = _serve(BrokerState.create(tmp_path / "state"), f"{host}:{free_port()}")
     assert result.returncode == 1
-    expected = (f"console-broker: error: refusing to serve plain http on non-loopback address {host.strip('[]')!r}: "
-                "give --tls-cert and --tls-key, or --allow-insecure-http")
+    expected = (
+        f"console-broker: error: refusing to serve plain http on non-loopback address {host.strip('[]')!r}: "
+        "give --tls-cert and --tls-key, or --allow-insecure-http"
+    )
     assert result.stderr.strip().splitlines() == [expected]
 
 
@@ -147,17 +161,36 @@ def test_serve_on_a_non_loopback_address_with_the_override_warns(tmp_path: Path)
     assert state.admin_key not in broker.log_text() and state.admin_key.split(".")[-1] not in broker.log_text()
 
 
-@pytest.mark.parametrize("url", ["http://192.0.2.10:8700", "http://broker.example", "HTTP://10.1.2.3",
-                                 "http://0.0.0.0:8700", "http://[2001:db8::1]:8700", "ftp://127.0.0.1/",
-                                 "https://", "127.0.0.1:8700"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://192.0.2.10:8700",
+        "http://broker.example",
+        "HTTP://10.1.2.3",
+        "http://0.0.0.0:8700",
+        "http://[2001:db8::1]:8700",
+        "ftp://127.0.0.1/",
+        "https://",
+        "127.0.0.1:8700",
+    ],
+)
 def test_client_refuses_plain_http_to_a_remote_host(url: str) -> None:
     with pytest.raises(InsecureBrokerURL) as info:
         BrokerClient(url, "cgk.id.secret-key")
     assert "secret-key" not in str(info.value)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8700", "http://127.9.8.7", "http://[::1]:8700",
-                                 "http://localhost:8700", "https://broker.example", "https://192.0.2.10:8443"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8700",
+        "http://127.9.8.7",
+        "http://[::1]:8700",
+        "http://localhost:8700",
+        "https://broker.example",
+        "https://192.0.2.10:8443",
+    ],
+)
 def test_client_accepts_https_and_loopback_http(url: str) -> None:
     assert BrokerClient(url, "k", allow_insecure=False).base == url.rstrip("/") + "/api/v1"
 
@@ -171,9 +204,24 @@ def test_client_allows_remote_plain_http_only_when_told() -> None:
 def test_audit_tail_refuses_a_remote_plain_http_broker_in_one_line(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text("cgk.id.do-not-show-me")
-    result = subprocess.run([sys.executable, "-m", "broker.cli", "audit", "tail", "--broker", "http://192.0.2.10:8700",
-                             "--api-key-file", str(key)], check=False, capture_output=True, text=True, cwd=REPO,
-                            timeout=30)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "audit",
+            "tail",
+            "--broker",
+            "http://192.0.2.10:8700",
+            "--api-key-file",
+            str(key),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("console-broker: error: refusing plain http to the broker at '192.0.2.10'")
     assert len(result.stderr.strip().splitlines()) == 1 and "do-not-show-me" not in result.stderr

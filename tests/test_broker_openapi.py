@@ -42,8 +42,11 @@ def test_document_is_valid_openapi() -> None:
 
 def test_document_covers_every_route() -> None:
     documented = {re.sub(r"\{[^}]+\}", "([^/]+)", path) for path in openapi.document()["paths"]}
-    routes = {rule.matcher.regex.pattern.rstrip("$").removeprefix(api.PREFIX)
-              for rule in _rules() if rule.matcher.regex.pattern.startswith(api.PREFIX)}
+    routes = {
+        rule.matcher.regex.pattern.rstrip("$").removeprefix(api.PREFIX)
+        for rule in _rules()
+        if rule.matcher.regex.pattern.startswith(api.PREFIX)
+    }
     assert routes == documented
 
 
@@ -60,6 +63,7 @@ def _rules() -> list:
 
         def latest_change(self) -> int:
             return 0
+
     return api.make_app(_Stub()).default_router.rules[0].target.rules  # type: ignore[arg-type]
 
 
@@ -71,14 +75,24 @@ def test_schemathesis_finds_no_server_error(broker: BrokerProcess, tmp_path: Pat
     """503 no_proxy_available is documented but counts as a 5xx: a healthy proxy avoids it."""
     credential = json.loads(broker.state.proxies["fuzz"].read_text())
     authorization = f"Bearer {credential['proxy_id']}.{credential['secret']}"
-    broker.client().request("POST", "/proxy/heartbeat", {
-        "proxy_id": "fuzz", "public_url": None, "sessions": 0, "capacity": 10**6, "draining": False, "version": 0},
-        authorization=authorization)
+    broker.client().request(
+        "POST",
+        "/proxy/heartbeat",
+        {"proxy_id": "fuzz", "public_url": None, "sessions": 0, "capacity": 10**6, "draining": False, "version": 0},
+        authorization=authorization,
+    )
     spec = served_document(broker.base + "/api/v1", broker.client().openapi(), tmp_path)
-    tested = run_schemathesis(*spec, tmp_path / "keys.xml", "-H", f"Authorization: Bearer {broker.state.admin_key}",
-                              "--exclude-path-regex", "^/proxy/")
-    proxy_only = run_schemathesis(*spec, tmp_path / "proxy.xml", "-H", f"Authorization: {authorization}",
-                                  "--include-path-regex", "^/proxy/")
+    tested = run_schemathesis(
+        *spec,
+        tmp_path / "keys.xml",
+        "-H",
+        f"Authorization: Bearer {broker.state.admin_key}",
+        "--exclude-path-regex",
+        "^/proxy/",
+    )
+    proxy_only = run_schemathesis(
+        *spec, tmp_path / "proxy.xml", "-H", f"Authorization: {authorization}", "--include-path-regex", "^/proxy/"
+    )
     assert proxy_only == {"POST /proxy/heartbeat", "POST /proxy/redeem", "POST /proxy/events", "GET /proxy/watch"}
     assert tested | proxy_only == operations(openapi.document())
     assert " 500 " not in broker.log_text() and "Traceback" not in broker.log_text()

@@ -29,8 +29,9 @@ T0 = 1000.0
 # --- the bucket -----------------------------------------------------------------------------------
 
 
-def _fail(throttle: AuthThrottle, times: int, address: str = "192.0.2.1", kind: str = "apikey",
-          now: float = T0) -> None:
+def _fail(
+    throttle: AuthThrottle, times: int, address: str = "192.0.2.1", kind: str = "apikey", now: float = T0
+) -> None:
     for _ in range(times):
         assert not throttle.check(kind, address, now).throttled
         throttle.failed(kind, address, now)
@@ -111,16 +112,21 @@ def test_a_clock_going_back_neither_fails_nor_refills() -> None:
     assert throttle.check("apikey", "192.0.2.1", T0 - 100).throttled
 
 
-@pytest.mark.parametrize(("burst", "refill"), [(0, 6.0), (10, 0.0), (10, -1.0), (10, float("nan")),
-                                               (10, float("inf"))])
+@pytest.mark.parametrize(("burst", "refill"), [(0, 6.0), (10, 0.0), (10, -1.0), (10, float("nan")), (10, float("inf"))])
 def test_nonsense_limits_are_refused(burst: int, refill: float) -> None:
     with pytest.raises(ValueError):
         AuthThrottle(burst, refill)
 
 
 def test_the_command_line_refuses_nonsense_limits(tmp_path) -> None:
-    done = subprocess.run([sys.executable, "-m", "broker.cli", "serve", "--state-dir", str(tmp_path),
-                           "--auth-burst", "0"], capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--state-dir", str(tmp_path), "--auth-burst", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode != 0 and "--auth-burst" in done.stderr
 
 
@@ -140,8 +146,16 @@ class Answer:
         return json.loads(self.body)
 
 
-def call(broker: BrokerProcess, method: str, path: str, credential: str | None, *, source: str = "127.0.0.1",
-         body: dict | None = None, forwarded_for: str | None = None) -> Answer:
+def call(
+    broker: BrokerProcess,
+    method: str,
+    path: str,
+    credential: str | None,
+    *,
+    source: str = "127.0.0.1",
+    body: dict | None = None,
+    forwarded_for: str | None = None,
+) -> Answer:
     """One request from ``source`` (a loopback address of this machine), on a fresh connection."""
     connection = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10, source_address=(source, 0))
     try:
@@ -195,8 +209,9 @@ def test_the_episode_is_audited_once_and_counted(broker: BrokerProcess) -> None:
         assert call(broker, "GET", "/api/v1/keys", WRONG_KEY).status == 401
     for _ in range(3):
         assert call(broker, "GET", "/api/v1/keys", WRONG_KEY).status == 429
-    events = json.loads(call(broker, "GET", "/api/v1/audit?type=auth_throttled", broker.state.admin_key,
-                             source=OTHER).body)["events"]
+    events = json.loads(
+        call(broker, "GET", "/api/v1/audit?type=auth_throttled", broker.state.admin_key, source=OTHER).body
+    )["events"]
     assert len(events) == 1, events
     assert events[0]["detail"]["address"] == "127.0.0.1" and events[0]["detail"]["kind"] == "apikey"
     assert WRONG_KEY.split(".")[-1] not in json.dumps(events) and "secret" not in json.dumps(events)
@@ -211,13 +226,13 @@ def test_the_episode_is_audited_once_and_counted(broker: BrokerProcess) -> None:
 
 def test_failed_proxy_credentials_have_their_own_bucket(broker: BrokerProcess) -> None:
     for _ in range(BURST):
-        assert call(broker, "POST", "/api/v1/proxy/heartbeat", "edge.wrong", body=HEARTBEAT,
-                    source=OTHER).status == 401
+        assert call(broker, "POST", "/api/v1/proxy/heartbeat", "edge.wrong", body=HEARTBEAT, source=OTHER).status == 401
     refused = call(broker, "POST", "/api/v1/proxy/redeem", "edge.wrong", body={}, source=OTHER)
     assert refused.status == 429 and refused.headers["Retry-After"].isdigit()
     assert call(broker, "GET", "/api/v1/targets", broker.state.admin_key, source=OTHER).status == 200
-    events = json.loads(call(broker, "GET", "/api/v1/audit?type=auth_throttled", broker.state.admin_key,
-                             source=OTHER).body)["events"]
+    events = json.loads(
+        call(broker, "GET", "/api/v1/audit?type=auth_throttled", broker.state.admin_key, source=OTHER).body
+    )["events"]
     assert [(e["detail"]["address"], e["detail"]["kind"]) for e in events] == [(OTHER, "proxy")]
     metrics = call(broker, "GET", "/metrics", None, source=OTHER).body.decode()
     assert f'consolegate_broker_auth_failures_total{{kind="proxy"}} {BURST}' in metrics
@@ -227,8 +242,7 @@ def test_failed_proxy_credentials_have_their_own_bucket(broker: BrokerProcess) -
 def behind_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     """A broker behind a reverse proxy at 127.0.0.1 (``--trusted-proxy``); 127.0.0.2 is not one."""
     state = BrokerState.create(tmp_path_factory.mktemp("broker-behind") / "state")
-    process = start_broker(state, "--auth-burst", str(BURST), "--auth-refill", "600",
-                           "--trusted-proxy", "127.0.0.1/32")
+    process = start_broker(state, "--auth-burst", str(BURST), "--auth-refill", "600", "--trusted-proxy", "127.0.0.1/32")
     yield process
     process.stop()
 
@@ -239,21 +253,30 @@ def test_behind_a_trusted_proxy_each_forwarded_client_has_its_bucket(behind_prox
         assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, forwarded_for=guesser).status == 401
     assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, forwarded_for=guesser).status == 429
     # a client-prepended hop changes nothing: the right-most one the trusted proxy added counts
-    assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY,
-                forwarded_for=f"203.0.113.1, {guesser}").status == 429
-    assert call(behind_proxy, "GET", "/api/v1/targets", behind_proxy.state.admin_key,
-                forwarded_for=admin).status == 200
-    events = json.loads(call(behind_proxy, "GET", "/api/v1/audit?type=auth_throttled", behind_proxy.state.admin_key,
-                             forwarded_for=admin).body)["events"]
+    assert (
+        call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, forwarded_for=f"203.0.113.1, {guesser}").status == 429
+    )
+    assert call(behind_proxy, "GET", "/api/v1/targets", behind_proxy.state.admin_key, forwarded_for=admin).status == 200
+    events = json.loads(
+        call(
+            behind_proxy, "GET", "/api/v1/audit?type=auth_throttled", behind_proxy.state.admin_key, forwarded_for=admin
+        ).body
+    )["events"]
     assert [e["detail"]["address"] for e in events] == [guesser]
 
 
 def test_an_untrusted_peer_cannot_escape_its_bucket_with_x_forwarded_for(behind_proxy: BrokerProcess) -> None:
     for n in range(BURST):
-        assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, source=OTHER,
-                    forwarded_for=f"198.51.100.{n}").status == 401
-    assert call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, source=OTHER,
-                forwarded_for="198.51.100.99").status == 429
+        assert (
+            call(
+                behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, source=OTHER, forwarded_for=f"198.51.100.{n}"
+            ).status
+            == 401
+        )
+    assert (
+        call(behind_proxy, "GET", "/api/v1/targets", WRONG_KEY, source=OTHER, forwarded_for="198.51.100.99").status
+        == 429
+    )
 
 
 def test_every_authenticated_operation_documents_429_with_retry_after() -> None:

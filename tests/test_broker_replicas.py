@@ -54,8 +54,14 @@ def _as_proxy(broker: BrokerProcess, path: str, body: Any) -> int:
 
 
 def _beat(broker: BrokerProcess, version: int = 0) -> dict[str, Any]:
-    body = {"proxy_id": "fake", "public_url": None, "sessions": 0, "capacity": 1000, "draining": False,
-            "version": version}
+    body = {
+        "proxy_id": "fake",
+        "public_url": None,
+        "sessions": 0,
+        "capacity": 1000,
+        "draining": False,
+        "version": version,
+    }
     return broker.client().request("POST", "/proxy/heartbeat", body, authorization=_proxy_auth(broker))[1]
 
 
@@ -95,8 +101,9 @@ def test_one_single_use_token_redeemed_at_both_replicas_at_once_is_redeemed_once
         body = {"jti": jti, "session_id": "race-" + jti[:8], "exp": int(time.time()) + 60}
         results = _at_once([lambda r=r, body=body: _as_proxy(r, "/proxy/redeem", body) for r in (a, b) * 4])
         assert sorted(results) == [200] + [409] * 7, results
-        assert [e["type"] for e in a.admin.audit(0, "redeemed", 1000)
-                if e["session_id"] == body["session_id"]] == ["redeemed"]
+        assert [e["type"] for e in a.admin.audit(0, "redeemed", 1000) if e["session_id"] == body["session_id"]] == [
+            "redeemed"
+        ]
 
 
 def test_a_revoke_racing_a_redeem_never_commits_both_out_of_order(replicas: Replicas) -> None:
@@ -111,12 +118,15 @@ def test_a_revoke_racing_a_redeem_never_commits_both_out_of_order(replicas: Repl
     outcomes: dict[str, int] = {}
     for sid in sids:
         body = {"jti": secrets.token_urlsafe(18), "session_id": sid, "exp": int(time.time()) + 60}
-        revoked, redeemed = _at_once([lambda sid=sid: a.admin.revoke(sid),
-                                      lambda body=body: _as_proxy(b, "/proxy/redeem", body)])
+        revoked, redeemed = _at_once(
+            [lambda sid=sid: a.admin.revoke(sid), lambda body=body: _as_proxy(b, "/proxy/redeem", body)]
+        )
         assert revoked is None and redeemed in (200, 409)
         outcomes[sid] = redeemed
-    events = sorted((e for kind in ("redeemed", "revoked") for e in a.admin.audit(0, kind, 1000)
-                     if e["session_id"] in outcomes), key=lambda e: e["seq"])
+    events = sorted(
+        (e for kind in ("redeemed", "revoked") for e in a.admin.audit(0, kind, 1000) if e["session_id"] in outcomes),
+        key=lambda e: e["seq"],
+    )
     for sid, status in outcomes.items():
         order = [e["type"] for e in events if e["session_id"] == sid and e["type"] in ("redeemed", "revoked")]
         assert order == (["redeemed", "revoked"] if status == 200 else ["revoked"]), (sid, order)
@@ -142,8 +152,7 @@ def test_a_console_lives_across_both_replicas(pg_cluster: PgCluster, tmp_path: P
     proxy = start_linked_proxy(tmp_path, a, "pa")
     try:
         healthy_proxies(b, 1)
-        target = b.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                    password=xvnc_vncauth.password)
+        target = b.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
         console = b.issuer.mint(target["id"])
         sid, tok = console["session_id"], console["token"]
 
@@ -211,8 +220,9 @@ def test_a_reader_following_the_audit_never_skips_a_row_while_both_replicas_writ
     assert [e["seq"] for e in _audit_after(b, start)] == seen
 
 
-def test_a_row_numbered_later_never_commits_before_an_earlier_one(pg_cluster: PgCluster, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_row_numbered_later_never_commits_before_an_earlier_one(
+    pg_cluster: PgCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The interleaving forced: replica A's transaction has numbered its audit row and is slow to
     commit; replica B's transaction must wait for that COMMIT to number its own, so a follower
     at that moment sees neither row, never B's alone (which would make it skip A's). A sequence
@@ -233,11 +243,20 @@ def test_a_row_numbered_later_never_commits_before_an_earlier_one(pg_cluster: Pg
         first = threading.Thread(target=lambda: a.add_target({"id": "first", "name": "A", "host": "h", "port": 1}, "a"))
         first.start()
         assert numbered.wait(10)
-        second = threading.Thread(target=lambda: b.add_target({"id": "second", "name": "B", "host": "h", "port": 1},
-                                                              "b"))
+        second = threading.Thread(
+            target=lambda: b.add_target({"id": "second", "name": "B", "host": "h", "port": 1}, "b")
+        )
         second.start()
-        wait_for(lambda: b.store.one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                     "AND query LIKE 'UPDATE audit_counter%'")[0] == 1, what="B waiting")
+        wait_for(
+            lambda: (
+                b.store.one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'UPDATE audit_counter%'"
+                )[0]
+                == 1
+            ),
+            what="B waiting",
+        )
         assert b.audit(start, None, 1000)["events"] == []
         go.set()
         first.join()

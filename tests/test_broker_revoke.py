@@ -49,8 +49,15 @@ def _cli(capsys: Capsys, *argv: str, state: str | Path) -> tuple[int, str, str]:
 
 def _beat(broker: BrokerProcess, name: str, version: int, **over: Any) -> dict[str, Any]:
     """One heartbeat as proxy ``name`` (its real credential), reporting keyring ``version``."""
-    body = {"proxy_id": name, "public_url": None, "sessions": 0, "capacity": 10, "draining": False,
-            "version": version, **over}
+    body = {
+        "proxy_id": name,
+        "public_url": None,
+        "sessions": 0,
+        "capacity": 10,
+        "draining": False,
+        "version": version,
+        **over,
+    }
     return broker.client().request("POST", "/proxy/heartbeat", body, authorization=_proxy_auth(broker, name))[1]
 
 
@@ -60,12 +67,13 @@ def _rows(root: str | Path, sql: str) -> list[tuple[Any, ...]]:
 
 
 def _audit(root: str | Path, type_: str) -> list[dict[str, Any]]:
-    return [{"actor": actor, **json.loads(detail)}
-            for actor, detail in _rows(root, f"SELECT actor, detail FROM audit WHERE type = '{type_}' ORDER BY seq")]
+    return [
+        {"actor": actor, **json.loads(detail)}
+        for actor, detail in _rows(root, f"SELECT actor, detail FROM audit WHERE type = '{type_}' ORDER BY seq")
+    ]
 
 
-def test_a_revoked_key_gets_401_on_its_next_request_while_others_work(broker: BrokerProcess,
-                                                                       capsys: Capsys) -> None:
+def test_a_revoked_key_gets_401_on_its_next_request_while_others_work(broker: BrokerProcess, capsys: Capsys) -> None:
     root = broker.state.root
     doomed = _cli(capsys, "apikey", "create", "doomed", "--role", "admin", state=root)[1].strip()
     kept = _cli(capsys, "apikey", "create", "kept", "--role", "issuer", state=root)[1].strip()
@@ -79,11 +87,13 @@ def test_a_revoked_key_gets_401_on_its_next_request_while_others_work(broker: Br
     assert broker.client(kept).sessions() == [] and broker.admin.targets() == []
     events = broker.admin.audit(0, "apikey_revoked")
     assert [(e["actor"], e["detail"]["name"], e["detail"]["key_id"]) for e in events] == [
-        ("cli", "doomed", doomed.split(".")[1])]
+        ("cli", "doomed", doomed.split(".")[1])
+    ]
 
 
-def test_revoking_twice_or_an_unknown_name_fails_in_one_line_and_changes_nothing(state_dir: str,
-                                                                                 capsys: Capsys) -> None:
+def test_revoking_twice_or_an_unknown_name_fails_in_one_line_and_changes_nothing(
+    state_dir: str, capsys: Capsys
+) -> None:
     _cli(capsys, "apikey", "create", "once", "--role", "admin", state=state_dir)
     assert _cli(capsys, "apikey", "revoke", "once", state=state_dir)[0] == 0
     before = _rows(state_dir, "SELECT * FROM apikeys"), _rows(state_dir, "SELECT * FROM audit")
@@ -97,8 +107,10 @@ def test_revoking_twice_or_an_unknown_name_fails_in_one_line_and_changes_nothing
 
 
 def test_lists_name_every_credential_and_never_a_secret(state_dir: str, tmp_path: Path, capsys: Capsys) -> None:
-    keys = {name: _cli(capsys, "apikey", "create", name, "--role", role, state=state_dir)[1].strip()
-            for name, role in (("ops", "admin"), ("app", "issuer"))}
+    keys = {
+        name: _cli(capsys, "apikey", "create", name, "--role", role, state=state_dir)[1].strip()
+        for name, role in (("ops", "admin"), ("app", "issuer"))
+    }
     _cli(capsys, "apikey", "revoke", "app", state=state_dir)
     cred = tmp_path / "px.json"
     _cli(capsys, "proxy", "add", "px", "--public-url", "http://127.0.0.1:1", "--out", str(cred), state=state_dir)
@@ -108,7 +120,9 @@ def test_lists_name_every_credential_and_never_a_secret(state_dir: str, tmp_path
     listed = {k["name"]: k for k in json.loads(out)["apikeys"]}
     assert status == 0 and set(listed["ops"]) == {"name", "key_id", "role", "created_at", "revoked", "revoked_at"}
     assert [(k["key_id"], k["role"], k["revoked"]) for k in listed.values()] == [
-        (keys["ops"].split(".")[1], "admin", False), (keys["app"].split(".")[1], "issuer", True)]
+        (keys["ops"].split(".")[1], "admin", False),
+        (keys["app"].split(".")[1], "issuer", True),
+    ]
     status, proxies, _ = _cli(capsys, "proxy", "list", state=state_dir)
     assert status == 0 and [(p["id"], p["removed"]) for p in json.loads(proxies)["proxies"]] == [("px", True)]
     hashes = [h.hex() for (h,) in _rows(state_dir, "SELECT hash FROM apikeys UNION SELECT secret_hash FROM proxies")]
@@ -117,8 +131,9 @@ def test_lists_name_every_credential_and_never_a_secret(state_dir: str, tmp_path
     assert "hash" not in out + proxies
 
 
-def test_a_removed_proxy_gets_401_and_new_consoles_use_keys_it_never_received(broker: BrokerProcess,
-                                                                              capsys: Capsys) -> None:
+def test_a_removed_proxy_gets_401_and_new_consoles_use_keys_it_never_received(
+    broker: BrokerProcess, capsys: Capsys
+) -> None:
     root = broker.state.root
     for name, port in (("leaky", 1), ("good", 2)):
         broker.state.add_proxy(name, f"http://127.0.0.1:{port}")
@@ -131,12 +146,19 @@ def test_a_removed_proxy_gets_401_and_new_consoles_use_keys_it_never_received(br
     status, out, _ = _cli(capsys, "proxy", "remove", "leaky", state=root)
     assert status == 0 and f"version {leaked.version + 1}" in out
     assert broker.admin.keys()["version"] == leaked.version + 1
-    for path, body in (("/proxy/heartbeat", {"proxy_id": "leaky", "public_url": None, "sessions": 0,
-                                              "capacity": 100, "draining": False, "version": 0}),
-                       ("/proxy/events", {"events": [{"event": "refused", "code": "token_invalid"}]}),
-                       ("/proxy/redeem", {"jti": "j" * 24, "session_id": "s1", "exp": int(time.time()) + 60})):
-        assert _error(lambda path=path, body=body: broker.client().request(
-            "POST", path, body, authorization=_proxy_auth(broker, "leaky"))) == (401, "unauthorized"), path
+    for path, body in (
+        (
+            "/proxy/heartbeat",
+            {"proxy_id": "leaky", "public_url": None, "sessions": 0, "capacity": 100, "draining": False, "version": 0},
+        ),
+        ("/proxy/events", {"events": [{"event": "refused", "code": "token_invalid"}]}),
+        ("/proxy/redeem", {"jti": "j" * 24, "session_id": "s1", "exp": int(time.time()) + 60}),
+    ):
+        assert _error(
+            lambda path=path, body=body: broker.client().request(
+                "POST", path, body, authorization=_proxy_auth(broker, "leaky")
+            )
+        ) == (401, "unauthorized"), path
     assert [p["id"] for p in broker.admin.proxies()] == ["good"]
 
     # "good" still holds only the leaked keys: no console for it until it has fetched the new ones
@@ -149,15 +171,16 @@ def test_a_removed_proxy_gets_401_and_new_consoles_use_keys_it_never_received(br
         token.verify(console["token"], leaked, time.time())
     assert refused.value.reason == "unknown_fleet_key"
 
-    assert [(e["actor"], e["proxy_id"], e["rotate"]) for e in _audit(root, "proxy_removed")] == [
-        ("cli", "leaky", True)]
+    assert [(e["actor"], e["proxy_id"], e["rotate"]) for e in _audit(root, "proxy_removed")] == [("cli", "leaky", True)]
     rotated = _audit(root, "key_rotated")
     assert [(e["actor"], e["version"], e["reason"], e["proxy_id"]) for e in rotated] == [
-        ("cli", fresh.version, "proxy_removed", "leaky")]
+        ("cli", fresh.version, "proxy_removed", "leaky")
+    ]
 
 
-def test_remove_with_no_rotate_keeps_the_keys_and_refuses_repeats(state_dir: str, tmp_path: Path,
-                                                                  capsys: Capsys) -> None:
+def test_remove_with_no_rotate_keeps_the_keys_and_refuses_repeats(
+    state_dir: str, tmp_path: Path, capsys: Capsys
+) -> None:
     cred = tmp_path / "old.json"
     _cli(capsys, "proxy", "add", "old", "--public-url", "http://127.0.0.1:1", "--out", str(cred), state=state_dir)
     secret = json.loads(cred.read_text())["secret"]
@@ -175,16 +198,20 @@ def test_remove_with_no_rotate_keeps_the_keys_and_refuses_repeats(state_dir: str
         broker.close()
 
     audit = _rows(state_dir, "SELECT * FROM audit")
-    for argv, says in ((("proxy", "remove", "old"), "removed already"), (("proxy", "remove", "nope"), "no proxy"),
-                       (("proxy", "add", "old", "--public-url", "http://x", "--out", str(cred)), "not reused")):
+    for argv, says in (
+        (("proxy", "remove", "old"), "removed already"),
+        (("proxy", "remove", "nope"), "no proxy"),
+        (("proxy", "add", "old", "--public-url", "http://x", "--out", str(cred)), "not reused"),
+    ):
         status, _, err = _cli(capsys, *argv, state=state_dir)
         assert status == 1 and says in err and err.count("\n") == 1, err
     assert _rows(state_dir, "SELECT * FROM audit") == audit
     assert _rows(state_dir, "SELECT * FROM keyring") == ring_before
 
 
-def test_a_database_failure_leaves_credentials_and_keys_as_they_were(state_dir: str, tmp_path: Path,
-                                                                     capsys: Capsys) -> None:
+def test_a_database_failure_leaves_credentials_and_keys_as_they_were(
+    state_dir: str, tmp_path: Path, capsys: Capsys
+) -> None:
     """Real SQLite errors, raised by triggers at the last write of each operation (for removal:
     after the keys were rotated), must roll everything back and print one line."""
     key = _cli(capsys, "apikey", "create", "ops", "--role", "admin", state=state_dir)[1].strip()
@@ -223,8 +250,9 @@ def test_a_version_1_database_migrates_and_its_credentials_keep_working(tmp_path
     hasher = Hasher(Vault.load(root / MASTER_KEY_NAME).derive("credential-hash"))
     with sqlite3.connect(root / "broker.db") as conn:
         conn.executescript(MIGRATIONS[0].sqlite + "PRAGMA user_version = 1;")
-        conn.execute("INSERT INTO apikeys VALUES ('k1', 'legacy', 'admin', ?, 1.0)",
-                     (hasher.digest("apikey", "k1", "s3cret"),))
+        conn.execute(
+            "INSERT INTO apikeys VALUES ('k1', 'legacy', 'admin', ?, 1.0)", (hasher.digest("apikey", "k1", "s3cret"),)
+        )
     broker = Broker(root)
     try:
         assert broker.authenticate("Bearer cgk.k1.s3cret", proxy=False) is not None
@@ -256,21 +284,28 @@ def pair(tmp_path: Path) -> Iterator[tuple[Broker, Broker]]:
 
 
 def _heartbeat(broker: Broker, name: str, version: int) -> dict[str, Any]:
-    return broker.heartbeat(Principal(name, name, "proxy"), {
-        "proxy_id": name, "public_url": None, "sessions": 0, "capacity": 10, "draining": False, "version": version})
+    return broker.heartbeat(
+        Principal(name, name, "proxy"),
+        {"proxy_id": name, "public_url": None, "sessions": 0, "capacity": 10, "draining": False, "version": version},
+    )
 
 
 _PROXY_CALLS: dict[str, Callable[[Broker, Principal, int], object]] = {
-    "heartbeat": lambda broker, who, version: broker.heartbeat(who, {
-        "proxy_id": who.id, "public_url": None, "sessions": 0, "capacity": 10, "draining": False, "version": version}),
-    "redeem": lambda broker, who, _: broker.redeem(who, {"jti": "j" * 24, "session_id": "s1",
-                                                         "exp": int(time.time()) + 60}),
-    "events": lambda broker, who, _: broker.proxy_events(who, [{"event": "refused", "code": "token_invalid"}])}
+    "heartbeat": lambda broker, who, version: broker.heartbeat(
+        who,
+        {"proxy_id": who.id, "public_url": None, "sessions": 0, "capacity": 10, "draining": False, "version": version},
+    ),
+    "redeem": lambda broker, who, _: broker.redeem(
+        who, {"jti": "j" * 24, "session_id": "s1", "exp": int(time.time()) + 60}
+    ),
+    "events": lambda broker, who, _: broker.proxy_events(who, [{"event": "refused", "code": "token_invalid"}]),
+}
 
 
 @pytest.mark.parametrize("call", _PROXY_CALLS)
 def test_proxy_requests_authenticated_before_a_removal_committed_get_401_not_the_new_keys(
-        pair: tuple[Broker, Broker], call: str) -> None:
+    pair: tuple[Broker, Broker], call: str
+) -> None:
     """The request authenticates, then ``proxy remove`` commits (rotating the keys), then the
     request's transaction runs: it must be refused, not answered with the rotated fleet keys."""
     serving, command = pair
@@ -288,8 +323,9 @@ def test_proxy_requests_authenticated_before_a_removal_committed_get_401_not_the
     assert [r[0] for r in serving.store.all("SELECT type FROM audit WHERE type IN ('redeemed', 'refused')")] == []
 
 
-def test_a_heartbeat_reads_the_keys_under_its_write_lock(pair: tuple[Broker, Broker],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_heartbeat_reads_the_keys_under_its_write_lock(
+    pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """keyring.json is replaced before its transaction commits (and put back if it fails): read
     outside a write transaction, it may hold keys that never get committed."""
     serving, command = pair
@@ -313,7 +349,8 @@ def test_a_heartbeat_reads_the_keys_under_its_write_lock(pair: tuple[Broker, Bro
 
 
 def test_a_console_is_assigned_under_the_write_lock_so_a_removal_cannot_slip_in(
-        pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch) -> None:
+    pair: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``proxy remove`` tries to commit right after the mint chose its proxy: it must wait for
     the mint's commit (the console went to a proxy that was live then), never commit in between
     (a console recorded for a removed proxy, signed with the keys it holds)."""
@@ -365,8 +402,9 @@ def test_a_failing_commit_leaves_the_keys_as_they_were(pair: tuple[Broker, Broke
     assert not serving.store.conn.in_transaction
 
 
-def test_two_processes_opening_an_old_database_at_once_migrate_it_once(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_processes_opening_an_old_database_at_once_migrate_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The other process migrates right after this one read the version: this one must see that
     under the write lock instead of applying migration 2 again ("duplicate column name")."""
     db = tmp_path / "b.db"
@@ -407,10 +445,22 @@ def test_a_heartbeat_cannot_steer_consoles_only_set_url_can(broker: BrokerProces
 
     assert _cli(capsys, "proxy", "set-url", "only", "https://px-only.example/", state=root)[0] == 0
     assert broker.issuer.mint(target["id"])["url"].startswith("https://px-only.example/console#token=")
-    assert _audit(root, "proxy_changed") == [{"actor": "cli", "proxy_id": "only", "public_url": "https://px-only.example",
-                                              "previous": "http://127.0.0.1:7001"}]
+    assert _audit(root, "proxy_changed") == [
+        {
+            "actor": "cli",
+            "proxy_id": "only",
+            "public_url": "https://px-only.example",
+            "previous": "http://127.0.0.1:7001",
+        }
+    ]
     assert _cli(capsys, "proxy", "set-url", "nobody", "https://x.example", state=root)[0] == 1
-    for bad in ("ftp://x.example", "https://user:pw@x.example", "https://x.example/a b", "https://x.example?q=1",
-                "https://x.example#", "https://evil.example\\.x.example"):
+    for bad in (
+        "ftp://x.example",
+        "https://user:pw@x.example",
+        "https://x.example/a b",
+        "https://x.example?q=1",
+        "https://x.example#",
+        "https://evil.example\\.x.example",
+    ):
         assert _cli(capsys, "proxy", "set-url", "only", bad, state=root)[0] == 1, bad
     assert len(_audit(root, "proxy_changed")) == 1

@@ -46,8 +46,9 @@ MAX_PAGES = 100
 
 
 @pytest.fixture
-def open_broker(tmp_path: Path, engine: str,
-                request: pytest.FixtureRequest) -> Iterator[Callable[..., tuple[Broker, Principal]]]:
+def open_broker(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., tuple[Broker, Principal]]]:
     """``open_broker(**config)``: a Broker on a fresh state dir (and database, on either engine)
     with a target and proxy "p"."""
     opened: list[Broker] = []
@@ -67,8 +68,10 @@ def open_broker(tmp_path: Path, engine: str,
 
 
 def _beat(broker: Broker, proxy: Principal) -> dict[str, Any]:
-    return broker.heartbeat(proxy, {"proxy_id": proxy.id, "sessions": 0, "capacity": 100, "draining": False,
-                                    "version": broker.keyring().version})
+    return broker.heartbeat(
+        proxy,
+        {"proxy_id": proxy.id, "sessions": 0, "capacity": 100, "draining": False, "version": broker.keyring().version},
+    )
 
 
 def _mint(broker: Broker, proxy: Principal, **body: Any) -> str:
@@ -95,15 +98,18 @@ def _audit_count(broker: Broker) -> int:
 
 
 def test_ended_sessions_go_once_the_retention_passed_and_the_rest_stay(
-        open_broker: Callable[..., tuple[Broker, Principal]]) -> None:
+    open_broker: Callable[..., tuple[Broker, Principal]],
+) -> None:
     """Closed, revoked and never-opened expired sessions go one retention after they ended (the
     latest of expiry, close, revocation); an active one never does. The audit log keeps all."""
     retention = 2 * 86400
     broker, proxy = open_broker(session_retention=retention)
     with freeze_time(T0) as frozen:
         closed, expired, revoked, active, late = (_mint(broker, proxy) for _ in range(5))
-        broker.proxy_events(proxy, [_event("opened", closed), _event("closed", closed), _event("opened", active),
-                                    _event("opened", late)])
+        broker.proxy_events(
+            proxy,
+            [_event("opened", closed), _event("closed", closed), _event("opened", active), _event("opened", late)],
+        )
         broker.revoke_session(revoked, "test")
         frozen.tick(86400)
         broker.proxy_events(proxy, [_event("closed", late)])  # a console closed a day after it opened
@@ -121,7 +127,8 @@ def test_ended_sessions_go_once_the_retention_passed_and_the_rest_stay(
 
 
 def test_a_revoked_session_stays_while_any_proxy_could_still_accept_it(
-        open_broker: Callable[..., tuple[Broker, Principal]]) -> None:
+    open_broker: Callable[..., tuple[Broker, Principal]],
+) -> None:
     """Deleting a revoked row would make it read as "not revoked": redeem would let it through and
     the heartbeat list would drop it. A retention configured below the minimum (in-process; the
     CLI refuses it) acts as the minimum, so the row stays while a proxy running with MAX_SKEW
@@ -150,16 +157,20 @@ def test_a_revoked_session_stays_while_any_proxy_could_still_accept_it(
         assert _ids(broker) == set()
 
 
-def test_cleanup_deletes_in_bounded_batches(open_broker: Callable[..., tuple[Broker, Principal]],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cleanup_deletes_in_bounded_batches(
+    open_broker: Callable[..., tuple[Broker, Principal]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each transaction deletes at most one batch, so the write lock is never held for a whole
     backlog; what one run leaves (max_batches) the next one takes."""
     broker, _ = open_broker()
     with freeze_time(T0):
         old = clock.now() - 30 * 86400
         with broker.store.transaction() as conn:
-            conn.executemany("INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
-                             "VALUES (?, 'k1', 'minted', 1, ?, ?)", [(f"s{i:02}", int(old), old) for i in range(25)])
+            conn.executemany(
+                "INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
+                "VALUES (?, 'k1', 'minted', 1, ?, ?)",
+                [(f"s{i:02}", int(old), old) for i in range(25)],
+            )
         per_transaction: list[int] = []
         real = broker.store.transaction
 
@@ -179,7 +190,8 @@ def test_cleanup_deletes_in_bounded_batches(open_broker: Callable[..., tuple[Bro
 
 
 def test_events_for_a_deleted_session_do_not_fail_the_batch(
-        open_broker: Callable[..., tuple[Broker, Principal]]) -> None:
+    open_broker: Callable[..., tuple[Broker, Principal]],
+) -> None:
     """A proxy's late report about a pruned session is audited like any other, does not bring the
     row back, and the rest of its batch lands."""
     broker, proxy = open_broker()
@@ -201,8 +213,9 @@ def test_events_for_a_deleted_session_do_not_fail_the_batch(
 
 
 @pytest.mark.parametrize("seconds", ["3600", str(int(MIN_SESSION_RETENTION) - 1), "-1", "nan"])
-def test_serve_refuses_a_retention_below_the_minimum(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                     seconds: str) -> None:
+def test_serve_refuses_a_retention_below_the_minimum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seconds: str
+) -> None:
     """Refused in one line (exit 1) before anything is opened, rather than silently raised."""
     status = main(["serve", "--state-dir", str(tmp_path / "none"), "--session-retention", seconds])
     err = capsys.readouterr().err
@@ -214,8 +227,11 @@ def test_pages_break_ties_on_the_session_id(open_broker: Callable[..., tuple[Bro
     """Sessions minted in the same instant: the keyset's id part keeps a walk from skipping one."""
     broker, _ = open_broker()
     with broker.store.transaction() as conn:
-        conn.executemany("INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
-                         "VALUES (?, 'k1', 'minted', 1, 100, 50.25)", [(f"tie{i}",) for i in range(5)])
+        conn.executemany(
+            "INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
+            "VALUES (?, 'k1', 'minted', 1, 100, 50.25)",
+            [(f"tie{i}",) for i in range(5)],
+        )
     seen, cursor = [], None
     for _ in range(MAX_PAGES):
         page = broker.list_sessions(ADMIN, "all", limit=2, cursor=cursor)
@@ -234,17 +250,27 @@ def test_a_version_2_database_gains_the_session_indexes(tmp_path: Path) -> None:
     legacy_state_dir(root)
     with sqlite3.connect(root / "broker.db") as conn:
         conn.executescript(MIGRATIONS[0].sqlite + MIGRATIONS[1].sqlite + "PRAGMA user_version = 2;")
-        conn.executemany("INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
-                         "VALUES (?, 'k1', 'closed', 1, 100, ?)", [(f"old{i}", float(i)) for i in range(3)])
+        conn.executemany(
+            "INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
+            "VALUES (?, 'k1', 'closed', 1, 100, ?)",
+            [(f"old{i}", float(i)) for i in range(3)],
+        )
     broker = Broker(root)
     try:
         assert broker.store.version == SCHEMA_VERSION
         assert not (root / "keyring.json").exists() and (root / "keyring.json.imported").exists()
         indexes = {r["name"] for r in broker.store.all("PRAGMA index_list(sessions)")}
         assert {"sessions_minted", "sessions_issuer_minted", "sessions_state_minted"} <= indexes
-        plan = " ".join(r["detail"] for r in broker.store.all(
-            "EXPLAIN QUERY PLAN SELECT * FROM sessions WHERE issued_by = ? AND (minted_at, id) < (?, ?) "
-            "ORDER BY minted_at DESC, id DESC LIMIT 2", "k1", 9.0, "z"))
+        plan = " ".join(
+            r["detail"]
+            for r in broker.store.all(
+                "EXPLAIN QUERY PLAN SELECT * FROM sessions WHERE issued_by = ? AND (minted_at, id) < (?, ?) "
+                "ORDER BY minted_at DESC, id DESC LIMIT 2",
+                "k1",
+                9.0,
+                "z",
+            )
+        )
         assert "sessions_issuer_minted" in plan and "TEMP B-TREE" not in plan
         first = broker.list_sessions(ISSUER, "closed", limit=2)
         rest = broker.list_sessions(ISSUER, "closed", limit=2, cursor=first["next_cursor"])
@@ -319,8 +345,11 @@ def test_the_default_page_is_1000_and_a_cursor_leads_to_the_rest(served: BrokerP
     broker = Broker(served.state.root)
     try:
         with broker.store.transaction() as conn:  # the running broker sees them at once (WAL)
-            conn.executemany("INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
-                             "VALUES (?, ?, 'closed', 1, 100, ?)", [(f"b{i:04}", key_id, i + 0.5) for i in range(1001)])
+            conn.executemany(
+                "INSERT INTO sessions (id, issued_by, state, single_use, exp, minted_at) "
+                "VALUES (?, ?, 'closed', 1, 100, ?)",
+                [(f"b{i:04}", key_id, i + 0.5) for i in range(1001)],
+            )
     finally:
         broker.close()
     first = client.sessions_page()
@@ -347,15 +376,33 @@ def _cursor(value: str) -> str:
     return b64url.encode(value.encode())
 
 
-@pytest.mark.parametrize("query", [
-    {"limit": "0"}, {"limit": "1001"}, {"limit": "-1"}, {"limit": "1.5"}, {"limit": "²"}, {"limit": "٣"},
-    {"limit": ""}, {"limit": "ten"}, {"limit": "9" * 5000},  # int() refuses > 4300 digits: not a 500
-    {"cursor": ""}, {"cursor": "not a cursor!"}, {"cursor": "x" * 600}, {"cursor": _cursor("{")},
-    {"cursor": _cursor("[1]")}, {"cursor": _cursor('["a", "b"]')}, {"cursor": _cursor('[true, "b"]')},
-    {"cursor": _cursor('[1e400, "b"]')}, {"cursor": _cursor("[" + "9" * 330 + ', "b"]')},
-    {"cursor": _cursor('[1, "\\ud800"]')}, {"cursor": _cursor('{"a": 1, "b": 2}')},
-    {"cursor": _cursor('[NaN, "b"]')}, {"cursor": _cursor('[1, "b"]') + "="},
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": "0"},
+        {"limit": "1001"},
+        {"limit": "-1"},
+        {"limit": "1.5"},
+        {"limit": "²"},
+        {"limit": "٣"},
+        {"limit": ""},
+        {"limit": "ten"},
+        {"limit": "9" * 5000},  # int() refuses > 4300 digits: not a 500
+        {"cursor": ""},
+        {"cursor": "not a cursor!"},
+        {"cursor": "x" * 600},
+        {"cursor": _cursor("{")},
+        {"cursor": _cursor("[1]")},
+        {"cursor": _cursor('["a", "b"]')},
+        {"cursor": _cursor('[true, "b"]')},
+        {"cursor": _cursor('[1e400, "b"]')},
+        {"cursor": _cursor("[" + "9" * 330 + ', "b"]')},
+        {"cursor": _cursor('[1, "\\ud800"]')},
+        {"cursor": _cursor('{"a": 1, "b": 2}')},
+        {"cursor": _cursor('[NaN, "b"]')},
+        {"cursor": _cursor('[1, "b"]') + "="},
+    ],
+)
 def test_bad_limit_or_cursor_is_400(served: BrokerProcess, query: dict[str, str]) -> None:
     assert _error(lambda: served.issuer.request("GET", "/sessions", query=query)) == (400, "bad_request")
 
@@ -392,14 +439,17 @@ def _locked(broker: Broker, call: Callable[[], object]) -> None:
 
 
 def test_the_served_cleanup_takes_one_batch_per_tick_and_survives_a_locked_database(
-        open_broker: Callable[..., tuple[Broker, Principal]], caplog: pytest.LogCaptureFixture) -> None:
+    open_broker: Callable[..., tuple[Broker, Principal]], caplog: pytest.LogCaptureFixture
+) -> None:
     """It runs on the broker's event loop: one batch per table per tick keeps mints and redeems
     flowing behind a backlog, and a locked database is a warning, not the end of serve."""
     broker, _ = open_broker()
     far_past = clock.now() - 30 * 86400
     with broker.store.transaction() as conn:
-        conn.executemany("INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES (?, 's', 'p', ?, ?)",
-                         [(f"j{i:030d}", far_past, far_past) for i in range(CLEANUP_BATCH + 5)])
+        conn.executemany(
+            "INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES (?, 's', 'p', ?, ?)",
+            [(f"j{i:030d}", far_past, far_past) for i in range(CLEANUP_BATCH + 5)],
+        )
     serve._cleanup(broker)
     assert broker.store.one("SELECT count(*) FROM redeemed")[0] == 5  # one batch this tick, the rest next
     _locked(broker, lambda: serve._cleanup(broker))  # no exception

@@ -33,8 +33,7 @@ def _set_version(store: Store, version: int) -> None:
         store.engine.set_version(conn, version)
 
 
-def test_a_new_database_is_migrated_once_and_reopening_applies_nothing(database: str | None,
-                                                                        tmp_path: Path) -> None:
+def test_a_new_database_is_migrated_once_and_reopening_applies_nothing(database: str | None, tmp_path: Path) -> None:
     store = Store(_url(database, tmp_path), create=True, migrate=True)
     try:
         assert store.version == SCHEMA_VERSION and store.migrate() == SCHEMA_VERSION
@@ -86,8 +85,9 @@ def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUr
     return url
 
 
-def test_transactions_roll_back_whole_and_a_duplicate_key_is_an_integrity_error(database: str | None,
-                                                                                tmp_path: Path) -> None:
+def test_transactions_roll_back_whole_and_a_duplicate_key_is_an_integrity_error(
+    database: str | None, tmp_path: Path
+) -> None:
     store = Store(_url(database, tmp_path), create=True, migrate=True)
     try:
         with pytest.raises(RuntimeError), store.transaction() as conn:
@@ -112,7 +112,8 @@ def test_transactions_roll_back_whole_and_a_duplicate_key_is_an_integrity_error(
 
 
 def test_two_processes_migrating_an_empty_database_at_once_apply_each_migration_once(
-        database: str | None, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    database: str | None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Two replicas started at the same moment on an empty database (two connections racing
     under the migration lock): each migration is applied once, and both end up current."""
     url = _url(database, tmp_path)
@@ -126,7 +127,7 @@ def test_two_processes_migrating_an_empty_database_at_once_apply_each_migration_
             store = Store(url, create=True, migrate=True)
             versions.append(store.version)
             store.close()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             failures.append(exc)
 
     caplog.set_level(logging.INFO, logger="consolegate.broker")
@@ -141,7 +142,8 @@ def test_two_processes_migrating_an_empty_database_at_once_apply_each_migration_
 
 
 def test_the_keyring_is_sealed_in_the_database_and_a_rotation_reaches_the_other_replica(
-        database: str | None, tmp_path: Path) -> None:
+    database: str | None, tmp_path: Path
+) -> None:
     """Two Broker objects on one database stand for two replicas: a rotation committed by one is
     what the other uses on its very next call; the sealed row opens under master.key only."""
     a, b = _two_replicas(tmp_path, database)
@@ -158,8 +160,9 @@ def test_the_keyring_is_sealed_in_the_database_and_a_rotation_reaches_the_other_
         b.close()
 
 
-def test_a_master_key_that_does_not_open_the_keyring_fails_at_start(database: str | None, tmp_path: Path,
-                                                                    capsys: Capsys) -> None:
+def test_a_master_key_that_does_not_open_the_keyring_fails_at_start(
+    database: str | None, tmp_path: Path, capsys: Capsys
+) -> None:
     init_state_dir(tmp_path / "a", database=database)
     (tmp_path / "b").mkdir()
     Vault.create(tmp_path / "b" / MASTER_KEY_NAME)
@@ -195,8 +198,7 @@ def test_keyring_json_is_imported_once(database: str | None, tmp_path: Path) -> 
         broker.close()
 
 
-def test_init_refuses_a_database_that_has_its_keyring_and_writes_nothing(database: str | None,
-                                                                         tmp_path: Path) -> None:
+def test_init_refuses_a_database_that_has_its_keyring_and_writes_nothing(database: str | None, tmp_path: Path) -> None:
     init_state_dir(tmp_path / "a", database=database)
     if database is None:
         database = f"sqlite:///{tmp_path / 'a' / 'broker.db'}"
@@ -207,8 +209,10 @@ def test_init_refuses_a_database_that_has_its_keyring_and_writes_nothing(databas
 
 def test_database_urls_never_show_the_password() -> None:
     assert redact("postgresql://alice:s3cret@db.example:5432/cg") == "postgresql://alice:***@db.example:5432/cg"
-    assert redact("postgresql://alice@db/cg?password=s3cret&sslmode=require") == \
-        "postgresql://alice@db/cg?password=***&sslmode=require"
+    assert (
+        redact("postgresql://alice@db/cg?password=s3cret&sslmode=require")
+        == "postgresql://alice@db/cg?password=***&sslmode=require"
+    )
     assert parse_database_url("sqlite:///var/lib/cg/broker.db", "x").path == Path("/var/lib/cg/broker.db")
     for bad in ("mysql://x/y", "sqlite://relative.db", "postgresql://alice:s3cret@db.example:5432/"):
         with pytest.raises(ValueError) as refused:
@@ -216,8 +220,9 @@ def test_database_urls_never_show_the_password() -> None:
         assert "s3cret" not in str(refused.value)
 
 
-def test_an_unreachable_database_is_one_line_without_the_password(tmp_path: Path, capsys: Capsys,
-                                                                  pg_cluster: object) -> None:
+def test_an_unreachable_database_is_one_line_without_the_password(
+    tmp_path: Path, capsys: Capsys, pg_cluster: object
+) -> None:
     from proxyproc import free_port
 
     init_state_dir(tmp_path / "s")
@@ -228,20 +233,23 @@ def test_an_unreachable_database_is_one_line_without_the_password(tmp_path: Path
         assert "pa55-s3cret" not in err and "postgres:***@127.0.0.1" in err and "cannot connect" in err
 
 
-def test_a_wrong_password_or_an_unknown_database_is_one_line_at_start(pg_cluster: object, tmp_path: Path,
-                                                                      capsys: Capsys) -> None:
+def test_a_wrong_password_or_an_unknown_database_is_one_line_at_start(
+    pg_cluster: object, tmp_path: Path, capsys: Capsys
+) -> None:
     init_state_dir(tmp_path / "s")
     wrong = pg_cluster.url("postgres", password="not-the-password")  # type: ignore[attr-defined]
     missing = pg_cluster.url("no_such_database")  # type: ignore[attr-defined]
     for url, says in ((wrong, "password authentication failed"), (missing, "does not exist")):
-        status, out, err = _run(capsys, "serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:1",
-                                "--database", url)
+        status, out, err = _run(
+            capsys, "serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:1", "--database", url
+        )
         assert (status, out) == (1, "") and err.count("\n") == 1 and says in err, err
         assert "not-the-password" not in err and pg_cluster.password not in err  # type: ignore[attr-defined]
 
 
-def test_password_from_pgpassword_when_the_url_has_none(pg_cluster: object, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_password_from_pgpassword_when_the_url_has_none(
+    pg_cluster: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """libpq's own sources of the password work unchanged (PGPASSWORD here; ~/.pgpass likewise)."""
     database = pg_cluster.new_database()  # type: ignore[attr-defined]
     bare = database.replace(f":{pg_cluster.password}@", "@")  # type: ignore[attr-defined]
@@ -259,8 +267,10 @@ def test_migrate_and_serve_on_postgresql(pg_cluster: object, tmp_path: Path, cap
     older one (without --migrate) in one line, before listening."""
     database = pg_cluster.new_database()  # type: ignore[attr-defined]
     init_state_dir(tmp_path / "s", database=database)
-    for argv in (("serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:1"),
-                 ("apikey", "list", "--state-dir", str(tmp_path / "s"))):
+    for argv in (
+        ("serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:1"),
+        ("apikey", "list", "--state-dir", str(tmp_path / "s")),
+    ):
         empty = pg_cluster.new_database()  # type: ignore[attr-defined]
         status, out, err = _run(capsys, *argv, "--database", empty)
         assert status == 1 and "is empty: run console-broker init" in err and err.count("\n") == 1, err
@@ -308,7 +318,9 @@ def test_one_name_created_at_two_replicas_at_once_is_one_key(database: str | Non
     replicas = _two_replicas(tmp_path, database)
     try:
         assert _race(lambda broker: broker.create_apikey("ops", "admin", "test"), replicas) == [
-            "an API key named 'ops' exists already (revoked names are not reused)", "ok"]
+            "an API key named 'ops' exists already (revoked names are not reused)",
+            "ok",
+        ]
         assert [k["name"] for k in replicas[1].list_apikeys()["apikeys"]] == ["ops"]
     finally:
         for broker in replicas:
@@ -329,15 +341,15 @@ def test_one_key_revoked_at_two_replicas_at_once_is_revoked_once(database: str |
 
 _FAIL_ROTATION = {
     "sqlite": "CREATE TRIGGER fail_rotation BEFORE INSERT ON audit WHEN NEW.type = 'key_rotated' "
-              "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END",
+    "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END",
     "postgresql": "CREATE FUNCTION fail_rotation() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                  "IF NEW.type = 'key_rotated' THEN RAISE EXCEPTION 'simulated failure' USING ERRCODE = "
-                  "'check_violation'; END IF; RETURN NEW; END $$; CREATE TRIGGER fail_rotation BEFORE INSERT "
-                  "ON audit FOR EACH ROW EXECUTE FUNCTION fail_rotation()"}
+    "IF NEW.type = 'key_rotated' THEN RAISE EXCEPTION 'simulated failure' USING ERRCODE = "
+    "'check_violation'; END IF; RETURN NEW; END $$; CREATE TRIGGER fail_rotation BEFORE INSERT "
+    "ON audit FOR EACH ROW EXECUTE FUNCTION fail_rotation()",
+}
 
 
-def test_a_removal_whose_rotation_fails_changes_nothing_on_either_replica(database: str | None,
-                                                                         tmp_path: Path) -> None:
+def test_a_removal_whose_rotation_fails_changes_nothing_on_either_replica(database: str | None, tmp_path: Path) -> None:
     """``proxy remove`` is one transaction: the removal, the new sealed keyring, the mint floor
     and both audit events commit together or not at all."""
     a, b = _two_replicas(tmp_path, database)
@@ -356,8 +368,9 @@ def test_a_removal_whose_rotation_fails_changes_nothing_on_either_replica(databa
         b.close()
 
 
-def test_serve_migrates_an_older_postgresql_database_only_when_told(pg_cluster: object, tmp_path: Path,
-                                                                    capsys: Capsys) -> None:
+def test_serve_migrates_an_older_postgresql_database_only_when_told(
+    pg_cluster: object, tmp_path: Path, capsys: Capsys
+) -> None:
     """A database one migration behind (with audit rows already): ``serve`` refuses it in one
     line; ``serve --migrate`` applies the migration, and the audit numbering goes on after the
     rows it found."""
@@ -366,8 +379,9 @@ def test_serve_migrates_an_older_postgresql_database_only_when_told(pg_cluster: 
     state = BrokerState.create(tmp_path / "a", database=pg_cluster.new_database())  # type: ignore[attr-defined]
     assert state.database is not None
     before = _reopen_at(state.database, tmp_path, SCHEMA_VERSION - 1)
-    status, out, err = _run(capsys, "serve", "--state-dir", str(state.root), "--listen", "127.0.0.1:1",
-                            "--database", state.database)
+    status, out, err = _run(
+        capsys, "serve", "--state-dir", str(state.root), "--listen", "127.0.0.1:1", "--database", state.database
+    )
     assert (status, out) == (1, "") and err.count("\n") == 1 and "console-broker migrate" in err, err
     process = start_broker(state, "--migrate")
     try:

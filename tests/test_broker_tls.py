@@ -19,16 +19,30 @@ def test_proxy_links_to_an_https_broker_it_verifies(tmp_path: Path, test_pki, xv
     broker = start_broker(state, "--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path))
     port = free_port()
     credential = state.add_proxy("tls-proxy", f"http://127.0.0.1:{port}")
-    proxy = start_proxy(tmp_path, None, "--broker", f"https://127.0.0.1:{broker.port}", "--broker-ca",
-                        str(test_pki.ca_path), "--proxy-credential", str(credential), "--heartbeat-interval", "0.5",
-                        "--public-url", f"http://127.0.0.1:{port}", port=port)
+    proxy = start_proxy(
+        tmp_path,
+        None,
+        "--broker",
+        f"https://127.0.0.1:{broker.port}",
+        "--broker-ca",
+        str(test_pki.ca_path),
+        "--proxy-credential",
+        str(credential),
+        "--heartbeat-interval",
+        "0.5",
+        "--public-url",
+        f"http://127.0.0.1:{port}",
+        port=port,
+    )
     try:
         assert "(https," in broker.wait_for_log("console-broker listening")
         admin = BrokerClient(f"https://127.0.0.1:{broker.port}", state.admin_key, ca_file=str(test_pki.ca_path))
-        target = admin.add_target(name="tls-vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                  password=xvnc_vncauth.password)
-        console = BrokerClient(f"https://127.0.0.1:{broker.port}", state.issuer_key,
-                               ca_file=str(test_pki.ca_path)).mint(target["id"])
+        target = admin.add_target(
+            name="tls-vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+        )
+        console = BrokerClient(
+            f"https://127.0.0.1:{broker.port}", state.issuer_key, ca_file=str(test_pki.ca_path)
+        ).mint(target["id"])
 
         async def scenario() -> bytes:
             viewer = await Console.open(proxy.ws_url, console["token"])  # single use: redeemed over HTTPS
@@ -48,9 +62,24 @@ def test_proxy_refuses_a_broker_certificate_it_cannot_verify(tmp_path: Path, tes
     credential = state.add_proxy("unsure", "http://127.0.0.1:1")
     try:
         result = subprocess.run(  # no --broker-ca: the system CAs do not know the test CA
-            [sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
-             "--broker", f"https://127.0.0.1:{broker.port}", "--proxy-credential", str(credential)],
-            check=False, capture_output=True, text=True, cwd=REPO, timeout=30)
+            [
+                sys.executable,
+                "-m",
+                "console_proxy.cli",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--broker",
+                f"https://127.0.0.1:{broker.port}",
+                "--proxy-credential",
+                str(credential),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=30,
+        )
     finally:
         broker.stop()
     assert result.returncode == 1
@@ -62,9 +91,25 @@ def test_proxy_refuses_plain_http_to_a_remote_broker(tmp_path: Path) -> None:
     credential = tmp_path / "cred.json"
     credential.write_text('{"proxy_id": "p", "secret": "s"}')
     result = subprocess.run(
-        [sys.executable, "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
-         "--broker", "http://192.0.2.10:8080", "--proxy-credential", str(credential)],
-        check=False, capture_output=True, text=True, cwd=REPO, timeout=30)
+        [
+            sys.executable,
+            "-m",
+            "console_proxy.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--broker",
+            "http://192.0.2.10:8080",
+            "--proxy-credential",
+            str(credential),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "console-proxy: error: --broker 'http://192.0.2.10:8080' must be an https:// URL (plain http only to this host)"]
+        "console-proxy: error: --broker 'http://192.0.2.10:8080' must be an https:// URL (plain http only to this host)"
+    ]

@@ -146,14 +146,20 @@ def test_credential_hashes_are_keyed_and_checked() -> None:
     assert auth.split_api_key("nope") is None and auth.split_proxy_credential("bad name.x") is None
 
 
-def _proxy(name: str, sessions: int, capacity: int = 10, *, seen: float = 100.0, draining: bool = False,
-           pending: int = 0) -> ProxyView:
+def _proxy(
+    name: str, sessions: int, capacity: int = 10, *, seen: float = 100.0, draining: bool = False, pending: int = 0
+) -> ProxyView:
     return ProxyView(name, f"http://{name}", sessions, capacity, draining, seen, pending)
 
 
 def test_fleet_picks_the_least_loaded_healthy_non_draining_proxy() -> None:
-    proxies = [_proxy("a", 5), _proxy("b", 2, 4), _proxy("c", 1, draining=True), _proxy("d", 0, seen=80.0),
-               _proxy("e", 3)]
+    proxies = [
+        _proxy("a", 5),
+        _proxy("b", 2, 4),
+        _proxy("c", 1, draining=True),
+        _proxy("d", 0, seen=80.0),
+        _proxy("e", 3),
+    ]
     assert fleet.choose(proxies, 100.0, 5.0).id == "e"  # 0.3 < 0.5 = b; c draining; d stale (20 s > 15 s)
     assert fleet.choose([_proxy("a", 1), _proxy("b", 1, pending=3)], 100.0, 5.0).id == "a"
     assert fleet.choose([_proxy("full", 10)], 100.0, 5.0) is None
@@ -161,16 +167,23 @@ def test_fleet_picks_the_least_loaded_healthy_non_draining_proxy() -> None:
     assert fleet.choose([], 100.0, 5.0) is None
 
 
-@pytest.mark.parametrize(("reported", "ring_version", "floor", "previous_usable", "served"), [
-    (5, 5, 0, True, True), (4, 5, 0, True, True),  # current, or one behind (minted with the previous keys)
-    (4, 5, 0, False, False),  # one behind, but the previous keys expire before this console would
-    (3, 5, 0, True, False),  # two behind: holds neither the current nor the previous keys
-    (6, 5, 0, True, False),  # ahead: the broker's keyring was replaced; it holds other keys
-    (0, 5, 0, False, True),  # fresh: was just sent the whole current keyring
-    (0, 5, 5, True, False), (4, 5, 5, True, False), (5, 5, 5, True, True),  # after a removal, only the new keys
-])
-def test_a_console_goes_only_to_a_proxy_whose_keys_can_open_it(reported: int, ring_version: int, floor: int,
-                                                                previous_usable: bool, served: bool) -> None:
+@pytest.mark.parametrize(
+    ("reported", "ring_version", "floor", "previous_usable", "served"),
+    [
+        (5, 5, 0, True, True),
+        (4, 5, 0, True, True),  # current, or one behind (minted with the previous keys)
+        (4, 5, 0, False, False),  # one behind, but the previous keys expire before this console would
+        (3, 5, 0, True, False),  # two behind: holds neither the current nor the previous keys
+        (6, 5, 0, True, False),  # ahead: the broker's keyring was replaced; it holds other keys
+        (0, 5, 0, False, True),  # fresh: was just sent the whole current keyring
+        (0, 5, 5, True, False),
+        (4, 5, 5, True, False),
+        (5, 5, 5, True, True),  # after a removal, only the new keys
+    ],
+)
+def test_a_console_goes_only_to_a_proxy_whose_keys_can_open_it(
+    reported: int, ring_version: int, floor: int, previous_usable: bool, served: bool
+) -> None:
     proxy = ProxyView("p", "http://p", 0, 10, False, 100.0, 0, reported)
     assert fleet.holds_minting_keys(proxy, ring_version, floor, previous_usable) is served
     chosen = fleet.choose([proxy], 100.0, 5.0, ring_version=ring_version, floor=floor, previous_usable=previous_usable)
@@ -182,11 +195,16 @@ def test_websocket_url() -> None:
     assert fleet.websocket_url("http://127.0.0.1:8") == "ws://127.0.0.1:8/websockify"
 
 
-@pytest.mark.parametrize("body", [
-    {"name": "n", "host": "h", "port": 1, "tls": {"bogus": True}},
-    {"name": "n", "host": "a b", "port": 1}, {"name": "", "host": "h", "port": 1},
-    {"name": "n", "host": "h", "port": 1, "id": "bad id"}, {"name": "n", "host": "h", "port": 1.5},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "n", "host": "h", "port": 1, "tls": {"bogus": True}},
+        {"name": "n", "host": "a b", "port": 1},
+        {"name": "", "host": "h", "port": 1},
+        {"name": "n", "host": "h", "port": 1, "id": "bad id"},
+        {"name": "n", "host": "h", "port": 1.5},
+    ],
+)
 def test_schema_rejects(body: dict) -> None:
     with pytest.raises(ValueError):
         schemas.validate(body, schemas.TARGET_CREATE)
@@ -229,7 +247,9 @@ def broker_now() -> float:
 
 
 @contextmanager
-def _revoked_session_announced(tmp_path: Path, ttl: int, database: str | None) -> Iterator[tuple[Any, Callable[[], list[str]]]]:
+def _revoked_session_announced(
+    tmp_path: Path, ttl: int, database: str | None
+) -> Iterator[tuple[Any, Callable[[], list[str]]]]:
     """At a frozen time, a session "s1" whose token lives ``ttl`` s, revoked and closed right
     after minting: (the frozen clock, what a proxy's heartbeat answer now lists as revoked)."""
     init_state_dir(tmp_path / "s", database=database)
@@ -240,15 +260,19 @@ def _revoked_session_announced(tmp_path: Path, ttl: int, database: str | None) -
         with freeze_time("2030-01-01 00:00:00") as frozen:
             now = int(broker_now())
             with broker.store.transaction() as conn:
-                conn.execute("INSERT INTO sessions (id, target_id, \"user\", proxy_id, issued_by, state, single_use, exp, "
-                             "minted_at, revoked_at, closed_at) VALUES ('s1', 't', NULL, 'p', 'k', 'revoked', 0, ?, ?, ?, ?)",
-                             (now + ttl, now, now + 1, now + 2))
+                conn.execute(
+                    'INSERT INTO sessions (id, target_id, "user", proxy_id, issued_by, state, single_use, exp, '
+                    "minted_at, revoked_at, closed_at) VALUES ('s1', 't', NULL, 'p', 'k', 'revoked', 0, ?, ?, ?, ?)",
+                    (now + ttl, now, now + 1, now + 2),
+                )
             yield frozen, lambda: broker.heartbeat(proxy, beat)["revoked"]
     finally:
         broker.close()
 
 
-def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_token(tmp_path: Path, database: str | None) -> None:
+def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_token(
+    tmp_path: Path, database: str | None
+) -> None:
     """Proxies replace their revoked set with each heartbeat's list, and a proxy may run with a
     skew of up to MAX_SKEW: a closed, revoked session must stay on the list until its token's
     exp + MAX_SKEW, or a reusable token could reopen it on such a proxy."""
@@ -259,7 +283,9 @@ def test_a_revoked_session_is_announced_while_any_proxy_could_still_accept_its_t
         assert announced() == []
 
 
-def test_a_long_lived_token_revoked_at_once_stays_announced_until_it_expires_everywhere(tmp_path: Path, database: str | None) -> None:
+def test_a_long_lived_token_revoked_at_once_stays_announced_until_it_expires_everywhere(
+    tmp_path: Path, database: str | None
+) -> None:
     """REVOKED_MEMORY bounds how long an open session is announced, not a token's validity: a
     token living longer than that (a keyring max_ttl near a day) must stay on the list until
     exp + MAX_SKEW + the default skew, or a proxy could reopen it with the reusable token."""
@@ -289,7 +315,9 @@ def test_a_rotation_the_database_cannot_record_leaves_the_keys_as_they_were(tmp_
         broker.close()
 
 
-def test_a_console_outliving_the_previous_keys_waits_for_a_proxy_with_the_new_ones(tmp_path: Path, database: str | None) -> None:
+def test_a_console_outliving_the_previous_keys_waits_for_a_proxy_with_the_new_ones(
+    tmp_path: Path, database: str | None
+) -> None:
     """The previous keys verify until their rotation + max_ttl + skew. For a proxy not yet told
     of the rotation, a console that would outlive them cannot be minted with them (nor with keys
     that proxy lacks): no proxy for it until the proxy reports the new keyring."""

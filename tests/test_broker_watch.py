@@ -49,11 +49,13 @@ def pair(database: str | None, tmp_path: Path) -> Iterator[Pair]:
     b.stop()
 
 
-def _watch(broker: BrokerProcess, since: int | None = None, *, authorization: str | None = None,
-           raw_since: str | None = None) -> tuple[int, dict[str, Any]]:
+def _watch(
+    broker: BrokerProcess, since: int | None = None, *, authorization: str | None = None, raw_since: str | None = None
+) -> tuple[int, dict[str, Any]]:
     query = f"?since={raw_since if raw_since is not None else since}" if since is not None or raw_since else ""
-    request = urllib.request.Request(f"{broker.base}/api/v1/proxy/watch{query}",
-                                     headers={"Authorization": authorization or _proxy_auth(broker)})
+    request = urllib.request.Request(
+        f"{broker.base}/api/v1/proxy/watch{query}", headers={"Authorization": authorization or _proxy_auth(broker)}
+    )
     try:
         with urllib.request.urlopen(request, timeout=40) as response:
             return response.status, json.loads(response.read())
@@ -79,6 +81,7 @@ class HeldWatch:
         def run() -> None:
             self.result = _watch(broker, since)
             self.done.set()
+
         threading.Thread(target=run, daemon=True).start()
         wait_for(lambda: _held(broker) > before, what="the watch held at the broker")
         assert not self.done.is_set()
@@ -149,15 +152,15 @@ def test_watch_refusals(pair: Pair) -> None:
 
 
 def test_a_revocation_at_b_closes_a_console_whose_proxy_watches_a_long_before_a_heartbeat(
-        pair: Pair, tmp_path: Path, xvnc_vncauth: Any) -> None:
+    pair: Pair, tmp_path: Path, xvnc_vncauth: Any
+) -> None:
     """A real console (Xvnc) through a real proxy linked to A only, heartbeating every 30 s: the
     revoke at B reaches it through the watch, 4410, well within one heartbeat."""
     a, b = pair
     proxy = start_linked_proxy(tmp_path, a, "pa", interval=SLOW_HEARTBEAT)
     try:
         healthy_proxies(b, 1)
-        target = b.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                    password=xvnc_vncauth.password)
+        target = b.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
         console = b.issuer.mint(target["id"], single_use=False)
         assert console["proxy_id"] == "pa"
         sid, tok = console["session_id"], console["token"]
@@ -183,7 +186,8 @@ def test_a_revocation_at_b_closes_a_console_whose_proxy_watches_a_long_before_a_
 
 @pytest.mark.parametrize("engine", ["postgresql"])
 def test_a_proxy_fails_over_to_the_second_replica_when_the_first_is_killed(
-        pair: Pair, tmp_path: Path, xvnc_vncauth: Any) -> None:
+    pair: Pair, tmp_path: Path, xvnc_vncauth: Any
+) -> None:
     """``--broker A --broker B``: A is SIGKILLed; the next single-use redeem succeeds through B
     and the heartbeats go on there (B lists the proxy healthy, seen after the kill)."""
     a, b = pair
@@ -191,8 +195,7 @@ def test_a_proxy_fails_over_to_the_second_replica_when_the_first_is_killed(
     b = start_broker(b.state)  # the default 0.5 s heartbeat interval: "healthy" means beating now
     try:
         proxy = start_linked_proxy(tmp_path, a, "pa", "--broker", b.base)
-        target = b.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                    password=xvnc_vncauth.password)
+        target = b.admin.add_target(name="vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
         healthy_proxies(b, 1)
         console = b.issuer.mint(target["id"])  # single use: the proxy must redeem it
         a.kill()
@@ -207,8 +210,10 @@ def test_a_proxy_fails_over_to_the_second_replica_when_the_first_is_killed(
         asyncio.run(scenario())
         redeemed = [e for e in b.admin.audit(0, "redeemed", 1000) if e["session_id"] == console["session_id"]]
         assert [e["actor"] for e in redeemed] == ["proxy:pa"]
-        wait_for(lambda: any(p["id"] == "pa" and p["healthy"] and p["last_seen"] > killed
-                             for p in b.admin.proxies()), what="heartbeats through B")
+        wait_for(
+            lambda: any(p["id"] == "pa" and p["healthy"] and p["last_seen"] > killed for p in b.admin.proxies()),
+            what="heartbeats through B",
+        )
         proxy.wait_for_log("broker replica", "failed", b.base)
     finally:
         proxy.stop()

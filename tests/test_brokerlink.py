@@ -43,13 +43,18 @@ def metric_lines(state: ProxyState, prefix: str) -> dict[str, str]:
 def test_events_the_broker_never_sees_are_counted_by_reason() -> None:
     """A full queue drops the oldest events; a batch the broker rejects is dropped too. Both are
     counted in /metrics by reason, next to the queue's length and the broker's reachability."""
+
     async def scenario() -> tuple[dict[str, str], dict[str, str], bool]:
         sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
         server = tornado.httpserver.HTTPServer(tornado.web.Application([(API + "/proxy/events", RejectingEvents)]))
         server.add_sockets(sockets)
         try:
-            link = BrokerLink(f"http://127.0.0.1:{sockets[0].getsockname()[1]}",
-                              ProxyCredential("proxy-1", "s" * 40), queue_limit=3, batch=2)
+            link = BrokerLink(
+                f"http://127.0.0.1:{sockets[0].getsockname()[1]}",
+                ProxyCredential("proxy-1", "s" * 40),
+                queue_limit=3,
+                batch=2,
+            )
             state = ProxyState(ProxyConfig(), RING)
             link.attach(state)
             for n in range(5):
@@ -59,6 +64,7 @@ def test_events_the_broker_never_sees_are_counted_by_reason() -> None:
             return before, metric_lines(state, "consolegate_proxy_broker"), flushed
         finally:
             server.stop()
+
     before, after, flushed = asyncio.run(scenario())
     assert before == {
         "consolegate_proxy_broker_reachable": "1",
@@ -76,14 +82,20 @@ def test_events_the_broker_never_sees_are_counted_by_reason() -> None:
 USER_INFO = "must not carry user info: the proxy authenticates with its credential file"
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("https://px1:hunter2-secret@broker.example:8443", f"--broker 'https://broker.example:8443' {USER_INFO}"),
-    ("http://ops:hunter2-secret@192.0.2.10", f"--broker 'http://192.0.2.10' {USER_INFO}"),
-    ("http://[::1", "--broker is not a URL (https://HOST[:PORT])"),
-    ("https://broker.example:99999", "--broker is not a URL (https://HOST[:PORT])"),
-    ("https://broker.example:0", "--broker is not a URL (https://HOST[:PORT])"),
-    ("ftp://broker.example", "--broker 'ftp://broker.example' must be an https:// URL (plain http only to this host)"),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("https://px1:hunter2-secret@broker.example:8443", f"--broker 'https://broker.example:8443' {USER_INFO}"),
+        ("http://ops:hunter2-secret@192.0.2.10", f"--broker 'http://192.0.2.10' {USER_INFO}"),
+        ("http://[::1", "--broker is not a URL (https://HOST[:PORT])"),
+        ("https://broker.example:99999", "--broker is not a URL (https://HOST[:PORT])"),
+        ("https://broker.example:0", "--broker is not a URL (https://HOST[:PORT])"),
+        (
+            "ftp://broker.example",
+            "--broker 'ftp://broker.example' must be an https:// URL (plain http only to this host)",
+        ),
+    ],
+)
 def test_a_refused_broker_url_is_one_line_without_user_info(url: str, message: str) -> None:
     """The message may reach logs and terminals: it names scheme, host and port, never a password."""
     with pytest.raises(BrokerLinkError) as info:
@@ -92,8 +104,16 @@ def test_a_refused_broker_url_is_one_line_without_user_info(url: str, message: s
     assert "hunter2" not in str(info.value)
 
 
-@pytest.mark.parametrize("url", ["https://broker.example", "https://broker.example:8443/base", "http://127.0.0.1:8700",
-                                 "http://[::1]:8700", "http://localhost:8700"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://broker.example",
+        "https://broker.example:8443/base",
+        "http://127.0.0.1:8700",
+        "http://[::1]:8700",
+        "http://localhost:8700",
+    ],
+)
 def test_https_anywhere_and_http_to_this_host_are_accepted(url: str) -> None:
     check_broker_url(url)
 
@@ -118,12 +138,14 @@ def test_a_replica_answering_5xx_is_left_for_the_next_and_a_4xx_is_not() -> None
     """``--broker A --broker B``: A answers 503, so the redeem is tried at B at once and B is used
     from then on; a 4xx is the request's answer (another replica would say the same), not a
     reason to move. (A stand-in: a real broker answers 503 only with its database away.)"""
+
     async def scenario() -> tuple[str, str, int, str]:
         servers, urls = [], []
         for handler in (Unavailable, Redeemed):
             sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-            server = tornado.httpserver.HTTPServer(tornado.web.Application([
-                (API + "/proxy/redeem", handler), (API + "/proxy/events", RejectingEvents)]))
+            server = tornado.httpserver.HTTPServer(
+                tornado.web.Application([(API + "/proxy/redeem", handler), (API + "/proxy/events", RejectingEvents)])
+            )
             server.add_sockets(sockets)
             servers.append(server)
             urls.append(f"http://127.0.0.1:{sockets[0].getsockname()[1]}")

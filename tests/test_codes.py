@@ -44,8 +44,10 @@ def test_a_member_is_its_number_on_the_wire_and_in_records() -> None:
 
 def test_an_ending_and_an_rfb_error_take_their_reason_from_the_one_table() -> None:
     assert Ending.of(Close.IDLE_TIMEOUT, "quiet") == Ending(4408, "idle_timeout", "quiet")
-    for error, close in ((rfb.RfbError.auth_failed("no"), Close.TARGET_AUTH_FAILED),
-                         (rfb.RfbError.protocol("bad"), Close.TARGET_PROTOCOL_ERROR)):
+    for error, close in (
+        (rfb.RfbError.auth_failed("no"), Close.TARGET_AUTH_FAILED),
+        (rfb.RfbError.protocol("bad"), Close.TARGET_PROTOCOL_ERROR),
+    ):
         assert (error.close_code, error.code) == (close, close.reason)
 
 

@@ -28,10 +28,20 @@ def _read_until_url(process: subprocess.Popen[str]) -> tuple[str, list[str]]:
 def test_demo_prints_a_working_console_url_and_stops_cleanly() -> None:
     proxy_port, broker_port = free_port(), free_port()
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--port", str(proxy_port),
-         "--broker-port", str(broker_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            str(REPO / "scripts" / "demo.py"),
+            "--port",
+            str(proxy_port),
+            "--broker-port",
+            str(broker_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         url, seen = _read_until_url(process)
         assert url.startswith(f"http://127.0.0.1:{proxy_port}/console#token=")
@@ -44,8 +54,9 @@ def test_demo_prints_a_working_console_url_and_stops_cleanly() -> None:
             return info.width, info.height, info.name
 
         assert asyncio.run(open_console()) == (1024, 768, b"Demo VM")
-        work = next(Path(word) for line in seen for word in line.replace(")", " ").split()
-                    if "consolegate-demo-" in word)
+        work = next(
+            Path(word) for line in seen for word in line.replace(")", " ").split() if "consolegate-demo-" in word
+        )
     finally:
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
@@ -63,10 +74,21 @@ def test_a_busy_port_fails_in_one_line_and_prints_no_url(busy: str) -> None:
         holder.bind(("127.0.0.1", proxy_port if busy == "proxy" else broker_port))
         holder.listen()
         done = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "demo.py"), "--port", str(proxy_port),
-             "--broker-port", str(broker_port)],
-            check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-            timeout=120)
+            [
+                sys.executable,
+                str(REPO / "scripts" / "demo.py"),
+                "--port",
+                str(proxy_port),
+                "--broker-port",
+                str(broker_port),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=120,
+        )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "/console#token=" not in done.stdout
     errors = done.stderr.strip().splitlines()

@@ -43,15 +43,18 @@ def test_a_connect_that_fails_at_once_raises() -> None:
         dial.connecting_socket("255.255.255.255", 5900)
 
 
-@pytest.mark.parametrize(("exc", "never"), [
-    (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), True),
-    (OSError(errno.EHOSTUNREACH, "no route"), True),
-    (OSError(errno.ETIMEDOUT, "timed out"), True),
-    (ConnectionResetError(errno.ECONNRESET, "reset"), False),
-    (BrokenPipeError(errno.EPIPE, "pipe"), False),
-    (None, False),
-    (ValueError("not an OSError"), False),
-])
+@pytest.mark.parametrize(
+    ("exc", "never"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), True),
+        (OSError(errno.EHOSTUNREACH, "no route"), True),
+        (OSError(errno.ETIMEDOUT, "timed out"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), False),
+        (BrokenPipeError(errno.EPIPE, "pipe"), False),
+        (None, False),
+        (ValueError("not an OSError"), False),
+    ],
+)
 def test_only_connect_errors_mean_never_connected(exc: BaseException | None, never: bool) -> None:
     assert dial.never_connected(exc) is never
 

@@ -25,8 +25,15 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def _cli(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", module, *args], check=False, capture_output=True, text=True, cwd=REPO,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=timeout,
+    )
 
 
 def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -38,6 +45,7 @@ def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
 
 # --- the broker's private keyring given to a proxy -------------------------------------------
 
+
 @pytest.fixture
 def broker_keyring(tmp_path: Path) -> Path:
     path = tmp_path / "broker-keyring.json"
@@ -46,8 +54,9 @@ def broker_keyring(tmp_path: Path) -> Path:
 
 
 def test_proxy_refuses_a_keyring_that_could_mint(broker_keyring: Path) -> None:
-    line = _one_error_line(_cli("console_proxy.cli", "serve", "--listen", f"127.0.0.1:{free_port()}",
-                                "--keyring", str(broker_keyring)))
+    line = _one_error_line(
+        _cli("console_proxy.cli", "serve", "--listen", f"127.0.0.1:{free_port()}", "--keyring", str(broker_keyring))
+    )
     assert "holds private signing keys" in line and "could mint" in line
     assert "--allow-signing-keyring" in line and "export-proxy" in line
 
@@ -62,17 +71,35 @@ def test_proxy_takes_it_when_told_and_says_so(tmp_path: Path, broker_keyring: Pa
 
 # --- password files ---------------------------------------------------------------------------
 
+
 def test_a_vncpasswd_file_is_named_as_such(tmp_path: Path) -> None:
     obfuscated = tmp_path / "passwd"
     with obfuscated.open("wb") as out:
         subprocess.run(["vncpasswd", "-f"], input=b"secret12\n", stdout=out, check=True)
-    with pytest.raises(CommandError, match="this looks like a vncpasswd file \\(obfuscated\\); give the "
-                                           "password as plain text on one line"):
+    with pytest.raises(
+        CommandError,
+        match="this looks like a vncpasswd file \\(obfuscated\\); give the password as plain text on one line",
+    ):
         read_secret_file(str(obfuscated))
     state = tmp_path / "state"
     assert _cli("broker.cli", "init", "--state-dir", str(state)).returncode == 0
-    line = _one_error_line(_cli("broker.cli", "targets", "add", "--name", "vm", "--host", "127.0.0.1", "--port",
-                                "5900", "--password-file", str(obfuscated), "--state-dir", str(state)))
+    line = _one_error_line(
+        _cli(
+            "broker.cli",
+            "targets",
+            "add",
+            "--name",
+            "vm",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "5900",
+            "--password-file",
+            str(obfuscated),
+            "--state-dir",
+            str(state),
+        )
+    )
     assert "looks like a vncpasswd file" in line and "secret12" not in line
 
 
@@ -93,11 +120,22 @@ def test_password_file_format_and_state_dir_default_are_in_help() -> None:
 
 # --- the broker unreachable: the real cause, never "HTTP 599" ----------------------------------
 
+
 def _proxy_against(tmp_path: Path, url: str) -> str:
     credential = tmp_path / "credential.json"
     credential.write_text(json.dumps({"proxy_id": "p", "secret": "s" * 40}))
-    line = _one_error_line(_cli("console_proxy.cli", "serve", "--listen", f"127.0.0.1:{free_port()}", "--broker", url,
-                                "--proxy-credential", str(credential)))
+    line = _one_error_line(
+        _cli(
+            "console_proxy.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--broker",
+            url,
+            "--proxy-credential",
+            str(credential),
+        )
+    )
     assert "599" not in line and "s" * 40 not in line
     return line
 
@@ -123,6 +161,7 @@ def test_a_silent_broker_says_timed_out(tmp_path: Path) -> None:
 
 
 # --- set-up ------------------------------------------------------------------------------------
+
 
 def test_setup_installs_curl_and_git() -> None:
     """The README and the demo use curl; a test uses git: a fresh machine must get both."""

@@ -24,37 +24,72 @@ from console_proxy.origin import OriginPolicy
 TRUSTED = origin.parse_networks(["10.0.0.0/8", "2001:db8:ffff::/48"])
 
 
-def view(peer: str, headers: dict[str, str], *, host: str = "10.0.0.5:8080", protocol: str = "http",
-         public_url: str | None = None) -> server.View:
+def view(
+    peer: str,
+    headers: dict[str, str],
+    *,
+    host: str = "10.0.0.5:8080",
+    protocol: str = "http",
+    public_url: str | None = None,
+) -> server.View:
     policy = OriginPolicy.build(public_url, [])
     state = server.ProxyState(ProxyConfig(origin_policy=policy, trusted_proxies=TRUSTED), Keyring.generate(time.time()))
     return server.request_view(state, peer, protocol, host, headers)
 
 
-@pytest.mark.parametrize(("value", "elements"), [
-    ("for=192.0.2.60;proto=http;by=203.0.113.43", [{"for": "192.0.2.60", "proto": "http", "by": "203.0.113.43"}]),
-    ('For="[2001:db8:cafe::17]:4711"', [{"for": "[2001:db8:cafe::17]:4711"}]),
-    ("for=192.0.2.43, for=198.51.100.17", [{"for": "192.0.2.43"}, {"for": "198.51.100.17"}]),
-    ('for=unknown;host="a.example:8443"', [{"for": "unknown", "host": "a.example:8443"}]),
-    ('for="_gazonk"', [{"for": "_gazonk"}]),
-    ('host="a\\"b"', [{"host": 'a"b'}]),
-])
+@pytest.mark.parametrize(
+    ("value", "elements"),
+    [
+        ("for=192.0.2.60;proto=http;by=203.0.113.43", [{"for": "192.0.2.60", "proto": "http", "by": "203.0.113.43"}]),
+        ('For="[2001:db8:cafe::17]:4711"', [{"for": "[2001:db8:cafe::17]:4711"}]),
+        ("for=192.0.2.43, for=198.51.100.17", [{"for": "192.0.2.43"}, {"for": "198.51.100.17"}]),
+        ('for=unknown;host="a.example:8443"', [{"for": "unknown", "host": "a.example:8443"}]),
+        ('for="_gazonk"', [{"for": "_gazonk"}]),
+        ('host="a\\"b"', [{"host": 'a"b'}]),
+    ],
+)
 def test_parse_rfc7239_examples(value: str, elements: list[dict[str, str]]) -> None:
     assert forwarded.parse(value) == elements
 
 
-@pytest.mark.parametrize("value", ["", "for", "for=", "for=a b", 'for="unterminated', "for=1;for=2", "for=1;;",
-                                   "for=1,", "=1", "for=1 x", "for=" + "1" * 5000])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "for",
+        "for=",
+        "for=a b",
+        'for="unterminated',
+        "for=1;for=2",
+        "for=1;;",
+        "for=1,",
+        "=1",
+        "for=1 x",
+        "for=" + "1" * 5000,
+    ],
+)
 def test_malformed_headers_parse_to_none(value: str) -> None:
     assert forwarded.parse(value) is None
 
 
-@pytest.mark.parametrize(("node", "address"), [
-    ("192.0.2.1", "192.0.2.1"), ("192.0.2.1:80", "192.0.2.1"), ("[2001:db8::1]", "2001:db8::1"),
-    ("[2001:db8::1]:4711", "2001:db8::1"), ("192.0.2.1:_abc", "192.0.2.1"),
-    ("unknown", None), ("_hidden", None), ("2001:db8::1", None), ("[192.0.2.1]", None), ("[2001:db8::1", None),
-    ("192.0.2.1:99999x", None), ("example.com", None), (None, None),
-])
+@pytest.mark.parametrize(
+    ("node", "address"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("192.0.2.1:80", "192.0.2.1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+        ("[2001:db8::1]:4711", "2001:db8::1"),
+        ("192.0.2.1:_abc", "192.0.2.1"),
+        ("unknown", None),
+        ("_hidden", None),
+        ("2001:db8::1", None),
+        ("[192.0.2.1]", None),
+        ("[2001:db8::1", None),
+        ("192.0.2.1:99999x", None),
+        ("example.com", None),
+        (None, None),
+    ],
+)
 def test_node_addresses(node: str | None, address: str | None) -> None:
     assert forwarded.node_address(node) == address
 
@@ -73,14 +108,22 @@ def test_forwarded_is_read_from_the_right_through_trusted_hops_only() -> None:
 
 
 def test_forwarded_from_an_untrusted_peer_is_ignored() -> None:
-    seen = view("192.0.2.77", {"Forwarded": "for=10.9.9.9;host=consoles.example.com;proto=https",
-                               "X-Forwarded-For": "10.9.9.9"})
+    seen = view(
+        "192.0.2.77", {"Forwarded": "for=10.9.9.9;host=consoles.example.com;proto=https", "X-Forwarded-For": "10.9.9.9"}
+    )
     assert seen == server.View("192.0.2.77", "http://10.0.0.5:8080", "10.0.0.5:8080")
 
 
 def test_a_malformed_forwarded_falls_back_to_x_forwarded() -> None:
-    seen = view("10.0.0.2", {"Forwarded": "for=192.0.2.1;;", "X-Forwarded-For": "192.0.2.3",
-                             "X-Forwarded-Host": "c.example:8443", "X-Forwarded-Proto": "https"})
+    seen = view(
+        "10.0.0.2",
+        {
+            "Forwarded": "for=192.0.2.1;;",
+            "X-Forwarded-For": "192.0.2.3",
+            "X-Forwarded-Host": "c.example:8443",
+            "X-Forwarded-Proto": "https",
+        },
+    )
     assert seen == server.View("192.0.2.3", "https://c.example:8443", "c.example:8443")
 
 
@@ -127,6 +170,7 @@ def test_forwarded_for_binds_the_token_through_a_real_proxy(proxy_factory, mint,
         console.close()
         refused = await try_upgrade(proxy.ws_url, tok, headers={"Forwarded": "for=192.0.2.1"})
         return info, refused
+
     info, refused = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert info.width == 800  # type: ignore[attr-defined]
     assert refused is not None and refused.body["error"] == "client_ip_mismatch"  # type: ignore[attr-defined]

@@ -60,8 +60,11 @@ Mint = Callable[..., str]
 IO_TIMEOUT = 5.0
 RFB_VERSION = b"RFB 003.008\n"
 #: The front door's refusal fields, in order, before Content-Length and Connection.
-REFUSAL_FIELDS = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
-                  ("X-Content-Type-Options", "nosniff")]
+REFUSAL_FIELDS = [
+    ("Content-Type", "application/json"),
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+]
 
 
 # --- the raw HTTP client ---------------------------------------------------------------------------
@@ -120,7 +123,7 @@ class Wire:
         assert len(lengths) == 1 and lengths[0].isdigit(), f"no single Content-Length: {head!r}"
         while len(self.buffer) < int(lengths[0]):
             self._more("a response body")
-        body, self.buffer = self.buffer[:int(lengths[0])], self.buffer[int(lengths[0]):]
+        body, self.buffer = self.buffer[: int(lengths[0])], self.buffer[int(lengths[0]) :]
         return Response(int(status), fields, body, head + b"\r\n\r\n" + body)
 
     def eof(self) -> bytes:
@@ -152,8 +155,13 @@ def request(path: str, *fields: str, method: str = "GET", version: str = "HTTP/1
 
 def upgrade_fields(**change: str | None) -> list[str]:
     """A browser's upgrade fields (no token), with some changed or (None) removed."""
-    fields: dict[str, str | None] = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": new_key(),
-                                     "Sec-WebSocket-Version": "13", "Sec-WebSocket-Protocol": "binary"}
+    fields: dict[str, str | None] = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": new_key(),
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Protocol": "binary",
+    }
     fields.update(change)
     return [f"{name.replace('_', '-')}: {value}" for name, value in fields.items() if value is not None]
 
@@ -201,8 +209,8 @@ def test_a_head_over_the_front_doors_limit_is_tornados(proxy: ProxyProcess) -> N
     big = "X-Big: " + "b" * (2 * MAX_HEAD)
     wire_bytes = request("/healthz", big)
     with closing(Wire(proxy.port)) as wire:
-        wire.send(wire_bytes[:MAX_HEAD + 1])
-        wire.send(wire_bytes[MAX_HEAD + 1:])
+        wire.send(wire_bytes[: MAX_HEAD + 1])
+        wire.send(wire_bytes[MAX_HEAD + 1 :])
         assert_healthy(wire.response())
 
 
@@ -310,8 +318,12 @@ def assert_front_door_refusal(response: Response, status: int, code: str) -> Non
     hint = [("Sec-WebSocket-Version", "13")] if status == 426 else []
     date = response.fields[0]
     assert date[0] == "Date" and abs(email.utils.parsedate_to_datetime(date[1]).timestamp() - time.time()) < 60
-    assert response.fields[1:] == [*REFUSAL_FIELDS, *hint, ("Content-Length", str(len(response.body))),
-                                   ("Connection", "close")], response.raw
+    assert response.fields[1:] == [
+        *REFUSAL_FIELDS,
+        *hint,
+        ("Content-Length", str(len(response.body))),
+        ("Connection", "close"),
+    ], response.raw
     body = response.json()
     assert set(body) == {"error", "message"} and body["error"] == code and body["message"], body
     assert response.status == status
@@ -425,14 +437,16 @@ def read_server_init(ws: RawClient) -> tuple[int, int, bytes]:
 
 @pytest.mark.parametrize("via", ["subprotocol", "query"])
 def test_upgrade_with_the_rfb_version_pipelined_reaches_server_init(
-        proxy: ProxyProcess, console_token: str, via: str) -> None:
+    proxy: ProxyProcess, console_token: str, via: str
+) -> None:
     """The browser's first frame (its RFB version) in the same write as the request: the front
     door reads both at once and must hand the frame to the session, which then goes all the
     way to the desktop's ServerInit. The 101 is the front door's (accept value for our key, no
     Server header)."""
     key = new_key()
-    ws, response = open_with_early(proxy.port, upgrade_head(proxy.port, console_token, key, via=via),
-                                   client_frame(OP_BINARY, RFB_VERSION))
+    ws, response = open_with_early(
+        proxy.port, upgrade_head(proxy.port, console_token, key, via=via), client_frame(OP_BINARY, RFB_VERSION)
+    )
     with closing(ws):
         assert response.header("Sec-WebSocket-Accept") == [accept_value(key)]
         assert response.header("Sec-WebSocket-Protocol") == ["binary"]
@@ -545,8 +559,7 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object
     async def start(head_timeout: float, broker: HeldBroker | None = None) -> Door:
         RecordingDoorway.lost = asyncio.Queue()
         events = RecordingEvents()
-        state = server.ProxyState(ProxyConfig(handshake_timeout=60.0), RING.for_proxy(), broker=broker,
-                                  events=events)
+        state = server.ProxyState(ProxyConfig(handshake_timeout=60.0), RING.for_proxy(), broker=broker, events=events)
         http = tornado.httpserver.HTTPServer(server.make_app(state))
         door = FrontDoor(state, http, head_timeout)
         await door.listen("127.0.0.1", 0)
@@ -572,8 +585,9 @@ async def ended(reader: asyncio.StreamReader) -> bytes:
 async def one_response(reader: asyncio.StreamReader) -> bytes:
     """One whole response off a keep-alive connection: its head, then Content-Length bytes."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
     return head + await asyncio.wait_for(reader.readexactly(length), IO_TIMEOUT)
 
 
@@ -581,6 +595,7 @@ def test_a_connection_without_a_whole_head_is_cut_at_the_head_timeout(in_process
     """Half a head and then silence: the server ends the connection at the head timeout, without
     a word, and the Doorway is gone (a slow-loris connection holds nothing for long). That a
     head may come in many writes is shown on the wire (one byte at a time, above)."""
+
     async def scenario() -> tuple[bytes, bool]:
         door = await in_process(0.2)
         reader, writer = await door.connect()
@@ -589,6 +604,7 @@ def test_a_connection_without_a_whole_head_is_cut_at_the_head_timeout(in_process
         doorway = await asyncio.wait_for(RecordingDoorway.lost.get(), IO_TIMEOUT)
         writer.close()
         return received, doorway.open
+
     assert asyncio.run(scenario()) == (b"", False)
 
 
@@ -597,6 +613,7 @@ def test_a_head_handed_over_unfinished_gets_no_second_window(in_process) -> None
     timeout (an hour in this fixture's server) would start afresh; the first head must still be
     complete within the front door's window, so a slow sender holds a connection once, not
     twice."""
+
     async def scenario() -> bytes:
         door = await in_process(0.3)
         reader, writer = await door.connect()
@@ -604,6 +621,7 @@ def test_a_head_handed_over_unfinished_gets_no_second_window(in_process) -> None
         received = await ended(reader)
         writer.close()
         return received
+
     assert asyncio.run(scenario()) == b""
 
 
@@ -633,12 +651,13 @@ def test_a_head_whose_rest_comes_after_tornados_first_read_is_served(in_process,
         ShortReadPrefilled.short = asyncio.Event()
         door = await in_process(60.0)
         reader, writer = await door.connect()
-        writer.write(wire_bytes[:MAX_HEAD + 1])
+        writer.write(wire_bytes[: MAX_HEAD + 1])
         await asyncio.wait_for(ShortReadPrefilled.short.wait(), IO_TIMEOUT)
-        writer.write(wire_bytes[MAX_HEAD + 1:])
+        writer.write(wire_bytes[MAX_HEAD + 1 :])
         received = await ended(reader)
         writer.close()
         return received
+
     assert asyncio.run(scenario()).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
@@ -646,6 +665,7 @@ def test_the_head_timeout_ends_with_the_hand_over(in_process) -> None:
     """The head timeout is the front door's only: a connection handed to Tornado is not cut by
     it. A second connection, opened later, is cut at its head timeout; the first's would have
     come before it, yet the first still serves a keep-alive request."""
+
     async def scenario() -> tuple[bytes, bytes]:
         door = await in_process(0.2)
         kept_reader, kept_writer = await door.connect()
@@ -659,6 +679,7 @@ def test_the_head_timeout_ends_with_the_hand_over(in_process) -> None:
         slow_writer.close()
         kept_writer.close()
         return first, second
+
     first, second = asyncio.run(scenario())
     assert first.startswith(b"HTTP/1.1 200 OK\r\n") and second.startswith(b"HTTP/1.1 200 OK\r\n")
 
@@ -676,6 +697,7 @@ def test_a_refused_browser_that_never_closes_is_cut_after_the_linger(in_process,
         doorway = await asyncio.wait_for(RecordingDoorway.lost.get(), IO_TIMEOUT)
         writer.close()
         return answer, doorway.open
+
     answer, still_open = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b'"token_missing"' in answer
     assert not still_open
@@ -698,8 +720,9 @@ async def silent_upstream() -> tuple[asyncio.Server, int]:
     return upstream, upstream.sockets[0].getsockname()[1]
 
 
-async def asked_with_single_use(door: Door, broker: HeldBroker,
-                                port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def asked_with_single_use(
+    door: Door, broker: HeldBroker, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """An upgrade with a single-use token for a console server on ``port``, once the broker has
     been asked to redeem it (and holds its answer)."""
     reader, writer = await door.connect()
@@ -711,6 +734,7 @@ async def asked_with_single_use(door: Door, broker: HeldBroker,
 def test_a_single_use_token_waits_for_the_broker_then_upgrades(in_process) -> None:
     """The front door answers only once the broker has redeemed the token: nothing before, the
     101 after; the session is registered and the upgrade's slot given back."""
+
     async def scenario() -> bytes:
         broker = HeldBroker()
         door = await in_process(60.0, broker)
@@ -724,6 +748,7 @@ def test_a_single_use_token_waits_for_the_broker_then_upgrades(in_process) -> No
         await asyncio.wait_for(door.events.closed_sessions.get(), IO_TIMEOUT)
         upstream.close()
         return head
+
     assert asyncio.run(scenario()).startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
 
 
@@ -737,6 +762,7 @@ def test_a_token_the_broker_refuses_is_refused_by_the_front_door(in_process) -> 
         writer.close()
         assert door.state.pending == 0 and not door.state.sessions
         return answer
+
     answer = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 409 Conflict\r\n") and b'"error": "token_used"' in answer
 
@@ -745,6 +771,7 @@ def test_a_browser_that_leaves_while_the_broker_answers_holds_no_session(in_proc
     """The browser closes while its single-use token is being redeemed; the broker then says yes.
     The session must end at once (the browser is gone), not wait for the upstream's 60 s
     handshake timeout with a silent server holding a slot."""
+
     async def scenario() -> tuple[str, int]:
         broker = HeldBroker()
         door = await in_process(60.0, broker)
@@ -757,12 +784,14 @@ def test_a_browser_that_leaves_while_the_broker_answers_holds_no_session(in_proc
         upstream.close()
         assert session.ending is not None
         return session.ending.reason, len(door.state.sessions) + door.state.pending
+
     assert asyncio.run(scenario()) == ("browser_closed", 0)
 
 
 def test_the_front_door_listens_with_its_own_listener_only(in_process) -> None:
     """One loopback listener, serving through the front door's protocol: a connection there is a
     Doorway (so the tests above exercise the front door, not Tornado's own accept)."""
+
     async def scenario() -> bool:
         door = await in_process(60.0)
         assert len(door.door.servers) == 1
@@ -772,6 +801,7 @@ def test_the_front_door_listens_with_its_own_listener_only(in_process) -> None:
         doorway = await asyncio.wait_for(RecordingDoorway.lost.get(), IO_TIMEOUT)  # handed over: our transport ends
         writer.close()
         return answer.startswith(b"HTTP/1.1 200 OK\r\n") and not doorway.open
+
     assert asyncio.run(scenario())
 
 
@@ -782,8 +812,8 @@ def test_closing_the_front_door_stops_accepting(in_process) -> None:
         await door.door.servers[0].wait_closed()
         with pytest.raises(OSError):
             await door.connect()
-    asyncio.run(scenario())
 
+    asyncio.run(scenario())
 
 
 # --- (f) in process: bytes the front door read, carried over to Tornado ----------------------------------
@@ -820,22 +850,27 @@ async def server_frames(reader: asyncio.StreamReader, until_opcode: int) -> tupl
 PINGS = 800  # 800 masked pings of 104 bytes: about 88 KB behind the head, more than 64 KiB
 
 
-@pytest.mark.parametrize("version", [
-    pytest.param("HTTP/1.1", id="served-by-the-front-door"),
-    pytest.param("HTTP/1.0", id="handed-to-tornado"),
-])
+@pytest.mark.parametrize(
+    "version",
+    [
+        pytest.param("HTTP/1.1", id="served-by-the-front-door"),
+        pytest.param("HTTP/1.0", id="handed-to-tornado"),
+    ],
+)
 def test_every_frame_pipelined_behind_the_head_reaches_the_websocket(in_process, version: str) -> None:
     """A browser that wrote its head and then ~88 KB of frames (pings, then a Close) before the
     proxy read anything: whichever side upgrades it, every frame must be seen, in order: the
     last pong answers the last ping, and the Close is echoed. Handed to Tornado (HTTP/1.0), the
     bytes past Tornado's first 64 KiB read must survive the detach too."""
+
     async def scenario() -> tuple[bytes, list[tuple[int, bytes]]]:
         door = await in_process(60.0)
         upstream, port = await silent_upstream()
         tok = token.mint(token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60), RING)
         fields = upgrade_headers(new_key(), f"binary, token.{tok}")
-        head = "\r\n".join([f"GET /websockify {version}", "Host: 127.0.0.1",
-                            *(f"{k}: {v}" for k, v in fields.items()), "", ""]).encode()
+        head = "\r\n".join(
+            [f"GET /websockify {version}", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in fields.items()), "", ""]
+        ).encode()
         frames = b"".join(client_frame(OP_PING, struct.pack("!I", i) + bytes(100)) for i in range(PINGS))
         sock = sent_before_the_loop_runs(door.port, head + frames + client_frame(OP_CLOSE, close_payload(1000)))
         reader, writer = await asyncio.open_connection(sock=sock)
@@ -844,6 +879,7 @@ def test_every_frame_pipelined_behind_the_head_reaches_the_websocket(in_process,
         finally:
             writer.close()
             upstream.close()
+
     head, frames = asyncio.run(scenario())
     assert head.startswith(b"HTTP/1.1 101 ")
     pongs = [payload for opcode, payload in frames if opcode == OP_PONG]
@@ -855,6 +891,7 @@ def test_a_whole_head_over_tornados_limit_handed_over_at_once_is_refused(in_proc
     """A complete 100 KB bare-LF head in the front door's first read is handed over (bare LF is
     Tornado's); Tornado must refuse it (over its 64 KiB max_header_size) and end the connection
     at once — not read one chunk, find no end and wait for a socket that has nothing more."""
+
     async def scenario() -> bytes:
         door = await in_process(60.0)
         big = "\n".join(["GET /healthz HTTP/1.1", "Host: 127.0.0.1", "X-Big: " + "b" * 100_000, "", ""]).encode()
@@ -863,13 +900,14 @@ def test_a_whole_head_over_tornados_limit_handed_over_at_once_is_refused(in_proc
             return await ended(reader)
         finally:
             writer.close()
-    assert not asyncio.run(scenario()).startswith(b"HTTP/1.1 200")
 
+    assert not asyncio.run(scenario()).startswith(b"HTTP/1.1 200")
 
 
 def test_an_upgrade_head_over_the_limit_in_one_read_is_tornados(in_process) -> None:
     """frontdoor.py: "a head over MAX_HEAD ... goes to Tornado", also when the front door reads
     all 16 KiB of it at once (Tornado's answer carries its Server header)."""
+
     async def scenario() -> bytes:
         door = await in_process(60.0)
         head = request("/websockify", *upgrade_fields(), "X-Big: " + "b" * (2 * MAX_HEAD))
@@ -878,6 +916,7 @@ def test_an_upgrade_head_over_the_limit_in_one_read_is_tornados(in_process) -> N
             return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
         finally:
             writer.close()
+
     answer = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"\r\nServer: TornadoServer/" in answer, f"the front door served a 16 KiB head: {answer!r}"
@@ -886,11 +925,13 @@ def test_an_upgrade_head_over_the_limit_in_one_read_is_tornados(in_process) -> N
 def test_an_upgrade_head_over_tornados_limit_is_not_upgraded(in_process) -> None:
     """The same for a 100 KB head, beyond Tornado's own 64 KiB max_header_size, with a valid
     token: Tornado would never upgrade it; the front door does."""
+
     async def scenario() -> bytes:
         door = await in_process(60.0)
         tok = token.mint(token.new_claims(host="127.0.0.1", port=free_port(), now=time.time(), ttl=60), RING)
-        head = request("/websockify", *upgrade_fields(Sec_WebSocket_Protocol=f"binary, token.{tok}"),
-                       "X-Big: " + "b" * 100_000)
+        head = request(
+            "/websockify", *upgrade_fields(Sec_WebSocket_Protocol=f"binary, token.{tok}"), "X-Big: " + "b" * 100_000
+        )
         reader, writer = await asyncio.open_connection(sock=sent_before_the_loop_runs(door.port, head))
         try:
             return await asyncio.wait_for(reader.read(12), IO_TIMEOUT)
@@ -898,6 +939,7 @@ def test_an_upgrade_head_over_tornados_limit_is_not_upgraded(in_process) -> None
             return b""  # refused by Tornado (or left unanswered): not upgraded either way
         finally:
             writer.close()
+
     answer = asyncio.run(scenario())
     assert not answer.startswith(b"HTTP/1.1 101"), answer
 
@@ -911,8 +953,10 @@ def test_a_bug_while_upgrading_answers_500_and_holds_nothing(in_process, monkeyp
     """An unexpected error between admission and the 101 (a bug: here the 101 cannot be built,
     after the session was registered) is answered with a bare 500 and the connection ends; the
     registered session is ended, so it holds no slot."""
+
     def broken(*_args: object) -> bytes:
         raise RuntimeError("a bug")
+
     monkeypatch.setattr(server, "switching", broken)
 
     async def scenario() -> tuple[bytes, int]:
@@ -923,6 +967,7 @@ def test_a_bug_while_upgrading_answers_500_and_holds_nothing(in_process, monkeyp
         answer = await ended(reader)
         writer.close()
         return answer, len(door.state.sessions)
+
     answer, sessions = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
     assert sessions == 0

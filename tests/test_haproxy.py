@@ -67,11 +67,12 @@ def _counter(proxy: ProxyProcess, reason: str) -> float:
     text = _refused_closed(sock).decode()
     sock.close()
     prefix = f'consolegate_proxy_proxy_protocol_refused_total{{reason="{reason}"}} '
-    return float(next((line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)), 0))
+    return float(next((line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)), 0))
 
 
 def test_a_console_through_haproxy_sees_the_browsers_address(
-        balancer: int, pp_proxy: ProxyProcess, mint: Callable[..., str], xvnc_none: XvncServer) -> None:
+    balancer: int, pp_proxy: ProxyProcess, mint: Callable[..., str], xvnc_none: XvncServer
+) -> None:
     tok = mint(host="127.0.0.1", port=xvnc_none.port, client_ip=BROWSER, vm="through-haproxy")
     sock = _connect(balancer, BROWSER)
     _, rest = rawws.upgrade(sock, balancer, tok, rawws.new_key())
@@ -83,7 +84,8 @@ def test_a_console_through_haproxy_sees_the_browsers_address(
 
 
 def test_a_token_bound_to_the_balancers_address_is_refused(
-        balancer: int, pp_proxy: ProxyProcess, mint: Callable[..., str], xvnc_none: XvncServer) -> None:
+    balancer: int, pp_proxy: ProxyProcess, mint: Callable[..., str], xvnc_none: XvncServer
+) -> None:
     tok = mint(host="127.0.0.1", port=xvnc_none.port, client_ip="127.0.0.1")
     sock = _connect(balancer, BROWSER)
     sock.sendall(rawws.get_request(balancer, "/websockify", rawws.upgrade_headers(rawws.new_key(), f"token.{tok}")))
@@ -93,8 +95,7 @@ def test_a_token_bound_to_the_balancers_address_is_refused(
     assert b"client_ip_mismatch" in body
 
 
-def test_plain_requests_through_haproxy_reach_tornado_with_the_address(
-        balancer: int, pp_proxy: ProxyProcess) -> None:
+def test_plain_requests_through_haproxy_reach_tornado_with_the_address(balancer: int, pp_proxy: ProxyProcess) -> None:
     """A request the front door hands to Tornado (here /healthz) carries the header's address too."""
     sock = _connect(balancer, BROWSER)
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -105,14 +106,18 @@ def test_plain_requests_through_haproxy_reach_tornado_with_the_address(
     pp_proxy.wait_for_log("GET /healthz", f"({BROWSER})")
 
 
-@pytest.mark.parametrize(("source", "send", "reason"), [
-    ("127.0.0.1", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "missing"),
-    ("127.0.0.1", b"PROXY TCP4 127.0.0.5 127.0.0.1 99999 80\r\nGET /healthz HTTP/1.1\r\n\r\n", "malformed"),
-    ("127.0.0.1", b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + struct.pack("!H", 4) + b"\x00" * 4, "malformed"),
-    (BROWSER, b"PROXY TCP4 10.9.8.7 127.0.0.1 1234 80\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "untrusted"),
-])
+@pytest.mark.parametrize(
+    ("source", "send", "reason"),
+    [
+        ("127.0.0.1", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "missing"),
+        ("127.0.0.1", b"PROXY TCP4 127.0.0.5 127.0.0.1 99999 80\r\nGET /healthz HTTP/1.1\r\n\r\n", "malformed"),
+        ("127.0.0.1", b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + struct.pack("!H", 4) + b"\x00" * 4, "malformed"),
+        (BROWSER, b"PROXY TCP4 10.9.8.7 127.0.0.1 1234 80\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "untrusted"),
+    ],
+)
 def test_bad_or_unwelcome_headers_close_the_connection_and_are_counted(
-        pp_proxy: ProxyProcess, source: str, send: bytes, reason: str) -> None:
+    pp_proxy: ProxyProcess, source: str, send: bytes, reason: str
+) -> None:
     before = _counter(pp_proxy, reason)
     sock = _connect(pp_proxy.port, source)
     sock.sendall(send)
@@ -136,8 +141,15 @@ def test_an_untrusted_peer_without_a_header_is_served(pp_proxy: ProxyProcess) ->
 
 @pytest.fixture
 def tls_pp_proxy(proxy_factory: Callable[..., ProxyProcess], test_pki: TestPki) -> ProxyProcess:
-    return proxy_factory("--trusted-proxy", "127.0.0.1", "--proxy-protocol",
-                         "--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path))
+    return proxy_factory(
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--proxy-protocol",
+        "--tls-cert",
+        str(test_pki.cert_path),
+        "--tls-key",
+        str(test_pki.key_path),
+    )
 
 
 def _tls(sock: socket.socket, test_pki: TestPki) -> ssl.SSLSocket:
@@ -147,8 +159,13 @@ def _tls(sock: socket.socket, test_pki: TestPki) -> ssl.SSLSocket:
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_wss_through_haproxy_to_a_tls_proxy_sees_the_browsers_address(
-        tls_pp_proxy: ProxyProcess, mint: Callable[..., str], xvnc_none: XvncServer, test_pki: TestPki,
-        tmp_path: Path, version: int) -> None:
+    tls_pp_proxy: ProxyProcess,
+    mint: Callable[..., str],
+    xvnc_none: XvncServer,
+    test_pki: TestPki,
+    tmp_path: Path,
+    version: int,
+) -> None:
     tok = mint(host="127.0.0.1", port=xvnc_none.port, client_ip=BROWSER, vm=f"tls-haproxy-{version}")
     port = free_port()
     with haproxy(tmp_path, port, tls_pp_proxy.port, version=version):
@@ -162,7 +179,8 @@ def test_wss_through_haproxy_to_a_tls_proxy_sees_the_browsers_address(
 
 
 def test_tls_proxy_refuses_a_missing_or_untrusted_header_and_serves_untrusted_tls(
-        tls_pp_proxy: ProxyProcess, test_pki: TestPki) -> None:
+    tls_pp_proxy: ProxyProcess, test_pki: TestPki
+) -> None:
     missing = _connect(tls_pp_proxy.port, "127.0.0.1")  # trusted: the header is required
     with pytest.raises((ssl.SSLError, ConnectionError)):
         _tls(missing, test_pki)

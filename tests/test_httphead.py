@@ -70,12 +70,13 @@ def test_the_head_end_is_crlf_crlf_and_the_head_before_it_parses() -> None:
     wire = BROWSER_HEAD + b"\r\n\r\n\x82\x8cwebsocket-frame"
     end = HEAD_END.search(wire)
     assert end is not None and end.group() == b"\r\n\r\n"
-    assert wire[:end.start()] == BROWSER_HEAD
-    assert parsed(wire[:end.start()]).headers.get("Sec-WebSocket-Protocol") == "binary, token.abc.def"
+    assert wire[: end.start()] == BROWSER_HEAD
+    assert parsed(wire[: end.start()]).headers.get("Sec-WebSocket-Protocol") == "binary, token.abc.def"
 
 
-@pytest.mark.parametrize("wire", [b"GET / HTTP/1.1\nHost: x\n\n", b"GET / HTTP/1.1\r\nHost: x\n\r\n",
-                                  b"GET / HTTP/1.1\r\nHost: x\r\n\n"])
+@pytest.mark.parametrize(
+    "wire", [b"GET / HTTP/1.1\nHost: x\n\n", b"GET / HTTP/1.1\r\nHost: x\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\n\n"]
+)
 def test_head_end_also_finds_bare_lf_ends_tornado_accepts(wire: bytes) -> None:
     """A bare-LF head must still be seen as complete (then handed to Tornado, which accepts it),
     not waited on until the head timeout."""
@@ -97,8 +98,9 @@ def test_other_methods_and_paths_are_parsed_for_the_caller_to_route() -> None:
 def test_repeated_fields_are_joined_with_commas_in_order() -> None:
     """RFC 9110 5.3: a repeated field is one list; "binary" in a second Sec-WebSocket-Protocol
     line must still be seen."""
-    head = parsed(head_of("Host: x", "Sec-WebSocket-Protocol: token.abc", "X-Other: 1",
-                          "sec-websocket-protocol: binary"))
+    head = parsed(
+        head_of("Host: x", "Sec-WebSocket-Protocol: token.abc", "X-Other: 1", "sec-websocket-protocol: binary")
+    )
     assert head.headers.get("Sec-WebSocket-Protocol") == "token.abc,binary"
 
 
@@ -118,15 +120,18 @@ def test_headers_get_lowercases_what_it_looks_up() -> None:
     assert headers.get("Sec-WebSocket-Key", "none") == "none"
 
 
-@pytest.mark.parametrize(("line", "value"), [
-    ("Upgrade:websocket", "websocket"),
-    ("Upgrade:   websocket   ", "websocket"),
-    ("Upgrade:\twebsocket\t", "websocket"),
-    ("Upgrade: \t web socket \t ", "web socket"),
-    ("Upgrade:", ""),
-    ("Upgrade:    ", ""),
-    ("Upgrade: a:b: c", "a:b: c"),
-])
+@pytest.mark.parametrize(
+    ("line", "value"),
+    [
+        ("Upgrade:websocket", "websocket"),
+        ("Upgrade:   websocket   ", "websocket"),
+        ("Upgrade:\twebsocket\t", "websocket"),
+        ("Upgrade: \t web socket \t ", "web socket"),
+        ("Upgrade:", ""),
+        ("Upgrade:    ", ""),
+        ("Upgrade: a:b: c", "a:b: c"),
+    ],
+)
 def test_optional_whitespace_around_values_is_stripped(line: str, value: str) -> None:
     """OWS (spaces and tabs) around a value is not part of it (RFC 9112 5.1); inside it stays."""
     assert parsed(head_of("Host: x", line)).headers.get("Upgrade") == value
@@ -237,18 +242,21 @@ def query(target_query: str) -> Head:
     return parsed(head_of("Host: x", request_line=f"GET /websockify?{target_query} HTTP/1.1"))
 
 
-@pytest.mark.parametrize(("qs", "expected"), [
-    pytest.param("token=abc", "abc", id="plain"),
-    pytest.param("token=first&token=last", "last", id="last-wins"),
-    pytest.param("a=1&token=x.y.z&b=2", "x.y.z", id="among-others"),
-    pytest.param("token=a%2Bb%3D%3D", "a+b==", id="percent-decoded"),
-    pytest.param("token=a+b", "a b", id="plus-is-space"),
-    pytest.param("token=%20padded%20", "padded", id="stripped"),
-    pytest.param("token=", "", id="blank"),
-    pytest.param("token", "", id="no-equals"),
-    pytest.param("token=a&token=", "", id="blank-last-wins"),
-    pytest.param("token=%E2%9C%93", "\u2713", id="utf-8"),
-])
+@pytest.mark.parametrize(
+    ("qs", "expected"),
+    [
+        pytest.param("token=abc", "abc", id="plain"),
+        pytest.param("token=first&token=last", "last", id="last-wins"),
+        pytest.param("a=1&token=x.y.z&b=2", "x.y.z", id="among-others"),
+        pytest.param("token=a%2Bb%3D%3D", "a+b==", id="percent-decoded"),
+        pytest.param("token=a+b", "a b", id="plus-is-space"),
+        pytest.param("token=%20padded%20", "padded", id="stripped"),
+        pytest.param("token=", "", id="blank"),
+        pytest.param("token", "", id="no-equals"),
+        pytest.param("token=a&token=", "", id="blank-last-wins"),
+        pytest.param("token=%E2%9C%93", "\u2713", id="utf-8"),
+    ],
+)
 def test_query_argument(qs: str, expected: str) -> None:
     """As Tornado's get_query_argument: the last value, decoded and stripped; a blank value is
     "" (a missing token, refused as such), not None."""
@@ -264,13 +272,13 @@ def test_query_argument_of_a_target_without_query() -> None:
     assert parsed(head_of("Host: x")).query_argument("token") is None
 
 
-@pytest.mark.parametrize("qs", ["token=abc", "a=1&token=%20x+y%20&token=z.w", "token=&token=a%2Fb",
-                                "token", "x=1"])
+@pytest.mark.parametrize("qs", ["token=abc", "a=1&token=%20x+y%20&token=z.w", "token=&token=a%2Fb", "token", "x=1"])
 def test_query_argument_agrees_with_tornado(qs: str) -> None:
     """The front door and Tornado's handler must read the same token from the same URL."""
     request = httputil.HTTPServerRequest(
         headers=httputil.HTTPHeaders({"Host": "x"}),
-        start_line=httputil.RequestStartLine("GET", f"/websockify?{qs}", "HTTP/1.1"))
+        start_line=httputil.RequestStartLine("GET", f"/websockify?{qs}", "HTTP/1.1"),
+    )
     values = request.query_arguments.get("token")
     tornado_value = values[-1].decode().strip() if values else None
     assert query(qs).query_argument("token") == tornado_value
@@ -284,16 +292,20 @@ def test_response_bytes_exactly() -> None:
     Connection: close the writer adds, a blank line and the body."""
     body = b'{"error":"websocket_version"}'
     wire = response(426, [("Content-Type", "application/json"), ("Sec-WebSocket-Version", "13")], body)
-    assert wire == (b"HTTP/1.1 426 Upgrade Required\r\n"
-                    b"Content-Type: application/json\r\n"
-                    b"Sec-WebSocket-Version: 13\r\n"
-                    b"Content-Length: 29\r\n"
-                    b"Connection: close\r\n"
-                    b"\r\n" + body)
+    assert wire == (
+        b"HTTP/1.1 426 Upgrade Required\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+        b"Content-Length: 29\r\n"
+        b"Connection: close\r\n"
+        b"\r\n" + body
+    )
 
 
-@pytest.mark.parametrize(("status", "phrase"), [(400, b"Bad Request"), (401, b"Unauthorized"), (403, b"Forbidden"),
-                                                (503, b"Service Unavailable")])
+@pytest.mark.parametrize(
+    ("status", "phrase"),
+    [(400, b"Bad Request"), (401, b"Unauthorized"), (403, b"Forbidden"), (503, b"Service Unavailable")],
+)
 def test_response_status_lines(status: int, phrase: bytes) -> None:
     assert response(status, []).startswith(b"HTTP/1.1 %d %s\r\n" % (status, phrase))
 
@@ -358,28 +370,38 @@ def test_parse_head_never_raises_on_arbitrary_bytes(raw: bytes) -> None:
 # controls, CR/LF, DEL, obs-fold), so that about a third are accepted and the rest declined for
 # many different reasons. Host is always one valid line here (see HOST_TORNADO_REFUSES).
 _clean_name = st.text(st.sampled_from("aZ-_.!~09'`|"), min_size=1, max_size=8) | st.sampled_from(
-    ["Upgrade", "Connection", "X-Forwarded-For", "Content-Length", "Transfer-Encoding"])
+    ["Upgrade", "Connection", "X-Forwarded-For", "Content-Length", "Transfer-Encoding"]
+)
 _dirty_name = st.text(st.sampled_from("aZ-_ (\x00\xff\t:@"), max_size=8)
-_clean_value = st.text(st.sampled_from("aZ ,;=/\"09\t\xe9:"), max_size=12)
+_clean_value = st.text(st.sampled_from('aZ ,;=/"09\t\xe9:'), max_size=12)
 _dirty_value = st.text(st.sampled_from("aZ \t\r\n\x00\x7f\x0b\x1f\x85"), max_size=12)
 _seps = st.sampled_from([":", ": ", ":\t", ": \t "])
 _clean_line = st.tuples(_clean_name, _seps, _clean_value)
-_dirty_line = st.one_of(st.tuples(_dirty_name, _seps, _clean_value),
-                        st.tuples(_clean_name, st.sampled_from(["", " :", "\r\n ", "\r\n\t"]), _clean_value),
-                        st.tuples(_clean_name, _seps, _dirty_value))
+_dirty_line = st.one_of(
+    st.tuples(_dirty_name, _seps, _clean_value),
+    st.tuples(_clean_name, st.sampled_from(["", " :", "\r\n ", "\r\n\t"]), _clean_value),
+    st.tuples(_clean_name, _seps, _dirty_value),
+)
 _targets = st.text(st.sampled_from("/ws?=&%+a.#"), max_size=12).map(lambda t: "/" + t)
-_clean_request_line = st.tuples(st.sampled_from(["GET", "POST", "get"]), st.just(" "), _targets,
-                                st.just(" HTTP/1.1")).map("".join)
+_clean_request_line = st.tuples(
+    st.sampled_from(["GET", "POST", "get"]), st.just(" "), _targets, st.just(" HTTP/1.1")
+).map("".join)
 _dirty_request_line = st.tuples(
-    st.sampled_from(["GET", "G(T", ""]), st.sampled_from([" ", "  ", "\t"]),
+    st.sampled_from(["GET", "G(T", ""]),
+    st.sampled_from([" ", "  ", "\t"]),
     _targets | st.sampled_from(["/\x7f", "/\xe9", "websockify", "*", "http://x/"]),
-    st.sampled_from([" HTTP/1.1", " HTTP/1.0", "HTTP/1.1", " HTTP/1.1 ", " HTTP/1.1\n"])).map("".join)
+    st.sampled_from([" HTTP/1.1", " HTTP/1.0", "HTTP/1.1", " HTTP/1.1 ", " HTTP/1.1\n"]),
+).map("".join)
 _request_lines = st.one_of(_clean_request_line, _clean_request_line, _clean_request_line, _dirty_request_line)
 near_valid_heads = st.tuples(
-    _request_lines, st.lists(st.one_of(_clean_line, _clean_line, _clean_line, _dirty_line).map("".join), max_size=5),
+    _request_lines,
+    st.lists(st.one_of(_clean_line, _clean_line, _clean_line, _dirty_line).map("".join), max_size=5),
     st.integers(0, 5),
-).map(lambda parts: "\r\n".join([parts[0], *parts[1][:parts[2]], "Host: 127.0.0.1:6080",
-                                  *parts[1][parts[2]:]]).encode("latin-1"))
+).map(
+    lambda parts: "\r\n".join([parts[0], *parts[1][: parts[2]], "Host: 127.0.0.1:6080", *parts[1][parts[2] :]]).encode(
+        "latin-1"
+    )
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -411,23 +433,32 @@ def test_the_near_valid_heads_accept_some_and_decline_some() -> None:
 TOKEN_CHARS = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 RESERVED = {"host", "content-length", "transfer-encoding"}
 names = st.text(TOKEN_CHARS, min_size=1, max_size=20).filter(lambda n: n.lower() not in RESERVED)
-values = st.text(st.characters(codec="latin-1", exclude_categories=("Cc",)) | st.sampled_from(" \t"),
-                 max_size=40).map(lambda v: v.replace("\x7f", ""))
+values = st.text(st.characters(codec="latin-1", exclude_categories=("Cc",)) | st.sampled_from(" \t"), max_size=40).map(
+    lambda v: v.replace("\x7f", "")
+)
 ows = st.text(" \t", max_size=3)
 targets = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30).map(lambda t: "/" + t)
 methods = st.text(TOKEN_CHARS, min_size=1, max_size=10)
 
 
 @settings(max_examples=200, deadline=None)
-@given(method=methods, target=targets, host=st.from_regex(r"[a-z0-9.\-]{1,30}(:[0-9]{1,5})?", fullmatch=True),
-       fields=st.lists(st.tuples(names, ows, values, ows), max_size=12))
-def test_well_formed_heads_round_trip(method: str, target: str, host: str,
-                                      fields: list[tuple[str, str, str, str]]) -> None:
+@given(
+    method=methods,
+    target=targets,
+    host=st.from_regex(r"[a-z0-9.\-]{1,30}(:[0-9]{1,5})?", fullmatch=True),
+    fields=st.lists(st.tuples(names, ows, values, ows), max_size=12),
+)
+def test_well_formed_heads_round_trip(
+    method: str, target: str, host: str, fields: list[tuple[str, str, str, str]]
+) -> None:
     """Any head of token names and printable values is accepted, and reads back as written:
     names case-insensitively, values without their OWS, repeats joined with commas in order,
     the target split at its first "?"."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}",
-             *(f"{name}:{before}{value}{after}" for name, before, value, after in fields)]
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        f"Host: {host}",
+        *(f"{name}:{before}{value}{after}" for name, before, value, after in fields),
+    ]
     head = parsed("\r\n".join(lines).encode("latin-1"))
     expected: dict[str, list[str]] = {"host": [host]}
     for name, _, value, _ in fields:
@@ -438,7 +469,6 @@ def test_well_formed_heads_round_trip(method: str, target: str, host: str,
     assert dict(head.headers) == {name: ",".join(vals) for name, vals in expected.items()}
     for name, vals in expected.items():
         assert head.headers.get(name.upper()) == ",".join(vals)
-
 
 
 def test_query_argument_turns_control_characters_into_spaces_as_tornado() -> None:

@@ -73,8 +73,9 @@ def hung_libvirt(hung_listener: socket.socket) -> str:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, daemon: Libvirtd,
-          hung_libvirt: str) -> Iterator[tuple[BrokerProcess, ProxyProcess]]:
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, daemon: Libvirtd, hung_libvirt: str
+) -> Iterator[tuple[BrokerProcess, ProxyProcess]]:
     tmp = tmp_path_factory.mktemp("fleet")
     state = BrokerState.create(tmp / "state")
     broker = state.open()
@@ -104,10 +105,12 @@ def domains(conn: Any, floppy: Path) -> Iterator[DomainFactory]:
     started: list[Any] = []
 
     def start(name: str, *, password: str | None = "vm-pw-01", port: int | None = None, **options: Any) -> Any:
-        domain = conn.createXML(domain_xml(name, floppy=floppy, vnc_port=port or free_port(),
-                                           password=password, **options), 0)
+        domain = conn.createXML(
+            domain_xml(name, floppy=floppy, vnc_port=port or free_port(), password=password, **options), 0
+        )
         started.append(domain)
         return domain
+
     yield start
     for domain in started:
         try:
@@ -118,6 +121,7 @@ def domains(conn: Any, floppy: Path) -> Iterator[DomainFactory]:
 
 def opens(proxy: ProxyProcess, minted: dict[str, Any]) -> bool:
     """The minted console reaches the guest's picture through the proxy."""
+
     async def scenario() -> bool:
         console = await Console.open(proxy.ws_url, minted["token"])
         try:
@@ -126,6 +130,7 @@ def opens(proxy: ProxyProcess, minted: dict[str, Any]) -> bool:
             return painted(await rfbframes.wait_until(console, screen, painted))
         finally:
             console.close()
+
     return asyncio.run(scenario())
 
 
@@ -140,6 +145,7 @@ def vnc_port(domain: Any) -> int:
 
 
 # --- minted by domain, opened through the proxy ---------------------------------------------
+
 
 def test_a_console_minted_by_domain_name_opens_through_the_proxy(fleet, domains) -> None:
     broker, proxy = fleet
@@ -182,6 +188,7 @@ def test_a_domain_listening_on_every_address_is_reached_at_the_registered_addres
 
 # --- per-console passwords (--console-passwords) -------------------------------------------
 
+
 def vnc_secret(domain: Any) -> tuple[str | None, str | None]:
     """The domain's VNC password and its passwdValidTo, as libvirt holds them now."""
     graphics = ElementTree.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)).find("./devices/graphics")
@@ -191,6 +198,7 @@ def vnc_secret(domain: Any) -> tuple[str | None, str | None]:
 
 def accepted(proxy: ProxyProcess, token: str) -> bool:
     """True if the token reaches the desktop, False if the VNC server refused its password."""
+
     async def scenario() -> bool:
         console = await Console.open(proxy.ws_url, token)
         try:
@@ -200,6 +208,7 @@ def accepted(proxy: ProxyProcess, token: str) -> bool:
             return (console.ws.close_code, console.ws.close_reason) != TARGET_AUTH_FAILED
         finally:
             console.close()
+
     return asyncio.run(scenario())
 
 
@@ -228,11 +237,13 @@ def test_console_passwords_are_fresh_shared_while_outstanding_and_expire(fleet, 
         console, screen = await keep_open()
         await rfbframes.wait_until(console, screen, painted)
         # QEMU expires the password at the first console's exp: polled, as no event announces it
-        await asyncio.to_thread(wait_for, lambda: not accepted(proxy, direct(password)), 15.0, 0.25,
-                                "the per-console password to expire")
+        await asyncio.to_thread(
+            wait_for, lambda: not accepted(proxy, direct(password)), 15.0, 0.25, "the per-console password to expire"
+        )
         await rfbframes.key(console, ord("a"))  # the session opened before the expiry still works
         await rfbframes.wait_until(console, screen, cell_is(0, 1))
         console.close()
+
     asyncio.run(scenario())
     assert time.time() >= first["expires_at"] - 1  # it expired with the console, not before
     third = broker.issuer.mint_domain("fresh", "guarded")
@@ -244,10 +255,14 @@ def test_console_passwords_are_fresh_shared_while_outstanding_and_expire(fleet, 
 
 # --- refusals -------------------------------------------------------------------------------
 
+
 def test_an_unknown_domain_is_404(fleet) -> None:
     broker, _ = fleet
     assert refused(lambda: broker.issuer.mint_domain("lab", "no-such-vm")) == (
-        404, "domain_not_found", "hypervisor 'lab' has no domain 'no-such-vm'")
+        404,
+        "domain_not_found",
+        "hypervisor 'lab' has no domain 'no-such-vm'",
+    )
 
 
 def test_an_unknown_hypervisor_is_404(fleet) -> None:
@@ -260,7 +275,10 @@ def test_a_defined_but_stopped_domain_is_409(fleet, conn, floppy) -> None:
     domain = conn.defineXML(domain_xml("sleeping", floppy=floppy, vnc_port=None, password="x"))
     try:
         assert refused(lambda: broker.issuer.mint_domain("lab", "sleeping")) == (
-            409, "domain_not_running", "domain 'sleeping' is not running")
+            409,
+            "domain_not_running",
+            "domain 'sleeping' is not running",
+        )
     finally:
         domain.undefine()
 
@@ -273,7 +291,8 @@ def test_a_spice_only_domain_is_409_no_vnc_console(fleet, domains) -> None:
 
 
 def test_a_hypervisor_that_never_answers_is_503_and_the_broker_keeps_serving(
-        fleet, hung_listener: socket.socket) -> None:
+    fleet, hung_listener: socket.socket
+) -> None:
     broker, _ = fleet
     outcome: list[tuple[int, str, str]] = []
     minting = threading.Thread(target=lambda: outcome.append(refused(lambda: broker.issuer.mint_domain("hung", "x"))))
@@ -292,12 +311,14 @@ def test_a_hypervisor_that_never_answers_is_503_and_the_broker_keeps_serving(
 
 def test_target_id_and_a_domain_together_are_400(fleet) -> None:
     broker, _ = fleet
-    status, code, _ = refused(lambda: broker.issuer.request(
-        "POST", "/consoles", {"target_id": "t", "hypervisor": "lab", "domain": "web1"}))
+    status, code, _ = refused(
+        lambda: broker.issuer.request("POST", "/consoles", {"target_id": "t", "hypervisor": "lab", "domain": "web1"})
+    )
     assert (status, code) == (400, "bad_request")
 
 
 # --- libvirt's built-in test driver and the pure XML reading --------------------------------
+
 
 def test_the_test_driver_answers_without_a_daemon() -> None:
     """test:///default's running domain 'test' has no graphics at all: 409 no_vnc_console."""
@@ -313,22 +334,32 @@ def _xml(graphics: str) -> str:
     return f"<domain><devices>{graphics}</devices></domain>"
 
 
-@pytest.mark.parametrize(("graphics", "host"), [
-    ("<graphics type='vnc' port='5901' listen='10.0.0.5'><listen type='address' address='10.0.0.5'/></graphics>",
-     "10.0.0.5"),
-    ("<graphics type='vnc' port='5901' listen='0.0.0.0'><listen type='address' address='0.0.0.0'/></graphics>",
-     "hv1.example"),
-    ("<graphics type='vnc' port='5901' listen='::'/>", "hv1.example"),
-    ("<graphics type='vnc' port='5901'/>", "hv1.example"),
-])
+@pytest.mark.parametrize(
+    ("graphics", "host"),
+    [
+        (
+            "<graphics type='vnc' port='5901' listen='10.0.0.5'><listen type='address' address='10.0.0.5'/></graphics>",
+            "10.0.0.5",
+        ),
+        (
+            "<graphics type='vnc' port='5901' listen='0.0.0.0'><listen type='address' address='0.0.0.0'/></graphics>",
+            "hv1.example",
+        ),
+        ("<graphics type='vnc' port='5901' listen='::'/>", "hv1.example"),
+        ("<graphics type='vnc' port='5901'/>", "hv1.example"),
+    ],
+)
 def test_wildcard_and_missing_listen_addresses_use_the_registered_one(graphics: str, host: str) -> None:
     found = hypervisors.vnc_from_xml(_xml(graphics), Hypervisor("h", "qemu+tls://hv1/system", "hv1.example"), "d")
     assert (found.host, found.port) == (host, 5901)
 
 
 def test_without_a_registered_address_a_wildcard_uses_the_uris_host() -> None:
-    found = hypervisors.vnc_from_xml(_xml("<graphics type='vnc' port='5902' listen='0.0.0.0'/>"),
-                                     Hypervisor("h", "qemu+ssh://root@hv2.example/system", None), "d")
+    found = hypervisors.vnc_from_xml(
+        _xml("<graphics type='vnc' port='5902' listen='0.0.0.0'/>"),
+        Hypervisor("h", "qemu+ssh://root@hv2.example/system", None),
+        "d",
+    )
     assert found.host == "hv2.example"
 
 
@@ -341,12 +372,14 @@ def test_a_vnc_unix_socket_is_no_vnc_console() -> None:
 
 # --- the registry on both engines -----------------------------------------------------------
 
+
 def test_hypervisors_are_added_listed_and_removed(engine: str, database: str | None, tmp_path: Path) -> None:
     init_state_dir(tmp_path / "state", database=database)
     broker = Broker(tmp_path / "state", database=database)
     try:
-        added = broker.add_hypervisor({"name": "hv1", "uri": "qemu+tls://hv1.example/system",
-                                       "address": "10.0.0.1"}, "test")
+        added = broker.add_hypervisor(
+            {"name": "hv1", "uri": "qemu+tls://hv1.example/system", "address": "10.0.0.1"}, "test"
+        )
         assert added["uri"] == "qemu+tls://hv1.example/system" and added["address"] == "10.0.0.1"
         with pytest.raises(ApiError) as twice:
             broker.add_hypervisor({"name": "hv1", "uri": "qemu:///system"}, "test")
@@ -369,7 +402,7 @@ def test_rekeying_keeps_a_valid_password_stretched_and_replaces_an_expired_one()
     graphics = "<graphics type='vnc' port='5901' passwd='{pw}' passwdValidTo='{to}'/>"
     valid = _xml(graphics.format(pw="keepme01", to="2027-01-15T08:00:00"))  # 1_800_000_000 + 0
     device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now + 60)
-    assert password == "keepme01" and "passwdValidTo=\"2027-01-15T08:01:00\"" in device and "port=\"5901\"" in device
+    assert password == "keepme01" and 'passwdValidTo="2027-01-15T08:01:00"' in device and 'port="5901"' in device
     device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now - 5)
     assert password == "keepme01" and "2027-01-15T08:00:00" in device  # never shortened
     device, password = hypervisors.rekeyed_graphics(valid, "d", now + 1, now + 60)

@@ -24,8 +24,9 @@ PINGS = 3
 SCENARIO_TIMEOUT = 20.0
 
 
-async def _open(url: str, tok: str, *, tls: ssl.SSLContext | None = None,
-                pad: bool = False) -> tuple[Console, asyncio.Queue[bytes]]:
+async def _open(
+    url: str, tok: str, *, tls: ssl.SSLContext | None = None, pad: bool = False
+) -> tuple[Console, asyncio.Queue[bytes]]:
     """A console whose Pings are queued (Tornado's client has answered each with a Pong)."""
     headers = {"Sec-WebSocket-Protocol": f"binary, token.{tok}"}
     if pad:  # longer than the front door's head limit: Tornado's handler serves it
@@ -54,8 +55,8 @@ def _run(coro):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("pad", [False, True], ids=["front-door", "tornado-handler"])
 def test_pings_reach_an_idle_browser_and_do_not_count_as_input(
-        proxy_factory: Callable[..., ProxyProcess], mint: Callable[..., str], xvnc_none: XvncServer,
-        pad: bool) -> None:
+    proxy_factory: Callable[..., ProxyProcess], mint: Callable[..., str], xvnc_none: XvncServer, pad: bool
+) -> None:
     """Pings every 0.2 s while the browser is silent, each answered; the idle timeout (1.5 s)
     still ends the session with 4408: neither the Pings nor the Pongs are the browser's input."""
     proxy = proxy_factory("--ping-interval", "0.2", "--idle-timeout", "1.5")
@@ -65,11 +66,20 @@ def test_pings_reach_an_idle_browser_and_do_not_count_as_input(
     assert ending == (4408, "idle_timeout")
 
 
-def test_pings_over_wss(proxy_factory: Callable[..., ProxyProcess], mint: Callable[..., str],
-                        xvnc_none: XvncServer, test_pki: TestPki) -> None:
+def test_pings_over_wss(
+    proxy_factory: Callable[..., ProxyProcess], mint: Callable[..., str], xvnc_none: XvncServer, test_pki: TestPki
+) -> None:
     """The proxy serving TLS itself pings the same way (its browser is an SSL stream)."""
-    proxy = proxy_factory("--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path),
-                          "--ping-interval", "0.2", "--idle-timeout", "1.5")
+    proxy = proxy_factory(
+        "--tls-cert",
+        str(test_pki.cert_path),
+        "--tls-key",
+        str(test_pki.key_path),
+        "--ping-interval",
+        "0.2",
+        "--idle-timeout",
+        "1.5",
+    )
     tls = ssl.create_default_context(cafile=str(test_pki.ca_path))
     tok = mint(host="127.0.0.1", port=xvnc_none.port)
     pings, ending = _run(_pings_then_idle_end(f"wss://127.0.0.1:{proxy.port}/websockify", tok, tls=tls))
@@ -77,8 +87,9 @@ def test_pings_over_wss(proxy_factory: Callable[..., ProxyProcess], mint: Callab
     assert ending == (4408, "idle_timeout")
 
 
-def test_no_pings_when_disabled(proxy_factory: Callable[..., ProxyProcess], mint: Callable[..., str],
-                                xvnc_none: XvncServer) -> None:
+def test_no_pings_when_disabled(
+    proxy_factory: Callable[..., ProxyProcess], mint: Callable[..., str], xvnc_none: XvncServer
+) -> None:
     """``--ping-interval 0``: an idle console hears nothing until the idle timeout ends it."""
     proxy = proxy_factory("--ping-interval", "0", "--idle-timeout", "1")
     tok = mint(host="127.0.0.1", port=xvnc_none.port)
@@ -88,6 +99,7 @@ def test_no_pings_when_disabled(proxy_factory: Callable[..., ProxyProcess], mint
         await console.handshake()
         ending = await console.wait_closed()
         return pings.qsize(), ending
+
     assert _run(scenario()) == (0, (4408, "idle_timeout"))
 
 

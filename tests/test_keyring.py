@@ -42,6 +42,7 @@ def _mode(path: Path) -> int:
 
 # --- generate, save, load -------------------------------------------------------------------------------------------
 
+
 def test_generate_has_one_active_key_of_each_kind() -> None:
     ring = new_ring(max_ttl=900)
     assert len(ring.signing) == 1 and len(ring.fleet) == 1
@@ -60,7 +61,11 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
     keyring.save(ring, path)
     loaded = keyring.load(path)
     assert loaded.to_jwks() == ring.to_jwks()
-    assert (loaded.active_signing, loaded.active_fleet, loaded.max_ttl) == (ring.active_signing, ring.active_fleet, 1200)
+    assert (loaded.active_signing, loaded.active_fleet, loaded.max_ttl) == (
+        ring.active_signing,
+        ring.active_fleet,
+        1200,
+    )
     data = json.loads(path.read_text())
     assert {k["kty"] for k in data["keys"]} == {"OKP", "oct"}
     claims = make_claims()
@@ -97,8 +102,7 @@ def test_save_into_the_current_directory(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("victim", ["fsync", "replace", "fchmod"])
-def test_a_failed_save_leaves_the_old_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  victim: str) -> None:
+def test_a_failed_save_leaves_the_old_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
     path = tmp_path / "keyring.json"
     old = new_ring()
     keyring.save(old, path)
@@ -145,6 +149,7 @@ def test_a_failed_write_midway_leaves_the_old_file_intact(tmp_path: Path, monkey
 
 
 # --- the proxy export -----------------------------------------------------------------------------------------------
+
 
 def test_proxy_export_holds_no_private_key(tmp_path: Path) -> None:
     ring = new_ring().rotate(T1)  # two signing keys, both must lose their private part
@@ -193,6 +198,7 @@ def test_a_private_key_with_a_forced_active_kid_still_cannot_mint_from_a_proxy_f
 
 # --- rotation -------------------------------------------------------------------------------------------------------
 
+
 def test_rotation_lifecycle(tmp_path: Path) -> None:
     ring = new_ring()
     old_sig, old_fleet = ring.active_signing, ring.active_fleet
@@ -207,8 +213,11 @@ def test_rotation_lifecycle(tmp_path: Path) -> None:
     assert rotated.signing[rotated.active_signing or ""].verify_until is None
     assert rotated.signing[old_sig].seed is not None  # still the broker's, just verify-only
     assert {r["kid"]: r["status"] for r in rotated.kids()} == {
-        old_sig: "verify-only", old_fleet: "verify-only",
-        rotated.active_signing: "active", rotated.active_fleet: "active"}
+        old_sig: "verify-only",
+        old_fleet: "verify-only",
+        rotated.active_signing: "active",
+        rotated.active_fleet: "active",
+    }
 
     # re-export and reload, as the broker and the proxies would
     keyring.save(rotated, tmp_path / "keyring.json")
@@ -278,6 +287,7 @@ def test_kids_never_show_key_material() -> None:
 
 # --- corrupt and unreadable files -----------------------------------------------------------------------------------
 
+
 def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
     def sig(data: dict[str, Any]) -> dict[str, Any]:
         return next(k for k in data["keys"] if k["kty"] == "OKP")
@@ -289,12 +299,14 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
         def change(data: dict[str, Any]) -> dict[str, Any]:
             pick(data)[name] = value
             return data
+
         return change
 
     def deleter(pick: Callable[[dict[str, Any]], dict[str, Any]], name: str) -> Callable[..., Any]:
         def change(data: dict[str, Any]) -> dict[str, Any]:
             del pick(data)[name]
             return data
+
         return change
 
     def top(name: str, value: Any) -> Callable[..., Any]:
@@ -309,22 +321,37 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
         return data
 
     return [
-        ("array", lambda data: [data]), ("no keys", lambda data: {"active": data["active"]}),
-        ("keys not a list", top("keys", {"a": 1})), ("key not an object", lambda data: {**data, "keys": ["x"]}),
-        ("active not an object", top("active", ["x"])), ("active sig unknown", top("active", {"sig": "nope"})),
+        ("array", lambda data: [data]),
+        ("no keys", lambda data: {"active": data["active"]}),
+        ("keys not a list", top("keys", {"a": 1})),
+        ("key not an object", lambda data: {**data, "keys": ["x"]}),
+        ("active not an object", top("active", ["x"])),
+        ("active sig unknown", top("active", {"sig": "nope"})),
         ("active enc unknown", lambda data: {**data, "active": {**data["active"], "enc": "nope"}}),
         ("active kid a list", lambda data: {**data, "active": {"sig": ["x"]}}),
-        ("max_ttl zero", top("max_ttl", 0)), ("max_ttl bool", top("max_ttl", True)),
-        ("max_ttl text", top("max_ttl", "3600")), ("version negative", top("version", -1)),
-        ("no kid", deleter(sig, "kid")), ("empty kid", setter(fleet, "kid", "")), ("int kid", setter(fleet, "kid", 3)),
-        ("no kty", deleter(fleet, "kty")), ("rsa", setter(sig, "kty", "RSA")), ("x25519", setter(sig, "crv", "X25519")),
-        ("short x", setter(sig, "x", "AAAA")), ("short d", setter(sig, "d", "AAAA")),
+        ("max_ttl zero", top("max_ttl", 0)),
+        ("max_ttl bool", top("max_ttl", True)),
+        ("max_ttl text", top("max_ttl", "3600")),
+        ("version negative", top("version", -1)),
+        ("no kid", deleter(sig, "kid")),
+        ("empty kid", setter(fleet, "kid", "")),
+        ("int kid", setter(fleet, "kid", 3)),
+        ("no kty", deleter(fleet, "kty")),
+        ("rsa", setter(sig, "kty", "RSA")),
+        ("x25519", setter(sig, "crv", "X25519")),
+        ("short x", setter(sig, "x", "AAAA")),
+        ("short d", setter(sig, "d", "AAAA")),
         ("padded k", lambda data: setter(fleet, "k", fleet(data)["k"] + "=")(data)),
-        ("x not base64", setter(sig, "x", "!!!")), ("x int", setter(sig, "x", 5)), ("no k", deleter(fleet, "k")),
-        ("short k", setter(fleet, "k", "AAAAAAAAAAAAAAAAAAAAAA")), ("mismatched public", other_public),
-        ("iat text", setter(sig, "iat", "yesterday")), ("iat infinite", setter(sig, "iat", float("inf"))),
+        ("x not base64", setter(sig, "x", "!!!")),
+        ("x int", setter(sig, "x", 5)),
+        ("no k", deleter(fleet, "k")),
+        ("short k", setter(fleet, "k", "AAAAAAAAAAAAAAAAAAAAAA")),
+        ("mismatched public", other_public),
+        ("iat text", setter(sig, "iat", "yesterday")),
+        ("iat infinite", setter(sig, "iat", float("inf"))),
         ("verify_until nan", setter(fleet, "verify_until", float("nan"))),
-        ("verify_until list", setter(fleet, "verify_until", [1])), ("duplicate kid", duplicate_kid),
+        ("verify_until list", setter(fleet, "verify_until", [1])),
+        ("duplicate kid", duplicate_kid),
     ]
 
 
@@ -337,8 +364,9 @@ def base_ring() -> Keyring:
 
 
 @pytest.mark.parametrize(("name", "mutate"), MUTATIONS, ids=[name for name, _ in MUTATIONS])
-def test_invalid_keyrings_are_one_line_errors_without_key_material(tmp_path: Path, base_ring: Keyring, name: str,
-                                                                   mutate: Callable[[Any], Any]) -> None:
+def test_invalid_keyrings_are_one_line_errors_without_key_material(
+    tmp_path: Path, base_ring: Keyring, name: str, mutate: Callable[[Any], Any]
+) -> None:
     data = mutate(copy.deepcopy(base_ring.to_jwks()))
     path = tmp_path / "keyring.json"
     path.write_text(json.dumps(data))
@@ -348,9 +376,14 @@ def test_invalid_keyrings_are_one_line_errors_without_key_material(tmp_path: Pat
 
 
 RAW_FILES: list[tuple[str, bytes]] = [
-    ("empty", b""), ("not json", b"keys: []"), ("truncated", b'{"keys": [{"kty": "oct", "k": "'),
-    ("not utf-8", b'{"keys": [\xff\xfe]}'), ("nested", b"[" * 100_000), ("huge int", b'{"keys": ' + b"9" * 5000 + b"}"),
-    ("null", b"null"), ("NaN", b"NaN"),
+    ("empty", b""),
+    ("not json", b"keys: []"),
+    ("truncated", b'{"keys": [{"kty": "oct", "k": "'),
+    ("not utf-8", b'{"keys": [\xff\xfe]}'),
+    ("nested", b"[" * 100_000),
+    ("huge int", b'{"keys": ' + b"9" * 5000 + b"}"),
+    ("null", b"null"),
+    ("NaN", b"NaN"),
 ]
 
 

@@ -29,8 +29,9 @@ from console_proxy import logguard
 from console_proxy.logguard import REDACTED, GuardedFormatter, GuardedHandler, sanitise
 
 API_KEY = "cgk.0123456789abcdef." + secrets.token_urlsafe(32)
-TOKEN = ("eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIiwia2lkIjoiZmxlZXQtMGEwYjBjMGQwZTBmIn0.."
-         + ".".join(secrets.token_urlsafe(n) for n in (12, 400, 16)))
+TOKEN = "eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2R0NNIiwia2lkIjoiZmxlZXQtMGEwYjBjMGQwZTBmIn0.." + ".".join(
+    secrets.token_urlsafe(n) for n in (12, 400, 16)
+)
 CONTROLS = ("\r", "\x00", "\x7f", "\x01")
 
 
@@ -43,6 +44,7 @@ def _format(record: logging.LogRecord) -> str:
 
 
 # --- the sanitiser ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("control", CONTROLS)
 def test_tornados_invalid_header_value_loses_the_value(control: str) -> None:
@@ -57,13 +59,29 @@ def test_an_unknown_tornado_reason_is_withheld_not_quoted() -> None:
     assert line.endswith(f"from 10.0.0.9: {logguard.UNKNOWN_REASON}")
 
 
-@pytest.mark.parametrize("text", [
-    f"Bearer {API_KEY}", f"bearer\t{API_KEY}", f"{API_KEY!r}", f"'Bearer {API_KEY}\\r'", f"key={API_KEY}",
-    f"GET /websockify?token={TOKEN} (127.0.0.1)", f"/console#token={TOKEN}", f"token.{TOKEN}", TOKEN,
-    f"Authorization: Basic {API_KEY}", f"{{'Cookie': 'sid={API_KEY}'}}", f"sec-websocket-protocol: {TOKEN}",
-    f"Invalid Host header: {API_KEY[4:]!r}", f"Unexpected HTTP version {API_KEY}", f"x\x00{API_KEY}\x7f",
-    f"proxy-a.{API_KEY.rsplit('.', 1)[1]}", secrets.token_bytes(32).hex(), f"a\u2028{TOKEN}\udcff",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"Bearer {API_KEY}",
+        f"bearer\t{API_KEY}",
+        f"{API_KEY!r}",
+        f"'Bearer {API_KEY}\\r'",
+        f"key={API_KEY}",
+        f"GET /websockify?token={TOKEN} (127.0.0.1)",
+        f"/console#token={TOKEN}",
+        f"token.{TOKEN}",
+        TOKEN,
+        f"Authorization: Basic {API_KEY}",
+        f"{{'Cookie': 'sid={API_KEY}'}}",
+        f"sec-websocket-protocol: {TOKEN}",
+        f"Invalid Host header: {API_KEY[4:]!r}",
+        f"Unexpected HTTP version {API_KEY}",
+        f"x\x00{API_KEY}\x7f",
+        f"proxy-a.{API_KEY.rsplit('.', 1)[1]}",
+        secrets.token_bytes(32).hex(),
+        f"a\u2028{TOKEN}\udcff",
+    ],
+)
 def test_secrets_are_redacted(text: str) -> None:
     safe = sanitise(text)
     for secret in (API_KEY, API_KEY.rsplit(".", 1)[1], TOKEN, *[part for part in TOKEN.split(".") if len(part) >= 16]):
@@ -87,17 +105,24 @@ def test_every_random_secret_of_our_shapes_is_caught_alone() -> None:
 
 def test_secret_members_of_a_dict_or_json_text_are_redacted() -> None:
     text = """{'password': 'hunter\\'2', "pw": "swordfish", 'host': 'hv-3', "token" : "t0k"}"""
-    assert sanitise(text) == f"""{{'password': '{REDACTED}', "pw": "{REDACTED}", 'host': 'hv-3', "token" : "{REDACTED}"}}"""
+    assert (
+        sanitise(text)
+        == f"""{{'password': '{REDACTED}', "pw": "{REDACTED}", 'host': 'hv-3', "token" : "{REDACTED}"}}"""
+    )
 
 
-@pytest.mark.parametrize("text", [
-    "console-proxy listening on 127.0.0.1:8443 (https)",
-    '{"client":"127.0.0.1","event":"closed","session_id":"AbC-d3_fGh1jK2lM","vm":"1b4e28ba-2fa1-11d2-883f-0016d3cca427"}',
-    "404 GET /console (127.0.0.1) 0.4ms", "keyring version 3 -> 4",
-    'File "/srv/venv/lib/python3.11/site-packages/tornado/http1connection.py", line 344, in _read_message',
-    "proxy p1 reports public URL 'https://thief.example' but is registered as https://p1.example:8443",
-    "Malformed HTTP message from 127.0.0.1: Content-Length too long",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "console-proxy listening on 127.0.0.1:8443 (https)",
+        '{"client":"127.0.0.1","event":"closed","session_id":"AbC-d3_fGh1jK2lM","vm":"1b4e28ba-2fa1-11d2-883f-0016d3cca427"}',
+        "404 GET /console (127.0.0.1) 0.4ms",
+        "keyring version 3 -> 4",
+        'File "/srv/venv/lib/python3.11/site-packages/tornado/http1connection.py", line 344, in _read_message',
+        "proxy p1 reports public URL 'https://thief.example' but is registered as https://p1.example:8443",
+        "Malformed HTTP message from 127.0.0.1: Content-Length too long",
+    ],
+)
 def test_ordinary_lines_are_kept(text: str) -> None:
     assert sanitise(text) == text
 
@@ -109,10 +134,17 @@ def test_control_characters_are_escaped_so_a_line_stays_one_line() -> None:
 
 def test_a_request_argument_is_named_by_path_and_headers_never_appear() -> None:
     headers = HTTPHeaders({"Authorization": f"Bearer {API_KEY}", "Cookie": f"k={API_KEY}", "Host": "127.0.0.1"})
-    request = HTTPServerRequest(start_line=RequestStartLine("GET", f"/api/v1/targets?key={API_KEY}", "HTTP/1.1"),
-                                headers=headers)
-    line = _format(_record("Uncaught exception %s\n%r", f"GET /api/v1/targets?key={API_KEY} (127.0.0.1)", request,
-                           name="tornado.application"))
+    request = HTTPServerRequest(
+        start_line=RequestStartLine("GET", f"/api/v1/targets?key={API_KEY}", "HTTP/1.1"), headers=headers
+    )
+    line = _format(
+        _record(
+            "Uncaught exception %s\n%r",
+            f"GET /api/v1/targets?key={API_KEY} (127.0.0.1)",
+            request,
+            name="tornado.application",
+        )
+    )
     assert API_KEY not in line and "Authorization" not in line
     assert line.endswith(f"Uncaught exception GET /api/v1/targets?{REDACTED} (127.0.0.1)")
     assert "withheld" in _format(_record("headers %s, body %s", headers, API_KEY.encode()))
@@ -140,10 +172,15 @@ class _Unprintable:
     __repr__ = __str__
 
 
-@pytest.mark.parametrize("record", [
-    _record("%d items", API_KEY), _record("%s", _Unprintable()), _record(_Unprintable()),
-    _record("Malformed HTTP message from %s: %s", "only one argument"),
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record("%d items", API_KEY),
+        _record("%s", _Unprintable()),
+        _record(_Unprintable()),
+        _record("Malformed HTTP message from %s: %s", "only one argument"),
+    ],
+)
 def test_a_record_that_cannot_be_formatted_becomes_a_fixed_line(record: logging.LogRecord) -> None:
     line = _format(record)
     assert line.endswith(f"INFO consolegate.logguard {logguard.WITHHELD}") and API_KEY not in line
@@ -179,9 +216,11 @@ def test_setup_guards_every_logger_and_uncaught_exceptions() -> None:
         "import threading\n"
         "def fail(): raise ValueError('Bearer ' + key)\n"
         "thread = threading.Thread(target=fail, name='worker'); thread.start(); thread.join()\n"
-        "raise RuntimeError('Bearer ' + key)\n")
-    result = subprocess.run([sys.executable, "-c", script, API_KEY], capture_output=True, text=True, cwd=REPO,
-                            timeout=30, check=False)
+        "raise RuntimeError('Bearer ' + key)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, API_KEY], capture_output=True, text=True, cwd=REPO, timeout=30, check=False
+    )
     assert result.returncode == 1
     assert API_KEY.rsplit(".", 1)[1] not in result.stderr
     assert f"tornado.access 200 GET /x?{REDACTED}" in result.stderr
@@ -191,6 +230,7 @@ def test_setup_guards_every_logger_and_uncaught_exceptions() -> None:
 
 
 # --- end to end: real services, hostile heads -------------------------------------------------
+
 
 @dataclass
 class Fleet:
@@ -215,8 +255,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki) -> Iterat
     started: list[ProxyProcess] = [broker]
     try:
         started.append(start_linked_proxy(tmp, broker, "plain"))
-        started.append(start_linked_proxy(tmp, broker, "tls", "--tls-cert", str(test_pki.cert_path),
-                                          "--tls-key", str(test_pki.key_path)))
+        started.append(
+            start_linked_proxy(
+                tmp, broker, "tls", "--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path)
+            )
+        )
         healthy_proxies(broker, 2)
         password = "vnc-" + secrets.token_urlsafe(12)
         target = broker.admin.add_target(name="vm-logs", host="127.0.0.1", port=5900, password=password)
@@ -235,11 +278,20 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki) -> Iterat
 
 def hostile_heads(key: str, token: str, proxy_credential: str) -> list[bytes]:
     """Every malformed head and request shape we could think of, each carrying a secret."""
-    values = [("Authorization", f"Bearer {key}"), ("Authorization", f"Bearer {proxy_credential}"),
-              ("Sec-WebSocket-Protocol", f"binary, token.{token}"), ("Cookie", f"session={key}"), ("Host", token),
-              ("Origin", f"http://{key}"), ("X-Forwarded-For", key), ("X-Real-IP", proxy_credential)]
-    ws = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " \
-         "dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    values = [
+        ("Authorization", f"Bearer {key}"),
+        ("Authorization", f"Bearer {proxy_credential}"),
+        ("Sec-WebSocket-Protocol", f"binary, token.{token}"),
+        ("Cookie", f"session={key}"),
+        ("Host", token),
+        ("Origin", f"http://{key}"),
+        ("X-Forwarded-For", key),
+        ("X-Real-IP", proxy_credential),
+    ]
+    ws = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+        "dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
     heads: list[str] = []
     for path in ("/websockify", "/api/v1/consoles"):
         for name, value in values:
@@ -268,16 +320,25 @@ def hostile_heads(key: str, token: str, proxy_credential: str) -> list[bytes]:
         f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {key}\r\n\r\n",
         f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: {key}\r\n\r\n",
         f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n{key}\r\n\r\n",
-        (f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: {key}\r\nContent-Type: "
-         f"application/x-www-form-urlencoded\r\nContent-Length: {len(key)}\r\nConnection: close\r\n\r\n{key}"),
-        (f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: "
-         f"application/json\r\nContent-Length: {len(key) + 9}\r\nConnection: close\r\n\r\n{{\"k\": \"{key}\"}}"),
-        (f"POST /websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(token)}\r\n"
-         f"Connection: close\r\n\r\n{token}"),
+        (
+            f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: {key}\r\nContent-Type: "
+            f"application/x-www-form-urlencoded\r\nContent-Length: {len(key)}\r\nConnection: close\r\n\r\n{key}"
+        ),
+        (
+            f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: "
+            f'application/json\r\nContent-Length: {len(key) + 9}\r\nConnection: close\r\n\r\n{{"k": "{key}"}}'
+        ),
+        (
+            f"POST /websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(token)}\r\n"
+            f"Connection: close\r\n\r\n{token}"
+        ),
     ]
     raw = [head.encode("latin-1") for head in heads]
-    raw.append(b"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe"
-               + key.encode() + b"\xc3\r\n\r\n")
+    raw.append(
+        b"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe"
+        + key.encode()
+        + b"\xc3\r\n\r\n"
+    )
     raw.append(b"GET /websockify?token=" + token.encode() + b"\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     raw.append(f"GET /websockify HTTP/1.1\nHost: 127.0.0.1\nAuthorization: Bearer {key}\x00\n\n".encode())  # bare LF
     return raw
@@ -287,8 +348,10 @@ def pipelined_heads(key: str, token: str) -> list[bytes]:
     """A good request, then a malformed one on the same connection: the service answers the first,
     logs the second and closes."""
     good = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    return [f"{good}GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\x7f\r\n\r\n".encode(),
-            f"{good}GET /websockify?token={token} HTTP/1.1\r\nHost: {token}\x00\r\n\r\n".encode()]
+    return [
+        f"{good}GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\x7f\r\n\r\n".encode(),
+        f"{good}GET /websockify?token={token} HTTP/1.1\r\nHost: {token}\x00\r\n\r\n".encode(),
+    ]
 
 
 async def _send(port: int, tls: ssl.SSLContext | None, data: bytes, until_close: bool = False) -> None:
@@ -318,13 +381,16 @@ async def _drive(services: list[tuple[ProxyProcess, bool]], heads: list[bytes], 
     async def one(port: int, tls: ssl.SSLContext | None, data: bytes) -> None:
         async with limit:
             await _send(port, tls, data, until_close)
-    await asyncio.gather(*(one(service.port, client if tls else None, head)
-                           for service, tls in services for head in heads))
+
+    await asyncio.gather(
+        *(one(service.port, client if tls else None, head) for service, tls in services for head in heads)
+    )
 
 
 def test_no_hostile_head_puts_a_secret_in_any_log(fleet: Fleet) -> None:
-    asyncio.run(_drive(fleet.services, hostile_heads(fleet.broker.state.issuer_key, fleet.token,
-                                                     fleet.proxy_credential)))
+    asyncio.run(
+        _drive(fleet.services, hostile_heads(fleet.broker.state.issuer_key, fleet.token, fleet.proxy_credential))
+    )
     asyncio.run(_drive(fleet.services, pipelined_heads(fleet.broker.state.issuer_key, fleet.token), until_close=True))
     # a last request after every hostile one was answered: each service still serves, and its log is complete
     last = b"GET /healthz?after-the-hostile-heads HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"

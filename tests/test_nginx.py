@@ -30,8 +30,11 @@ from xvnc import XvncServer
 REPO = Path(__file__).resolve().parent.parent
 NOVNC = REPO / "static" / "node_modules" / "@novnc" / "novnc" / "core" / "rfb.js"
 PREFIX = "/consolegate/"
-IMPORT = re.compile(r"""^\s*(?:import|export)\b[^;'"]*?\bfrom\s*['"]([^'"]+)['"]"""
-                    r"""|^\s*import\s*['"]([^'"]+)['"]""", re.MULTILINE)
+IMPORT = re.compile(
+    r"""^\s*(?:import|export)\b[^;'"]*?\bfrom\s*['"]([^'"]+)['"]"""
+    r"""|^\s*import\s*['"]([^'"]+)['"]""",
+    re.MULTILINE,
+)
 RESOURCE = re.compile(r"""(?:src|href)="([^"]+)\"""")
 #: Longer than nginx's default proxy_read_timeout (60 s), which the test must not shorten.
 HOLD_IDLE = 65.0
@@ -62,6 +65,7 @@ def site_factory(proxy_factory: Callable[..., ProxyProcess], tmp_path: Path) -> 
         context.__enter__()
         with_nginx.append(context)
         return Site(port, proxy)
+
     yield start
     for context in with_nginx:
         context.__exit__(None, None, None)  # type: ignore[attr-defined]
@@ -109,7 +113,8 @@ def test_token_status_through_the_prefix(site: Site, mint: Callable[..., str], x
 
 
 def test_x_forwarded_host_with_the_port_is_the_pages_origin(
-        site_factory: Callable[..., Site], mint: Callable[..., str], xvnc_none: XvncServer) -> None:
+    site_factory: Callable[..., Site], mint: Callable[..., str], xvnc_none: XvncServer
+) -> None:
     """nginx sends Host: consolegate_proxy (its upstream's name) and X-Forwarded-Host: the
     browser's 127.0.0.1:PORT. Trusted, that is the page's origin and the pinned host; not
     trusted, the page's origin is foreign to the proxy and the upgrade is refused."""
@@ -122,6 +127,7 @@ def test_x_forwarded_host_with_the_port_is_the_pages_origin(
         info = await console.handshake()
         console.close()
         return info, await try_upgrade(untrusted.ws_url, tok, origin=untrusted.origin)
+
     accepted, refused = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert accepted.width == 800  # type: ignore[attr-defined]
     assert refused is not None and refused.status == 403  # type: ignore[attr-defined]
@@ -130,10 +136,16 @@ def test_x_forwarded_host_with_the_port_is_the_pages_origin(
 
 @needs_novnc
 @pytest.mark.skipif(not chromium_available(), reason="Debian chromium is not installed")
-def test_chromium_opens_a_console_through_the_prefix(site: Site, mint: Callable[..., str],
-                                                     xvnc_vncauth: XvncServer, tmp_path: Path) -> None:
-    tok = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password,
-               desktop_name="Behind nginx", vm="nginx-prefix")
+def test_chromium_opens_a_console_through_the_prefix(
+    site: Site, mint: Callable[..., str], xvnc_vncauth: XvncServer, tmp_path: Path
+) -> None:
+    tok = mint(
+        host="127.0.0.1",
+        port=xvnc_vncauth.port,
+        password=xvnc_vncauth.password,
+        desktop_name="Behind nginx",
+        vm="nginx-prefix",
+    )
     browser = Chromium(log_path=tmp_path / "chromium.log")
     try:
         page = browser.new_page()
@@ -150,8 +162,9 @@ def test_chromium_opens_a_console_through_the_prefix(site: Site, mint: Callable[
 
 
 @pytest.mark.slow
-def test_an_idle_console_outlives_nginxs_read_timeout(site: Site, mint: Callable[..., str],
-                                                     xvnc_none: XvncServer) -> None:
+def test_an_idle_console_outlives_nginxs_read_timeout(
+    site: Site, mint: Callable[..., str], xvnc_none: XvncServer
+) -> None:
     """Held idle through nginx (default proxy_read_timeout 60 s, default --ping-interval 20 s)
     for 65 s: the browser answered the proxy's Pings, and the console still relays after."""
     tok = mint(host="127.0.0.1", port=xvnc_none.port)
@@ -171,6 +184,7 @@ def test_an_idle_console_outlives_nginxs_read_timeout(site: Site, mint: Callable
         kind = await console.read(1)
         console.close()
         return len(pings), kind
+
     pings, kind = asyncio.run(asyncio.wait_for(scenario(), HOLD_IDLE + 20))
     assert pings >= 2  # what kept nginx from cutting it
     assert kind == b"\x00"  # FramebufferUpdate: relayed after the idle minute

@@ -44,8 +44,12 @@ from console_proxy.handlerlog import PathOnlyLogging
 from console_proxy.httperrors import JsonErrors
 
 TIMEOUT = 10.0
-EXAMPLES = settings(max_examples=40, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXAMPLES = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 """Modest and reproducible (a few milliseconds an example): the whole file runs in seconds."""
 MEMBER_EXAMPLES = settings(EXAMPLES, max_examples=25)
 """Per member of a body: the scalars that broke things come first (see ``member_values``)."""
@@ -88,6 +92,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 # --- HTTP on a raw socket: any bytes in the request line ----------------------------------------
 
+
 @dataclass
 class Answer:
     status: int
@@ -95,8 +100,9 @@ class Answer:
     body: bytes
 
 
-def exchange(port: int, method: str, target: bytes, headers: dict[str, bytes] | None = None,
-             body: bytes | None = None) -> Answer:
+def exchange(
+    port: int, method: str, target: bytes, headers: dict[str, bytes] | None = None, body: bytes | None = None
+) -> Answer:
     """One request on its own connection; the answer read as its framing says (a fuzzed
     ``Connection`` header may keep the connection open)."""
     head = bytearray(method.encode() + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -141,6 +147,7 @@ def assert_no_server_error(answer: Answer, method: str) -> None:
 
 # --- strategies ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Raw:
     """JSON text put into a body as is: what ``json.dumps`` would never write."""
@@ -159,19 +166,49 @@ def encode(value: Any) -> str:
     return json.dumps(value, allow_nan=True)
 
 
-NASTY_TEXT = ("\ud800", "\udfff", "\ud800x", "x\udc00", "\x00", "a\x00b", "\\", "..", "../..", "%00", "\u202e",
-              "\ufeff", "\uffff", "💥", "")
-texts = st.one_of(st.text(st.characters(codec=None, exclude_categories=()), max_size=40),
-                  st.sampled_from(NASTY_TEXT), st.text(max_size=3000))
-numbers = st.one_of(st.integers(), st.integers(min_value=2**62 - 2, max_value=2**64 + 2),
-                    st.integers(max_value=-(2**63) + 2, min_value=-(2**64)), st.integers(10**300, 10**1000),
-                    st.floats(), st.sampled_from([0, -1, 1, 65535, 65536, 2**31, 2**53 + 1, -0.0, 0.5]),
-                    st.sampled_from(["1e400", "-1e400", "1" + "0" * 5000, "-0", "1E+2", "1e-400",
-                                     "123456789012345678901234567890"]).map(Raw))
+NASTY_TEXT = (
+    "\ud800",
+    "\udfff",
+    "\ud800x",
+    "x\udc00",
+    "\x00",
+    "a\x00b",
+    "\\",
+    "..",
+    "../..",
+    "%00",
+    "\u202e",
+    "\ufeff",
+    "\uffff",
+    "💥",
+    "",
+)
+texts = st.one_of(
+    st.text(st.characters(codec=None, exclude_categories=()), max_size=40),
+    st.sampled_from(NASTY_TEXT),
+    st.text(max_size=3000),
+)
+numbers = st.one_of(
+    st.integers(),
+    st.integers(min_value=2**62 - 2, max_value=2**64 + 2),
+    st.integers(max_value=-(2**63) + 2, min_value=-(2**64)),
+    st.integers(10**300, 10**1000),
+    st.floats(),
+    st.sampled_from([0, -1, 1, 65535, 65536, 2**31, 2**53 + 1, -0.0, 0.5]),
+    st.sampled_from(
+        ["1e400", "-1e400", "1" + "0" * 5000, "-0", "1E+2", "1e-400", "123456789012345678901234567890"]
+    ).map(Raw),
+)
 nesting = st.integers(1, 20_000).map(lambda depth: Raw("[" * depth + "]" * depth))
 scalars = st.one_of(st.none(), st.booleans(), numbers, texts)
-json_values = st.one_of(nesting, st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=5), st.dictionaries(texts, inner, max_size=5)), max_leaves=20))
+json_values = st.one_of(
+    nesting,
+    st.recursive(
+        scalars,
+        lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(texts, inner, max_size=5)),
+        max_leaves=20,
+    ),
+)
 #: What replaces one member of a valid body: mostly the scalars that broke things, sometimes anything.
 member_values = st.one_of(st.sampled_from(NASTY_TEXT), numbers, json_values)
 
@@ -180,8 +217,14 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "/targets": {"name": "n", "host": "127.0.0.1", "port": 5900},
     "/consoles": {"target_id": "t1", "ttl": 30},
     "/keys/rotate": {},
-    "/proxy/heartbeat": {"proxy_id": "fuzz", "public_url": None, "sessions": 0, "capacity": 10,
-                         "draining": False, "version": 0},
+    "/proxy/heartbeat": {
+        "proxy_id": "fuzz",
+        "public_url": None,
+        "sessions": 0,
+        "capacity": 10,
+        "draining": False,
+        "version": 0,
+    },
     "/proxy/redeem": {"jti": "a" * 22, "session_id": "s", "exp": 1},
     "/proxy/events": {"events": [{"event": "closed", "session_id": "s", "at": 1.5, "bytes_up": 1}]},
 }
@@ -189,12 +232,40 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
 BODY_MEMBERS = {"/proxy/events": ("events", 0)}
 UNKNOWN_MEMBER = "not-a-member"
 
-bodies = st.one_of(json_values.map(encode).map(lambda text: text.encode("utf-8", "surrogatepass")),
-                   st.binary(max_size=200))
+bodies = st.one_of(
+    json_values.map(encode).map(lambda text: text.encode("utf-8", "surrogatepass")), st.binary(max_size=200)
+)
 """A whole body: arbitrary JSON (surrogates escaped, as a client may send them) or arbitrary bytes."""
 
-URL_PIECES = ("..", ".", "%2e%2e", "%2E%2e", "%2e", "%00", "\x00", "%5c", "\\", "%2f", "/", "//", "%ff", "%ED%A0%80",
-              "%c0%af", "%c0%ae%c0%ae", "%", "%zz", "\x7f", "\xff", "%0d%0a", "~", "?", "#", ";", "*", "a" * 3000)
+URL_PIECES = (
+    "..",
+    ".",
+    "%2e%2e",
+    "%2E%2e",
+    "%2e",
+    "%00",
+    "\x00",
+    "%5c",
+    "\\",
+    "%2f",
+    "/",
+    "//",
+    "%ff",
+    "%ED%A0%80",
+    "%c0%af",
+    "%c0%ae%c0%ae",
+    "%",
+    "%zz",
+    "\x7f",
+    "\xff",
+    "%0d%0a",
+    "~",
+    "?",
+    "#",
+    ";",
+    "*",
+    "a" * 3000,
+)
 
 
 def _url_text(text: str) -> str:
@@ -203,10 +274,13 @@ def _url_text(text: str) -> str:
 
 segments = st.one_of(st.sampled_from(URL_PIECES), texts.map(_url_text), st.integers().map(str))
 url_paths = st.lists(segments, min_size=1, max_size=6).map("/".join)
-query_strings = st.lists(st.tuples(st.one_of(st.sampled_from(("token", "state", "limit", "after", "type", "cursor")),
-                                             segments),
-                                   st.one_of(segments, numbers.map(lambda n: _url_text(encode(n))))),
-                         max_size=4).map(lambda pairs: "&".join(f"{k}={v}" for k, v in pairs))
+query_strings = st.lists(
+    st.tuples(
+        st.one_of(st.sampled_from(("token", "state", "limit", "after", "type", "cursor")), segments),
+        st.one_of(segments, numbers.map(lambda n: _url_text(encode(n)))),
+    ),
+    max_size=4,
+).map(lambda pairs: "&".join(f"{k}={v}" for k, v in pairs))
 
 
 def _target(path: str, query: str) -> bytes:
@@ -250,8 +324,13 @@ def _any_request(fleet: Fleet, data: st.DataObject, operation: tuple[str, str], 
     method = data.draw(st.one_of(st.just(method), st.sampled_from(METHODS)), label="method")
     path = template.replace("{id}", data.draw(segments, label="id"))
     body = data.draw(bodies, label="body") if method in ("POST", "PUT", "PATCH", "DELETE") else None
-    answer = exchange(fleet.broker.port, method, _target("/api/v1" + path, data.draw(query_strings, label="query")),
-                      {"Authorization": auth.encode()}, body)
+    answer = exchange(
+        fleet.broker.port,
+        method,
+        _target("/api/v1" + path, data.draw(query_strings, label="query")),
+        {"Authorization": auth.encode()},
+        body,
+    )
     assert_no_server_error(answer, method)
 
 
@@ -262,8 +341,13 @@ def _member_request(fleet: Fleet, method: str, path: str, member: str, value: An
     for step in BODY_MEMBERS.get(path, ()):
         holder = holder[step]
     holder[member] = value
-    answer = exchange(fleet.broker.port, method, f"/api/v1{path}".encode(), {"Authorization": auth.encode()},
-                      encode(body).encode("utf-8", "surrogatepass"))
+    answer = exchange(
+        fleet.broker.port,
+        method,
+        f"/api/v1{path}".encode(),
+        {"Authorization": auth.encode()},
+        encode(body).encode("utf-8", "surrogatepass"),
+    )
     assert_no_server_error(answer, method)
 
 
@@ -274,8 +358,11 @@ def test_broker_api_with_an_api_key(fleet: Fleet, operation: tuple[str, str], da
     _any_request(fleet, data, operation, fleet.admin_auth)
 
 
-@pytest.mark.parametrize(("method", "path", "member"), _members(ADMIN_OPERATIONS),
-                         ids=[" ".join(case) for case in _members(ADMIN_OPERATIONS)])
+@pytest.mark.parametrize(
+    ("method", "path", "member"),
+    _members(ADMIN_OPERATIONS),
+    ids=[" ".join(case) for case in _members(ADMIN_OPERATIONS)],
+)
 @MEMBER_EXAMPLES
 @given(value=member_values)
 def test_broker_api_body_members(fleet: Fleet, method: str, path: str, member: str, value: Any) -> None:
@@ -285,13 +372,17 @@ def test_broker_api_body_members(fleet: Fleet, method: str, path: str, member: s
 @pytest.mark.parametrize("operation", PROXY_OPERATIONS, ids=[" ".join(op) for op in PROXY_OPERATIONS])
 @EXAMPLES
 @given(data=st.data())
-def test_broker_proxy_endpoints_with_a_proxy_credential(fleet: Fleet, operation: tuple[str, str],
-                                                        data: st.DataObject) -> None:
+def test_broker_proxy_endpoints_with_a_proxy_credential(
+    fleet: Fleet, operation: tuple[str, str], data: st.DataObject
+) -> None:
     _any_request(fleet, data, operation, fleet.proxy_auth)
 
 
-@pytest.mark.parametrize(("method", "path", "member"), _members(PROXY_OPERATIONS),
-                         ids=[" ".join(case) for case in _members(PROXY_OPERATIONS)])
+@pytest.mark.parametrize(
+    ("method", "path", "member"),
+    _members(PROXY_OPERATIONS),
+    ids=[" ".join(case) for case in _members(PROXY_OPERATIONS)],
+)
 @MEMBER_EXAMPLES
 @given(value=member_values)
 def test_broker_proxy_endpoint_body_members(fleet: Fleet, method: str, path: str, member: str, value: Any) -> None:
@@ -299,23 +390,39 @@ def test_broker_proxy_endpoint_body_members(fleet: Fleet, method: str, path: str
 
 
 @EXAMPLES
-@given(method=st.sampled_from(METHODS), path=url_paths, query=query_strings,
-       auth=st.sampled_from(("admin", "proxy", "none", "junk")))
+@given(
+    method=st.sampled_from(METHODS),
+    path=url_paths,
+    query=query_strings,
+    auth=st.sampled_from(("admin", "proxy", "none", "junk")),
+)
 def test_broker_any_path(fleet: Fleet, method: str, path: str, query: str, auth: str) -> None:
     authorization = {"admin": fleet.admin_auth, "proxy": fleet.proxy_auth, "none": "", "junk": "Bearer \x00x"}[auth]
-    answer = exchange(fleet.broker.port, method, _target("/" + path, query),
-                      {"Authorization": authorization.encode()} if authorization else {})
+    answer = exchange(
+        fleet.broker.port,
+        method,
+        _target("/" + path, query),
+        {"Authorization": authorization.encode()} if authorization else {},
+    )
     assert_no_server_error(answer, method)
 
 
 def test_every_broker_operation_and_member_is_fuzzed() -> None:
     document = openapi.document()
     assert len(ADMIN_OPERATIONS) + len(PROXY_OPERATIONS) == sum(
-        1 for item in document["paths"].values() for method in item if method != "parameters")
-    assert {path for _, path in PROXY_OPERATIONS} == {"/proxy/heartbeat", "/proxy/redeem", "/proxy/events",
-                                                        "/proxy/watch"}
-    with_bodies = {path for path, item in document["paths"].items()
-                   if any("requestBody" in op for op in item.values() if isinstance(op, dict))}
+        1 for item in document["paths"].values() for method in item if method != "parameters"
+    )
+    assert {path for _, path in PROXY_OPERATIONS} == {
+        "/proxy/heartbeat",
+        "/proxy/redeem",
+        "/proxy/events",
+        "/proxy/watch",
+    }
+    with_bodies = {
+        path
+        for path, item in document["paths"].items()
+        if any("requestBody" in op for op in item.values() if isinstance(op, dict))
+    }
     assert with_bodies == set(VALID_BODIES)
     members = {(path, member) for _, path, member in _members(ADMIN_OPERATIONS) + _members(PROXY_OPERATIONS)}
     assert ("/proxy/events", "at") in members and ("/consoles", "target_id") in members
@@ -324,34 +431,88 @@ def test_every_broker_operation_and_member_is_fuzzed() -> None:
 
 # --- the proxy ----------------------------------------------------------------------------------
 
-PROXY_PATHS = ("/console", "/websockify", "/token-status", "/healthz", "/metrics", "/openapi.json", "/",
-               "/static/console.js", "/novnc/core/rfb.js")
-header_values = st.one_of(st.sampled_from((b"", b"\x00", b"http://[", b"null", b"http://127.0.0.1:1",
-                                           b"Bearer \xff\xfe", b"websocket", b"Upgrade", b"13", b"99999999999999",
-                                           b"dGhlIHNhbXBsZSBub25jZQ==", b"binary, x", b"bytes=99999999999999999999-",
-                                           b"bytes=0-0,1-1,2-2", b"Wed, 99 Foo 99999 99:99:99 GMT")),
-                          st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
+PROXY_PATHS = (
+    "/console",
+    "/websockify",
+    "/token-status",
+    "/healthz",
+    "/metrics",
+    "/openapi.json",
+    "/",
+    "/static/console.js",
+    "/novnc/core/rfb.js",
+)
+header_values = st.one_of(
+    st.sampled_from(
+        (
+            b"",
+            b"\x00",
+            b"http://[",
+            b"null",
+            b"http://127.0.0.1:1",
+            b"Bearer \xff\xfe",
+            b"websocket",
+            b"Upgrade",
+            b"13",
+            b"99999999999999",
+            b"dGhlIHNhbXBsZSBub25jZQ==",
+            b"binary, x",
+            b"bytes=99999999999999999999-",
+            b"bytes=0-0,1-1,2-2",
+            b"Wed, 99 Foo 99999 99:99:99 GMT",
+        )
+    ),
+    st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+)
 proxy_headers = st.dictionaries(
-    st.sampled_from(("Origin", "Authorization", "Upgrade", "Connection", "Sec-WebSocket-Version",
-                     "Sec-WebSocket-Key", "Sec-WebSocket-Protocol", "X-Forwarded-For", "X-Forwarded-Proto",
-                     "X-Forwarded-Host", "Range", "If-Modified-Since", "If-None-Match", "Host")),
-    header_values, max_size=6)
+    st.sampled_from(
+        (
+            "Origin",
+            "Authorization",
+            "Upgrade",
+            "Connection",
+            "Sec-WebSocket-Version",
+            "Sec-WebSocket-Key",
+            "Sec-WebSocket-Protocol",
+            "X-Forwarded-For",
+            "X-Forwarded-Proto",
+            "X-Forwarded-Host",
+            "Range",
+            "If-Modified-Since",
+            "If-None-Match",
+            "Host",
+        )
+    ),
+    header_values,
+    max_size=6,
+)
 
 
 @EXAMPLES
-@given(method=st.sampled_from(METHODS), path=st.sampled_from(PROXY_PATHS), query=query_strings,
-       headers=proxy_headers)
+@given(method=st.sampled_from(METHODS), path=st.sampled_from(PROXY_PATHS), query=query_strings, headers=proxy_headers)
 def test_proxy_endpoints(fleet: Fleet, method: str, path: str, query: str, headers: dict[str, bytes]) -> None:
-    upgrade = {"Upgrade": b"websocket", "Connection": b"Upgrade", "Sec-WebSocket-Version": b"13",
-               "Sec-WebSocket-Key": b"dGhlIHNhbXBsZSBub25jZQ=="} if path == "/websockify" else {}
+    upgrade = (
+        {
+            "Upgrade": b"websocket",
+            "Connection": b"Upgrade",
+            "Sec-WebSocket-Version": b"13",
+            "Sec-WebSocket-Key": b"dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        if path == "/websockify"
+        else {}
+    )
     answer = exchange(fleet.proxy.port, method, _target(path, query), {**upgrade, **headers})
     assert answer.status != 101  # no token we generate is valid
     assert_no_server_error(answer, method)
 
 
 @EXAMPLES
-@given(method=st.sampled_from(("GET", "HEAD")), root=st.sampled_from(("/static/", "/novnc/", "/")), path=url_paths,
-       query=query_strings)
+@given(
+    method=st.sampled_from(("GET", "HEAD")),
+    root=st.sampled_from(("/static/", "/novnc/", "/")),
+    path=url_paths,
+    query=query_strings,
+)
 def test_proxy_static_files_and_any_path(fleet: Fleet, method: str, root: str, path: str, query: str) -> None:
     answer = exchange(fleet.proxy.port, method, _target(root + path, query))
     assert_no_server_error(answer, method)
@@ -360,10 +521,22 @@ def test_proxy_static_files_and_any_path(fleet: Fleet, method: str, root: str, p
 
 # --- the cases that were 500s -------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/static/..%00/x", "/static/%00", "/novnc/core%00/rfb.js", "/static/a%01b",
-                                  "/static/%5c..%5cconsole_proxy%5ctoken.py", "/static/..\\console.js",
-                                  "/static/%2e%2e/console_proxy/token.py", "/static/" + "a/" * 2000 + "x",
-                                  "/static//etc/passwd", "/static/./console.js"])
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/..%00/x",
+        "/static/%00",
+        "/novnc/core%00/rfb.js",
+        "/static/a%01b",
+        "/static/%5c..%5cconsole_proxy%5ctoken.py",
+        "/static/..\\console.js",
+        "/static/%2e%2e/console_proxy/token.py",
+        "/static/" + "a/" * 2000 + "x",
+        "/static//etc/passwd",
+        "/static/./console.js",
+    ],
+)
 def test_static_paths_that_name_no_file_are_404(fleet: Fleet, path: str) -> None:
     answer = exchange(fleet.proxy.port, "GET", path.encode("latin-1"))
     assert answer.status == 404
@@ -413,17 +586,20 @@ def test_lone_surrogates_are_400(fleet: Fleet, path: str, who: str, body: str) -
     assert error["error"] == "bad_request" and "lone surrogate" in error["message"]
 
 
-@pytest.mark.parametrize(("body", "why"), [
-    ('{"events": [{"event": "opened", "session_id": "s", "at": 1' + "0" * 400 + "}]}", "64-bit range"),
-    ('{"events": [{"event": "opened", "session_id": "s", "at": 1e400}]}', "too large"),
-    ('{"events": [{"event": "opened", "session_id": "s", "at": NaN}]}', "NaN"),
-    ('{"events": [{"event": "opened", "session_id": "s", "at": -Infinity}]}', "Infinity"),
-    ('{"events": [{"event": "opened", "session_id": "s", "at": 9007199254740993}]}', "at most"),
-    ('{"events": [{"event": "opened", "session_id": "s", "at": -1}]}', "at least"),
-    ('{"events": [{"event": "refused", "status": 99999999999}]}', "at most"),
-    ('{"events": [{"event": "opened", "duration_s": "1"}]}', "type number"),
-    ('{"events": ' + "[" * 5000 + "]" * 5000 + "}", "nest deeper"),
-])
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ('{"events": [{"event": "opened", "session_id": "s", "at": 1' + "0" * 400 + "}]}", "64-bit range"),
+        ('{"events": [{"event": "opened", "session_id": "s", "at": 1e400}]}', "too large"),
+        ('{"events": [{"event": "opened", "session_id": "s", "at": NaN}]}', "NaN"),
+        ('{"events": [{"event": "opened", "session_id": "s", "at": -Infinity}]}', "Infinity"),
+        ('{"events": [{"event": "opened", "session_id": "s", "at": 9007199254740993}]}', "at most"),
+        ('{"events": [{"event": "opened", "session_id": "s", "at": -1}]}', "at least"),
+        ('{"events": [{"event": "refused", "status": 99999999999}]}', "at most"),
+        ('{"events": [{"event": "opened", "duration_s": "1"}]}', "type number"),
+        ('{"events": ' + "[" * 5000 + "]" * 5000 + "}", "nest deeper"),
+    ],
+)
 def test_event_numbers_out_of_range_are_400(fleet: Fleet, body: str, why: str) -> None:
     error = _posted(fleet, "/proxy/events", "proxy", body)
     assert error["error"] == "bad_request" and why in error["message"], error
@@ -431,21 +607,34 @@ def test_event_numbers_out_of_range_are_400(fleet: Fleet, body: str, why: str) -
 
 def _posted(fleet: Fleet, path: str, who: str, body: str) -> dict[str, str]:
     auth = fleet.admin_auth if who == "admin" else fleet.proxy_auth
-    answer = exchange(fleet.broker.port, "POST", f"/api/v1{path}".encode(), {"Authorization": auth.encode()},
-                      body.encode())
+    answer = exchange(
+        fleet.broker.port, "POST", f"/api/v1{path}".encode(), {"Authorization": auth.encode()}, body.encode()
+    )
     assert answer.status == 400, answer.body
     return json.loads(answer.body)
 
 
 # --- the door all untrusted JSON comes through, and the schemas behind it -----------------------
 
-@pytest.mark.parametrize(("raw", "why"), [
-    (b'"\\ud800"', "lone surrogate"), (b'{"\\udc00": 1}', "lone surrogate"), (b'["a\\udbffb"]', "lone surrogate"),
-    (b"1" + b"0" * 5000, "64-bit range"), (b"9223372036854775808", "64-bit range"),
-    (b"-9223372036854775809", "64-bit range"), (b"1e400", "too large"), (b"NaN", "NaN"),
-    (b"[" * 33 + b"]" * 33, "nest deeper"), (b"[" * 20000 + b"]" * 20000, "nest deeper"),
-    (b'{"a": 1, "a": 2}', "duplicate"), (b"\xff", "UTF-8"), (b"[1,", "at character"),
-])
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'"\\ud800"', "lone surrogate"),
+        (b'{"\\udc00": 1}', "lone surrogate"),
+        (b'["a\\udbffb"]', "lone surrogate"),
+        (b"1" + b"0" * 5000, "64-bit range"),
+        (b"9223372036854775808", "64-bit range"),
+        (b"-9223372036854775809", "64-bit range"),
+        (b"1e400", "too large"),
+        (b"NaN", "NaN"),
+        (b"[" * 33 + b"]" * 33, "nest deeper"),
+        (b"[" * 20000 + b"]" * 20000, "nest deeper"),
+        (b'{"a": 1, "a": 2}', "duplicate"),
+        (b"\xff", "UTF-8"),
+        (b"[1,", "at character"),
+    ],
+)
 def test_strict_json_refuses_with_a_reason(raw: bytes, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         strictjson.loads(raw)
@@ -453,7 +642,11 @@ def test_strict_json_refuses_with_a_reason(raw: bytes, why: str) -> None:
 
 def test_strict_json_keeps_what_is_valid() -> None:
     assert strictjson.loads(b'["\\ud83d\\ude00", 9223372036854775807, -9223372036854775808, 1e300]') == [
-        "\U0001f600", 2**63 - 1, -(2**63), 1e300]
+        "\U0001f600",
+        2**63 - 1,
+        -(2**63),
+        1e300,
+    ]
     assert strictjson.loads(b"[" * 32 + b"]" * 32) is not None
 
 
@@ -473,6 +666,7 @@ def test_openapi_documents_every_number_range() -> None:
         elif isinstance(node, list):
             for child in node:
                 yield from walk(child)
+
     for path, item in openapi.document()["paths"].items():
         for operation in item.values():
             if not isinstance(operation, dict) or "requestBody" not in operation:
@@ -482,8 +676,8 @@ def test_openapi_documents_every_number_range() -> None:
                     assert "minimum" in node and "maximum" in node, (path, node)
 
 
-
 # --- the safety net: an input error no check caught is a logged 400, not a 500 -----------------
+
 
 class _Unchecked:
     """A handler body that meets input no check stopped (the stand-in: no real handler does now)."""
@@ -522,16 +716,28 @@ class _NoBroker:
 
 
 def _broker_options() -> dict[str, Any]:
-    return {"broker": _NoBroker(), "metrics": api.BrokerMetrics(_NoBroker()),  # type: ignore[arg-type]
-            "throttle": AuthThrottle(), "trusted": ()}
+    return {
+        "broker": _NoBroker(),
+        "metrics": api.BrokerMetrics(_NoBroker()),  # type: ignore[arg-type]
+        "throttle": AuthThrottle(),
+        "trusted": (),
+    }
 
 
-@pytest.mark.parametrize("error", [UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
-                                   ValueError("embedded null byte"), OverflowError("int too large"),
-                                   RecursionError("deep")], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "error",
+    [
+        UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+        ValueError("embedded null byte"),
+        OverflowError("int too large"),
+        RecursionError("deep"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 @pytest.mark.parametrize("surface", ["proxy", "broker"])
-def test_an_input_error_that_escapes_is_a_logged_400(surface: str, error: BaseException,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_an_input_error_that_escapes_is_a_logged_400(
+    surface: str, error: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
     if surface == "proxy":
         status, body = asyncio.run(_answers(_ProxyHandler, error, {}))
     else:

@@ -33,6 +33,7 @@ def metric(text: str, name: str) -> float:
 
 # --- logs -------------------------------------------------------------------------------------
 
+
 def test_json_logs_are_one_object_per_line_and_still_guarded(tmp_path: Path, broker_ring) -> None:
     proxy = start_proxy(tmp_path, broker_ring[1], "--log-format", "json")
     try:
@@ -53,6 +54,7 @@ def test_json_formatter_keeps_tracebacks_sanitised_and_withholds_on_failure() ->
     import logging
 
     from console_proxy.logguard import WITHHELD, JsonGuardedFormatter
+
     formatter = JsonGuardedFormatter()
     try:
         raise ValueError(f"Authorization: Bearer {SECRET}")
@@ -64,11 +66,13 @@ def test_json_formatter_keeps_tracebacks_sanitised_and_withholds_on_failure() ->
     class Unprintable:
         def __str__(self) -> str:
             raise RuntimeError(SECRET)
+
     bad = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (Unprintable(),), None)
     assert json.loads(formatter.format(bad))["message"] == WITHHELD
 
 
 # --- metrics ----------------------------------------------------------------------------------
+
 
 def _check_process_metrics(text: str, component: str, started_before: float) -> None:
     assert f'consolegate_build_info{{component="{component}",version="{__version__}"}} 1' in text
@@ -92,14 +96,23 @@ def test_both_servers_show_process_figures_and_build_info(tmp_path: Path, broker
 
 # --- python -m --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("module", "prog"), [("console_proxy", "console-proxy"), ("broker", "console-broker")])
 def test_python_dash_m_runs_the_command(module: str, prog: str) -> None:
-    done = subprocess.run([sys.executable, "-m", module, "serve", "--help"], check=False, capture_output=True,
-                          text=True, env=ENV, cwd=REPO, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "serve", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=60,
+    )
     assert done.returncode == 0 and done.stdout.startswith(f"usage: {prog} serve")
 
 
 # --- listeners --------------------------------------------------------------------------------
+
 
 def _answers(family: socket.AddressFamily, host: str, port: int) -> bool:
     with socket.socket(family) as sock:
@@ -123,10 +136,17 @@ def test_listen_repeats_and_brackets_ipv6(tmp_path: Path, broker_ring) -> None:
 
 def test_listen_on_all_ipv6_is_dual_stack(tmp_path: Path, broker_ring) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "console_proxy", "serve", "--listen", f"[::]:{port}",
-               "--keyring", str(broker_ring[1])]
-    process = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "console_proxy",
+        "serve",
+        "--listen",
+        f"[::]:{port}",
+        "--keyring",
+        str(broker_ring[1]),
+    ]
+    process = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout is not None
         assert f"listening on [::]:{port}" in next(line for line in process.stdout if "listening" in line)
@@ -150,12 +170,31 @@ def test_a_listen_that_cannot_bind_starts_nothing(tmp_path: Path) -> None:
             taken.listen()
             busy = taken.getsockname()[1]
             done = subprocess.run(
-                [sys.executable, "-m", "console_proxy", "serve", "--listen", f"127.0.0.1:{first}", "--listen",
-                 f"127.0.0.1:{busy}", "--broker", broker.base, "--proxy-credential", str(credential)],
-                check=False, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60)
+                [
+                    sys.executable,
+                    "-m",
+                    "console_proxy",
+                    "serve",
+                    "--listen",
+                    f"127.0.0.1:{first}",
+                    "--listen",
+                    f"127.0.0.1:{busy}",
+                    "--broker",
+                    broker.base,
+                    "--proxy-credential",
+                    str(credential),
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+                env=ENV,
+                cwd=REPO,
+                timeout=60,
+            )
         assert done.returncode == 1
         assert done.stderr.strip().splitlines() == [
-            f"console-proxy: error: cannot listen on 127.0.0.1:{busy}: Address already in use"]
+            f"console-proxy: error: cannot listen on 127.0.0.1:{busy}: Address already in use"
+        ]
         with socket.socket() as again:
             again.bind(("127.0.0.1", first))
         assert [p["last_seen"] for p in broker.admin.proxies()] == [None]
@@ -165,9 +204,15 @@ def test_a_listen_that_cannot_bind_starts_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", ["nowhere", "127.0.0.1:99999", "no.such.host.invalid:80"])
 def test_a_bad_listen_is_one_line(tmp_path: Path, broker_ring, value: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "console_proxy", "serve", "--listen", value,
-                           "--keyring", str(broker_ring[1])],
-                          check=False, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "console_proxy", "serve", "--listen", value, "--keyring", str(broker_ring[1])],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=60,
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("console-proxy: error: ") and "listen" in lines[0]

@@ -10,20 +10,36 @@ from console_proxy.origin import OriginPolicy
 TRUSTED = origin.parse_networks(["10.0.0.0/8", "::1"])
 
 
-@pytest.mark.parametrize(("raw", "normal"), [
-    ("https://Console.Example.com", "https://console.example.com:443"),
-    ("http://example.com:80", "http://example.com:80"),
-    ("http://example.com", "http://example.com:80"),
-    ("https://example.com:8443/", "https://example.com:8443"),
-    ("http://[::1]:6080", "http://[::1]:6080"),
-    ("http://127.0.0.1:6080", "http://127.0.0.1:6080"),
-])
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("https://Console.Example.com", "https://console.example.com:443"),
+        ("http://example.com:80", "http://example.com:80"),
+        ("http://example.com", "http://example.com:80"),
+        ("https://example.com:8443/", "https://example.com:8443"),
+        ("http://[::1]:6080", "http://[::1]:6080"),
+        ("http://127.0.0.1:6080", "http://127.0.0.1:6080"),
+    ],
+)
 def test_normalize_makes_default_ports_explicit_and_hosts_lowercase(raw: str, normal: str) -> None:
     assert origin.normalize_origin(raw) == normal
 
 
-@pytest.mark.parametrize("raw", ["null", "", "file://x", "ftp://a.b", "http://", "http://u:p@a.b",
-                                 "http://a.b/path", "http://a.b?q", "http://a.b:99999", "javascript:x"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "null",
+        "",
+        "file://x",
+        "ftp://a.b",
+        "http://",
+        "http://u:p@a.b",
+        "http://a.b/path",
+        "http://a.b?q",
+        "http://a.b:99999",
+        "javascript:x",
+    ],
+)
 def test_normalize_refuses_non_origins(raw: str) -> None:
     assert origin.normalize_origin(raw) is None
 
@@ -38,10 +54,16 @@ def test_own_origin_is_allowed_with_explicit_default_port() -> None:
     assert OriginPolicy().allows("https://proxy.example.com", own)
 
 
-@pytest.mark.parametrize("hostile", [
-    "https://evil.example.com", "http://proxy.example.com",  # other host, other scheme
-    "https://proxy.example.com:444", "null", "https://proxy.example.com.evil.com",
-])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "https://evil.example.com",
+        "http://proxy.example.com",  # other host, other scheme
+        "https://proxy.example.com:444",
+        "null",
+        "https://proxy.example.com.evil.com",
+    ],
+)
 def test_other_origins_are_denied(hostile: str) -> None:
     assert not OriginPolicy().allows(hostile, origin.origin_of("https", "proxy.example.com"))
 
@@ -68,20 +90,24 @@ def test_bad_configuration_is_refused() -> None:
 
 def test_forwarded_headers_count_only_from_trusted_proxies() -> None:
     headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "consoles.example.com"}
-    assert origin.effective_origin("10.2.3.4", "http", "10.0.0.5:6080", headers, TRUSTED) == \
-        "https://consoles.example.com:443"
-    assert origin.effective_origin("192.0.2.9", "http", "10.0.0.5:6080", headers, TRUSTED) == \
-        "http://10.0.0.5:6080"
+    assert (
+        origin.effective_origin("10.2.3.4", "http", "10.0.0.5:6080", headers, TRUSTED)
+        == "https://consoles.example.com:443"
+    )
+    assert origin.effective_origin("192.0.2.9", "http", "10.0.0.5:6080", headers, TRUSTED) == "http://10.0.0.5:6080"
 
 
-@pytest.mark.parametrize(("peer", "xff", "client"), [
-    ("192.0.2.1", "203.0.113.7", "192.0.2.1"),                 # untrusted peer: header ignored
-    ("10.0.0.2", "203.0.113.7", "203.0.113.7"),                # trusted balancer
-    ("10.0.0.2", "1.1.1.1, 203.0.113.7", "203.0.113.7"),       # client-prepended entries ignored
-    ("10.0.0.2", "203.0.113.7, 10.0.0.9", "203.0.113.7"),      # two trusted hops
-    ("10.0.0.2", "garbage", "10.0.0.2"),
-    ("::ffff:10.0.0.2", "198.51.100.4", "198.51.100.4"),       # IPv4-mapped peer
-])
+@pytest.mark.parametrize(
+    ("peer", "xff", "client"),
+    [
+        ("192.0.2.1", "203.0.113.7", "192.0.2.1"),  # untrusted peer: header ignored
+        ("10.0.0.2", "203.0.113.7", "203.0.113.7"),  # trusted balancer
+        ("10.0.0.2", "1.1.1.1, 203.0.113.7", "203.0.113.7"),  # client-prepended entries ignored
+        ("10.0.0.2", "203.0.113.7, 10.0.0.9", "203.0.113.7"),  # two trusted hops
+        ("10.0.0.2", "garbage", "10.0.0.2"),
+        ("::ffff:10.0.0.2", "198.51.100.4", "198.51.100.4"),  # IPv4-mapped peer
+    ],
+)
 def test_client_address(peer: str, xff: str, client: str) -> None:
     assert origin.client_address(peer, xff, TRUSTED) == client
 
@@ -105,19 +131,36 @@ def test_long_values_are_answered_but_not_cached() -> None:
 PINNED = OriginPolicy.build("https://Consoles.Example.com/base/", ["http://portal.example.com:8080"])
 
 
-@pytest.mark.parametrize("host", [
-    "consoles.example.com", "consoles.example.com:443", "CONSOLES.Example.COM",  # default port, any case
-    "portal.example.com:8080",  # an allowed origin's host
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "consoles.example.com",
+        "consoles.example.com:443",
+        "CONSOLES.Example.COM",  # default port, any case
+        "portal.example.com:8080",  # an allowed origin's host
+    ],
+)
 def test_pinned_host_accepts_the_public_url_and_allowed_origins(host: str) -> None:
     assert PINNED.host_allowed(host)
 
 
-@pytest.mark.parametrize("host", [
-    "evil.example.com", "consoles.example.com:80", "consoles.example.com:8443",
-    "consoles.example.com.evil.com", "portal.example.com", "portal.example.com:80",
-    "127.0.0.1", "", None, "consoles.example.com:x", "user@consoles.example.com", "consoles.example.com/x",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example.com",
+        "consoles.example.com:80",
+        "consoles.example.com:8443",
+        "consoles.example.com.evil.com",
+        "portal.example.com",
+        "portal.example.com:80",
+        "127.0.0.1",
+        "",
+        None,
+        "consoles.example.com:x",
+        "user@consoles.example.com",
+        "consoles.example.com/x",
+    ],
+)
 def test_pinned_host_refuses_every_other_host(host: str | None) -> None:
     assert not PINNED.host_allowed(host)
 

@@ -29,8 +29,16 @@ RFB_MODULE = f"{VIEWER}/node_modules/@novnc/novnc/core/rfb.js"
 
 def _copy_checkout(dest: Path) -> Path:
     """Tracked and new (not ignored) files only: no node_modules, no build/, no .venv."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():
@@ -41,8 +49,12 @@ def _copy_checkout(dest: Path) -> Path:
 
 def _build(tmp_path: Path) -> tuple[Path, Path]:
     source, dist = _copy_checkout(tmp_path / "src"), tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(source)],
-                   check=True, capture_output=True, timeout=240)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
     return next(dist.glob("*.tar.gz")), next(dist.glob("*.whl"))
 
 
@@ -51,8 +63,12 @@ def _fresh_venv(tmp_path: Path, wheel: Path) -> Path:
     site-packages as a plain path (no .pth there runs, so the checkout's editable finder does not)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     site = next((venv / "lib").glob("python3.*/site-packages"))
     (site / "zz-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv
@@ -81,15 +97,28 @@ def test_the_wheel_serves_the_viewer_and_novnc_without_a_checkout(tmp_path: Path
     elsewhere = tmp_path / "run"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import console_proxy; print(console_proxy.__file__)"],
-                           check=True, capture_output=True, text=True, cwd=elsewhere, env=env).stdout
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import console_proxy; print(console_proxy.__file__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+    ).stdout
     assert where.startswith(str(venv))
-    proxy = subprocess.Popen([str(venv / "bin" / "console-proxy"), "serve", "--listen", f"127.0.0.1:{port}",
-                              "--keyring", str(ring)], cwd=elsewhere, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proxy = subprocess.Popen(
+        [str(venv / "bin" / "console-proxy"), "serve", "--listen", f"127.0.0.1:{port}", "--keyring", str(ring)],
+        cwd=elsewhere,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert proxy.stdout is not None
-        assert "console-proxy listening" in next(line for line in proxy.stdout if "listening" in line or "error" in line)
+        assert "console-proxy listening" in next(
+            line for line in proxy.stdout if "listening" in line or "error" in line
+        )
         status, kind, page = _get(f"http://127.0.0.1:{port}/console")
         assert (status, kind.split(";")[0]) == (200, "text/html") and b"console.js" in page
         status, kind, module = _get(f"http://127.0.0.1:{port}/novnc/core/rfb.js")

@@ -197,7 +197,8 @@ def full_request(width: int, height: int) -> bytes:
 
 
 def test_a_browser_that_stops_reading_stops_the_proxy_and_loses_nothing(
-        proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer) -> None:
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     """40 full-screen Raw requests (77 MB) to a browser that stops reading: the proxy stops near
     what the kernel buffers hold, its memory stays flat, and once the browser reads again every
     byte the proxy took from Xvnc arrives as whole, well-formed updates.
@@ -231,7 +232,8 @@ def test_a_browser_that_stops_reading_stops_the_proxy_and_loses_nothing(
         rss_stalled = rss(proxy)
 
         assert stalled < REQUESTS * frame // 4, (
-            f"the proxy read {stalled} bytes of {REQUESTS * frame} requested from a browser that stopped reading")
+            f"the proxy read {stalled} bytes of {REQUESTS * frame} requested from a browser that stopped reading"
+        )
         assert rss_stalled - rss_before < RSS_BOUND, f"proxy RSS grew by {(rss_stalled - rss_before) >> 10} KiB"
 
         updates, received = [], 0
@@ -251,8 +253,9 @@ def test_a_browser_that_stops_reading_stops_the_proxy_and_loses_nothing(
         ws.close()
 
 
-def test_byte_counters_are_exact(proxy_factory: Callable[..., ProxyProcess], mint: Mint,
-                                 xvnc_vncauth: XvncServer) -> None:
+def test_byte_counters_are_exact(
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     """The relayed-byte counters are exact integers past a million: the backpressure test above
     proves "nothing lost" by comparing them with what the browser received."""
     proxy = proxy_factory()

@@ -61,7 +61,8 @@ async def open_console(proxy: ProxyProcess, token: str) -> Console:
 
 
 def test_sigterm_drains_then_closes_open_sessions_with_1001(
-        proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer) -> None:
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     proxy = proxy_factory("--drain-grace", str(GRACE))
     token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
 
@@ -108,7 +109,8 @@ def test_sigterm_without_sessions_exits_at_once(proxy_factory: Callable[..., Pro
 
 
 def test_sigterm_after_the_last_session_ended_exits_at_once(
-        proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer) -> None:
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     """A session that came and went leaves nothing to wait for."""
     proxy = proxy_factory()
     token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
@@ -124,7 +126,8 @@ def test_sigterm_after_the_last_session_ended_exits_at_once(
 
 
 def test_drain_ends_when_the_last_session_closes_within_the_grace(
-        proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer) -> None:
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     """With a 30 s grace, the proxy exits as soon as its last browser leaves, not after 30 s."""
     proxy = proxy_factory()
     token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
@@ -207,6 +210,7 @@ class StandInBroker:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
         return Handler
 
     def __enter__(self) -> Self:
@@ -243,13 +247,20 @@ async def healthz_now(proxy: ProxyProcess) -> tuple[int, dict[str, object] | str
     return response.code, json.loads(response.body)
 
 
-@pytest.mark.parametrize(("broker_says", "refusal"), [
-    ((200, {"redeemed": True}), (503, "draining")),
-    ((409, {"error": "token_used"}), (409, "token_used")),
-], ids=["redeemed", "token_used"])
+@pytest.mark.parametrize(
+    ("broker_says", "refusal"),
+    [
+        ((200, {"redeemed": True}), (503, "draining")),
+        ((409, {"error": "token_used"}), (409, "token_used")),
+    ],
+    ids=["redeemed", "token_used"],
+)
 def test_drain_during_a_redeem_refuses_that_upgrade_and_waits_for_it(
-        linked: tuple[StandInBroker, ProxyProcess], mint: Mint,
-        broker_says: tuple[int, dict[str, object]], refusal: tuple[int, str]) -> None:
+    linked: tuple[StandInBroker, ProxyProcess],
+    mint: Mint,
+    broker_says: tuple[int, dict[str, object]],
+    refusal: tuple[int, str],
+) -> None:
     """SIGTERM while a single-use token is at the broker: the proxy must neither exit under the
     upgrade (no session is open yet, but one is on its way) nor open a session once the broker
     answers; it refuses the upgrade (503 draining, or the broker's own refusal) and then exits 0."""
@@ -265,7 +276,8 @@ def test_drain_during_a_redeem_refuses_that_upgrade_and_waits_for_it(
 
         status, body = await healthz_now(proxy)  # drain began, the redeem is still held
         assert (status, body) == (503, {"status": "draining", "sessions": 0}), (
-            f"the proxy stopped serving while an upgrade was pending: {status} {body}\n{proxy.log_text()}")
+            f"the proxy stopped serving while an upgrade was pending: {status} {body}\n{proxy.log_text()}"
+        )
         assert proxy.process.poll() is None and "console-proxy stopped" not in proxy.log_text()
         assert not upgrade.done()
 

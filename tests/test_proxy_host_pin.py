@@ -35,12 +35,19 @@ class Answer:
         return json.loads(self.body)["error"]
 
 
-def upgrade(port: int, host: str, tok: str, *, path: str, origin: str | None = None,
-            forwarded_host: str | None = None) -> Answer:
+def upgrade(
+    port: int, host: str, tok: str, *, path: str, origin: str | None = None, forwarded_host: str | None = None
+) -> Answer:
     """One upgrade request with this Host (and Origin), the answer's head and JSON body if any."""
     eol = "\r\n" if path == "front door" else "\n"
-    fields = [f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {new_key()}",
-              "Sec-WebSocket-Version: 13", f"Sec-WebSocket-Protocol: binary, token.{tok}"]
+    fields = [
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {new_key()}",
+        "Sec-WebSocket-Version: 13",
+        f"Sec-WebSocket-Protocol: binary, token.{tok}",
+    ]
     if origin is not None:
         fields.append(f"Origin: {origin}")
     if forwarded_host is not None:
@@ -62,8 +69,9 @@ def upgrade(port: int, host: str, tok: str, *, path: str, origin: str | None = N
             assert chunk, "the connection ended inside the answer's body"
             body += chunk
     server = found.get("server", "")
-    assert (path == "tornado") == server.startswith("TornadoServer/") or int(status_line.split()[1]) == 101, \
+    assert (path == "tornado") == server.startswith("TornadoServer/") or int(status_line.split()[1]) == 101, (
         f"answered by the wrong path: {raw!r}"
+    )
     return Answer(int(status_line.split()[1]), found, body)
 
 
@@ -71,8 +79,9 @@ def upgrade(port: int, host: str, tok: str, *, path: str, origin: str | None = N
 def pinned(broker_ring, tmp_path_factory: pytest.TempPathFactory):
     """A proxy whose public URL is http://127.0.0.1:PORT (pinning on by default)."""
     port = free_port()
-    process = start_proxy(tmp_path_factory.mktemp("pinned"), broker_ring[1],
-                          "--public-url", f"http://127.0.0.1:{port}/", port=port)
+    process = start_proxy(
+        tmp_path_factory.mktemp("pinned"), broker_ring[1], "--public-url", f"http://127.0.0.1:{port}/", port=port
+    )
     yield process
     process.stop()
 
@@ -105,20 +114,29 @@ def test_no_pin_host_accepts_any_host(proxy_factory: Callable[..., ProxyProcess]
 @pytest.fixture(scope="module")
 def behind_tls(broker_ring, tmp_path_factory: pytest.TempPathFactory):
     """A proxy behind a TLS-terminating balancer: public URL https://consoles.example.com (port 443)."""
-    process = start_proxy(tmp_path_factory.mktemp("behind"), broker_ring[1],
-                          "--public-url", "https://consoles.example.com/consoles/")
+    process = start_proxy(
+        tmp_path_factory.mktemp("behind"), broker_ring[1], "--public-url", "https://consoles.example.com/consoles/"
+    )
     yield process
     process.stop()
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize(("host", "status"), [
-    ("consoles.example.com", 101), ("consoles.example.com:443", 101), ("Consoles.EXAMPLE.com", 101),
-    ("CONSOLES.example.com:443", 101),
-    ("consoles.example.com:80", 403), ("consoles.example.com:8443", 403), ("consoles.example.com.evil.example", 403),
-])
-def test_default_port_and_case_are_normalised(behind_tls: ProxyProcess, mint: Mint, path: str, host: str,
-                                             status: int) -> None:
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("consoles.example.com", 101),
+        ("consoles.example.com:443", 101),
+        ("Consoles.EXAMPLE.com", 101),
+        ("CONSOLES.example.com:443", 101),
+        ("consoles.example.com:80", 403),
+        ("consoles.example.com:8443", 403),
+        ("consoles.example.com.evil.example", 403),
+    ],
+)
+def test_default_port_and_case_are_normalised(
+    behind_tls: ProxyProcess, mint: Mint, path: str, host: str, status: int
+) -> None:
     answer = upgrade(behind_tls.port, host, _token(mint), path=path)
     assert answer.status == status
     if status == 403:
@@ -126,13 +144,15 @@ def test_default_port_and_case_are_normalised(behind_tls: ProxyProcess, mint: Mi
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_behind_a_trusted_balancer_the_forwarded_host_is_pinned(proxy_factory: Callable[..., ProxyProcess],
-                                                                mint: Mint, path: str) -> None:
+def test_behind_a_trusted_balancer_the_forwarded_host_is_pinned(
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, path: str
+) -> None:
     """The balancer (trusted) passes the browser's Host as X-Forwarded-Host; its own Host is the
     proxy's address. The forwarded one is what must match."""
     balanced = proxy_factory("--public-url", "https://consoles.example.com", "--trusted-proxy", "127.0.0.1/32")
     upstream = f"127.0.0.1:{balanced.port}"
-    assert upgrade(balanced.port, upstream, _token(mint), path=path,
-                   forwarded_host="consoles.example.com").status == 101
+    assert (
+        upgrade(balanced.port, upstream, _token(mint), path=path, forwarded_host="consoles.example.com").status == 101
+    )
     refused = upgrade(balanced.port, upstream, _token(mint), path=path, forwarded_host="evil.example")
     assert (refused.status, refused.error()) == (403, "origin_denied")

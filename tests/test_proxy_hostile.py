@@ -39,10 +39,13 @@ Mint = Callable[..., str]
 
 
 @pytest.fixture(scope="module")
-def hostile_proxy(broker_ring: tuple[Keyring, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def hostile_proxy(
+    broker_ring: tuple[Keyring, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
     """One proxy for the whole module, so every case also shows that the process survives."""
-    process = start_proxy(tmp_path_factory.mktemp("hostile-proxy"), broker_ring[1],
-                          "--handshake-timeout", str(HANDSHAKE_TIMEOUT))
+    process = start_proxy(
+        tmp_path_factory.mktemp("hostile-proxy"), broker_ring[1], "--handshake-timeout", str(HANDSHAKE_TIMEOUT)
+    )
     yield process
     process.stop()
 
@@ -112,7 +115,8 @@ FAST_CASES = [
 
 @pytest.mark.parametrize(("behaviour", "code"), FAST_CASES)
 def test_hostile_upstream_is_closed_quickly_with_its_code(
-        hostile_proxy: ProxyProcess, mint: Mint, behaviour: str, code: int) -> None:
+    hostile_proxy: ProxyProcess, mint: Mint, behaviour: str, code: int
+) -> None:
     """Failures the proxy can recognise from the bytes must not wait for the handshake timeout,
     nor for the 4 GiB a length field announces: the proxy's memory stays flat."""
     with HostileServer(behaviour) as server:
@@ -149,7 +153,7 @@ def test_close_events_are_logged_without_the_password(hostile_proxy: ProxyProces
         closed = asyncio.run(close_of(hostile_proxy.ws_url, token))
     assert_closed(closed, 4501)
     line = hostile_proxy.wait_for_log('"session_id":"hostile-logged"')
-    record = json.loads(line[line.index("{"):])
+    record = json.loads(line[line.index("{") :])
     assert (record["event"], record["close_code"], record["close_reason"]) == ("closed", 4501, "target_auth_failed")
     assert "wrong password" in record["detail"]  # the server's reason, bounded, for the operator
     assert PASSWORD not in hostile_proxy.log_text()
@@ -168,14 +172,17 @@ async def normal_console(ws_url: str, token: str) -> tuple[int, int, int]:
 
 
 def test_proxy_keeps_serving_after_hostile_upstreams(
-        hostile_proxy: ProxyProcess, mint: Mint, xvnc_vncauth: XvncServer) -> None:
+    hostile_proxy: ProxyProcess, mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     """Every hostile case at once through the same process, then a real console still works."""
     servers = [HostileServer(behaviour) for behaviour, _ in FAST_CASES]
     try:
+
         async def scenario() -> list[Closed]:
             tokens = [hostile_token(mint, server.port) for server in servers]
             tokens.append(hostile_token(mint, closed_port()))
             return list(await asyncio.gather(*(close_of(hostile_proxy.ws_url, t) for t in tokens)))
+
         results = asyncio.run(scenario())
     finally:
         for server in servers:
@@ -187,14 +194,18 @@ def test_proxy_keeps_serving_after_hostile_upstreams(
 
 
 def test_stalled_sessions_do_not_block_a_normal_one(
-        hostile_proxy: ProxyProcess, mint: Mint, xvnc_vncauth: XvncServer) -> None:
+    hostile_proxy: ProxyProcess, mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     """No head-of-line blocking: while three sessions hang in a stalled handshake, a normal
     console completes at once, and the stalled ones end later at their own timeout."""
     good = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
     with HostileServer("stall_after_version") as server:
+
         async def scenario() -> tuple[tuple[int, int, int], float, list[int | None], list[Closed]]:
-            stalled = [asyncio.ensure_future(close_of(hostile_proxy.ws_url, hostile_token(mint, server.port)))
-                       for _ in range(3)]
+            stalled = [
+                asyncio.ensure_future(close_of(hostile_proxy.ws_url, hostile_token(mint, server.port)))
+                for _ in range(3)
+            ]
             deadline = time.monotonic() + HANDSHAKE_TIMEOUT / 2
             while server.connections < 3:  # until every stalled session reached the stand-in
                 assert time.monotonic() < deadline, "the stalled sessions never reached the server"
@@ -205,6 +216,7 @@ def test_stalled_sessions_do_not_block_a_normal_one(
             seconds = time.monotonic() - started
             still_open = [None if not task.done() else task.result().code for task in stalled]
             return result, seconds, still_open, list(await asyncio.gather(*stalled))
+
         result, seconds, still_open, closed = asyncio.run(scenario())
     assert result == (800, 600, 0)
     assert seconds < 1.0, f"a normal console took {seconds:.2f}s next to stalled ones"

@@ -73,6 +73,7 @@ def test_failing_requests_are_logged_by_path_only(proxy_factory, mint, tmp_path)
 
     async def fetch_all() -> list[int]:
         from tornado.httpclient import AsyncHTTPClient
+
         client = AsyncHTTPClient()
         codes = []
         for path in ("/console", "/static/console.js", "/novnc/core/rfb.js", "/nowhere"):

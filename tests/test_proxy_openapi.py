@@ -26,8 +26,10 @@ def test_document_is_valid_openapi() -> None:
 
 def test_document_covers_every_route() -> None:
     app = server.make_app(server.ProxyState(ProxyConfig(), None))  # type: ignore[arg-type]
-    routes = {rule.matcher.regex.pattern.rstrip("$").replace("(.*)", "{path}")
-              for rule in app.default_router.rules[0].target.rules}
+    routes = {
+        rule.matcher.regex.pattern.rstrip("$").replace("(.*)", "{path}")
+        for rule in app.default_router.rules[0].target.rules
+    }
     assert routes == set(openapi.document()["paths"])
 
 

@@ -15,8 +15,9 @@ async def _status(base: str, tok: str | None, headers: dict[str, str] | None = N
     all_headers = dict(headers or {})
     if tok is not None:
         all_headers["Authorization"] = f"Bearer {tok}"
-    response = await AsyncHTTPClient().fetch(HTTPRequest(f"{base}/token-status", headers=all_headers),
-                                             raise_error=False)
+    response = await AsyncHTTPClient().fetch(
+        HTTPRequest(f"{base}/token-status", headers=all_headers), raise_error=False
+    )
     return response.code, json.loads(response.body)
 
 
@@ -51,7 +52,7 @@ def test_expired_and_not_yet_valid(proxy, mint) -> None:
 def test_client_ip_binding(proxy, mint) -> None:
     _assert_refused(proxy, mint(host="127.0.0.1", port=5900, client_ip="192.0.2.1"), 403, "client_ip_mismatch")
     bound_here = mint(host="127.0.0.1", port=5900, client_ip="127.0.0.1")
-    assert asyncio.run(_status(proxy.base, bound_here)) [0] == 200
+    assert asyncio.run(_status(proxy.base, bound_here))[0] == 200
 
 
 def test_forwarded_for_from_an_untrusted_peer_is_ignored(proxy, mint) -> None:
@@ -115,6 +116,7 @@ def test_refusals_are_counted_in_metrics(proxy) -> None:
 
     async def fetch() -> str:
         return (await AsyncHTTPClient().fetch(f"{proxy.base}/metrics")).body.decode()
+
     text = asyncio.run(fetch())
     assert 'consolegate_proxy_refusals_total{code="token_missing"}' in text
     assert "consolegate_proxy_active_sessions" in text and "consolegate_proxy_handshake_seconds_bucket" in text

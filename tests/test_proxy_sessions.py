@@ -25,6 +25,7 @@ def test_security_none_target(proxy, mint, xvnc_none) -> None:
         console, info = await _open_and_handshake(proxy.ws_url, mint(host="127.0.0.1", port=xvnc_none.port))
         console.close()
         return info
+
     info = _run(scenario())
     assert (info.width, info.height, info.name) == (800, 600, xvnc_none.desktop_name.encode())
 
@@ -41,14 +42,20 @@ def test_token_in_query_string_and_subprotocol_never_echoed(proxy, mint, xvnc_vn
         headers = dict(console2.ws.headers.get_all())
         console2.close()
         return info, selected, selected2, headers
+
     info, selected, selected2, headers = _run(scenario())
     assert info.width == 800 and selected == "binary" and selected2 == "binary"
     assert tok not in str(headers)
 
 
 def test_vencrypt_x509vnc_with_the_tokens_ca(proxy, mint, xvnc_x509, test_pki) -> None:
-    tok = mint(host="127.0.0.1", port=xvnc_x509.port, password=xvnc_x509.password,
-               tls={"ca": test_pki.ca_pem, "require": True}, desktop_name="TLS VM")
+    tok = mint(
+        host="127.0.0.1",
+        port=xvnc_x509.port,
+        password=xvnc_x509.password,
+        tls={"ca": test_pki.ca_pem, "require": True},
+        desktop_name="TLS VM",
+    )
 
     async def scenario():
         console, info = await _open_and_handshake(proxy.ws_url, tok)
@@ -56,6 +63,7 @@ def test_vencrypt_x509vnc_with_the_tokens_ca(proxy, mint, xvnc_x509, test_pki) -
         first = await console.read(1)
         console.close()
         return info, first
+
     info, first = _run(scenario())
     assert info.name == b"TLS VM" and first == b"\x00"
     line = proxy.wait_for_log('"security":"vencrypt-x509vnc"')
@@ -63,12 +71,17 @@ def test_vencrypt_x509vnc_with_the_tokens_ca(proxy, mint, xvnc_x509, test_pki) -
 
 
 def test_vencrypt_with_an_unrelated_ca_is_refused_4501(proxy, mint, xvnc_x509, other_pki) -> None:
-    tok = mint(host="127.0.0.1", port=xvnc_x509.port, password=xvnc_x509.password,
-               tls={"ca": other_pki.ca_pem, "require": True})
+    tok = mint(
+        host="127.0.0.1",
+        port=xvnc_x509.port,
+        password=xvnc_x509.password,
+        tls={"ca": other_pki.ca_pem, "require": True},
+    )
 
     async def scenario():
         console = await Console.open(proxy.ws_url, tok)
         return await console.wait_closed()
+
     code, reason = _run(scenario())
     assert (code, reason) == (4501, "target_auth_failed")
 
@@ -78,6 +91,7 @@ def test_wrong_password_is_4501(proxy, mint, xvnc_vncauth) -> None:
 
     async def scenario():
         return await (await Console.open(proxy.ws_url, tok)).wait_closed()
+
     assert _run(scenario()) == (4501, "target_auth_failed")
 
 
@@ -86,6 +100,7 @@ def test_nothing_listening_is_4500(proxy, mint) -> None:
 
     async def scenario():
         return await (await Console.open(proxy.ws_url, tok)).wait_closed()
+
     assert _run(scenario()) == (4500, "target_unreachable")
 
 
@@ -96,6 +111,7 @@ def test_text_frames_are_refused(proxy, mint, xvnc_vncauth) -> None:
         console, _ = await _open_and_handshake(proxy.ws_url, tok)
         await console.ws.write_message("hello")
         return await console.wait_closed()
+
     assert _run(scenario())[0] == 1003
 
 
@@ -106,6 +122,7 @@ def test_unknown_client_message_type_is_4502(proxy, mint, xvnc_vncauth) -> None:
         console, _ = await _open_and_handshake(proxy.ws_url, tok)
         await console.send(b"\x77" + b"\x00" * 7)
         return await console.wait_closed()
+
     assert _run(scenario()) == (4502, "target_protocol_error")
 
 
@@ -117,6 +134,7 @@ def test_oversized_websocket_message_is_refused(proxy_factory, mint, xvnc_vncaut
         console, _ = await _open_and_handshake(small.ws_url, tok)
         await console.send(b"\x03" + b"\x00" * 9 + b"\x00" * 8000)
         return await console.wait_closed()
+
     assert _run(scenario())[0] == 1009
 
 
@@ -127,6 +145,7 @@ def test_idle_timeout_is_4408(proxy_factory, mint, xvnc_vncauth) -> None:
     async def scenario():
         console, _ = await _open_and_handshake(idle.ws_url, tok)
         return await console.wait_closed()
+
     assert _run(scenario()) == (4408, "idle_timeout")
 
 
@@ -137,12 +156,18 @@ def test_hard_end_at_expiry_is_4410(proxy_factory, mint, xvnc_vncauth) -> None:
     async def scenario():
         console, _ = await _open_and_handshake(ending.ws_url, tok)
         return await console.wait_closed()
+
     assert _run(scenario()) == (4410, "session_ended")
 
 
 def _pointer(display: int) -> tuple[int, int]:
-    out = subprocess.run(["xdotool", "getmouselocation", "--shell"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "DISPLAY": f":{display}"}).stdout
+    out = subprocess.run(
+        ["xdotool", "getmouselocation", "--shell"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "DISPLAY": f":{display}"},
+    ).stdout
     values = dict(line.split("=", 1) for line in out.split())
     return int(values["X"]), int(values["Y"])
 
@@ -172,16 +197,21 @@ def test_desktop_name_from_the_token_replaces_the_servers(proxy, mint, xvnc_vnca
         console, info = await _open_and_handshake(proxy.ws_url, tok)
         console.close()
         return info
+
     assert _run(scenario()).name == "Ünïcode VM".encode()
 
 
 def test_an_unusable_ca_in_the_token_ends_the_session_4501(proxy, mint, xvnc_x509) -> None:
-    tok = mint(host="127.0.0.1", port=xvnc_x509.port, password=xvnc_x509.password,
-               tls={"ca": "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n",
-                    "require": True})
+    tok = mint(
+        host="127.0.0.1",
+        port=xvnc_x509.port,
+        password=xvnc_x509.password,
+        tls={"ca": "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n", "require": True},
+    )
 
     async def scenario():
         return await (await Console.open(proxy.ws_url, tok)).wait_closed()
+
     assert _run(scenario()) == (4501, "target_auth_failed")
 
 

@@ -143,8 +143,9 @@ class WsClient(RawClient):
         assert chunk == b"", f"bytes after the proxy's Close: {chunk!r}"
 
 
-def open_ws(port: int, token: str | None, *, protocols: str | None = None, key: str | None = None,
-            early: bytes = b"") -> tuple[WsClient, Response]:
+def open_ws(
+    port: int, token: str | None, *, protocols: str | None = None, key: str | None = None, early: bytes = b""
+) -> tuple[WsClient, Response]:
     """Upgrade a fresh connection; ``early`` goes out in the same sendall as the request."""
     key = key or new_key()
     offer = f"binary, token.{token}" if protocols is None else protocols
@@ -261,14 +262,16 @@ def fail_and_close(proxy: ProxyProcess, token: str, hostile: bytes, code: int) -
 
 @pytest.mark.parametrize(("hostile", "code"), HOSTILE)
 def test_hostile_frame_gets_its_close_code_and_the_proxy_keeps_serving(
-        proxy: ProxyProcess, console_token: str, hostile: Callable[[], bytes], code: int) -> None:
+    proxy: ProxyProcess, console_token: str, hostile: Callable[[], bytes], code: int
+) -> None:
     """Each RFC 6455 violation mid-session fails the connection with its own code (a browser's
     console shows it), and ends only that connection: the process serves the next console."""
     fail_and_close(proxy, console_token, hostile(), code)
 
 
 def test_oversized_frame_is_refused_from_its_header(
-        proxy_factory: Callable[..., ProxyProcess], console_token: str) -> None:
+    proxy_factory: Callable[..., ProxyProcess], console_token: str
+) -> None:
     """1009 as soon as a header announces more than --max-message-size: the payload is never
     sent, so a proxy that waited for (or buffered) it would never answer."""
     small = proxy_factory("--max-message-size", str(MAX_MESSAGE))
@@ -332,8 +335,9 @@ BAD_UPGRADES = [
     pytest.param({"Upgrade": None, "Connection": None}, 400, "websocket_required", id="no-upgrade-headers"),
     pytest.param({"Connection": "keep-alive"}, 400, "websocket_required", id="connection-without-upgrade"),
     pytest.param({"Sec-WebSocket-Version": "8"}, 426, "websocket_version", id="version-8"),
-    pytest.param({"Sec-WebSocket-Key": base64.b64encode(bytes(15)).decode()}, 400, "websocket_required",
-                 id="key-15-bytes"),
+    pytest.param(
+        {"Sec-WebSocket-Key": base64.b64encode(bytes(15)).decode()}, 400, "websocket_required", id="key-15-bytes"
+    ),
     pytest.param({"Sec-WebSocket-Key": "not*base64*at*all*here=="}, 400, "websocket_required", id="key-not-base64"),
     pytest.param({"Sec-WebSocket-Key": None}, 400, "websocket_required", id="no-key"),
 ]
@@ -341,7 +345,8 @@ BAD_UPGRADES = [
 
 @pytest.mark.parametrize(("change", "status", "error"), BAD_UPGRADES)
 def test_bad_upgrade_is_refused_before_any_token_work(
-        proxy: ProxyProcess, console_token: str, change: dict[str, str | None], status: int, error: str) -> None:
+    proxy: ProxyProcess, console_token: str, change: dict[str, str | None], status: int, error: str
+) -> None:
     """A request that cannot become a websocket is refused as such, as JSON, whatever its token:
     valid, garbage or missing all get the same answer (the token is not even looked at), and the
     query string's token is never echoed back."""
@@ -361,13 +366,15 @@ def test_bad_upgrade_is_refused_before_any_token_work(
         assert b"not.a.token" not in response.raw
 
 
-@pytest.mark.parametrize(("offer", "selected"), [
-    pytest.param("binary, token.{t}", ["binary"], id="binary-first"),
-    pytest.param("token.{t}, binary", ["binary"], id="binary-last"),
-    pytest.param("token.{t}", [], id="token-only"),
-])
-def test_switching_protocols_headers(proxy: ProxyProcess, console_token: str, offer: str,
-                                     selected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("offer", "selected"),
+    [
+        pytest.param("binary, token.{t}", ["binary"], id="binary-first"),
+        pytest.param("token.{t}, binary", ["binary"], id="binary-last"),
+        pytest.param("token.{t}", [], id="token-only"),
+    ],
+)
+def test_switching_protocols_headers(proxy: ProxyProcess, console_token: str, offer: str, selected: list[str]) -> None:
     """The 101 per RFC 6455 4.2.2 (the RFC's own example key and accept value): "binary" when
     offered, never the token subprotocol, and no subprotocol header when only the token was
     offered (a browser fails a connection whose server picks a protocol it did not offer)."""
@@ -401,14 +408,15 @@ def test_fragmented_messages_are_relayed_as_a_stream(proxy: ProxyProcess, consol
     with closing(ws):
         rfb_until_security_result(ws)
         stream = b"\x01" + RAW_ONLY + update_request()  # ClientInit | SetEncodings | FBUpdateRequest
-        for frame in (client_frame(OP_BINARY, stream[:3], fin=False),
-                      client_frame(OP_PING, b"between fragments"),
-                      client_frame(OP_CONT, stream[3:11], fin=False),
-                      client_frame(OP_CONT, b"", fin=False),
-                      client_frame(OP_CONT, stream[11:])):
+        for frame in (
+            client_frame(OP_BINARY, stream[:3], fin=False),
+            client_frame(OP_PING, b"between fragments"),
+            client_frame(OP_CONT, stream[3:11], fin=False),
+            client_frame(OP_CONT, b"", fin=False),
+            client_frame(OP_CONT, stream[11:]),
+        ):
             ws.send_raw(frame)
         assert ws.wait_pong() == b"between fragments"
         bpp = read_server_init(ws)
         assert read_update(ws, bpp) >= REGION * REGION
         assert_update_arrives(ws, bpp)  # and the message boundary left the stream in step
-

@@ -159,8 +159,9 @@ def read_server_init(ws: WsClient) -> int:
     return pixel_format[0] // 8
 
 
-def open_console(port: int, token: str, *, rcvbuf: int | None = None,
-                 tls: ssl.SSLContext | None = None) -> tuple[WsClient, int]:
+def open_console(
+    port: int, token: str, *, rcvbuf: int | None = None, tls: ssl.SSLContext | None = None
+) -> tuple[WsClient, int]:
     ws = open_ws(port, token, rcvbuf=rcvbuf, tls=tls)
     try:
         rfb_until_security_result(ws)
@@ -230,7 +231,7 @@ def poll_until(condition: Callable[[], bool], within: float, failure: Callable[[
 def closed_record(proxy: ProxyProcess, sid: str, timeout: float) -> dict[str, object]:
     """The session's JSON "closed" event, waiting for it."""
     line = proxy.wait_for_log('"event":"closed"', f'"session_id":"{sid}"', timeout=timeout)
-    return json.loads(line[line.index("{"):])
+    return json.loads(line[line.index("{") :])
 
 
 @dataclass
@@ -333,7 +334,8 @@ def console_token(mint: Mint, xvnc_vncauth: XvncServer, request: pytest.FixtureR
 
 
 def test_ping_flood_from_a_browser_that_never_reads_keeps_memory_flat(
-        proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]) -> None:
+    proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]
+) -> None:
     """64 MiB of pings from a browser that never reads: pongs cannot leave, and a proxy that
     queued each one would hold as much again. While the browser is backlogged only the latest
     ping is answered (RFC 6455 5.5.3), so memory stays flat; once the browser reads, the latest
@@ -347,8 +349,11 @@ def test_ping_flood_from_a_browser_that_never_reads_keeps_memory_flat(
             ws.send_raw(batch)
         ws.send_raw(client_frame(OP_PING, b"the last ping"))
         ws.send(RAW_ONLY)  # behind every ping: once it reaches Xvnc, the proxy has taken them all
-        poll_until(lambda: up_bytes(proxy) >= up + len(RAW_ONLY), 3 * IO_TIMEOUT,
-                   lambda: "the proxy did not get through the pings")
+        poll_until(
+            lambda: up_bytes(proxy) >= up + len(RAW_ONLY),
+            3 * IO_TIMEOUT,
+            lambda: "the proxy did not get through the pings",
+        )
         grown = rss(proxy) - before
         assert grown < RSS_BOUND, f"proxy RSS grew by {grown >> 20} MiB under a ping flood"
 
@@ -360,8 +365,8 @@ def test_ping_flood_from_a_browser_that_never_reads_keeps_memory_flat(
 
 
 def test_many_tiny_messages_before_server_init_leave_the_proxy_responsive(
-        proxy_factory: Callable[..., ProxyProcess], mint: Mint,
-        held_server_init: tuple[HeldServerInit, HostileServer]) -> None:
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, held_server_init: tuple[HeldServerInit, HostileServer]
+) -> None:
     """60,000 one-byte messages after ClientInit, while the server has not sent ServerInit: the
     proxy holds them until the session is ready. Holding must cost per byte, not per message
     held so far (re-summing them was quadratic and froze the event loop for every session), so
@@ -382,8 +387,9 @@ def test_many_tiny_messages_before_server_init_leave_the_proxy_responsive(
             try:
                 ws.wait_pong(b"all held")  # the Pong follows the last early message
             except TimeoutError:
-                raise AssertionError(f"the proxy did not take {EARLY_MESSAGES} early messages within "
-                                     f"{IO_TIMEOUT}s; {probe.report()}") from None
+                raise AssertionError(
+                    f"the proxy did not take {EARLY_MESSAGES} early messages within {IO_TIMEOUT}s; {probe.report()}"
+                ) from None
             cpu = cpu_seconds(proxy) - cpu
         assert probe.all_answered, f"while early messages were held, {probe.report()}"
         assert cpu < CPU_BOUND, f"the proxy spent {cpu:.2f}s of CPU on {EARLY_MESSAGES} early messages"
@@ -395,8 +401,8 @@ def test_many_tiny_messages_before_server_init_leave_the_proxy_responsive(
 
 
 def test_backlog_during_the_handshake_does_not_stall_server_init(
-        proxy_factory: Callable[..., ProxyProcess], mint: Mint,
-        held_server_init: tuple[HeldServerInit, HostileServer]) -> None:
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, held_server_init: tuple[HeldServerInit, HostileServer]
+) -> None:
     """A browser backlogged while the proxy waits for ServerInit (its pings' pongs pile up) makes
     the proxy stop reading the server; once the browser reads again the server must be read
     again too, handshake or not, or ServerInit never arrives and the console never opens."""
@@ -413,8 +419,10 @@ def test_backlog_during_the_handshake_does_not_stall_server_init(
         try:
             read_server_init(ws)  # reading again: the pongs, then ServerInit
         except TimeoutError:
-            raise AssertionError("no ServerInit once the browser read again: the proxy left the server's "
-                                 f"socket unread (after {len(ws.pongs)} pongs)") from None
+            raise AssertionError(
+                "no ServerInit once the browser read again: the proxy left the server's "
+                f"socket unread (after {len(ws.pongs)} pongs)"
+            ) from None
         assert ws.pongs, "no Pong at all"
 
 
@@ -431,14 +439,20 @@ def backlogged_console(proxy: ProxyProcess, token: str) -> WsClient:
 
 def assert_let_go(proxy: ProxyProcess, baseline: int, ws: WsClient, after: str) -> None:
     """The proxy releases the connection (by its close timer) and the browser sees its end."""
-    poll_until(lambda: open_fds(proxy) == baseline, RELEASE_WITHIN,
-               lambda: f"the proxy still holds {open_fds(proxy) - baseline} more fds {RELEASE_WITHIN}s "
-                       f"after {after} (close timeout {CLOSE_TIMEOUT}s)")
+    poll_until(
+        lambda: open_fds(proxy) == baseline,
+        RELEASE_WITHIN,
+        lambda: (
+            f"the proxy still holds {open_fds(proxy) - baseline} more fds {RELEASE_WITHIN}s "
+            f"after {after} (close timeout {CLOSE_TIMEOUT}s)"
+        ),
+    )
     assert ws.read_to_end(IO_TIMEOUT) in ("eof", "reset")
 
 
 def test_browser_that_sends_close_and_never_reads_is_let_go(
-        proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]) -> None:
+    proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]
+) -> None:
     """A browser sends Close with writes still backlogged toward it, then never reads: the
     proxy's Close echo cannot leave, and a proxy waiting for it to would hold the socket for
     ever. The session ends at the Close; the connection is released by the close timer."""
@@ -452,7 +466,8 @@ def test_browser_that_sends_close_and_never_reads_is_let_go(
 
 
 def test_a_drain_delivers_its_close_to_a_browser_that_was_behind(
-        proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]) -> None:
+    proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]
+) -> None:
     """SIGTERM while the proxy's writes to a browser are queued (it stopped reading): the drain's
     Close 1001 waits behind them in the proxy's buffer. The process must not exit before that
     buffer is gone (or the close timeout passed): the browser, reading again, gets its Close,
@@ -470,7 +485,8 @@ def test_a_drain_delivers_its_close_to_a_browser_that_was_behind(
 
 
 def test_half_close_without_close_frame_ends_the_session(
-        proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]) -> None:
+    proxy_factory: Callable[..., ProxyProcess], console_token: tuple[str, str]
+) -> None:
     """A browser that shuts its sending side (no Close frame) and does not read: the session ends
     at the EOF with 1006 — even with no idle timeout to end it otherwise — and the connection,
     whose writes cannot leave, is released by the close timer."""
@@ -500,13 +516,17 @@ def close_without_code(ws: WsClient) -> None:
     ws.send_raw(client_frame(OP_CLOSE))
 
 
-@pytest.mark.parametrize(("leave", "code"), [
-    pytest.param(eof, 1006, id="eof-without-close"),
-    pytest.param(reset, 1006, id="reset-without-close"),
-    pytest.param(close_without_code, 1005, id="close-without-code"),
-])
+@pytest.mark.parametrize(
+    ("leave", "code"),
+    [
+        pytest.param(eof, 1006, id="eof-without-close"),
+        pytest.param(reset, 1006, id="reset-without-close"),
+        pytest.param(close_without_code, 1005, id="close-without-code"),
+    ],
+)
 def test_way_out_is_logged_with_its_close_code(
-        proxy: ProxyProcess, console_token: tuple[str, str], leave: Callable[[WsClient], None], code: int) -> None:
+    proxy: ProxyProcess, console_token: tuple[str, str], leave: Callable[[WsClient], None], code: int
+) -> None:
     """RFC 6455 7.1.5: a connection that ended without a Close is 1006 (abnormal), a Close
     without a status code is 1005. The closed event says which, promptly: operators tell
     browsers that vanished from browsers that closed."""
@@ -553,7 +573,8 @@ def _proxy_turn(proxy: ProxyProcess) -> None:
 
 
 def test_bytes_the_server_sends_before_the_browser_is_ready_are_relayed(
-        proxy: ProxyProcess, mint: Mint, monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy: ProxyProcess, mint: Mint, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The proxy asks for ServerInit as soon as it is authenticated (the shared flag is forced),
     so the server's next messages can arrive while the browser has not sent ClientInit yet: they
     are held and relayed right behind ServerInit, not lost."""
@@ -607,7 +628,7 @@ def fill_until_held(ws: WsClient, proxy: ProxyProcess, tls: ssl.SSLContext | Non
     frame, sent = client_frame(OP_BINARY, KEYS), 0
     while sent < INPUT_LIMIT:
         try:
-            sent += ws.sock.send(frame[sent % len(frame):])
+            sent += ws.sock.send(frame[sent % len(frame) :])
             continue
         except (BlockingIOError, ssl.SSLWantWriteError):
             pass
@@ -626,8 +647,14 @@ def close_behind_input(ws: WsClient) -> None:
 @pytest.mark.parametrize("leave", [pytest.param(reset, id="reset"), pytest.param(close_behind_input, id="close")])
 @pytest.mark.parametrize("over_tls", [pytest.param(False, id="ws"), pytest.param(True, id="wss")])
 def test_a_browser_that_leaves_while_the_hypervisor_is_stuck_ends_its_session(
-        proxy: ProxyProcess, proxy_factory: Callable[..., ProxyProcess], test_pki: TestPki, mint: Mint,
-        monkeypatch: pytest.MonkeyPatch, over_tls: bool, leave: Callable[[WsClient], None]) -> None:
+    proxy: ProxyProcess,
+    proxy_factory: Callable[..., ProxyProcess],
+    test_pki: TestPki,
+    mint: Mint,
+    monkeypatch: pytest.MonkeyPatch,
+    over_tls: bool,
+    leave: Callable[[WsClient], None],
+) -> None:
     """The hypervisor stops reading, so the proxy stops reading the browser (backpressure), and
     the browser's input piles up. It then leaves. Nothing reads its socket any more, so only
     the proxy's sweep (once a second) can see it gone: a reset by the socket's TCP state; a

@@ -103,7 +103,7 @@ async def read_update(read: Read, width: int, height: int) -> tuple[bytearray, i
         received += len(pixels)
         for row in range(h):
             start = ((y + row) * width + x) * BPP
-            screen[start:start + w * BPP] = pixels[row * w * BPP:(row + 1) * w * BPP]
+            screen[start : start + w * BPP] = pixels[row * w * BPP : (row + 1) * w * BPP]
     return screen, received
 
 
@@ -113,8 +113,9 @@ def closed_event(proxy: ProxyProcess, vm: str) -> dict[str, Any]:
     return json.loads(line.split(" consolegate.proxy.session ", 1)[1])
 
 
-def test_vncauth_console_over_wss(wss_proxy: ProxyProcess, client_tls: ssl.SSLContext, mint: Mint,
-                                  xvnc_vncauth: XvncServer) -> None:
+def test_vncauth_console_over_wss(
+    wss_proxy: ProxyProcess, client_tls: ssl.SSLContext, mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     """A whole console life over wss: handshake, a screen, input, a normal close.
 
     The Origin is the proxy's own https origin, as noVNC on the proxy's viewer page sends it:
@@ -155,14 +156,21 @@ def _noise_desktop(server: XvncServer, directory: Path, width: int, height: int)
     rng = random.Random(20240617)
     tile_width, tile_height = 797, 599  # odd sizes: the tiling does not line up with relay chunks
     data = bytes(rng.getrandbits(8) for _ in range((tile_width + 7) // 8 * tile_height))
-    rows = (",".join(f"0x{b:02x}" for b in data[i:i + 16]) for i in range(0, len(data), 16))
+    rows = (",".join(f"0x{b:02x}" for b in data[i : i + 16]) for i in range(0, len(data), 16))
     bitmap = directory / "noise.xbm"  # Xlib reads XBM lines into a 255-byte buffer: short lines
-    bitmap.write_text(f"#define n_width {tile_width}\n#define n_height {tile_height}\n"
-                      f"static unsigned char n_bits[] = {{\n" + ",\n".join(rows) + "};\n")
+    bitmap.write_text(
+        f"#define n_width {tile_width}\n#define n_height {tile_height}\n"
+        f"static unsigned char n_bits[] = {{\n" + ",\n".join(rows) + "};\n"
+    )
     env = {**os.environ, "DISPLAY": f":{server.display}"}
     subprocess.run(["xrandr", "--fb", f"{width}x{height}"], check=True, timeout=10, env=env, capture_output=True)
-    subprocess.run(["xsetroot", "-bitmap", str(bitmap), "-fg", "#d02070", "-bg", "#10e0a0"], check=True,
-                   timeout=10, env=env, capture_output=True)
+    subprocess.run(
+        ["xsetroot", "-bitmap", str(bitmap), "-fg", "#d02070", "-bg", "#10e0a0"],
+        check=True,
+        timeout=10,
+        env=env,
+        capture_output=True,
+    )
 
 
 async def _direct_screen(server: XvncServer) -> bytearray:
@@ -187,8 +195,12 @@ async def _direct_screen(server: XvncServer) -> bytearray:
 
 
 def test_a_full_screen_raw_update_arrives_whole_over_wss(
-        wss_proxy: ProxyProcess, client_tls: ssl.SSLContext, mint: Mint,
-        xvnc_factory: Callable[..., XvncServer], tmp_path: Path) -> None:
+    wss_proxy: ProxyProcess,
+    client_tls: ssl.SSLContext,
+    mint: Mint,
+    xvnc_factory: Callable[..., XvncServer],
+    tmp_path: Path,
+) -> None:
     """Bulk data over TLS: one full-screen Raw update of a 3840x2160 desktop (33 MB: hundreds
     of relay chunks and TLS records) arrives to the byte, pixel for pixel what Xvnc serves.
 
@@ -215,14 +227,13 @@ def test_a_full_screen_raw_update_arrives_whole_over_wss(
         return reference, screen, received
 
     reference, screen, received = run(scenario())
-    assert len({bytes(reference[i:i + BPP]) for i in range(0, 64 * BPP, BPP)}) == 2  # the noise is on screen
+    assert len({bytes(reference[i : i + BPP]) for i in range(0, 64 * BPP, BPP)}) == 2  # the noise is on screen
     assert received == width * height * BPP
     assert screen == reference, "the screen through wss differs from the one Xvnc serves"
     assert closed_event(wss_proxy, "wss-bulk")["bytes_down"] >= width * height * BPP
 
 
-def test_session_ending_close_code_over_wss(wss_proxy: ProxyProcess, client_tls: ssl.SSLContext,
-                                            mint: Mint) -> None:
+def test_session_ending_close_code_over_wss(wss_proxy: ProxyProcess, client_tls: ssl.SSLContext, mint: Mint) -> None:
     """The proxy's own close codes reach a wss browser too (noVNC shows their reason)."""
     tok = mint(host="127.0.0.1", port=free_port())  # nothing listens there
 
@@ -234,10 +245,12 @@ def test_session_ending_close_code_over_wss(wss_proxy: ProxyProcess, client_tls:
 
 def test_healthz_over_https(wss_proxy: ProxyProcess, client_tls: ssl.SSLContext) -> None:
     """Load balancers probe the TLS port itself; cleartext HTTP is not served on it."""
+
     async def scenario() -> tuple[int, dict[str, Any], int]:
         client = AsyncHTTPClient()
-        response = await client.fetch(HTTPRequest(f"{https_base(wss_proxy)}/healthz", ssl_options=client_tls,
-                                                  request_timeout=10))
+        response = await client.fetch(
+            HTTPRequest(f"{https_base(wss_proxy)}/healthz", ssl_options=client_tls, request_timeout=10)
+        )
         try:
             await client.fetch(f"http://127.0.0.1:{wss_proxy.port}/healthz", request_timeout=10)
         except HTTPClientError as error:
@@ -254,17 +267,24 @@ def test_healthz_over_https(wss_proxy: ProxyProcess, client_tls: ssl.SSLContext)
     assert "(https)" in wss_proxy.wait_for_log("console-proxy listening")
 
 
-def test_an_http_origin_is_not_the_wss_proxys_own(wss_proxy: ProxyProcess, client_tls: ssl.SSLContext,
-                                                  mint: Mint, xvnc_vncauth: XvncServer) -> None:
+def test_an_http_origin_is_not_the_wss_proxys_own(
+    wss_proxy: ProxyProcess, client_tls: ssl.SSLContext, mint: Mint, xvnc_vncauth: XvncServer
+) -> None:
     """Same host and port but http://: another origin once the proxy serves https, so refused."""
     tok = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
-    headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": f"binary, token.{tok}",
-               "Origin": f"http://127.0.0.1:{wss_proxy.port}"}
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Protocol": f"binary, token.{tok}",
+        "Origin": f"http://127.0.0.1:{wss_proxy.port}",
+    }
 
     async def scenario() -> tuple[int, dict[str, Any]]:
-        request = HTTPRequest(f"{https_base(wss_proxy)}/websockify", headers=headers, ssl_options=client_tls,
-                              request_timeout=10)
+        request = HTTPRequest(
+            f"{https_base(wss_proxy)}/websockify", headers=headers, ssl_options=client_tls, request_timeout=10
+        )
         response = await AsyncHTTPClient().fetch(request, raise_error=False)
         return response.code, json.loads(response.body)
 

@@ -20,7 +20,9 @@ SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 BOUNDED = settings(max_examples=500, deadline=None)
 
 
-def v2(command: int, family: int, block: bytes, *, version: int = 2, protocol: int = 1, size: int | None = None) -> bytes:
+def v2(
+    command: int, family: int, block: bytes, *, version: int = 2, protocol: int = 1, size: int | None = None
+) -> bytes:
     length = len(block) if size is None else size
     return SIG + bytes((version << 4 | command, family << 4 | protocol)) + struct.pack("!H", length) + block
 
@@ -42,8 +44,7 @@ def test_v1_tcp6_and_unknown() -> None:
 
 
 def test_v1_the_longest_header_fits() -> None:
-    line = (b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff "
-            b"65535 65535\r\n")
+    line = b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n"
     header = proxyproto.parse(line)
     assert header == ProxyHeader(("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535), len(line))
     unknown = b"PROXY UNKNOWN " + b"x" * (proxyproto.V1_MAX - 16) + b"\r\n"  # the spec's 107 bytes
@@ -52,34 +53,47 @@ def test_v1_the_longest_header_fits() -> None:
         proxyproto.parse(b"PROXY UNKNOWN x" + unknown[14:])  # 108
 
 
-@pytest.mark.parametrize("partial", [b"", b"P", b"PROXY", b"PROXY TCP4 192.0.2.7 198.51.100.1 563", SIG[:5],
-                                     SIG, v2(1, 1, inet("192.0.2.7", "192.0.2.8", 1, 2))[:20]])
+@pytest.mark.parametrize(
+    "partial",
+    [
+        b"",
+        b"P",
+        b"PROXY",
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 563",
+        SIG[:5],
+        SIG,
+        v2(1, 1, inet("192.0.2.7", "192.0.2.8", 1, 2))[:20],
+    ],
+)
 def test_incomplete_headers_ask_for_more(partial: bytes) -> None:
     assert proxyproto.parse(partial) is None
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"GET / HTTP/1.1\r\n\r\n", "missing"),
-    (b"\x16\x03\x01\x02\x00", "missing"),  # a TLS ClientHello
-    (b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\nGET / HTTP/1.1\n" + b"x" * 60, "malformed"),  # bare LF
-    (b"PROXY " + b"A" * 200, "malformed"),  # no CRLF within 107 bytes
-    (b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n", "malformed"),
-    (b"PROXY TCP6 192.0.2.1 2001:db8::1 1 2\r\n", "malformed"),
-    (b"PROXY TCP4 192.0.2.7 198.51.100.1 65536 443\r\n", "malformed"),
-    (b"PROXY TCP4 192.0.2.7 198.51.100.1 0443 443\r\n", "malformed"),
-    (b"PROXY TCP4 192.0.2.7 198.51.100.1 -1 443\r\n", "malformed"),
-    (b"PROXY TCP4 192.0.2.07 198.51.100.1 1 443\r\n", "malformed"),
-    (b"PROXY TCP4 192.0.2.7  198.51.100.1 1 443\r\n", "malformed"),
-    (b"PROXY TCP6 fe80::1%eth0 fe80::2 1 443\r\n", "malformed"),
-    (b"PROXY UDP4 192.0.2.7 198.51.100.1 1 443\r\n", "malformed"),
-    (b"PROXY TCP4 \xff.0.2.7 198.51.100.1 1 443\r\n", "malformed"),
-    (v2(1, 1, inet("192.0.2.7", "192.0.2.8", 1, 2), version=1), "malformed"),
-    (v2(2, 1, inet("192.0.2.7", "192.0.2.8", 1, 2)), "malformed"),  # command 2
-    (v2(1, 1, b"\x00" * 11), "malformed"),  # shorter than an IPv4 block
-    (v2(1, 2, b"\x00" * 35), "malformed"),  # shorter than an IPv6 block
-    (v2(1, 5, b"\x00" * 12), "malformed"),  # no such family
-    (v2(1, 1, b"", size=proxyproto.V2_MAX), "malformed"),  # announced longer than we read
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", "missing"),
+        (b"\x16\x03\x01\x02\x00", "missing"),  # a TLS ClientHello
+        (b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\nGET / HTTP/1.1\n" + b"x" * 60, "malformed"),  # bare LF
+        (b"PROXY " + b"A" * 200, "malformed"),  # no CRLF within 107 bytes
+        (b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n", "malformed"),
+        (b"PROXY TCP6 192.0.2.1 2001:db8::1 1 2\r\n", "malformed"),
+        (b"PROXY TCP4 192.0.2.7 198.51.100.1 65536 443\r\n", "malformed"),
+        (b"PROXY TCP4 192.0.2.7 198.51.100.1 0443 443\r\n", "malformed"),
+        (b"PROXY TCP4 192.0.2.7 198.51.100.1 -1 443\r\n", "malformed"),
+        (b"PROXY TCP4 192.0.2.07 198.51.100.1 1 443\r\n", "malformed"),
+        (b"PROXY TCP4 192.0.2.7  198.51.100.1 1 443\r\n", "malformed"),
+        (b"PROXY TCP6 fe80::1%eth0 fe80::2 1 443\r\n", "malformed"),
+        (b"PROXY UDP4 192.0.2.7 198.51.100.1 1 443\r\n", "malformed"),
+        (b"PROXY TCP4 \xff.0.2.7 198.51.100.1 1 443\r\n", "malformed"),
+        (v2(1, 1, inet("192.0.2.7", "192.0.2.8", 1, 2), version=1), "malformed"),
+        (v2(2, 1, inet("192.0.2.7", "192.0.2.8", 1, 2)), "malformed"),  # command 2
+        (v2(1, 1, b"\x00" * 11), "malformed"),  # shorter than an IPv4 block
+        (v2(1, 2, b"\x00" * 35), "malformed"),  # shorter than an IPv6 block
+        (v2(1, 5, b"\x00" * 12), "malformed"),  # no such family
+        (v2(1, 1, b"", size=proxyproto.V2_MAX), "malformed"),  # announced longer than we read
+    ],
+)
 def test_bad_headers_are_refused_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(ProxyProtocolError) as caught:
         proxyproto.parse(data)
@@ -101,10 +115,18 @@ def test_v2_local_unspec_and_unix_leave_the_peer_standing() -> None:
     assert proxyproto.parse(v2(1, 3, b"\x00" * 216)) == ProxyHeader(None, 16 + 216)
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    (b"", None), (b"PRO", None), (b"PROXY ", True), (SIG[:11], None), (SIG, True), (b"GET ", False),
-    (b"PROXY\r\n", False),
-])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", None),
+        (b"PRO", None),
+        (b"PROXY ", True),
+        (SIG[:11], None),
+        (SIG, True),
+        (b"GET ", False),
+        (b"PROXY\r\n", False),
+    ],
+)
 def test_announces(data: bytes, expected: bool | None) -> None:
     assert proxyproto.announces(data) is expected
 

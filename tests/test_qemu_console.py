@@ -42,6 +42,7 @@ def guest_factory(tmp_path_factory: pytest.TempPathFactory, boot_floppy: Path) -
         server = start_qemu(tmp_path_factory.mktemp("qemu"), guest=boot_floppy, **options)  # type: ignore[arg-type]
         started.append(server)
         return server
+
     yield start
     for server in started:
         server.stop()
@@ -60,6 +61,7 @@ def locked_guest(guest_factory: Callable[..., QemuVnc]) -> QemuVnc:
 
 
 # --- reading the picture --------------------------------------------------------------------
+
 
 def band_colour(screen: Screen, band: int) -> tuple[int, int, int]:
     return screen.pixel(GUEST_WIDTH - 1, band * BAND_HEIGHT + BAND_HEIGHT // 2)
@@ -96,11 +98,13 @@ def guest_token(mint: Mint, server: QemuVnc, session_id: str, **claims: object) 
 
 def closed_with(proxy: ProxyProcess, token: str, session_id: str) -> tuple[int | None, str | None, str]:
     """The websocket close (code, reason) and the detail the proxy logged for the session."""
+
     async def scenario() -> tuple[int | None, str | None]:
         return await (await Console.open(proxy.ws_url, token)).wait_closed()
+
     code, reason = asyncio.run(scenario())
     line = proxy.wait_for_log(f'"session_id":"{session_id}"', '"event":"closed"')
-    return code, reason, json.loads(line[line.index("{"):])["detail"]
+    return code, reason, json.loads(line[line.index("{") :])["detail"]
 
 
 def shows_the_picture(proxy: ProxyProcess, token: str) -> bool:
@@ -110,10 +114,12 @@ def shows_the_picture(proxy: ProxyProcess, token: str) -> bool:
             return painted(await rfbframes.wait_until(console, screen, painted))
         finally:
             console.close()
+
     return bool(run(scenario()))
 
 
 # --- security types --------------------------------------------------------------------------
+
 
 def test_security_none_shows_the_guests_picture(proxy: ProxyProcess, mint: Mint, guest: QemuVnc) -> None:
     assert shows_the_picture(proxy, guest_token(mint, guest, "guest-none"))
@@ -141,8 +147,9 @@ def test_a_token_without_a_password_is_4501(proxy: ProxyProcess, mint: Mint, loc
     assert "password" in detail.lower()
 
 
-def test_an_expired_vnc_password_is_4501(proxy: ProxyProcess, mint: Mint,
-                                         guest_factory: Callable[..., QemuVnc]) -> None:
+def test_an_expired_vnc_password_is_4501(
+    proxy: ProxyProcess, mint: Mint, guest_factory: Callable[..., QemuVnc]
+) -> None:
     server = guest_factory(password=PASSWORD)  # its own: QEMU keeps an expiry until 'never'
     assert shows_the_picture(proxy, guest_token(mint, server, "guest-before-expiry"))
     server.qmp("expire_password", protocol="vnc", time="now")
@@ -152,25 +159,31 @@ def test_an_expired_vnc_password_is_4501(proxy: ProxyProcess, mint: Mint,
 
 # --- frames ------------------------------------------------------------------------------------
 
-def test_frames_through_the_proxy_are_pixel_identical_to_direct(proxy: ProxyProcess, mint: Mint,
-                                                                guest: QemuVnc) -> None:
+
+def test_frames_through_the_proxy_are_pixel_identical_to_direct(
+    proxy: ProxyProcess, mint: Mint, guest: QemuVnc
+) -> None:
     async def scenario() -> tuple[Screen, Screen]:
         proxied, via_proxy = await through_proxy(proxy, guest_token(mint, guest, "guest-pixels"))
         direct = await DirectConsole.connect(guest.host, guest.port)
         await direct.handshake()
         straight = await rfbframes.start(direct)
         try:
-            return (await rfbframes.wait_until(proxied, via_proxy, painted),
-                    await rfbframes.wait_until(direct, straight, painted))
+            return (
+                await rfbframes.wait_until(proxied, via_proxy, painted),
+                await rfbframes.wait_until(direct, straight, painted),
+            )
         finally:
             proxied.close()
             direct.close()
+
     via_proxy, straight = run(scenario())  # type: ignore[misc]
     assert (via_proxy.width, via_proxy.height) == (straight.width, straight.height)
     assert via_proxy.pixels == straight.pixels
 
 
 # --- input -------------------------------------------------------------------------------------
+
 
 def test_keys_reach_the_guest_in_order(proxy: ProxyProcess, mint: Mint, guest: QemuVnc) -> None:
     async def scenario() -> None:
@@ -180,6 +193,7 @@ def test_keys_reach_the_guest_in_order(proxy: ProxyProcess, mint: Mint, guest: Q
         await rfbframes.key(console, ord("d"))
         await rfbframes.wait_until(console, screen, lambda s: cell_is(0, 1)(s) and cell_is(1, 4)(s))
         console.close()
+
     run(scenario())
 
 
@@ -190,14 +204,17 @@ def test_qemus_extended_key_event_reaches_the_guest(proxy: ProxyProcess, mint: M
         await rfbframes.extended_key(console, ord("b"), XT_SCANCODE_B)
         await rfbframes.wait_until(console, screen, cell_is(0, 2))
         console.close()
+
     run(scenario())
 
 
-def test_a_view_only_session_sees_the_guest_but_its_keys_never_arrive(proxy: ProxyProcess, mint: Mint,
-                                                                      guest: QemuVnc) -> None:
+def test_a_view_only_session_sees_the_guest_but_its_keys_never_arrive(
+    proxy: ProxyProcess, mint: Mint, guest: QemuVnc
+) -> None:
     async def scenario() -> None:
-        viewer, seen = await through_proxy(proxy, guest_token(mint, guest, "guest-ro", view_only=True),
-                                           extended_keys=True)
+        viewer, seen = await through_proxy(
+            proxy, guest_token(mint, guest, "guest-ro", view_only=True), extended_keys=True
+        )
         await rfbframes.wait_until(viewer, seen, lambda s: painted(s) and s.extended_keys)
         await rfbframes.key(viewer, ord("d"))
         await rfbframes.extended_key(viewer, ord("d"), 0x20)
@@ -210,11 +227,13 @@ def test_a_view_only_session_sees_the_guest_but_its_keys_never_arrive(proxy: Pro
         assert cell_colours(seen, 1) == {band_colour(seen, 0)}
         viewer.close()
         typist.close()
+
     run(scenario())
 
 
-def test_a_power_reset_reaches_the_guest_and_the_session_survives(proxy: ProxyProcess, mint: Mint,
-                                                                  guest: QemuVnc) -> None:
+def test_a_power_reset_reaches_the_guest_and_the_session_survives(
+    proxy: ProxyProcess, mint: Mint, guest: QemuVnc
+) -> None:
     async def scenario() -> None:
         console, screen = await through_proxy(proxy, guest_token(mint, guest, "guest-reset"))
         await rfbframes.wait_until(console, screen, painted)
@@ -225,4 +244,5 @@ def test_a_power_reset_reaches_the_guest_and_the_session_survives(proxy: ProxyPr
         await rfbframes.key(console, ord("d"))
         await rfbframes.wait_until(console, screen, cell_is(0, 4))
         console.close()
+
     run(scenario())

@@ -40,6 +40,7 @@ def qemu_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         server = start_qemu(tmp_path_factory.mktemp("qemu"), **options)  # type: ignore[arg-type]
         started.append(server)
         return server
+
     yield start
     for server in started:
         server.stop()
@@ -65,8 +66,9 @@ def anon_proxy(broker_ring: tuple[Keyring, Path], tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="module")
-def ca_proxy(broker_ring: tuple[Keyring, Path], tmp_path_factory: pytest.TempPathFactory,
-             test_pki: TestPki) -> Iterator[ProxyProcess]:
+def ca_proxy(
+    broker_ring: tuple[Keyring, Path], tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki
+) -> Iterator[ProxyProcess]:
     process = start_proxy(tmp_path_factory.mktemp("proxy-ca"), broker_ring[1], "--upstream-ca", str(test_pki.ca_path))
     yield process
     process.stop()
@@ -89,11 +91,13 @@ def reaches_server_init(proxy: ProxyProcess, token: str) -> bool:
 
 def closed_with(proxy: ProxyProcess, token: str, session_id: str) -> tuple[int | None, str | None, str]:
     """The websocket close (code, reason) and the detail the proxy logged for the session."""
+
     async def scenario() -> tuple[int | None, str | None]:
         return await (await Console.open(proxy.ws_url, token)).wait_closed()
+
     code, reason = asyncio.run(scenario())
     line = proxy.wait_for_log(f'"session_id":"{session_id}"', '"event":"closed"')
-    return code, reason, json.loads(line[line.index("{"):])["detail"]
+    return code, reason, json.loads(line[line.index("{") :])["detail"]
 
 
 def _token(mint: Mint, server: QemuVnc, session_id: str, tls: dict[str, object] | None = None) -> str:
@@ -102,9 +106,11 @@ def _token(mint: Mint, server: QemuVnc, session_id: str, tls: dict[str, object] 
 
 # --- (a) (b) anonymous TLS ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("pin", ["ca", "require"])
 def test_a_pinning_token_is_refused_anonymous_tls_despite_the_proxy_flag(
-        anon_proxy: ProxyProcess, mint: Mint, qemu_anon: QemuVnc, test_pki: TestPki, pin: str) -> None:
+    anon_proxy: ProxyProcess, mint: Mint, qemu_anon: QemuVnc, test_pki: TestPki, pin: str
+) -> None:
     tls: dict[str, object] = {"ca": test_pki.ca_pem} if pin == "ca" else {"require": True}
     sid = f"qemu-anon-pinned-{pin}"
     code, reason, detail = closed_with(anon_proxy, _token(mint, qemu_anon, sid, tls), sid)
@@ -114,7 +120,8 @@ def test_a_pinning_token_is_refused_anonymous_tls_despite_the_proxy_flag(
 
 
 def test_an_unpinned_token_gets_anonymous_tls_with_the_proxy_flag(
-        anon_proxy: ProxyProcess, mint: Mint, qemu_anon: QemuVnc) -> None:
+    anon_proxy: ProxyProcess, mint: Mint, qemu_anon: QemuVnc
+) -> None:
     assert reaches_server_init(anon_proxy, _token(mint, qemu_anon, "qemu-anon-open"))
     line = anon_proxy.wait_for_log('"session_id":"qemu-anon-open"', '"event":"opened"')
     assert '"security":"vencrypt-tlsvnc"' in line
@@ -127,16 +134,19 @@ def test_without_the_flag_anonymous_tls_is_refused(proxy: ProxyProcess, mint: Mi
 
 # --- (c) X.509 without client certificates -------------------------------------------------
 
-def test_a_pinned_ca_verifies_qemus_certificate(anon_proxy: ProxyProcess, mint: Mint, qemu_x509: QemuVnc,
-                                                test_pki: TestPki) -> None:
+
+def test_a_pinned_ca_verifies_qemus_certificate(
+    anon_proxy: ProxyProcess, mint: Mint, qemu_x509: QemuVnc, test_pki: TestPki
+) -> None:
     token = _token(mint, qemu_x509, "qemu-x509-pinned", {"ca": test_pki.ca_pem})
     assert reaches_server_init(anon_proxy, token)
     line = anon_proxy.wait_for_log('"session_id":"qemu-x509-pinned"', '"event":"opened"')
     assert '"security":"vencrypt-x509vnc"' in line
 
 
-def test_a_wrong_pinned_ca_is_refused(anon_proxy: ProxyProcess, mint: Mint, qemu_x509: QemuVnc,
-                                      other_pki: TestPki) -> None:
+def test_a_wrong_pinned_ca_is_refused(
+    anon_proxy: ProxyProcess, mint: Mint, qemu_x509: QemuVnc, other_pki: TestPki
+) -> None:
     sid = "qemu-x509-wrong-ca"
     code, reason, detail = closed_with(anon_proxy, _token(mint, qemu_x509, sid, {"ca": other_pki.ca_pem}), sid)
     assert (code, reason) == (4501, "target_auth_failed")
@@ -145,8 +155,10 @@ def test_a_wrong_pinned_ca_is_refused(anon_proxy: ProxyProcess, mint: Mint, qemu
 
 # --- (d) QEMU's default verify-peer=on -----------------------------------------------------
 
+
 def test_a_server_that_requires_a_client_certificate_is_4501(
-        anon_proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc], test_pki: TestPki) -> None:
+    anon_proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc], test_pki: TestPki
+) -> None:
     server = qemu_factory(tls="x509", pki=test_pki, verify_peer=True, password=PASSWORD)
     sid = "qemu-x509-verify-peer"
     code, reason, detail = closed_with(anon_proxy, _token(mint, server, sid, {"ca": test_pki.ca_pem}), sid)
@@ -155,16 +167,19 @@ def test_a_server_that_requires_a_client_certificate_is_4501(
 
 # --- (e) --upstream-ca is a CA bundle, not a demand for TLS --------------------------------
 
-def test_upstream_ca_leaves_a_plain_target_usable(ca_proxy: ProxyProcess, mint: Mint,
-                                                  qemu_factory: Callable[..., QemuVnc]) -> None:
+
+def test_upstream_ca_leaves_a_plain_target_usable(
+    ca_proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc]
+) -> None:
     plain = qemu_factory(password=PASSWORD)  # VNC password set over QMP, no TLS
     assert reaches_server_init(ca_proxy, _token(mint, plain, "qemu-plain-upstream-ca"))
     line = ca_proxy.wait_for_log('"session_id":"qemu-plain-upstream-ca"', '"event":"opened"')
     assert '"security":"vnc"' in line
 
 
-def test_upstream_ca_verifies_a_target_whose_token_names_no_ca(ca_proxy: ProxyProcess, mint: Mint,
-                                                               qemu_x509: QemuVnc) -> None:
+def test_upstream_ca_verifies_a_target_whose_token_names_no_ca(
+    ca_proxy: ProxyProcess, mint: Mint, qemu_x509: QemuVnc
+) -> None:
     assert reaches_server_init(ca_proxy, _token(mint, qemu_x509, "qemu-x509-upstream-ca"))
     line = ca_proxy.wait_for_log('"session_id":"qemu-x509-upstream-ca"', '"event":"opened"')
     assert '"security":"vencrypt-x509vnc"' in line

@@ -116,8 +116,9 @@ def canvas_bands(page: Page) -> list[Colour] | None:
 def canvas_cell(page: Page, cell: int) -> list[Colour] | None:
     """The colours at the corners and centre of the ``cell``-th cell of the top band."""
     x0, x1 = cell * CELL_WIDTH, (cell + 1) * CELL_WIDTH - 1
-    return canvas_colours(page, [(x0, 0), (x1, 0), (x0, BAND_HEIGHT - 1), (x1, BAND_HEIGHT - 1),
-                                 ((x0 + x1) // 2, BAND_HEIGHT // 2)])
+    return canvas_colours(
+        page, [(x0, 0), (x1, 0), (x0, BAND_HEIGHT - 1), (x1, BAND_HEIGHT - 1), ((x0 + x1) // 2, BAND_HEIGHT // 2)]
+    )
 
 
 def band_colour(screen: Screen, band: int) -> Colour:
@@ -176,14 +177,17 @@ def test_keys_typed_in_the_page_reach_the_guest(page: Page, proxy: ProxyProcess,
 
     page.type("ad")
 
-    poll(lambda: canvas_cell(page, 0) == [bands[1]] * 5 and canvas_cell(page, 1) == [bands[4]] * 5,
-         "the canvas to show cells painted for 'a' then 'd'")
+    poll(
+        lambda: canvas_cell(page, 0) == [bands[1]] * 5 and canvas_cell(page, 1) == [bands[4]] * 5,
+        "the canvas to show cells painted for 'a' then 'd'",
+    )
     assert canvas_cell(page, 2) == [bands[0]] * 5  # two keys, two cells: no key counted twice
 
     def typed(screen: Screen) -> bool:
         def cell(n: int) -> set[Colour]:
             return screen.colours(n * CELL_WIDTH, 0, (n + 1) * CELL_WIDTH, BAND_HEIGHT)
+
         return painted(screen) and cell(0) == {band_colour(screen, 1)} and cell(1) == {band_colour(screen, 4)}
+
     seen = asyncio.run(guest_screen(proxy, guest_token(mint, guest), typed))  # the guest itself painted them
     assert seen.colours(2 * CELL_WIDTH, 0, GUEST_WIDTH, BAND_HEIGHT) == {band_colour(seen, 0)}
-

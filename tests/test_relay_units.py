@@ -41,9 +41,15 @@ class QuietBrowser:
         pass
 
 
-def new_session(port: int, config: ProxyConfig, *, host: str = "127.0.0.1", view_only: bool = False,
-                on_open: Callable[[ConsoleSession], object] = lambda _s: None,
-                on_end: Callable[[ConsoleSession], object] = lambda _s: None) -> ConsoleSession:
+def new_session(
+    port: int,
+    config: ProxyConfig,
+    *,
+    host: str = "127.0.0.1",
+    view_only: bool = False,
+    on_open: Callable[[ConsoleSession], object] = lambda _s: None,
+    on_end: Callable[[ConsoleSession], object] = lambda _s: None,
+) -> ConsoleSession:
     """A session (not started) for a fresh token to ``host:port``, its browser a QuietBrowser."""
     claims = token.new_claims(host=host, port=port, now=time.time(), ttl=60, view_only=view_only)
     return ConsoleSession(claims, config, QuietBrowser(), "127.0.0.1", on_open=on_open, on_end=on_end)
@@ -53,12 +59,14 @@ def test_plaintext_waiting_when_tls_starts_ends_the_session() -> None:
     """Bytes the server sent after agreeing to VeNCrypt TLS but before the TLS handshake began
     (held while the session went to start it) must never be fed to the handshake as if they had
     been decrypted: a man in the middle could inject a SecurityResult or a ServerInit that way."""
+
     async def scenario() -> SessionEnded:
         session = new_session(5900, ProxyConfig())
         session.handshake_bytes(memoryview(b"\0\0\0\0"))  # a forged SecurityResult OK, in clear
         with pytest.raises(SessionEnded) as ended:
             await session._start_tls(rfb.StartTls(verify=False))
         return ended.value
+
     ended = asyncio.run(scenario())
     assert (ended.ending.code, ended.ending.reason) == (4502, "target_protocol_error")
     assert "plaintext" in ended.ending.detail
@@ -82,6 +90,7 @@ def ending_of(host: str, port: int, config: ProxyConfig) -> tuple[int, str, str,
         session = await session_to(host, port, config)
         assert session.ending is not None
         return session.ending.code, session.ending.reason, session.ending.detail, time.monotonic() - started
+
     return asyncio.run(scenario())
 
 
@@ -116,10 +125,14 @@ def full_listener() -> Iterator[int]:
         yield port
 
 
-@pytest.mark.parametrize(("connect_timeout", "handshake_timeout"), [(0.5, 5.0), (5.0, 0.5)],
-                         ids=["connect-deadline-first", "handshake-deadline-first"])
-def test_a_connect_that_never_completes_ends_as_unreachable(full_listener: int, connect_timeout: float,
-                                                            handshake_timeout: float) -> None:
+@pytest.mark.parametrize(
+    ("connect_timeout", "handshake_timeout"),
+    [(0.5, 5.0), (5.0, 0.5)],
+    ids=["connect-deadline-first", "handshake-deadline-first"],
+)
+def test_a_connect_that_never_completes_ends_as_unreachable(
+    full_listener: int, connect_timeout: float, handshake_timeout: float
+) -> None:
     """Whichever deadline comes first, a target that never answered the connect is unreachable
     (4500), not a protocol error."""
     config = ProxyConfig(connect_timeout=connect_timeout, handshake_timeout=handshake_timeout)
@@ -187,13 +200,15 @@ def test_a_server_that_hangs_up_before_the_browser_is_ready_never_opens_a_sessio
     """Shared mode asks for ServerInit before the browser's ClientInit; a server that sends it
     and hangs up meanwhile must end the session with 4502 when the ClientInit comes, not open it
     (an "opened" event) and then end it as a normal 1000."""
+
     async def scenario() -> tuple[Ending | None, list[ConsoleSession]]:
         script = ScriptedServer(hang_up=True)
         async with script as port:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             opened: list[ConsoleSession] = []
-            session = new_session(port, ProxyConfig(shared=True), on_open=opened.append,
-                                  on_end=lambda _s: done.set_result(None))
+            session = new_session(
+                port, ProxyConfig(shared=True), on_open=opened.append, on_end=lambda _s: done.set_result(None)
+            )
             lost = asyncio.Event()
             upstream_lost = session.upstream_lost
             session.upstream_lost = lambda error=None: (upstream_lost(error), lost.set())  # type: ignore[method-assign]
@@ -202,6 +217,7 @@ def test_a_server_that_hangs_up_before_the_browser_is_ready_never_opens_a_sessio
             browser_handshake(session, shared=1)
             await asyncio.wait_for(done, 10)
             return session.ending, opened
+
     ending, opened = asyncio.run(scenario())
     assert ending is not None and (ending.code, ending.reason) == (4502, "target_protocol_error"), ending
     assert opened == []
@@ -209,9 +225,11 @@ def test_a_server_that_hangs_up_before_the_browser_is_ready_never_opens_a_sessio
 
 @pytest.mark.parametrize(("view_only", "asked", "sent"), [(True, 0, 1), (False, 0, 0), (False, 1, 1)])
 def test_without_forced_sharing_a_view_only_viewer_still_asks_for_a_shared_session(
-        view_only: bool, asked: int, sent: int) -> None:
+    view_only: bool, asked: int, sent: int
+) -> None:
     """--no-force-shared passes the browser's flag on, but shared=0 makes the VNC server drop
     every other viewer: a view-only session must never be able to do that."""
+
     async def scenario() -> int:
         script = ScriptedServer(hang_up=False)
         async with script as port:
@@ -221,6 +239,7 @@ def test_without_forced_sharing_a_view_only_viewer_still_asks_for_a_shared_sessi
             flag = await asyncio.wait_for(script.shared, 10)
             session.finish(Ending.of(1000, "test over"))
             return flag
+
     assert asyncio.run(scenario()) == sent
 
 
@@ -236,6 +255,7 @@ class RecordingBrowser(QuietBrowser):
 def test_the_session_opens_once_whichever_serverinit_or_clientinit_comes_last(browser_first: bool) -> None:
     """Opening happens in the read callback of whichever side finishes last (not a loop turn
     later in the handshake coroutine): once, with ServerInit sent to the browser once."""
+
     async def scenario() -> tuple[list[ConsoleSession], list[bytes], Ending | None]:
         script = ScriptedServer(hang_up=False)
         async with script as port:
@@ -243,8 +263,14 @@ def test_the_session_opens_once_whichever_serverinit_or_clientinit_comes_last(br
             seen = asyncio.Event()
             browser = RecordingBrowser()
             claims = token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60)
-            session = ConsoleSession(claims, ProxyConfig(shared=True), browser, "127.0.0.1",
-                                     on_open=lambda s: (opened.append(s), seen.set()), on_end=lambda _s: None)
+            session = ConsoleSession(
+                claims,
+                ProxyConfig(shared=True),
+                browser,
+                "127.0.0.1",
+                on_open=lambda s: (opened.append(s), seen.set()),
+                on_end=lambda _s: None,
+            )
             server_init = asyncio.Event()
             fed = session.handshake_bytes
 
@@ -252,6 +278,7 @@ def test_the_session_opens_once_whichever_serverinit_or_clientinit_comes_last(br
                 fed(data)
                 if session._ready is not None:
                     server_init.set()
+
             session.handshake_bytes = feed  # type: ignore[method-assign]
             session.start()
             if browser_first:
@@ -267,6 +294,7 @@ def test_the_session_opens_once_whichever_serverinit_or_clientinit_comes_last(br
             ending = session.ending
             session.finish(Ending.of(1000, "test over"))
             return opened, browser.sent, ending
+
     opened, sent, ending = asyncio.run(scenario())
     assert len(opened) == 1 and ending is None
     server_inits = [m for m in sent if m.startswith(struct.pack(">HH", 800, 600))]
@@ -281,11 +309,14 @@ def test_a_bug_while_opening_in_a_callback_ends_the_session_4502() -> None:
 
             def broken(_session: ConsoleSession) -> None:
                 raise RuntimeError("a bug in on_open")
-            session = new_session(port, ProxyConfig(shared=True), on_open=broken,
-                                  on_end=lambda _s: done.set_result(None))
+
+            session = new_session(
+                port, ProxyConfig(shared=True), on_open=broken, on_end=lambda _s: done.set_result(None)
+            )
             session.start()
             browser_handshake(session, shared=1)
             await asyncio.wait_for(done, 10)
             return session.ending
+
     ending = asyncio.run(scenario())
     assert ending is not None and (ending.code, ending.detail) == (4502, "internal error")

@@ -104,9 +104,7 @@ def drive(
     return out
 
 
-def handle(
-    handshake: UpstreamHandshake, actions: list[UpstreamAction], out: Outcome, shared: bool
-) -> None:
+def handle(handshake: UpstreamHandshake, actions: list[UpstreamAction], out: Outcome, shared: bool) -> None:
     for action in actions:
         if isinstance(action, Send):
             out.sent += action.data
@@ -197,9 +195,7 @@ def test_complete_flows(name: str, chunking: str) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), name=st.sampled_from(sorted(FLOWS)), extra=st.binary(max_size=64))
-def test_any_chunking_gives_the_same_result(
-    data: st.DataObject, name: str, extra: bytes
-) -> None:
+def test_any_chunking_gives_the_same_result(data: st.DataObject, name: str, extra: bytes) -> None:
     phases, expected_sent, _ = FLOWS[name]
     phases = (*phases[:-1], phases[-1] + extra)
     chunked = []
@@ -226,6 +222,7 @@ def test_client_init_shared_flag() -> None:
 
 
 # --- version lines -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("line", "reply"),
@@ -343,9 +340,7 @@ ALL_POLICIES = {
         (tuple(range(3, 256)) + (1,), None, "default", 1),
     ],
 )
-def test_security_choice(
-    offered: tuple[int, ...], password: str | None, policy: str, chosen: int
-) -> None:
+def test_security_choice(offered: tuple[int, ...], password: str | None, policy: str, chosen: int) -> None:
     handshake = upstream(password, **ALL_POLICIES[policy])
     handshake.feed(V38)
     actions = handshake.feed(types(*offered))
@@ -451,6 +446,7 @@ def test_33_none_cannot_pipeline_and_says_so() -> None:
 
 # --- RFB 3.3 -------------------------------------------------------------------------------
 
+
 def test_33_none() -> None:
     handshake = upstream(None)
     handshake.feed(V33)
@@ -500,6 +496,7 @@ def test_pre_38_failed_result_has_no_reason(version: bytes) -> None:
 
 
 # --- failure reasons -----------------------------------------------------------------------
+
 
 def refused_38(handshake: UpstreamHandshake) -> None:
     handshake.feed(V38)
@@ -585,6 +582,7 @@ def test_errors_never_show_the_password(password: str, text: bytes) -> None:
 
 # --- VNC Authentication --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "password", ["", "a", "hunter22", "12345678", "123456789abc", "p\u00e4ss", "\u20ac\u20ac\u20ac"]
 )
@@ -596,9 +594,7 @@ def test_vnc_auth_response_matches_reference(password: str, challenge: bytes) ->
 def test_vnc_auth_response_known_values() -> None:
     # The key for "password" after bit reversal is 0e 86 ce ce ee f6 4e 26.
     key = bytes.fromhex("0e86ceceeef64e26")
-    assert vnc_auth_response("password", CHALLENGE) == DES.new(key, DES.MODE_ECB).encrypt(
-        CHALLENGE
-    )
+    assert vnc_auth_response("password", CHALLENGE) == DES.new(key, DES.MODE_ECB).encrypt(CHALLENGE)
     assert vnc_auth_response("password", bytes(16)).hex() == "ff97502e9422f089ff97502e9422f089"
 
 
@@ -644,6 +640,7 @@ def test_38_failed_result_reads_reason(result: int) -> None:
 # --- VeNCrypt ------------------------------------------------------------------------------
 
 CA: dict[str, object] = {"pin": Pin.CA, "ca_pem": "PEM"}
+
 
 def at_vencrypt(password: str | None = PASSWORD, **policy: object) -> UpstreamHandshake:
     handshake = upstream(password, **policy)
@@ -692,7 +689,10 @@ def test_vencrypt_version_not_acknowledged(ack: int) -> None:
     ],
 )
 def test_vencrypt_subtype_choice(
-    offered: tuple[int, ...], password: str | None, policy: dict[str, object], chosen: int,
+    offered: tuple[int, ...],
+    password: str | None,
+    policy: dict[str, object],
+    chosen: int,
     verify: bool,
 ) -> None:
     handshake = at_vencrypt(password, **policy)
@@ -717,9 +717,7 @@ def test_vencrypt_subtype_choice(
         ((0xFFFFFFFF,), PASSWORD, {"allow_anonymous": True}),
     ],
 )
-def test_vencrypt_subtype_refused(
-    offered: tuple[int, ...], password: str | None, policy: dict[str, object]
-) -> None:
+def test_vencrypt_subtype_refused(offered: tuple[int, ...], password: str | None, policy: dict[str, object]) -> None:
     handshake = at_vencrypt(password, **policy)
     handshake.feed(b"\x00\x02\x00")
     with pytest.raises(RfbError) as info:
@@ -806,6 +804,7 @@ def test_tls_started_out_of_order() -> None:
 
 
 # --- ServerInit ----------------------------------------------------------------------------
+
 
 def at_server_init() -> UpstreamHandshake:
     handshake = upstream()
@@ -910,6 +909,7 @@ def test_repr_hides_password() -> None:
 
 # --- errors --------------------------------------------------------------------------------
 
+
 def test_error_codes() -> None:
     assert RfbError.auth_failed("m").close_code == 4501
     assert RfbError.protocol("m").close_code == 4502
@@ -928,6 +928,7 @@ def test_tls_policy_requirement() -> None:
 
 
 # --- downstream ----------------------------------------------------------------------------
+
 
 def test_downstream_initiate() -> None:
     assert DownstreamHandshake().initiate() == V38
@@ -1139,9 +1140,7 @@ def test_framer_refuses_oversized_message_before_buffering(header: bytes) -> Non
 @pytest.mark.parametrize("name", sorted(SAMPLE_MESSAGES))
 def test_framer_max_message_is_inclusive(name: str) -> None:
     message = SAMPLE_MESSAGES[name]
-    assert ClientMessageFramer(max_message=len(message)).feed(message) == [
-        (message[0], message)
-    ]
+    assert ClientMessageFramer(max_message=len(message)).feed(message) == [(message[0], message)]
     if len(message) > 1:
         with pytest.raises(RfbError):
             ClientMessageFramer(max_message=len(message) - 1).feed(message)
@@ -1164,7 +1163,7 @@ def test_framer_keeps_partial_message() -> None:
 
 
 def test_input_message_types() -> None:
-    assert INPUT_MESSAGE_TYPES == frozenset({4, 5, 6, 250, 251, 255})
+    assert frozenset({4, 5, 6, 250, 251, 255}) == INPUT_MESSAGE_TYPES
     assert isinstance(INPUT_MESSAGE_TYPES, frozenset)
 
 
@@ -1185,11 +1184,7 @@ def client_messages(draw: st.DrawFn) -> bytes:
         n = draw(st.integers(0, 4))
         return b"\xfb\x00\x04\x00\x03\x00" + bytes([n, 0]) + bytes(16 * n)
     if kind == 255:
-        return draw(
-            st.sampled_from(
-                [SAMPLE_MESSAGES[k] for k in SAMPLE_MESSAGES if k.startswith("QEMU")]
-            )
-        )
+        return draw(st.sampled_from([SAMPLE_MESSAGES[k] for k in SAMPLE_MESSAGES if k.startswith("QEMU")]))
     size = {0: 20, 3: 10, 4: 8, 5: 6, 150: 10, 250: 4}[kind]
     return bytes([kind]) + draw(st.binary(min_size=size - 1, max_size=size - 1))
 
@@ -1198,11 +1193,7 @@ def client_messages(draw: st.DrawFn) -> bytes:
 @given(messages=st.lists(client_messages(), max_size=25), data=st.data())
 def test_framer_any_stream_any_chunking(messages: list[bytes], data: st.DataObject) -> None:
     stream = b"".join(messages)
-    cuts = (
-        sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=30)))
-        if len(stream) > 1
-        else []
-    )
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=30))) if len(stream) > 1 else []
     bounds = [0, *cuts, len(stream)]
     framer = ClientMessageFramer()
     out = [m for a, b in itertools.pairwise(bounds) for m in framer.feed(stream[a:b])]

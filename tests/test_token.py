@@ -29,8 +29,25 @@ from console_proxy import b64url, clock, token
 from console_proxy.keyring import FleetKey, Keyring, KeyringError
 from console_proxy.token import MAX_TOKEN_LENGTH, TokenRefused
 
-DESIGN_CLAIMS = ("iss", "aud", "iat", "nbf", "exp", "jti", "sid", "host", "port", "pw", "tls", "vm", "sub", "cip",
-                 "ro", "once", "dn")
+DESIGN_CLAIMS = (
+    "iss",
+    "aud",
+    "iat",
+    "nbf",
+    "exp",
+    "jti",
+    "sid",
+    "host",
+    "port",
+    "pw",
+    "tls",
+    "vm",
+    "sub",
+    "cip",
+    "ro",
+    "once",
+    "dn",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +66,7 @@ def _header(segment: str) -> dict[str, Any]:
 
 
 # --- format and roundtrip -------------------------------------------------------------------------------------------
+
 
 def test_every_design_claim_roundtrips(ring: Keyring) -> None:
     claims = full_claims()
@@ -110,6 +128,7 @@ def test_new_claims_window_and_validation() -> None:
 
 # --- minting refusals -----------------------------------------------------------------------------------------------
 
+
 def test_mint_refuses_a_lifetime_above_the_keyrings_max(ring: Keyring) -> None:
     with pytest.raises(ValueError, match="max_ttl"):
         token.mint(make_claims(ttl=3601), ring)
@@ -130,6 +149,7 @@ def test_mint_refuses_a_token_every_proxy_would_refuse_as_too_long(ring: Keyring
 
 
 # --- time edges (the core takes `now`) ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("skew", [0, 30, 120])
 def test_expiry_edge(ring: Keyring, skew: int) -> None:
@@ -179,13 +199,27 @@ def test_clock_now_follows_freezegun(ring: Keyring) -> None:
 
 # --- refusals in DESIGN order ---------------------------------------------------------------------------------------
 
+
 def test_reason_table_in_design_order() -> None:
     assert list(token.REASONS) == [
-        "too_long", "malformed", "unknown_fleet_key", "decrypt_failed", "unknown_signing_key", "bad_signature",
-        "wrong_audience", "bad_claims", "lifetime_too_long", "expired", "not_yet_valid", "client_ip_mismatch"]
+        "too_long",
+        "malformed",
+        "unknown_fleet_key",
+        "decrypt_failed",
+        "unknown_signing_key",
+        "bad_signature",
+        "wrong_audience",
+        "bad_claims",
+        "lifetime_too_long",
+        "expired",
+        "not_yet_valid",
+        "client_ip_mismatch",
+    ]
     assert {r: token.REASONS[r] for r in ("expired", "not_yet_valid", "client_ip_mismatch")} == {
-        "expired": ("token_expired", 401), "not_yet_valid": ("token_not_yet_valid", 401),
-        "client_ip_mismatch": ("client_ip_mismatch", 403)}
+        "expired": ("token_expired", 401),
+        "not_yet_valid": ("token_not_yet_valid", 401),
+        "client_ip_mismatch": ("client_ip_mismatch", 403),
+    }
     for reason, (code, status) in token.REASONS.items():
         exc = TokenRefused(reason)
         assert (exc.code, exc.status) == (code, status)
@@ -239,7 +273,15 @@ def _outer_malformations(ring: Keyring) -> list[Any]:
         return encrypt(jws, key=fleet.key, kid=fleet.kid, header={k: v for k, v in data.items() if v is not None})
 
     return [
-        None, b"bytes." + valid.encode(), 42, "", ".", "....", "a.b.c", valid + ".", "." + valid,
+        None,
+        b"bytes." + valid.encode(),
+        42,
+        "",
+        ".",
+        "....",
+        "a.b.c",
+        valid + ".",
+        "." + valid,
         valid.replace(".", "..", 1),  # empty key part moved: six parts
         _replace_segment(valid, 1, "AAAA"),  # a non-empty encrypted key
         _replace_segment(valid, 0, valid.split(".")[0] + "="),  # padding
@@ -251,11 +293,24 @@ def _outer_malformations(ring: Keyring) -> list[Any]:
         _replace_segment(valid, 2, b64url.encode(b"\x00" * 16)),
         _replace_segment(valid, 4, b64url.encode(b"\x00" * 12)),  # short tag
         _replace_segment(valid, 3, ""),  # empty ciphertext
-        header(alg="A256KW"), header(alg="none"), header(enc="A128GCM"), header(enc="A256CBC-HS512"),
-        header(cty=None), header(cty="jwt"), header(kid=None), header(kid=7), header(kid=[fleet.kid]),
-        header(zip="DEF"), header(typ="JWT"), header(crit=["exp"]),
-        encrypt(jws, key=fleet.key, kid=fleet.kid,  # duplicate member: which kid counts?
-                header=b'{"alg":"dir","enc":"A256GCM","kid":"x","kid":"%s","cty":"JWT"}' % fleet.kid.encode()),
+        header(alg="A256KW"),
+        header(alg="none"),
+        header(enc="A128GCM"),
+        header(enc="A256CBC-HS512"),
+        header(cty=None),
+        header(cty="jwt"),
+        header(kid=None),
+        header(kid=7),
+        header(kid=[fleet.kid]),
+        header(zip="DEF"),
+        header(typ="JWT"),
+        header(crit=["exp"]),
+        encrypt(
+            jws,
+            key=fleet.key,
+            kid=fleet.kid,  # duplicate member: which kid counts?
+            header=b'{"alg":"dir","enc":"A256GCM","kid":"x","kid":"%s","cty":"JWT"}' % fleet.kid.encode(),
+        ),
     ]
 
 
@@ -273,33 +328,39 @@ def test_malformed_outer_tokens_never_reach_aes(ring: Keyring, monkeypatch: pyte
         assert refused(bad, ring).reason == "malformed"
 
 
-@pytest.mark.parametrize("inner", [
-    "only.two",
-    "a.b.c.d",
-    "\u00e9.b.c".encode(),  # not ASCII
-    b"\xff\xff",  # not even UTF-8
-    "!!!.e30.AAAA",  # header not base64url
-    b64url.encode(b"{") + ".e30.AAAA",  # header not JSON
-    b64url.encode(b'{"alg":"EdDSA","kid":"k"}') + ".e30.AA=A",  # signature not canonical
-])
+@pytest.mark.parametrize(
+    "inner",
+    [
+        "only.two",
+        "a.b.c.d",
+        "\u00e9.b.c".encode(),  # not ASCII
+        b"\xff\xff",  # not even UTF-8
+        "!!!.e30.AAAA",  # header not base64url
+        b64url.encode(b"{") + ".e30.AAAA",  # header not JSON
+        b64url.encode(b'{"alg":"EdDSA","kid":"k"}') + ".e30.AA=A",  # signature not canonical
+    ],
+)
 def test_malformed_inner_tokens(ring: Keyring, inner: str | bytes) -> None:
     fleet = fleet_key(ring)
     exc = refused(encrypt(inner, key=fleet.key, kid=fleet.kid), ring)
     assert exc.reason == "malformed"
 
 
-@pytest.mark.parametrize("jws_header", [
-    {"alg": "none", "kid": "SIGNER"},
-    {"alg": "HS256", "kid": "SIGNER"},
-    {"alg": "ES256", "kid": "SIGNER"},
-    {"alg": "eddsa", "kid": "SIGNER"},
-    {"alg": "EdDSA"},
-    {"alg": "EdDSA", "kid": 1},
-    {"alg": "EdDSA", "kid": "SIGNER", "typ": "JWT"},
-    {"alg": "EdDSA", "kid": "SIGNER", "jwk": {"kty": "OKP"}},
-    {"kid": "SIGNER"},
-    ["EdDSA", "SIGNER"],
-])
+@pytest.mark.parametrize(
+    "jws_header",
+    [
+        {"alg": "none", "kid": "SIGNER"},
+        {"alg": "HS256", "kid": "SIGNER"},
+        {"alg": "ES256", "kid": "SIGNER"},
+        {"alg": "eddsa", "kid": "SIGNER"},
+        {"alg": "EdDSA"},
+        {"alg": "EdDSA", "kid": 1},
+        {"alg": "EdDSA", "kid": "SIGNER", "typ": "JWT"},
+        {"alg": "EdDSA", "kid": "SIGNER", "jwk": {"kty": "OKP"}},
+        {"kid": "SIGNER"},
+        ["EdDSA", "SIGNER"],
+    ],
+)
 def test_unexpected_jws_headers_are_malformed(ring: Keyring, jws_header: Any) -> None:
     kid = signing_key(ring).kid
     jws_header = json.loads(json.dumps(jws_header).replace("SIGNER", kid))
@@ -309,8 +370,12 @@ def test_unexpected_jws_headers_are_malformed(ring: Keyring, jws_header: Any) ->
 
 def test_alg_none_with_empty_signature_is_refused(ring: Keyring) -> None:
     kid = signing_key(ring).kid
-    unsigned = b64url.encode(json.dumps({"alg": "none", "kid": kid}).encode()) + "." + b64url.encode(
-        json.dumps(claims_dict()).encode()) + "."
+    unsigned = (
+        b64url.encode(json.dumps({"alg": "none", "kid": kid}).encode())
+        + "."
+        + b64url.encode(json.dumps(claims_dict()).encode())
+        + "."
+    )
     fleet = fleet_key(ring)
     assert refused(encrypt(unsigned, key=fleet.key, kid=fleet.kid), ring).reason == "malformed"
 
@@ -320,8 +385,11 @@ def test_hs256_signed_with_the_public_key_is_refused(ring: Keyring) -> None:
     import hmac
 
     kid = signing_key(ring).kid
-    signing_input = b64url.encode(json.dumps({"alg": "HS256", "kid": kid}).encode()) + "." + b64url.encode(
-        json.dumps(claims_dict()).encode())
+    signing_input = (
+        b64url.encode(json.dumps({"alg": "HS256", "kid": kid}).encode())
+        + "."
+        + b64url.encode(json.dumps(claims_dict()).encode())
+    )
     mac = hmac.new(signing_key(ring).public, signing_input.encode(), hashlib.sha256).digest()
     fleet = fleet_key(ring)
     tok = encrypt(signing_input + "." + b64url.encode(mac), key=fleet.key, kid=fleet.kid)
@@ -340,8 +408,9 @@ def test_unknown_fleet_key(ring: Keyring) -> None:
 
 def test_decrypt_failed_with_another_key_under_the_same_kid(ring: Keyring) -> None:
     fleet = fleet_key(ring)
-    impostor = Keyring(ring.signing, {fleet.kid: FleetKey(fleet.kid, secrets.token_bytes(32), NOW)},
-                       ring.active_signing, fleet.kid)
+    impostor = Keyring(
+        ring.signing, {fleet.kid: FleetKey(fleet.kid, secrets.token_bytes(32), NOW)}, ring.active_signing, fleet.kid
+    )
     exc = refused(token.mint(make_claims(), impostor), ring)
     assert (exc.reason, exc.code, exc.status) == ("decrypt_failed", "token_invalid", 401)
     assert token.verify(token.mint(make_claims(), impostor), impostor, NOW)
@@ -402,32 +471,62 @@ def test_bad_signature_when_the_payload_changed_after_signing(ring: Keyring) -> 
     assert refused(tok, ring).reason == "bad_signature"
 
 
-@pytest.mark.parametrize("aud", [None, "console-proxy ", "Console-Proxy", "broker", ["broker"], [], 1,
-                                 {"console-proxy": 1}])
+@pytest.mark.parametrize(
+    "aud", [None, "console-proxy ", "Console-Proxy", "broker", ["broker"], [], 1, {"console-proxy": 1}]
+)
 def test_wrong_audience(ring: Keyring, aud: Any) -> None:
     exc = refused(forge(ring, claims_dict(aud=aud)), ring)
     assert (exc.reason, exc.code, exc.status) == ("wrong_audience", "token_invalid", 401)
 
 
 BAD_CLAIMS: list[tuple[str, dict[str, Any]]] = [
-    ("port 0", {"port": 0}), ("port 65536", {"port": 65536}), ("port -1", {"port": -1}),
-    ("bool port", {"port": True}), ("string port", {"port": "5900"}), ("float port", {"port": 5900.0}),
+    ("port 0", {"port": 0}),
+    ("port 65536", {"port": 65536}),
+    ("port -1", {"port": -1}),
+    ("bool port", {"port": True}),
+    ("string port", {"port": "5900"}),
+    ("float port", {"port": 5900.0}),
     ("no port", {"port": None}),
-    ("empty host", {"host": ""}), ("no host", {"host": None}), ("host with space", {"host": "a b"}),
-    ("host with slash", {"host": "a/b"}), ("host with at", {"host": "u@h"}), ("host control", {"host": "h\x00"}),
-    ("host int", {"host": 1}), ("long host", {"host": "h" * 254}),
-    ("missing jti", {"jti": None}), ("short jti", {"jti": "A" * 21}), ("long jti", {"jti": "A" * 129}),
+    ("empty host", {"host": ""}),
+    ("no host", {"host": None}),
+    ("host with space", {"host": "a b"}),
+    ("host with slash", {"host": "a/b"}),
+    ("host with at", {"host": "u@h"}),
+    ("host control", {"host": "h\x00"}),
+    ("host int", {"host": 1}),
+    ("long host", {"host": "h" * 254}),
+    ("missing jti", {"jti": None}),
+    ("short jti", {"jti": "A" * 21}),
+    ("long jti", {"jti": "A" * 129}),
     ("int jti", {"jti": 12345678901234567890123}),
-    ("missing iss", {"iss": None}), ("empty iss", {"iss": ""}), ("missing sid", {"sid": None}),
-    ("string iat", {"iat": str(NOW)}), ("float exp", {"exp": NOW + 60.0}), ("bool nbf", {"nbf": True}),
-    ("missing exp", {"exp": None}), ("negative iat", {"iat": -1}),
-    ("nbf == exp", {"nbf": NOW + 60}), ("nbf > exp", {"nbf": NOW + 61}), ("nbf < iat", {"nbf": NOW - 1}),
-    ("empty pw", {"pw": ""}), ("int pw", {"pw": 1234}), ("long pw", {"pw": "p" * 257}),
-    ("string ro", {"ro": "yes"}), ("int once", {"once": 1}), ("null-like ro", {"ro": 0}),
-    ("tls list", {"tls": ["ca"]}), ("tls extra member", {"tls": {"require": True, "verify": False}}),
-    ("tls ca int", {"tls": {"ca": 1}}), ("tls require string", {"tls": {"require": "yes"}}),
-    ("cip not an address", {"cip": "10.0.0.300"}), ("cip cidr", {"cip": "10.0.0.0/8"}), ("cip int", {"cip": 10}),
-    ("vm int", {"vm": 1}), ("sub empty", {"sub": ""}), ("dn list", {"dn": ["x"]}), ("long dn", {"dn": "d" * 1025}),
+    ("missing iss", {"iss": None}),
+    ("empty iss", {"iss": ""}),
+    ("missing sid", {"sid": None}),
+    ("string iat", {"iat": str(NOW)}),
+    ("float exp", {"exp": NOW + 60.0}),
+    ("bool nbf", {"nbf": True}),
+    ("missing exp", {"exp": None}),
+    ("negative iat", {"iat": -1}),
+    ("nbf == exp", {"nbf": NOW + 60}),
+    ("nbf > exp", {"nbf": NOW + 61}),
+    ("nbf < iat", {"nbf": NOW - 1}),
+    ("empty pw", {"pw": ""}),
+    ("int pw", {"pw": 1234}),
+    ("long pw", {"pw": "p" * 257}),
+    ("string ro", {"ro": "yes"}),
+    ("int once", {"once": 1}),
+    ("null-like ro", {"ro": 0}),
+    ("tls list", {"tls": ["ca"]}),
+    ("tls extra member", {"tls": {"require": True, "verify": False}}),
+    ("tls ca int", {"tls": {"ca": 1}}),
+    ("tls require string", {"tls": {"require": "yes"}}),
+    ("cip not an address", {"cip": "10.0.0.300"}),
+    ("cip cidr", {"cip": "10.0.0.0/8"}),
+    ("cip int", {"cip": 10}),
+    ("vm int", {"vm": 1}),
+    ("sub empty", {"sub": ""}),
+    ("dn list", {"dn": ["x"]}),
+    ("long dn", {"dn": "d" * 1025}),
 ]
 
 
@@ -444,8 +543,9 @@ def test_bad_claims(ring: Keyring, name: str, overrides: dict[str, Any]) -> None
     assert PASSWORD not in str(exc)
 
 
-@pytest.mark.parametrize("payload", [b"not json", b"[1,2,3]", b'"string"', b"\xff\xfe", b"",
-                                     b'{"port":5901,"port":5902}', b"[" * 3000])
+@pytest.mark.parametrize(
+    "payload", [b"not json", b"[1,2,3]", b'"string"', b"\xff\xfe", b"", b'{"port":5901,"port":5902}', b"[" * 3000]
+)
 def test_bad_claims_payloads(ring: Keyring, payload: bytes) -> None:
     assert refused(forge(ring, payload), ring).reason == "bad_claims"
 
@@ -457,8 +557,16 @@ def test_duplicate_claim_members_are_refused_even_if_both_valid(ring: Keyring) -
 
 
 def test_boundary_claims_are_accepted(ring: Keyring) -> None:
-    for overrides in ({"port": 1}, {"port": 65535}, {"jti": "A" * 22}, {"jti": "A" * 128}, {"host": "h" * 253},
-                      {"nbf": NOW + 59}, {"host": "2001:db8::1"}, {"unknown_member": 1}):
+    for overrides in (
+        {"port": 1},
+        {"port": 65535},
+        {"jti": "A" * 22},
+        {"jti": "A" * 128},
+        {"host": "h" * 253},
+        {"nbf": NOW + 59},
+        {"host": "2001:db8::1"},
+        {"unknown_member": 1},
+    ):
         data = claims_dict(**overrides)
         assert token.verify(forge(ring, data), ring, NOW + 59)
 
@@ -470,7 +578,8 @@ def test_lifetime_too_long_against_the_keyrings_max_ttl(ring: Keyring) -> None:
     assert (exc.reason, exc.code, exc.status) == ("lifetime_too_long", "token_invalid", 401)
     # iat is what counts, not nbf
     assert refused(forge(ring, claims_dict(iat=NOW - 3001, nbf=NOW, exp=NOW + 600)), ring).reason == (
-        "lifetime_too_long")
+        "lifetime_too_long"
+    )
 
 
 def test_lifetime_too_long_against_an_explicit_max_ttl(ring: Keyring) -> None:
@@ -508,13 +617,15 @@ def test_unbound_token_accepts_any_client(ring: Keyring) -> None:
 
 # --- the order of the checks ----------------------------------------------------------------------------------------
 
+
 def test_checks_run_in_design_order(ring: Keyring) -> None:
     stranger = ECC.generate(curve="ed25519").seed
     known_kid = signing_key(ring).kid
     late = NOW + 10_000
     # signature before audience and claims
     assert refused(forge(ring, claims_dict(aud="x", port=0), signer=stranger, kid=known_kid), ring).reason == (
-        "bad_signature")
+        "bad_signature"
+    )
     # audience before claim schema
     assert refused(forge(ring, claims_dict(aud="x", port=0)), ring).reason == "wrong_audience"
     # claim schema before time; the time members' schema also before lifetime
@@ -530,6 +641,7 @@ def test_checks_run_in_design_order(ring: Keyring) -> None:
 
 # --- secrets never leak ---------------------------------------------------------------------------------------------
 
+
 def test_masked_and_repr_hide_the_password(ring: Keyring) -> None:
     claims = full_claims()
     shown = claims.masked()
@@ -544,9 +656,16 @@ def test_masked_and_repr_hide_the_password(ring: Keyring) -> None:
 
 def test_refusals_never_carry_the_password_or_the_token(ring: Keyring) -> None:
     tok = token.mint(make_claims(client_ip="10.0.0.1"), ring)
-    cases = [refused(tok, ring, NOW + 10_000), refused(tok, ring, NOW - 1000), refused(tok, ring, client_ip="1.1.1.1"),
-             refused(tok, ring, max_ttl=10), refused(tok[:-2], ring), refused(tok, new_ring()),
-             refused(forge(ring, claims_dict(port=0)), ring), refused(tok + "A" * MAX_TOKEN_LENGTH, ring)]
+    cases = [
+        refused(tok, ring, NOW + 10_000),
+        refused(tok, ring, NOW - 1000),
+        refused(tok, ring, client_ip="1.1.1.1"),
+        refused(tok, ring, max_ttl=10),
+        refused(tok[:-2], ring),
+        refused(tok, new_ring()),
+        refused(forge(ring, claims_dict(port=0)), ring),
+        refused(tok + "A" * MAX_TOKEN_LENGTH, ring),
+    ]
     for exc in cases:
         for text in (str(exc), repr(exc), exc.detail, exc.public_message, repr(exc.args), repr(exc.claims)):
             assert PASSWORD not in text and tok[:40] not in text and tok[-40:] not in text
@@ -587,7 +706,8 @@ def test_openssl_codec_agrees_with_an_independent_implementation(ring: Keyring) 
     jws = cipher.decrypt_and_verify(b64url.decode(ct_b64), b64url.decode(tag_b64))
     signing_input, _, signature = jws.rpartition(b".")
     eddsa.new(eddsa.import_public_key(signing_key(ring).public), "rfc8032").verify(
-        signing_input, b64url.decode(signature.decode("ascii")))
+        signing_input, b64url.decode(signature.decode("ascii"))
+    )
     seed = ECC.generate(curve="ed25519").seed
     stranger = eddsa.new(eddsa.import_private_key(seed), "rfc8032")
     assert not signing_key(ring).verify(signing_input, stranger.sign(signing_input))

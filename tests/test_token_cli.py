@@ -38,7 +38,7 @@ class Result:
 
     def claims(self) -> dict[str, Any]:
         (line,) = [line for line in self.out.splitlines() if line.startswith("claims: ")]
-        return json.loads(line[len("claims: "):])
+        return json.loads(line[len("claims: ") :])
 
 
 def call(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str], *, secret_in_argv: bool = False) -> Result:
@@ -80,8 +80,13 @@ def files(tmp_path: Path) -> dict[str, Path]:
     secret.write_text(PASSWORD + "\n", encoding="utf-8")
     ca = tmp_path / "ca.pem"
     ca.write_text(CA_PEM)
-    return {"broker": tmp_path / "broker.json", "proxy": tmp_path / "proxy.json", "pw": secret, "ca": ca,
-            "dir": tmp_path}
+    return {
+        "broker": tmp_path / "broker.json",
+        "proxy": tmp_path / "proxy.json",
+        "pw": secret,
+        "ca": ca,
+        "dir": tmp_path,
+    }
 
 
 @pytest.fixture()
@@ -89,14 +94,32 @@ def ready(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> dict[st
     """A broker keyring and its proxy export, made at START."""
     with freeze_time(START):
         assert broker(["keys", "init", "--keyring", str(files["broker"])], capsys).code == 0
-        assert broker(["keys", "export-proxy", "--keyring", str(files["broker"]), "--out", str(files["proxy"])],
-                      capsys).code == 0
+        assert (
+            broker(
+                ["keys", "export-proxy", "--keyring", str(files["broker"]), "--out", str(files["proxy"])], capsys
+            ).code
+            == 0
+        )
     return files
 
 
 def mint(files: dict[str, Path], capsys: pytest.CaptureFixture[str], *extra: str) -> str:
-    result = broker(["token", "mint", "--keyring", str(files["broker"]), "--host", "10.0.0.5", "--port", "5901",
-                     "--password-file", str(files["pw"]), *extra], capsys)
+    result = broker(
+        [
+            "token",
+            "mint",
+            "--keyring",
+            str(files["broker"]),
+            "--host",
+            "10.0.0.5",
+            "--port",
+            "5901",
+            "--password-file",
+            str(files["pw"]),
+            *extra,
+        ],
+        capsys,
+    )
     assert result.code == 0, result.err
     assert result.err == ""
     (tok,) = result.out.splitlines()
@@ -105,8 +128,10 @@ def mint(files: dict[str, Path], capsys: pytest.CaptureFixture[str], *extra: str
 
 # --- keys -----------------------------------------------------------------------------------------------------------
 
-def test_keys_init_refuses_to_overwrite_and_force_replaces(files: dict[str, Path],
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+
+def test_keys_init_refuses_to_overwrite_and_force_replaces(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     path = files["broker"]
     first = broker(["keys", "init", "--keyring", str(path), "--max-ttl", "900"], capsys)
     assert first.code == 0 and str(path) in first.out
@@ -124,8 +149,9 @@ def test_keys_init_refuses_to_overwrite_and_force_replaces(files: dict[str, Path
     replaced = keyring.load(path)
     assert replaced.active_signing != ring.active_signing and replaced.max_ttl == keyring.DEFAULT_MAX_TTL
 
-    assert_error(broker(["keys", "init", "--keyring", str(files["dir"] / "x.json"), "--max-ttl", "0"], capsys),
-                 "console-broker")
+    assert_error(
+        broker(["keys", "init", "--keyring", str(files["dir"] / "x.json"), "--max-ttl", "0"], capsys), "console-broker"
+    )
     assert not (files["dir"] / "x.json").exists()
 
 
@@ -137,15 +163,20 @@ def test_keys_rotate_list_and_export(ready: dict[str, Path], capsys: pytest.Capt
     assert rotated.code == 0 and "version 2" in rotated.out
     ring = keyring.load(path)
     assert ring.active_signing != old.active_signing and ring.active_fleet != old.active_fleet
-    assert ring.signing[old.active_signing or ""].verify_until == int(
-        (START + timedelta(days=1)).timestamp()) + ring.max_ttl + keyring.DEFAULT_SKEW
+    assert (
+        ring.signing[old.active_signing or ""].verify_until
+        == int((START + timedelta(days=1)).timestamp()) + ring.max_ttl + keyring.DEFAULT_SKEW
+    )
 
     listed = broker(["keys", "list", "--keyring", str(path)], capsys)
     assert listed.code == 0
     rows = json.loads(listed.out)["keys"]
     assert {(r["kid"], r["status"]) for r in rows} == {
-        (old.active_signing, "verify-only"), (old.active_fleet, "verify-only"),
-        (ring.active_signing, "active"), (ring.active_fleet, "active")}
+        (old.active_signing, "verify-only"),
+        (old.active_fleet, "verify-only"),
+        (ring.active_signing, "active"),
+        (ring.active_fleet, "active"),
+    }
     for secret in _key_material(path):
         assert secret not in listed.out
 
@@ -172,19 +203,36 @@ def test_keys_with_a_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert keyring.load(state / "keyring.json").version == 2
     listed = broker(["keys", "list", "--state-dir", str(state)], capsys)
     assert len(json.loads(listed.out)["keys"]) == 4
-    assert_error(broker(["keys", "list", "--state-dir", str(state), "--keyring", str(state / "keyring.json")],
-                        capsys), "console-broker")
+    assert_error(
+        broker(["keys", "list", "--state-dir", str(state), "--keyring", str(state / "keyring.json")], capsys),
+        "console-broker",
+    )
 
 
 # --- mint and inspect -----------------------------------------------------------------------------------------------
 
+
 def test_mint_with_every_option_and_inspect(ready: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     with freeze_time(START):
-        tok = mint(ready, capsys, "--ttl", "300", "--view-only", "--client-ip", "192.0.2.7", "--single-use",
-                   "--vm", "vm-42", "--user", "alice", "--desktop-name", "Alice's desktop",
-                   "--tls-ca", str(ready["ca"]))
-        result = proxy(["token", "inspect", "--keyring", str(ready["proxy"]), "--client-ip", "192.0.2.7", tok],
-                       capsys)
+        tok = mint(
+            ready,
+            capsys,
+            "--ttl",
+            "300",
+            "--view-only",
+            "--client-ip",
+            "192.0.2.7",
+            "--single-use",
+            "--vm",
+            "vm-42",
+            "--user",
+            "alice",
+            "--desktop-name",
+            "Alice's desktop",
+            "--tls-ca",
+            str(ready["ca"]),
+        )
+        result = proxy(["token", "inspect", "--keyring", str(ready["proxy"]), "--client-ip", "192.0.2.7", tok], capsys)
     assert result.code == 0, result.out
     assert result.last == "accepted"
     assert result.out.startswith("verdict: accepted") and "single use" in result.out.splitlines()[0]
@@ -192,11 +240,22 @@ def test_mint_with_every_option_and_inspect(ready: dict[str, Path], capsys: pyte
     claims = result.claims()
     assert claims["pw"] == "********"
     assert claims["tls"] == {"ca": f"<{len(CA_PEM.rstrip())} bytes of PEM>", "require": True}
-    assert {k: claims[k] for k in ("host", "port", "ro", "once", "vm", "sub", "dn", "cip", "aud", "iat", "nbf",
-                                   "exp")} == {
-        "host": "10.0.0.5", "port": 5901, "ro": True, "once": True, "vm": "vm-42", "sub": "alice",
-        "dn": "Alice's desktop", "cip": "192.0.2.7", "aud": "console-proxy", "iat": now, "nbf": now,
-        "exp": now + 300}
+    assert {
+        k: claims[k] for k in ("host", "port", "ro", "once", "vm", "sub", "dn", "cip", "aud", "iat", "nbf", "exp")
+    } == {
+        "host": "10.0.0.5",
+        "port": 5901,
+        "ro": True,
+        "once": True,
+        "vm": "vm-42",
+        "sub": "alice",
+        "dn": "Alice's desktop",
+        "cip": "192.0.2.7",
+        "aud": "console-proxy",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+    }
     assert "BEGIN CERTIFICATE" not in result.out
     # the real claims carry the password and the CA, without the file's newline
     full = token.verify(tok, keyring.load(ready["proxy"]), now, client_ip="192.0.2.7")
@@ -215,8 +274,9 @@ def test_mint_defaults_reusable_and_anon_tls(ready: dict[str, Path], capsys: pyt
     assert token.verify(reusable, ring, now).once is False
 
 
-def test_inspect_reads_the_token_from_stdin(ready: dict[str, Path], capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_reads_the_token_from_stdin(
+    ready: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     with freeze_time(START):
         tok = mint(ready, capsys)
         monkeypatch.setattr("sys.stdin", io.StringIO(tok + "\n"))
@@ -280,6 +340,7 @@ def test_inspect_refusals(ready: dict[str, Path], capsys: pytest.CaptureFixture[
 
 # --- errors ---------------------------------------------------------------------------------------------------------
 
+
 def test_mint_argument_errors(ready: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     base = ["token", "mint", "--keyring", str(ready["broker"])]
     usage = [
@@ -295,8 +356,9 @@ def test_mint_argument_errors(ready: dict[str, Path], capsys: pytest.CaptureFixt
     for argv in usage:
         assert_error(broker(argv, capsys), "console-broker", usage=True)
     # no abbreviated options: --password is not --password-file (which would try to open a file named the password)
-    typo = call(broker_cli.main, base + ["--host", "h", "--port", "5900", "--password", "hunter2"], capsys,
-                secret_in_argv=True)
+    typo = call(
+        broker_cli.main, base + ["--host", "h", "--port", "5900", "--password", "hunter2"], capsys, secret_in_argv=True
+    )
     assert_error(typo, "console-broker", usage=True)
     assert "unrecognized arguments" in typo.err and "cannot read" not in typo.err
     failing = [
@@ -315,12 +377,26 @@ def test_mint_argument_errors(ready: dict[str, Path], capsys: pytest.CaptureFixt
         assert_error(broker(argv, capsys), "console-broker")
 
 
-def test_password_file_content_is_never_echoed_in_errors(ready: dict[str, Path],
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_password_file_content_is_never_echoed_in_errors(
+    ready: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = ready["dir"] / "latin1"
     bad.write_bytes(PASSWORD.encode("latin-1", "replace") + b"\xff")
-    result = broker(["token", "mint", "--keyring", str(ready["broker"]), "--host", "h", "--port", "5900",
-                     "--password-file", str(bad)], capsys)
+    result = broker(
+        [
+            "token",
+            "mint",
+            "--keyring",
+            str(ready["broker"]),
+            "--host",
+            "h",
+            "--port",
+            "5900",
+            "--password-file",
+            str(bad),
+        ],
+        capsys,
+    )
     assert_error(result, "console-broker")
 
 
@@ -335,8 +411,11 @@ def test_keyring_errors(ready: dict[str, Path], capsys: pytest.CaptureFixture[st
         (broker, ["token", "mint", "--keyring", str(corrupt), *mint_args], "corrupt.json"),
         (broker, ["token", "mint", "--keyring", str(ready["proxy"]), *mint_args], "proxy keyring"),
         (broker, ["keys", "rotate", "--keyring", str(ready["proxy"])], "proxy keyring"),
-        (broker, ["keys", "export-proxy", "--keyring", str(ready["proxy"]), "--out", str(ready["dir"] / "o.json")],
-         "proxy keyring"),
+        (
+            broker,
+            ["keys", "export-proxy", "--keyring", str(ready["proxy"]), "--out", str(ready["dir"] / "o.json")],
+            "proxy keyring",
+        ),
         (broker, ["keys", "list", "--keyring", str(corrupt)], "corrupt.json"),
         (broker, ["keys", "rotate", "--keyring", str(absent)], "absent.json"),
         (proxy, ["token", "inspect", "--keyring", str(absent), "x"], "absent.json"),
@@ -356,11 +435,15 @@ def test_keyring_errors(ready: dict[str, Path], capsys: pytest.CaptureFixture[st
 def test_inspect_usage_errors(ready: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert_error(proxy(["token", "inspect", "x"], capsys), "console-proxy", usage=True)
     assert_error(proxy(["token", "inspect", "--keyring", str(ready["proxy"])], capsys), "console-proxy", usage=True)
-    assert_error(proxy(["token", "inspect", "--keyring", str(ready["proxy"]), "--skew", "lots", "x"], capsys),
-                 "console-proxy", usage=True)
+    assert_error(
+        proxy(["token", "inspect", "--keyring", str(ready["proxy"]), "--skew", "lots", "x"], capsys),
+        "console-proxy",
+        usage=True,
+    )
 
 
 # --- the installed console scripts ----------------------------------------------------------------------------------
+
 
 def _run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, capture_output=True, text=True, input=stdin, timeout=60, check=False)
@@ -372,10 +455,28 @@ def _run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
 def test_console_scripts_end_to_end(files: dict[str, Path]) -> None:
     broker_file, proxy_file = str(files["broker"]), str(files["proxy"])
     assert _run(str(BIN / "console-broker"), "keys", "init", "--keyring", broker_file).returncode == 0
-    assert _run(str(BIN / "console-broker"), "keys", "export-proxy", "--keyring", broker_file,
-                "--out", proxy_file).returncode == 0
-    minted = _run(str(BIN / "console-broker"), "token", "mint", "--keyring", broker_file, "--host", "127.0.0.1",
-                  "--port", "5900", "--password-file", str(files["pw"]), "--ttl", "120", "--view-only")
+    assert (
+        _run(
+            str(BIN / "console-broker"), "keys", "export-proxy", "--keyring", broker_file, "--out", proxy_file
+        ).returncode
+        == 0
+    )
+    minted = _run(
+        str(BIN / "console-broker"),
+        "token",
+        "mint",
+        "--keyring",
+        broker_file,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5900",
+        "--password-file",
+        str(files["pw"]),
+        "--ttl",
+        "120",
+        "--view-only",
+    )
     assert minted.returncode == 0 and minted.stderr == ""
     tok = minted.stdout.strip()
     inspected = _run(str(BIN / "console-proxy"), "token", "inspect", "--keyring", proxy_file, "-", stdin=tok + "\n")
@@ -385,10 +486,20 @@ def test_console_scripts_end_to_end(files: dict[str, Path]) -> None:
 
 
 def test_console_scripts_fail_with_one_line(files: dict[str, Path]) -> None:
-    done = _run(str(BIN / "console-broker"), "token", "mint", "--keyring", str(files["dir"] / "absent.json"),
-                "--host", "h", "--port", "5900")
+    done = _run(
+        str(BIN / "console-broker"),
+        "token",
+        "mint",
+        "--keyring",
+        str(files["dir"] / "absent.json"),
+        "--host",
+        "h",
+        "--port",
+        "5900",
+    )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("console-broker: error: ") and len(done.stderr.strip().splitlines()) == 1
-    expired = _run(str(BIN / "console-proxy"), "token", "inspect", "--keyring", str(files["dir"] / "absent.json"),
-                   "abc")
+    expired = _run(
+        str(BIN / "console-proxy"), "token", "inspect", "--keyring", str(files["dir"] / "absent.json"), "abc"
+    )
     assert expired.returncode == 1 and expired.stderr.startswith("console-proxy: error: ")

@@ -72,8 +72,9 @@ def _jwcrypto_token(broker: dict[str, Any], claims: dict[str, Any], sig_kid: str
     signed = jws.JWS(json.dumps(claims).encode("utf-8"))
     signed.add_signature(_jwk(broker, sig_kid), alg="EdDSA", protected=json.dumps({"alg": "EdDSA", "kid": sig_kid}))
     inner = signed.serialize(compact=True)
-    envelope = jwe.JWE(inner.encode("ascii"), protected=json.dumps(
-        {"alg": "dir", "enc": "A256GCM", "kid": fleet_kid, "cty": "JWT"}))
+    envelope = jwe.JWE(
+        inner.encode("ascii"), protected=json.dumps({"alg": "dir", "enc": "A256GCM", "kid": fleet_kid, "cty": "JWT"})
+    )
     envelope.add_recipient(_jwk(broker, fleet_kid))
     return envelope.serialize(compact=True)
 
@@ -93,12 +94,17 @@ def test_we_accept_a_token_jwcrypto_built(rings: tuple[keyring.Keyring, dict, di
     # the verify-only (rotated-out) keys are equally good for verification
     old_sig = next(kid for kid in ring.signing if kid != ring.active_signing)
     old_fleet = next(kid for kid in ring.fleet if kid != ring.active_fleet)
-    assert token.verify(_jwcrypto_token(broker, claims.to_json_dict(), old_sig, old_fleet), proxy, NOW,
-                        client_ip="192.0.2.44") == claims
+    assert (
+        token.verify(
+            _jwcrypto_token(broker, claims.to_json_dict(), old_sig, old_fleet), proxy, NOW, client_ip="192.0.2.44"
+        )
+        == claims
+    )
 
 
-def test_we_refuse_jwcrypto_tokens_that_break_our_rules(rings: tuple[keyring.Keyring, dict, dict],
-                                                          tmp_path: Path) -> None:
+def test_we_refuse_jwcrypto_tokens_that_break_our_rules(
+    rings: tuple[keyring.Keyring, dict, dict], tmp_path: Path
+) -> None:
     ring, broker, _ = rings
     proxy = keyring.load(tmp_path / "proxy.json")
     sig_kid, fleet_kid = ring.active_signing or "", ring.active_fleet or ""
@@ -106,10 +112,13 @@ def test_we_refuse_jwcrypto_tokens_that_break_our_rules(rings: tuple[keyring.Key
 
     # a JWS header with an extra member (typ) is not format v1
     signed = jws.JWS(json.dumps(claims).encode())
-    signed.add_signature(_jwk(broker, sig_kid), alg="EdDSA",
-                         protected=json.dumps({"alg": "EdDSA", "kid": sig_kid, "typ": "JWT"}))
-    envelope = jwe.JWE(signed.serialize(compact=True).encode(), protected=json.dumps(
-        {"alg": "dir", "enc": "A256GCM", "kid": fleet_kid, "cty": "JWT"}))
+    signed.add_signature(
+        _jwk(broker, sig_kid), alg="EdDSA", protected=json.dumps({"alg": "EdDSA", "kid": sig_kid, "typ": "JWT"})
+    )
+    envelope = jwe.JWE(
+        signed.serialize(compact=True).encode(),
+        protected=json.dumps({"alg": "dir", "enc": "A256GCM", "kid": fleet_kid, "cty": "JWT"}),
+    )
     envelope.add_recipient(_jwk(broker, fleet_kid))
     with pytest.raises(TokenRefused) as info:
         token.verify(envelope.serialize(compact=True), proxy, NOW)
@@ -123,8 +132,7 @@ def test_we_refuse_jwcrypto_tokens_that_break_our_rules(rings: tuple[keyring.Key
 
     # A128GCM with a 128-bit key is not ours
     small = jwk.JWK.generate(kty="oct", size=128, kid=fleet_kid)
-    envelope = jwe.JWE(b"x.y.z", protected=json.dumps({"alg": "dir", "enc": "A128GCM", "kid": fleet_kid,
-                                                        "cty": "JWT"}))
+    envelope = jwe.JWE(b"x.y.z", protected=json.dumps({"alg": "dir", "enc": "A128GCM", "kid": fleet_kid, "cty": "JWT"}))
     envelope.add_recipient(small)
     with pytest.raises(TokenRefused) as info:
         token.verify(envelope.serialize(compact=True), proxy, NOW)

@@ -16,8 +16,11 @@ from console_proxy import b64url, token
 from console_proxy.token import TokenRefused
 
 RING = new_ring()
-TOKENS = [token.mint(make_claims(), RING), token.mint(make_claims(password=None, ttl=1), RING),
-          token.mint(full_claims(), RING)]
+TOKENS = [
+    token.mint(make_claims(), RING),
+    token.mint(make_claims(password=None, ttl=1), RING),
+    token.mint(full_claims(), RING),
+]
 B64 = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
 BOUNDED = settings(max_examples=200, deadline=None)
 
@@ -48,7 +51,7 @@ tokens = st.sampled_from(TOKENS)
 def test_every_truncation_is_refused(tok: str, data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(tok) - 1))
     assert_refused(tok[:cut])
-    assert_refused(tok[cut + 1:])
+    assert_refused(tok[cut + 1 :])
 
 
 def test_every_truncation_of_one_token_exhaustively() -> None:
@@ -62,7 +65,7 @@ def test_every_truncation_of_one_token_exhaustively() -> None:
 def test_single_bit_flips_are_refused(tok: str, data: st.DataObject) -> None:
     index = data.draw(st.integers(0, len(tok) - 1))
     bit = data.draw(st.integers(0, 7))
-    flipped = tok[:index] + chr(ord(tok[index]) ^ (1 << bit)) + tok[index + 1:]
+    flipped = tok[:index] + chr(ord(tok[index]) ^ (1 << bit)) + tok[index + 1 :]
     assert_refused(flipped)
 
 
@@ -81,7 +84,7 @@ def test_segment_duplication_and_removal_are_refused(tok: str, i: int, j: int) -
     segments = tok.split(".")
     duplicated = segments[:j] + [segments[i]] + segments[j:]
     assert_refused(".".join(duplicated))
-    assert_refused(".".join(segments[:i] + segments[i + 1:]))
+    assert_refused(".".join(segments[:i] + segments[i + 1 :]))
 
 
 @BOUNDED
@@ -193,9 +196,9 @@ def test_changes_to_the_inner_jws_under_a_valid_encryption_are_refused(data: st.
     kind = data.draw(st.sampled_from(["flip", "truncate", "append", "swap"]))
     if kind == "flip":
         index = data.draw(st.integers(0, len(jws) - 1))
-        changed = jws[:index] + chr(ord(jws[index]) ^ (1 << data.draw(st.integers(0, 6)))) + jws[index + 1:]
+        changed = jws[:index] + chr(ord(jws[index]) ^ (1 << data.draw(st.integers(0, 6)))) + jws[index + 1 :]
     elif kind == "truncate":
-        changed = jws[:data.draw(st.integers(1, len(jws) - 1))]
+        changed = jws[: data.draw(st.integers(1, len(jws) - 1))]
     elif kind == "append":
         changed = jws + data.draw(st.text(alphabet=B64 + ".=", min_size=1, max_size=10))
     else:

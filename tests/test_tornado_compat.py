@@ -25,15 +25,18 @@ from tornado.iostream import IOStream
 from console_proxy import tornado_compat
 from console_proxy.handlerlog import PathOnlyLogging
 
-UPGRADE = (f"Tornado {tornado.version} changed an internal that console_proxy/tornado_compat.py relies "
-           f"on (checked against {tornado_compat.CHECKED_AGAINST})")
+UPGRADE = (
+    f"Tornado {tornado.version} changed an internal that console_proxy/tornado_compat.py relies "
+    f"on (checked against {tornado_compat.CHECKED_AGAINST})"
+)
 
 
 def _private(obj: object, name: str, expected: type) -> object:
     assert hasattr(obj, name), f"{UPGRADE}: {type(obj).__name__}.{name} is gone"
     value = getattr(obj, name)
     assert isinstance(value, expected), (
-        f"{UPGRADE}: {type(obj).__name__}.{name} is a {type(value).__name__}, not a {expected.__name__}")
+        f"{UPGRADE}: {type(obj).__name__}.{name} is a {type(value).__name__}, not a {expected.__name__}"
+    )
     return value
 
 
@@ -59,11 +62,13 @@ def test_iostream_read_buffer_is_a_bytearray_with_a_size(pair: tuple[socket.sock
             assert not hasattr(stream, "_read_buffer_pos"), f"{UPGRADE}: IOStream has a _read_buffer_pos again"
         finally:
             stream.close()
+
     asyncio.run(scenario())
 
 
 def test_preloaded_bytes_are_read_first_then_the_sockets(pair: tuple[socket.socket, socket.socket]) -> None:
     """What the front door does: bytes put in the buffer come out of Tornado's reads, in order."""
+
     async def scenario() -> bytes:
         stream = IOStream(pair[0])
         try:
@@ -72,12 +77,15 @@ def test_preloaded_bytes_are_read_first_then_the_sockets(pair: tuple[socket.sock
             return await asyncio.wait_for(stream.read_until(b"\r\n\r\n"), 10)
         finally:
             stream.close()
-    assert asyncio.run(scenario()) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", \
+
+    assert asyncio.run(scenario()) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", (
         f"{UPGRADE}: bytes put in IOStream._read_buffer are not what Tornado reads first"
+    )
 
 
 def test_unread_bytes_are_what_tornado_read_past_a_request(pair: tuple[socket.socket, socket.socket]) -> None:
     """What the websocket hand-over does: bytes Tornado read past what it returned are found."""
+
     async def scenario() -> tuple[bytes, bytes]:
         stream = IOStream(pair[0])
         try:
@@ -86,13 +94,18 @@ def test_unread_bytes_are_what_tornado_read_past_a_request(pair: tuple[socket.so
             return head, tornado_compat.unread_bytes(stream)
         finally:
             stream.close()
-    assert asyncio.run(scenario()) == (b"HEAD\r\n\r\n", b"frames"), \
+
+    assert asyncio.run(scenario()) == (b"HEAD\r\n\r\n", b"frames"), (
         f"{UPGRADE}: IOStream._read_buffer no longer holds the bytes read past a request"
+    )
 
 
 def _handler(cls: type[tornado.web.RequestHandler]) -> tornado.web.RequestHandler:
-    request = HTTPServerRequest(start_line=RequestStartLine("GET", "/path?token=secret", "HTTP/1.1"),
-                                headers=HTTPHeaders({"Host": "127.0.0.1"}), connection=mock.Mock())
+    request = HTTPServerRequest(
+        start_line=RequestStartLine("GET", "/path?token=secret", "HTTP/1.1"),
+        headers=HTTPHeaders({"Host": "127.0.0.1"}),
+        connection=mock.Mock(),
+    )
     return cls(tornado.web.Application(), request)
 
 
@@ -101,8 +114,9 @@ def test_request_handler_reason_is_the_phrase_set_status_chose() -> None:
     handler.set_status(404)
     assert _private(handler, tornado_compat.REASON, str) == "Not Found"
     handler.set_status(418, "a teapot")
-    assert tornado_compat.response_reason(handler) == "a teapot", \
+    assert tornado_compat.response_reason(handler) == "a teapot", (
         f"{UPGRADE}: RequestHandler._reason is not the reason set_status was given"
+    )
 
 
 def test_request_summary_is_still_what_tornado_logs_a_request_by() -> None:
@@ -114,6 +128,7 @@ def test_request_summary_is_still_what_tornado_logs_a_request_by() -> None:
 
     class Handler(PathOnlyLogging, tornado.web.RequestHandler):
         pass
+
     summary = getattr(_handler(Handler), name)()
     assert "/path" in summary
     assert "secret" not in summary
@@ -122,13 +137,15 @@ def test_request_summary_is_still_what_tornado_logs_a_request_by() -> None:
 def test_no_module_but_tornado_compat_reads_these_internals() -> None:
     """The wall holds: a new use of one of these internals goes through tornado_compat."""
     repo = Path(__file__).resolve().parent.parent
-    names = (tornado_compat.READ_BUFFER, tornado_compat.READ_BUFFER_SIZE, tornado_compat.REASON,
-             "_read_buffer_pos")
+    names = (tornado_compat.READ_BUFFER, tornado_compat.READ_BUFFER_SIZE, tornado_compat.REASON, "_read_buffer_pos")
     alternatives = "|".join(names)
     pattern = re.compile(rf"\.({alternatives})\b|\"({alternatives})\"")
-    offenders = [f"{path.relative_to(repo)}:{number}"
-                 for package in ("console_proxy", "broker") for path in sorted((repo / package).rglob("*.py"))
-                 if path.name != "tornado_compat.py"
-                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-                 if pattern.search(line)]
+    offenders = [
+        f"{path.relative_to(repo)}:{number}"
+        for package in ("console_proxy", "broker")
+        for path in sorted((repo / package).rglob("*.py"))
+        if path.name != "tornado_compat.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not offenders, f"Tornado internals read outside console_proxy/tornado_compat.py: {offenders}"

@@ -77,15 +77,19 @@ def demanding_server(request: pytest.FixtureRequest, test_pki: TestPki) -> Itera
 
 
 def test_an_alert_about_the_missing_client_certificate_is_4501(
-        demanding_server: CertificateDemandingServer, test_pki: TestPki) -> None:
+    demanding_server: CertificateDemandingServer, test_pki: TestPki
+) -> None:
     async def scenario() -> ConsoleSession:
-        claims = token.new_claims(host="127.0.0.1", port=demanding_server.port, now=time.time(), ttl=60,
-                                  tls={"ca": test_pki.ca_pem})
+        claims = token.new_claims(
+            host="127.0.0.1", port=demanding_server.port, now=time.time(), ttl=60, tls={"ca": test_pki.ca_pem}
+        )
         ended: asyncio.Future[ConsoleSession] = asyncio.get_running_loop().create_future()
-        session = ConsoleSession(claims, ProxyConfig(), QuietBrowser(), "127.0.0.1",
-                                 on_open=lambda _s: None, on_end=ended.set_result)
+        session = ConsoleSession(
+            claims, ProxyConfig(), QuietBrowser(), "127.0.0.1", on_open=lambda _s: None, on_end=ended.set_result
+        )
         session.start()
         return await asyncio.wait_for(ended, 10)
+
     session = asyncio.run(scenario())
     assert session.ending is not None
     assert (session.ending.code, session.ending.detail) == (4501, "the console server requires a client certificate")

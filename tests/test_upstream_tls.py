@@ -92,6 +92,7 @@ def test_client_contexts() -> None:
 
 # --- a server that wants a client certificate ----------------------------------------------
 
+
 def _ssl_error(reason: str, kind: type[ssl.SSLError] = ssl.SSLError) -> ssl.SSLError:
     error = kind(1, f"[SSL: {reason}] alert")
     error.reason = reason  # what OpenSSL fills in
@@ -113,8 +114,7 @@ def _ssl_error(reason: str, kind: type[ssl.SSLError] = ssl.SSLError) -> ssl.SSLE
         (_ssl_error("DECRYPTION_FAILED_OR_BAD_RECORD_MAC"), True, True, False),
     ],
 )
-def test_client_certificate_refusal(error: BaseException | None, requested: bool, quiet: bool,
-                                    verdict: bool) -> None:
+def test_client_certificate_refusal(error: BaseException | None, requested: bool, quiet: bool, verdict: bool) -> None:
     assert is_client_certificate_refusal(error, requested=requested, quiet=quiet) is verdict
 
 

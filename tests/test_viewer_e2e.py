@@ -64,6 +64,7 @@ def open_page(chromium: Chromium, x_clients: object, request: pytest.FixtureRequ
     def _open() -> Page:
         pages.append(chromium.new_page())
         return pages[-1]
+
     yield _open
     for number, page in enumerate(pages):
         suffix = f"-{number}" if len(pages) > 1 else ""
@@ -83,9 +84,13 @@ def x_clients(xvnc_vncauth: XvncServer) -> Iterator[Callable[..., subprocess.Pop
 
     def start(*argv: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "DISPLAY": f":{xvnc_vncauth.display}"}
-        started.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        started.append(
+            subprocess.Popen(
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
         return started[-1]
+
     yield start
     for process in started:
         if process.poll() is None:
@@ -110,10 +115,13 @@ def poll(check: Callable[[], object], what: str, deadline: float = DEADLINE) -> 
 
 def wait_viewable(server: XvncServer, title: str) -> None:
     """Until Xvnc reports the window titled ``title`` as mapped and viewable."""
+
     def viewable() -> bool:
-        result = subprocess.run(["xwininfo", "-display", f":{server.display}", "-name", title],
-                                capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            ["xwininfo", "-display", f":{server.display}", "-name", title], capture_output=True, text=True, check=False
+        )
         return "IsViewable" in result.stdout
+
     poll(viewable, f"window {title!r} to be viewable")
 
 
@@ -123,8 +131,7 @@ def line_reader(x_clients: Callable[..., subprocess.Popen[bytes]], server: XvncS
     starts at the screen's centre, so keys go to this window."""
     out, ready = tmp_path / "typed.txt", tmp_path / "ready"
     # After the line, the shell stays (until the test ends) so the screenshot shows what was typed.
-    script = (f'touch {ready}; IFS= read -r line; printf %s "$line" > {out}.part; mv {out}.part {out}; '
-              'exec sleep 600')
+    script = f'touch {ready}; IFS= read -r line; printf %s "$line" > {out}.part; mv {out}.part {out}; exec sleep 600'
     x_clients("xterm", "-title", "line-reader", "-geometry", "100x30+80+80", "-e", "sh", "-c", script)
     wait_viewable(server, "line-reader")
     poll(ready.exists, "the shell in the xterm to start")
@@ -162,13 +169,14 @@ def canvas_pixels(page: Page) -> tuple[int, int, bytes]:
 
 def xvnc_framebuffer(server: XvncServer) -> tuple[int, int, bytes]:
     """The X screen as RGBA bytes, read from Xvnc itself with ``xwd`` (ZPixmap, 32 bits a pixel)."""
-    dump = subprocess.run(["xwd", "-root", "-silent", "-display", f":{server.display}"],
-                          capture_output=True, check=True).stdout
+    dump = subprocess.run(
+        ["xwd", "-root", "-silent", "-display", f":{server.display}"], capture_output=True, check=True
+    ).stdout
     fields = struct.unpack(">25I", dump[:100])
     header_size, width, height, byte_order = fields[0], fields[4], fields[5], fields[7]
     bits_per_pixel, bytes_per_line, masks, ncolors = fields[11], fields[12], fields[14:17], fields[19]
     assert bits_per_pixel == 32, f"unexpected xwd format: {bits_per_pixel} bits per pixel"
-    image = dump[header_size + 12 * ncolors:]
+    image = dump[header_size + 12 * ncolors :]
     order = "<" if byte_order == 0 else ">"
     shifts = [(mask & -mask).bit_length() - 1 for mask in masks]
     out = bytearray(width * height * 4)
@@ -176,7 +184,7 @@ def xvnc_framebuffer(server: XvncServer) -> tuple[int, int, bytes]:
         row = struct.unpack_from(f"{order}{width}I", image, y * bytes_per_line)
         for x, pixel in enumerate(row):
             i = (y * width + x) * 4
-            out[i:i + 4] = bytes((*((pixel & m) >> s for m, s in zip(masks, shifts, strict=True)), 255))
+            out[i : i + 4] = bytes((*((pixel & m) >> s for m, s in zip(masks, shifts, strict=True)), 255))
     return width, height, bytes(out)
 
 
@@ -192,7 +200,7 @@ def match_ratio(a: bytes, b: bytes, width: int, height: int, step: int = 3) -> f
 
 
 def distinct_colours(rgba: bytes) -> int:
-    return len({rgba[i:i + 3] for i in range(0, len(rgba), 4 * 97)})
+    return len({rgba[i : i + 3] for i in range(0, len(rgba), 4 * 97)})
 
 
 def csp_violations(page: Page) -> list[str]:
@@ -207,8 +215,7 @@ def test_console_shows_the_real_desktop(page, proxy, mint, xvnc_vncauth, x_clien
     x_clients("xclock", "-geometry", "160x160+600+40", "-update", "3600")
     wait_viewable(xvnc_vncauth, "xlogo")
     wait_viewable(xvnc_vncauth, "xclock")
-    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password,
-                 desktop_name="Web VM e2e")
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password, desktop_name="Web VM e2e")
 
     page.goto(console_url(proxy.base, token))
     status = wait_state(page, "connected")
@@ -228,10 +235,11 @@ def test_console_shows_the_real_desktop(page, proxy, mint, xvnc_vncauth, x_clien
         assert (width, height) == (x_width, x_height) == xvnc_vncauth.geometry
         ratio = match_ratio(canvas, screen, width, height)
         return ratio if ratio >= 0.99 else 0.0
+
     poll(canvas_matches_xvnc, "the canvas to show Xvnc's framebuffer")
     _, _, canvas = canvas_pixels(page)
     assert distinct_colours(canvas) >= 4, "the desktop should not be blank"
-    gold = canvas[(100 * 800 + 45) * 4:(100 * 800 + 45) * 4 + 3]  # inside xlogo, left of the logo
+    gold = canvas[(100 * 800 + 45) * 4 : (100 * 800 + 45) * 4 + 3]  # inside xlogo, left of the logo
     assert gold == bytes((255, 215, 0)), f"xlogo's background should be gold, got {tuple(gold)}"
 
     page.screenshot(ARTIFACTS / "desktop-connected.png")
@@ -253,11 +261,14 @@ def test_typed_keys_reach_the_vm(page, proxy, mint, xvnc_vncauth, x_clients, tmp
     assert typed.read_text() == "hello"
 
 
-def test_send_text_types_the_clipboard_into_the_vm(page, chromium, proxy, mint, xvnc_vncauth, x_clients,
-                                                   tmp_path) -> None:
+def test_send_text_types_the_clipboard_into_the_vm(
+    page, chromium, proxy, mint, xvnc_vncauth, x_clients, tmp_path
+) -> None:
     typed = line_reader(x_clients, xvnc_vncauth, tmp_path)
-    chromium.call("Browser.grantPermissions", {"origin": proxy.base,
-                                               "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    chromium.call(
+        "Browser.grantPermissions",
+        {"origin": proxy.base, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+    )
     token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password)
     page.goto(console_url(proxy.base, token))
     wait_state(page, "connected")
@@ -265,8 +276,10 @@ def test_send_text_types_the_clipboard_into_the_vm(page, chromium, proxy, mint, 
 
     page.evaluate("document.getElementById('send-text').click()")
     # A textarea's value is a property, not DOM, so no MutationObserver sees it: poll.
-    poll(lambda: page.evaluate("document.getElementById('text-input').value") == "Pasted Text 42\n",
-         "the text box to be filled from the clipboard")
+    poll(
+        lambda: page.evaluate("document.getElementById('text-input').value") == "Pasted Text 42\n",
+        "the text box to be filled from the clipboard",
+    )
     page.evaluate("document.getElementById('text-send').click()")
 
     poll(typed.exists, "the xterm's shell to write the typed line")
@@ -328,8 +341,9 @@ def test_view_only_shows_badge_and_drops_input(open_page, proxy, mint, xvnc_vnca
 
 
 def test_expired_link_says_so(page, proxy, mint, xvnc_vncauth) -> None:
-    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password,
-                 now=time.time() - 3600, ttl=60)
+    token = mint(
+        host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password, now=time.time() - 3600, ttl=60
+    )
     page.goto(console_url(proxy.base, token))
     status = wait_state(page, "ended")
     assert status == js_messages(page)["REFUSALS"]["token_expired"]
@@ -353,6 +367,7 @@ def test_vm_refusing_credentials_says_so(page, proxy, mint, xvnc_vncauth) -> Non
 
 def test_unreachable_console_says_so(page, proxy, mint) -> None:
     from proxyproc import free_port
+
     token = mint(host="127.0.0.1", port=free_port())  # nothing listens there
     page.goto(console_url(proxy.base, token))
     status = wait_state(page, "ended")
@@ -420,8 +435,11 @@ def portal() -> Iterator[Callable[[str], str]]:
     Thread(target=server.serve_forever, daemon=True).start()
 
     def frame(url: str) -> str:
-        _Portal.page = f'<!DOCTYPE html><title>portal</title><iframe src="{url}" width="900" height="700"></iframe>'.encode()
+        _Portal.page = (
+            f'<!DOCTYPE html><title>portal</title><iframe src="{url}" width="900" height="700"></iframe>'.encode()
+        )
         return f"http://127.0.0.1:{server.server_address[1]}/"
+
     yield frame
     server.shutdown()
     server.server_close()
@@ -432,15 +450,13 @@ def test_portal_may_embed_the_console_with_frame_ancestors(page, proxy_factory, 
     portal_url = portal("about:blank")
     portal_origin = portal_url.rstrip("/")
     own = proxy_factory("--frame-ancestors", portal_origin, "--drain-grace", "0")
-    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password,
-                 desktop_name="Embedded VM")
+    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password, desktop_name="Embedded VM")
     portal(console_url(own.base, token))
 
     page.goto(portal_url)
     frame = page.frame_context(f"{own.base}/console")
     page.wait_for("document.body && document.body.dataset.state === 'connected'", context=frame)
-    assert "Connected to Embedded VM" in page.evaluate("document.getElementById('status').textContent",
-                                                       context=frame)
+    assert "Connected to Embedded VM" in page.evaluate("document.getElementById('status').textContent", context=frame)
     page.screenshot(ARTIFACTS / "portal-embedding-connected.png")
     assert csp_violations(page) == []
 
@@ -470,8 +486,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProc
 
 def test_used_link_says_so(open_page, fleet, xvnc_vncauth) -> None:
     broker, _ = fleet
-    target = broker.admin.add_target(name="once-vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                     password=xvnc_vncauth.password)
+    target = broker.admin.add_target(
+        name="once-vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+    )
     console = broker.issuer.mint(target["id"])  # single-use by default
     first = open_page()
     first.goto(console["url"])
@@ -488,8 +505,9 @@ def test_used_link_says_so(open_page, fleet, xvnc_vncauth) -> None:
 
 def test_revoked_session_says_so(page, fleet, xvnc_vncauth) -> None:
     broker, _ = fleet
-    target = broker.admin.add_target(name="revoke-vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                     password=xvnc_vncauth.password)
+    target = broker.admin.add_target(
+        name="revoke-vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+    )
     console = broker.issuer.mint(target["id"], desktop_name="Revoked VM")
     page.goto(console["url"])
     assert "Connected to Revoked VM" in wait_state(page, "connected")
@@ -515,8 +533,11 @@ def key_logger(x_clients: Callable[..., subprocess.Popen[bytes]], server: XvncSe
 
 def key_events(log: Path) -> list[tuple[str, str, int]]:
     """(KeyPress|KeyRelease, keysym name, modifier state) for every key event xev logged."""
-    pattern = re.compile(r"^(KeyPress|KeyRelease) event.*?\n\s+.*?state (0x[0-9a-f]+), keycode \d+ "
-                         r"\(keysym 0x[0-9a-f]+, (\w+)\)", re.MULTILINE | re.DOTALL)
+    pattern = re.compile(
+        r"^(KeyPress|KeyRelease) event.*?\n\s+.*?state (0x[0-9a-f]+), keycode \d+ "
+        r"\(keysym 0x[0-9a-f]+, (\w+)\)",
+        re.MULTILINE | re.DOTALL,
+    )
     return [(kind, name, int(state, 16)) for kind, state, name in pattern.findall(log.read_text())]
 
 
@@ -570,13 +591,29 @@ def test_keys_menu_sends_combinations_to_the_vm(page, proxy, mint, xvnc_vncauth,
         page.click(item)
         page.wait_for(f"!({menu_open})")
 
-    expected_presses = ["Control_L", "Alt_L", "F1", "Control_L", "Alt_L", "F12", "Control_L", "Alt_L",
-                        "BackSpace", "Alt_L", "Sys_Req", "s", "Super_L", "Escape", "Tab"]
+    expected_presses = [
+        "Control_L",
+        "Alt_L",
+        "F1",
+        "Control_L",
+        "Alt_L",
+        "F12",
+        "Control_L",
+        "Alt_L",
+        "BackSpace",
+        "Alt_L",
+        "Sys_Req",
+        "s",
+        "Super_L",
+        "Escape",
+        "Tab",
+    ]
 
     def all_logged() -> list[tuple[str, str, int]] | None:
         events = key_events(log)
         releases = [e for e in events if e[0] == "KeyRelease" and e[1] != "Shift_L"]
         return events if len(releases) >= len(expected_presses) else None
+
     events = poll(all_logged, "xev to log every key")
     # Xvnc holds Shift_L around F1…F12 pressed with Ctrl+Alt: its keymap's F-keys give
     # XF86Switch_VT_n at that level, so it adds a shift level to produce the keysym it was sent.
@@ -669,17 +706,18 @@ def cuttable() -> Iterator[Callable[[int], CuttableLink]]:
     def start(port: int) -> CuttableLink:
         links.append(CuttableLink(port))
         return links[-1]
+
     yield start
     for link in links:
         link.close()
 
 
-def test_reusable_link_reconnects_after_a_drop(page, proxy, mint, xvnc_vncauth, x_clients, tmp_path,
-                                              cuttable) -> None:
+def test_reusable_link_reconnects_after_a_drop(page, proxy, mint, xvnc_vncauth, x_clients, tmp_path, cuttable) -> None:
     typed = line_reader(x_clients, xvnc_vncauth, tmp_path)
     link = cuttable(proxy.port)
-    token = mint(host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password,
-                 desktop_name="Flaky network VM")
+    token = mint(
+        host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password, desktop_name="Flaky network VM"
+    )
     page.goto(console_url(link.base, token))
     wait_state(page, "connected")
 
@@ -712,8 +750,9 @@ def test_single_use_link_says_it_is_spent_after_a_drop(page, fleet, xvnc_vncauth
     own = start_linked_proxy(tmp_path, broker, "drop-proxy", "--allowed-origin", link.base)
     try:
         link.target_port = own.port
-        target = broker.admin.add_target(name="drop-vm", host="127.0.0.1", port=xvnc_vncauth.port,
-                                         password=xvnc_vncauth.password)
+        target = broker.admin.add_target(
+            name="drop-vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
+        )
         console = broker.issuer.mint(target["id"])  # single-use by default
         page.goto(link.base + "/console" + console["url"].split("/console", 1)[1])
         wait_state(page, "connected")
@@ -732,8 +771,9 @@ def test_single_use_link_says_it_is_spent_after_a_drop(page, fleet, xvnc_vncauth
 
 def x_screen_size(server: XvncServer) -> tuple[int, int]:
     """The X screen's size as the VM's programs see it (xdpyinfo)."""
-    out = subprocess.run(["xdpyinfo", "-display", f":{server.display}"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["xdpyinfo", "-display", f":{server.display}"], capture_output=True, text=True, check=True
+    ).stdout
     found = re.search(r"dimensions:\s+(\d+)x(\d+) pixels", out)
     assert found, out
     return int(found[1]), int(found[2])
@@ -746,8 +786,10 @@ def test_remote_resize_follows_the_window(page, proxy, mint, xvnc_factory) -> No
     wait_state(page, "connected")
     assert x_screen_size(server) == server.geometry
     assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "false"
-    screen_size = "(() => { const r = document.getElementById('screen').getBoundingClientRect();" \
-                  " return [Math.floor(r.width), Math.floor(r.height)]; })()"
+    screen_size = (
+        "(() => { const r = document.getElementById('screen').getBoundingClientRect();"
+        " return [Math.floor(r.width), Math.floor(r.height)]; })()"
+    )
 
     page.click("#resize")
     assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "true"
@@ -758,8 +800,9 @@ def test_remote_resize_follows_the_window(page, proxy, mint, xvnc_factory) -> No
     page.wait_for(f"document.querySelector('#screen canvas').width === {first[0]}")
 
     # A second window size: the VM's screen follows again.
-    page.call("Emulation.setDeviceMetricsOverride", {"width": 700, "height": 560, "deviceScaleFactor": 1,
-                                                     "mobile": False})
+    page.call(
+        "Emulation.setDeviceMetricsOverride", {"width": 700, "height": 560, "deviceScaleFactor": 1, "mobile": False}
+    )
     page.wait_for(f"{screen_size}[0] === 700")
     second = tuple(page.evaluate(screen_size))
     poll(lambda: x_screen_size(server) == second, f"the VM's screen to become {second}")
@@ -768,8 +811,9 @@ def test_remote_resize_follows_the_window(page, proxy, mint, xvnc_factory) -> No
     # Off again: the window changes, the VM's screen stays.
     page.click("#resize")
     assert page.evaluate("document.getElementById('resize').getAttribute('aria-pressed')") == "false"
-    page.call("Emulation.setDeviceMetricsOverride", {"width": 1024, "height": 768, "deviceScaleFactor": 1,
-                                                     "mobile": False})
+    page.call(
+        "Emulation.setDeviceMetricsOverride", {"width": 1024, "height": 768, "deviceScaleFactor": 1, "mobile": False}
+    )
     page.wait_for(f"{screen_size}[0] === 1024")
     assert x_screen_size(server) == second
     assert csp_violations(page) == []

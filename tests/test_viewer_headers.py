@@ -15,13 +15,17 @@ from proxyproc import REPO
 
 STATIC = REPO / "static"
 NOVNC = STATIC / "node_modules" / "@novnc" / "novnc"
-needs_novnc = pytest.mark.skipif(not (NOVNC / "core" / "rfb.js").exists(),
-                                 reason="noVNC is not installed: run `npm ci` in static/")
+needs_novnc = pytest.mark.skipif(
+    not (NOVNC / "core" / "rfb.js").exists(), reason="noVNC is not installed: run `npm ci` in static/"
+)
 
 # Statements at the start of a line (so comments do not count): `import X from "…"`,
 # `import {…\n…} from "…"`, `export {…} from "…"`, `import "…"`; and `import("…")` anywhere.
-IMPORT = re.compile(r"""^\s*(?:import|export)\b[^;'"]*?\bfrom\s*['"]([^'"]+)['"]"""
-                    r"""|^\s*import\s*['"]([^'"]+)['"]|\bimport\(\s*['"]([^'"]+)['"]""", re.MULTILINE)
+IMPORT = re.compile(
+    r"""^\s*(?:import|export)\b[^;'"]*?\bfrom\s*['"]([^'"]+)['"]"""
+    r"""|^\s*import\s*['"]([^'"]+)['"]|\bimport\(\s*['"]([^'"]+)['"]""",
+    re.MULTILINE,
+)
 
 
 def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -65,13 +69,16 @@ def test_frame_ancestors_is_configurable(proxy_factory) -> None:
 
 
 @needs_novnc
-@pytest.mark.parametrize("path, kind", [
-    ("/static/console.js", "javascript"),
-    ("/static/messages.js", "javascript"),
-    ("/static/console.css", "text/css"),
-    ("/novnc/core/rfb.js", "javascript"),
-    ("/novnc/vendor/pako/lib/zlib/inflate.js", "javascript"),
-])
+@pytest.mark.parametrize(
+    "path, kind",
+    [
+        ("/static/console.js", "javascript"),
+        ("/static/messages.js", "javascript"),
+        ("/static/console.css", "text/css"),
+        ("/novnc/core/rfb.js", "javascript"),
+        ("/novnc/vendor/pako/lib/zlib/inflate.js", "javascript"),
+    ],
+)
 def test_static_files_have_headers_and_types(proxy, path, kind) -> None:
     status, headers, _ = fetch(proxy.base + path)
     assert status == 200
@@ -128,8 +135,12 @@ def test_every_module_the_page_loads_comes_from_the_proxy(proxy) -> None:
 
 
 def test_static_files_do_not_escape_their_roots(proxy) -> None:
-    for path in ("/static/../console_proxy/token.py", "/novnc/../../../console_proxy/token.py",
-                 "/static/%2e%2e/console_proxy/token.py", "/novnc//etc/passwd"):
+    for path in (
+        "/static/../console_proxy/token.py",
+        "/novnc/../../../console_proxy/token.py",
+        "/static/%2e%2e/console_proxy/token.py",
+        "/novnc//etc/passwd",
+    ):
         status, _, body = fetch(proxy.base + path)
         assert status in (403, 404), path
         assert b"def verify" not in body and b"root:" not in body
@@ -141,11 +152,13 @@ def test_novnc_is_pinned_and_not_committed() -> None:
     assert package["dependencies"] == {"@novnc/novnc": "1.7.0"}
     locked = lock["packages"]["node_modules/@novnc/novnc"]
     assert locked["version"] == "1.7.0" and locked["integrity"].startswith("sha512-")
-    tracked = subprocess.run(["git", "ls-files", "static/node_modules"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout
+    tracked = subprocess.run(
+        ["git", "ls-files", "static/node_modules"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert tracked == ""
-    ignored = subprocess.run(["git", "check-ignore", "-q", "static/node_modules/@novnc/novnc/core/rfb.js"],
-                             cwd=REPO, check=False)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "static/node_modules/@novnc/novnc/core/rfb.js"], cwd=REPO, check=False
+    )
     assert ignored.returncode == 0
 
 

@@ -26,7 +26,7 @@ def _payloads(raw: bytes) -> list[bytes]:
             (size,), at = struct.unpack_from("!H", raw, at), at + 2
         elif size == 127:
             (size,), at = struct.unpack_from("!Q", raw, at), at + 8
-        out.append(raw[at:at + size])
+        out.append(raw[at : at + size])
         at += size
     return out
 
@@ -66,6 +66,7 @@ def test_a_view_behind_a_queue_is_copied_and_the_buffer_reusable() -> None:
 
 def test_a_view_with_nothing_queued_is_sent_from_the_buffer() -> None:
     """The fast path: nothing queued, the whole frame leaves at once, the buffer is not held."""
+
     async def scenario() -> tuple[bool, bytes]:
         ours, theirs = socket.socketpair()
         browser = PlainBrowser(max_frame=1 << 20)

@@ -388,7 +388,14 @@ STREAM = (
     + client_frame(close_payload(1000, b"bye"), OP_CLOSE)
 )
 STREAM_EVENTS: list[Event] = [
-    b"a", b"b" * 126, b"c" * 200, b"frag-", Ping(b"ping"), b"ment", Pong(b""), Close(1000, "bye"),
+    b"a",
+    b"b" * 126,
+    b"c" * 200,
+    b"frag-",
+    Ping(b"ping"),
+    b"ment",
+    Pong(b""),
+    Close(1000, "bye"),
 ]
 
 

@@ -38,11 +38,28 @@ def make_claims(now: float = NOW, ttl: int = 60, **overrides: Any) -> token.Clai
 def full_claims(now: float = NOW, ttl: int = 60) -> token.Claims:
     """Claims with every member of DESIGN's list set to a non-default value."""
     return token.Claims(
-        iss="broker-7", aud="console-proxy", iat=int(now) - 5, nbf=int(now) - 2, exp=int(now) + ttl,
-        jti=secrets.token_urlsafe(18), sid="sess-0042", host="hv-3.example.net", port=5907, pw=PASSWORD,
-        tls={"ca": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----", "sni": "hv-3",
-             "allow_anon": False, "require": True},
-        vm="vm-9f2c", sub="alice@example.org", cip="192.0.2.44", ro=True, once=True, dn="Alice's desktop",
+        iss="broker-7",
+        aud="console-proxy",
+        iat=int(now) - 5,
+        nbf=int(now) - 2,
+        exp=int(now) + ttl,
+        jti=secrets.token_urlsafe(18),
+        sid="sess-0042",
+        host="hv-3.example.net",
+        port=5907,
+        pw=PASSWORD,
+        tls={
+            "ca": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+            "sni": "hv-3",
+            "allow_anon": False,
+            "require": True,
+        },
+        vm="vm-9f2c",
+        sub="alice@example.org",
+        cip="192.0.2.44",
+        ro=True,
+        once=True,
+        dn="Alice's desktop",
     )
 
 
@@ -71,8 +88,14 @@ def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def build_jws(payload: Any, *, signer: SigningKey | bytes, kid: str | None = None,
-              header: Any = None, signature: bytes | None = None) -> str:
+def build_jws(
+    payload: Any,
+    *,
+    signer: SigningKey | bytes,
+    kid: str | None = None,
+    header: Any = None,
+    signature: bytes | None = None,
+) -> str:
     """A JWS compact string. ``signer`` is a SigningKey or a raw 32-byte Ed25519 seed.
 
     ``payload`` and ``header`` may be dicts (encoded compactly) or raw bytes.
@@ -101,8 +124,16 @@ def encrypt(inner: str | bytes, *, key: bytes, kid: str, header: Any = None) -> 
     return ".".join((header_b64, "", b64url.encode(iv), b64url.encode(ciphertext), b64url.encode(tag)))
 
 
-def forge(ring: Keyring, payload: Any, *, signer: SigningKey | bytes | None = None, kid: str | None = None,
-          jws_header: Any = None, signature: bytes | None = None, jwe_header: Any = None) -> str:
+def forge(
+    ring: Keyring,
+    payload: Any,
+    *,
+    signer: SigningKey | bytes | None = None,
+    kid: str | None = None,
+    jws_header: Any = None,
+    signature: bytes | None = None,
+    jwe_header: Any = None,
+) -> str:
     """A token with an arbitrary inner JWS, encrypted under the ring's active fleet key.
 
     By default the JWS is signed with the ring's own active signing key, so the token passes

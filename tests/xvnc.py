@@ -108,9 +108,7 @@ def xvnc_available() -> bool:
 
 
 def _display_in_use(display: int) -> bool:
-    return (
-        Path(f"/tmp/.X11-unix/X{display}").exists() or Path(f"/tmp/.X{display}-lock").exists()
-    )
+    return Path(f"/tmp/.X11-unix/X{display}").exists() or Path(f"/tmp/.X{display}-lock").exists()
 
 
 def _free_displays() -> Iterator[int]:
@@ -129,23 +127,38 @@ def _free_port() -> int:
 def write_password_file(directory: Path, password: str) -> Path:
     """Obfuscate a password the way Xvnc's -PasswordFile expects (``vncpasswd -f``)."""
     path = directory / "passwd"
-    result = subprocess.run(
-        ["vncpasswd", "-f"], input=password.encode() + b"\n", capture_output=True, check=True
-    )
+    result = subprocess.run(["vncpasswd", "-f"], input=password.encode() + b"\n", capture_output=True, check=True)
     path.write_bytes(result.stdout)
     path.chmod(0o600)
     return path
 
 
 def _xvnc_command(
-    display: int, port: int, security: str, password_file: Path | None, pki: TestPki | None,
+    display: int,
+    port: int,
+    security: str,
+    password_file: Path | None,
+    pki: TestPki | None,
     blacklist: bool,
 ) -> list[str]:
     width, height = GEOMETRY
     cmd = [
-        "Xvnc", f":{display}", "-rfbport", str(port), "-interface", "127.0.0.1", "-localhost",
-        f"-UseBlacklist={1 if blacklist else 0}", "-geometry", f"{width}x{height}",
-        "-depth", "24", "-SecurityTypes", security, "-desktop", DESKTOP_NAME,
+        "Xvnc",
+        f":{display}",
+        "-rfbport",
+        str(port),
+        "-interface",
+        "127.0.0.1",
+        "-localhost",
+        f"-UseBlacklist={1 if blacklist else 0}",
+        "-geometry",
+        f"{width}x{height}",
+        "-depth",
+        "24",
+        "-SecurityTypes",
+        security,
+        "-desktop",
+        DESKTOP_NAME,
     ]
     if password_file is not None:
         cmd += ["-PasswordFile", str(password_file)]
@@ -216,7 +229,10 @@ def start_xvnc(
         cmd = _xvnc_command(display, port, security, password_file, pki, blacklist)
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "DISPLAY": ""},
             )
         server = XvncServer(process, display, port, log_path, security, password, pki)
@@ -260,21 +276,23 @@ def make_test_pki(directory: Path, *, common_name: str = "consolegate test CA") 
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     server_key = ec.generate_private_key(ec.SECP256R1())
-    san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    )
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(_name("localhost"))
@@ -285,9 +303,7 @@ def make_test_pki(directory: Path, *, common_name: str = "consolegate test CA") 
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(san, critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -327,9 +343,7 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 def xvnc_vncauth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XvncServer]:
     """Xvnc with VNC Authentication; the password is ``server.password``."""
     _require_xvnc()
-    with start_xvnc(
-        tmp_path_factory.mktemp("xvnc-vncauth"), security="VncAuth", password=TEST_PASSWORD
-    ) as server:
+    with start_xvnc(tmp_path_factory.mktemp("xvnc-vncauth"), security="VncAuth", password=TEST_PASSWORD) as server:
         yield server
 
 
@@ -342,9 +356,7 @@ def xvnc_none(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XvncServer]:
 
 
 @pytest.fixture(scope="module")
-def xvnc_x509(
-    tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki
-) -> Iterator[XvncServer]:
+def xvnc_x509(tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki) -> Iterator[XvncServer]:
     """Xvnc with VeNCrypt X509Vnc: certificate from ``test_pki``, password ``server.password``."""
     _require_xvnc()
     with start_xvnc(
