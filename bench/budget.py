@@ -11,6 +11,7 @@ Needs root (or a delegated cgroup); :func:`available` says whether it can work h
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,10 +82,9 @@ class CpuBudget:
             home = self.origins.get(self.pids[0], self.parent) if self.pids else self.parent
             for pid in procs:  # a child forked inside goes where its first parent came from
                 self._move(self.origins.get(pid, home), pid)
-        try:
+        # still populated (a zombie not yet reaped): an empty-quota group is left behind
+        with contextlib.suppress(OSError):
             self.group.rmdir()
-        except OSError:
-            pass  # still populated (a zombie not yet reaped): an empty-quota group is left behind
 
     def _cgroup_of(self, pid: int) -> Path:
         """The CPU controller's cgroup directory ``pid`` is in now (the parent if not found)."""
@@ -103,7 +103,6 @@ class CpuBudget:
 
     @staticmethod
     def _move(group: Path, pid: int) -> None:
-        try:
+        # exited meanwhile
+        with contextlib.suppress(ProcessLookupError):
             (group / "cgroup.procs").write_text(str(pid))
-        except ProcessLookupError:
-            pass  # exited meanwhile

@@ -237,7 +237,10 @@ async def many_sessions(path: Path, proxy: Proxy, first: int, total: int, deadli
     failed = sum(1 for t in done if t.exception() is not None)
     for conn in conns:
         conn.close()
-    per = lambda mem, n, key: (mem[key] - before[key]) / n if n else float("nan")
+
+    def per(mem, n, key):
+        return (mem[key] - before[key]) / n if n else float("nan")
+
     return {
         "sessions_first": opened_first,
         "sessions_total": len(conns),

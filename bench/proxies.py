@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -51,10 +52,8 @@ class Proxy:
         """User+system CPU of the proxy process and all its children, live or reaped."""
         total = 0.0
         procs = [self.ps]
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             procs += self.ps.children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
         for proc in procs:
             try:
                 times = proc.cpu_times()

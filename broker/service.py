@@ -942,7 +942,8 @@ class Broker:
         return [
             r["id"]
             for r in self.store.all(
-                "SELECT id FROM sessions WHERE state = 'revoked' AND (exp > ? OR (closed_at IS NULL AND revoked_at > ?))",
+                "SELECT id FROM sessions WHERE state = 'revoked'"
+                " AND (exp > ? OR (closed_at IS NULL AND revoked_at > ?))",
                 now - MAX_SKEW - DEFAULT_SKEW,
                 now - REVOKED_MEMORY,
             )

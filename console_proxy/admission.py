@@ -1,8 +1,9 @@
 """Whether a websocket may open: every refusal decided before the upgrade, as plain code.
 
 The order is DESIGN's: draining first (a draining proxy should not even spend crypto), then the
-Origin and the pinned Host (both ``origin_denied``), capacity, the token (its own ordered checks, client-IP binding included). Single-use
-redemption needs the broker and happens in the shell after :func:`admit` succeeds.
+Origin and the pinned Host (both ``origin_denied``), capacity, the token (its own ordered checks,
+client-IP binding included). Single-use redemption needs the broker and happens in
+the shell after :func:`admit` succeeds.
 /token-status runs the same function, so its verdict and the websocket's never disagree.
 """
 

@@ -28,6 +28,7 @@ Never imports ``broker``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -288,10 +289,8 @@ class BrokerLink:
                 self._set_reachable(True, "")
             except Exception as exc:
                 self._set_reachable(False, _describe(exc))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self.interval)
-            except TimeoutError:
-                pass
             self._beat_now.clear()
 
     def nudge(self) -> None:

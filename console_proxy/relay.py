@@ -479,8 +479,7 @@ class ConsoleSession:
             if all(
                 type(action) is rfb.Send
                 or _milestone_passed(action, handshake)
-                or (action is last
-                and type(last) is rfb.ServerInitReady)
+                or (action is last and type(last) is rfb.ServerInitReady)
                 for action in actions
             ):
                 for action in actions:

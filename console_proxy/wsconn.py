@@ -1,7 +1,8 @@
 """The browser's websocket once upgraded: frames in and out around one console session.
 
 The front door (:mod:`console_proxy.frontdoor`) or Tornado answers the HTTP request and hands
-over the connection; from there this module owns it. :class:`WsConnection` holds what both kinds of connection share — the frame codec
+over the connection; from there this module owns it.
+:class:`WsConnection` holds what both kinds of connection share — the frame codec
 (:mod:`console_proxy.wsframes`), pings, the close handshake — and leaves the socket to two
 small shells: :class:`PlainBrowser`, an asyncio protocol on the bare socket (the fast path:
 one callback per received chunk, writes attempted at once, flow control from the transport's

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from broker.client import BrokerClient, BrokerError
+from broker.client import BrokerClient, BrokerError  # noqa: E402 (after the sys.path line above)
 
 
 def free_port() -> int:

@@ -26,6 +26,7 @@ Behaviours (``BEHAVIOURS``):
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -215,28 +216,22 @@ class HostileServer:
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        try:
+        # the proxy hung up mid-behaviour (ConnectionError is an OSError)
+        with contextlib.closing(conn), contextlib.suppress(OSError):
             BEHAVIOURS[self.behaviour](_Peer(conn, self._record))
-        except OSError:
-            pass  # the proxy hung up mid-behaviour (ConnectionError is an OSError)
-        finally:
-            conn.close()
 
     def stop(self) -> None:
         """Close the listener and every held connection, and wait for the threads."""
         with self._lock:
             self._stopping = True
             held = list(self._open)
-        try:
+        with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._listener.close()
         for conn in held:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in hold()
-            except OSError:
-                pass
+            # wakes a recv() blocked in hold()
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         self._acceptor.join(5)
         for thread in self._threads:
             thread.join(5)

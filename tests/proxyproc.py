@@ -1,7 +1,8 @@
 """A real ``console-proxy serve`` process for tests: started on a free loopback port, logs kept.
 
 Readiness is an event, not a sleep: the proxy logs "listening" once its socket is bound, and a
-reader thread tees every line it writes (stdout and stderr, merged) to a file (for the no-secrets-in-logs scan) and wakes the test.
+reader thread tees every line it writes (stdout and stderr, merged) to a file (for the
+no-secrets-in-logs scan) and wakes the test.
 """
 
 from __future__ import annotations

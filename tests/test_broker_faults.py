@@ -351,7 +351,10 @@ def test_a_cleanup_tick_is_skipped_while_another_replica_runs_one(
     try:
         with broker.store.transaction() as conn:
             conn.execute("INSERT INTO redeemed (jti, session_id, proxy_id, exp, at) VALUES ('old', 's', 'p', 1, 1.0)")
-        count = lambda: broker.store.one("SELECT count(*) FROM redeemed")[0]
+
+        def count():
+            return broker.store.one("SELECT count(*) FROM redeemed")[0]
+
         if engine == "postgresql":
             assert database is not None
             with psycopg.connect(database, autocommit=True) as other:

@@ -167,7 +167,7 @@ def test_a_master_key_that_does_not_open_the_keyring_fails_at_start(
     (tmp_path / "b").mkdir()
     Vault.create(tmp_path / "b" / MASTER_KEY_NAME)
     url = database or f"sqlite:///{tmp_path / 'a' / 'broker.db'}"
-    with pytest.raises(VaultError, match="does not open under this master.key"):
+    with pytest.raises(VaultError, match=r"does not open under this master\.key"):
         Broker(tmp_path / "b", database=url)
     status, out, err = _run(capsys, "apikey", "list", "--state-dir", str(tmp_path / "b"), "--database", url)
     assert (status, out) == (1, "") and err.count("\n") == 1 and "master.key" in err

@@ -143,7 +143,7 @@ def test_invalid_toml_names_the_file_and_tomllib_the_line(tmp_path: Path) -> Non
 
 
 def test_a_missing_file_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(CommandError, match="cannot read the config file .*No such file"):
+    with pytest.raises(CommandError, match=r"cannot read the config file .*No such file"):
         parse(proxy_cli.build_parser, ["serve", "--config", str(tmp_path / "absent.toml")])
 
 

@@ -9,6 +9,7 @@ restart on another port, and with the password set *now* (an old token's passwor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -113,10 +114,9 @@ def domains(conn: Any, floppy: Path) -> Iterator[DomainFactory]:
 
     yield start
     for domain in started:
-        try:
+        # destroyed by the test already
+        with contextlib.suppress(libvirt.libvirtError):
             domain.destroy()
-        except libvirt.libvirtError:
-            pass  # destroyed by the test already
 
 
 def opens(proxy: ProxyProcess, minted: dict[str, Any]) -> bool:

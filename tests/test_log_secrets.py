@@ -314,7 +314,8 @@ def hostile_heads(key: str, token: str, proxy_credential: str) -> list[bytes]:
         f"GET /api/v1/targets HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: {key}\r\n\r\n",
         f"GET /api/v1/targets HTTP/1.1\r\n{key}\r\n\r\n",
         f"GET /api/v1/targets HTTP/1.1\r\n{key}\x00: v\r\n\r\n",
-        f"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {'a' * 9000}\r\nAuthorization: Bearer {key}\x00\r\n\r\n",
+        f"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {'a' * 9000}\r\n"
+        f"Authorization: Bearer {key}\x00\r\n\r\n",
         f"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {key * 1700}\r\n\r\n",
         f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5, {key}\r\n\r\n",
         f"POST /api/v1/consoles HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {key}\r\n\r\n",

@@ -9,6 +9,7 @@ no upgrade is at the broker (one caught mid-redeem is refused, and waited for, f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import struct
@@ -203,10 +204,9 @@ class StandInBroker:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                try:
+                # the proxy went away while its request was held: that is the test's to judge
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the proxy went away while its request was held: that is the test's to judge
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -337,7 +337,7 @@ ALL_POLICIES = {
         ((5, 6, 16, 1), None, "default", 1),
         ((30, 1, 2, 18), PASSWORD, "default", 2),
         ((1, 1, 1), None, "default", 1),
-        (tuple(range(3, 256)) + (1,), None, "default", 1),
+        ((*tuple(range(3, 256)), 1), None, "default", 1),
     ],
 )
 def test_security_choice(offered: tuple[int, ...], password: str | None, policy: str, chosen: int) -> None:
@@ -562,7 +562,7 @@ def test_reason_waits_for_declared_short_length(where: str) -> None:
     handshake = upstream()
     start(handshake)
     assert handshake.feed(u32(5) + b"abc") == []
-    with pytest.raises(RfbError, match="abcde$"):
+    with pytest.raises(RfbError, match=r"abcde$"):
         handshake.feed(b"de")
 
 

@@ -344,12 +344,12 @@ def test_inspect_refusals(ready: dict[str, Path], capsys: pytest.CaptureFixture[
 def test_mint_argument_errors(ready: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     base = ["token", "mint", "--keyring", str(ready["broker"])]
     usage = [
-        base + ["--port", "5900"],  # no --host
-        base + ["--host", "h"],  # no --port
-        base + ["--host", "h", "--port", "vnc"],
-        base + ["--host", "h", "--port", "5900", "--ttl", "soon"],
-        base + ["--host", "h", "--port", "5900", "--single-use", "--reusable"],
-        base + ["--host", "h", "--port", "5900", "--bogus"],
+        [*base, "--port", "5900"],  # no --host
+        [*base, "--host", "h"],  # no --port
+        [*base, "--host", "h", "--port", "vnc"],
+        [*base, "--host", "h", "--port", "5900", "--ttl", "soon"],
+        [*base, "--host", "h", "--port", "5900", "--single-use", "--reusable"],
+        [*base, "--host", "h", "--port", "5900", "--bogus"],
         ["keys", "init"],
         ["nonsense"],
     ]
@@ -357,21 +357,21 @@ def test_mint_argument_errors(ready: dict[str, Path], capsys: pytest.CaptureFixt
         assert_error(broker(argv, capsys), "console-broker", usage=True)
     # no abbreviated options: --password is not --password-file (which would try to open a file named the password)
     typo = call(
-        broker_cli.main, base + ["--host", "h", "--port", "5900", "--password", "hunter2"], capsys, secret_in_argv=True
+        broker_cli.main, [*base, "--host", "h", "--port", "5900", "--password", "hunter2"], capsys, secret_in_argv=True
     )
     assert_error(typo, "console-broker", usage=True)
     assert "unrecognized arguments" in typo.err and "cannot read" not in typo.err
     failing = [
-        base + ["--host", "h", "--port", "0"],
-        base + ["--host", "h", "--port", "65536"],
-        base + ["--host", "", "--port", "5900"],
-        base + ["--host", "a b", "--port", "5900"],
-        base + ["--host", "h", "--port", "5900", "--ttl", "0"],
-        base + ["--host", "h", "--port", "5900", "--ttl", "3601"],
-        base + ["--host", "h", "--port", "5900", "--client-ip", "10.0.0.999"],
-        base + ["--host", "h", "--port", "5900", "--password-file", str(ready["dir"] / "absent")],
-        base + ["--host", "h", "--port", "5900", "--tls-ca", str(ready["dir"] / "absent.pem")],
-        base + ["--host", "h", "--port", "5900", "--password-file", str(ready["dir"])],
+        [*base, "--host", "h", "--port", "0"],
+        [*base, "--host", "h", "--port", "65536"],
+        [*base, "--host", "", "--port", "5900"],
+        [*base, "--host", "a b", "--port", "5900"],
+        [*base, "--host", "h", "--port", "5900", "--ttl", "0"],
+        [*base, "--host", "h", "--port", "5900", "--ttl", "3601"],
+        [*base, "--host", "h", "--port", "5900", "--client-ip", "10.0.0.999"],
+        [*base, "--host", "h", "--port", "5900", "--password-file", str(ready["dir"] / "absent")],
+        [*base, "--host", "h", "--port", "5900", "--tls-ca", str(ready["dir"] / "absent.pem")],
+        [*base, "--host", "h", "--port", "5900", "--password-file", str(ready["dir"])],
     ]
     for argv in failing:
         assert_error(broker(argv, capsys), "console-broker")

@@ -82,7 +82,7 @@ def test_segment_swaps_are_refused(tok: str, i: int, j: int) -> None:
 @given(tokens, st.integers(0, 4), st.integers(0, 5))
 def test_segment_duplication_and_removal_are_refused(tok: str, i: int, j: int) -> None:
     segments = tok.split(".")
-    duplicated = segments[:j] + [segments[i]] + segments[j:]
+    duplicated = [*segments[:j], segments[i], *segments[j:]]
     assert_refused(".".join(duplicated))
     assert_refused(".".join(segments[:i] + segments[i + 1 :]))
 

@@ -11,6 +11,7 @@ textarea's value. Every test leaves a screenshot under ``test-artifacts/viewer/`
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -677,10 +678,8 @@ class CuttableLink:
         except OSError:
             pass
         for end in (source, sink):
-            try:
+            with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def cut(self) -> None:
         """End every relayed connection now, both ways."""
@@ -688,10 +687,8 @@ class CuttableLink:
             ends, self._open = self._open, []
         self.cuts += 1
         for end in ends:
-            try:
+            with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             end.close()
 
     def close(self) -> None:
