@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from console_proxy.rfb import vnc_auth_response
+from console_proxy.protocol.rfb import vnc_auth_response
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from broker.store import IntegrityError, Store, StoreError
 from broker.vault import MASTER_KEY_NAME, VaultError
 from console_proxy import clock, keyring, token
 from console_proxy.command import CommandError, Parser, read_secret_file, run
+from console_proxy.hostside import write_private_file
 from console_proxy.keyring import DEFAULT_MAX_TTL, KeyringError
 
 PASSWORD_FILE_HELP = (
@@ -387,7 +388,7 @@ def print_listing(args: argparse.Namespace, read: Callable[[Broker], dict[str, A
 def proxy_add(args: argparse.Namespace) -> int:
     def deliver(credential: dict[str, str]) -> None:
         try:
-            keyring.write_private_file(args.out, json.dumps(credential).encode() + b"\n")
+            write_private_file(args.out, json.dumps(credential).encode() + b"\n")
         except OSError as exc:
             raise CommandError(
                 f"cannot write the credential to {args.out!r} ({exc.strerror}); proxy {args.name!r} was not registered"

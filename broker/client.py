@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from console_proxy.brokerlink import is_loopback_host
+from console_proxy.hostside import is_loopback_host
 
 
 class BrokerError(Exception):

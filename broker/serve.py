@@ -17,12 +17,11 @@ from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Bro
 from broker.store import StoreError
 from broker.watch import POLL_POSTGRESQL, POLL_SQLITE, WATCH_HOLD, ChangeFeed, PgListener
 from console_proxy import origin
-from console_proxy.brokerlink import is_loopback_host
 from console_proxy.command import CommandError
 from console_proxy.configsources import Sources
+from console_proxy.hostside import is_loopback_host, parse_listen, tls_context
 from console_proxy.logguard import FORMATS
 from console_proxy.logguard import setup as guard_logging
-from console_proxy.serve import parse_listen, tls_context
 
 log = logging.getLogger("consolegate.broker")
 

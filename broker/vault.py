@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from console_proxy.keyring import write_private_file
+from console_proxy.hostside import write_private_file
 
 MASTER_KEY_NAME = "master.key"
 _SEAL_VERSION = b"\x01"

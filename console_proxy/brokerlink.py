@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import socket
@@ -46,6 +45,7 @@ from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 from console_proxy.admission import Refusal
 from console_proxy.codes import Refused
+from console_proxy.hostside import is_loopback_host
 from console_proxy.keyring import Keyring, KeyringError
 from console_proxy.metrics import Gauge, LiveCounter
 from console_proxy.token import Claims
@@ -428,17 +428,6 @@ def check_broker_url(url: str) -> None:
     if host and (parts.scheme == "https" or (parts.scheme == "http" and is_loopback_host(host))):
         return
     raise BrokerLinkError(f"--broker {shown!r} must be an https:// URL (plain http only to this host)")
-
-
-def is_loopback_host(host: str) -> bool:
-    """127.0.0.0/8, ::1 or ``localhost``; names are not resolved, so any other name is remote.
-    (The broker's own plaintext checks use this too.)"""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def replica_failed(exc: BaseException) -> bool:

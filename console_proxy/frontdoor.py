@@ -27,11 +27,12 @@ import tornado.httpserver
 import tornado.netutil
 from tornado.iostream import IOStream
 
-from console_proxy import httphead, origin, proxyproto, server, tornado_compat, wsconn
+from console_proxy import origin, proxyproto, server, tornado_compat, wsconn
 from console_proxy.admission import Refusal
 from console_proxy.codes import Close
 from console_proxy.handlerlog import access_log
-from console_proxy.httphead import Head
+from console_proxy.protocol import httphead
+from console_proxy.protocol.httphead import Head
 from console_proxy.relay import Ending
 from console_proxy.token import Claims
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from console_proxy import b64url
+from console_proxy.hostside import write_private_file
 
 DEFAULT_MAX_TTL = 3600
 """Longest token lifetime a keyring mints and (by default) a proxy accepts, in seconds."""
@@ -346,28 +346,3 @@ def save(ring: Keyring, path: str | os.PathLike[str], *, public_only: bool = Fal
     """Write atomically (temp file + fsync + rename) with mode 0600."""
     data = (ring.for_proxy() if public_only else ring).to_jwks()
     write_private_file(path, json.dumps(data, indent=2).encode("utf-8") + b"\n")
-
-
-def write_private_file(path: str | os.PathLike[str], content: bytes) -> None:
-    """Atomically replace ``path`` with ``content``, readable by the owner only.
-
-    A crash or a full disk leaves either the old file or the new one, never half of one.
-    """
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -1,6 +1,6 @@
 """One console session: connect to the hypervisor, run both RFB handshakes, relay both ways.
 
-The protocol decisions live in :mod:`console_proxy.rfb`; this module moves bytes between the
+The protocol decisions live in :mod:`console_proxy.protocol.rfb`; this module moves bytes between the
 browser (a :class:`Browser`, the upgraded websocket in :mod:`console_proxy.wsconn`) and the
 hypervisor's socket, and decides when a session ends and with which close code.
 
@@ -25,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from console_proxy import dial, rfb, upstream_tls
+from console_proxy import dial, upstream_tls
 from console_proxy.codes import Close
 from console_proxy.config import ProxyConfig
+from console_proxy.protocol import rfb
 from console_proxy.token import Claims
 
 log = logging.getLogger("consolegate.proxy.session")

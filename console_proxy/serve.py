@@ -18,6 +18,7 @@ from console_proxy.config import ProxyConfig, default_static_dir
 from console_proxy.configsources import Sources
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
+from console_proxy.hostside import parse_listen, tls_context
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
 from console_proxy.tlsdoor import TlsDoor
 
@@ -139,13 +140,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     Sources(serve, "console-proxy serve")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise CommandError(f"--listen {value!r} must be HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def _read_text(path: str | None) -> str | None:
     if path is None:
         return None
@@ -190,19 +184,6 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         static_dir=Path(args.static_dir) if args.static_dir else default_static_dir(),
         frame_ancestors=args.frame_ancestors,
     )
-
-
-def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    if not cert and not key:
-        return None
-    if not (cert and key):
-        raise CommandError("--tls-cert and --tls-key go together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise CommandError(f"cannot load the TLS certificate or key: {exc}") from None
-    return context
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.iostream import SSLIOStream
 
-from console_proxy import clock, forwarded, openapi, origin, wsconn, wsframes
+from console_proxy import clock, forwarded, openapi, origin, wsconn
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
 from console_proxy.codes import Close, Refused
 from console_proxy.config import ProxyConfig
@@ -30,6 +30,7 @@ from console_proxy.httperrors import JsonErrors, NotFound
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
 from console_proxy.pages import page_routes
+from console_proxy.protocol import wsframes
 from console_proxy.relay import ConsoleSession, Ending
 from console_proxy.token import Claims
 

@@ -3,7 +3,7 @@
 The front door (:mod:`console_proxy.frontdoor`) or Tornado answers the HTTP request and hands
 over the connection; from there this module owns it.
 :class:`WsConnection` holds what both kinds of connection share — the frame codec
-(:mod:`console_proxy.wsframes`), pings, the close handshake — and leaves the socket to two
+(:mod:`console_proxy.protocol.wsframes`), pings, the close handshake — and leaves the socket to two
 small shells: :class:`PlainBrowser`, an asyncio protocol on the bare socket (the fast path:
 one callback per received chunk, writes attempted at once, flow control from the transport's
 write limits), and :class:`TlsBrowser` for a proxy that terminates TLS itself, driving
@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING
 from tornado.iostream import IOStream, StreamClosedError
 
 from console_proxy import codes, tornado_compat
-from console_proxy.relay import FRAME_HEADROOM, Ending
-from console_proxy.wsframes import (
+from console_proxy.protocol.wsframes import (
     OP_PING,
     OP_PONG,
     Close,
@@ -37,6 +36,7 @@ from console_proxy.wsframes import (
     close_frame,
     frame,
 )
+from console_proxy.relay import FRAME_HEADROOM, Ending
 
 if TYPE_CHECKING:
     from console_proxy.relay import ConsoleSession

@@ -6,9 +6,10 @@ import json
 import re
 from pathlib import Path
 
-from console_proxy import rfb, token, wsframes
+from console_proxy import token
 from console_proxy.admission import Refusal
 from console_proxy.codes import REPORT_ONLY, Close, Refused
+from console_proxy.protocol import rfb, wsframes
 from console_proxy.relay import Ending
 
 MESSAGES_JS = Path(__file__).resolve().parent.parent / "static" / "messages.js"

@@ -16,7 +16,7 @@ from hypothesis import example, find, given, settings
 from hypothesis import strategies as st
 from tornado import httputil
 
-from console_proxy.httphead import HEAD_END, Head, Headers, parse_head, response
+from console_proxy.protocol.httphead import HEAD_END, Head, Headers, parse_head, response
 
 #: What Chrome sends to open a console (the token travels as a subprotocol).
 BROWSER_HEAD = (

@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from console_proxy import rfb, token
+from console_proxy import token
 from console_proxy.config import ProxyConfig
+from console_proxy.protocol import rfb
 from console_proxy.relay import ConsoleSession, Ending, SessionEnded
 
 

@@ -12,7 +12,7 @@ from Crypto.Cipher import DES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from console_proxy.rfb import (
+from console_proxy.protocol.rfb import (
     INPUT_MESSAGE_TYPES,
     MAX_NAME_LENGTH,
     MAX_PENDING,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from console_proxy.rfb import (
+from console_proxy.protocol.rfb import (
     Authenticated,
     RfbError,
     Send,

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tornado.httputil import HTTPHeaders
 
-from console_proxy import wsframes
-from console_proxy.wsframes import (
+from console_proxy.protocol import wsframes
+from console_proxy.protocol.wsframes import (
     MAX_CONTROL,
     OP_BINARY,
     OP_CLOSE,
