@@ -396,6 +396,8 @@ class WatchHandler(ApiHandler):
     """The long-poll (broker.watch): at once when a watched change is newer than ``since``,
     else when one commits, else after the hold with the current position."""
 
+    # Tornado passes a route's dict as keywords: this route's adds the feed to ApiHandler's, a
+    # signature mypy cannot see as compatible (one more required argument), hence the ignore.
     def initialize(self, feed: ChangeFeed, **options: Any) -> None:  # type: ignore[override]
         super().initialize(**options)
         self.feed, self.gone = feed, asyncio.Event()

@@ -33,7 +33,7 @@ def _keyring_options(parser: argparse.ArgumentParser) -> None:
     serve.add_database_option(parser)
 
 
-def _add_keys(commands: argparse._SubParsersAction) -> None:
+def _add_keys(commands: argparse._SubParsersAction[Parser]) -> None:
     keys = commands.add_parser("keys", help="token keys").add_subparsers(metavar="ACTION")
     init = keys.add_parser("init", help="create a new broker keyring file")
     init.add_argument("--keyring", metavar="FILE", required=True)
@@ -53,7 +53,7 @@ def _add_keys(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=keys_export)
 
 
-def _add_token(commands: argparse._SubParsersAction) -> None:
+def _add_token(commands: argparse._SubParsersAction[Parser]) -> None:
     mint = (
         commands.add_parser("token", help="offline tokens")
         .add_subparsers(metavar="ACTION")
@@ -114,7 +114,7 @@ compromised. The name stays in the records and is not reused."""
 
 
 def _action(
-    group: argparse._SubParsersAction,
+    group: argparse._SubParsersAction[Parser],
     name: str,
     handler: Any,
     help: str,
@@ -135,7 +135,7 @@ def _listing(read: Callable[[Broker], dict[str, Any]]) -> Any:
     return functools.partial(print_listing, read=read)
 
 
-def _add_apikeys(commands: argparse._SubParsersAction) -> None:
+def _add_apikeys(commands: argparse._SubParsersAction[Parser]) -> None:
     apikeys = commands.add_parser("apikey", help="API keys").add_subparsers(metavar="ACTION")
     create = _action(apikeys, "create", apikey_create, "create an API key and print it (once)", "name")
     create.add_argument("--role", required=True, choices=["admin", "issuer"])
@@ -156,7 +156,7 @@ def _add_apikeys(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_proxies(commands: argparse._SubParsersAction) -> None:
+def _add_proxies(commands: argparse._SubParsersAction[Parser]) -> None:
     proxies = commands.add_parser("proxy", help="the proxy fleet").add_subparsers(metavar="ACTION")
     add = _action(
         proxies, "add", proxy_add, "register a proxy and write its credential file {proxy_id, secret}", "name"
@@ -195,7 +195,7 @@ def _add_proxies(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_targets(commands: argparse._SubParsersAction) -> None:
+def _add_targets(commands: argparse._SubParsersAction[Parser]) -> None:
     targets = commands.add_parser("targets", help="VM consoles").add_subparsers(metavar="ACTION")
     add = _action(targets, "add", targets_add, "add a target (its VNC password is sealed at rest)")
     add.add_argument("--id", help="target id (default: generated)")
@@ -217,7 +217,7 @@ _HYPERVISOR_HELP = (
 )
 
 
-def _add_hypervisors(commands: argparse._SubParsersAction) -> None:
+def _add_hypervisors(commands: argparse._SubParsersAction[Parser]) -> None:
     group = commands.add_parser("hypervisors", help="libvirt hypervisors").add_subparsers(metavar="ACTION")
     add = _action(group, "add", hypervisors_add, "register a libvirt connection", "name", description=_HYPERVISOR_HELP)
     add.add_argument(
@@ -284,7 +284,7 @@ def hypervisors_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_audit(commands: argparse._SubParsersAction) -> None:
+def _add_audit(commands: argparse._SubParsersAction[Parser]) -> None:
     tail = (
         commands.add_parser("audit", help="the audit log")
         .add_subparsers(metavar="ACTION")
@@ -431,7 +431,7 @@ def targets_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_source(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _audit_source(args: argparse.Namespace) -> Callable[[int], list[dict[str, Any]]]:
     """A function (after) -> events, reading the state dir or a broker's API."""
     if args.broker:
         if not args.api_key_file:

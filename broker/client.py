@@ -103,17 +103,25 @@ class BrokerClient:
         except (urllib.error.URLError, OSError) as exc:
             raise BrokerError(0, "broker_unreachable", str(getattr(exc, "reason", exc))) from None
 
-    def _get(self, path: str, **query: Any) -> Any:
-        return self.request("GET", path, query=query)[1]
+    def _get(self, path: str, **query: Any) -> dict[str, Any]:
+        return _json_object(*self.request("GET", path, query=query))
 
-    def _post(self, path: str, body: Any) -> Any:
-        return self.request("POST", path, body)[1]
+    def _post(self, path: str, body: Any) -> dict[str, Any]:
+        return _json_object(*self.request("POST", path, body))
+
+    def _get_list(self, path: str, key: str, **query: Any) -> list[dict[str, Any]]:
+        """The list of objects under ``key`` in a GET answer (``{"targets": [...]}`` and the like)."""
+        status, answer = self.request("GET", path, query=query)
+        items = _json_object(status, answer).get(key)
+        if not isinstance(items, list):
+            raise BrokerError(status, "unexpected_answer", f"the answer has no list {key!r}")
+        return [_json_object(status, item) for item in items]
 
     def add_target(self, **target: Any) -> dict[str, Any]:
         return self._post("/targets", target)
 
     def targets(self) -> list[dict[str, Any]]:
-        return self._get("/targets")["targets"]
+        return self._get_list("/targets", "targets")
 
     def target(self, target_id: str) -> dict[str, Any]:
         return self._get(f"/targets/{urllib.parse.quote(target_id, safe='')}")
@@ -132,7 +140,7 @@ class BrokerClient:
         self, state: str = "all", *, limit: int | None = None, cursor: str | None = None
     ) -> list[dict[str, Any]]:
         """One page of sessions, newest first (up to 1000 unless ``limit``); see :meth:`sessions_page`."""
-        return self.sessions_page(state, limit=limit, cursor=cursor)["sessions"]
+        return self._get_list("/sessions", "sessions", state=state, limit=limit, cursor=cursor)
 
     def sessions_page(
         self, state: str = "all", *, limit: int | None = None, cursor: str | None = None
@@ -144,7 +152,7 @@ class BrokerClient:
         self.request("DELETE", f"/sessions/{urllib.parse.quote(session_id, safe='')}")
 
     def audit(self, after: int = 0, type_: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        return self._get("/audit", after=after, type=type_, limit=limit)["events"]
+        return self._get_list("/audit", "events", after=after, type=type_, limit=limit)
 
     def rotate_keys(self) -> dict[str, Any]:
         return self._post("/keys/rotate", {})
@@ -153,7 +161,7 @@ class BrokerClient:
         return self._get("/keys")
 
     def proxies(self) -> list[dict[str, Any]]:
-        return self._get("/proxies")["proxies"]
+        return self._get_list("/proxies", "proxies")
 
     def openapi(self) -> dict[str, Any]:
         return self._get("/openapi.json")
@@ -166,3 +174,10 @@ def _decode(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         return None
+
+
+def _json_object(status: int, answer: Any) -> dict[str, Any]:
+    """An answer the API documents as a JSON object; anything else is reported, not returned."""
+    if not isinstance(answer, dict):
+        raise BrokerError(status, "unexpected_answer", f"expected a JSON object, got {type(answer).__name__}")
+    return answer

@@ -404,7 +404,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-class Row(tuple):  # type: ignore[type-arg]
+class Row(tuple[Any, ...]):
     """A row read by name or by position, as ``sqlite3.Row`` is: one row type for both engines."""
 
     _index: dict[str, int]
@@ -414,7 +414,7 @@ class Row(tuple):  # type: ignore[type-arg]
         row._index = index
         return row
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return tuple.__getitem__(self, self._index[key])
         return tuple.__getitem__(self, key)

@@ -17,7 +17,7 @@ from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Bro
 from broker.store import StoreError
 from broker.watch import POLL_POSTGRESQL, POLL_SQLITE, WATCH_HOLD, ChangeFeed, PgListener
 from console_proxy import origin
-from console_proxy.command import CommandError
+from console_proxy.command import CommandError, Parser
 from console_proxy.configsources import Sources
 from console_proxy.hostside import is_loopback_host, parse_listen, tls_context
 from console_proxy.logguard import FORMATS
@@ -48,7 +48,7 @@ def add_database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
     serve = commands.add_parser("serve", help="run the broker API")
     add_state_options(serve)
     serve.add_argument(

@@ -728,7 +728,8 @@ class Broker:
         The cursor is the keyset (minted_at, id) of the page's last row, not an offset: sessions
         minted meanwhile sort before it, so a walk sees every older row exactly once. Issuers see
         only their own, whatever the cursor says."""
-        sql, params = "SELECT * FROM sessions WHERE 1 = 1", []
+        sql = "SELECT * FROM sessions WHERE 1 = 1"
+        params: list[object] = []
         if state != "all":
             sql += " AND state = ?"
             params.append(state)
@@ -952,7 +953,8 @@ class Broker:
     # --- audit --------------------------------------------------------------------------
 
     def audit(self, after: int, type_: str | None, limit: int = 100) -> dict[str, Any]:
-        sql, params = "SELECT * FROM audit WHERE seq > ?", [after]
+        sql = "SELECT * FROM audit WHERE seq > ?"
+        params: list[object] = [after]
         if type_:
             sql += " AND type = ?"
             params.append(type_)

@@ -229,11 +229,7 @@ class Store:
         url = _as_url(target)
         self.url = url
         try:
-            self.engine: Any = (
-                SqliteEngine(url.path, create=create)
-                if url.engine == "sqlite"  # type: ignore[arg-type]
-                else PostgresEngine(url)
-            )
+            self.engine: Any = _open_engine(url, create=create)
         except EngineOpenError as exc:
             raise StoreError(str(exc)) from None
         self._local = threading.local()
@@ -479,6 +475,14 @@ def _as_url(target: str | os.PathLike[str] | DatabaseUrl) -> DatabaseUrl:
         except DatabaseUrlError as exc:
             raise StoreError(str(exc)) from None
     return DatabaseUrl("sqlite", path=Path(text))
+
+
+def _open_engine(url: DatabaseUrl, *, create: bool) -> SqliteEngine | PostgresEngine:
+    if url.engine != "sqlite":
+        return PostgresEngine(url)
+    if url.path is None:  # parse_database_url gives every sqlite URL a path
+        raise StoreError("a sqlite database URL without a path")
+    return SqliteEngine(url.path, create=create)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_token_commands(commands: argparse._SubParsersAction) -> None:
+def _add_token_commands(commands: argparse._SubParsersAction[Parser]) -> None:
     tokens = commands.add_parser("token", help="token tools").add_subparsers(metavar="ACTION")
     inspect = tokens.add_parser("inspect", help="verdict and claims (password masked) of a token")
     inspect.add_argument("--keyring", required=True, help="proxy (or broker) keyring file")

@@ -20,7 +20,9 @@ class Close(IntEnum):
     reason: str
     message: str
 
-    def __new__(cls, code: int, reason: str, message: str) -> Self:
+    # The defaults are for the type checker only: once the class is built, Enum replaces
+    # ``__new__`` with the lookup by value, so ``Close(4501)`` is the member (ValueError if none).
+    def __new__(cls, code: int, reason: str = "", message: str = "") -> Self:
         member = int.__new__(cls, code)
         member._value_ = code
         member.reason = reason
@@ -74,7 +76,8 @@ class Refused(StrEnum):
     status: int
     message: str
 
-    def __new__(cls, code: str, status: int, message: str) -> Self:
+    # As for Close: the defaults only let the type checker accept ``Refused("token_invalid")``.
+    def __new__(cls, code: str, status: int = 0, message: str = "") -> Self:
         member = str.__new__(cls, code)
         member._value_ = code
         member.status = status

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 class CommandError(Exception):
@@ -29,7 +29,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
@@ -42,12 +42,13 @@ def run(
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
+    failures: tuple[type[Exception], ...] = (CommandError, OSError, *expected)
     try:
         sources = getattr(args, "sources", None)  # a serve command: --config file and CONSOLEGATE_* variables
         if sources is not None:
             sources.apply(parser, args, argv, os.environ)
         return handler(args)
-    except (CommandError, OSError, *expected) as exc:
+    except failures as exc:
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -202,7 +202,7 @@ def _scalar_from_text(action: argparse.Action, text: str) -> Any:
     kind = action.type
     if kind in (int, float):
         try:
-            value = kind(text)  # type: ignore[misc, operator]
+            value = kind(text)
         except ValueError:
             raise ValueError(f"expected {_kind_name(action)}") from None
         return _checked(action, value)
@@ -222,7 +222,8 @@ def _looks_inline(value: str) -> bool:
 
 
 def _kind_name(action: argparse.Action) -> str:
-    return {int: "an integer", float: "a number"}.get(action.type, "a string")  # type: ignore[arg-type]
+    names: dict[object, str] = {int: "an integer", float: "a number"}
+    return names.get(action.type, "a string")
 
 
 def _toml_type(value: Any) -> str:

@@ -268,7 +268,8 @@ class Doorway(asyncio.Protocol):
     def become(self, browser: wsconn.PlainBrowser, greeting: bytes) -> None:
         self.open = False
         early, self.buffer = bytes(self.buffer), bytearray()
-        browser.take_over(self.transport, greeting, early)  # type: ignore[arg-type]
+        assert self.transport is not None  # the request head was read from it
+        browser.take_over(self.transport, greeting, early)
 
     def answer(self, response: bytes) -> None:
         """Write a refusal and end our side; the browser gets ``LINGER`` seconds to read it
@@ -308,7 +309,7 @@ class _Prefilled(IOStream):
     """
 
     def __init__(self, sock: socket.socket, early: bytes, deadline: float, **kwargs: int | None) -> None:
-        super().__init__(sock, **kwargs)  # type: ignore[arg-type]
+        super().__init__(sock, **kwargs)
         tornado_compat.preload_read_buffer(self, early)
         self._head_deadline: float | None = deadline
 

@@ -30,8 +30,10 @@ class PathOnlyLogging:
     ) -> None:
         if isinstance(value, tornado.web.HTTPError):
             log.warning("%d %s", value.status_code, self._request_summary())
-        else:
+        elif typ is not None and value is not None:
             log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
+        else:  # Tornado always passes sys.exc_info() of a live exception; nothing to attach otherwise
+            log.error("uncaught exception in %s", self._request_summary())
 
 
 _access = logging.getLogger("tornado.access")

@@ -56,8 +56,8 @@ class SigningKey:
     created: int
     verify_until: int | None = None
     # Not init fields: dataclasses.replace() must rebuild them from ``seed``, never carry a signer over.
-    _verifier: Any = field(default=None, init=False, repr=False)
-    _signer: Any = field(default=None, init=False, repr=False)
+    _verifier: Ed25519PublicKey = field(init=False, repr=False)
+    _signer: Ed25519PrivateKey | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # OpenSSL key objects built once per key (when a keyring is loaded), never per token.
@@ -100,7 +100,7 @@ class FleetKey:
     created: int
     verify_until: int | None = None
     # Not an init field: dataclasses.replace() rebuilds it from ``key``.
-    _aead: Any = field(default=None, init=False, repr=False, compare=False)
+    _aead: AESGCM = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # One OpenSSL AES-GCM object per key: its key schedule is reused by every token.

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
@@ -308,7 +308,7 @@ def _iso(created: float) -> str:
     return datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="milliseconds")
 
 
-class GuardedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class GuardedHandler(logging.StreamHandler[TextIO]):
     """stderr, through :class:`GuardedFormatter`; a write that fails is reported by a fixed line,
     never by the logging module's default, which prints the record's message and arguments."""
 
@@ -344,10 +344,11 @@ def _excepthook(kind: type[BaseException], value: BaseException, tb: TracebackTy
 def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
+    value = args.exc_value  # None only for a hook called by hand; the type alone is then logged
     log.error(
         "uncaught exception in thread %s",
         args.thread.name if args.thread else "?",
-        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        exc_info=(args.exc_type, value, args.exc_traceback) if value is not None else None,
     )
 
 

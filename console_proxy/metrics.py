@@ -50,6 +50,10 @@ class _Metric:
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
+    def render(self) -> list[str]:
+        """The metric's lines in the Prometheus text format, its header first."""
+        raise NotImplementedError
+
 
 class Counter(_Metric):
     kind = "counter"
@@ -150,7 +154,7 @@ class Registry:
     def render(self) -> str:
         lines: list[str] = []
         for metric in self.metrics:
-            lines += metric.render()  # type: ignore[attr-defined]
+            lines += metric.render()
         return "\n".join(lines) + "\n"
 
 

@@ -61,8 +61,16 @@ class StaticFiles(JsonErrors, PathOnlyLogging, tornado.web.StaticFileHandler):
     segments (also percent-encoded: the path arrives decoded), empty segments, overlong paths.
     """
 
-    def initialize(self, path: str, frame_ancestors: str = "'none'", default_filename: str | None = None) -> None:
-        super().initialize(path, default_filename)
+    def initialize(
+        self,
+        path: str,
+        default_filename: str | None = None,
+        *args: Any,
+        frame_ancestors: str = "'none'",
+        **kwargs: Any,
+    ) -> None:
+        """Tornado's options (more in newer versions: ``allowed_symlink_directory``) passed on."""
+        super().initialize(path, default_filename, *args, **kwargs)
         self.frame_ancestors = frame_ancestors
 
     def parse_url_path(self, url_path: str) -> str:

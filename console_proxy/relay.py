@@ -23,7 +23,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from console_proxy import dial, upstream_tls
 from console_proxy.codes import Close
@@ -32,6 +32,8 @@ from console_proxy.protocol import rfb
 from console_proxy.token import Claims
 
 log = logging.getLogger("consolegate.proxy.session")
+#: What a guarded protocol step returns a list of (actions, messages).
+_Item = TypeVar("_Item")
 
 CANNOT_CONNECT = "cannot connect to the console server"
 CONNECT_TIMED_OUT = "connecting to the console server timed out"
@@ -219,7 +221,7 @@ class ConsoleSession:
         self._early = bytearray()
         self._inbox = bytearray()
         self._feeding: rfb.UpstreamHandshake | None = None  # parked in _drive: fed by the read callback
-        self._actions: asyncio.Future[list[object]] | None = None
+        self._actions: asyncio.Future[list[rfb.UpstreamAction]] | None = None
         self._upstream_gone = False
         self._lost_error: BaseException | None = None
         self._certificate_request: upstream_tls.CertificateRequestWatch | None = None
@@ -383,7 +385,7 @@ class ConsoleSession:
                     return done
             actions = await self._next_actions(handshake)
 
-    async def _next_actions(self, handshake: rfb.UpstreamHandshake) -> list[object]:
+    async def _next_actions(self, handshake: rfb.UpstreamHandshake) -> list[rfb.UpstreamAction]:
         """The handshake's next actions that are not only replies (those are sent meanwhile)."""
         while self._inbox:  # arrived while this coroutine was busy
             actions = self._guard(handshake.feed, self._take_inbox())
@@ -413,7 +415,7 @@ class ConsoleSession:
         return None
 
     @staticmethod
-    def _guard(step: Callable[..., list[object]], *args: bytes) -> list[object]:
+    def _guard(step: Callable[..., list[_Item]], *args: bytes) -> list[_Item]:
         try:
             return step(*args)
         except rfb.RfbError as error:
@@ -444,7 +446,7 @@ class ConsoleSession:
             watch.stop()
         if secure is None:
             raise self._tls_failure(None, "the console server closed the connection during TLS", quiet=True)
-        self._up.transport = secure  # type: ignore[assignment]
+        self._up.transport = secure
         self._tls_quiet = True  # until the first decrypted byte: a hang-up now may be about our certificate
 
     def _tls_failure(self, error: BaseException | None, otherwise: str, *, quiet: bool) -> SessionEnded:
@@ -488,8 +490,8 @@ class ConsoleSession:
                         self._write_upstream(action.data)
                 if type(last) is not rfb.ServerInitReady:
                     return
-                if not self._open_now(last, handshake.security_type):  # type: ignore[arg-type]
-                    self._ready = (last, handshake.security_type)  # type: ignore[assignment]
+                if not self._open_now(last, handshake.security_type):
+                    self._ready = (last, handshake.security_type)
                 actions = [last]  # the replies are sent: only the milestone is the coroutine's
         except Exception as error:
             if not waiter.done():
@@ -573,14 +575,14 @@ class ConsoleSession:
     def _forward(self, data: bytes) -> None:
         """Whole client messages to the hypervisor; input dropped for view-only sessions."""
         messages = self._guard(self._framer.feed, data)
-        if any(kind in rfb.INPUT_MESSAGE_TYPES for kind, _ in messages):  # type: ignore[misc]
+        if any(kind in rfb.INPUT_MESSAGE_TYPES for kind, _ in messages):
             # a person is there: update requests alone (noVNC sends them while the screen
             # changes) do not keep an abandoned console open
             self.last_input = time.monotonic()
         if self.claims.ro:
-            out = b"".join(m for kind, m in messages if kind not in rfb.INPUT_MESSAGE_TYPES)  # type: ignore[misc]
+            out = b"".join(m for kind, m in messages if kind not in rfb.INPUT_MESSAGE_TYPES)
         else:
-            out = b"".join(m for _, m in messages)  # type: ignore[misc]
+            out = b"".join(m for _, m in messages)
         if out:
             self.bytes_up += len(out)
             self._write_upstream(out)

@@ -13,7 +13,7 @@ import tornado.httpserver
 
 from console_proxy import keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
-from console_proxy.command import CommandError
+from console_proxy.command import CommandError, Parser
 from console_proxy.config import ProxyConfig, default_static_dir
 from console_proxy.configsources import Sources
 from console_proxy.events import Events
@@ -29,7 +29,7 @@ MAX_BODY = 4096
 IDLE_CONNECTION_TIMEOUT = 60.0
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument(
         "--listen",

@@ -17,7 +17,7 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from console_proxy import b64url, strictjson
 from console_proxy.codes import Refused
@@ -318,7 +318,7 @@ class _LifetimeTooLong(ValueError):
     pass
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -155,7 +155,7 @@ class CertificateRequestWatch:
         self.requested = False
         self._context = context
         if hasattr(context, "_msg_callback"):
-            context._msg_callback = self._message  # type: ignore[attr-defined]
+            context._msg_callback = self._message
 
     def _message(
         self, conn: object, direction: str, version: object, content_type: object, msg_type: object, data: bytes
@@ -165,7 +165,7 @@ class CertificateRequestWatch:
 
     def stop(self) -> None:
         if hasattr(self._context, "_msg_callback"):
-            self._context._msg_callback = None  # type: ignore[attr-defined]
+            self._context._msg_callback = None
 
 
 def is_client_certificate_refusal(error: BaseException | None, *, requested: bool, quiet: bool) -> bool:

@@ -205,17 +205,17 @@ class WsConnection:
         except WsError as error:
             self._failed(error)
             return
-        data: list[bytes] = []  # consecutive payloads go to the session in one call
+        payloads: list[bytes] = []  # consecutive payloads go to the session in one call
         for event in events:
             if type(event) is bytes:
-                data.append(event)
+                payloads.append(event)
                 continue
-            self._to_session(data)
+            self._to_session(payloads)
             if type(event) is Ping:
                 self._ping(event.payload)
             elif type(event) is Close:
                 self._peer_closed(event)
-        self._to_session(data)
+        self._to_session(payloads)
 
     def _to_session(self, data: list[bytes]) -> None:
         if data and not self._closing and not self._dropping and self.session is not None:
@@ -300,7 +300,7 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         """
         self._greeting, self._early = greeting, tornado_compat.unread_bytes(stream)
         try:
-            sock = socket.socket(fileno=socket.dup(stream.socket.fileno()))  # type: ignore[union-attr]
+            sock = socket.socket(fileno=socket.dup(stream.socket.fileno()))
         finally:
             stream.close()
         try:

@@ -1,7 +1,8 @@
 """The receive buffer of the incremental parsers: bytes not yet consumed, with an optional cap.
 
-One type for every parser that waits for "n more bytes" (the RFB handshakes and the client
-message framer), so "not all arrived yet" always reads the same: ``None``, with nothing consumed.
+One type for every parser that waits for more bytes (the RFB handshakes, the RFB client message
+framer, the websocket frame reader), so "not all arrived yet" always reads the same: ``None``,
+with nothing consumed.
 Consuming from the front is cheap: CPython's ``bytearray`` drops a prefix by moving its start.
 """
 
@@ -25,6 +26,10 @@ class Buffer:
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def __bytes__(self) -> bytes:
+        """A copy of what is held, nothing consumed (for tests and debugging)."""
+        return bytes(self._data)
 
     def append(self, data: bytes) -> None:
         self._data += data

@@ -32,6 +32,8 @@ class Headers(dict[str, str]):
     """Header fields by lower-cased name; repeated fields joined with commas (RFC 9110 5.3).
     Filled with lower-case names; looked up in any case."""
 
+    # dict.get's overloads promise the default's type back; this one narrows it to str | None,
+    # which mypy reports as an incompatible override: the case-insensitive lookup is the point.
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         return dict.get(self, name.lower(), default)
 

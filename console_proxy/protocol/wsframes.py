@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from console_proxy import codes
+from console_proxy.protocol.buffer import Buffer
 
 try:
     from tornado.speedups import websocket_mask as _mask  # C, installed with tornado
@@ -184,7 +185,7 @@ class FrameReader:
 
     def __init__(self, max_frame: int) -> None:
         self._max = max_frame
-        self._buf = bytearray()  # an incomplete frame, appended to (amortised, never re-copied)
+        self._buf = Buffer()  # an incomplete frame, appended to (amortised, never re-copied)
         self._need = 0  # bytes ``_buf`` must hold before parsing is worth trying again
         self._fragmented = False  # inside a binary message whose final frame has not come
         self._done = False
@@ -192,12 +193,11 @@ class FrameReader:
     def feed(self, data: bytes) -> list[Event]:
         if self._done:
             return []
-        if self._buf:
-            self._buf += data
+        if len(self._buf):
+            self._buf.append(data)
             if len(self._buf) < self._need:
                 return []
-            buf = bytes(self._buf)
-            self._buf.clear()
+            buf = self._buf.take_all()
         else:
             buf = data
         events: list[Event] = []
@@ -206,7 +206,7 @@ class FrameReader:
             while start < end:
                 parsed = self._frame(buf, start, end)
                 if parsed is None:
-                    self._buf += buf[start:]
+                    self._buf.append(buf[start:])
                     break
                 start, event = parsed
                 if event is not None:
@@ -215,7 +215,7 @@ class FrameReader:
                     break
         except WsError:
             self._done = True
-            self._buf.clear()
+            self._buf.take_all()  # dropped: nothing more is read
             raise
         return events
 

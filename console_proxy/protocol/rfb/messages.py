@@ -94,18 +94,33 @@ class ClientMessageFramer:
     def __init__(self, *, max_message: int = 1 << 20) -> None:
         self._max = max_message
         self._buf = Buffer()  # bounded by one message: sizes are checked before waiting for bodies
+        self._need = 0  # bytes the buffer must hold before parsing is worth trying again
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """Add bytes; return every message now complete as (type, whole message), in order."""
-        self._buf.append(data)
+        """Add bytes; return every message now complete as (type, whole message), in order.
+
+        Hot path (every browser message): a chunk is parsed in one pass over one bytes object,
+        and the bytes of a message still incomplete wait in the buffer without being re-parsed.
+        """
+        if len(self._buf):
+            self._buf.append(data)
+            if len(self._buf) < self._need:
+                return []
+            data = self._buf.take_all()
         messages: list[tuple[int, bytes]] = []
-        while True:
-            size = client_message_size(self._buf.head(_SIZE_PREFIX))
+        start, end = 0, len(data)
+        while start < end:
+            size = client_message_size(data[start : start + _SIZE_PREFIX])
             if size is None:
-                return messages
+                self._need = 0
+                break
             if size > self._max:
                 raise RfbError.protocol(f"client message of {size} bytes exceeds the {self._max} byte limit")
-            message = self._buf.take(size)
-            if message is None:
-                return messages
-            messages.append((message[0], message))
+            if end - start < size:
+                self._need = size
+                break
+            messages.append((data[start], data[start : start + size]))
+            start += size
+        if start < end:
+            self._buf.append(data[start:])
+        return messages

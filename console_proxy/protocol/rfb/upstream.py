@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from console_proxy.protocol.buffer import Buffer
 from console_proxy.protocol.rfb.errors import TEXT_KEEP, RfbError, printable
-from console_proxy.protocol.rfb.vncauth import ChallengeCipher, vnc_auth_cipher, vnc_auth_response
+from console_proxy.protocol.rfb.vncauth import ChallengeCipher, EcbMode, vnc_auth_cipher, vnc_auth_response
 from console_proxy.protocol.rfb.wire import (
     MAX_NAME_LENGTH,
     MAX_PENDING,
@@ -126,7 +126,7 @@ class UpstreamHandshake:
         self._cipher = challenge_cipher
         # The default answer's DES key schedule is built now, while the hypervisor is still
         # on its way to the challenge, rather than on the step that answers it.
-        self._prepared: Any = None
+        self._prepared: EcbMode | None = None
         if challenge_cipher is vnc_auth_response and password is not None:
             self._prepared = vnc_auth_cipher(password)
         self._buf = Buffer(self._LIMIT)
@@ -326,9 +326,10 @@ class UpstreamHandshake:
         if announced > TEXT_KEEP:
             raw = self._buf.take(min(4 + TEXT_KEEP, len(self._buf))) or b""
         else:
-            raw = self._buf.take(4 + announced)
-            if raw is None:
+            whole = self._buf.take(4 + announced)
+            if whole is None:
                 return None
+            raw = whole
         reason = printable(raw[4:])
         raise RfbError.auth_failed(f"{self._failure}: {reason}" if reason else self._failure)
 

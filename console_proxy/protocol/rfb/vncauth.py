@@ -6,11 +6,11 @@ The only use of pycryptodome in the proxy (cryptography dropped single DES).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from Crypto.Cipher import DES
+from Crypto.Cipher._mode_ecb import EcbMode
 
-__all__ = ["ChallengeCipher", "vnc_auth_cipher", "vnc_auth_response"]
+__all__ = ["ChallengeCipher", "EcbMode", "vnc_auth_cipher", "vnc_auth_response"]
 
 ChallengeCipher = Callable[[str, bytes], bytes]
 
@@ -31,7 +31,9 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     return vnc_auth_cipher(password).encrypt(challenge)
 
 
-def vnc_auth_cipher(password: str) -> Any:
+def vnc_auth_cipher(password: str) -> EcbMode:
     """The DES-ECB cipher of :func:`vnc_auth_response` (its key schedule built here)."""
     raw = password.encode("utf-8")[:8].ljust(8, b"\0")
-    return DES.new(raw.translate(_REVERSED_BITS), DES.MODE_ECB)
+    cipher = DES.new(raw.translate(_REVERSED_BITS), DES.MODE_ECB)
+    assert isinstance(cipher, EcbMode)  # what MODE_ECB makes; DES.new is typed as any mode's cipher
+    return cipher
