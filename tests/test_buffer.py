@@ -20,13 +20,6 @@ def test_take_and_peek_wait_for_all_bytes_and_consume_nothing_until_then() -> No
     assert bytes(buf) == b"e"
 
 
-def test_head_gives_what_there_is_without_consuming() -> None:
-    buf = Buffer()
-    buf.append(b"xy")
-    assert buf.head(12) == b"xy" and buf.head(1) == b"x"
-    assert len(buf) == 2
-
-
 def test_skip_drops_at_most_what_is_held() -> None:
     buf = Buffer()
     buf.append(b"12345")

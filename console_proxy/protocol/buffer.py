@@ -38,10 +38,6 @@ class Buffer:
         """True when more is held than the cap allows: no honest peer needs that much."""
         return self._limit is not None and len(self._data) > self._limit
 
-    def head(self, n: int) -> bytes:
-        """Up to the first n bytes without consuming them (fewer if fewer arrived)."""
-        return bytes(self._data[:n])
-
     def peek(self, n: int) -> bytes | None:
         """The first n bytes without consuming them, or None if not all arrived yet."""
         return bytes(self._data[:n]) if len(self._data) >= n else None
