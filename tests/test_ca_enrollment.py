@@ -452,3 +452,74 @@ def test_renewal_at_two_thirds_with_no_restart_and_no_session_dropped(
     finally:
         proxy.stop()
         broker.stop()
+
+
+def test_revocation_reaches_every_replica_on_postgresql(
+    pg_cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = pg_cluster.new_database()
+    state = BrokerState.create(tmp_path / "a", database=database)
+    add_proxy(state, "edge", "http://127.0.0.1:1", capsys)
+    first = enrolled_in_process(state, "edge", tmp_path / "first")
+    second = enrolled_in_process(state, "edge", tmp_path / "second")
+    a, base_a = start_https_broker(state)
+    b, base_b = start_https_broker(state.replica(tmp_path / "b"))
+    try:
+        contexts = [client_context(i.cert_pem, i.key_pem, i.ca_pem, tmp_path) for i in (first, second)]
+        for base in (base_a, base_b):
+            assert [call(base, "/proxy/heartbeat", c, heartbeat("edge"))[0] for c in contexts] == [200, 200]
+        cli = ["--state-dir", str(state.root), "--database", database]
+        assert broker_main(["ca", "revoke", ca.serial_hex(first.certificate.serial_number), *cli]) == 0
+        for base in (base_b, base_a):  # the replica that did not revoke refuses it first
+            status, answer = call(base, "/proxy/heartbeat", contexts[0], heartbeat("edge"))
+            assert (status, answer["error"]) == (401, "certificate_revoked")
+            assert call(base, "/proxy/heartbeat", contexts[1], heartbeat("edge"))[0] == 200
+        assert broker_main(["proxy", "remove", "edge", *cli]) == 0
+        for base in (base_b, base_a):
+            status, answer = call(base, "/proxy/heartbeat", contexts[1], heartbeat("edge"))
+            assert (status, answer["error"]) == (401, "certificate_revoked")
+        events = b.admin.audit(0, "cert_revoked")
+        assert [e["detail"]["serial"] for e in events] == [
+            ca.serial_hex(first.certificate.serial_number),
+            ca.serial_hex(second.certificate.serial_number),
+        ]
+        assert len(a.admin.audit(0, "cert_issued")) == 2
+        assert pg_cluster.password not in a.log_text() + b.log_text()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_failed_renewal_warns_with_its_retry_schedule_and_keeps_serving(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = BrokerState.create(tmp_path / "state")
+    port = free_port()
+    add_proxy(state, "edge", f"http://127.0.0.1:{port}", capsys)
+    assert broker_main(["keys", "export-proxy", "--state-dir", str(state.root), "--out", str(tmp_path / "ring")]) == 0
+    edge = enrolled_in_process(state, "edge", tmp_path / "edge", issued_ago=45)  # due for renewal at once
+    broker, base = start_https_broker(state)
+    assert (
+        broker_main(["ca", "revoke", ca.serial_hex(edge.certificate.serial_number), "--state-dir", str(state.root)])
+        == 0
+    )
+    proxy = start_proxy(
+        tmp_path,
+        tmp_path / "ring",  # serves from the exported keyring while the broker refuses it
+        "--state-dir",
+        str(tmp_path / "edge"),
+        "--broker",
+        base,
+        "--public-url",
+        f"http://127.0.0.1:{port}",
+        port=port,
+    )
+    try:
+        line = proxy.wait_for_log("certificate renewal failed")
+        assert "HTTP 401 certificate_revoked" in line and "next try in 5 s" in line and "300 s" in line
+        assert (tmp_path / "edge" / "proxy-cert.pem").read_bytes() == edge.cert_pem  # nothing replaced
+        assert proxy.process.poll() is None
+        assert urllib.request.urlopen(proxy.base + "/healthz", timeout=5).status == 200
+    finally:
+        proxy.stop()
+        broker.stop()
