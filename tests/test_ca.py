@@ -229,3 +229,27 @@ def test_issued_certificates_verify_as_of_their_validity(
         *root, ca.new_key().public_key(), common_name="x", client_auth=True, server_auth=False, lifetime=60, now=NOW
     )
     assert leaf.not_valid_before_utc == datetime.datetime.fromtimestamp(NOW - ca.BACKDATE, tz=datetime.UTC)
+
+
+def test_proxy_add_and_join_token_print_tokens_that_pin_this_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from console_proxy.jointoken import JoinToken
+
+    state = str(tmp_path / "var")
+    assert main(["init", "--state-dir", state]) == 0
+    assert main(["ca", "show", "--state-dir", state]) == 0
+    fingerprint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["proxy", "add", "edge", "--public-url", "https://edge.example.com", "--state-dir", state]) == 0
+    first = JoinToken.parse(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["proxy", "join-token", "edge", "--state-dir", state]) == 0
+    second = JoinToken.parse(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first.ca_fingerprint == second.ca_fingerprint == fingerprint
+    assert (first.proxy_id, second.proxy_id) == ("edge", "edge") and first.secret != second.secret
+    database = (tmp_path / "var" / "broker.db").read_bytes()
+    assert first.secret.encode() not in database and second.secret.encode() not in database  # hashed
+    assert main(["proxy", "join-token", "nobody", "--state-dir", state]) == 1
+    assert "no registered proxy" in capsys.readouterr().err
+    assert main(["proxy", "remove", "edge", "--state-dir", state]) == 0
+    assert main(["proxy", "join-token", "edge", "--state-dir", state]) == 1
+    capsys.readouterr()
