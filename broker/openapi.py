@@ -161,12 +161,13 @@ def _op(
     body: dict[str, Any] | None = None,
     errors: tuple[str, ...] = (),
     params: list[dict[str, Any]] | None = None,
+    throttled: bool | None = None,
 ) -> dict[str, Any]:
     status, schema = ok
     responses: dict[str, Any] = {status: _json(schema) if schema is not None else {"description": "done"}}
     for code in ("400", "401", "403", *errors) if who != "anyone" else errors:
         responses[code] = _json({"$ref": "#/components/schemas/Error"}, "error")
-    if who != "anyone":
+    if throttled if throttled is not None else who != "anyone":
         responses["429"] = {
             **_json({"$ref": "#/components/schemas/Error"}, _THROTTLED),
             "headers": {
@@ -347,7 +348,8 @@ def document() -> dict[str, Any]:
                 "anyone",
                 ("200", _ISSUED),
                 body=object_schema(schemas.ENROLL),
-                errors=("400", "401", "403", "409", "413", "429"),
+                errors=("400", "401", "403", "409", "413"),
+                throttled=True,  # failed join tokens count against the address like credentials
             )
         },
         "/proxy/renew": {
