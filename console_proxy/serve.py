@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tornado.httpserver
 
-from console_proxy import keyring, listeners, logguard, origin, server
+from console_proxy import clock, keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
 from console_proxy.command import CommandError
 from console_proxy.config import ProxyConfig, default_static_dir
@@ -284,6 +284,11 @@ def _enrolled_link(args: argparse.Namespace, state_dir: str) -> BrokerLink:
         raise CommandError("--heartbeat-interval must be positive")
     try:
         enrolled = Identity.load(state_dir)
+        if enrolled.not_after <= clock.now():
+            raise CommandError(
+                f"the certificate in {state_dir!r} has expired: the broker refuses it. Make a new join token "
+                f"(console-broker proxy join-token {enrolled.proxy_id}) and run console-proxy enroll again"
+            )
         urls = args.broker or list(enrolled.brokers)
         return BrokerLink(urls, enrolled, interval=args.heartbeat_interval, ca_file=args.broker_ca)
     except (BrokerLinkError, IdentityError, ssl.SSLError, OSError) as exc:

@@ -523,3 +523,34 @@ def test_a_failed_renewal_warns_with_its_retry_schedule_and_keeps_serving(
     finally:
         proxy.stop()
         broker.stop()
+
+
+def test_serve_refuses_an_expired_identity_and_a_missing_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = BrokerState.create(tmp_path / "state")
+    add_proxy(state, "edge", "http://127.0.0.1:1", capsys)
+    enrolled_in_process(state, "edge", tmp_path / "edge", issued_ago=3600)
+    for directory, message in (
+        (tmp_path / "edge", "console-broker proxy join-token edge"),
+        (tmp_path / "nothing", "run console-proxy enroll"),
+    ):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "console_proxy.cli",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--state-dir",
+                str(directory),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=60,
+        )
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
