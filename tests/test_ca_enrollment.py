@@ -554,3 +554,40 @@ def test_serve_refuses_an_expired_identity_and_a_missing_one(
             timeout=60,
         )
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_renewal_hooks_get_the_new_identity_and_a_refused_renewal_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tornado.httpclient import HTTPClientError
+
+    from console_proxy.brokerlink import BrokerLink
+
+    state = BrokerState.create(tmp_path / "state")
+    add_proxy(state, "edge", "http://127.0.0.1:1", capsys)
+    first = enrolled_in_process(state, "edge", tmp_path / "edge")
+    broker, base = start_https_broker(state)
+
+    async def scenario() -> tuple[list[Identity], Identity, BaseException]:
+        link = BrokerLink(base, first)
+        assert link.renewal is not None
+        seen: list[Identity] = []
+        link.renewal.hooks.append(seen.append)
+        before = link.ssl_context
+        renewed = await link.renewal.renew()
+        assert link.ssl_context is not before and link.credential is renewed
+        serial = ca.serial_hex(renewed.certificate.serial_number)
+        assert broker_main(["ca", "revoke", serial, "--state-dir", str(state.root)]) == 0
+        with pytest.raises(HTTPClientError) as refused:
+            await link.renewal.renew()
+        return seen, renewed, refused.value
+
+    try:
+        seen, renewed, refused = asyncio.run(scenario())
+        assert seen == [renewed] and renewed.certificate.serial_number != first.certificate.serial_number
+        assert refused.code == 401
+        on_disk = Identity.load(tmp_path / "edge")
+        assert (on_disk.cert_pem, on_disk.key_pem) == (renewed.cert_pem, renewed.key_pem)  # the refusal changed nothing
+        assert not [p for p in (tmp_path / "edge").iterdir() if p.name.startswith(".")]  # no temporary left
+    finally:
+        broker.stop()
