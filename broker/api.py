@@ -187,7 +187,13 @@ class ApiHandler(tornado.web.RequestHandler):
         proxy = roles == ("proxy",)
         kind, address, now = "proxy" if proxy else "apikey", self.client_address(), time.monotonic()
         self.check_throttle(kind, address, now)
+        if proxy and (mtls := self.proxy_certificate()) is not None:
+            return mtls
         authorization = self.request.headers.get("Authorization")
+        if proxy and self.broker.config.require_mtls:
+            raise ApiError(
+                401, "mtls_required", "this broker accepts proxies by their client certificate only (--require-mtls)"
+            )
         principal = self.broker.authenticate(authorization, proxy=proxy)
         if principal is None and authorization is not None:
             self.throttle.failed(kind, address, now)
@@ -198,6 +204,20 @@ class ApiHandler(tornado.web.RequestHandler):
         if principal.role not in roles and not (principal.role == "admin" and not proxy):
             raise ApiError(403, "forbidden", f"this endpoint needs the role {' or '.join(roles)}")
         return principal
+
+    def proxy_certificate(self) -> Principal | None:
+        """The proxy named by the TLS client certificate (verified against the broker's CA in the
+        handshake; its revocation, expiry and proxy checked here on every request), or None
+        without one. A certificate that fails is refused, never passed over for a bearer."""
+        der = self.request.get_ssl_certificate(binary_form=True) if self.request.protocol == "https" else None
+        if not der:
+            return None
+        try:
+            return self.broker.authenticate_certificate(bytes(der))
+        except ApiError:
+            self.throttle.failed("proxy", self.client_address(), time.monotonic())
+            self.metrics.auth_failures.inc("proxy")
+            raise
 
     def client_address(self) -> str:
         """The peer, or the client a trusted reverse proxy names in X-Forwarded-For (``--trusted-proxy``;
@@ -386,6 +406,41 @@ class HeartbeatHandler(ApiHandler):
         self.answer(200, self.broker.heartbeat(who, self.body(schemas.HEARTBEAT)))
 
 
+class CaHandler(ApiHandler):
+    """The CA certificate and its fingerprint: public, what a join token pins."""
+
+    def get(self) -> None:
+        self.answer(200, self.broker.ca_answer())
+
+
+class EnrollHandler(ApiHandler):
+    """A join token and a CSR for a proxy's first certificate (no credential: the token is it).
+    Failures count against the address like a wrong credential's."""
+
+    def post(self) -> None:
+        address, now = self.client_address(), time.monotonic()
+        self.check_throttle("proxy", address, now)
+        body = self.body(schemas.ENROLL)
+        try:
+            answer = self.broker.enroll(body)
+        except ApiError as refused:
+            if refused.status in (401, 403, 409):
+                self.throttle.failed("proxy", address, now)
+                self.metrics.auth_failures.inc("join")
+            raise
+        self.answer(200, answer)
+
+
+class RenewHandler(ApiHandler):
+    """The next certificate, for a proxy authenticated by its current one (never a bearer)."""
+
+    def post(self) -> None:
+        who = self.caller("proxy")
+        if who.certificate is None:
+            raise ApiError(403, "mtls_required", "renewal needs the proxy's current client certificate (mutual TLS)")
+        self.answer(200, self.broker.renew_certificate(who, self.body(schemas.RENEW)))
+
+
 class RedeemHandler(ApiHandler):
     def post(self) -> None:
         who = self.caller("proxy")
@@ -498,6 +553,9 @@ def make_app(
             ("/proxy/heartbeat", HeartbeatHandler),
             ("/proxy/redeem", RedeemHandler),
             ("/proxy/events", ProxyEventsHandler),
+            ("/proxy/enroll", EnrollHandler),
+            ("/proxy/renew", RenewHandler),
+            ("/ca", CaHandler),
             ("/openapi.json", OpenApiHandler),
         )
     ]

@@ -28,6 +28,8 @@ class Principal:
     id: str
     name: str
     role: str
+    certificate: str | None = None
+    """The serial (hex) of the client certificate that authenticated a proxy; None for a bearer."""
 
     @property
     def actor(self) -> str:

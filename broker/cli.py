@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker import keyfiles, schemas, serve
+from broker import ca, keyfiles, schemas, serve
 from broker.client import BrokerClient, BrokerError
 from broker.engines import parse_database_url
 from broker.service import AUDIT_TYPES, ApiError, Broker, init_state_dir
@@ -95,7 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_targets(commands)
     _add_hypervisors(commands)
     _add_audit(commands)
+    _add_ca(commands)
     return parser
+
+
+def _add_ca(commands: argparse._SubParsersAction[Parser]) -> None:
+    group = commands.add_parser("ca", help="the broker's certificate authority").add_subparsers(metavar="ACTION")
+    _action(group, "show", ca_show, "print the CA certificate (PEM) and its sha256: fingerprint")
+    _action(
+        group,
+        "revoke",
+        ca_revoke,
+        "revoke a certificate by its serial (hex): refused from its next request on (audited)",
+        "serial",
+    )
+
+
+def ca_revoke(args: argparse.Namespace) -> int:
+    with _broker(args) as broker:
+        revoked = broker.revoke_certificate(args.serial, "cli")
+    print(f"revoked certificate {revoked['serial']} ({revoked['purpose']} {revoked['subject']})")
+    return 0
+
+
+def ca_show(args: argparse.Namespace) -> int:
+    """The CA certificate, then its fingerprint: what a join token pins and an operator compares."""
+    with _broker(args) as broker:
+        cert = broker.ca.certificate()
+    print(ca.cert_pem(cert), end="")
+    print(ca.fingerprint(cert))
+    return 0
 
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
@@ -159,10 +188,24 @@ def _add_apikeys(commands: argparse._SubParsersAction[Parser]) -> None:
 def _add_proxies(commands: argparse._SubParsersAction[Parser]) -> None:
     proxies = commands.add_parser("proxy", help="the proxy fleet").add_subparsers(metavar="ACTION")
     add = _action(
-        proxies, "add", proxy_add, "register a proxy and write its credential file {proxy_id, secret}", "name"
+        proxies,
+        "add",
+        proxy_add,
+        "register a proxy; print its one-time join token (console-proxy enroll)",
+        "name",
+        description="Register a proxy and print a one-time join token (valid 1 hour) for "
+        "`console-proxy enroll --broker URL --join-token T --state-dir D` on the proxy's machine. "
+        "With --out, also write a bearer credential file {proxy_id, secret} (upgrades, small sites).",
     )
     add.add_argument("--public-url", required=True, metavar="URL", help="the URL browsers use to reach it")
-    add.add_argument("--out", required=True, metavar="FILE", help="credential file to write (0600)")
+    add.add_argument("--out", metavar="FILE", help="also write a bearer credential file (0600)")
+    _action(
+        proxies,
+        "join-token",
+        proxy_join_token,
+        "print a new one-time join token for a registered proxy (valid 1 hour)",
+        "name",
+    )
     _action(
         proxies,
         "list",
@@ -395,9 +438,26 @@ def proxy_add(args: argparse.Namespace) -> int:
             ) from None
 
     with _broker(args) as broker:
-        broker.add_proxy(args.name, args.public_url, "cli", deliver)
-    print(f"registered proxy {args.name}; credential written to {args.out}")
+        added = broker.add_proxy(args.name, args.public_url, "cli", deliver if args.out else None)
+    if args.out:
+        print(f"registered proxy {args.name}; credential written to {args.out}")
+    else:
+        print(f"registered proxy {args.name}")
+    _print_join_token(added["join_token"])
     return 0
+
+
+def proxy_join_token(args: argparse.Namespace) -> int:
+    with _broker(args) as broker:
+        token = broker.new_join_token(args.name, "cli")
+    _print_join_token(token)
+    return 0
+
+
+def _print_join_token(token: str) -> None:
+    """The token last, alone on its line (scripts take the last line)."""
+    print("join token (one use, valid 1 hour; on the proxy: console-proxy enroll --join-token ...):")
+    print(token)
 
 
 def targets_add(args: argparse.Namespace) -> int:

@@ -126,6 +126,25 @@ _WATCH = {
 }
 
 
+_ISSUED = {
+    "type": "object",
+    "properties": {
+        "proxy_id": {"type": "string"},
+        "certificate": {"type": "string", "description": "the issued certificate, PEM"},
+        "ca": {"type": "string", "description": "the CA certificate, PEM"},
+        "serial": {"type": "string", "description": "the certificate's serial, hex"},
+        "not_after": {"type": "number", "description": "Unix time the certificate expires"},
+    },
+}
+_CA = {
+    "type": "object",
+    "properties": {
+        "certificate": {"type": "string", "description": "PEM"},
+        "fingerprint": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+    },
+}
+
+
 def _list(name: str, item: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": {name: {"type": "array", "items": item}}}
 
@@ -142,12 +161,13 @@ def _op(
     body: dict[str, Any] | None = None,
     errors: tuple[str, ...] = (),
     params: list[dict[str, Any]] | None = None,
+    throttled: bool | None = None,
 ) -> dict[str, Any]:
     status, schema = ok
     responses: dict[str, Any] = {status: _json(schema) if schema is not None else {"description": "done"}}
     for code in ("400", "401", "403", *errors) if who != "anyone" else errors:
         responses[code] = _json({"$ref": "#/components/schemas/Error"}, "error")
-    if who != "anyone":
+    if throttled if throttled is not None else who != "anyone":
         responses["429"] = {
             **_json({"$ref": "#/components/schemas/Error"}, _THROTTLED),
             "headers": {
@@ -318,6 +338,31 @@ def document() -> dict[str, Any]:
                 ],
             )
         },
+        "/proxy/enroll": {
+            "post": _op(
+                "Enroll a proxy: a one-time join token (from proxy add) and a PEM CSR (ECDSA P-256; CN the proxy id, "
+                "SAN its public URL's host) for a certificate with client and server authentication. Errors: 400 "
+                "`join_token_malformed`, `csr_malformed`, `csr_too_large`, `csr_key_not_p256`, `csr_bad_signature`; "
+                "401 `join_token_invalid`, `join_token_expired`; 403 `join_token_other_broker`, `csr_names`, "
+                "`proxy_removed`; 409 `join_token_used`",
+                "anyone",
+                ("200", _ISSUED),
+                body=object_schema(schemas.ENROLL),
+                errors=("400", "401", "403", "409", "413"),
+                throttled=True,  # failed join tokens count against the address like credentials
+            )
+        },
+        "/proxy/renew": {
+            "post": _op(
+                "Renew a proxy certificate: authenticated by the current one (mutual TLS; a bearer credential gets "
+                "403 `mtls_required`), a new CSR in, the next certificate out",
+                "proxy",
+                ("200", _ISSUED),
+                body=object_schema(schemas.RENEW),
+                errors=("413",),
+            )
+        },
+        "/ca": {"get": _op("The broker CA's certificate (PEM) and sha256: fingerprint", "anyone", ("200", _CA))},
         "/openapi.json": {"get": _op("This document", "anyone", ("200", {"type": "object"}))},
     }
     return {

@@ -259,3 +259,18 @@ _EVENT = {
 EVENTS = {"events": Field("array", required=True, max_items=500, items=Field("object", properties=_EVENT, open=True))}
 
 EMPTY: dict[str, Field] = {}
+
+_CSR = Field(
+    "string",
+    required=True,
+    min_length=1,
+    max_length=60000,
+    description="a PEM certificate signing request for an ECDSA P-256 key (at most 8192 bytes)",
+)
+
+ENROLL = {
+    "join_token": Field("string", required=True, min_length=1, max_length=4096, description="cgj1.…"),
+    "csr": _CSR,
+}
+
+RENEW = {"csr": _CSR}

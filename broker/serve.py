@@ -12,7 +12,8 @@ from collections.abc import Callable
 import tornado.httpserver
 from tornado.ioloop import PeriodicCallback
 
-from broker import api, hypervisors, ratelimit
+from broker import api, ca, hypervisors, ratelimit
+from broker.enrollment import DEFAULT_CERT_LIFETIME, MIN_CERT_LIFETIME
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
 from broker.watch import POLL_POSTGRESQL, POLL_SQLITE, WATCH_HOLD, ChangeFeed, PgListener
@@ -124,6 +125,20 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         metavar="SECONDS",
         help="how long a mint naming a hypervisor waits for libvirt before 503 hypervisor_unavailable",
     )
+    serve.add_argument(
+        "--cert-lifetime",
+        type=float,
+        default=DEFAULT_CERT_LIFETIME,
+        metavar="SECONDS",
+        help="lifetime of the proxy certificates this broker issues and renews (renewed at two thirds; "
+        f"at least {MIN_CERT_LIFETIME:g}, default {DEFAULT_CERT_LIFETIME:g} = 7 days)",
+    )
+    serve.add_argument(
+        "--require-mtls",
+        action="store_true",
+        help="proxies authenticate only with a client certificate of the broker's CA "
+        "(their bearer credentials are refused: 401 mtls_required); needs --tls-cert",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
         "--log-format",
@@ -144,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if args.hypervisor_timeout <= 0:
         raise CommandError("--hypervisor-timeout must be positive")
     check_retention(args.session_retention)
+    if not args.cert_lifetime >= MIN_CERT_LIFETIME:  # NaN too
+        raise CommandError(f"--cert-lifetime must be at least {MIN_CERT_LIFETIME:g} seconds")
     throttle, trusted = auth_limits(args)
     config = BrokerConfig(
         default_ttl=args.default_ttl,
@@ -153,16 +170,31 @@ def run(args: argparse.Namespace) -> int:
         session_retention=args.session_retention,
         hypervisor_timeout=args.hypervisor_timeout,
         watch_hold=args.watch_hold,
+        cert_lifetime=args.cert_lifetime,
+        require_mtls=args.require_mtls,
     )
     tls = tls_context(args.tls_cert, args.tls_key)
     host, port = parse_listen(args.listen)
     check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
+    if args.require_mtls and tls is None:
+        raise CommandError("--require-mtls needs HTTPS (--tls-cert and --tls-key)")
     broker = Broker(args.state_dir, config, database=args.database, migrate=True if args.migrate else None)
     try:
+        if tls is not None:
+            ask_client_certificates(tls, broker)
         asyncio.run(serve(broker, host, port, tls, throttle, trusted))
     finally:
         broker.close()
     return 0
+
+
+def ask_client_certificates(context: ssl.SSLContext, broker: Broker) -> None:
+    """Ask every HTTPS client for a certificate of the broker's CA, without requiring one
+    (CERT_OPTIONAL): browsers and API clients connect as before, a proxy presenting its
+    certificate is authenticated by it (api.ApiHandler.proxy_certificate), and a certificate
+    from another CA, or an expired one, fails the handshake."""
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(cadata=ca.cert_pem(broker.ca.certificate()))
 
 
 BODY_TIMEOUT = 30.0

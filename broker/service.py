@@ -8,13 +8,14 @@ data. HTTP lives in :mod:`broker.api`; SQL in :mod:`broker.store`; choices about
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import secrets
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from urllib.parse import urlsplit
 
 import tornado.web
 
-from broker import auth, fleet, hypervisors, keyfiles
+from broker import auth, ca, fleet, hypervisors, keyfiles
 from broker.auth import Hasher, Principal
+from broker.castore import CaStore
 from broker.engines import DB_NAME, DatabaseUrl, parse_database_url
+from broker.enrollment import CERT_AUDIT_TYPES, DEFAULT_CERT_LIFETIME, Enrollment, Refusal
 from broker.keystore import KeyStore
 from broker.store import IntegrityError, Store
 from broker.vault import MASTER_KEY_NAME, Vault
@@ -52,6 +55,7 @@ AUDIT_TYPES = (
     "proxy_changed",
     "proxy_removed",
     "auth_throttled",
+    *CERT_AUDIT_TYPES,
 )
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session that is still open (its close never reported) is sent to proxies.
@@ -103,6 +107,10 @@ class BrokerConfig:
     """Seconds a mint naming a hypervisor waits for libvirt before its 503."""
     watch_hold: float = WATCH_HOLD
     """Longest ``GET /proxy/watch`` waits for a change before answering the current position."""
+    cert_lifetime: float = DEFAULT_CERT_LIFETIME
+    """Seconds a proxy certificate issued or renewed here is valid (``serve --cert-lifetime``)."""
+    require_mtls: bool = False
+    """Refuse the proxies' bearer credential: only a client certificate of the CA authenticates."""
 
 
 def init_state_dir(
@@ -136,6 +144,7 @@ def init_state_dir(
         now = clock.now()
         with store.transaction() as conn:
             KeyStore(store, vault).create(conn, Keyring.generate(now, max_ttl=max_ttl), now)
+            CaStore(store, vault).create(conn, now)
     finally:
         store.close()
     return root
@@ -167,6 +176,10 @@ class Broker:
             self.keys = KeyStore(self.store, self.vault)
             self.keys.import_file(self.root / keyfiles.KEYRING_NAME, clock.now())
             self.keys.current()  # fail at start when master.key does not open the database's keyring
+            self.ca = CaStore(self.store, self.vault)
+            self.ca.ensure(clock.now())  # a state from before the CA: created once, under the migration lock
+            self.ca.current()
+            self.enrollment = Enrollment(self.store, self.ca, self.hasher)
             self.store.watched = frozenset(WATCHED_TYPES)
         except BaseException:
             self.store.close()
@@ -305,11 +318,51 @@ class Broker:
                 self.store.append_audit(
                     conn, at=now, type_="proxy_added", actor=actor, detail={"proxy_id": name, "public_url": public_url}
                 )
+                join_token = self.enrollment.create_join_token(conn, name, now)
                 if deliver is not None:
                     deliver({"proxy_id": name, "secret": secret})
         except IntegrityError:
             raise CommandError(f"a proxy named {name!r} exists already (removed names are not reused)") from None
-        return {"proxy_id": name, "secret": secret}
+        return {"proxy_id": name, "secret": secret, "join_token": join_token}
+
+    def new_join_token(self, name: str, actor: str) -> str:
+        """Another one-time join token for a registered proxy (the first expired, or the proxy is
+        re-enrolled on a new machine); the earlier unused ones stay valid until they expire."""
+        now = clock.now()
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT removed_at FROM proxies WHERE id = ?", (name,)).fetchone()
+            if row is None or row["removed_at"] is not None:
+                raise ApiError(404, "proxy_not_found", f"no registered proxy named {name!r}")
+            token = self.enrollment.create_join_token(conn, name, now)
+            log.info("join token made for proxy %s by %s", name, actor)
+        return token
+
+    # --- the CA -------------------------------------------------------------------------
+
+    def ca_answer(self) -> dict[str, Any]:
+        """``GET /ca``: the CA certificate and its fingerprint (public)."""
+        cert = self.ca.certificate()
+        return {"certificate": ca.cert_pem(cert), "fingerprint": ca.fingerprint(cert)}
+
+    def enroll(self, body: dict[str, Any]) -> dict[str, Any]:
+        with _refusals():
+            return self.enrollment.enroll(
+                body["join_token"], body["csr"], lifetime=self.config.cert_lifetime, now=clock.now()
+            )
+
+    def renew_certificate(self, who: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        with _refusals():
+            return self.enrollment.renew(who, body["csr"], lifetime=self.config.cert_lifetime, now=clock.now())
+
+    def revoke_certificate(self, serial: str, actor: str) -> dict[str, Any]:
+        with _refusals():
+            return self.enrollment.revoke(serial, actor, clock.now())
+
+    def authenticate_certificate(self, der: bytes) -> Principal:
+        """The proxy a verified client certificate names (every request: revocation is read
+        from the database each time), else ApiError 401 with the reason's code."""
+        with _refusals():
+            return self.enrollment.authenticate(der, clock.now())
 
     def _note_reported_url(self, proxy_id: str, registered: str, reported: str | None) -> None:
         """A heartbeat's ``public_url`` never moves consoles: a stolen proxy credential would
@@ -380,6 +433,7 @@ class Broker:
         with self.store.transaction() as conn:
             self.keys.current(for_update=True)  # waits for mints and heartbeats in flight, then holds them
             public_url = self._mark_removed(conn, name, now)
+            self.enrollment.revoke_proxy(conn, name, actor, now)
             self.store.append_audit(
                 conn,
                 at=now,
@@ -1175,6 +1229,15 @@ def _refused(store: Store, conn: Any, who: Principal, event: dict[str, Any], now
 
 
 _EVENT_HANDLERS = {"opened": _opened, "closed": _closed, "refused": _refused}
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """The CA's refusals (broker.enrollment) as the API's errors."""
+    try:
+        yield
+    except Refusal as refusal:
+        raise ApiError(refusal.status, refusal.code, refusal.message) from None
 
 
 def _check_ca(pem: str | None) -> None:

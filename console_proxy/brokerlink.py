@@ -46,8 +46,10 @@ from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 from console_proxy.admission import Refusal
 from console_proxy.codes import Refused
 from console_proxy.hostside import is_loopback_host
+from console_proxy.identity import Identity
 from console_proxy.keyring import Keyring, KeyringError
 from console_proxy.metrics import Gauge, LiveCounter
+from console_proxy.renewal import Renewal
 from console_proxy.token import Claims
 
 if TYPE_CHECKING:
@@ -98,7 +100,7 @@ class BrokerLink:
     def __init__(
         self,
         base_url: str | Sequence[str],
-        credential: ProxyCredential,
+        credential: ProxyCredential | Identity,
         *,
         interval: float = 5.0,
         timeout: float = 3.0,
@@ -115,6 +117,12 @@ class BrokerLink:
         self._current = 0
         self.ca_file = ca_file
         self.credential, self.interval, self.timeout, self.batch = credential, interval, timeout, batch
+        self.proxy_id = credential.proxy_id
+        self.renewal: Renewal | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        if isinstance(credential, Identity):  # mutual TLS with the CA's certificate; renewed in place
+            self.ssl_context = credential.client_context(ca_file)
+            self.renewal = Renewal(self, credential)
         self.state: ProxyState | None = None
         self.queue: deque[dict[str, Any]] = deque(maxlen=queue_limit)
         self.dropped = {"queue_full": 0, "rejected": 0}  # events the broker will never see
@@ -173,7 +181,9 @@ class BrokerLink:
         the next one is used from now on and the call is tried there, each replica once."""
         for attempt in range(len(self.bases)):
             index = self._current
-            headers = {"Authorization": self.credential.authorization}
+            headers = {}
+            if isinstance(self.credential, ProxyCredential):
+                headers["Authorization"] = self.credential.authorization
             if body is not None:
                 headers["Content-Type"] = "application/json"
             request = HTTPRequest(
@@ -184,7 +194,8 @@ class BrokerLink:
                 connect_timeout=self.timeout,
                 request_timeout=timeout,
                 follow_redirects=False,
-                ca_certs=self.ca_file,
+                ca_certs=None if self.ssl_context is not None else self.ca_file,
+                ssl_options=self.ssl_context,  # read per call: a renewal's new context serves the next one
             )  # a redirect must not carry the secret
             try:
                 response = await AsyncHTTPClient().fetch(request)
@@ -230,7 +241,7 @@ class BrokerLink:
 
     def _report(self, state: ProxyState | None, capacity: int, public_url: str | None) -> dict[str, Any]:
         return {
-            "proxy_id": self.credential.proxy_id,
+            "proxy_id": self.proxy_id,
             "public_url": public_url,
             "sessions": len(state.sessions) if state else 0,
             "capacity": capacity,
@@ -392,6 +403,8 @@ class BrokerLink:
             loop.create_task(self._events()),
             loop.create_task(self._watches()),
         ]
+        if self.renewal is not None:
+            self._tasks.append(loop.create_task(self.renewal.run()))
 
     async def stop(self) -> None:
         """Stop the loops; tell the broker we are gone (draining) and send the last events."""
@@ -497,3 +510,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A failed call in an operator's words, with the broker's refusal code when it gave one."""
+    if isinstance(exc, HTTPClientError) and exc.code != CLIENT_SIDE_FAILURE:
+        return f"HTTP {exc.code} {_error_code(exc)}".strip()
+    return _describe(exc)

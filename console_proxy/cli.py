@@ -6,8 +6,9 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from console_proxy import clock, keyring, serve, token
+from console_proxy import clock, enroll, keyring, serve, token
 from console_proxy.command import Parser, read_token_argument, run
+from console_proxy.identity import IdentityError
 from console_proxy.keyring import DEFAULT_SKEW, KeyringError
 
 
@@ -16,7 +17,34 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(metavar="COMMAND")
     _add_token_commands(commands)
     serve.add_parser(commands)
+    _add_enroll(commands)
     return parser
+
+
+def _add_enroll(commands: argparse._SubParsersAction[Parser]) -> None:
+    enroll = commands.add_parser(
+        "enroll",
+        help="get this proxy's certificate from the broker with a one-time join token",
+        description="Pins the broker's CA by the join token's fingerprint (nothing is sent to a broker "
+        "whose CA differs), makes a P-256 key and a CSR, and writes ca-cert.pem, proxy-cert.pem, "
+        "proxy-key.pem and proxy.json (0600) into --state-dir. Then: console-proxy serve --state-dir D.",
+    )
+    enroll.add_argument("--broker", required=True, metavar="URL", help="the broker (https://, or http:// to this host)")
+    enroll.add_argument("--join-token", required=True, metavar="T", help="from console-broker proxy add; - reads stdin")
+    enroll.add_argument("--state-dir", required=True, metavar="D", help="where the proxy's identity is written")
+    enroll.add_argument(
+        "--broker-ca", metavar="PEM", help="also trust this bundle for the broker's HTTPS certificate (default: its CA)"
+    )
+    enroll.set_defaults(handler=enroll_proxy)
+
+
+def enroll_proxy(args: argparse.Namespace) -> int:
+    done = enroll.enroll(args.broker, read_token_argument(args.join_token), args.state_dir, extra_ca=args.broker_ca)
+    until = f"{done.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S}"
+    print(f"enrolled proxy {done.proxy_id}: certificate valid until {until} UTC")
+    print(f"wrote {done.directory}/{{ca-cert.pem,proxy-cert.pem,proxy-key.pem,proxy.json}}")
+    print(f"next: console-proxy serve --state-dir {done.directory} --listen HOST:PORT")
+    return 0
 
 
 def _add_token_commands(commands: argparse._SubParsersAction[Parser]) -> None:
@@ -50,7 +78,7 @@ def inspect_token(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run("console-proxy", build_parser(), argv, (KeyringError, ValueError))
+    return run("console-proxy", build_parser(), argv, (KeyringError, ValueError, IdentityError))
 
 
 if __name__ == "__main__":  # pragma: no cover

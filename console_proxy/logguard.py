@@ -116,6 +116,7 @@ _CREDENTIAL_HEADER = re.compile(
 )
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic|digest|negotiate)(?:\s|\\t|\\x09)+\S+")
 _API_KEY = re.compile(r"\bcgk\.\S+")
+_JOIN_TOKEN = re.compile(r"\bcgj1\.\S+")
 _ASSIGNED = re.compile(
     r"(?i)\b(token|access_token|api_?key|key|secret|password|passwd|pw|credential|auth|"
     r"authorization|sig|signature)=[^\s&'\"<>]*"
@@ -174,6 +175,7 @@ def sanitise(text: str, *, multiline: bool = False, limit: int = MAX_MESSAGE) ->
     text = _CREDENTIAL_HEADER.sub(_redact_header, text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _API_KEY.sub(f"cgk.{REDACTED}", text)
+    text = _JOIN_TOKEN.sub(f"cgj1.{REDACTED}", text)
     text = _ASSIGNED.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
     text = _KEYED.sub(
         lambda m: f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}{m.group(4)}{REDACTED}{m.group(4)}", text

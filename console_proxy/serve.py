@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tornado.httpserver
 
-from console_proxy import keyring, listeners, logguard, origin, server
+from console_proxy import clock, keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
 from console_proxy.command import CommandError, Parser
 from console_proxy.config import ProxyConfig, default_static_dir
@@ -19,6 +19,7 @@ from console_proxy.configsources import Sources
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
 from console_proxy.hostside import parse_listen, tls_context
+from console_proxy.identity import Identity, IdentityError
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
 from console_proxy.tlsdoor import TlsDoor
 
@@ -57,6 +58,13 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         "for replicas (one used at a time, the next on failure)",
     )
     serve.add_argument("--proxy-credential", metavar="FILE", help="credential from console-broker proxy add")
+    serve.add_argument(
+        "--state-dir",
+        metavar="D",
+        help="the proxy's identity from console-proxy enroll: mutual TLS to the broker with its "
+        "certificate (renewed automatically), the broker verified against its CA; --broker defaults "
+        "to the one it enrolled with",
+    )
     serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
     serve.add_argument(
         "--broker-ca", metavar="PEM", help="CA bundle that signed the broker's certificate (default: the system's)"
@@ -224,21 +232,47 @@ def load_proxy_keyring(path: str, *, allow_signing: bool) -> keyring.Keyring:
 
 
 def _broker_link(args: argparse.Namespace) -> BrokerLink | None:
-    """``--broker URL --proxy-credential FILE``, or None; one of it and ``--keyring`` is needed."""
+    """``--broker URL --proxy-credential FILE``, or ``--state-dir D`` (mutual TLS), or None;
+    one of them or ``--keyring`` is needed."""
+    state_dir = getattr(args, "state_dir", None)
+    if state_dir:
+        return _enrolled_link(args, state_dir)
     if not args.broker:
         if args.proxy_credential:
             raise CommandError("--proxy-credential goes with --broker")
         if not args.keyring:
-            raise CommandError("give --keyring FILE, or --broker URL with --proxy-credential FILE")
+            raise CommandError(
+                "give --keyring FILE, --state-dir D (console-proxy enroll), "
+                "or --broker URL with --proxy-credential FILE"
+            )
         return None
     if not args.proxy_credential:
-        raise CommandError("--broker needs --proxy-credential FILE")
+        raise CommandError("--broker needs --proxy-credential FILE (or --state-dir D from console-proxy enroll)")
     if args.heartbeat_interval <= 0:
         raise CommandError("--heartbeat-interval must be positive")
     try:
         credential = ProxyCredential.load(args.proxy_credential)
         return BrokerLink(args.broker, credential, interval=args.heartbeat_interval, ca_file=args.broker_ca)
     except BrokerLinkError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _enrolled_link(args: argparse.Namespace, state_dir: str) -> BrokerLink:
+    """The link of an enrolled proxy: its certificate instead of a bearer credential."""
+    if args.proxy_credential:
+        raise CommandError("give --state-dir or --proxy-credential, not both")
+    if args.heartbeat_interval <= 0:
+        raise CommandError("--heartbeat-interval must be positive")
+    try:
+        enrolled = Identity.load(state_dir)
+        if enrolled.not_after <= clock.now():
+            raise CommandError(
+                f"the certificate in {state_dir!r} has expired: the broker refuses it. Make a new join token "
+                f"(console-broker proxy join-token {enrolled.proxy_id}) and run console-proxy enroll again"
+            )
+        urls = args.broker or list(enrolled.brokers)
+        return BrokerLink(urls, enrolled, interval=args.heartbeat_interval, ca_file=args.broker_ca)
+    except (BrokerLinkError, IdentityError, ssl.SSLError, OSError) as exc:
         raise CommandError(str(exc)) from None
 
 

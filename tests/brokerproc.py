@@ -71,7 +71,7 @@ class BrokerState:
         finally:
             broker.close()
         path = self.root.parent / f"{name}-credential.json"
-        path.write_text(json.dumps(credential))
+        path.write_text(json.dumps({"proxy_id": credential["proxy_id"], "secret": credential["secret"]}))
         path.chmod(0o600)
         self.proxies[name] = path
         return path

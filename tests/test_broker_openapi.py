@@ -93,6 +93,13 @@ def test_schemathesis_finds_no_server_error(broker: BrokerProcess, tmp_path: Pat
     proxy_only = run_schemathesis(
         *spec, tmp_path / "proxy.xml", "-H", f"Authorization: {authorization}", "--include-path-regex", "^/proxy/"
     )
-    assert proxy_only == {"POST /proxy/heartbeat", "POST /proxy/redeem", "POST /proxy/events", "GET /proxy/watch"}
+    assert proxy_only == {
+        "POST /proxy/heartbeat",
+        "POST /proxy/redeem",
+        "POST /proxy/events",
+        "GET /proxy/watch",
+        "POST /proxy/enroll",
+        "POST /proxy/renew",
+    }
     assert tested | proxy_only == operations(openapi.document())
     assert " 500 " not in broker.log_text() and "Traceback" not in broker.log_text()

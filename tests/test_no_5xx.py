@@ -227,6 +227,8 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     },
     "/proxy/redeem": {"jti": "a" * 22, "session_id": "s", "exp": 1},
     "/proxy/events": {"events": [{"event": "closed", "session_id": "s", "at": 1.5, "bytes_up": 1}]},
+    "/proxy/enroll": {"join_token": "cgj1.e30", "csr": "-----BEGIN CERTIFICATE REQUEST-----"},
+    "/proxy/renew": {"csr": "-----BEGIN CERTIFICATE REQUEST-----"},
 }
 #: Where each body's members are: the events' members are those of its first event.
 BODY_MEMBERS = {"/proxy/events": ("events", 0)}
@@ -417,6 +419,7 @@ def test_every_broker_operation_and_member_is_fuzzed() -> None:
         "/proxy/redeem",
         "/proxy/events",
         "/proxy/watch",
+        "/proxy/renew",
     }
     with_bodies = {
         path
