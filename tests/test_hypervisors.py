@@ -397,16 +397,22 @@ def test_hypervisors_are_added_listed_and_removed(engine: str, database: str | N
         broker.close()
 
 
-def test_rekeying_keeps_a_valid_password_stretched_and_replaces_an_expired_one() -> None:
+def test_rekeying_keeps_a_valid_password_for_outstanding_consoles_and_replaces_it_otherwise() -> None:
     now = 1_800_000_000.0
     graphics = "<graphics type='vnc' port='5901' passwd='{pw}' passwdValidTo='{to}'/>"
     valid = _xml(graphics.format(pw="keepme01", to="2027-01-15T08:00:00"))  # 1_800_000_000 + 0
-    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now + 60)
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now + 60, True)
     assert password == "keepme01" and 'passwdValidTo="2027-01-15T08:01:00"' in device and 'port="5901"' in device
-    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now - 5)
-    assert password == "keepme01" and "2027-01-15T08:00:00" in device  # never shortened
-    device, password = hypervisors.rekeyed_graphics(valid, "d", now + 1, now + 60)
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now - 5, True)
+    assert password == "keepme01" and "2027-01-15T07:59:55" in device  # cut back to what committed ones need
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now + 60, False)
+    assert password != "keepme01" and "2027-01-15T08:01:00" in device  # nothing committed outstanding: fresh
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now + 1, now + 60, True)
     assert password != "keepme01" and len(password) == hypervisors.PASSWORD_LENGTH  # expired: fresh
-    fresh_a = hypervisors.rekeyed_graphics(_xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9)
-    fresh_b = hypervisors.rekeyed_graphics(_xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9)
+    fresh_a = hypervisors.rekeyed_graphics(
+        _xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9, True
+    )
+    fresh_b = hypervisors.rekeyed_graphics(
+        _xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9, True
+    )
     assert "x" not in (fresh_a[1], fresh_b[1]) and fresh_a[1] != fresh_b[1]  # no validity: an admin's password
