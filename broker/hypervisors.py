@@ -34,6 +34,7 @@ import calendar
 import ipaddress
 import secrets
 import string
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -224,25 +225,33 @@ def lookup(hypervisor: Hypervisor, domain: str) -> VncConsole:
     return _connected(hypervisor, domain, read)
 
 
-def rekey(hypervisor: Hypervisor, uuid: str, until: float, keep: bool) -> str:
+def rekey(hypervisor: Hypervisor, uuid: str, until: float, keep: bool, abandoned: threading.Event) -> str:
     """Set the domain's VNC password, live, valid until ``until`` (see :func:`rekeyed_graphics`);
-    the password set. Blocking; the caller holds the domain's rekey lock."""
+    the password set. Blocking; the caller holds the domain's rekey lock. ``abandoned``: the
+    caller stopped waiting (and let the lock go), so a late call must not write any more."""
 
     def apply(libvirt: Any, found: Any) -> str:
         xml = found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
         graphics, password = rekeyed_graphics(xml, uuid, time.time(), until, keep)
+        if abandoned.is_set():
+            raise unavailable(hypervisor.name, "no answer within the mint's deadline")
         found.updateDeviceFlags(graphics, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         return password
 
     return _connected(hypervisor, uuid, apply)
 
 
-async def _off_loop(hypervisor: Hypervisor, timeout: float, call: Callable[..., T], *args: Any) -> T:
-    """``call(*args)`` in the libvirt pool, given up after ``timeout`` seconds (503)."""
+async def _off_loop(
+    hypervisor: Hypervisor, timeout: float, call: Callable[..., T], *args: Any, abandoned: threading.Event | None = None
+) -> T:
+    """``call(*args)`` in the libvirt pool, given up after ``timeout`` seconds (503; then
+    ``abandoned`` is set for the call still running)."""
     future = asyncio.get_running_loop().run_in_executor(_pool, call, *args)
     try:
         return await asyncio.wait_for(future, max(timeout, 0.0))
     except TimeoutError:
+        if abandoned is not None:
+            abandoned.set()
         raise unavailable(hypervisor.name, "no answer within the mint's deadline") from None
 
 
@@ -253,4 +262,5 @@ async def lookup_async(hypervisor: Hypervisor, domain: str, timeout: float = LOO
 
 async def rekey_async(hypervisor: Hypervisor, uuid: str, until: float, keep: bool, timeout: float) -> str:
     """:func:`rekey` off the event loop, given up after ``timeout`` seconds (503)."""
-    return await _off_loop(hypervisor, timeout, rekey, hypervisor, uuid, until, keep)
+    abandoned = threading.Event()
+    return await _off_loop(hypervisor, timeout, rekey, hypervisor, uuid, until, keep, abandoned, abandoned=abandoned)

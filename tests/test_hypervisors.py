@@ -33,7 +33,7 @@ from broker import hypervisors
 from broker.auth import Principal
 from broker.client import BrokerError
 from broker.hypervisors import Hypervisor, HypervisorError
-from broker.service import ApiError, Broker, init_state_dir
+from broker.service import ApiError, Broker, BrokerConfig, init_state_dir
 from broker.store import StoreUnavailable
 
 HUNG_TIMEOUT = 3.0  # the broker's --hypervisor-timeout in these tests
@@ -556,3 +556,55 @@ def test_a_mint_that_fails_after_the_password_was_set_extends_nothing(replicas, 
         assert not vnc_accepts(proxy, mint(host="127.0.0.1", port=port, password=before[0], ttl=60))
     finally:
         service.close()
+
+
+def test_a_mint_waits_for_the_domains_rekey_lock_only_until_its_deadline(replicas, domains) -> None:
+    """Another replica holds the domain's lock (here: the test): 503 hypervisor_unavailable once
+    the mint's deadline has passed, and the domain's password untouched."""
+    _, _, _, state = replicas
+    domain = domains("locked", password="initial1")
+    holder = state.open()
+    service = Broker(state.root, config=BrokerConfig(hypervisor_timeout=1.0), database=state.database)
+    issuer = next(p for p in service.list_apikeys()["apikeys"] if p["role"] == "issuer")
+    principal = Principal(issuer["key_id"], issuer["name"], "issuer")
+    try:
+        with holder.store.console_lock(f"fresh/{domain.UUIDString()}", time.time(), 60) as got:
+            assert got
+            with pytest.raises(ApiError) as caught:
+                asyncio.run(service.create_console(principal, {"hypervisor": "fresh", "domain": "locked"}))
+        assert (caught.value.status, caught.value.code) == (503, "hypervisor_unavailable")
+        assert "another mint" in caught.value.message
+        assert vnc_secret(domain) == ("initial1", None)
+    finally:
+        service.close()
+        holder.close()
+
+
+def test_a_console_lock_has_one_holder_and_a_dead_holders_lock_is_freed(
+    engine: str, database: str | None, tmp_path: Path
+) -> None:
+    root = init_state_dir(tmp_path / "state", database=database)
+    first, second = Broker(root, database=database), Broker(root, database=database)
+    try:
+        with first.store.console_lock("h/one", time.time(), 60) as got:
+            assert got
+            with second.store.console_lock("h/one", time.time(), 60) as again:
+                assert not again
+            with second.store.console_lock("h/two", time.time(), 60) as other:
+                assert other  # one lock per domain
+        with second.store.console_lock("h/one", time.time(), 60) as after:
+            assert after  # released with the block
+        held = first.store.engine.try_console_lock("h/dead", time.time(), 60)  # never released
+        assert held is not None
+        with second.store.console_lock("h/dead", time.time(), 60) as got:
+            assert not got
+        if engine == "sqlite":  # its lease runs out
+            later = time.time() + 61
+        else:  # PostgreSQL: the session's lock goes with its connection
+            held[1].close()
+            later = time.time()
+        with second.store.console_lock("h/dead", later, 60) as got:
+            assert got
+    finally:
+        first.close()
+        second.close()
