@@ -351,8 +351,7 @@ class ConsolesHandler(ApiHandler):
     async def post(self) -> None:
         who = self.caller("issuer")
         body = self.body(schemas.CONSOLE_CREATE)
-        located = await self.broker.locate_console(body)  # libvirt, off the event loop, with a deadline
-        result = self.broker.mint_console(who, body, located)
+        result = await self.broker.create_console(who, body)  # libvirt off the event loop, with a deadline
         self.metrics.minted.inc()
         self.answer(201, result)
 

@@ -19,8 +19,10 @@ again later".
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -58,6 +60,14 @@ whole answer stays within 2 s. Once one such wait failed the circuit of :mod:`br
 opens and later requests fail at once."""
 CLEANUP_LOCK_KEY = MIGRATION_LOCK_KEY + 1
 """The advisory lock a replica holds around a cleanup tick: one replica cleans at a time."""
+CONSOLE_LOCK_PREFIX = b"consolegate console lock:"
+"""Hashed with a console's name into its advisory lock id (the VNC password rekey of one domain)."""
+
+
+def console_lock_id(name: str) -> int:
+    """A console's advisory lock id: 64 bits of a hash (a collision only serialises two domains)."""
+    digest = hashlib.blake2b(CONSOLE_LOCK_PREFIX + name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class DatabaseUrlError(ValueError):
@@ -202,6 +212,24 @@ class SqliteEngine:
     def exclusive(self) -> Iterator[bool]:
         """The cleanup's turn: always this process's (one broker serves a SQLite file)."""
         yield True
+
+    def try_console_lock(self, name: str, now: float, lease: float) -> str | None:
+        """Claim the ``console_locks`` row of ``name`` (replicas on one machine share the file):
+        the INSERT wins when no row is there, or when its holder's lease ran out (a replica that
+        crashed holding it). The holder's random id, or None when another holds it now."""
+        holder = secrets.token_hex(8)
+        with self.transaction() as conn:
+            claimed = conn.execute(
+                "INSERT INTO console_locks (name, holder, expires) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                "SET holder = excluded.holder, expires = excluded.expires WHERE console_locks.expires <= ?",
+                (name, holder, now + lease, now),
+            ).rowcount
+        return holder if claimed == 1 else None
+
+    def release_console_lock(self, name: str, holder: str) -> None:
+        """Drop the row if it is still ours (a lease that ran out may have gone to another)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM console_locks WHERE name = ? AND holder = ?", (name, holder))
 
     def version(self, conn: Any) -> int:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -376,6 +404,28 @@ class PostgresEngine:
             finally:
                 if got:
                     conn.execute("SELECT pg_advisory_unlock(%s)", (CLEANUP_LOCK_KEY,))
+
+    def try_console_lock(self, name: str, now: float, lease: float) -> Any | None:
+        """``pg_try_advisory_lock`` on the console's id, on a pool connection kept until
+        :meth:`release_console_lock` (the lock is the session's: a replica that dies releases it
+        with its connection, so no lease is needed). None when another session holds it."""
+        del now, lease
+        held = contextlib.ExitStack()
+        conn = held.enter_context(self._connection())
+        try:
+            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (console_lock_id(name),)).fetchone()[0]
+        except BaseException:
+            held.close()
+            raise
+        if not got:
+            held.close()
+            return None
+        return held, conn
+
+    def release_console_lock(self, name: str, handle: Any) -> None:
+        held, conn = handle
+        with held:  # the connection goes back to the pool (discarded if broken: the lock goes with it)
+            conn.execute("SELECT pg_advisory_unlock(%s)", (console_lock_id(name),))
 
     def version(self, conn: PgConnection) -> int:
         if conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0] is not True:

@@ -15,10 +15,16 @@ What the broker does on the hypervisor: it reads (connect, look the domain up, i
 XML). It writes only for a hypervisor registered with per-console passwords
 (:attr:`Hypervisor.console_passwords`): then each mint sets the domain's VNC password, live, with
 ``passwdValidTo`` (QEMU's ``expire_password``) at the console's ``exp`` — a fresh random password
-when no console is outstanding, else the current one with its validity stretched to the latest
-``exp`` (QEMU holds one VNC password, and every outstanding token must still open). So a password
+when no console is outstanding, else the current one with its validity set to the latest ``exp``
+(QEMU holds one VNC password, and every outstanding token must still open). So a password
 carried by a token opens nothing once the last console minted with it has expired; VNC checks
 passwords only when a viewer connects, so open sessions stay open.
+
+Which consoles are outstanding is the database's answer (the committed sessions rows of every
+replica), never this process's memory, and the read-rekey-commit of one domain runs under a
+database lock per (hypervisor, domain UUID) (:meth:`broker.store.Store.console_lock`): two
+replicas minting for one domain at once cannot each set a fresh password. This module only
+applies what it is told (:func:`rekey`); the broker's service holds the lock and reads the rows.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import secrets
 import string
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
@@ -46,8 +53,7 @@ PASSWORD_LENGTH = 8
 """QEMU compares 8 bytes of a VNC password and libvirt refuses longer ones."""
 _PASSWORD_ALPHABET = string.ascii_letters + string.digits
 _VALID_TO_FORMAT = "%Y-%m-%dT%H:%M:%S"  # libvirt's passwdValidTo, UTC
-_rekey_lock = threading.Lock()
-"""One password change at a time in this broker: two mints must not each set a fresh password."""
+T = TypeVar("T")
 
 
 class HypervisorError(Exception):
@@ -85,6 +91,9 @@ class VncConsole:
     host: str
     port: int
     password: str | None
+    uuid: str = ""
+    """The domain's UUID: what names it for the rekey lock and the sessions rows (a name or a
+    UUID may be what the request said)."""
 
 
 def check_uri(uri: str) -> str:
@@ -142,17 +151,17 @@ def _vnc_graphics(root: ElementTree.Element, domain: str) -> ElementTree.Element
     return graphics
 
 
-def rekeyed_graphics(xml: str, domain: str, now: float, until: float) -> tuple[str, str]:
-    """(the graphics device to apply live, its password) for a console valid until ``until`` (pure).
+def rekeyed_graphics(xml: str, domain: str, now: float, until: float, keep: bool) -> tuple[str, str]:
+    """(the graphics device to apply live, its password) valid until ``until`` (pure).
 
-    The current password is kept while it is still valid (a console minted earlier may not be
-    open yet), its validity stretched to ``until`` if that is later; otherwise a fresh one."""
+    ``keep``: committed consoles are outstanding (``until`` is then at least the latest of their
+    ``exp``), so the current password is kept while it is still valid; its validity is *set* to
+    ``until``, shortened too if a failed or crashed mint had stretched it further. Otherwise, or
+    when the current password has expired (a restart, an admin's change), a fresh one."""
     graphics = _vnc_graphics(ElementTree.fromstring(xml), domain)
     password, valid_to = graphics.get("passwd"), graphics.get("passwdValidTo")
     current_until = calendar.timegm(time.strptime(valid_to, _VALID_TO_FORMAT)) if valid_to else None
-    if password and current_until is not None and current_until > now:
-        until = max(until, current_until)
-    else:
+    if not (keep and password and current_until is not None and current_until > now):
         password = "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
     graphics.set("passwd", password)
     graphics.set("passwdValidTo", time.strftime(_VALID_TO_FORMAT, time.gmtime(until)))
@@ -183,20 +192,9 @@ def _find_domain(libvirt: Any, conn: Any, hypervisor: Hypervisor, domain: str) -
     raise not_found(domain, hypervisor.name)
 
 
-def _console(libvirt: Any, found: Any, hypervisor: Hypervisor, domain: str, until: float) -> VncConsole:
-    xml = found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
-    console = vnc_from_xml(xml, hypervisor, domain)
-    if not hypervisor.console_passwords:
-        return console
-    with _rekey_lock:
-        graphics, password = rekeyed_graphics(found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE), domain, time.time(), until)
-        found.updateDeviceFlags(graphics, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    return VncConsole(console.host, console.port, password)
-
-
-def lookup(hypervisor: Hypervisor, domain: str, until: float = 0.0) -> VncConsole:
-    """The domain's VNC console now (blocking: call it through :func:`lookup_async`); with
-    per-console passwords, one valid until ``until`` (the console's ``exp``) is set first."""
+def _connected(hypervisor: Hypervisor, domain: str, action: Callable[[Any, Any], T]) -> T:
+    """``action(libvirt, the running domain)`` on a fresh connection, libvirt's errors mapped to
+    the DESIGN codes (blocking: run it through :func:`_off_loop`)."""
     libvirt = _libvirt()
     try:
         conn = libvirt.open(hypervisor.uri)
@@ -206,7 +204,7 @@ def lookup(hypervisor: Hypervisor, domain: str, until: float = 0.0) -> VncConsol
         found = _find_domain(libvirt, conn, hypervisor, domain)
         if not found.isActive():
             raise HypervisorError(409, "domain_not_running", f"domain {domain!r} is not running")
-        return _console(libvirt, found, hypervisor, domain, until)
+        return action(libvirt, found)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             raise not_found(domain, hypervisor.name) from None
@@ -217,12 +215,52 @@ def lookup(hypervisor: Hypervisor, domain: str, until: float = 0.0) -> VncConsol
         conn.close()
 
 
-async def lookup_async(
-    hypervisor: Hypervisor, domain: str, until: float, timeout: float = LOOKUP_TIMEOUT
-) -> VncConsole:
-    """:func:`lookup` off the event loop, given up after ``timeout`` seconds (503)."""
-    future = asyncio.get_running_loop().run_in_executor(_pool, lookup, hypervisor, domain, until)
+def lookup(hypervisor: Hypervisor, domain: str) -> VncConsole:
+    """The domain's VNC console now, with its UUID (blocking: see :func:`lookup_async`)."""
+
+    def read(libvirt: Any, found: Any) -> VncConsole:
+        console = vnc_from_xml(found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE), hypervisor, domain)
+        return VncConsole(console.host, console.port, console.password, found.UUIDString())
+
+    return _connected(hypervisor, domain, read)
+
+
+def rekey(hypervisor: Hypervisor, uuid: str, until: float, keep: bool, abandoned: threading.Event) -> str:
+    """Set the domain's VNC password, live, valid until ``until`` (see :func:`rekeyed_graphics`);
+    the password set. Blocking; the caller holds the domain's rekey lock. ``abandoned``: the
+    caller stopped waiting (and let the lock go), so a late call must not write any more."""
+
+    def apply(libvirt: Any, found: Any) -> str:
+        xml = found.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+        graphics, password = rekeyed_graphics(xml, uuid, time.time(), until, keep)
+        if abandoned.is_set():
+            raise unavailable(hypervisor.name, "no answer within the mint's deadline")
+        found.updateDeviceFlags(graphics, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        return password
+
+    return _connected(hypervisor, uuid, apply)
+
+
+async def _off_loop(
+    hypervisor: Hypervisor, timeout: float, call: Callable[..., T], *args: Any, abandoned: threading.Event | None = None
+) -> T:
+    """``call(*args)`` in the libvirt pool, given up after ``timeout`` seconds (503; then
+    ``abandoned`` is set for the call still running)."""
+    future = asyncio.get_running_loop().run_in_executor(_pool, call, *args)
     try:
-        return await asyncio.wait_for(future, timeout)
+        return await asyncio.wait_for(future, max(timeout, 0.0))
     except TimeoutError:
-        raise unavailable(hypervisor.name, f"no answer within {timeout:g} s") from None
+        if abandoned is not None:
+            abandoned.set()
+        raise unavailable(hypervisor.name, "no answer within the mint's deadline") from None
+
+
+async def lookup_async(hypervisor: Hypervisor, domain: str, timeout: float = LOOKUP_TIMEOUT) -> VncConsole:
+    """:func:`lookup` off the event loop, given up after ``timeout`` seconds (503)."""
+    return await _off_loop(hypervisor, timeout, lookup, hypervisor, domain)
+
+
+async def rekey_async(hypervisor: Hypervisor, uuid: str, until: float, keep: bool, timeout: float) -> str:
+    """:func:`rekey` off the event loop, given up after ``timeout`` seconds (503)."""
+    abandoned = threading.Event()
+    return await _off_loop(hypervisor, timeout, rekey, hypervisor, uuid, until, keep, abandoned, abandoned=abandoned)

@@ -8,6 +8,7 @@ data. HTTP lives in :mod:`broker.api`; SQL in :mod:`broker.store`; choices about
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -15,7 +16,8 @@ import math
 import os
 import secrets
 import ssl
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,10 @@ from console_proxy.command import CommandError
 from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyring
 
 log = logging.getLogger("consolegate.broker")
+CONSOLE_LOCK_RETRY = 0.05
+"""Seconds between tries of a domain's rekey lock (jittered up to twice that)."""
+CONSOLE_LOCK_LEASE_MARGIN = 10.0
+"""Seconds beyond two libvirt deadlines a SQLite rekey lock is leased for."""
 
 SESSION_STATES = ("minted", "active", "closed", "revoked")
 AUDIT_TYPES = (
@@ -635,33 +641,109 @@ class Broker:
                 conn, at=now, type_="hypervisor_changed", actor=actor, detail={"action": "deleted", "name": name}
             )
 
-    async def locate_console(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """For a request naming a hypervisor and domain: where its VNC console is now, asked of
-        libvirt off the event loop (None for a request naming a target). The answer has a
-        target row's shape, so minting treats both alike."""
+    async def create_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /consoles: a target's console, or a libvirt domain's, located now (libvirt off
+        the event loop, within the mint's deadline) and, with per-console passwords, rekeyed."""
         if ("target_id" in body) == ("hypervisor" in body) or ("hypervisor" in body) != ("domain" in body):
             raise ApiError(400, "bad_request", "name either target_id, or hypervisor and domain")
         if "target_id" in body:
-            return None
+            return self.mint_console(principal, body)
+        deadline = time.monotonic() + self.config.hypervisor_timeout
         row = self._hypervisor_row(body["hypervisor"])
         tls = json.loads(row["tls"]) if row["tls"] else None
         hypervisor = hypervisors.Hypervisor(
             row["name"], row["uri"], row["address"], tls, bool(row["console_passwords"])
         )
-        until = int(clock.now()) + self._ttl(body)  # the console's exp (DESIGN: valid until the last exp)
+        self._ttl(body)  # a bad ttl is a 400 before libvirt is asked anything
         try:
-            found = await hypervisors.lookup_async(hypervisor, body["domain"], until, self.config.hypervisor_timeout)
+            found = await hypervisors.lookup_async(hypervisor, body["domain"], self.config.hypervisor_timeout)
+            located = {
+                "id": None,
+                "vm": f"{row['name']}/{body['domain']}",
+                "console": f"{row['name']}/{found.uuid}",
+                "name": body["domain"],
+                "host": found.host,
+                "port": found.port,
+                "password": found.password,
+                "tls": row["tls"],
+            }
+            if not hypervisor.console_passwords:
+                return self.mint_console(principal, body, located)
+            return await self._mint_rekeyed(principal, body, hypervisor, located, found.uuid, deadline)
         except hypervisors.HypervisorError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
-        return {
-            "id": None,
-            "vm": f"{row['name']}/{body['domain']}",
-            "name": body["domain"],
-            "host": found.host,
-            "port": found.port,
-            "password": found.password,
-            "tls": row["tls"],
-        }
+
+    async def _mint_rekeyed(
+        self,
+        principal: Principal,
+        body: dict[str, Any],
+        hypervisor: hypervisors.Hypervisor,
+        located: dict[str, Any],
+        uuid: str,
+        deadline: float,
+    ) -> dict[str, Any]:
+        """A per-console password: under the domain's database lock, the outstanding consoles
+        read from the sessions rows (every replica's), the password set valid until the latest
+        ``exp`` (DESIGN), and the session committed before the lock goes. A mint that fails once
+        the password is set puts the validity back to what the committed sessions need (no
+        committed session: a fresh password, expired at once)."""
+        async with self._console_locked(located["console"], hypervisor, deadline):
+            now = clock.now()
+            committed = self._outstanding_exp(located["console"], now)
+            until = max(int(now) + self._ttl(body), committed or 0)
+            located["password"] = await hypervisors.rekey_async(
+                hypervisor, uuid, until, committed is not None, deadline - time.monotonic()
+            )
+            try:
+                return self.mint_console(principal, body, {**located, "now": now})
+            except BaseException:
+                await self._restore_password(hypervisor, uuid, committed)
+                raise
+
+    async def _restore_password(self, hypervisor: hypervisors.Hypervisor, uuid: str, committed: int | None) -> None:
+        """After a failed mint: the password valid only as long as committed consoles need it."""
+        until = committed if committed is not None else int(clock.now()) - 1  # QEMU: expired once past it
+        try:
+            await hypervisors.rekey_async(
+                hypervisor, uuid, until, committed is not None, self.config.hypervisor_timeout
+            )
+        except hypervisors.HypervisorError as exc:  # the mint's own error is what the caller gets
+            log.warning(
+                "mint failed and the VNC password of %s/%s could not be put back: %s",
+                hypervisor.name,
+                uuid,
+                exc.message,
+            )
+
+    def _outstanding_exp(self, console: str, now: float) -> int | None:
+        """The latest ``exp`` of the console's committed, unexpired, unrevoked sessions."""
+        row = self.store.one(
+            "SELECT MAX(exp) FROM sessions WHERE console = ? AND exp > ? AND state <> 'revoked'", console, int(now)
+        )
+        return int(row[0]) if row is not None and row[0] is not None else None
+
+    @contextlib.asynccontextmanager
+    async def _console_locked(
+        self, console: str, hypervisor: hypervisors.Hypervisor, deadline: float
+    ) -> AsyncIterator[None]:
+        """The console's rekey lock, tried and retried (never waited for on the event loop)
+        until the mint's deadline: then 503 ``hypervisor_unavailable``. The SQLite lease covers
+        a whole rekeyed mint (two libvirt deadlines and the commit)."""
+        lease = 2 * self.config.hypervisor_timeout + CONSOLE_LOCK_LEASE_MARGIN
+        while True:
+            with self.store.console_lock(console, time.time(), lease) as got:
+                if got:
+                    yield
+                    return
+            pause = CONSOLE_LOCK_RETRY * (1 + secrets.randbelow(100) / 100)  # jittered: replicas interleave
+            if time.monotonic() + pause >= deadline:
+                raise hypervisors.HypervisorError(
+                    503,
+                    "hypervisor_unavailable",
+                    f"hypervisor {hypervisor.name!r} did not answer in time: another mint for this domain "
+                    "is still setting its VNC password; try again",
+                )
+            await asyncio.sleep(pause)
 
     def mint_console(
         self, principal: Principal, body: dict[str, Any], located: dict[str, Any] | None = None
@@ -678,14 +760,24 @@ class Broker:
             if row is None:
                 raise ApiError(404, "target_not_found", "no target with this id")
             ttl = self._ttl(body)
-            now = clock.now()
+            now = (located or {}).get("now") or clock.now()  # a rekeyed console's: its password's until
             chosen, ring = self._choose(now, int(now) + ttl + DEFAULT_SKEW)
             claims = self._claims(row, body, now, ttl)
             minted = _sign(claims, ring)
             conn.execute(
                 'INSERT INTO sessions (id, target_id, "user", proxy_id, issued_by, state, single_use, exp, '
-                "minted_at) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?)",
-                (claims.sid, row["id"], claims.sub, chosen.id, principal.id, int(claims.once), claims.exp, now),
+                "minted_at, console) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?, ?)",
+                (
+                    claims.sid,
+                    row["id"],
+                    claims.sub,
+                    chosen.id,
+                    principal.id,
+                    int(claims.once),
+                    claims.exp,
+                    now,
+                    (located or {}).get("console"),
+                ),
             )
             self.store.append_audit(
                 conn,

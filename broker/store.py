@@ -200,6 +200,14 @@ MIGRATIONS: list[Migration] = [
         id TEXT PRIMARY KEY, proxy_id TEXT NOT NULL, hash {blob} NOT NULL,
         expires_at {real} NOT NULL, used_at {real}, created_at {real} NOT NULL);
     """),
+    # 7 -> 8: per-console VNC passwords across replicas (broker.hypervisors): a session minted
+    # for a libvirt domain names it ("HYPERVISOR/UUID"), so any replica reads which consoles are
+    # outstanding; console_locks is SQLite's rekey lock (PostgreSQL uses an advisory lock).
+    Migration.shared("""
+    ALTER TABLE sessions ADD COLUMN console TEXT;
+    CREATE INDEX sessions_console ON sessions (console, exp);
+    CREATE TABLE console_locks (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL);
+    """),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -388,6 +396,24 @@ class Store:
                 yield got
         except self.engine.unavailable_errors as exc:
             raise StoreUnavailable(f"the broker cannot use its database: {_one_line(exc)}") from None
+
+    @contextmanager
+    def console_lock(self, name: str, now: float, lease: float) -> Iterator[bool]:
+        """Whether this replica got the lock of console ``name`` (never waited for: the caller
+        retries, off the event loop's time), held for the block. PostgreSQL: an advisory lock;
+        SQLite: a ``console_locks`` row with a lease of ``lease`` seconds."""
+        try:
+            handle = self.engine.try_console_lock(name, now, lease)
+        except self.engine.unavailable_errors as exc:
+            raise StoreUnavailable(f"the broker cannot use its database: {_one_line(exc)}") from None
+        try:
+            yield handle is not None
+        finally:
+            if handle is not None:
+                try:
+                    self.engine.release_console_lock(name, handle)
+                except self.engine.errors as exc:  # PostgreSQL: gone with the connection; SQLite: the lease ends it
+                    log.warning("could not release the lock of console %s: %s", name, _one_line(exc))
 
     @property
     def unreachable(self) -> bool:

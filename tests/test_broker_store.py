@@ -61,28 +61,32 @@ def test_a_newer_schema_is_refused_and_an_older_one_needs_migrate(database: str 
     store.close()
 
 
-LAST_MIGRATION_TABLES = ("ca", "certificates", "join_tokens")
-"""The tables the newest migration creates (dropped to fake a database one version older)."""
+LAST_MIGRATION_UNDO = (
+    "DROP TABLE console_locks",
+    "DROP INDEX sessions_console",
+    "ALTER TABLE sessions DROP COLUMN console",
+)
+"""What the newest migration made, undone (to fake a database one version older)."""
 
 
 def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUrl:
-    """The database with its recorded version one below the current (the last migration's table
-    dropped, so applying it again works as on a real older database)."""
+    """The database with its recorded version one below the current (what the last migration
+    made undone, so applying it again works as on a real older database)."""
     assert version == SCHEMA_VERSION - 1
     url = _url(database, tmp_path)
     if url.engine == "sqlite":
         import sqlite3
 
         with sqlite3.connect(url.path) as conn:  # type: ignore[arg-type]
-            for table in LAST_MIGRATION_TABLES:
-                conn.execute(f"DROP TABLE {table}")
+            for statement in LAST_MIGRATION_UNDO:
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
     else:
         import psycopg
 
         with psycopg.connect(url.conninfo or "", autocommit=True) as conn:
-            for table in LAST_MIGRATION_TABLES:
-                conn.execute(f"DROP TABLE {table}")
+            for statement in LAST_MIGRATION_UNDO:
+                conn.execute(statement)
             conn.execute("UPDATE schema_version SET version = %s", (version,))
     return url
 

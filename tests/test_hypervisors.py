@@ -30,9 +30,11 @@ from test_qemu_console import cell_is, closed_with, painted
 from tornado.websocket import WebSocketClosedError
 
 from broker import hypervisors
+from broker.auth import Principal
 from broker.client import BrokerError
 from broker.hypervisors import Hypervisor, HypervisorError
-from broker.service import ApiError, Broker, init_state_dir
+from broker.service import ApiError, Broker, BrokerConfig, init_state_dir
+from broker.store import StoreUnavailable
 
 HUNG_TIMEOUT = 3.0  # the broker's --hypervisor-timeout in these tests
 TARGET_AUTH_FAILED = (4501, "target_auth_failed")
@@ -397,16 +399,216 @@ def test_hypervisors_are_added_listed_and_removed(engine: str, database: str | N
         broker.close()
 
 
-def test_rekeying_keeps_a_valid_password_stretched_and_replaces_an_expired_one() -> None:
+def test_rekeying_keeps_a_valid_password_for_outstanding_consoles_and_replaces_it_otherwise() -> None:
     now = 1_800_000_000.0
     graphics = "<graphics type='vnc' port='5901' passwd='{pw}' passwdValidTo='{to}'/>"
     valid = _xml(graphics.format(pw="keepme01", to="2027-01-15T08:00:00"))  # 1_800_000_000 + 0
-    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now + 60)
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now + 60, True)
     assert password == "keepme01" and 'passwdValidTo="2027-01-15T08:01:00"' in device and 'port="5901"' in device
-    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now - 5)
-    assert password == "keepme01" and "2027-01-15T08:00:00" in device  # never shortened
-    device, password = hypervisors.rekeyed_graphics(valid, "d", now + 1, now + 60)
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now - 5, True)
+    assert password == "keepme01" and "2027-01-15T07:59:55" in device  # cut back to what committed ones need
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now - 10, now + 60, False)
+    assert password != "keepme01" and "2027-01-15T08:01:00" in device  # nothing committed outstanding: fresh
+    device, password = hypervisors.rekeyed_graphics(valid, "d", now + 1, now + 60, True)
     assert password != "keepme01" and len(password) == hypervisors.PASSWORD_LENGTH  # expired: fresh
-    fresh_a = hypervisors.rekeyed_graphics(_xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9)
-    fresh_b = hypervisors.rekeyed_graphics(_xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9)
+    fresh_a = hypervisors.rekeyed_graphics(
+        _xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9, True
+    )
+    fresh_b = hypervisors.rekeyed_graphics(
+        _xml("<graphics type='vnc' port='5901' passwd='x'/>"), "d", now, now + 9, True
+    )
     assert "x" not in (fresh_a[1], fresh_b[1]) and fresh_a[1] != fresh_b[1]  # no validity: an admin's password
+
+
+# --- per-console passwords across broker replicas -------------------------------------------
+
+RACE_ROUNDS = 5
+"""Rounds of simultaneous mints; each starts with no console outstanding, so every mint of a
+round would set a fresh password if two replicas could rekey the domain at once."""
+MINTS_PER_REPLICA = 3
+SHORT_TTL = 4
+
+
+@pytest.fixture
+def replicas(
+    engine: str, database: str | None, tmp_path: Path, daemon: Libvirtd
+) -> Iterator[tuple[BrokerProcess, BrokerProcess, ProxyProcess, BrokerState]]:
+    """Two ``console-broker serve`` processes on one database (one SQLite file, or one PostgreSQL
+    database), a hypervisor with per-console passwords, and a proxy linked to the first."""
+    shared = database or f"sqlite:///{tmp_path / 'shared.db'}"
+    state = BrokerState.create(tmp_path / "a", shared)
+    broker = state.open()
+    try:
+        broker.add_hypervisor({"name": "fresh", "uri": daemon.uri, "console_passwords": True}, "test")
+    finally:
+        broker.close()
+    a = start_broker(state)
+    b = start_broker(state.replica(tmp_path / "b"))
+    fleet_proxy = start_linked_proxy(tmp_path, a, "p1")
+    try:
+        healthy_proxies(a, 1)
+        healthy_proxies(b, 1)
+        yield a, b, fleet_proxy, state
+    finally:
+        fleet_proxy.stop()
+        b.stop()
+        a.stop()
+
+
+def vnc_accepts(proxy: ProxyProcess, token: str) -> bool:
+    """True once the VNC server accepted the token's password, False on 4501; anything else fails."""
+
+    async def scenario() -> bool:
+        console = await Console.open(proxy.ws_url, token)
+        try:
+            await console.handshake()
+            return True
+        except (ConnectionError, AssertionError, WebSocketClosedError):
+            code = (console.ws.close_code, console.ws.close_reason)
+            assert code == TARGET_AUTH_FAILED, f"refused for another reason: {code}"
+            return False
+        finally:
+            console.close()
+
+    return asyncio.run(scenario())
+
+
+def mint_at_once(replicas: list[BrokerProcess], domain: str, **options: Any) -> list[dict[str, Any]]:
+    """One mint per entry of ``replicas``, all released by one barrier; every one must succeed."""
+    start = threading.Barrier(len(replicas))
+    minted: list[dict[str, Any]] = []
+    failed: list[BaseException] = []
+
+    def one(replica: BrokerProcess) -> None:
+        start.wait()
+        try:
+            minted.append(replica.issuer.mint_domain("fresh", domain, **options))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=one, args=(replica,)) for replica in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failed, failed
+    return minted
+
+
+def test_replicas_minting_for_one_domain_at_once_give_tokens_that_all_open(replicas, domains, proxy, mint) -> None:
+    a, b, fleet_proxy, _ = replicas
+    domain = domains("raced", password="initial1")
+    port = vnc_port(domain)
+
+    def direct(password: str) -> str:
+        return mint(host="127.0.0.1", port=port, password=password, ttl=300)
+
+    seen: list[str] = []
+    for _ in range(RACE_ROUNDS):
+        minted = mint_at_once([a, b] * MINTS_PER_REPLICA, "raced", ttl=120)
+        password = vnc_secret(domain)[0]
+        assert password and password not in seen  # nothing was outstanding: a fresh one
+        seen.append(password)
+        assert [vnc_accepts(fleet_proxy, m["token"]) for m in minted] == [True] * len(minted)  # no 4501
+        for m in minted:  # nothing outstanding for the next round
+            b.admin.revoke(m["session_id"])
+    assert not any(vnc_accepts(proxy, direct(old)) for old in seen[:-1])  # replaced passwords open nothing
+
+    last = mint_at_once([a, b] * MINTS_PER_REPLICA, "raced", ttl=SHORT_TTL)
+    password = vnc_secret(domain)[0]
+    assert password is not None and password not in seen
+    assert [vnc_accepts(fleet_proxy, m["token"]) for m in last] == [True] * len(last)
+    wait_for(lambda: not vnc_accepts(proxy, direct(password)), 20.0, 0.25, "the round's password to expire")
+    assert time.time() >= max(m["expires_at"] for m in last) - 1  # with the last console, not before
+
+
+def test_a_mint_that_fails_after_the_password_was_set_extends_nothing(replicas, domains, proxy, mint) -> None:
+    """The session's INSERT is rolled back (its audit row fails, in the same transaction) after
+    the password was set: the validity goes back to what the committed console needs; with none
+    committed, the password set is replaced by one already expired."""
+    a, _, fleet_proxy, state = replicas
+    domain = domains("failing", password="initial1")
+    port = vnc_port(domain)
+    committed = a.issuer.mint_domain("fresh", "failing", ttl=120, single_use=False)
+    before = vnc_secret(domain)
+    service = state.open()
+    issuer = next(p for p in service.list_apikeys()["apikeys"] if p["role"] == "issuer")
+
+    def audit_fails(*_args: Any, **_kwargs: Any) -> None:  # an error the engine's driver raises
+        raise service.store.engine.unavailable_errors[0]("disk I/O error (forced by the test)")
+
+    service.store.append_audit = audit_fails  # type: ignore[method-assign]
+    body = {"hypervisor": "fresh", "domain": "failing", "ttl": 3000}
+    principal = Principal(issuer["key_id"], issuer["name"], "issuer")
+    try:
+        with pytest.raises(StoreUnavailable):
+            asyncio.run(service.create_console(principal, body))
+        assert vnc_secret(domain) == before  # not stretched to the failed console's exp
+        assert vnc_accepts(fleet_proxy, committed["token"])  # and the committed console still opens
+
+        a.admin.revoke(committed["session_id"])
+        with pytest.raises(StoreUnavailable):
+            asyncio.run(service.create_console(principal, body))
+        password, valid_to = vnc_secret(domain)
+        assert password not in (None, before[0]) and valid_to
+        assert time.strptime(valid_to, "%Y-%m-%dT%H:%M:%S") < time.gmtime()  # expired already
+        assert not vnc_accepts(proxy, mint(host="127.0.0.1", port=port, password=password, ttl=60))
+        assert not vnc_accepts(proxy, mint(host="127.0.0.1", port=port, password=before[0], ttl=60))
+    finally:
+        service.close()
+
+
+def test_a_mint_waits_for_the_domains_rekey_lock_only_until_its_deadline(replicas, domains) -> None:
+    """Another replica holds the domain's lock (here: the test): 503 hypervisor_unavailable once
+    the mint's deadline has passed, and the domain's password untouched."""
+    _, _, _, state = replicas
+    domain = domains("locked", password="initial1")
+    holder = state.open()
+    service = Broker(state.root, config=BrokerConfig(hypervisor_timeout=1.0), database=state.database)
+    issuer = next(p for p in service.list_apikeys()["apikeys"] if p["role"] == "issuer")
+    principal = Principal(issuer["key_id"], issuer["name"], "issuer")
+    try:
+        with holder.store.console_lock(f"fresh/{domain.UUIDString()}", time.time(), 60) as got:
+            assert got
+            with pytest.raises(ApiError) as caught:
+                asyncio.run(service.create_console(principal, {"hypervisor": "fresh", "domain": "locked"}))
+        assert (caught.value.status, caught.value.code) == (503, "hypervisor_unavailable")
+        assert "another mint" in caught.value.message
+        assert vnc_secret(domain) == ("initial1", None)
+    finally:
+        service.close()
+        holder.close()
+
+
+def test_a_console_lock_has_one_holder_and_a_dead_holders_lock_is_freed(
+    engine: str, database: str | None, tmp_path: Path
+) -> None:
+    root = init_state_dir(tmp_path / "state", database=database)
+    first, second = Broker(root, database=database), Broker(root, database=database)
+    try:
+        with first.store.console_lock("h/one", time.time(), 60) as got:
+            assert got
+            with second.store.console_lock("h/one", time.time(), 60) as again:
+                assert not again
+            with second.store.console_lock("h/two", time.time(), 60) as other:
+                assert other  # one lock per domain
+        with second.store.console_lock("h/one", time.time(), 60) as after:
+            assert after  # released with the block
+        held = first.store.engine.try_console_lock("h/dead", time.time(), 60)  # never released
+        assert held is not None
+        with second.store.console_lock("h/dead", time.time(), 60) as got:
+            assert not got
+        if engine == "sqlite":  # its lease runs out
+            with second.store.console_lock("h/dead", time.time() + 61, 60) as got:
+                assert got
+        else:  # PostgreSQL: the session's lock goes with its connection, once the server has seen it close
+
+            def claimable() -> bool:
+                with second.store.console_lock("h/dead", time.time(), 60) as got:
+                    return got
+
+            held[1].close()
+            wait_for(claimable, 10.0, 0.05, "the closed session's advisory lock to be released")
+    finally:
+        first.close()
+        second.close()
