@@ -35,6 +35,8 @@ class ProxyConfig:
     handshake_timeout: float = 15.0
     """Upstream connect + RFB handshake with the hypervisor + the browser's side, in all."""
     max_message_size: int = 1 << 20
+    max_cut_text: int = 1 << 20
+    """Longest clipboard text the browser may send to the VM; longer ones are dropped and counted."""
     read_chunk: int = 256 * 1024
     shared: bool = True
     """Force ClientInit's shared flag, so several viewers can watch one VM without kicking others."""

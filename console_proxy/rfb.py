@@ -26,6 +26,7 @@ from console_proxy.codes import Close
 from console_proxy.upstream_tls import TlsPolicy
 
 __all__ = [
+    "DROPPED_CUT_TEXT",
     "INPUT_MESSAGE_TYPES",
     "Authenticated",
     "ClientInitReceived",
@@ -837,6 +838,10 @@ def client_message_size(buf: bytearray) -> int | None:
     return sizer(buf)
 
 
+#: What :class:`ClientMessageFramer` reports for a ClientCutText above its size limit, dropped unread.
+DROPPED_CUT_TEXT: tuple[int, bytes] = (6, b"")
+
+
 class ClientMessageFramer:
     """Splits the browser->target stream into whole RFB client messages.
 
@@ -847,12 +852,22 @@ class ClientMessageFramer:
     message.
     """
 
-    def __init__(self, *, max_message: int = 1 << 20) -> None:
+    def __init__(self, *, max_message: int = 1 << 20, max_cut_text: int | None = None) -> None:
         self._max = max_message
+        self._max_cut = max_cut_text
+        self._skip = 0
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """Add bytes; return every message now complete as (type, whole message), in order."""
+        """Add bytes; return every message now complete as (type, whole message), in order.
+
+        A ClientCutText whose text is above ``max_cut_text`` is not buffered: it is counted off
+        as it streams by and reported once, as ``(6, b"")`` (:data:`DROPPED_CUT_TEXT`).
+        """
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
         self._buf += data
         messages: list[tuple[int, bytes]] = []
         start = 0
@@ -862,6 +877,12 @@ class ClientMessageFramer:
                 size = client_message_size(self._buf[start : start + 12])
                 if size is None:
                     break
+                if self._max_cut is not None and self._buf[start] == 6 and size - 8 > self._max_cut:
+                    messages.append(DROPPED_CUT_TEXT)
+                    skipped = min(size, len(self._buf) - start)
+                    self._skip = size - skipped
+                    start += skipped
+                    continue
                 if size > self._max:
                     raise RfbError.protocol(f"client message of {size} bytes exceeds the {self._max} byte limit")
                 if len(self._buf) - start < size:
