@@ -184,6 +184,11 @@ MIGRATIONS: list[Migration] = [
         name TEXT PRIMARY KEY, uri TEXT NOT NULL, address TEXT, tls TEXT,
         console_passwords INTEGER NOT NULL DEFAULT 0, created_at {real} NOT NULL);
     """),
+    # 6 -> 7: the clipboard policy of a target's or a hypervisor's consoles (NULL: both ways)
+    Migration.shared("""
+    ALTER TABLE targets ADD COLUMN clip TEXT;
+    ALTER TABLE hypervisors ADD COLUMN clip TEXT;
+    """),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -61,26 +61,28 @@ def test_a_newer_schema_is_refused_and_an_older_one_needs_migrate(database: str 
     store.close()
 
 
-LAST_MIGRATION_TABLE = "hypervisors"
-"""The table the newest migration creates (dropped to fake a database one version older)."""
+UNDO_LAST_MIGRATION = ("ALTER TABLE targets DROP COLUMN clip", "ALTER TABLE hypervisors DROP COLUMN clip")
+"""Statements that take the newest migration back (to fake a database one version older)."""
 
 
 def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUrl:
-    """The database with its recorded version one below the current (the last migration's table
-    dropped, so applying it again works as on a real older database)."""
+    """The database with its recorded version one below the current (the last migration taken
+    back, so applying it again works as on a real older database)."""
     assert version == SCHEMA_VERSION - 1
     url = _url(database, tmp_path)
     if url.engine == "sqlite":
         import sqlite3
 
         with sqlite3.connect(url.path) as conn:  # type: ignore[arg-type]
-            conn.execute(f"DROP TABLE {LAST_MIGRATION_TABLE}")
+            for statement in UNDO_LAST_MIGRATION:
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
     else:
         import psycopg
 
         with psycopg.connect(url.conninfo or "", autocommit=True) as conn:
-            conn.execute(f"DROP TABLE {LAST_MIGRATION_TABLE}")
+            for statement in UNDO_LAST_MIGRATION:
+                conn.execute(statement)
             conn.execute("UPDATE schema_version SET version = %s", (version,))
     return url
 
