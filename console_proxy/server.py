@@ -319,6 +319,7 @@ class TokenStatusHandler(JsonHandler):
                 "view_only": claims.ro,
                 "single_use": claims.once,
                 "desktop_name": claims.dn,
+                "clip": claims.clip or "both",
             },
         )
 
