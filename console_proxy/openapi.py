@@ -69,6 +69,10 @@ _TOKEN_STATUS = {
             "enum": ["none", "in", "out", "both"],
             "description": "which way the clipboard may flow: in (to the VM), out (from it); the proxy enforces it",
         },
+        "max_cut_text": {
+            "type": "integer",
+            "description": "longest text, in bytes, the proxy passes to the VM's clipboard",
+        },
     },
 }
 _HEALTH = {

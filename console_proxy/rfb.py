@@ -861,8 +861,9 @@ class ClientMessageFramer:
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Add bytes; return every message now complete as (type, whole message), in order.
 
-        A ClientCutText whose text is above ``max_cut_text`` is not buffered: it is counted off
-        as it streams by and reported once, as ``(6, b"")`` (:data:`DROPPED_CUT_TEXT`).
+        With ``max_cut_text``, a ClientCutText whose text is above it (or whose whole message is
+        above ``max_message``) is not buffered and not refused: it is counted off as it streams
+        by and reported once, as ``(6, b"")`` (:data:`DROPPED_CUT_TEXT`).
         """
         if self._skip:
             skipped = min(self._skip, len(data))
@@ -877,7 +878,11 @@ class ClientMessageFramer:
                 size = client_message_size(self._buf[start : start + 12])
                 if size is None:
                     break
-                if self._max_cut is not None and self._buf[start] == 6 and size - 8 > self._max_cut:
+                if (
+                    self._max_cut is not None
+                    and self._buf[start] == 6
+                    and (size - 8 > self._max_cut or size > self._max)
+                ):
                     messages.append(DROPPED_CUT_TEXT)
                     skipped = min(size, len(self._buf) - start)
                     self._skip = size - skipped

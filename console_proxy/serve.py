@@ -104,9 +104,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-cut-text",
         type=int,
-        default=1 << 20,
+        default=256 * 1024,
         help="longest clipboard text a browser may send to the VM, bytes; longer ones are dropped "
-        "and counted (consolegate_proxy_cut_text_dropped_total), the session goes on",
+        "and counted (consolegate_proxy_cut_text_dropped_total), the session goes on (default 256 KiB; "
+        "a websocket frame above --max-message-size still closes the connection, 1009)",
     )
     serve.add_argument("--end-at-expiry", action="store_true", help="close sessions (4410) when the token expires")
     serve.add_argument("--expiry-grace", type=float, default=0.0, help="seconds after exp, with --end-at-expiry")

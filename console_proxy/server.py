@@ -320,6 +320,7 @@ class TokenStatusHandler(JsonHandler):
                 "single_use": claims.once,
                 "desktop_name": claims.dn,
                 "clip": claims.clip or "both",
+                "max_cut_text": self.state.config.max_cut_text,
             },
         )
 

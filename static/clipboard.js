@@ -11,6 +11,7 @@ const $ = (id) => document.getElementById(id);
 const COPIED = "Copied from the virtual machine to your clipboard.";
 const NOT_COPIED = "Your browser did not let this page write to your clipboard: use the Copy button.";
 const SENT = "Sent to the virtual machine's clipboard: paste it there with its own paste command.";
+const tooLong = (limit) => `The text is too long for the virtual machine's clipboard (at most ${Math.floor(limit / 1024)} KiB).`;
 
 /** The directions a `clip` value allows (absent means both, as for the proxy). */
 export function clipDirections(clip) {
@@ -27,6 +28,7 @@ export function wireClipboard(getRfb, backToConsole) {
     const outStatus = $("clip-out-status");
     const inStatus = $("clip-in-status");
     let allowed = { in: false, out: false };
+    let limit = Infinity;  // bytes the proxy passes (Latin-1 or UTF-8: UTF-8's length is the upper bound)
 
     const setOpen = (open) => {
         panel.hidden = !open;
@@ -45,6 +47,10 @@ export function wireClipboard(getRfb, backToConsole) {
     $("clip-send").addEventListener("click", () => {
         const rfb = getRfb();
         if (!rfb || !toVm.value) return;
+        if (new TextEncoder().encode(toVm.value).length > limit) {
+            inStatus.textContent = tooLong(limit);  // the proxy would drop it: say so instead
+            return;
+        }
         rfb.clipboardPasteFrom(toVm.value);
         inStatus.textContent = SENT;
     });
@@ -54,6 +60,7 @@ export function wireClipboard(getRfb, backToConsole) {
         configure(verdict) {
             const directions = clipDirections(verdict.clip);
             allowed = { in: directions.in && !verdict.view_only, out: directions.out };
+            if (Number.isInteger(verdict.max_cut_text)) limit = verdict.max_cut_text;
             $("clip-out-section").hidden = !allowed.out;
             $("clip-in-section").hidden = !allowed.in;
             button.hidden = !allowed.in && !allowed.out;

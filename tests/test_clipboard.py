@@ -215,6 +215,13 @@ def test_a_cut_text_above_the_websocket_limit_is_dropped_not_refused() -> None:
     assert framer.feed(key) == [(4, key)]
 
 
+def test_a_cut_text_within_its_limit_but_above_the_message_limit_is_dropped_not_refused() -> None:
+    framer = rfb.ClientMessageFramer(max_message=64, max_cut_text=1024)
+    assert framer.feed(client_cut(b"z" * 60)) == [rfb.DROPPED_CUT_TEXT]
+    with pytest.raises(rfb.RfbError):  # other messages above the limit are still refused
+        framer.feed(struct.pack(">BxH", 2, 100))
+
+
 # --- the gate ----------------------------------------------------------------------------------
 
 

@@ -160,3 +160,18 @@ def test_the_clipboard_controls_have_accessible_names(page, proxy, mint, xvnc_vn
         "clip-send": "Send to the virtual machine",
         "clip-close": "Close",
     }
+
+
+def test_text_above_the_proxys_limit_is_not_sent_and_the_page_says_why(page, proxy_factory, mint, xvnc_vncauth) -> None:
+    small = proxy_factory("--max-cut-text", "2048")
+    open_console(page, small, mint, xvnc_vncauth, "in")
+    before = "before-" + secrets.token_hex(4)
+    set_vm_clipboard(xvnc_vncauth.display, before)
+    page.click("#clipboard")
+    page.evaluate("document.getElementById('clip-to-vm').value = 'é'.repeat(1025)")  # 2050 bytes of UTF-8
+    page.click("#clip-send")
+    status = page.evaluate("document.getElementById('clip-in-status').textContent")
+    assert status == "The text is too long for the virtual machine's clipboard (at most 2 KiB)."
+    page.evaluate("document.getElementById('clip-to-vm').value = 'fits'")
+    page.click("#clip-send")
+    poll(lambda: vm_clipboard(xvnc_vncauth.display) == "fits", "the VM's clipboard to hold the text that fits")
