@@ -20,8 +20,11 @@ import subprocess
 import urllib.request
 
 import pytest
+from hostile import LEAKED, HostileServer
 from rfbclient import Console
 from rfbframes import BELL, FRAMEBUFFER_UPDATE, PIXEL_FORMAT, RAW, SERVER_CUT_TEXT, DirectConsole, Transport
+
+from console_proxy.codes import Close
 
 pytestmark = pytest.mark.skipif(shutil.which("xclip") is None, reason="xclip is not installed (scripts/setup.sh)")
 
@@ -196,3 +199,40 @@ def test_policy_drops_are_counted_by_direction(proxy, mint, xvnc_none) -> None:
     with urllib.request.urlopen(f"{proxy.base}/metrics", timeout=IO_TIMEOUT) as response:
         metrics = response.read().decode()
     assert 'consolegate_proxy_cut_text_dropped_total{direction="in",reason="policy"}' in metrics
+
+
+async def everything_until_closed(proxy_url: str, token: str) -> tuple[bytes, int | None]:
+    console = await Console.open(proxy_url, token)
+    await console.handshake()
+    received = bytes(console.buffer)
+    while (message := await console.ws.read_message()) is not None:
+        received += message if isinstance(message, bytes) else message.encode()
+    return received, console.ws.close_code
+
+
+def test_a_server_sending_unasked_cut_text_and_encodings_leaks_nothing_under_clip_none(proxy, mint) -> None:
+    """A stand-in server (tests/hostile.py) pushes cut text no one asked for and then a Tight
+    rectangle, which the proxy cannot frame: the cut text never reaches the browser, and the
+    session ends 4502 rather than relaying what it cannot check (what was framed in the same
+    read is dropped with it: failing closed)."""
+    with HostileServer("cut_text_then_tight") as server:
+        token = mint(host="127.0.0.1", port=server.port, clip="none")
+        received, code = asyncio.run(asyncio.wait_for(everything_until_closed(proxy.ws_url, token), IO_TIMEOUT))
+    assert LEAKED not in received and b"\x03" not in received
+    assert code == Close.TARGET_PROTOCOL_ERROR
+
+
+def test_with_out_allowed_the_server_stream_is_relayed_unparsed(proxy, mint) -> None:
+    with HostileServer("cut_text_then_tight") as server:
+        token = mint(host="127.0.0.1", port=server.port, clip="out")
+
+        async def first_bytes() -> bytes:
+            console = await Console.open(proxy.ws_url, token)
+            try:
+                await console.handshake()
+                return await console.read(8 + len(LEAKED))
+            finally:
+                console.close()
+
+        received = asyncio.run(asyncio.wait_for(first_bytes(), IO_TIMEOUT))
+    assert received == struct.pack(">Bxxxi", 3, len(LEAKED)) + LEAKED
