@@ -13,6 +13,7 @@ from typing import Any
 
 from broker import ca, keyfiles, schemas, serve
 from broker.client import BrokerClient, BrokerError
+from broker.clippolicy import CLIP_VALUES
 from broker.engines import parse_database_url
 from broker.service import AUDIT_TYPES, ApiError, Broker, init_state_dir
 from broker.store import IntegrityError, Store, StoreError
@@ -74,6 +75,7 @@ def _add_token(commands: argparse._SubParsersAction[Parser]) -> None:
     mint.add_argument("--desktop-name", metavar="N", help="desktop name shown to the user")
     mint.add_argument("--tls-ca", metavar="PEM", help="require VeNCrypt X.509 with this CA certificate file")
     mint.add_argument("--tls-anon", action="store_true", help="allow anonymous VeNCrypt TLS (interceptable)")
+    _add_clip_option(mint, "this console's clipboard (default: the claim is left out, which means both)")
     mint.set_defaults(handler=token_mint, single_use=False)
 
 
@@ -247,6 +249,7 @@ def _add_targets(commands: argparse._SubParsersAction[Parser]) -> None:
     add.add_argument("--port", type=int, required=True)
     add.add_argument("--password-file", metavar="F", help=PASSWORD_FILE_HELP)
     _add_tls_options(add)
+    _add_clip_option(add, "clipboard directions its consoles may allow (default both; a mint may narrow it)")
     _action(targets, "list", _listing(Broker.list_targets), "targets as JSON (never the password)")
     _action(targets, "remove", targets_remove, "delete a target", "id")
 
@@ -281,6 +284,7 @@ def _add_hypervisors(commands: argparse._SubParsersAction[Parser]) -> None:
         help="each mint sets the domain's VNC password (live), valid until the last outstanding "
         "console's expiry: a password from an expired token opens nothing",
     )
+    _add_clip_option(add, "clipboard directions its domains' consoles may allow (default both; a mint may narrow it)")
     _action(group, "list", _listing(Broker.list_hypervisors), "hypervisors as JSON")
     _action(group, "remove", hypervisors_remove, "forget a hypervisor", "name")
 
@@ -294,6 +298,10 @@ def _add_tls_options(parser: argparse.ArgumentParser) -> None:
         "verified X.509 VeNCrypt is accepted)",
     )
     parser.add_argument("--tls-require", action="store_true", help="refuse consoles whose VNC server offers no TLS")
+
+
+def _add_clip_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--clip", choices=CLIP_VALUES, help=f"{text}: in = paste into the VM, out = copy out of it")
 
 
 def _tls_body(args: argparse.Namespace, body: dict[str, object]) -> None:
@@ -317,6 +325,8 @@ def hypervisors_add(args: argparse.Namespace) -> int:
     _tls_body(args, body)
     if args.console_passwords:
         body["console_passwords"] = True
+    if args.clip:
+        body["clip"] = args.clip
     return _create(args, body, schemas.HYPERVISOR_CREATE, Broker.add_hypervisor)
 
 
@@ -467,6 +477,8 @@ def targets_add(args: argparse.Namespace) -> int:
     if args.password_file:
         body["password"] = read_secret_file(args.password_file)
     _tls_body(args, body)
+    if args.clip:
+        body["clip"] = args.clip
     return _create(args, body, schemas.TARGET_CREATE, Broker.add_target)
 
 
@@ -590,6 +602,7 @@ def token_mint(args: argparse.Namespace) -> int:
             single_use=args.single_use,
             desktop_name=args.desktop_name,
             tls=_tls_claim(args),
+            clip=args.clip,
         )
     except ValueError as exc:
         raise CommandError(f"invalid token request: {exc}") from None

@@ -32,6 +32,7 @@ _TARGET = {
         "port": {"type": "integer"},
         "has_password": {"type": "boolean"},
         "tls": {"type": "object", "nullable": True},
+        "clip": {"type": "string", "enum": ["none", "in", "out", "both"]},
         "created_at": {"type": "number"},
     },
 }
@@ -203,7 +204,9 @@ _MINT_ERRORS = (
     "up at mint time). Errors: 404 `target_not_found`, `hypervisor_not_found`, `domain_not_found`; "
     "409 `domain_not_running`, `no_vnc_console` (SPICE only, or VNC on a unix socket); "
     "503 `hypervisor_unavailable` (libvirt did not answer within the broker's deadline), "
-    "`no_proxy_available`."
+    "`no_proxy_available`; 403 `clip_not_allowed` (`clip` asks for a clipboard direction the "
+    "target or hypervisor does not allow: a request may narrow the default, never widen it; "
+    "without `clip` the console gets the default, and the token always carries it)."
 )
 
 

@@ -174,6 +174,12 @@ TARGET_CREATE = {
     "port": Field("integer", required=True, minimum=1, maximum=65535),
     "password": Field("string", min_length=1, max_length=256, description="write-only VNC password"),
     "tls": Field("object", properties=TLS, nullable=True, description="upstream VeNCrypt policy"),
+    "clip": Field(
+        "string",
+        enum=("none", "in", "out", "both"),
+        nullable=True,
+        description="clipboard directions consoles may allow: in (to the VM), out (from it); default both",
+    ),
 }
 
 HYPERVISOR_CREATE = {
@@ -199,6 +205,12 @@ HYPERVISOR_CREATE = {
         description="each mint sets the domain's VNC password, valid until "
         "the last outstanding console's exp (default false)",
     ),
+    "clip": Field(
+        "string",
+        enum=("none", "in", "out", "both"),
+        nullable=True,
+        description="clipboard directions its domains' consoles may allow; default both",
+    ),
 }
 
 CONSOLE_CREATE = {
@@ -211,6 +223,13 @@ CONSOLE_CREATE = {
     "client_ip": Field("string", min_length=2, max_length=64, nullable=True),
     "view_only": Field("boolean", description="default false"),
     "desktop_name": Field("string", min_length=1, max_length=1024, nullable=True),
+    "clip": Field(
+        "string",
+        enum=("none", "in", "out", "both"),
+        nullable=True,
+        description="clipboard directions for this console, within the target's "
+        "(403 clip_not_allowed beyond it); default: the target's",
+    ),
 }
 
 HEARTBEAT = {

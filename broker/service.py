@@ -28,6 +28,7 @@ import tornado.web
 from broker import auth, ca, fleet, hypervisors, keyfiles
 from broker.auth import Hasher, Principal
 from broker.castore import CaStore
+from broker.clippolicy import ClipNotAllowed, effective_clip
 from broker.engines import DB_NAME, DatabaseUrl, parse_database_url
 from broker.enrollment import CERT_AUDIT_TYPES, DEFAULT_CERT_LIFETIME, Enrollment, Refusal
 from broker.keystore import KeyStore
@@ -513,9 +514,9 @@ class Broker:
         try:
             with self.store.transaction() as conn:
                 conn.execute(
-                    "INSERT INTO targets (id, name, host, port, password_enc, tls, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (target_id, body["name"], body["host"], body["port"], sealed, tls, now),
+                    "INSERT INTO targets (id, name, host, port, password_enc, tls, clip, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (target_id, body["name"], body["host"], body["port"], sealed, tls, body.get("clip"), now),
                 )
                 self.store.append_audit(
                     conn,
@@ -529,6 +530,7 @@ class Broker:
                         "host": body["host"],
                         "port": body["port"],
                         "has_password": sealed is not None,
+                        "clip": body.get("clip") or "both",
                     },
                 )
         except IntegrityError:
@@ -591,14 +593,15 @@ class Broker:
         try:
             with self.store.transaction() as conn:
                 conn.execute(
-                    "INSERT INTO hypervisors (name, uri, address, tls, console_passwords, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO hypervisors (name, uri, address, tls, console_passwords, clip, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         body["name"],
                         body["uri"],
                         body.get("address"),
                         tls,
                         int(body.get("console_passwords", False)),
+                        body.get("clip"),
                         now,
                     ),
                 )
@@ -613,6 +616,7 @@ class Broker:
                         "uri": body["uri"],
                         "address": body.get("address"),
                         "console_passwords": body.get("console_passwords", False),
+                        "clip": body.get("clip") or "both",
                     },
                 )
         except IntegrityError:
@@ -666,6 +670,7 @@ class Broker:
                 "port": found.port,
                 "password": found.password,
                 "tls": row["tls"],
+                "clip": row["clip"],
             }
             if not hypervisor.console_passwords:
                 return self.mint_console(principal, body, located)
@@ -793,6 +798,7 @@ class Broker:
                     "ttl": ttl,
                     "single_use": claims.once,
                     "view_only": claims.ro,
+                    "clip": claims.clip,
                     "client_ip": claims.cip,
                     "exp": claims.exp,
                 },
@@ -860,7 +866,10 @@ class Broker:
                 single_use=body.get("single_use", True),
                 desktop_name=body.get("desktop_name") or row["name"],
                 tls=json.loads(row["tls"]) if row["tls"] else None,
+                clip=effective_clip(row["clip"], body.get("clip")),
             )
+        except ClipNotAllowed as exc:
+            raise ApiError(403, "clip_not_allowed", str(exc)) from None
         except ValueError as exc:
             raise ApiError(400, "bad_request", f"invalid console request: {exc}") from None
 
@@ -1177,6 +1186,7 @@ def _hypervisor_json(row: Any) -> dict[str, Any]:
         "address": row["address"],
         "tls": json.loads(row["tls"]) if row["tls"] else None,
         "console_passwords": bool(row["console_passwords"]),
+        "clip": row["clip"] or "both",
         "created_at": row["created_at"],
     }
 
@@ -1189,6 +1199,7 @@ def _target_json(row: Any) -> dict[str, Any]:
         "port": row["port"],
         "has_password": row["password_enc"] is not None,
         "tls": json.loads(row["tls"]) if row["tls"] else None,
+        "clip": row["clip"] or "both",
         "created_at": row["created_at"],
     }
 

@@ -208,6 +208,11 @@ MIGRATIONS: list[Migration] = [
     CREATE INDEX sessions_console ON sessions (console, exp);
     CREATE TABLE console_locks (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL);
     """),
+    # 8 -> 9: the clipboard policy of a target's or a hypervisor's consoles (NULL: both ways)
+    Migration.shared("""
+    ALTER TABLE targets ADD COLUMN clip TEXT;
+    ALTER TABLE hypervisors ADD COLUMN clip TEXT;
+    """),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -35,6 +35,10 @@ class ProxyConfig:
     handshake_timeout: float = 15.0
     """Upstream connect + RFB handshake with the hypervisor + the browser's side, in all."""
     max_message_size: int = 1 << 20
+    max_cut_text: int = 256 * 1024
+    """Longest clipboard text the browser may send to the VM; longer ones are dropped and counted.
+    A cut text above ``max_message_size`` is dropped too; but a websocket frame above that closes
+    the connection (1009) before any RFB parsing. 256 KiB is Xvnc's own default."""
     read_chunk: int = 256 * 1024
     shared: bool = True
     """Force ClientInit's shared flag, so several viewers can watch one VM without kicking others."""

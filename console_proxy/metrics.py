@@ -224,6 +224,7 @@ class ProxyMetrics:
         active_sessions: Callable[[], float],
         draining: Callable[[], float],
         relayed: Callable[[], dict[LabelValues, float]],
+        cut_text_dropped: Callable[[], dict[LabelValues, float]] = dict,
     ) -> None:
         self.registry = Registry()
         add = self.registry.add
@@ -244,6 +245,15 @@ class ProxyMetrics:
                 "Bytes relayed, by direction (open sessions included).",
                 ["direction"],
                 relayed,
+            )
+        )
+        add(
+            LiveCounter(
+                "consolegate_proxy_cut_text_dropped_total",
+                "Clipboard texts dropped, by direction (in: to the VM, out: from it) and reason "
+                "(policy: the token's clip claim, too_large: above --max-cut-text); open sessions included.",
+                ["direction", "reason"],
+                cut_text_dropped,
             )
         )
         self.handshake = add(

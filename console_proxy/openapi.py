@@ -64,6 +64,15 @@ _TOKEN_STATUS = {
         "view_only": {"type": "boolean"},
         "single_use": {"type": "boolean"},
         "desktop_name": {"type": "string", "nullable": True},
+        "clip": {
+            "type": "string",
+            "enum": ["none", "in", "out", "both"],
+            "description": "which way the clipboard may flow: in (to the VM), out (from it); the proxy enforces it",
+        },
+        "max_cut_text": {
+            "type": "integer",
+            "description": "longest text, in bytes, the proxy passes to the VM's clipboard",
+        },
     },
 }
 _HEALTH = {

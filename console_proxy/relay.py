@@ -28,7 +28,7 @@ from typing import Protocol, TypeVar
 from console_proxy import dial, upstream_tls
 from console_proxy.codes import Close
 from console_proxy.config import ProxyConfig
-from console_proxy.protocol import rfb
+from console_proxy.protocol import clipboard, rfb
 from console_proxy.token import Claims
 
 log = logging.getLogger("consolegate.proxy.session")
@@ -154,6 +154,9 @@ class _Upstream(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         session = self.session
         if session.relaying:
+            if session.clip.frames_server:  # clip forbids out: cut text is found and dropped
+                session.relay_framed(self.reads.view[:nbytes])
+                return
             session.bytes_down += nbytes
             if session.browser.send_framed(self.reads.buffer, nbytes):
                 self.reads.renew()
@@ -217,7 +220,8 @@ class ConsoleSession:
         self._tls = tls_policy(claims, config)
         self._down = rfb.DownstreamHandshake()
         self._client_init: asyncio.Future[rfb.ClientInitReceived] = asyncio.get_running_loop().create_future()
-        self._framer = rfb.ClientMessageFramer(max_message=config.max_message_size)
+        self.clip = clipboard.ClipboardGate(clipboard.parse_clip(claims.clip))
+        self._framer = rfb.ClientMessageFramer(max_message=config.max_message_size, max_cut_text=config.max_cut_text)
         self._early = bytearray()
         self._inbox = bytearray()
         self._feeding: rfb.UpstreamHandshake | None = None  # parked in _drive: fed by the read callback
@@ -305,12 +309,15 @@ class ConsoleSession:
         self.handshake_seconds = time.monotonic() - self.started
         self.on_open(self)
         self.relaying = True  # from here the hypervisor's bytes go straight to the browser
+        self.clip.opened(ready.server_init.pixel_format[0])
         after = ready.rest + bytes(self._inbox)  # sent behind ServerInit, before relaying began
         self._inbox.clear()
         if self._inbox_full:
             self._inbox_full = False
             self._steer_upstream()
-        if after:
+        if after and self.clip.frames_server:
+            self.relay_framed(memoryview(after))
+        elif after:
             self.bytes_down += len(after)
             self.browser.send(after)
         early = client_init.rest + bytes(self._early)
@@ -572,9 +579,21 @@ class ConsoleSession:
             raise _end(Close.TARGET_PROTOCOL_ERROR, "the browser sent too much before the session was ready")
         self._early += data
 
+    def relay_framed(self, data: memoryview) -> None:
+        """The hypervisor's bytes through the clipboard gate's framer (``clip`` forbids out)."""
+        try:
+            out = self.clip.from_server(data)
+        except rfb.RfbError as error:
+            self.finish(Ending(error.close_code, error.code, str(error)))
+            return
+        if out:
+            self.bytes_down += len(out)
+            self.browser.send(out)
+
     def _forward(self, data: bytes) -> None:
-        """Whole client messages to the hypervisor; input dropped for view-only sessions."""
-        messages = self._guard(self._framer.feed, data)
+        """Whole client messages to the hypervisor; input dropped for view-only sessions,
+        cut text, encodings and pixel format through the clipboard gate."""
+        messages = self.clip.from_browser(self._guard(self._framer.feed, data))
         if any(kind in rfb.INPUT_MESSAGE_TYPES for kind, _ in messages):
             # a person is there: update requests alone (noVNC sends them while the screen
             # changes) do not keep an abandoned console open

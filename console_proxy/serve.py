@@ -110,6 +110,14 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
     )
     serve.add_argument("--handshake-timeout", type=float, default=15.0)
     serve.add_argument("--max-message-size", type=int, default=1 << 20, help="largest websocket message, bytes")
+    serve.add_argument(
+        "--max-cut-text",
+        type=int,
+        default=256 * 1024,
+        help="longest clipboard text a browser may send to the VM, bytes; longer ones are dropped "
+        "and counted (consolegate_proxy_cut_text_dropped_total), the session goes on (default 256 KiB; "
+        "a websocket frame above --max-message-size still closes the connection, 1009)",
+    )
     serve.add_argument("--end-at-expiry", action="store_true", help="close sessions (4410) when the token expires")
     serve.add_argument("--expiry-grace", type=float, default=0.0, help="seconds after exp, with --end-at-expiry")
     serve.add_argument("--drain-grace", type=float, default=30.0, help="seconds open sessions get after SIGTERM")
@@ -158,7 +166,7 @@ def _read_text(path: str | None) -> str | None:
 
 
 def build_config(args: argparse.Namespace) -> ProxyConfig:
-    for name in ("max_sessions", "max_message_size"):
+    for name in ("max_sessions", "max_message_size", "max_cut_text"):
         if getattr(args, name) <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive")
     if args.ping_interval < 0:
@@ -181,6 +189,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         idle_timeout=args.idle_timeout,
         handshake_timeout=args.handshake_timeout,
         max_message_size=args.max_message_size,
+        max_cut_text=args.max_cut_text,
         shared=not args.no_force_shared,
         end_at_expiry=args.end_at_expiry,
         expiry_grace=args.expiry_grace,

@@ -63,12 +63,22 @@ class ProxyState:
         self.stopped = asyncio.Event()
         self.closed_bytes = {"up": 0, "down": 0}
         self.closing: set[object] = set()  # while draining: browsers whose connection is closing
-        self.metrics = ProxyMetrics(lambda: len(self.sessions), lambda: float(self.draining), self._relayed)
+        self.closed_cut_text: dict[tuple[str, ...], float] = {}
+        self.metrics = ProxyMetrics(
+            lambda: len(self.sessions), lambda: float(self.draining), self._relayed, self._cut_text_dropped
+        )
 
     def _relayed(self) -> dict[tuple[str, ...], float]:
         up = self.closed_bytes["up"] + sum(s.bytes_up for s in self.sessions)
         down = self.closed_bytes["down"] + sum(s.bytes_down for s in self.sessions)
         return {("up",): up, ("down",): down}
+
+    def _cut_text_dropped(self) -> dict[tuple[str, ...], float]:
+        totals = dict(self.closed_cut_text)
+        for session in self.sessions:
+            for key, count in session.clip.dropped.items():
+                totals[key] = totals.get(key, 0) + count
+        return totals
 
     def admit(self, request: Request) -> Claims:
         """The pure admission, then what only this process knows: revoked sessions."""
@@ -114,6 +124,8 @@ class ProxyState:
         self.metrics.sessions.inc(ending.reason)
         self.closed_bytes["up"] += session.bytes_up
         self.closed_bytes["down"] += session.bytes_down
+        for key, count in session.clip.dropped.items():
+            self.closed_cut_text[key] = self.closed_cut_text.get(key, 0) + count
         self.events.closed(session)
         if self.draining:  # its Close may still be queued behind data the browser has yet to read
             browser = session.browser
@@ -308,6 +320,8 @@ class TokenStatusHandler(JsonHandler):
                 "view_only": claims.ro,
                 "single_use": claims.once,
                 "desktop_name": claims.dn,
+                "clip": claims.clip or "both",
+                "max_cut_text": self.state.config.max_cut_text,
             },
         )
 

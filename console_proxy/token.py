@@ -97,11 +97,13 @@ class Claims:
     ro: bool = False
     once: bool = False
     dn: str | None = None
+    clip: str | None = None
+    """Which way cut text may flow (``none``, ``in``, ``out``, ``both``); absent means ``both``."""
 
     @classmethod
     def _checked(cls, fields: dict[str, Any]) -> Claims:
         """An instance from every field, already checked (:func:`check_claims`). The generated
-        frozen ``__init__`` sets each of the 17 fields through ``object.__setattr__``: ~3 µs
+        frozen ``__init__`` sets each of the 18 fields through ``object.__setattr__``: ~3 µs
         of a token verify for nothing, since the values are final. Equal to ``cls(**fields)``
         (the tests compare the two)."""
         claims = object.__new__(cls)
@@ -137,6 +139,7 @@ def new_claims(
     desktop_name: str | None = None,
     tls: dict[str, Any] | None = None,
     session_id: str | None = None,
+    clip: str | None = None,
 ) -> Claims:
     """Claims for a new console: fresh ``jti`` (128+ random bits) and session id, window [now, now+ttl]."""
     issued = int(now)
@@ -157,6 +160,7 @@ def new_claims(
         ro=view_only,
         once=single_use,
         dn=desktop_name,
+        clip=clip,
     )
     check_claims(claims.to_json_dict(), max_ttl=None)
     return claims
@@ -356,6 +360,16 @@ def _canonical_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return address
 
 
+_CLIP_VALUES = frozenset({"none", "in", "out", "both"})
+
+
+def _check_clip(value: Any) -> str | None:
+    """The ``clip`` claim: absent (None, meaning ``both``) or one of four words; else bad claims."""
+    if value is None or (isinstance(value, str) and value in _CLIP_VALUES):
+        return value
+    raise ValueError("claim 'clip' must be one of 'none', 'in', 'out', 'both'")
+
+
 def check_claims(data: dict[str, Any], *, max_ttl: int | None) -> Claims:
     """Schema-check decoded claims (types, ranges, lifetime) into :class:`Claims`; ValueError if not.
 
@@ -404,6 +418,7 @@ def check_claims(data: dict[str, Any], *, max_ttl: int | None) -> Claims:
             "ro": ro,
             "once": once,
             "dn": texts["dn"],
+            "clip": _check_clip(data.get("clip")),
         }
     )
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(curl git tigervnc-standalone-server tigervnc-tools xterm x11-apps x11-utils x11-xserver-utils xdotool chromium
+APT_PACKAGES=(curl git tigervnc-standalone-server tigervnc-tools xterm xclip x11-apps x11-utils x11-xserver-utils xdotool chromium
               openssl python3-venv qemu-system-x86 qemu-utils postgresql nginx haproxy systemd
               libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-dev pkg-config)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)

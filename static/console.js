@@ -10,6 +10,7 @@ import KeyTable from "../novnc/core/input/keysym.js";
 import keysyms from "../novnc/core/input/keysymdef.js";
 import * as messages from "./messages.js";
 import { sendCombination, wireKeysMenu } from "./keysmenu.js";
+import { wireClipboard } from "./clipboard.js";
 
 const $ = (id) => document.getElementById(id);
 const screen = $("screen");
@@ -22,6 +23,7 @@ let rfb = null;
 let verdict = null;          // the /token-status answer for this token (view_only, expires_at, …)
 let userDisconnected = false;
 let keysMenu = null;         // the keys menu's controls, once wired
+let clipboard = null;        // the clipboard panel's controls, once wired
 let attempt = 0;             // reconnect attempts since the console was last connected
 
 // Reconnect after a drop: 1, 2, 4, 8, 8… seconds apart, at most this many times in a row, and
@@ -51,6 +53,7 @@ function show(state, text) {
     // Input controls are hidden, not only greyed out, for a view-only console.
     for (const button of inputButtons) button.hidden = Boolean(verdict && verdict.view_only);
     if ($("keys").disabled && keysMenu) keysMenu.close(false);
+    if (clipboard) clipboard.update(live);
 }
 
 /** The proxy's verdict on the token, without redeeming it: {ok: true, …} or {ok: false, message}. */
@@ -106,10 +109,11 @@ function connect(token) {
     $("view-only").hidden = !verdict.view_only;
 
     rfb.addEventListener("desktopname", (event) => { document.title = event.detail.name; });
+    rfb.addEventListener("clipboard", (event) => { clipboard.received(event.detail.text); });
     rfb.addEventListener("connect", () => {
         attempt = 0;
         show("connected", `Connected to ${document.title}${verdict.view_only ? " (view only)" : ""}`);
-        rfb.focus();
+        if (!document.getElementById("clipboard-panel").contains(document.activeElement)) rfb.focus();
     });
     rfb.addEventListener("securityfailure", (event) => {
         // The proxy offers only security type None, so this means something between is wrong.
@@ -198,6 +202,7 @@ function wireToolbar() {
         if (rfb) sendCombination(rfb, names);
         backToConsole();
     });
+    clipboard = wireClipboard(() => rfb, backToConsole);
 
     $("send-text").addEventListener("click", async () => {
         textInput.value = "";
@@ -269,6 +274,7 @@ async function main() {
         return;
     }
     verdict = answer;
+    clipboard.configure(verdict);
     connect(token);
 }
 

@@ -22,6 +22,8 @@ Behaviours (``BEHAVIOURS``):
   "failed" with a reason of 0xFFFFFFFF bytes, a few sent.
 - ``auth_fail``: the same refusal told honestly (a 14-byte reason, sent whole), as Xvnc does.
 - ``huge_name``: a complete None handshake, then a ServerInit whose name is 0xFFFFFFFF bytes.
+- ``cut_text_then_tight``: a complete None handshake, then unasked: cut text (classic and
+  extended, "leaked secret"), each followed by a Bell, then a Tight rectangle nobody asked for.
 """
 
 from __future__ import annotations
@@ -149,6 +151,24 @@ def _huge_name(peer: _Peer) -> None:
     peer.hold()
 
 
+LEAKED = b"leaked secret"
+
+
+def _cut_text_then_tight(peer: _Peer) -> None:
+    peer.send(VERSION_38)
+    peer.recv_exact(12)
+    peer.send(b"\x01\x01")  # one type: None
+    peer.recv_exact(1)
+    peer.send(struct.pack(">I", 0))  # SecurityResult OK
+    peer.recv_exact(1)  # ClientInit
+    peer.send(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, 4) + b"leak")
+    classic = struct.pack(">Bxxxi", 3, len(LEAKED)) + LEAKED
+    extended = struct.pack(">Bxxxi", 3, -(4 + len(LEAKED))) + b"\x10\x00\x00\x01" + LEAKED
+    tight = struct.pack(">BxHHHHHi", 0, 1, 0, 0, 8, 8, 7) + b"\x80\x00"
+    peer.send(classic + b"\x02" + extended + b"\x02" + tight)
+    peer.hold()
+
+
 BEHAVIOURS: dict[str, Callable[[_Peer], None]] = {
     "bad_version": _bad_version,
     "http": _http,
@@ -160,6 +180,7 @@ BEHAVIOURS: dict[str, Callable[[_Peer], None]] = {
     "auth_fail_huge_reason": _auth_fail_huge_reason,
     "auth_fail": _auth_fail,
     "huge_name": _huge_name,
+    "cut_text_then_tight": _cut_text_then_tight,
 }
 
 

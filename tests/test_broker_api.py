@@ -193,6 +193,36 @@ def test_mint_claims_defaults_and_limits(broker: BrokerProcess) -> None:
     assert PASSWORD not in broker.log_text()
 
 
+def test_clip_defaults_per_target_and_a_mint_may_only_narrow_it(broker: BrokerProcess) -> None:
+    ring = Keyring.from_jwks(_heartbeat(broker)["keyring"])
+    open_target = broker.admin.add_target(name="Clip default", host="127.0.0.1", port=5906)
+    paste_only = broker.admin.add_target(name="Paste only", host="127.0.0.1", port=5907, clip="in")
+    assert (open_target["clip"], paste_only["clip"]) == ("both", "in")
+    assert broker.admin.target(paste_only["id"])["clip"] == "in"
+
+    def mint(target: dict[str, Any], **options: Any) -> dict[str, Any]:
+        _heartbeat(broker)  # the fake proxy stays healthy however slow the machine is between mints
+        return broker.issuer.mint(target["id"], **options)
+
+    def minted(target: dict[str, Any], **options: Any) -> str | None:
+        return token.verify(mint(target, **options)["token"], ring, time.time()).clip
+
+    # the broker always writes the claim: the target's default, or what the request narrowed it to
+    assert minted(open_target) == "both"
+    assert [minted(open_target, clip=c) for c in ("none", "in", "out", "both")] == ["none", "in", "out", "both"]
+    assert minted(paste_only) == "in"
+    assert [minted(paste_only, clip=c) for c in ("none", "in")] == ["none", "in"]
+    for wider in ("out", "both"):
+        assert _error(lambda w=wider: mint(paste_only, clip=w)) == (403, "clip_not_allowed")
+    assert _error(lambda: mint(open_target, clip="all")) == (400, "bad_request")
+    assert _error(lambda: broker.admin.add_target(name="x", host="127.0.0.1", port=5908, clip="read")) == (
+        400,
+        "bad_request",
+    )
+    minted_events = [e for e in broker.admin.audit(type_="minted") if e["detail"]["target_id"] == paste_only["id"]]
+    assert {e["detail"]["clip"] for e in minted_events} == {"none", "in"}
+
+
 def test_heartbeat_keyring_only_when_changed_and_identity_checked(broker: BrokerProcess) -> None:
     first = _heartbeat(broker)
     ring = Keyring.from_jwks(first["keyring"])

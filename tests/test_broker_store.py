@@ -61,11 +61,7 @@ def test_a_newer_schema_is_refused_and_an_older_one_needs_migrate(database: str 
     store.close()
 
 
-LAST_MIGRATION_UNDO = (
-    "DROP TABLE console_locks",
-    "DROP INDEX sessions_console",
-    "ALTER TABLE sessions DROP COLUMN console",
-)
+LAST_MIGRATION_UNDO = ("ALTER TABLE targets DROP COLUMN clip", "ALTER TABLE hypervisors DROP COLUMN clip")
 """What the newest migration made, undone (to fake a database one version older)."""
 
 

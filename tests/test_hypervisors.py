@@ -87,6 +87,7 @@ def fleet(
         broker.add_hypervisor({"name": "wild", "uri": daemon.uri, "address": "localhost"}, "test")
         broker.add_hypervisor({"name": "hung", "uri": hung_libvirt}, "test")
         broker.add_hypervisor({"name": "fresh", "uri": daemon.uri, "console_passwords": True}, "test")
+        broker.add_hypervisor({"name": "sealed", "uri": daemon.uri, "clip": "none"}, "test")
     finally:
         broker.close()
     process = start_broker(state, "--hypervisor-timeout", str(HUNG_TIMEOUT))
@@ -156,6 +157,18 @@ def test_a_console_minted_by_domain_name_opens_through_the_proxy(fleet, domains)
     assert opens(proxy, broker.issuer.mint_domain("lab", domain.UUIDString()))
     minted = [e for e in broker.admin.audit(0, type_="minted") if e["detail"].get("vm") == "lab/web1"]
     assert minted and minted[0]["detail"]["target_id"] is None
+
+
+def test_a_hypervisors_clip_default_reaches_its_consoles_and_a_mint_cannot_widen_it(fleet, domains) -> None:
+    """clip=none: the proxy frames QEMU's server messages (to drop cut text) and the console
+    still shows the guest's picture; asking for a direction the hypervisor forbids is 403."""
+    broker, proxy = fleet
+    domains("sealed1")
+    assert opens(proxy, broker.issuer.mint_domain("sealed", "sealed1"))
+    minted = [e for e in broker.admin.audit(0, type_="minted") if e["detail"].get("vm") == "sealed/sealed1"]
+    assert [e["detail"]["clip"] for e in minted] == ["none"]
+    status, code, message = refused(lambda: broker.issuer.mint_domain("sealed", "sealed1", clip="in"))
+    assert (status, code) == (403, "clip_not_allowed") and "'none'" in message
 
 
 def test_a_domain_restarted_on_another_port_still_gets_a_working_console(fleet, domains) -> None:

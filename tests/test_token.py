@@ -47,6 +47,7 @@ DESIGN_CLAIMS = (
     "ro",
     "once",
     "dn",
+    "clip",
 )
 
 
@@ -83,6 +84,8 @@ def test_minimal_claims_roundtrip_with_defaults(ring: Keyring) -> None:
     got = token.verify(token.mint(claims, ring), ring, NOW)
     assert got == claims
     assert (got.pw, got.tls, got.vm, got.sub, got.cip, got.dn, got.ro, got.once) == (None,) * 6 + (False, False)
+    assert got.clip is None  # absent: both ways, as before the claim existed
+    assert "clip" not in got.to_json_dict()
     assert got.aud == "console-proxy"
 
 
@@ -527,6 +530,11 @@ BAD_CLAIMS: list[tuple[str, dict[str, Any]]] = [
     ("sub empty", {"sub": ""}),
     ("dn list", {"dn": ["x"]}),
     ("long dn", {"dn": "d" * 1025}),
+    ("clip unknown word", {"clip": "all"}),
+    ("clip upper case", {"clip": "BOTH"}),
+    ("clip empty", {"clip": ""}),
+    ("clip bool", {"clip": True}),
+    ("clip list", {"clip": ["in", "out"]}),
 ]
 
 

@@ -231,6 +231,8 @@ def test_mint_with_every_option_and_inspect(ready: dict[str, Path], capsys: pyte
             "Alice's desktop",
             "--tls-ca",
             str(ready["ca"]),
+            "--clip",
+            "out",
         )
         result = proxy(["token", "inspect", "--keyring", str(ready["proxy"]), "--client-ip", "192.0.2.7", tok], capsys)
     assert result.code == 0, result.out
@@ -241,8 +243,10 @@ def test_mint_with_every_option_and_inspect(ready: dict[str, Path], capsys: pyte
     assert claims["pw"] == "********"
     assert claims["tls"] == {"ca": f"<{len(CA_PEM.rstrip())} bytes of PEM>", "require": True}
     assert {
-        k: claims[k] for k in ("host", "port", "ro", "once", "vm", "sub", "dn", "cip", "aud", "iat", "nbf", "exp")
+        k: claims[k]
+        for k in ("host", "port", "ro", "once", "vm", "sub", "dn", "cip", "aud", "iat", "nbf", "exp", "clip")
     } == {
+        "clip": "out",
         "host": "10.0.0.5",
         "port": 5901,
         "ro": True,

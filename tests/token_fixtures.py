@@ -60,6 +60,7 @@ def full_claims(now: float = NOW, ttl: int = 60) -> token.Claims:
         ro=True,
         once=True,
         dn="Alice's desktop",
+        clip="in",
     )
 
 

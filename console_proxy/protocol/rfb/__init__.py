@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from console_proxy.protocol.rfb.downstream import DownstreamHandshake
 from console_proxy.protocol.rfb.errors import RfbError
-from console_proxy.protocol.rfb.messages import INPUT_MESSAGE_TYPES, ClientMessageFramer
+from console_proxy.protocol.rfb.messages import DROPPED_CUT_TEXT, INPUT_MESSAGE_TYPES, ClientMessageFramer
 from console_proxy.protocol.rfb.upstream import UpstreamHandshake
 from console_proxy.protocol.rfb.vncauth import vnc_auth_response
 from console_proxy.protocol.rfb.wire import (
@@ -34,6 +34,7 @@ from console_proxy.protocol.rfb.wire import (
 from console_proxy.upstream_tls import TlsPolicy
 
 __all__ = [
+    "DROPPED_CUT_TEXT",
     "INPUT_MESSAGE_TYPES",
     "MAX_NAME_LENGTH",
     "MAX_PENDING",

@@ -12,7 +12,7 @@ from console_proxy.protocol.buffer import Buffer
 from console_proxy.protocol.rfb.errors import RfbError
 from console_proxy.protocol.rfb.wire import S32
 
-__all__ = ["INPUT_MESSAGE_TYPES", "ClientMessageFramer", "client_message_size"]
+__all__ = ["DROPPED_CUT_TEXT", "INPUT_MESSAGE_TYPES", "ClientMessageFramer", "client_message_size"]
 
 #: Bytes of a message's start that always suffice to learn its size.
 _SIZE_PREFIX = 12
@@ -81,6 +81,10 @@ def client_message_size(buf: bytes) -> int | None:
     return sizer(buf)
 
 
+#: What :class:`ClientMessageFramer` reports for a ClientCutText above its size limit, dropped unread.
+DROPPED_CUT_TEXT: tuple[int, bytes] = (6, b"")
+
+
 class ClientMessageFramer:
     """Splits the browser->target stream into whole RFB client messages.
 
@@ -91,8 +95,10 @@ class ClientMessageFramer:
     message.
     """
 
-    def __init__(self, *, max_message: int = 1 << 20) -> None:
+    def __init__(self, *, max_message: int = 1 << 20, max_cut_text: int | None = None) -> None:
         self._max = max_message
+        self._max_cut = max_cut_text
+        self._skip = 0  # bytes of a dropped cut text still to come
         self._buf = Buffer()  # bounded by one message: sizes are checked before waiting for bodies
         self._need = 0  # bytes the buffer must hold before parsing is worth trying again
 
@@ -101,7 +107,17 @@ class ClientMessageFramer:
 
         Hot path (every browser message): a chunk is parsed in one pass over one bytes object,
         and the bytes of a message still incomplete wait in the buffer without being re-parsed.
+
+        With ``max_cut_text``, a ClientCutText whose text is above it (or whose whole message is
+        above ``max_message``) is not buffered and not refused: it is counted off as it streams
+        by and reported once, as ``(6, b"")`` (:data:`DROPPED_CUT_TEXT`).
         """
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+            if not data:
+                return []
         if len(self._buf):
             self._buf.append(data)
             if len(self._buf) < self._need:
@@ -114,6 +130,12 @@ class ClientMessageFramer:
             if size is None:
                 self._need = 0
                 break
+            if self._max_cut is not None and data[start] == 6 and (size - 8 > self._max_cut or size > self._max):
+                messages.append(DROPPED_CUT_TEXT)
+                skipped = min(size, end - start)
+                self._skip = size - skipped
+                start += skipped
+                continue
             if size > self._max:
                 raise RfbError.protocol(f"client message of {size} bytes exceeds the {self._max} byte limit")
             if end - start < size:
