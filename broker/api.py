@@ -353,6 +353,18 @@ class SessionHandler(ApiHandler):
         self.answer(202, {"session_id": session_id, "state": "revoked"})
 
 
+class ViewersHandler(ApiHandler):
+    """Share a session: a view-only console on the same VM for another person (Broker.locate_share)."""
+
+    async def post(self, session_id: str) -> None:
+        who = self.caller("issuer")
+        body = self.body(schemas.VIEWER_CREATE)
+        request, located = await self.broker.locate_share(who, session_id, body)
+        result = self.broker.mint_console(who, request, located, parent=session_id)
+        self.metrics.minted.inc()
+        self.answer(201, result)
+
+
 class AuditHandler(ApiHandler):
     def get(self) -> None:
         self.caller("admin")
@@ -489,6 +501,7 @@ def make_app(
             ("/consoles", ConsolesHandler),
             ("/sessions", SessionsHandler),
             ("/sessions/([^/]+)", SessionHandler),
+            ("/sessions/([^/]+)/viewers", ViewersHandler),
             ("/audit", AuditHandler),
             ("/keys", KeysHandler),
             ("/keys/rotate", KeysRotateHandler),

@@ -213,6 +213,16 @@ CONSOLE_CREATE = {
     "desktop_name": Field("string", min_length=1, max_length=1024, nullable=True),
 }
 
+VIEWER_CREATE = {
+    "user": CONSOLE_CREATE["user"],
+    "ttl": Field(
+        "integer", minimum=1, maximum=86400, description="seconds; default 60, never past the shared session's expiry"
+    ),
+    "single_use": CONSOLE_CREATE["single_use"],
+    "client_ip": CONSOLE_CREATE["client_ip"],
+}
+"""``POST /sessions/{id}/viewers``: the view-only console's own options; the VM is the session's."""
+
 HEARTBEAT = {
     "proxy_id": Field("string", required=True, pattern=_ID),
     "public_url": Field("string", nullable=True, max_length=2048),

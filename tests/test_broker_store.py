@@ -61,12 +61,17 @@ def test_a_newer_schema_is_refused_and_an_older_one_needs_migrate(database: str 
     store.close()
 
 
-LAST_MIGRATION_TABLE = "hypervisors"
-"""The table the newest migration creates (dropped to fake a database one version older)."""
+LAST_MIGRATION_UNDO = (
+    "DROP INDEX sessions_parent",
+    "ALTER TABLE sessions DROP COLUMN parent_id",
+    "ALTER TABLE sessions DROP COLUMN vm_hypervisor",
+    "ALTER TABLE sessions DROP COLUMN vm_domain",
+)
+"""What the newest migration added, undone to fake a database one version older."""
 
 
 def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUrl:
-    """The database with its recorded version one below the current (the last migration's table
+    """The database with its recorded version one below the current (the last migration's columns
     dropped, so applying it again works as on a real older database)."""
     assert version == SCHEMA_VERSION - 1
     url = _url(database, tmp_path)
@@ -74,13 +79,15 @@ def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUr
         import sqlite3
 
         with sqlite3.connect(url.path) as conn:  # type: ignore[arg-type]
-            conn.execute(f"DROP TABLE {LAST_MIGRATION_TABLE}")
+            for statement in LAST_MIGRATION_UNDO:
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
     else:
         import psycopg
 
         with psycopg.connect(url.conninfo or "", autocommit=True) as conn:
-            conn.execute(f"DROP TABLE {LAST_MIGRATION_TABLE}")
+            for statement in LAST_MIGRATION_UNDO:
+                conn.execute(statement)
             conn.execute("UPDATE schema_version SET version = %s", (version,))
     return url
 
