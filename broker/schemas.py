@@ -220,6 +220,9 @@ VIEWER_CREATE = {
     ),
     "single_use": CONSOLE_CREATE["single_use"],
     "client_ip": CONSOLE_CREATE["client_ip"],
+    "desktop_name": Field(
+        "string", min_length=1, max_length=1024, nullable=True, description="default: the target's or domain's name"
+    ),
 }
 """``POST /sessions/{id}/viewers``: the view-only console's own options; the VM is the session's."""
 

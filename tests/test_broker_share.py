@@ -294,7 +294,7 @@ def test_the_openapi_document_describes_sharing(served: BrokerProcess) -> None:
     operation = document["paths"]["/sessions/{id}/viewers"]["post"]
     assert {"201", "400", "401", "403", "404", "409", "413", "429", "503"} <= set(operation["responses"])
     body = operation["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body["properties"]) == {"user", "ttl", "single_use", "client_ip"}
+    assert set(body["properties"]) == {"user", "ttl", "single_use", "client_ip", "desktop_name"}
     assert body["additionalProperties"] is False
     assert "viewer_shared" in document["paths"]["/audit"]["get"]["parameters"][1]["schema"]["enum"]
     assert "session_revoked" in operation["description"]
