@@ -1,7 +1,8 @@
 """A shared console in two Chromium pages (issue 19 point 5): a real broker and linked proxy, one
-real Xvnc with an xterm. The owner types, the viewer (``POST /sessions/{id}/viewers``) watches:
-its canvas follows the owner's typing, its own key presses never reach the VM, neither page
-disconnects the other, and revoking the owner's session closes both with the revoked message.
+real Xvnc with an xterm. The owner types, viewers (``POST /sessions/{id}/viewers``) watch: a
+viewer's canvas follows the owner's typing, its own key presses never reach the VM, no page's
+arrival disconnects another (a viewer before the owner, one after), and revoking the owner's
+session closes all three pages with the revoked message.
 
 Fixtures and helpers are test_viewer_e2e's (one way to drive Chromium and Xvnc in the suite).
 """
@@ -59,6 +60,10 @@ def test_a_shared_viewer_watches_the_owner_type_and_is_revoked_with_the_session(
         name="shared-vm", host="127.0.0.1", port=xvnc_vncauth.port, password=xvnc_vncauth.password
     )
     console = broker.issuer.mint(target["id"], desktop_name="Shared VM", user="alice")
+    early = broker.issuer.share(console["session_id"], user="carol", desktop_name="Shared VM")
+    first = open_page()  # a viewer who arrives before the owner
+    first.goto(early["url"])
+    assert wait_state(first, "connected") == "Connected to Shared VM (view only)"
     owner = open_page()
     owner.goto(console["url"])
     assert wait_state(owner, "connected") == "Connected to Shared VM"
@@ -67,7 +72,8 @@ def test_a_shared_viewer_watches_the_owner_type_and_is_revoked_with_the_session(
     viewer = open_page()
     viewer.goto(shared["url"])
     assert wait_state(viewer, "connected") == "Connected to Shared VM (view only)"
-    assert owner.evaluate("document.body.dataset.state") == "connected"  # the viewer's arrival kept the owner
+    # neither arrival disconnected anyone (a ClientInit with shared=0 would have)
+    assert [page.evaluate("document.body.dataset.state") for page in (first, owner)] == ["connected"] * 2
     before = poll(lambda: shows_the_vm(viewer, xvnc_vncauth), "the viewer's canvas to show the VM")
 
     viewer.type("evil\n")  # the xterm reads one line: had this got through, the file would hold it
@@ -82,12 +88,13 @@ def test_a_shared_viewer_watches_the_owner_type_and_is_revoked_with_the_session(
     )
     assert after != before
     viewer.screenshot(ARTIFACTS / "shared-viewer-after-typing.png")
-    assert [page.evaluate("document.body.dataset.state") for page in (owner, viewer)] == ["connected"] * 2
+    assert [page.evaluate("document.body.dataset.state") for page in (first, owner, viewer)] == ["connected"] * 3
 
     broker.admin.revoke(console["session_id"])  # the owner's session: the share goes with it
 
     revoked = js_messages(owner)["CLOSES"]["4410"]
     assert wait_state(owner, "ended") == revoked
     assert wait_state(viewer, "ended") == revoked
+    assert wait_state(first, "ended") == revoked
     states = {s["session_id"]: s["state"] for s in broker.admin.sessions()}
-    assert states[console["session_id"]] == states[shared["session_id"]] == "revoked"
+    assert states[console["session_id"]] == states[shared["session_id"]] == states[early["session_id"]] == "revoked"
