@@ -372,6 +372,17 @@ class SessionHandler(ApiHandler):
         self.answer(202, {"session_id": session_id, "state": "revoked"})
 
 
+class ViewersHandler(ApiHandler):
+    """Share a session: a view-only console on the same VM for another person (Broker.share_console)."""
+
+    async def post(self, session_id: str) -> None:
+        who = self.caller("issuer")
+        body = self.body(schemas.VIEWER_CREATE)
+        result = await self.broker.share_console(who, session_id, body)  # libvirt off the loop
+        self.metrics.minted.inc()
+        self.answer(201, result)
+
+
 class AuditHandler(ApiHandler):
     def get(self) -> None:
         self.caller("admin")
@@ -545,6 +556,7 @@ def make_app(
             ("/consoles", ConsolesHandler),
             ("/sessions", SessionsHandler),
             ("/sessions/([^/]+)", SessionHandler),
+            ("/sessions/([^/]+)/viewers", ViewersHandler),
             ("/audit", AuditHandler),
             ("/keys", KeysHandler),
             ("/keys/rotate", KeysRotateHandler),

@@ -151,6 +151,10 @@ class BrokerClient:
     def revoke(self, session_id: str) -> None:
         self.request("DELETE", f"/sessions/{urllib.parse.quote(session_id, safe='')}")
 
+    def share(self, session_id: str, **options: Any) -> dict[str, Any]:
+        """A view-only console on the session's VM for another person (user, ttl, client_ip)."""
+        return self._post(f"/sessions/{urllib.parse.quote(session_id, safe='')}/viewers", options)
+
     def audit(self, after: int = 0, type_: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         return self._get_list("/audit", "events", after=after, type=type_, limit=limit)
 

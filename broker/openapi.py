@@ -63,6 +63,10 @@ _SESSION = {
         "bytes_up": {"type": "integer"},
         "bytes_down": {"type": "integer"},
         "close_code": _NULLABLE_INT,
+        "parent_session_id": {
+            **_NULLABLE_STR,
+            "description": "for a view-only share (POST /sessions/{id}/viewers): the session it watches",
+        },
     },
 }
 _SESSION_PAGE = {
@@ -222,6 +226,29 @@ def _mint_console() -> dict[str, Any]:
     return operation
 
 
+_SHARE_ERRORS = (
+    "The console is view-only, on the same VM as session `id` (its target, or its libvirt domain "
+    "looked up again), for another person; its `expires_at` is never past the session's, and "
+    "revoking the session (DELETE /sessions/{id}) revokes it too. Caller: an admin, or the issuer "
+    "that minted the session (others 403). Audited as `viewer_shared`. Errors: 404 "
+    "`session_not_found` (and the mint's 404s); 409 `session_revoked`, `session_closed`, "
+    "`session_expired`, `session_is_shared_view` (share the session it watches instead), "
+    "`session_not_shareable` (a libvirt session minted before sharing existed); 503 as for a mint."
+)
+
+
+def _share_session() -> dict[str, Any]:
+    operation = _op(
+        "Share a session: mint a view-only console on the same VM for another person",
+        "issuer",
+        ("201", _CONSOLE),
+        body=object_schema(schemas.VIEWER_CREATE),
+        errors=("404", "409", "413", "503"),
+    )
+    operation["description"] += " " + _SHARE_ERRORS
+    return operation
+
+
 def document() -> dict[str, Any]:
     """The whole document; served at ``GET /api/v1/openapi.json``."""
     empty = {"type": "object", "additionalProperties": False}
@@ -272,6 +299,7 @@ def document() -> dict[str, Any]:
                 errors=("404",),
             ),
         },
+        "/sessions/{id}/viewers": {"parameters": [_path_param("id")], "post": _share_session()},
         "/audit": {
             "get": _op(
                 "Audit events after a sequence number",

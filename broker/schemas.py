@@ -232,6 +232,19 @@ CONSOLE_CREATE = {
     ),
 }
 
+VIEWER_CREATE = {
+    "user": CONSOLE_CREATE["user"],
+    "ttl": Field(
+        "integer", minimum=1, maximum=86400, description="seconds; default 60, never past the shared session's expiry"
+    ),
+    "single_use": CONSOLE_CREATE["single_use"],
+    "client_ip": CONSOLE_CREATE["client_ip"],
+    "desktop_name": Field(
+        "string", min_length=1, max_length=1024, nullable=True, description="default: the target's or domain's name"
+    ),
+}
+"""``POST /sessions/{id}/viewers``: the view-only console's own options; the VM is the session's."""
+
 HEARTBEAT = {
     "proxy_id": Field("string", required=True, pattern=_ID),
     "public_url": Field("string", nullable=True, max_length=2048),

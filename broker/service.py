@@ -63,6 +63,7 @@ AUDIT_TYPES = (
     "proxy_removed",
     "auth_throttled",
     *CERT_AUDIT_TYPES,
+    "viewer_shared",
 )
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session that is still open (its close never reported) is sent to proxies.
@@ -645,13 +646,16 @@ class Broker:
                 conn, at=now, type_="hypervisor_changed", actor=actor, detail={"action": "deleted", "name": name}
             )
 
-    async def create_console(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    async def create_console(
+        self, principal: Principal, body: dict[str, Any], *, parent: str | None = None
+    ) -> dict[str, Any]:
         """POST /consoles: a target's console, or a libvirt domain's, located now (libvirt off
-        the event loop, within the mint's deadline) and, with per-console passwords, rekeyed."""
+        the event loop, within the mint's deadline) and, with per-console passwords, rekeyed.
+        With ``parent``, a view-only share of that session (:meth:`share_console`)."""
         if ("target_id" in body) == ("hypervisor" in body) or ("hypervisor" in body) != ("domain" in body):
             raise ApiError(400, "bad_request", "name either target_id, or hypervisor and domain")
         if "target_id" in body:
-            return self.mint_console(principal, body)
+            return self.mint_console(principal, body, parent=parent)
         deadline = time.monotonic() + self.config.hypervisor_timeout
         row = self._hypervisor_row(body["hypervisor"])
         tls = json.loads(row["tls"]) if row["tls"] else None
@@ -671,10 +675,12 @@ class Broker:
                 "password": found.password,
                 "tls": row["tls"],
                 "clip": row["clip"],
+                "hypervisor": row["name"],
+                "domain": body["domain"],
             }
             if not hypervisor.console_passwords:
-                return self.mint_console(principal, body, located)
-            return await self._mint_rekeyed(principal, body, hypervisor, located, found.uuid, deadline)
+                return self.mint_console(principal, body, located, parent=parent)
+            return await self._mint_rekeyed(principal, body, hypervisor, located, found.uuid, deadline, parent)
         except hypervisors.HypervisorError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
 
@@ -686,6 +692,7 @@ class Broker:
         located: dict[str, Any],
         uuid: str,
         deadline: float,
+        parent: str | None,
     ) -> dict[str, Any]:
         """A per-console password: under the domain's database lock, the outstanding consoles
         read from the sessions rows (every replica's), the password set valid until the latest
@@ -700,7 +707,7 @@ class Broker:
                 hypervisor, uuid, until, committed is not None, deadline - time.monotonic()
             )
             try:
-                return self.mint_console(principal, body, {**located, "now": now})
+                return self.mint_console(principal, body, {**located, "now": now}, parent=parent)
             except BaseException:
                 await self._restore_password(hypervisor, uuid, committed)
                 raise
@@ -751,14 +758,23 @@ class Broker:
             await asyncio.sleep(pause)
 
     def mint_console(
-        self, principal: Principal, body: dict[str, Any], located: dict[str, Any] | None = None
+        self,
+        principal: Principal,
+        body: dict[str, Any],
+        located: dict[str, Any] | None = None,
+        *,
+        parent: str | None = None,
     ) -> dict[str, Any]:
         """Claims from the target and the request, a proxy from the fleet, one audited session.
 
         Keys, fleet, mint floor and choice are read in the transaction that records the session,
         the keyring row locked first (SQLite: the write lock; PostgreSQL: FOR SHARE, which a
         rotation or removal's FOR UPDATE excludes), so the console can neither go to a proxy
-        removed meanwhile nor be signed with keys that were leaked (or not committed yet)."""
+        removed meanwhile nor be signed with keys that were leaked (or not committed yet).
+
+        ``parent``: a view-only share of that session (see :meth:`locate_share`), checked again
+        here, its row locked, so a revocation commits wholly before (409) or after (it revokes
+        this console too); its ``exp`` caps this one's."""
         with self.store.transaction() as conn:
             self.keyring()  # locks the keys (shared) first: a rotation or removal is before or after, whole
             row = located or conn.execute("SELECT * FROM targets WHERE id = ?", (body.get("target_id"),)).fetchone()
@@ -766,24 +782,12 @@ class Broker:
                 raise ApiError(404, "target_not_found", "no target with this id")
             ttl = self._ttl(body)
             now = (located or {}).get("now") or clock.now()  # a rekeyed console's: its password's until
+            if parent is not None:
+                ttl = min(ttl, self._shareable(conn, parent, principal, now)["exp"] - int(now))
             chosen, ring = self._choose(now, int(now) + ttl + DEFAULT_SKEW)
             claims = self._claims(row, body, now, ttl)
             minted = _sign(claims, ring)
-            conn.execute(
-                'INSERT INTO sessions (id, target_id, "user", proxy_id, issued_by, state, single_use, exp, '
-                "minted_at, console) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?, ?)",
-                (
-                    claims.sid,
-                    row["id"],
-                    claims.sub,
-                    chosen.id,
-                    principal.id,
-                    int(claims.once),
-                    claims.exp,
-                    now,
-                    (located or {}).get("console"),
-                ),
-            )
+            _insert_session(conn, claims, row, chosen.id, principal.id, now, parent, located)
             self.store.append_audit(
                 conn,
                 at=now,
@@ -801,8 +805,11 @@ class Broker:
                     "clip": claims.clip,
                     "client_ip": claims.cip,
                     "exp": claims.exp,
+                    "parent_session_id": parent,
                 },
             )
+            if parent is not None:
+                self._audit_share(conn, principal, parent, claims, chosen.id, now)
         self.pending[chosen.id] = self.pending.get(chosen.id, 0) + 1
         return {
             "session_id": claims.sid,
@@ -812,6 +819,19 @@ class Broker:
             "expires_at": claims.exp,
             "proxy_id": chosen.id,
         }
+
+    def _audit_share(
+        self, conn: Any, principal: Principal, parent: str, claims: token.Claims, proxy_id: str, now: float
+    ) -> None:
+        """``viewer_shared``, on the shared session's history: who let whom watch, until when."""
+        self.store.append_audit(
+            conn,
+            at=now,
+            type_="viewer_shared",
+            actor=principal.actor,
+            session_id=parent,
+            detail={"viewer_session_id": claims.sid, "user": claims.sub, "proxy_id": proxy_id, "exp": claims.exp},
+        )
 
     def _ttl(self, body: dict[str, Any]) -> int:
         ttl: int = body.get("ttl", self.config.default_ttl)
@@ -846,7 +866,7 @@ class Broker:
         return chosen, ring
 
     def _claims(self, row: Any, body: dict[str, Any], now: float, ttl: int) -> token.Claims:
-        if row["id"] is None:  # located in libvirt just now (locate_console)
+        if row["id"] is None:  # located in libvirt just now (create_console)
             password, vm = row["password"], row["vm"]
         else:
             password = self.vault.open(row["password_enc"], context=row["id"]) if row["password_enc"] else None
@@ -902,7 +922,8 @@ class Broker:
         }
 
     def revoke_session(self, session_id: str, actor: str) -> None:
-        """Mark revoked; every proxy learns it with its next heartbeat and closes it (4410).
+        """Mark revoked, with the view-only sessions shared from it; every proxy learns it from
+        its watch (at the latest its next heartbeat) and closes them (4410).
 
         A session pruned by :meth:`cleanup` is 404 like an unknown one: its token is dead."""
         now = clock.now()
@@ -912,17 +933,72 @@ class Broker:
             ).fetchone()
             if row is None:
                 raise ApiError(404, "session_not_found", "no session with this id")
-            if row["state"] == "revoked":
-                return
-            conn.execute("UPDATE sessions SET state = 'revoked', revoked_at = ? WHERE id = ?", (now, session_id))
-            self.store.append_audit(
-                conn,
-                at=now,
-                type_="revoked",
-                actor=actor,
-                session_id=session_id,
-                detail={"previous_state": row["state"]},
+            if row["state"] != "revoked":
+                self._mark_revoked(conn, session_id, row["state"], actor, now)
+            children = conn.execute(
+                "SELECT id, state FROM sessions WHERE parent_id = ? AND state != 'revoked'" + self.store.lock_update,
+                (session_id,),
+            ).fetchall()
+            for child in children:
+                self._mark_revoked(conn, child["id"], child["state"], actor, now, parent_session_id=session_id)
+
+    def _mark_revoked(self, conn: Any, session_id: str, previous: str, actor: str, now: float, **why: str) -> None:
+        """One session revoked, with its audit event (what the proxies' watch reads)."""
+        conn.execute("UPDATE sessions SET state = 'revoked', revoked_at = ? WHERE id = ?", (now, session_id))
+        self.store.append_audit(
+            conn,
+            at=now,
+            type_="revoked",
+            actor=actor,
+            session_id=session_id,
+            detail={"previous_state": previous, **why},
+        )
+
+    # --- sharing: POST /sessions/{id}/viewers ---------------------------------------------
+
+    async def share_console(self, principal: Principal, session_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /sessions/{id}/viewers: a view-only console on the same VM, under ``session_id``."""
+        request = await self.locate_share(principal, session_id, body)
+        return await self.create_console(principal, request, parent=session_id)
+
+    async def locate_share(self, principal: Principal, session_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The console request for a view-only share of ``session_id`` (for :meth:`create_console`
+        with ``parent``): the parent's target, or its libvirt domain, to be looked up again.
+
+        A libvirt console is looked up again rather than reusing the parent's: its port and
+        password are never stored (they change when the VM restarts or migrates, and a stored
+        password would be one more secret at rest), and with per-console passwords the lookup
+        stretches the password's validity to this console's ``exp``, which is never past the
+        parent's. The checks here fail fast; :meth:`mint_console` makes them again, locked."""
+        now = clock.now()
+        with self.store.transaction() as conn:
+            parent = self._shareable(conn, session_id, principal, now)
+        request: dict[str, Any] = {**body, "view_only": True}
+        request["ttl"] = min(self._ttl(body), parent["exp"] - int(now))
+        if parent["target_id"] is not None:
+            request["target_id"] = parent["target_id"]
+        elif parent["vm_hypervisor"] is not None:
+            request["hypervisor"], request["domain"] = parent["vm_hypervisor"], parent["vm_domain"]
+        else:
+            raise ApiError(
+                409,
+                "session_not_shareable",
+                "this session was minted for a libvirt domain before sharing existed; mint a new console to share it",
             )
+        return request
+
+    def _shareable(self, conn: Any, session_id: str, principal: Principal, now: float) -> Any:
+        """The parent's row, locked (FOR SHARE: a revocation waits, or went first), if ``principal``
+        may share it (an admin, or the issuer that minted it) and it can still be watched."""
+        row = conn.execute("SELECT * FROM sessions WHERE id = ?" + self.store.lock_share, (session_id,)).fetchone()
+        if row is None:
+            raise ApiError(404, "session_not_found", "no session with this id")
+        if principal.role != "admin" and row["issued_by"] != principal.id:
+            raise ApiError(403, "forbidden", "only an admin or the issuer that minted a session may share it")
+        refusal = _share_refusal(row, now)
+        if refusal is not None:
+            raise ApiError(409, *refusal)
+        return row
 
     # --- fleet --------------------------------------------------------------------------
 
@@ -1129,6 +1205,52 @@ class Broker:
         }
 
 
+def _insert_session(
+    conn: Any,
+    claims: token.Claims,
+    row: Any,
+    proxy_id: str,
+    issued_by: str,
+    now: float,
+    parent: str | None,
+    located: dict[str, Any] | None,
+) -> None:
+    """The session's row: a libvirt console records its hypervisor and domain (never its port or
+    password), and a shared view the session it watches, so both can be found again."""
+    hypervisor, domain = (located["hypervisor"], located["domain"]) if located else (None, None)
+    conn.execute(
+        'INSERT INTO sessions (id, target_id, "user", proxy_id, issued_by, state, single_use, exp, minted_at, '
+        "parent_id, vm_hypervisor, vm_domain, console) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?, ?, ?, ?, ?)",
+        (
+            claims.sid,
+            row["id"],
+            claims.sub,
+            proxy_id,
+            issued_by,
+            int(claims.once),
+            claims.exp,
+            now,
+            parent,
+            hypervisor,
+            domain,
+            (located or {}).get("console"),
+        ),
+    )
+
+
+def _share_refusal(row: Any, now: float) -> tuple[str, str] | None:
+    """Why a session cannot be shared (code, message), or None when it can."""
+    if row["parent_id"] is not None:
+        return "session_is_shared_view", "this session is itself a shared view; share the session it watches"
+    if row["state"] == "revoked":
+        return "session_revoked", "this console session was revoked; it cannot be shared"
+    if row["state"] == "closed":
+        return "session_closed", "this console session has ended; it cannot be shared"
+    if row["exp"] <= int(now):
+        return "session_expired", "this console session's link has expired; it cannot be shared"
+    return None
+
+
 def _sign(claims: token.Claims, ring: Keyring) -> str:
     """The token under ``ring`` (the keys :meth:`Broker._choose` picked for the chosen proxy)."""
     try:
@@ -1219,6 +1341,7 @@ def _session_json(row: Any) -> dict[str, Any]:
         "bytes_up": row["bytes_up"],
         "bytes_down": row["bytes_down"],
         "close_code": row["close_code"],
+        "parent_session_id": row["parent_id"],
     }
 
 

@@ -213,6 +213,16 @@ MIGRATIONS: list[Migration] = [
     ALTER TABLE targets ADD COLUMN clip TEXT;
     ALTER TABLE hypervisors ADD COLUMN clip TEXT;
     """),
+    # 9 -> 10: shared consoles (POST /sessions/{id}/viewers). A view-only session records the
+    # session it watches (``parent_id``), so revoking the parent revokes it; a session minted for
+    # a libvirt domain records the hypervisor and domain (not its port or password, which change:
+    # a share looks the console up again), so it can be shared at all.
+    Migration.shared("""
+    ALTER TABLE sessions ADD COLUMN parent_id TEXT;
+    ALTER TABLE sessions ADD COLUMN vm_hypervisor TEXT;
+    ALTER TABLE sessions ADD COLUMN vm_domain TEXT;
+    CREATE INDEX sessions_parent ON sessions (parent_id);
+    """),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -34,7 +34,7 @@ class Close(IntEnum):
     GOING_AWAY = 1001, "going_away", "The console service is shutting down. Open the console again to reconnect."
     PROTOCOL_ERROR = 1002, "protocol_error", "The console connection received malformed data and was closed."
     UNSUPPORTED_DATA = 1003, "unsupported_data", "The console connection received data it cannot use and was closed."
-    INVALID_DATA = 1007, "invalid_data", "The console connection received malformed data and was closed."
+    INVALID_DATA = 1007, "invalid_data", "The console connection received text that was not valid and was closed."
     MESSAGE_TOO_BIG = (
         1009,
         "message_too_big",

@@ -107,6 +107,7 @@ function connect(token) {
     rfb.resizeSession = $("resize").getAttribute("aria-pressed") === "true";
     rfb.background = "#1b1d21";
     $("view-only").hidden = !verdict.view_only;
+    labelScreen(verdict.view_only);
 
     rfb.addEventListener("desktopname", (event) => { document.title = event.detail.name; });
     rfb.addEventListener("clipboard", (event) => { clipboard.received(event.detail.text); });
@@ -123,6 +124,35 @@ function connect(token) {
         rfb = null;
         endOrReconnect(token, seen);
     });
+}
+
+/** noVNC's canvas as a keyboard and screen reader user meets it: in the Tab order after the
+ * toolbar (noVNC makes it -1), named, and an "application" (a screen reader passes keys through
+ * to it instead of using them to read the page). */
+function labelScreen(viewOnly) {
+    const canvas = screen.querySelector("canvas");
+    if (!canvas) return;
+    canvas.tabIndex = 0;
+    canvas.setAttribute("role", "application");
+    canvas.setAttribute("aria-roledescription", "remote screen");
+    canvas.setAttribute("aria-label", viewOnly ? "Virtual machine screen (view only)" : "Virtual machine screen");
+    canvas.setAttribute("aria-describedby", viewOnly ? "screen-help-view-only" : "screen-help");
+}
+
+/** The way out of the console by keyboard: noVNC sends every key, Tab included, to the VM, so
+ * Ctrl+Alt+Shift pressed together (Guacamole's menu keys) moves the focus to the toolbar. The
+ * third key never reaches the VM; the two pressed before it are released there (noVNC releases
+ * every key it holds down on a window blur) so nothing stays held in the VM. */
+function wireToolbarKey() {
+    const modifiers = new Set(["Control", "Alt", "Shift"]);
+    screen.addEventListener("keydown", (event) => {
+        if (!(event.ctrlKey && event.altKey && event.shiftKey && modifiers.has(event.key))) return;
+        event.preventDefault();
+        event.stopPropagation();  // capture phase, on noVNC's canvas's parent: noVNC never sees it
+        window.dispatchEvent(new Event("blur"));
+        const first = [...document.querySelectorAll("#toolbar nav button")].find((b) => !b.hidden && !b.disabled);
+        if (first) first.focus();
+    }, true);
 }
 
 /** A drop is an abnormal close of a console that was open (or of a reconnect attempt): not a
@@ -225,8 +255,9 @@ function wireToolbar() {
     const scale = $("scale");
     scale.addEventListener("click", () => {
         rfb.scaleViewport = !rfb.scaleViewport;
+        // A toggle keeps its name; its state is aria-pressed (a name that flips to "1:1" would
+        // be read as "1:1, not pressed").
         scale.setAttribute("aria-pressed", String(rfb.scaleViewport));
-        scale.textContent = rfb.scaleViewport ? "Scale to fit" : "1:1";
         backToConsole();
     });
 
@@ -257,6 +288,7 @@ function wireToolbar() {
 
 async function main() {
     wireToolbar();
+    wireToolbarKey();
     // A new console link pasted into this tab changes only the fragment, which does not load
     // the page again: start over with it (the reload keeps the fragment, takeToken removes it).
     window.addEventListener("hashchange", () => {

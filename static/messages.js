@@ -24,7 +24,7 @@ export const CLOSES = {
     1001: "The console service is shutting down. Open the console again to reconnect.",
     1002: "The console connection received malformed data and was closed.",
     1003: "The console connection received data it cannot use and was closed.",
-    1007: "The console connection received malformed data and was closed.",
+    1007: "The console connection received text that was not valid and was closed.",
     1009: "The console connection received a message that was too large and was closed.",
     4408: "The console was closed because it was idle for too long.",
     4410: "This console session was ended by an administrator.",

@@ -61,13 +61,18 @@ def test_a_newer_schema_is_refused_and_an_older_one_needs_migrate(database: str 
     store.close()
 
 
-LAST_MIGRATION_UNDO = ("ALTER TABLE targets DROP COLUMN clip", "ALTER TABLE hypervisors DROP COLUMN clip")
-"""What the newest migration made, undone (to fake a database one version older)."""
+LAST_MIGRATION_UNDO = (
+    "DROP INDEX sessions_parent",
+    "ALTER TABLE sessions DROP COLUMN parent_id",
+    "ALTER TABLE sessions DROP COLUMN vm_hypervisor",
+    "ALTER TABLE sessions DROP COLUMN vm_domain",
+)
+"""What the newest migration added, undone to fake a database one version older."""
 
 
 def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUrl:
-    """The database with its recorded version one below the current (what the last migration
-    made undone, so applying it again works as on a real older database)."""
+    """The database with its recorded version one below the current (the last migration's columns
+    dropped, so applying it again works as on a real older database)."""
     assert version == SCHEMA_VERSION - 1
     url = _url(database, tmp_path)
     if url.engine == "sqlite":

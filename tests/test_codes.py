@@ -28,6 +28,7 @@ def test_every_sent_code_has_the_viewers_message_and_only_those() -> None:
     sent = {int(code): code.message for code in Close if code not in REPORT_ONLY}
     assert sent == _viewer_closes()
     assert all(message for message in sent.values())
+    assert len(set(sent.values())) == len(sent), "every way a console ends has its own sentence"
 
 
 def test_report_only_codes_are_never_sent() -> None:

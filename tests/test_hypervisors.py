@@ -268,6 +268,21 @@ def test_console_passwords_are_fresh_shared_while_outstanding_and_expire(fleet, 
         assert password not in log and vnc_secret(domain)[0] not in log
 
 
+def test_a_domain_console_is_shared_by_looking_it_up_again(fleet, domains) -> None:
+    """POST /sessions/{id}/viewers for a libvirt session: the domain is looked up again (its
+    port and password are never stored); with per-console passwords the owner's token still
+    opens after the share's lookup, since the password is kept while a console is outstanding."""
+    broker, proxy = fleet
+    domains("shared1")
+    owner = broker.issuer.mint_domain("fresh", "shared1", ttl=120, single_use=False)
+    viewer = broker.issuer.share(owner["session_id"], user="bob")
+    assert viewer["expires_at"] <= owner["expires_at"]
+    assert opens(proxy, viewer) and opens(proxy, owner)
+    minted = next(e for e in broker.admin.audit(0, type_="minted") if e["session_id"] == viewer["session_id"])
+    assert (minted["detail"]["vm"], minted["detail"]["view_only"]) == ("fresh/shared1", True)
+    assert minted["detail"]["parent_session_id"] == owner["session_id"]
+
+
 # --- refusals -------------------------------------------------------------------------------
 
 

@@ -65,6 +65,8 @@ class Fleet:
     proxy_auth: str
     """The proxy-only endpoints' credential: a proxy of its own ("fuzz"), so that a fuzzed
     heartbeat (draining, no capacity) never takes the real proxy, which mints need, out of use."""
+    session_id: str
+    """A live console session: the ``{id}`` of the body-member requests (shares of it)."""
 
     @property
     def admin_auth(self) -> str:
@@ -81,7 +83,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     try:
         healthy_proxies(broker, 1)
         broker.admin.request("POST", "/targets", {"id": "t1", "name": "t1", "host": "127.0.0.1", "port": 5900})
-        yield Fleet(broker, proxy, f"Bearer {fuzz['proxy_id']}.{fuzz['secret']}")
+        session = broker.admin.mint("t1", ttl=3600, single_use=False)["session_id"]
+        yield Fleet(broker, proxy, f"Bearer {fuzz['proxy_id']}.{fuzz['secret']}", session)
     finally:
         proxy.stop()
         broker.stop()
@@ -216,6 +219,7 @@ member_values = st.one_of(st.sampled_from(NASTY_TEXT), numbers, json_values)
 VALID_BODIES: dict[str, dict[str, Any]] = {
     "/targets": {"name": "n", "host": "127.0.0.1", "port": 5900},
     "/consoles": {"target_id": "t1", "ttl": 30},
+    "/sessions/{id}/viewers": {"user": "u", "ttl": 30},
     "/keys/rotate": {},
     "/proxy/heartbeat": {
         "proxy_id": "fuzz",
@@ -337,7 +341,7 @@ def _any_request(fleet: Fleet, data: st.DataObject, operation: tuple[str, str], 
 
 
 def _member_request(fleet: Fleet, method: str, path: str, member: str, value: Any, auth: str) -> None:
-    """A valid body with one member replaced (or added) by ``value``."""
+    """A valid body with one member replaced (or added) by ``value``; ``{id}``: a live session."""
     body = json.loads(json.dumps(VALID_BODIES[path]))
     holder = body
     for step in BODY_MEMBERS.get(path, ()):
@@ -346,7 +350,7 @@ def _member_request(fleet: Fleet, method: str, path: str, member: str, value: An
     answer = exchange(
         fleet.broker.port,
         method,
-        f"/api/v1{path}".encode(),
+        f"/api/v1{path.replace('{id}', fleet.session_id)}".encode(),
         {"Authorization": auth.encode()},
         encode(body).encode("utf-8", "surrogatepass"),
     )
