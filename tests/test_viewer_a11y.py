@@ -32,9 +32,18 @@ pytestmark = [
 
 open_page, page, x_clients = e2e.open_page, e2e.page, e2e.x_clients  # fixtures, shared
 
-TOOLBAR = ["Ctrl-Alt-Del", "Keys", "Send text…", "Scale to fit", "Resize VM to window", "Full screen", "Disconnect"]
-TOOLBAR_IDS = ["ctrl-alt-del", "keys", "send-text", "scale", "resize", "fullscreen", "disconnect"]
-VIEW_ONLY_TOOLBAR = ["Scale to fit", "Full screen", "Disconnect"]
+TOOLBAR = [
+    "Ctrl-Alt-Del",
+    "Keys",
+    "Send text…",
+    "Clipboard",
+    "Scale to fit",
+    "Resize VM to window",
+    "Full screen",
+    "Disconnect",
+]
+TOOLBAR_IDS = ["ctrl-alt-del", "keys", "send-text", "clipboard", "scale", "resize", "fullscreen", "disconnect"]
+VIEW_ONLY_TOOLBAR = ["Clipboard", "Scale to fit", "Full screen", "Disconnect"]  # copy-out only
 CONTROL_ROLES = {"button", "menuitem", "textbox", "application", "checkbox", "link", "combobox"}
 
 
@@ -245,5 +254,7 @@ def test_the_live_region_says_how_the_console_ended(open_page, proxy, mint, xvnc
     wait_state(expired, "ended")
     assert status_text(expired) == table["REFUSALS"]["token_expired"]
     tree = AxTree(expired)
-    assert all(tree.prop(tree.one("button", name), "disabled") for name in TOOLBAR)
+    # the clipboard button is hidden until the proxy says the policy (the token never opened)
+    assert all(tree.prop(tree.one("button", name), "disabled") for name in TOOLBAR if name != "Clipboard")
+    assert tree.controls().count(("button", "Clipboard")) == 0
     expired.screenshot(ARTIFACTS / "a11y-expired.png")
