@@ -324,9 +324,14 @@ class StreamDoor:
         return wsconn.TlsBrowser(self.stream, max_message_size)
 
     def hand_over(self, browser: wsconn.PlainBrowser | wsconn.TlsBrowser, greeting: bytes) -> None:
+        """The stream is the browser's; should that fail half-way, nobody else would close it."""
         assert isinstance(browser, wsconn.TlsBrowser)
         self.handed = True
-        browser.opened(greeting)
+        try:
+            browser.opened(greeting)
+        except BaseException:
+            self.stream.close()
+            raise
 
 
 #: Bytes read (and dropped) per read while a refused browser is given time to read the answer.

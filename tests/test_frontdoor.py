@@ -46,7 +46,7 @@ from rawws import (
 )
 from xvnc import XvncServer
 
-from console_proxy import frontdoor, server, token, upgrade
+from console_proxy import frontdoor, server, token, upgrade, wsconn
 from console_proxy.admission import Refusal
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
@@ -853,14 +853,15 @@ async def server_frames(reader: asyncio.StreamReader, until_opcode: int) -> tupl
 PINGS = 800  # 800 masked pings of 104 bytes: about 88 KB behind the head, more than 64 KiB
 
 
-async def tornado_route() -> tuple[int, tornado.httpserver.HTTPServer]:
+async def tornado_route() -> tuple[int, tornado.httpserver.HTTPServer, server.ProxyState, RecordingEvents]:
     """Tornado's listener with its /websockify route upgrading, as a proxy serving TLS has it
     (here on plain sockets: the route's code is the same)."""
-    state = server.ProxyState(ProxyConfig(handshake_timeout=60.0), RING.for_proxy())
+    events = RecordingEvents()
+    state = server.ProxyState(ProxyConfig(handshake_timeout=60.0), RING.for_proxy(), events=events)
     http = tornado.httpserver.HTTPServer(server.make_app(state, upgrades=True))
     sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
     http.add_sockets(sockets)
-    return sockets[0].getsockname()[1], http
+    return sockets[0].getsockname()[1], http, state, events
 
 
 @pytest.mark.parametrize("listener", ["front-door", "tornado-route"])
@@ -876,7 +877,7 @@ def test_every_frame_pipelined_behind_the_head_reaches_the_websocket(in_process,
         if listener == "front-door":
             listening = (await in_process(60.0)).port
         else:
-            listening, http = await tornado_route()
+            listening, http, _, _ = await tornado_route()
         upstream, port = await silent_upstream()
         tok = token.mint(token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60), RING)
         fields = upgrade_headers(new_key(), f"binary, token.{tok}")
@@ -971,28 +972,73 @@ def reusable_token(port: int) -> str:
     return token.mint(claims, RING)
 
 
-def test_a_bug_while_upgrading_answers_500_and_holds_nothing(in_process, monkeypatch) -> None:
+async def listening(in_process, listener: str) -> tuple[int, server.ProxyState, RecordingEvents, Callable[[], None]]:
+    """The front door (in process) or Tornado's upgrading route: port, state, events, and a stop."""
+    if listener == "front-door":
+        door = await in_process(60.0)
+        return door.port, door.state, door.events, lambda: None
+    port, http, state, events = await tornado_route()
+    return port, state, events, http.stop
+
+
+@pytest.mark.parametrize("listener", ["front-door", "tornado-route"])
+def test_a_bug_while_upgrading_answers_500_and_holds_nothing(in_process, monkeypatch, listener: str) -> None:
     """An unexpected error between admission and the 101 (a bug: here the 101 cannot be built,
     after the session was registered) is answered with a bare 500 and the connection ends; the
-    registered session is ended, so it holds no slot."""
+    registered session is ended, so it holds no slot. The same on either listener."""
 
     def broken(*_args: object) -> bytes:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(upgrade, "switching", broken)
 
-    async def scenario() -> tuple[bytes, int]:
-        door = await in_process(60.0)
-        reader, writer = await door.connect()
+    async def scenario() -> tuple[bytes, int, tuple[int, str]]:
+        port, state, events, stop = await listening(in_process, listener)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         head = request("/websockify?token=" + reusable_token(free_port()), *upgrade_fields())
         writer.write(head)
+        answer = await one_response(reader)
+        writer.close()
+        closed = await asyncio.wait_for(events.closed_sessions.get(), IO_TIMEOUT)
+        stop()
+        assert closed.ending is not None
+        return answer, len(state.sessions), (closed.ending.code, closed.ending.reason)
+
+    answer, sessions, ending = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"Server:" not in answer
+    assert sessions == 0
+    assert ending == (1006, "browser_closed")
+
+
+@pytest.mark.parametrize("listener", ["front-door", "tornado-route"])
+def test_a_failed_hand_over_ends_the_session_alike_on_every_listener(in_process, monkeypatch, listener: str) -> None:
+    """The connection cannot become the websocket (here the browser object raises as it takes
+    it): the registered session ends with upgrade.UPGRADE_FAILED whichever listener read the
+    head (once 4502 on the front door and 1006 on Tornado's route), and the connection is cut
+    without an answer, since it was already handed over."""
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(wsconn.PlainBrowser, "take_over", broken)
+    monkeypatch.setattr(wsconn.TlsBrowser, "opened", broken)
+
+    async def scenario() -> tuple[bytes, int, tuple[int, str, str]]:
+        port, state, events, stop = await listening(in_process, listener)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request("/websockify?token=" + reusable_token(free_port()), *upgrade_fields()))
+        closed = await asyncio.wait_for(events.closed_sessions.get(), IO_TIMEOUT)
         answer = await ended(reader)
         writer.close()
-        return answer, len(door.state.sessions)
+        stop()
+        assert closed.ending is not None
+        return answer, len(state.sessions), (closed.ending.code, closed.ending.reason, closed.ending.detail)
 
-    answer, sessions = asyncio.run(scenario())
-    assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
-    assert sessions == 0
+    answer, sessions, ending = asyncio.run(scenario())
+    assert (answer, sessions) == (b"", 0)
+    assert ending == (upgrade.UPGRADE_FAILED.code, upgrade.UPGRADE_FAILED.reason, upgrade.UPGRADE_FAILED.detail)
+    assert ending[:2] == (1006, "browser_closed")
 
 
 def test_tornado_refuses_a_non_upgrade_before_reading_the_query_token(proxy: ProxyProcess) -> None:
