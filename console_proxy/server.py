@@ -1,7 +1,8 @@
 """The proxy's HTTP surface: Tornado handlers that wire requests to the cores, and draining.
 
 Handlers read what the cores need off the request (token, Origin, addresses), call
-:func:`admission.admit` and the session in :mod:`relay`, and write the answer. The process's
+:func:`admission.admit`, and write the answer; ``/websockify`` hands its connection to the
+upgrade pipeline (:mod:`console_proxy.upgrade`), which every listener shares. The process's
 shared state (keyring, open sessions, draining flag, metrics) is one :class:`ProxyState`.
 """
 
@@ -266,7 +267,7 @@ class ConsoleSocket(JsonHandler):
     the front door (``upgrades`` off), is refused there: Tornado never upgrades a head the front
     door declined (see :mod:`console_proxy.frontdoor`)."""
 
-    def initialize(self, state: ProxyState, upgrades: bool = False) -> None:  # type: ignore[override]
+    def initialize(self, state: ProxyState, upgrades: bool = False) -> None:
         super().initialize(state)
         self.upgrades = upgrades
 
