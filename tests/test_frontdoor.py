@@ -201,6 +201,26 @@ def assert_declined(response: Response) -> None:
     assert_front_door_refusal(response, 400, "websocket_required")
 
 
+@pytest.mark.parametrize("shape", ["bare-LF", "HTTP/1.0", "with a body", "behind /healthz"])
+def test_tornados_route_never_upgrades_behind_the_front_door(proxy: ProxyProcess, mint: Mint, shape: str) -> None:
+    """Every /websockify head the front door hands to Tornado, here with a token that would open
+    a console: refused websocket_required through the upgrade pipeline, never a 101 (one set of
+    upgrade rules: the front door's)."""
+    tok = mint(host="127.0.0.1", port=free_port())
+    fields = upgrade_fields(Sec_WebSocket_Protocol=f"binary, token.{tok}")
+    heads = {
+        "bare-LF": request("/websockify", *fields, eol="\n"),
+        "HTTP/1.0": request("/websockify", *fields, version="HTTP/1.0"),
+        "with a body": request("/websockify", *fields, "Content-Length: 0"),
+        "behind /healthz": request("/healthz") + request("/websockify", *fields),
+    }
+    with closing(Wire(proxy.port)) as wire:
+        wire.send(heads[shape])
+        if shape == "behind /healthz":
+            assert_healthy(wire.response())
+        assert_declined(wire.response())
+
+
 def test_a_bare_lf_upgrade_head_is_tornados_to_refuse(proxy: ProxyProcess) -> None:
     """Even for /websockify: a bare-LF upgrade head is handed over, and Tornado's route, which
     never upgrades behind the front door, refuses it through the upgrade pipeline."""
