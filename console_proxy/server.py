@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 import tornado.web
 from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 from console_proxy import clock, openapi, upgrade, wsconn
 from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token
@@ -342,13 +343,17 @@ _ANSWERING: set[asyncio.Future[None]] = set()
 
 
 async def _answer_and_close(stream: IOStream, written: Awaitable[None]) -> None:
-    """Once the answer is written, read and drop what the browser still sends until it closes,
-    at most ``upgrade.LINGER`` seconds: closing with its bytes unread would reset the connection
-    and could destroy the answer in flight (TLS has no half-close to say "no more" instead)."""
+    """Once the answer is written, end our side as the front door does (on a plain stream: TLS
+    over Tornado's stream has no half-close; there the browser closes after ``Connection:
+    close``), then read and drop what the browser still sends until it closes, at most
+    ``upgrade.LINGER`` seconds: closing with its bytes unread would reset the connection and
+    could destroy the answer in flight."""
     try:
         await written
+        if not isinstance(stream, SSLIOStream) and stream.socket is not None:
+            stream.socket.shutdown(socket.SHUT_WR)
         await asyncio.wait_for(_drop_until_closed(stream), upgrade.LINGER)
-    except (StreamClosedError, TimeoutError):
+    except (StreamClosedError, TimeoutError, OSError):
         pass
     finally:
         stream.close()
