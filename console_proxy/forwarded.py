@@ -7,7 +7,7 @@ right, each element counts only if the hop that added it (the connection's peer,
 ``for=`` in turn) is a ``--trusted-proxy``, so a client cannot choose its address or host by
 sending the header itself. A header that does not parse is believed not at all. When a trusted
 peer sends a usable ``Forwarded``, it replaces the X-Forwarded-* headers (see
-:func:`console_proxy.server.request_view`).
+:func:`console_proxy.upgrade.request_view`).
 
 Pure functions over header text, bounded by ``MAX_LENGTH``.
 """

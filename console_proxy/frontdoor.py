@@ -2,21 +2,21 @@
 
 Why not Tornado for everything: profiles put its request path — the HTTP/1 connection, routing,
 a RequestHandler, then the socket handed over after the 101 — at about a fifth of the proxy's
-CPU per console open. A plain, well-formed ``GET /websockify`` (:func:`httphead.parse_head`) is
-admitted here by the same functions Tornado's handler calls (:mod:`console_proxy.server`), on
-the asyncio transport that then carries the websocket. Anything else — another path or method,
-an odd head, a bare-LF head, a body, a head over ``MAX_HEAD`` — goes to Tornado's HTTP server
-with the bytes already read, and Tornado serves it as if it had accepted the connection (the
-first head must still be complete within the front door's window).
+CPU per console open. A plain, well-formed ``GET /websockify`` (:func:`httphead.parse_head`) goes
+through the upgrade pipeline (:mod:`console_proxy.upgrade`) here, on the asyncio transport that
+then carries the websocket. Anything else — another path or method, an odd head, a bare-LF
+head, a body, a head over ``MAX_HEAD`` (``MAX_UPGRADE_HEAD`` for an upgrade's) — goes to
+Tornado's HTTP server with the bytes already read, and Tornado serves it as if it had accepted
+the connection (the first head must still be complete within the front door's window). Behind
+the front door Tornado's ``/websockify`` route never upgrades: what reaches it is refused
+(``websocket_required``) through the same pipeline, so one set of upgrade rules applies.
 
-A proxy that terminates TLS itself keeps Tornado's own listener.
+A proxy that terminates TLS itself keeps Tornado's own listener (and its route upgrades).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import json
 import logging
 import socket
 import time
@@ -27,23 +27,22 @@ import tornado.httpserver
 import tornado.netutil
 from tornado.iostream import IOStream
 
-from console_proxy import origin, proxyproto, server, tornado_compat, wsconn
-from console_proxy.admission import Refusal
-from console_proxy.codes import Close
-from console_proxy.handlerlog import access_log
+from console_proxy import origin, proxyproto, server, tornado_compat, upgrade, wsconn
 from console_proxy.protocol import httphead
 from console_proxy.protocol.httphead import Head
-from console_proxy.relay import Ending
-from console_proxy.token import Claims
 
 log = logging.getLogger("consolegate.proxy")
 
 #: The longest head read here; a longer one is Tornado's (it has its own, larger limit).
 MAX_HEAD = 8192
+#: The longest upgrade head read here: Tornado's own limit (``max_header_size``, 64 KiB), since
+#: Tornado's route never upgrades behind the front door, and a browser with many cookies for
+#: the console's site can send a head over ``MAX_HEAD``.
+MAX_UPGRADE_HEAD = 65536
+#: How an upgrade's head begins (then a space or the query's ``?``).
+UPGRADE_START = b"GET " + upgrade.PATH.encode()
 #: Pending connections the kernel holds for us (a burst of console opens).
 BACKLOG = 1024
-#: Seconds a refused browser gets to read our answer before the connection is cut.
-LINGER = 5.0
 #: Seconds between looks for connections whose head is overdue.
 SWEEP = 1.0
 
@@ -94,76 +93,14 @@ class FrontDoor:
         self.http.handle_stream(stream, address)
 
     def upgrade(self, doorway: Doorway, head: Head) -> None:
-        """Admit (no await), redeem a single-use token (awaits the broker), then the session.
-        A bug on the way never leaves a connection or a session behind (see ``_failed``)."""
-        try:
-            self._upgrade(doorway, head)
-        except Exception:
-            self._failed(doorway, head)
-
-    def _upgrade(self, doorway: Doorway, head: Head) -> None:
-        state = self.state
-        view = server.request_view(state, doorway.peer, "http", head.headers.get("Host"), head.headers)
-        client = view.client
-        try:
-            claims, key, binary = server.admit_upgrade(state, head.headers, lambda: head.query_argument("token"), view)
-        except Refusal as refusal:
-            self._refuse(doorway, head, refusal, client)
-            return
-        if not claims.once:
-            self._open(doorway, head, claims, key, binary, client)
-            return
-        doorway.hold()  # what follows the head is the websocket's: read once it is one
-        task = asyncio.ensure_future(self._redeem_then_open(doorway, head, claims, key, binary, client))
-        self._redeeming.add(task)
-        task.add_done_callback(self._redeeming.discard)
-
-    async def _redeem_then_open(
-        self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool, client: str
-    ) -> None:
-        try:
-            try:
-                await server.redeem_upgrade(self.state, claims)
-            except Refusal as refusal:
-                self._refuse(doorway, head, refusal, client)
-                return
-            self._open(doorway, head, claims, key, binary, client)
-        except Exception:
-            self._failed(doorway, head)
-
-    def _open(self, doorway: Doorway, head: Head, claims: Claims, key: str, binary: bool, client: str) -> None:
-        if not doorway.open:  # the browser left while the broker answered
-            return
-        browser = wsconn.PlainBrowser(self.state.config.max_message_size)
-        session = server.start_session(self.state, claims, browser, client)
-        try:
-            doorway.log(101, head)
-            doorway.become(browser, server.switching(key, binary))
-        except BaseException:
-            session.finish(Ending.of(Close.TARGET_PROTOCOL_ERROR, "internal error"))
-            if not doorway.open and doorway.transport is not None:
-                doorway.transport.abort()  # handed over half-way: nobody else will close it
-            raise
-
-    def _failed(self, doorway: Doorway, head: Head) -> None:
-        """An unexpected error (a bug): logged by path only (the query may hold the token); the
-        browser gets a bare 500 if its connection is still ours, so nothing is held."""
-        log.exception("unexpected error serving %s %s (%s)", head.method, head.path, doorway.peer)
-        if doorway.open:
-            doorway.answer(httphead.response(500, [_date(), *server.NO_STORE]))
-
-    def _refuse(self, doorway: Doorway, head: Head, refusal: Refusal, client: str) -> None:
-        self.state.refused(refusal, client, head.path)
-        fields = [_date(), ("Content-Type", "application/json"), *server.NO_STORE]
-        if refusal.code in server.REFUSAL_HINTS:
-            fields.append(server.REFUSAL_HINTS[refusal.code])
-        doorway.log(refusal.status, head)
-        doorway.answer(httphead.response(refusal.status, fields, json.dumps(refusal.body()).encode()))
-
-
-def _date() -> tuple[str, str]:
-    """RFC 9110 6.6.1: a server with a clock dates its responses (Tornado's do too)."""
-    return "Date", email.utils.formatdate(usegmt=True)
+        """The upgrade pipeline (:mod:`console_proxy.upgrade`) on this head; a single-use
+        token's redemption (it awaits the broker) runs as a task."""
+        request = upgrade.UpgradeRequest.from_head(head, doorway.peer, doorway.started)
+        redemption = upgrade.serve(self.state, request, doorway)
+        if redemption is not None:
+            task = asyncio.ensure_future(redemption)
+            self._redeeming.add(task)
+            task.add_done_callback(self._redeeming.discard)
 
 
 class Doorway(asyncio.Protocol):
@@ -200,10 +137,10 @@ class Doorway(asyncio.Protocol):
             return
         end = httphead.HEAD_END.search(buffer)
         if end is None:
-            if len(buffer) > MAX_HEAD:
+            if len(buffer) > _limit(buffer):
                 self._hand_over()
             return
-        ours = end.group() == b"\r\n\r\n" and end.end() <= MAX_HEAD  # one read can bring a longer one
+        ours = end.group() == b"\r\n\r\n" and end.end() <= _limit(buffer)  # one read can bring a longer one
         head = httphead.parse_head(bytes(buffer[: end.start()])) if ours else None
         if head is None or head.method != "GET" or head.path != "/websockify":
             self._hand_over()
@@ -265,14 +202,23 @@ class Doorway(asyncio.Protocol):
         if self.transport is not None:
             self.transport.pause_reading()
 
-    def become(self, browser: wsconn.PlainBrowser, greeting: bytes) -> None:
+    def browser(self, max_message_size: int) -> wsconn.PlainBrowser:
+        return wsconn.PlainBrowser(max_message_size)
+
+    def hand_over(self, browser: wsconn.PlainBrowser | wsconn.TlsBrowser, greeting: bytes) -> None:
+        """The transport carries on with the websocket, what the browser sent behind its head
+        included. Should that fail half-way, nobody else would close it: aborted here."""
+        assert isinstance(browser, wsconn.PlainBrowser) and self.transport is not None
         self.open = False
         early, self.buffer = bytes(self.buffer), bytearray()
-        assert self.transport is not None  # the request head was read from it
-        browser.take_over(self.transport, greeting, early)
+        try:
+            browser.take_over(self.transport, greeting, early)
+        except BaseException:
+            self.transport.abort()
+            raise
 
     def answer(self, response: bytes) -> None:
-        """Write a refusal and end our side; the browser gets ``LINGER`` seconds to read it
+        """Write a refusal and end our side; the browser gets ``upgrade.LINGER`` seconds to read it
         (closing at once with its unread bytes in our buffer would reset the connection)."""
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -281,10 +227,7 @@ class Doorway(asyncio.Protocol):
         transport.write_eof()
         if not transport.is_reading():
             transport.resume_reading()
-        self._linger = asyncio.get_running_loop().call_later(LINGER, transport.abort)
-
-    def log(self, status: int, head: Head) -> None:
-        access_log(status, head.method, head.path, self.peer, time.monotonic() - self.started)
+        self._linger = asyncio.get_running_loop().call_later(upgrade.LINGER, transport.abort)
 
     def _hand_over(self) -> None:
         """Tornado takes the connection: a duplicate of the socket and the bytes read so far."""
@@ -297,6 +240,13 @@ class Doorway(asyncio.Protocol):
         transport.abort()  # closes our descriptor only: the connection lives on in ``sock``
         self.door.to_tornado(sock, bytes(self.buffer), address, since)
         self.buffer = bytearray()
+
+
+def _limit(buffer: bytearray) -> int:
+    """How long the head begun in ``buffer`` may be and still be read here."""
+    if buffer.startswith((UPGRADE_START + b" ", UPGRADE_START + b"?")):
+        return MAX_UPGRADE_HEAD
+    return MAX_HEAD
 
 
 class _Prefilled(IOStream):

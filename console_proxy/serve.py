@@ -312,7 +312,7 @@ async def serve(
         link.start()
     # No proxy endpoint takes a body; without these limits Tornado buffers ~100 MiB per request.
     http = tornado.httpserver.HTTPServer(
-        server.make_app(state),
+        server.make_app(state, upgrades=tls is not None),  # plain: the front door upgrades
         ssl_options=tls,
         max_body_size=MAX_BODY,
         body_timeout=10,

@@ -1,7 +1,8 @@
 """The proxy's HTTP surface: Tornado handlers that wire requests to the cores, and draining.
 
 Handlers read what the cores need off the request (token, Origin, addresses), call
-:func:`admission.admit` and the session in :mod:`relay`, and write the answer. The process's
+:func:`admission.admit`, and write the answer; ``/websockify`` hands its connection to the
+upgrade pipeline (:mod:`console_proxy.upgrade`), which every listener shares. The process's
 shared state (keyring, open sessions, draining flag, metrics) is one :class:`ProxyState`.
 """
 
@@ -11,17 +12,18 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 import tornado.web
 from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
-from tornado.iostream import SSLIOStream
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
-from console_proxy import clock, forwarded, openapi, origin, wsconn
-from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token, token_from
+from console_proxy import clock, openapi, upgrade, wsconn
+from console_proxy.admission import Refusal, Request, SpentTokens, admit, bearer_token
 from console_proxy.codes import Close, Refused
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
@@ -30,7 +32,6 @@ from console_proxy.httperrors import JsonErrors, NotFound
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
 from console_proxy.pages import page_routes
-from console_proxy.protocol import wsframes
 from console_proxy.relay import ConsoleSession, Ending
 from console_proxy.token import Claims
 
@@ -195,81 +196,9 @@ class ProxyState:
         self._stop_if_idle()
 
 
-class View(NamedTuple):
-    """What admission reads off a request beyond its token, trusting forwarded headers only from proxies."""
-
-    client: str
-    own: str | None
-    host: str | None
-
-
-def request_view(state: ProxyState, peer: str, protocol: str, host: str | None, headers: Mapping[str, str]) -> View:
-    """The client address, the request's own origin and the Host it was addressed to: from a
-    trusted peer's RFC 7239 ``Forwarded`` if it sends one that parses, else X-Forwarded-*."""
-    trusted = state.config.trusted_proxies
-    said = forwarded.believed(peer, headers.get("Forwarded"), trusted)
-    if said is not None:
-        asked = said.host or host
-        return View(said.client, origin.origin_of(said.proto or protocol, asked), asked)
-    client = origin.client_address(peer, headers.get("X-Forwarded-For"), trusted)
-    own = origin.effective_origin(
-        peer,
-        protocol,
-        host,
-        {"X-Forwarded-Proto": headers.get("X-Forwarded-Proto"), "X-Forwarded-Host": headers.get("X-Forwarded-Host")},
-        trusted,
-    )
-    return View(client, own, origin.effective_host(peer, host, headers.get("X-Forwarded-Host"), trusted))
-
-
-def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> View:
+def _request_view(handler: tornado.web.RequestHandler, state: ProxyState) -> upgrade.View:
     request: HTTPServerRequest = handler.request
-    return request_view(state, request.remote_ip or "", request.protocol, request.host, request.headers)
-
-
-def admit_upgrade(
-    state: ProxyState, headers: Mapping[str, str], query_token: Callable[[], str | None], view: View
-) -> tuple[Claims, str, bool]:
-    """Claims, the websocket key and whether "binary" was offered; or Refusal. Spends nothing:
-    a request that is not a version-13 upgrade is refused before any token work (the query's
-    token is not even read)."""
-    try:
-        key = wsframes.check_upgrade(headers)
-    except wsframes.UpgradeError as error:
-        raise Refusal(error.code, reason=str(error), status=error.status) from None
-    offered = [p.strip() for p in (headers.get("Sec-WebSocket-Protocol") or "").split(",")]
-    candidate = token_from(offered, None) or query_token()
-    claims = state.admit(Request(candidate, headers.get("Origin"), view.own, view.client, view.host))
-    return claims, key, "binary" in offered
-
-
-async def redeem_upgrade(state: ProxyState, claims: Claims) -> None:
-    """A single-use token's redemption, holding a session slot while the broker answers."""
-    state.pending += 1
-    try:
-        await state.redeem(claims)
-        if state.draining:  # began while the broker answered: no new session now
-            raise Refusal(Refused.DRAINING, reason="the proxy began draining during the upgrade", claims=claims)
-    finally:
-        state.release_pending()  # a session takes the slot in this same turn, or none
-
-
-def start_session(
-    state: ProxyState, claims: Claims, browser: wsconn.PlainBrowser | wsconn.TlsBrowser, client_ip: str
-) -> ConsoleSession:
-    """The session, registered before anything can await, so it is counted throughout."""
-    session = ConsoleSession(
-        claims, state.config, browser, client_ip, on_open=state.session_opened, on_end=state.session_ended
-    )
-    browser.session = session
-    state.sessions[session] = None
-    return session
-
-
-#: Headers that must accompany a refusal's JSON, by code.
-REFUSAL_HINTS = {"websocket_version": ("Sec-WebSocket-Version", "13")}
-#: Every JSON answer's headers beyond its Content-Type.
-NO_STORE = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
+    return upgrade.request_view(state, request.remote_ip or "", request.protocol, request.host, request.headers)
 
 
 class JsonHandler(JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):
@@ -277,7 +206,7 @@ class JsonHandler(JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):
         self.state = state
 
     def set_default_headers(self) -> None:
-        for name, value in NO_STORE:
+        for name, value in upgrade.NO_STORE:
             self.set_header(name, value)
 
     def answer(self, status: int, body: dict[str, Any]) -> None:
@@ -288,8 +217,8 @@ class JsonHandler(JsonErrors, PathOnlyLogging, tornado.web.RequestHandler):
     def refuse(self, refusal: Refusal, client_ip: str) -> None:
         """Count and log the refusal, then answer it as JSON (the websocket refuses before upgrading)."""
         self.state.refused(refusal, client_ip, self.request.path)
-        if refusal.code in REFUSAL_HINTS:
-            self.set_header(*REFUSAL_HINTS[refusal.code])
+        if refusal.code in upgrade.REFUSAL_HINTS:
+            self.set_header(*upgrade.REFUSAL_HINTS[refusal.code])
         self.answer(refusal.status, refusal.body())
 
 
@@ -348,25 +277,33 @@ class OpenApiHandler(JsonHandler):
 
 
 class ConsoleSocket(JsonHandler):
-    """``/websockify``: admit before the upgrade, answer 101, hand the connection to a session.
+    """``/websockify`` on Tornado's listener: the request goes through the upgrade pipeline
+    (:mod:`console_proxy.upgrade`) on the connection Tornado lets go of (``detach``), or, behind
+    the front door (``upgrades`` off), is refused there: Tornado never upgrades a head the front
+    door declined (see :mod:`console_proxy.frontdoor`)."""
 
-    Tornado parses the request; the websocket after it is ours (:mod:`console_proxy.wsconn`).
-    """
-
-    def initialize(self, state: ProxyState) -> None:
+    def initialize(self, state: ProxyState, upgrades: bool = False) -> None:
         super().initialize(state)
-        self.client_ip = ""
+        self.upgrades = upgrades
 
     async def get(self) -> None:
-        view = _request_view(self, self.state)
-        client = self.client_ip = view.client
-        try:
-            claims, key, binary = admit_upgrade(self.state, self.request.headers, self._query_token, view)
-            await redeem_upgrade(self.state, claims)
-        except Refusal as refusal:
-            self.refuse(refusal, client)
+        request = self.request
+        upgrade_request = upgrade.UpgradeRequest(
+            request.method or "GET",
+            request.path,
+            request.remote_ip or "",
+            request.protocol,
+            request.host,
+            request.headers,
+            self._query_token,
+        )
+        door = StreamDoor(self.detach())
+        if not self.upgrades:
+            upgrade.decline(self.state, upgrade_request, door)
             return
-        await self._upgrade(claims, key, binary)
+        redemption = upgrade.serve(self.state, upgrade_request, door)
+        if redemption is not None:
+            await redemption
 
     def _query_token(self) -> str | None:
         """``?token=``; one that is not UTF-8 comes back as text no token matches, so it is
@@ -376,45 +313,69 @@ class ConsoleSocket(JsonHandler):
         except tornado.web.HTTPError:
             return "\ufffd"
 
-    async def _upgrade(self, claims: Claims, key: str, binary: bool) -> None:
-        """101, then the session."""
-        self.set_status(101)
-        self.application.log_request(self)
-        stream = self.detach()
-        if stream.closed():
+
+class StreamDoor:
+    """A connection Tornado read the request of and then let go (``detach``): the upgrade
+    pipeline's :class:`console_proxy.upgrade.Door` on Tornado's stream (TLS, or plain)."""
+
+    def __init__(self, stream: IOStream) -> None:
+        self.stream = stream
+        self.handed = False
+
+    @property
+    def open(self) -> bool:
+        return not self.handed and not self.stream.closed()
+
+    def hold(self) -> None:
+        """Nothing to do: a detached stream is read only when asked."""
+
+    def answer(self, response: bytes) -> None:
+        if self.stream.closed():
             return
-        config = self.state.config
-        browser: wsconn.PlainBrowser | wsconn.TlsBrowser
-        if isinstance(stream, SSLIOStream):
-            browser = wsconn.TlsBrowser(stream, config.max_message_size)
-        else:
-            browser = wsconn.PlainBrowser(config.max_message_size)
-        session = start_session(self.state, claims, browser, self.client_ip)
-        greeting = switching(key, binary)
-        if isinstance(browser, wsconn.TlsBrowser):
-            browser.opened(greeting)
-            return
+        ending = asyncio.ensure_future(_answer_and_close(self.stream, self.stream.write(response)))
+        _ANSWERING.add(ending)
+        ending.add_done_callback(_ANSWERING.discard)
+
+    def browser(self, max_message_size: int) -> wsconn.TlsBrowser:
+        return wsconn.TlsBrowser(self.stream, max_message_size)
+
+    def hand_over(self, browser: wsconn.PlainBrowser | wsconn.TlsBrowser, greeting: bytes) -> None:
+        """The stream is the browser's; should that fail half-way, nobody else would close it."""
+        assert isinstance(browser, wsconn.TlsBrowser)
+        self.handed = True
         try:
-            await browser.adopt(stream, greeting)
-        except Exception:
-            session.finish(LEFT_DURING_UPGRADE)
+            browser.opened(greeting)
+        except BaseException:
+            self.stream.close()
+            raise
 
 
-#: How a session ends whose browser went away between the 101 and the session's start.
-LEFT_DURING_UPGRADE = Ending(Close.ABNORMAL, "browser_closed", "the browser left during the upgrade")
+#: Bytes read (and dropped) per read while a refused browser is given time to read the answer.
+LINGER_READ = 64 * 1024
+#: Answers being written and lingered over (held here so that no task is collected mid-way).
+_ANSWERING: set[asyncio.Future[None]] = set()
 
 
-def switching(key: str, binary: bool) -> bytes:
-    """The 101 answer. The subprotocol is "binary" when offered, never the token one."""
-    lines = [
-        "HTTP/1.1 101 Switching Protocols",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Accept: {wsframes.accept_value(key)}",
-    ]
-    if binary:
-        lines.append("Sec-WebSocket-Protocol: binary")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+async def _answer_and_close(stream: IOStream, written: Awaitable[None]) -> None:
+    """Once the answer is written, end our side as the front door does (on a plain stream: TLS
+    over Tornado's stream has no half-close; there the browser closes after ``Connection:
+    close``), then read and drop what the browser still sends until it closes, at most
+    ``upgrade.LINGER`` seconds: closing with its bytes unread would reset the connection and
+    could destroy the answer in flight."""
+    try:
+        await written
+        if not isinstance(stream, SSLIOStream) and stream.socket is not None:
+            stream.socket.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(_drop_until_closed(stream), upgrade.LINGER)
+    except (StreamClosedError, TimeoutError, OSError):
+        pass
+    finally:
+        stream.close()
+
+
+async def _drop_until_closed(stream: IOStream) -> None:
+    while True:
+        await stream.read_bytes(LINGER_READ, partial=True)
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
@@ -424,9 +385,11 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     )
 
 
-def make_app(state: ProxyState) -> tornado.web.Application:
+def make_app(state: ProxyState, *, upgrades: bool = False) -> tornado.web.Application:
+    """The proxy's routes. ``upgrades``: whether ``/websockify`` upgrades here (a proxy serving
+    TLS itself), or is refused because the front door serves console upgrades (plain HTTP)."""
     routes: list[Any] = [
-        (r"/websockify", ConsoleSocket, {"state": state}),
+        (upgrade.PATH, ConsoleSocket, {"state": state, "upgrades": upgrades}),
         (r"/token-status", TokenStatusHandler, {"state": state}),
         (r"/healthz", HealthHandler, {"state": state}),
         (r"/metrics", MetricsHandler, {"state": state}),

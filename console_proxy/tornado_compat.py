@@ -36,22 +36,6 @@ if Tornado renamed it the override would silently stop applying. Checked against
 ``RequestHandler.log_exception`` and ``Application.log_request`` call it."""
 
 
-def unread_bytes(stream: BaseIOStream) -> bytes:
-    """A copy of the bytes Tornado has read from ``stream``'s socket but not handed out yet.
-
-    Needed where the proxy takes a connection over from Tornado after the 101: a pipelining
-    browser's first websocket frames may already sit in Tornado's buffer, and dropping them would
-    lose input. Tornado has no public "give me what you buffered" (``detach`` does not return it
-    either). Checked against Tornado 6.6.1: ``_read_buffer`` (``bytearray``) holds
-    ``_read_buffer_size`` (``int``) bytes from its start.
-    """
-    size: int = getattr(stream, READ_BUFFER_SIZE)
-    if not size:
-        return b""
-    buffer: bytearray = getattr(stream, READ_BUFFER)
-    return bytes(buffer[:size])
-
-
 def preload_read_buffer(stream: BaseIOStream, data: bytes) -> None:
     """Put ``data`` in ``stream``'s read buffer as if Tornado had read it from the socket.
 

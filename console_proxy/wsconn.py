@@ -1,7 +1,7 @@
 """The browser's websocket once upgraded: frames in and out around one console session.
 
-The front door (:mod:`console_proxy.frontdoor`) or Tornado answers the HTTP request and hands
-over the connection; from there this module owns it.
+The upgrade pipeline (:mod:`console_proxy.upgrade`) answers the HTTP request with the 101 and
+hands over the connection; from there this module owns it.
 :class:`WsConnection` holds what both kinds of connection share — the frame codec
 (:mod:`console_proxy.protocol.wsframes`), pings, the close handshake — and leaves the socket to two
 small shells: :class:`PlainBrowser`, an asyncio protocol on the bare socket (the fast path:
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
 
-from console_proxy import codes, tornado_compat
+from console_proxy import codes
 from console_proxy.protocol.wsframes import (
     OP_PING,
     OP_PONG,
@@ -291,23 +291,6 @@ class PlainBrowser(WsConnection, asyncio.Protocol):
         super().__init__(max_frame)
         self.transport: asyncio.Transport | None = None
         self._greeting = self._early = b""
-
-    async def adopt(self, stream: IOStream, greeting: bytes) -> None:
-        """Take the upgraded connection from Tornado's stream; ``greeting`` (the 101) goes first.
-
-        The socket is duplicated and Tornado's stream closed, so Tornado forgets it entirely;
-        bytes the browser sent right behind its request are carried over, not lost.
-        """
-        self._greeting, self._early = greeting, tornado_compat.unread_bytes(stream)
-        try:
-            sock = socket.socket(fileno=socket.dup(stream.socket.fileno()))
-        finally:
-            stream.close()
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock)
-        except BaseException:
-            sock.close()
-            raise
 
     def take_over(self, transport: asyncio.Transport, greeting: bytes, early: bytes) -> None:
         """Carry on on a transport whose request head the front door read (no socket hand-over)."""

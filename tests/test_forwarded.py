@@ -1,7 +1,7 @@
 """Behind proxies: RFC 7239 ``Forwarded`` and X-Forwarded-Host with a port, as the proxy's
 admission sees them (the client address, the request's own origin, the Host pin).
 
-The view is :func:`console_proxy.server.request_view`, the one function both the front door
+The view is :func:`console_proxy.upgrade.request_view`, the one function both the front door
 and Tornado's handlers call; its answers go straight into the origin check and the Host pin,
 which are asserted here too.
 """
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rfbclient import Console, try_upgrade
 
-from console_proxy import forwarded, origin, server
+from console_proxy import forwarded, origin, server, upgrade
 from console_proxy.config import ProxyConfig
 from console_proxy.keyring import Keyring
 from console_proxy.origin import OriginPolicy
@@ -31,10 +31,10 @@ def view(
     host: str = "10.0.0.5:8080",
     protocol: str = "http",
     public_url: str | None = None,
-) -> server.View:
+) -> upgrade.View:
     policy = OriginPolicy.build(public_url, [])
     state = server.ProxyState(ProxyConfig(origin_policy=policy, trusted_proxies=TRUSTED), Keyring.generate(time.time()))
-    return server.request_view(state, peer, protocol, host, headers)
+    return upgrade.request_view(state, peer, protocol, host, headers)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_node_addresses(node: str | None, address: str | None) -> None:
 
 def test_forwarded_from_a_trusted_proxy_sets_client_origin_and_host() -> None:
     seen = view("10.0.0.2", {"Forwarded": 'for="[2001:db8::1]:4711";host="consoles.example.com:8443";proto=https'})
-    assert seen == server.View("2001:db8::1", "https://consoles.example.com:8443", "consoles.example.com:8443")
+    assert seen == upgrade.View("2001:db8::1", "https://consoles.example.com:8443", "consoles.example.com:8443")
 
 
 def test_forwarded_is_read_from_the_right_through_trusted_hops_only() -> None:
@@ -111,7 +111,7 @@ def test_forwarded_from_an_untrusted_peer_is_ignored() -> None:
     seen = view(
         "192.0.2.77", {"Forwarded": "for=10.9.9.9;host=consoles.example.com;proto=https", "X-Forwarded-For": "10.9.9.9"}
     )
-    assert seen == server.View("192.0.2.77", "http://10.0.0.5:8080", "10.0.0.5:8080")
+    assert seen == upgrade.View("192.0.2.77", "http://10.0.0.5:8080", "10.0.0.5:8080")
 
 
 def test_a_malformed_forwarded_falls_back_to_x_forwarded() -> None:
@@ -124,12 +124,12 @@ def test_a_malformed_forwarded_falls_back_to_x_forwarded() -> None:
             "X-Forwarded-Proto": "https",
         },
     )
-    assert seen == server.View("192.0.2.3", "https://c.example:8443", "c.example:8443")
+    assert seen == upgrade.View("192.0.2.3", "https://c.example:8443", "c.example:8443")
 
 
 def test_forwarded_without_host_or_proto_keeps_the_requests_own() -> None:
     seen = view("10.0.0.2", {"Forwarded": "for=unknown"})
-    assert seen == server.View("10.0.0.2", "http://10.0.0.5:8080", "10.0.0.5:8080")
+    assert seen == upgrade.View("10.0.0.2", "http://10.0.0.5:8080", "10.0.0.5:8080")
 
 
 def test_x_forwarded_host_with_a_port_passes_the_origin_check_and_the_pin() -> None:

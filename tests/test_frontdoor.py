@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import pytest
 import tornado.httpserver
+import tornado.netutil
 from proxyproc import ProxyProcess, free_port
 from rawws import (
     OP_BINARY,
@@ -45,7 +46,7 @@ from rawws import (
 )
 from xvnc import XvncServer
 
-from console_proxy import frontdoor, server, token
+from console_proxy import frontdoor, server, token, upgrade, wsconn
 from console_proxy.admission import Refusal
 from console_proxy.config import ProxyConfig
 from console_proxy.events import Events
@@ -194,12 +195,36 @@ def test_a_bare_lf_head_is_tornados(proxy: ProxyProcess) -> None:
     assert_healthy(exchange(proxy.port, request("/healthz", eol="\n")))
 
 
+def assert_declined(response: Response) -> None:
+    """Tornado's /websockify route behind the front door: never an upgrade, always the pipeline's
+    websocket_required (the front door would have said token_missing to these requests)."""
+    assert_front_door_refusal(response, 400, "websocket_required")
+
+
+@pytest.mark.parametrize("shape", ["bare-LF", "HTTP/1.0", "with a body", "behind /healthz"])
+def test_tornados_route_never_upgrades_behind_the_front_door(proxy: ProxyProcess, mint: Mint, shape: str) -> None:
+    """Every /websockify head the front door hands to Tornado, here with a token that would open
+    a console: refused websocket_required through the upgrade pipeline, never a 101 (one set of
+    upgrade rules: the front door's)."""
+    tok = mint(host="127.0.0.1", port=free_port())
+    fields = upgrade_fields(Sec_WebSocket_Protocol=f"binary, token.{tok}")
+    heads = {
+        "bare-LF": request("/websockify", *fields, eol="\n"),
+        "HTTP/1.0": request("/websockify", *fields, version="HTTP/1.0"),
+        "with a body": request("/websockify", *fields, "Content-Length: 0"),
+        "behind /healthz": request("/healthz") + request("/websockify", *fields),
+    }
+    with closing(Wire(proxy.port)) as wire:
+        wire.send(heads[shape])
+        if shape == "behind /healthz":
+            assert_healthy(wire.response())
+        assert_declined(wire.response())
+
+
 def test_a_bare_lf_upgrade_head_is_tornados_to_refuse(proxy: ProxyProcess) -> None:
-    """Even for /websockify: a bare-LF upgrade head is handed over, and Tornado's handler
-    refuses it (no token) with its own answer."""
-    response = exchange(proxy.port, request("/websockify", *upgrade_fields(), eol="\n"))
-    assert response.by_tornado, response.raw
-    assert (response.status, response.json()["error"]) == (400, "token_missing")
+    """Even for /websockify: a bare-LF upgrade head is handed over, and Tornado's route, which
+    never upgrades behind the front door, refuses it through the upgrade pipeline."""
+    assert_declined(exchange(proxy.port, request("/websockify", *upgrade_fields(), eol="\n")))
 
 
 def test_a_head_over_the_front_doors_limit_is_tornados(proxy: ProxyProcess) -> None:
@@ -246,12 +271,13 @@ def test_two_pipelined_requests_in_one_write_get_two_answers(proxy: ProxyProcess
 
 def test_a_request_pipelined_behind_a_handed_over_one_may_be_an_upgrade(proxy: ProxyProcess) -> None:
     """Once handed over, the connection is Tornado's: a /websockify behind /healthz is answered
-    by Tornado's handler, not by the front door."""
+    by Tornado's route (refused: it never upgrades behind the front door), not by the front door."""
     with closing(Wire(proxy.port)) as wire:
         wire.send(request("/healthz") + request("/websockify", *upgrade_fields()))
         assert_healthy(wire.response())
         second = wire.response()
-    assert second.by_tornado and (second.status, second.json()["error"]) == (400, "token_missing")
+        assert wire.eof() == b""
+    assert_declined(second)
 
 
 def test_post_to_websockify_is_tornados(proxy: ProxyProcess) -> None:
@@ -263,24 +289,21 @@ def test_post_to_websockify_is_tornados(proxy: ProxyProcess) -> None:
 
 
 def test_http_1_0_upgrade_is_tornados(proxy: ProxyProcess) -> None:
-    """HTTP/1.0 is never the front door's: Tornado answers it (here: no token), and as HTTP/1.0
-    has no keep-alive, the answer is whole and the connection then ends."""
+    """HTTP/1.0 is never the front door's (RFC 6455: an upgrade is HTTP/1.1): Tornado's route
+    refuses it, the answer is whole and the connection then ends."""
     with closing(Wire(proxy.port)) as wire:
         wire.send(request("/websockify", *upgrade_fields(), version="HTTP/1.0"))
         response = wire.response()
         assert wire.eof() == b""
-    assert response.by_tornado, response.raw
-    assert (response.status, response.json()["error"]) == (400, "token_missing")
+    assert_declined(response)
 
 
 @pytest.mark.parametrize("field", ["Content-Length: 0", "Transfer-Encoding: chunked"])
 def test_an_upgrade_with_a_body_is_tornados(proxy: ProxyProcess, field: str) -> None:
     """A body announced on an upgrade would be read as websocket frames by the front door: it is
-    Tornado's, which reads the body and answers (no token)."""
+    Tornado's, which reads the body and refuses (its route never upgrades behind the front door)."""
     body = b"0\r\n\r\n" if "chunked" in field else b""
-    response = exchange(proxy.port, request("/websockify", *upgrade_fields(), field) + body)
-    assert response.by_tornado, response.raw
-    assert response.status == 400
+    assert_declined(exchange(proxy.port, request("/websockify", *upgrade_fields(), field) + body))
 
 
 def test_tornados_own_head_limit_still_applies_after_the_hand_over(proxy: ProxyProcess) -> None:
@@ -687,7 +710,7 @@ def test_the_head_timeout_ends_with_the_hand_over(in_process) -> None:
 def test_a_refused_browser_that_never_closes_is_cut_after_the_linger(in_process, monkeypatch) -> None:
     """After a refusal our side is half-closed; a browser that reads the answer but never closes
     its side is cut after LINGER, so it cannot hold the connection."""
-    monkeypatch.setattr(frontdoor, "LINGER", 0.2)
+    monkeypatch.setattr(upgrade, "LINGER", 0.2)
 
     async def scenario() -> tuple[bytes, bool]:
         door = await in_process(60.0)
@@ -850,21 +873,31 @@ async def server_frames(reader: asyncio.StreamReader, until_opcode: int) -> tupl
 PINGS = 800  # 800 masked pings of 104 bytes: about 88 KB behind the head, more than 64 KiB
 
 
-@pytest.mark.parametrize(
-    "version",
-    [
-        pytest.param("HTTP/1.1", id="served-by-the-front-door"),
-        pytest.param("HTTP/1.0", id="handed-to-tornado"),
-    ],
-)
-def test_every_frame_pipelined_behind_the_head_reaches_the_websocket(in_process, version: str) -> None:
+async def tornado_route() -> tuple[int, tornado.httpserver.HTTPServer, server.ProxyState, RecordingEvents]:
+    """Tornado's listener with its /websockify route upgrading, as a proxy serving TLS has it
+    (here on plain sockets: the route's code is the same)."""
+    events = RecordingEvents()
+    state = server.ProxyState(ProxyConfig(handshake_timeout=60.0), RING.for_proxy(), events=events)
+    http = tornado.httpserver.HTTPServer(server.make_app(state, upgrades=True))
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    http.add_sockets(sockets)
+    return sockets[0].getsockname()[1], http, state, events
+
+
+@pytest.mark.parametrize("listener", ["front-door", "tornado-route"])
+def test_every_frame_pipelined_behind_the_head_reaches_the_websocket(in_process, listener: str) -> None:
     """A browser that wrote its head and then ~88 KB of frames (pings, then a Close) before the
-    proxy read anything: whichever side upgrades it, every frame must be seen, in order: the
-    last pong answers the last ping, and the Close is echoed. Handed to Tornado (HTTP/1.0), the
-    bytes past Tornado's first 64 KiB read must survive the detach too."""
+    proxy read anything: whichever listener upgrades it, every frame must be seen, in order: the
+    last pong answers the last ping, and the Close is echoed. On Tornado's route (a proxy
+    serving TLS), the bytes past Tornado's first 64 KiB read must survive the detach too."""
+    version = "HTTP/1.1"
 
     async def scenario() -> tuple[bytes, list[tuple[int, bytes]]]:
-        door = await in_process(60.0)
+        http = None
+        if listener == "front-door":
+            listening = (await in_process(60.0)).port
+        else:
+            listening, http, _, _ = await tornado_route()
         upstream, port = await silent_upstream()
         tok = token.mint(token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60), RING)
         fields = upgrade_headers(new_key(), f"binary, token.{tok}")
@@ -872,13 +905,15 @@ def test_every_frame_pipelined_behind_the_head_reaches_the_websocket(in_process,
             [f"GET /websockify {version}", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in fields.items()), "", ""]
         ).encode()
         frames = b"".join(client_frame(OP_PING, struct.pack("!I", i) + bytes(100)) for i in range(PINGS))
-        sock = sent_before_the_loop_runs(door.port, head + frames + client_frame(OP_CLOSE, close_payload(1000)))
+        sock = sent_before_the_loop_runs(listening, head + frames + client_frame(OP_CLOSE, close_payload(1000)))
         reader, writer = await asyncio.open_connection(sock=sock)
         try:
             return await server_frames(reader, OP_CLOSE)
         finally:
             writer.close()
             upstream.close()
+            if http is not None:
+                http.stop()
 
     head, frames = asyncio.run(scenario())
     assert head.startswith(b"HTTP/1.1 101 ")
@@ -904,22 +939,30 @@ def test_a_whole_head_over_tornados_limit_handed_over_at_once_is_refused(in_proc
     assert not asyncio.run(scenario()).startswith(b"HTTP/1.1 200")
 
 
-def test_an_upgrade_head_over_the_limit_in_one_read_is_tornados(in_process) -> None:
-    """frontdoor.py: "a head over MAX_HEAD ... goes to Tornado", also when the front door reads
-    all 16 KiB of it at once (Tornado's answer carries its Server header)."""
+@pytest.mark.parametrize("token_given", [False, True], ids=["no-token", "valid-token"])
+def test_an_upgrade_head_over_max_head_is_the_front_doors(in_process, token_given: bool) -> None:
+    """A browser with many cookies for the console's site: a 16 KiB upgrade head, all in one
+    read, is still the front door's (up to Tornado's own 64 KiB, MAX_UPGRADE_HEAD), since
+    Tornado's route never upgrades behind it: refused without a token, upgraded with one."""
 
     async def scenario() -> bytes:
         door = await in_process(60.0)
-        head = request("/websockify", *upgrade_fields(), "X-Big: " + "b" * (2 * MAX_HEAD))
+        upstream, port = await silent_upstream()
+        tok = token.mint(token.new_claims(host="127.0.0.1", port=port, now=time.time(), ttl=60), RING)
+        protocols = f"binary, token.{tok}" if token_given else "binary"
+        head = request(
+            "/websockify", *upgrade_fields(Sec_WebSocket_Protocol=protocols), "X-Big: " + "b" * (2 * MAX_HEAD)
+        )
         reader, writer = await asyncio.open_connection(sock=sent_before_the_loop_runs(door.port, head))
         try:
             return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
         finally:
             writer.close()
+            upstream.close()
 
     answer = asyncio.run(scenario())
-    assert answer.startswith(b"HTTP/1.1 400 ")
-    assert b"\r\nServer: TornadoServer/" in answer, f"the front door served a 16 KiB head: {answer!r}"
+    assert answer.startswith(b"HTTP/1.1 101 " if token_given else b"HTTP/1.1 400 "), answer
+    assert b"\r\nServer: " not in answer, f"Tornado answered a 16 KiB upgrade head: {answer!r}"
 
 
 def test_an_upgrade_head_over_tornados_limit_is_not_upgraded(in_process) -> None:
@@ -949,34 +992,77 @@ def reusable_token(port: int) -> str:
     return token.mint(claims, RING)
 
 
-def test_a_bug_while_upgrading_answers_500_and_holds_nothing(in_process, monkeypatch) -> None:
+async def listening(in_process, listener: str) -> tuple[int, server.ProxyState, RecordingEvents, Callable[[], None]]:
+    """The front door (in process) or Tornado's upgrading route: port, state, events, and a stop."""
+    if listener == "front-door":
+        door = await in_process(60.0)
+        return door.port, door.state, door.events, lambda: None
+    port, http, state, events = await tornado_route()
+    return port, state, events, http.stop
+
+
+@pytest.mark.parametrize("listener", ["front-door", "tornado-route"])
+def test_a_bug_while_upgrading_answers_500_and_holds_nothing(in_process, monkeypatch, listener: str) -> None:
     """An unexpected error between admission and the 101 (a bug: here the 101 cannot be built,
     after the session was registered) is answered with a bare 500 and the connection ends; the
-    registered session is ended, so it holds no slot."""
+    registered session is ended, so it holds no slot. The same on either listener."""
 
     def broken(*_args: object) -> bytes:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server, "switching", broken)
+    monkeypatch.setattr(upgrade, "switching", broken)
 
-    async def scenario() -> tuple[bytes, int]:
-        door = await in_process(60.0)
-        reader, writer = await door.connect()
+    async def scenario() -> tuple[bytes, int, tuple[int, str]]:
+        port, state, events, stop = await listening(in_process, listener)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         head = request("/websockify?token=" + reusable_token(free_port()), *upgrade_fields())
         writer.write(head)
+        answer = await one_response(reader)
+        writer.close()
+        closed = await asyncio.wait_for(events.closed_sessions.get(), IO_TIMEOUT)
+        stop()
+        assert closed.ending is not None
+        return answer, len(state.sessions), (closed.ending.code, closed.ending.reason)
+
+    answer, sessions, ending = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"Server:" not in answer
+    assert sessions == 0
+    assert ending == (1006, "browser_closed")
+
+
+@pytest.mark.parametrize("listener", ["front-door", "tornado-route"])
+def test_a_failed_hand_over_ends_the_session_alike_on_every_listener(in_process, monkeypatch, listener: str) -> None:
+    """The connection cannot become the websocket (here the browser object raises as it takes
+    it): the registered session ends with upgrade.UPGRADE_FAILED whichever listener read the
+    head (once 4502 on the front door and 1006 on Tornado's route), and the connection is cut
+    without an answer, since it was already handed over."""
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(wsconn.PlainBrowser, "take_over", broken)
+    monkeypatch.setattr(wsconn.TlsBrowser, "opened", broken)
+
+    async def scenario() -> tuple[bytes, int, tuple[int, str, str]]:
+        port, state, events, stop = await listening(in_process, listener)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request("/websockify?token=" + reusable_token(free_port()), *upgrade_fields()))
+        closed = await asyncio.wait_for(events.closed_sessions.get(), IO_TIMEOUT)
         answer = await ended(reader)
         writer.close()
-        return answer, len(door.state.sessions)
+        stop()
+        assert closed.ending is not None
+        return answer, len(state.sessions), (closed.ending.code, closed.ending.reason, closed.ending.detail)
 
-    answer, sessions = asyncio.run(scenario())
-    assert answer.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
-    assert sessions == 0
+    answer, sessions, ending = asyncio.run(scenario())
+    assert (answer, sessions) == (b"", 0)
+    assert ending == (upgrade.UPGRADE_FAILED.code, upgrade.UPGRADE_FAILED.reason, upgrade.UPGRADE_FAILED.detail)
+    assert ending[:2] == (1006, "browser_closed")
 
 
 def test_tornado_refuses_a_non_upgrade_before_reading_the_query_token(proxy: ProxyProcess) -> None:
     """On Tornado's path too, a request that is not an upgrade is refused as such (400
     websocket_required, JSON) before the query's token is read — even one that is not UTF-8,
     which Tornado's argument decoding would turn into a generic 400."""
-    response = exchange(proxy.port, request("/websockify?token=%C0%AF", version="HTTP/1.0"))
-    assert (response.status, response.by_tornado) == (400, True)
-    assert response.json()["error"] == "websocket_required"
+    assert_declined(exchange(proxy.port, request("/websockify?token=%C0%AF", version="HTTP/1.0")))

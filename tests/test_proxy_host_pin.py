@@ -3,26 +3,29 @@
 A page at ``evil.example`` whose name is re-pointed at the proxy's address opens a websocket
 with ``Origin: http://evil.example:P`` and ``Host: evil.example:P``: its own origin, which the
 Origin check alone allows. With ``--public-url`` the proxy refuses any Host other than the public
-URL's (or an allowed origin's) with 403 ``origin_denied``. Each case is sent twice: with CRLF line
-ends (the front door admits it) and with bare LF (handed to Tornado's handler), so both paths
-are seen to apply the same rule.
+URL's (or an allowed origin's) with 403 ``origin_denied``. Each case is sent twice: to a plain
+proxy (the front door admits it) and to the same proxy serving TLS itself (Tornado's route), so
+both listeners are seen to apply the same rule (they share :mod:`console_proxy.upgrade`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from contextlib import closing
+import socket
+import ssl
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from proxyproc import ProxyProcess, free_port, start_proxy
 from rawws import new_key, open_socket
+from xvnc import TestPki
 
 Mint = Callable[..., str]
 
 IO_TIMEOUT = 5.0
-PATHS = ["front door", "tornado"]
+PATHS = ["front door", "tls"]
 
 
 @dataclass
@@ -35,11 +38,25 @@ class Answer:
         return json.loads(self.body)["error"]
 
 
+def connect(proxy: ProxyProcess, ca_path: Path | None) -> socket.socket:
+    """A connection to the proxy, in TLS (verifying its certificate) when it serves TLS."""
+    sock = open_socket(proxy.port, timeout=IO_TIMEOUT)
+    if ca_path is None:
+        return sock
+    return ssl.create_default_context(cafile=str(ca_path)).wrap_socket(sock, server_hostname="127.0.0.1")
+
+
 def upgrade(
-    port: int, host: str, tok: str, *, path: str, origin: str | None = None, forwarded_host: str | None = None
+    proxy: ProxyProcess,
+    host: str,
+    tok: str,
+    *,
+    ca_path: Path | None = None,
+    origin: str | None = None,
+    forwarded_host: str | None = None,
 ) -> Answer:
     """One upgrade request with this Host (and Origin), the answer's head and JSON body if any."""
-    eol = "\r\n" if path == "front door" else "\n"
+    eol = "\r\n"
     fields = [
         f"Host: {host}",
         "Upgrade: websocket",
@@ -53,7 +70,7 @@ def upgrade(
     if forwarded_host is not None:
         fields.append(f"X-Forwarded-Host: {forwarded_host}")
     head = eol.join(["GET /websockify HTTP/1.1", *fields, "", ""]).encode("latin-1")
-    with closing(open_socket(port, timeout=IO_TIMEOUT)) as sock:
+    with connect(proxy, ca_path) as sock:
         sock.sendall(head)
         raw = b""
         while b"\r\n\r\n" not in raw:
@@ -68,60 +85,89 @@ def upgrade(
             chunk = sock.recv(65536)
             assert chunk, "the connection ended inside the answer's body"
             body += chunk
-    server = found.get("server", "")
-    assert (path == "tornado") == server.startswith("TornadoServer/") or int(status_line.split()[1]) == 101, (
-        f"answered by the wrong path: {raw!r}"
-    )
+    assert "server" not in found, f"not the upgrade pipeline's answer: {raw!r}"
     return Answer(int(status_line.split()[1]), found, body)
 
 
+class Listener:
+    """A proxy for one path: plain (the front door) or serving TLS itself (Tornado's route)."""
+
+    def __init__(self, path: str, pki: TestPki) -> None:
+        self.tls = path == "tls"
+        self.scheme = "https" if self.tls else "http"  # a rebinding page's own origin is on the proxy's scheme
+        self.ca_path = pki.ca_path if self.tls else None
+        self.options = ("--tls-cert", str(pki.cert_path), "--tls-key", str(pki.key_path)) if self.tls else ()
+
+    def ask(self, proxy: ProxyProcess, host: str, tok: str, **fields: str | None) -> Answer:
+        return upgrade(proxy, host, tok, ca_path=self.ca_path, **fields)
+
+
+@pytest.fixture(params=PATHS)
+def listener(request: pytest.FixtureRequest, test_pki: TestPki) -> Listener:
+    return Listener(request.param, test_pki)
+
+
+def started_per_path(
+    tmp_path_factory: pytest.TempPathFactory, keyring_path: Path, pki: TestPki, *extra: str, pin_port: bool = False
+) -> Iterator[dict[str, ProxyProcess]]:
+    """One proxy per path with the same options; ``pin_port``: --public-url names its own port."""
+    started: dict[str, ProxyProcess] = {}
+    try:
+        for path in PATHS:
+            port = free_port()
+            url = ("--public-url", f"http://127.0.0.1:{port}/") if pin_port else ()
+            options = Listener(path, pki).options
+            started[path] = start_proxy(
+                tmp_path_factory.mktemp("proxy"), keyring_path, *url, *extra, *options, port=port
+            )
+        yield started
+    finally:
+        for process in started.values():
+            process.stop()
+
+
 @pytest.fixture(scope="module")
-def pinned(broker_ring, tmp_path_factory: pytest.TempPathFactory):
-    """A proxy whose public URL is http://127.0.0.1:PORT (pinning on by default)."""
-    port = free_port()
-    process = start_proxy(
-        tmp_path_factory.mktemp("pinned"), broker_ring[1], "--public-url", f"http://127.0.0.1:{port}/", port=port
-    )
-    yield process
-    process.stop()
+def pinned(broker_ring, tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki):
+    """Proxies whose public URL is http://127.0.0.1:PORT (pinning on by default), by path."""
+    yield from started_per_path(tmp_path_factory, broker_ring[1], test_pki, pin_port=True)
 
 
 def _token(mint: Mint) -> str:
     return mint(host="127.0.0.1", port=free_port())  # admission is the question here, not the desktop
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_a_rebinding_host_is_refused_origin_denied(pinned: ProxyProcess, mint: Mint, path: str) -> None:
-    evil = f"evil.example:{pinned.port}"
-    answer = upgrade(pinned.port, evil, _token(mint), path=path, origin=f"http://{evil}")
+def test_a_rebinding_host_is_refused_origin_denied(
+    pinned: dict[str, ProxyProcess], mint: Mint, listener: Listener
+) -> None:
+    proxy = pinned["tls" if listener.tls else "front door"]
+    evil = f"evil.example:{proxy.port}"
+    answer = listener.ask(proxy, evil, _token(mint), origin=f"{listener.scheme}://{evil}")
     assert (answer.status, answer.error()) == (403, "origin_denied")
-    assert "host_not_pinned" in pinned.wait_for_log("host_not_pinned")
+    assert "host_not_pinned" in proxy.wait_for_log("host_not_pinned")
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_the_public_urls_host_is_accepted(pinned: ProxyProcess, mint: Mint, path: str) -> None:
-    own = f"127.0.0.1:{pinned.port}"
-    assert upgrade(pinned.port, own, _token(mint), path=path, origin=f"http://{own}").status == 101
+def test_the_public_urls_host_is_accepted(pinned: dict[str, ProxyProcess], mint: Mint, listener: Listener) -> None:
+    proxy = pinned["tls" if listener.tls else "front door"]
+    own = f"127.0.0.1:{proxy.port}"
+    assert listener.ask(proxy, own, _token(mint), origin=f"http://{own}").status == 101
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_no_pin_host_accepts_any_host(proxy_factory: Callable[..., ProxyProcess], mint: Mint, path: str) -> None:
-    unpinned = proxy_factory("--public-url", "https://consoles.example.com", "--no-pin-host")
+def test_no_pin_host_accepts_any_host(
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, listener: Listener
+) -> None:
+    unpinned = proxy_factory("--public-url", "https://consoles.example.com", "--no-pin-host", *listener.options)
     evil = f"evil.example:{unpinned.port}"
-    assert upgrade(unpinned.port, evil, _token(mint), path=path, origin=f"http://{evil}").status == 101
+    assert listener.ask(unpinned, evil, _token(mint), origin=f"{listener.scheme}://{evil}").status == 101
 
 
 @pytest.fixture(scope="module")
-def behind_tls(broker_ring, tmp_path_factory: pytest.TempPathFactory):
-    """A proxy behind a TLS-terminating balancer: public URL https://consoles.example.com (port 443)."""
-    process = start_proxy(
-        tmp_path_factory.mktemp("behind"), broker_ring[1], "--public-url", "https://consoles.example.com/consoles/"
+def behind_tls(broker_ring, tmp_path_factory: pytest.TempPathFactory, test_pki: TestPki):
+    """Proxies behind a TLS-terminating balancer: public URL https://consoles.example.com (port 443)."""
+    yield from started_per_path(
+        tmp_path_factory, broker_ring[1], test_pki, "--public-url", "https://consoles.example.com/consoles/"
     )
-    yield process
-    process.stop()
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     ("host", "status"),
     [
@@ -135,24 +181,23 @@ def behind_tls(broker_ring, tmp_path_factory: pytest.TempPathFactory):
     ],
 )
 def test_default_port_and_case_are_normalised(
-    behind_tls: ProxyProcess, mint: Mint, path: str, host: str, status: int
+    behind_tls: dict[str, ProxyProcess], mint: Mint, listener: Listener, host: str, status: int
 ) -> None:
-    answer = upgrade(behind_tls.port, host, _token(mint), path=path)
+    answer = listener.ask(behind_tls["tls" if listener.tls else "front door"], host, _token(mint))
     assert answer.status == status
     if status == 403:
         assert answer.error() == "origin_denied"
 
 
-@pytest.mark.parametrize("path", PATHS)
 def test_behind_a_trusted_balancer_the_forwarded_host_is_pinned(
-    proxy_factory: Callable[..., ProxyProcess], mint: Mint, path: str
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, listener: Listener
 ) -> None:
     """The balancer (trusted) passes the browser's Host as X-Forwarded-Host; its own Host is the
     proxy's address. The forwarded one is what must match."""
-    balanced = proxy_factory("--public-url", "https://consoles.example.com", "--trusted-proxy", "127.0.0.1/32")
-    upstream = f"127.0.0.1:{balanced.port}"
-    assert (
-        upgrade(balanced.port, upstream, _token(mint), path=path, forwarded_host="consoles.example.com").status == 101
+    balanced = proxy_factory(
+        "--public-url", "https://consoles.example.com", "--trusted-proxy", "127.0.0.1/32", *listener.options
     )
-    refused = upgrade(balanced.port, upstream, _token(mint), path=path, forwarded_host="evil.example")
+    upstream = f"127.0.0.1:{balanced.port}"
+    assert listener.ask(balanced, upstream, _token(mint), forwarded_host="consoles.example.com").status == 101
+    refused = listener.ask(balanced, upstream, _token(mint), forwarded_host="evil.example")
     assert (refused.status, refused.error()) == (403, "origin_denied")

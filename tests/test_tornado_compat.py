@@ -83,23 +83,6 @@ def test_preloaded_bytes_are_read_first_then_the_sockets(pair: tuple[socket.sock
     )
 
 
-def test_unread_bytes_are_what_tornado_read_past_a_request(pair: tuple[socket.socket, socket.socket]) -> None:
-    """What the websocket hand-over does: bytes Tornado read past what it returned are found."""
-
-    async def scenario() -> tuple[bytes, bytes]:
-        stream = IOStream(pair[0])
-        try:
-            pair[1].sendall(b"HEAD\r\n\r\nframes")
-            head = await asyncio.wait_for(stream.read_until(b"\r\n\r\n"), 10)
-            return head, tornado_compat.unread_bytes(stream)
-        finally:
-            stream.close()
-
-    assert asyncio.run(scenario()) == (b"HEAD\r\n\r\n", b"frames"), (
-        f"{UPGRADE}: IOStream._read_buffer no longer holds the bytes read past a request"
-    )
-
-
 def _handler(cls: type[tornado.web.RequestHandler]) -> tornado.web.RequestHandler:
     request = HTTPServerRequest(
         start_line=RequestStartLine("GET", "/path?token=secret", "HTTP/1.1"),
