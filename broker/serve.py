@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import ssl
 from collections.abc import Callable
 
 import tornado.httpserver
@@ -16,13 +15,14 @@ from broker import api, hypervisors, ratelimit
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
 from broker.watch import POLL_POSTGRESQL, POLL_SQLITE, WATCH_HOLD, ChangeFeed, PgListener
-from console_proxy import origin
+from console_proxy import certfiles, origin
 from console_proxy.brokerlink import is_loopback_host
+from console_proxy.certfiles import CertificateFiles
 from console_proxy.command import CommandError
 from console_proxy.configsources import Sources
 from console_proxy.logguard import FORMATS
 from console_proxy.logguard import setup as guard_logging
-from console_proxy.serve import parse_listen, tls_context
+from console_proxy.serve import parse_listen, tls_files
 
 log = logging.getLogger("consolegate.broker")
 
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         hypervisor_timeout=args.hypervisor_timeout,
         watch_hold=args.watch_hold,
     )
-    tls = tls_context(args.tls_cert, args.tls_key)
+    tls = tls_files(args.tls_cert, args.tls_key, "https")
     host, port = parse_listen(args.listen)
     check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
     broker = Broker(args.state_dir, config, database=args.database, migrate=True if args.migrate else None)
@@ -215,7 +215,7 @@ async def serve(
     broker: Broker,
     host: str,
     port: int,
-    tls: ssl.SSLContext | None = None,
+    tls: CertificateFiles | None = None,
     throttle: ratelimit.AuthThrottle | None = None,
     trusted: tuple[origin.Network, ...] = (),
 ) -> None:
@@ -224,12 +224,15 @@ async def serve(
     # Bodies are read before the caller is authenticated: a client trickling one, or idling on a
     # kept-alive connection, must not hold a connection and its buffers for ever.
     feed, stop_feed = start_feed(broker)
-    app = api.make_app(broker, throttle, trusted, feed)
+    metrics = api.BrokerMetrics(broker, feed)
+    if tls is not None:
+        metrics.certificates["https"] = lambda: tls.not_after
+    app = api.make_app(broker, throttle, trusted, feed, metrics)
     http = tornado.httpserver.HTTPServer(
         app,
         max_body_size=api.MAX_BODY,
         xheaders=False,
-        ssl_options=tls,
+        ssl_options=tls.listener if tls else None,
         body_timeout=BODY_TIMEOUT,
         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
     )
@@ -241,6 +244,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
+    certfiles.on_sighup([tls] if tls else [])
     cleaner = PeriodicCallback(lambda: _cleanup(broker), broker.config.cleanup_interval * 1000)
     cleaner.start()
     _cleanup(broker)

@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import logging
 import socket
-import ssl
 from pathlib import Path
 
 import tornado.httpserver
 
-from console_proxy import keyring, listeners, logguard, origin, server
+from console_proxy import certfiles, keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
+from console_proxy.certfiles import CertificateFiles, CertificateFilesError
 from console_proxy.command import CommandError
 from console_proxy.config import ProxyConfig, default_static_dir
 from console_proxy.configsources import Sources
@@ -192,17 +192,16 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     )
 
 
-def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+def tls_files(cert: str | None, key: str | None, use: str) -> CertificateFiles | None:
+    """``--tls-cert``/``--tls-key``, reloaded on SIGHUP (console_proxy.certfiles), or None."""
     if not cert and not key:
         return None
     if not (cert and key):
         raise CommandError("--tls-cert and --tls-key go together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
+        return CertificateFiles(cert, key, use)
+    except CertificateFilesError as exc:
         raise CommandError(f"cannot load the TLS certificate or key: {exc}") from None
-    return context
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.listen:
         raise CommandError("give --listen HOST:PORT (or listen in --config, or CONSOLEGATE_LISTEN)")
     addresses = [parse_listen(value) for value in args.listen]
-    tls = tls_context(args.tls_cert, args.tls_key)
+    tls = tls_files(args.tls_cert, args.tls_key, "wss")
     sockets = listeners.bind_all(addresses)  # before the broker hears of us: all bound, or no start
     try:
         asyncio.run(serve(config, ring, sockets, tls, link=link))
@@ -275,7 +274,7 @@ async def serve(
     config: ProxyConfig,
     ring: keyring.Keyring | None,
     sockets: list[socket.socket],
-    tls: ssl.SSLContext | None,
+    tls: CertificateFiles | None,
     *,
     link: BrokerLink | None = None,
 ) -> None:
@@ -283,19 +282,21 @@ async def serve(
         ring = await _first_keyring(link, config, ring)
     assert ring is not None
     state = server.ProxyState(config, ring, broker=link, events=Events(forward=link.forward) if link else None)
+    if tls is not None:
+        state.metrics.certificates["wss"] = lambda: tls.not_after
     if link is not None:
         link.attach(state)
         link.start()
     # No proxy endpoint takes a body; without these limits Tornado buffers ~100 MiB per request.
     http = tornado.httpserver.HTTPServer(
         server.make_app(state),
-        ssl_options=tls,
+        ssl_options=tls.listener if tls else None,
         max_body_size=MAX_BODY,
         body_timeout=10,
         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
     )
     door = None if tls else FrontDoor(state, http, IDLE_CONNECTION_TIMEOUT)
-    tls_door = TlsDoor(state, http, tls, IDLE_CONNECTION_TIMEOUT) if tls and config.proxy_protocol else None
+    tls_door = TlsDoor(state, http, tls.listener, IDLE_CONNECTION_TIMEOUT) if tls and config.proxy_protocol else None
     if tls_door is not None:
         tls_door.listen_on(sockets)
     elif door is None:
@@ -303,6 +304,7 @@ async def serve(
     else:
         await door.listen_on(sockets)
     server.install_signal_handlers(state)
+    certfiles.on_sighup([tls] if tls else [])
     sweeper = server.start_sweeper(state)
     pinger = server.start_pinger(state)
     log.info("console-proxy listening on %s (%s)", listeners.addresses_of(sockets), "https" if tls else "http")
