@@ -12,13 +12,14 @@ import tornado.httpserver
 
 from console_proxy import certfiles, keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
-from console_proxy.certfiles import CertificateFiles, CertificateFilesError
+from console_proxy.certfiles import CertificateFiles, CertificateFilesError, certificate_expiry
 from console_proxy.command import CommandError
 from console_proxy.config import ProxyConfig, default_static_dir
 from console_proxy.configsources import Sources
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
+from console_proxy.proxycerts import ProxyCertificates
 from console_proxy.tlsdoor import TlsDoor
 
 log = logging.getLogger("consolegate.proxy")
@@ -87,6 +88,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="connections from --trusted-proxy peers must begin with a PROXY protocol v1/v2 header "
         "(HAProxy send-proxy[-v2]) naming the client, before TLS with --tls-cert; other peers must "
         "not send one",
+    )
+    serve.add_argument(
+        "--state-dir",
+        metavar="D",
+        help="the proxy's state directory (console-proxy enroll): the broker's CA (ca-cert.pem) "
+        'verifies targets whose token says tls.ca "broker", and the proxy\'s certificate '
+        "(proxy-cert.pem, proxy-key.pem) is its VeNCrypt client certificate there",
     )
     serve.add_argument("--tls-cert", metavar="F")
     serve.add_argument("--tls-key", metavar="F")
@@ -187,6 +195,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         ping_interval=args.ping_interval,
         upstream_ca_pem=_read_text(args.upstream_ca),
         allow_anonymous_tls=args.allow_anonymous_tls,
+        own_certificates=ProxyCertificates(Path(args.state_dir)) if args.state_dir else None,
         static_dir=Path(args.static_dir) if args.static_dir else default_static_dir(),
         frame_ancestors=args.frame_ancestors,
     )
@@ -270,6 +279,16 @@ async def _first_keyring(link: BrokerLink, config: ProxyConfig, ring: keyring.Ke
         return ring
 
 
+def _certificate_metrics(state: server.ProxyState, tls: CertificateFiles | None) -> None:
+    """Every certificate the proxy uses, for consolegate_certificate_expiry_timestamp_seconds."""
+    if tls is not None:
+        state.metrics.certificates["wss"] = lambda: tls.not_after
+    own = state.config.own_certificates
+    if own is not None:
+        state.metrics.certificates["client"] = lambda: certificate_expiry(str(own.cert_path))
+        state.metrics.certificates["ca"] = lambda: certificate_expiry(str(own.ca_path))
+
+
 async def serve(
     config: ProxyConfig,
     ring: keyring.Keyring | None,
@@ -282,8 +301,7 @@ async def serve(
         ring = await _first_keyring(link, config, ring)
     assert ring is not None
     state = server.ProxyState(config, ring, broker=link, events=Events(forward=link.forward) if link else None)
-    if tls is not None:
-        state.metrics.certificates["wss"] = lambda: tls.not_after
+    _certificate_metrics(state, tls)
     if link is not None:
         link.attach(state)
         link.start()
