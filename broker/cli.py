@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker import keyfiles, schemas, serve
+from broker import ca, keyfiles, schemas, serve
 from broker.client import BrokerClient, BrokerError
 from broker.engines import parse_database_url
 from broker.service import AUDIT_TYPES, ApiError, Broker, init_state_dir
@@ -94,7 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_targets(commands)
     _add_hypervisors(commands)
     _add_audit(commands)
+    _add_ca(commands)
     return parser
+
+
+def _add_ca(commands: argparse._SubParsersAction) -> None:
+    group = commands.add_parser("ca", help="the broker's certificate authority").add_subparsers(metavar="ACTION")
+    _action(group, "show", ca_show, "print the CA certificate (PEM) and its sha256: fingerprint")
+
+
+def ca_show(args: argparse.Namespace) -> int:
+    """The CA certificate, then its fingerprint: what a join token pins and an operator compares."""
+    with _broker(args) as broker:
+        cert = broker.ca.certificate()
+    print(ca.cert_pem(cert), end="")
+    print(ca.fingerprint(cert))
+    return 0
 
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:

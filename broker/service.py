@@ -24,6 +24,7 @@ import tornado.web
 
 from broker import auth, fleet, hypervisors, keyfiles
 from broker.auth import Hasher, Principal
+from broker.castore import CaStore
 from broker.engines import DB_NAME, DatabaseUrl, parse_database_url
 from broker.keystore import KeyStore
 from broker.store import IntegrityError, Store
@@ -136,6 +137,7 @@ def init_state_dir(
         now = clock.now()
         with store.transaction() as conn:
             KeyStore(store, vault).create(conn, Keyring.generate(now, max_ttl=max_ttl), now)
+            CaStore(store, vault).create(conn, now)
     finally:
         store.close()
     return root
@@ -167,6 +169,9 @@ class Broker:
             self.keys = KeyStore(self.store, self.vault)
             self.keys.import_file(self.root / keyfiles.KEYRING_NAME, clock.now())
             self.keys.current()  # fail at start when master.key does not open the database's keyring
+            self.ca = CaStore(self.store, self.vault)
+            self.ca.ensure(clock.now())  # a state from before the CA: created once, under the migration lock
+            self.ca.current()
             self.store.watched = frozenset(WATCHED_TYPES)
         except BaseException:
             self.store.close()

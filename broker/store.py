@@ -184,6 +184,22 @@ MIGRATIONS: list[Migration] = [
         name TEXT PRIMARY KEY, uri TEXT NOT NULL, address TEXT, tls TEXT,
         console_passwords INTEGER NOT NULL DEFAULT 0, created_at {real} NOT NULL);
     """),
+    # 6 -> 7: the broker's CA (broker.castore): its certificate and its key sealed under a key
+    # derived from master.key; every certificate it issued (serial in hex; ``revoked_at`` read on
+    # every request, so a revocation reaches every replica at once); the proxies' one-time join
+    # tokens, stored as keyed hashes like the credentials.
+    Migration.shared("""
+    CREATE TABLE ca (
+        id INTEGER PRIMARY KEY CHECK (id = 1), cert_pem TEXT NOT NULL, sealed_key {blob} NOT NULL,
+        fingerprint TEXT NOT NULL, created_at {real} NOT NULL);
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY, subject TEXT NOT NULL, proxy_id TEXT, purpose TEXT NOT NULL,
+        not_after {real} NOT NULL, issued_at {real} NOT NULL, revoked_at {real});
+    CREATE INDEX certificates_proxy ON certificates (proxy_id);
+    CREATE TABLE join_tokens (
+        id TEXT PRIMARY KEY, proxy_id TEXT NOT NULL, hash {blob} NOT NULL,
+        expires_at {real} NOT NULL, used_at {real}, created_at {real} NOT NULL);
+    """),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

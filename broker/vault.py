@@ -33,6 +33,8 @@ MASTER_KEY_NAME = "master.key"
 _SEAL_VERSION = b"\x01"
 KEYRING_SEAL_INFO = b"consolegate/v1/keyring-seal"
 _KEYRING_AAD = b"consolegate keyring v1"
+CA_KEY_SEAL_INFO = b"consolegate/v1/ca-key-seal"
+_CA_KEY_AAD = b"consolegate ca key v1"
 
 
 class VaultError(Exception):
@@ -48,6 +50,7 @@ class Vault:
         self._master = master
         self._sealer = AESGCM(self.derive("target-password-seal"))  # built once, reused per value
         self._keyring_seal = _keyring_cipher(master)
+        self._ca_key_seal = _keyring_cipher(master, CA_KEY_SEAL_INFO)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> Vault:
@@ -106,7 +109,22 @@ class Vault:
                 "every replica needs the master.key of the state dir that created it"
             ) from None
 
+    def seal_ca_key(self, plaintext: bytes) -> bytes:
+        """The CA's private key (PEM) for the database, sealed as the keyring is, under its own
+        derived key (``consolegate/v1/ca-key-seal``): one key per purpose."""
+        nonce = secrets.token_bytes(12)
+        return _SEAL_VERSION + nonce + self._ca_key_seal.encrypt(nonce, plaintext, _SEAL_VERSION + _CA_KEY_AAD)
 
-def _keyring_cipher(master: bytes) -> AESGCM:
-    """AES-GCM under HKDF-SHA256(master.key, info=KEYRING_SEAL_INFO), built once per vault."""
-    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=KEYRING_SEAL_INFO).derive(master))
+    def open_ca_key(self, sealed: bytes) -> bytes:
+        sealed = bytes(sealed)
+        if len(sealed) < 29 or sealed[:1] != _SEAL_VERSION:
+            raise VaultError("the database's CA key has an unknown format")
+        try:
+            return self._ca_key_seal.decrypt(sealed[1:13], sealed[13:], _SEAL_VERSION + _CA_KEY_AAD)
+        except InvalidTag:
+            raise VaultError("the database's CA key does not open under this master.key") from None
+
+
+def _keyring_cipher(master: bytes, info: bytes = KEYRING_SEAL_INFO) -> AESGCM:
+    """AES-GCM under HKDF-SHA256(master.key, info=``info``), built once per vault."""
+    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master))

@@ -61,8 +61,8 @@ def test_a_newer_schema_is_refused_and_an_older_one_needs_migrate(database: str 
     store.close()
 
 
-LAST_MIGRATION_TABLE = "hypervisors"
-"""The table the newest migration creates (dropped to fake a database one version older)."""
+LAST_MIGRATION_TABLES = ("ca", "certificates", "join_tokens")
+"""The tables the newest migration creates (dropped to fake a database one version older)."""
 
 
 def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUrl:
@@ -74,13 +74,15 @@ def _reopen_at(database: str | None, tmp_path: Path, version: int) -> DatabaseUr
         import sqlite3
 
         with sqlite3.connect(url.path) as conn:  # type: ignore[arg-type]
-            conn.execute(f"DROP TABLE {LAST_MIGRATION_TABLE}")
+            for table in LAST_MIGRATION_TABLES:
+                conn.execute(f"DROP TABLE {table}")
             conn.execute(f"PRAGMA user_version = {version}")
     else:
         import psycopg
 
         with psycopg.connect(url.conninfo or "", autocommit=True) as conn:
-            conn.execute(f"DROP TABLE {LAST_MIGRATION_TABLE}")
+            for table in LAST_MIGRATION_TABLES:
+                conn.execute(f"DROP TABLE {table}")
             conn.execute("UPDATE schema_version SET version = %s", (version,))
     return url
 
