@@ -33,6 +33,7 @@ from broker.watch import WATCH_CHANGES_MAX, WATCH_HOLD, WATCHED_TYPES
 from console_proxy import b64url, clock, strictjson, token
 from console_proxy.command import CommandError
 from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyring
+from console_proxy.upstream_tls import BROKER_CA
 
 log = logging.getLogger("consolegate.broker")
 
@@ -53,6 +54,7 @@ AUDIT_TYPES = (
     "proxy_changed",
     "proxy_removed",
     "auth_throttled",
+    "cert_issued",
 )
 REVOKED_MEMORY = 86400.0
 """Seconds a revoked session that is still open (its close never reported) is sent to proxies.
@@ -1181,8 +1183,9 @@ _EVENT_HANDLERS = {"opened": _opened, "closed": _closed, "refused": _refused}
 
 
 def _check_ca(pem: str | None) -> None:
-    """A target's CA must load now, not fail every console later with 4501."""
-    if pem is None:
+    """A target's CA must load now, not fail every console later with 4501. The word
+    ``"broker"`` is the broker's own CA: kept as it is in the token, the proxy holds the CA."""
+    if pem is None or pem == BROKER_CA:
         return
     try:
         ssl.create_default_context(cadata=pem)

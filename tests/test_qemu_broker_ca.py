@@ -2,31 +2,32 @@
 certificate as the VeNCrypt client certificate, through a real proxy to real QEMU (TCG) with
 ``tls-creds-x509 … verify-peer=on`` (QEMU's default: it requires a client certificate).
 
-The proxy's state directory (``console-proxy serve --state-dir D``) holds what enrollment writes
-there: the broker's CA (``ca-cert.pem``) and the proxy's certificate and key. The hypervisor's
-directory is QEMU's layout (``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``). Both are
-made here with ``cryptography`` by a stand-in for the broker's CA (a P-256 root, as the broker's).
+The broker is a real state directory (``init`` makes its CA); the hypervisor's files come from
+the real ``console-broker ca issue-host`` (QEMU's layout). The proxy's state directory
+(``console-proxy serve --state-dir D``) holds what enrollment leaves there: the broker's CA
+(``ca-cert.pem``) and the proxy's certificate and key, issued here in-process by the same CA.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from proxyproc import ProxyProcess, start_proxy
+from proxyproc import REPO, ProxyProcess, start_proxy
 from qemu import QemuVnc, qemu_available, start_qemu
 from test_qemu_tls import PASSWORD, closed_with, reaches_server_init
 from tornado.httpclient import HTTPClient
 from xvnc import TestPki
 
+from broker import ca, hostcerts
+from broker.service import Broker, init_state_dir
 from console_proxy import proxycerts
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import CERTIFICATE_EXPIRY
@@ -36,91 +37,73 @@ BROKER = {"ca": "broker"}
 
 
 @dataclass
-class Ca:
-    """A stand-in for the broker's CA: a P-256 root that issues leaves."""
+class BrokerCa:
+    """A broker state directory (``console-broker init``: its CA) and what it issues."""
 
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
+    root: Path
 
-    @classmethod
-    def create(cls, name: str) -> Ca:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
+    def certificate(self) -> bytes:
+        broker = Broker(self.root)
+        try:
+            return ca.cert_pem(broker.ca.certificate()).encode()
+        finally:
+            broker.close()
+
+    def issue_host(self, out: Path, *extra: str) -> TestPki:
+        """``console-broker ca issue-host --host 127.0.0.1 --out OUT`` (the real command)."""
+        command = [sys.executable, "-m", "broker.cli", "ca", "issue-host", "--state-dir", str(self.root)]
+        done = subprocess.run(
+            [*command, "--host", "127.0.0.1", "--out", str(out), *extra],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
-        return cls(key, cert)
+        assert done.returncode == 0, done.stderr
+        files = (out / "ca-cert.pem", out / "server-cert.pem", out / "server-key.pem")
+        return TestPki(files[0].read_text(), *files)
 
-    @property
-    def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, name: str, *, server: bool, client: bool) -> tuple[bytes, bytes]:
-        """A leaf (certificate PEM, key PEM) for 127.0.0.1 and ``name``."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server + [ExtendedKeyUsageOID.CLIENT_AUTH] * client
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=7))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
+    def enroll(self, directory: Path) -> Path:
+        """What ``console-proxy enroll`` leaves in a proxy's state dir: the CA, and the proxy's
+        certificate (client and server authentication, CN the proxy id) and key, 0600."""
+        broker = Broker(self.root)
+        try:
+            cert, key = hostcerts.new_leaf(
+                broker,
+                common_name="proxy-1",
+                names=["127.0.0.1"],
+                client_auth=True,
+                server_auth=True,
+                lifetime=3600,
+                now=time.time(),
             )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem
+            ca_pem = ca.cert_pem(broker.ca.certificate())
+        finally:
+            broker.close()
+        directory.mkdir(parents=True, mode=0o700)
+        (directory / proxycerts.CA_CERT).write_text(ca_pem)
+        (directory / proxycerts.PROXY_CERT).write_text(ca.cert_pem(cert))
+        (directory / proxycerts.PROXY_KEY).write_bytes(ca.key_pem(key))
+        for name in (proxycerts.CA_CERT, proxycerts.PROXY_CERT, proxycerts.PROXY_KEY):
+            (directory / name).chmod(0o600)
+        return directory
 
 
-def host_pki(directory: Path, ca: Ca, *, trusting: Ca | None = None) -> TestPki:
-    """QEMU's files for a server certificate from ``ca``; QEMU's ``ca-cert.pem`` (which it
-    checks its own certificate and its clients' with) also holds ``trusting``, if given."""
-    directory.mkdir(parents=True)
-    cert, key = ca.issue("hypervisor.test", server=True, client=False)
-    bundle = ca.pem + (trusting.pem if trusting is not None else b"")
-    (directory / "ca.pem").write_bytes(bundle)
-    (directory / "server.pem").write_bytes(cert)
-    (directory / "server.key").write_bytes(key)
-    (directory / "server.key").chmod(0o600)
-    return TestPki(bundle.decode(), directory / "ca.pem", directory / "server.pem", directory / "server.key")
+def new_broker_ca(directory: Path) -> BrokerCa:
+    init_state_dir(directory)
+    return BrokerCa(directory)
 
 
-def state_dir(directory: Path, ca: Ca) -> Path:
-    """What ``console-proxy enroll`` leaves: the CA, the proxy's certificate and key (0600)."""
-    directory.mkdir(parents=True, mode=0o700)
-    cert, key = ca.issue("proxy-1", server=True, client=True)
-    (directory / proxycerts.CA_CERT).write_bytes(ca.pem)
-    (directory / proxycerts.PROXY_CERT).write_bytes(cert)
-    (directory / proxycerts.PROXY_KEY).write_bytes(key)
-    for name in (proxycerts.CA_CERT, proxycerts.PROXY_CERT, proxycerts.PROXY_KEY):
-        (directory / name).chmod(0o600)
-    return directory
+def trusting_also(pki: TestPki, other: BrokerCa) -> TestPki:
+    """QEMU's ca-cert.pem checks its own certificate and its clients': add ``other``'s CA."""
+    pki.ca_path.write_bytes(pki.ca_path.read_bytes() + other.certificate())
+    return pki
 
 
 @pytest.fixture(scope="module")
-def broker_ca() -> Ca:
-    return Ca.create("consolegate broker CA (test)")
+def broker_ca(tmp_path_factory: pytest.TempPathFactory) -> BrokerCa:
+    return new_broker_ca(tmp_path_factory.mktemp("broker") / "state")
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +124,12 @@ def qemu_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 @pytest.fixture(scope="module")
 def enrolled_proxy(
-    broker_ring: tuple[Keyring, Path], tmp_path_factory: pytest.TempPathFactory, broker_ca: Ca
+    broker_ring: tuple[Keyring, Path], tmp_path_factory: pytest.TempPathFactory, broker_ca: BrokerCa
 ) -> Iterator[ProxyProcess]:
     """A proxy with the broker's CA and its certificate, and --allow-anonymous-tls (which must
     not loosen a token that pins the broker's CA)."""
     root = tmp_path_factory.mktemp("proxy-enrolled")
-    directory = state_dir(root / "state", broker_ca)
+    directory = broker_ca.enroll(root / "state")
     process = start_proxy(root, broker_ring[1], "--state-dir", str(directory), "--allow-anonymous-tls")
     yield process
     process.stop()
@@ -157,19 +140,20 @@ def _token(mint: Mint, server: QemuVnc, session_id: str) -> str:
 
 
 def test_a_broker_ca_target_with_verify_peer_opens_with_the_proxys_certificate(
-    enrolled_proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc], broker_ca: Ca, tmp_path: Path
+    enrolled_proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc], broker_ca: BrokerCa, tmp_path: Path
 ) -> None:
-    server = qemu_factory(tls="x509", pki=host_pki(tmp_path / "host", broker_ca), verify_peer=True, password=PASSWORD)
+    server = qemu_factory(tls="x509", pki=broker_ca.issue_host(tmp_path / "host"), verify_peer=True, password=PASSWORD)
     assert reaches_server_init(enrolled_proxy, _token(mint, server, "broker-ca-open"))
     line = enrolled_proxy.wait_for_log('"session_id":"broker-ca-open"', '"event":"opened"')
     assert '"security":"vencrypt-x509vnc"' in line
 
 
 def test_a_server_certificate_from_another_ca_closes_4501(
-    enrolled_proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc], broker_ca: Ca, tmp_path: Path
+    enrolled_proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc], broker_ca: BrokerCa, tmp_path: Path
 ) -> None:
     """QEMU trusts the broker's CA for clients, but its own certificate is from another CA."""
-    pki = host_pki(tmp_path / "host", Ca.create("some other CA"), trusting=broker_ca)
+    other = new_broker_ca(tmp_path / "other-broker")
+    pki = trusting_also(other.issue_host(tmp_path / "host"), broker_ca)
     server = qemu_factory(tls="x509", pki=pki, verify_peer=True, password=PASSWORD)
     code, reason, detail = closed_with(enrolled_proxy, _token(mint, server, "broker-ca-other"), "broker-ca-other")
     assert (code, reason, detail) == (4501, "target_auth_failed", "the console server's certificate did not verify")
@@ -193,27 +177,30 @@ def test_a_plain_server_never_satisfies_the_broker_pin(
 
 
 def test_a_proxy_without_the_brokers_ca_refuses_the_pin(
-    proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc], broker_ca: Ca, tmp_path: Path
+    proxy: ProxyProcess, mint: Mint, qemu_factory: Callable[..., QemuVnc], broker_ca: BrokerCa, tmp_path: Path
 ) -> None:
     """No --state-dir: nothing to verify against, so closed (never opened unverified)."""
-    server = qemu_factory(tls="x509", pki=host_pki(tmp_path / "host", broker_ca), verify_peer=False, password=PASSWORD)
+    server = qemu_factory(tls="x509", pki=broker_ca.issue_host(tmp_path / "host"), verify_peer=False, password=PASSWORD)
     code, reason, detail = closed_with(proxy, _token(mint, server, "broker-ca-none"), "broker-ca-none")
     assert (code, reason) == (4501, "target_auth_failed")
     assert "pins the broker's CA, and this proxy holds none" in detail
 
 
 def test_a_client_certificate_qemu_does_not_trust_is_4501(
-    broker_ring: tuple[Keyring, Path], mint: Mint, qemu_factory: Callable[..., QemuVnc], broker_ca: Ca, tmp_path: Path
+    broker_ring: tuple[Keyring, Path],
+    mint: Mint,
+    qemu_factory: Callable[..., QemuVnc],
+    broker_ca: BrokerCa,
+    tmp_path: Path,
 ) -> None:
     """The proxy's certificate is from another CA than the one QEMU checks clients with (a
     proxy enrolled elsewhere): QEMU hangs up, the proxy says why."""
-    other = Ca.create("another broker")
-    directory = state_dir(tmp_path / "state", other)
-    (directory / proxycerts.CA_CERT).write_bytes(broker_ca.pem)  # it verifies the server fine
+    directory = new_broker_ca(tmp_path / "other-broker").enroll(tmp_path / "state")
+    (directory / proxycerts.CA_CERT).write_bytes(broker_ca.certificate())  # the server verifies
     proxy = start_proxy(tmp_path, broker_ring[1], "--state-dir", str(directory))
     try:
         server = qemu_factory(
-            tls="x509", pki=host_pki(tmp_path / "host", broker_ca), verify_peer=True, password=PASSWORD
+            tls="x509", pki=broker_ca.issue_host(tmp_path / "host"), verify_peer=True, password=PASSWORD
         )
         code, reason, _ = closed_with(proxy, _token(mint, server, "broker-ca-untrusted"), "broker-ca-untrusted")
         assert (code, reason) == (4501, "target_auth_failed")
@@ -221,12 +208,12 @@ def test_a_client_certificate_qemu_does_not_trust_is_4501(
         proxy.stop()
 
 
-def test_the_proxys_certificates_are_on_metrics(enrolled_proxy: ProxyProcess, broker_ca: Ca) -> None:
+def test_the_proxys_certificates_are_on_metrics(enrolled_proxy: ProxyProcess, broker_ca: BrokerCa) -> None:
     body = HTTPClient().fetch(f"{enrolled_proxy.base}/metrics").body.decode()
     values = {
         line.split('"')[1]: float(line.rsplit(" ", 1)[1])
         for line in body.splitlines()
         if line.startswith(CERTIFICATE_EXPIRY + "{")
     }
-    assert values["ca"] == broker_ca.cert.not_valid_after_utc.timestamp()
+    assert values["ca"] == ca.expiry(x509.load_pem_x509_certificate(broker_ca.certificate()))
     assert set(values) == {"ca", "client"} and values["client"] < values["ca"]
