@@ -28,6 +28,9 @@ from broker import ca
 if TYPE_CHECKING:
     from broker.service import Broker
 
+DEFAULT_CERT_LIFETIME = 7 * 86400.0
+"""``serve --cert-lifetime``: the certificates the broker renews itself (its HTTPS with --tls-auto)."""
+MIN_CERT_LIFETIME = 60.0
 HOST_LIFETIME = 365 * 86400.0
 """A hypervisor's certificate: a year by default (it is replaced by running issue-host again)."""
 ISSUED = "cert_issued"

@@ -12,8 +12,10 @@ import tornado.httpserver
 from tornado.ioloop import PeriodicCallback
 
 from broker import api, hypervisors, ratelimit
+from broker.hostcerts import DEFAULT_CERT_LIFETIME, MIN_CERT_LIFETIME, split_names
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
+from broker.tlsauto import TlsAuto
 from broker.watch import POLL_POSTGRESQL, POLL_SQLITE, WATCH_HOLD, ChangeFeed, PgListener
 from console_proxy import certfiles, origin
 from console_proxy.brokerlink import is_loopback_host
@@ -91,6 +93,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--tls-cert", metavar="F", help="serve HTTPS: heartbeat answers carry the fleet keys")
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument(
+        "--tls-auto",
+        action="store_true",
+        help="serve HTTPS with a certificate from the broker's own CA (for the --tls-san names), "
+        "issued at start and renewed at two thirds of --cert-lifetime without a restart",
+    )
+    serve.add_argument(
+        "--tls-san",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="with --tls-auto: a DNS name or IP address clients reach the broker by (repeatable; the first is the CN)",
+    )
+    serve.add_argument(
+        "--cert-lifetime",
+        type=float,
+        default=DEFAULT_CERT_LIFETIME,
+        metavar="SECONDS",
+        help="lifetime of the certificates this broker issues and renews (renewed at two thirds; "
+        f"at least {MIN_CERT_LIFETIME:g}, default {DEFAULT_CERT_LIFETIME:g} = 7 days)",
+    )
+    serve.add_argument(
         "--allow-insecure-http",
         action="store_true",
         help="listen without TLS on a non-loopback address (API keys then cross the network readable)",
@@ -155,15 +178,37 @@ def run(args: argparse.Namespace) -> int:
         hypervisor_timeout=args.hypervisor_timeout,
         watch_hold=args.watch_hold,
     )
+    check_tls_auto(args)
     tls = tls_files(args.tls_cert, args.tls_key, "https")
     host, port = parse_listen(args.listen)
-    check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
+    check_plaintext(host, tls is not None or args.tls_auto, allow_insecure=args.allow_insecure_http)
     broker = Broker(args.state_dir, config, database=args.database, migrate=True if args.migrate else None)
     try:
-        asyncio.run(serve(broker, host, port, tls, throttle, trusted))
+        auto = TlsAuto(broker, args.tls_san, args.cert_lifetime) if args.tls_auto else None
+        if auto is not None:
+            tls = auto.start()
+        asyncio.run(serve(broker, host, port, tls, throttle, trusted, auto=auto))
     finally:
         broker.close()
     return 0
+
+
+def check_tls_auto(args: argparse.Namespace) -> None:
+    """``--tls-auto`` replaces ``--tls-cert``/``--tls-key`` and needs the names to certify."""
+    if not args.cert_lifetime >= MIN_CERT_LIFETIME:  # NaN too
+        raise CommandError(f"--cert-lifetime must be at least {MIN_CERT_LIFETIME:g} seconds")
+    if not args.tls_auto:
+        if args.tls_san:
+            raise CommandError("--tls-san goes with --tls-auto")
+        return
+    if args.tls_cert or args.tls_key:
+        raise CommandError("give --tls-auto or --tls-cert/--tls-key, not both")
+    if not args.tls_san:
+        raise CommandError("--tls-auto needs --tls-san NAME (the DNS names or addresses clients use)")
+    try:
+        split_names(args.tls_san)
+    except ValueError as exc:
+        raise CommandError(f"--tls-san: {exc}") from None
 
 
 BODY_TIMEOUT = 30.0
@@ -218,6 +263,8 @@ async def serve(
     tls: CertificateFiles | None = None,
     throttle: ratelimit.AuthThrottle | None = None,
     trusted: tuple[origin.Network, ...] = (),
+    *,
+    auto: TlsAuto | None = None,
 ) -> None:
     # The API handlers stream bodies and enforce api.MAX_BODY themselves, answering 413 in JSON
     # (see api.ApiHandler.prepare); this limit only guards requests refused before that point.
@@ -227,6 +274,7 @@ async def serve(
     metrics = api.BrokerMetrics(broker, feed)
     if tls is not None:
         metrics.certificates["https"] = lambda: tls.not_after
+    metrics.certificates["ca"] = lambda: broker.ca.certificate().not_valid_after_utc.timestamp()
     app = api.make_app(broker, throttle, trusted, feed, metrics)
     http = tornado.httpserver.HTTPServer(
         app,
@@ -248,6 +296,7 @@ async def serve(
     cleaner = PeriodicCallback(lambda: _cleanup(broker), broker.config.cleanup_interval * 1000)
     cleaner.start()
     _cleanup(broker)
+    renewal = asyncio.get_running_loop().create_task(auto.run()) if auto is not None else None
     log.info(
         "console-broker listening on %s:%d (%s, state %s, database %s)",
         host,
@@ -257,6 +306,8 @@ async def serve(
         broker.store.description,
     )
     await stopped.wait()
+    if renewal is not None:
+        renewal.cancel()
     cleaner.stop()
     stop_feed()
     http.stop()
