@@ -201,14 +201,17 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     )
 
 
-def tls_files(cert: str | None, key: str | None, use: str) -> CertificateFiles | None:
-    """``--tls-cert``/``--tls-key``, reloaded on SIGHUP (console_proxy.certfiles), or None."""
+def tls_files(
+    cert: str | None, key: str | None, use: str, *, prepare: certfiles.Prepare | None = None
+) -> CertificateFiles | None:
+    """``--tls-cert``/``--tls-key``, reloaded on SIGHUP (console_proxy.certfiles), or None;
+    ``prepare`` adds a listener's other settings to every context (client certificates asked)."""
     if not cert and not key:
         return None
     if not (cert and key):
         raise CommandError("--tls-cert and --tls-key go together")
     try:
-        return CertificateFiles(cert, key, use)
+        return CertificateFiles(cert, key, use, prepare=prepare)
     except CertificateFilesError as exc:
         raise CommandError(f"cannot load the TLS certificate or key: {exc}") from None
 

@@ -170,12 +170,19 @@ def client_context(policy: TlsPolicy, verify: bool) -> ssl.SSLContext:
 
 
 def _present(context: ssl.SSLContext, cert: str, key: str) -> None:
-    """Load the client certificate; an encrypted key fails instead of prompting on a terminal."""
-    try:
-        context.load_cert_chain(cert, key, password=_no_password)
-    except (ssl.SSLError, OSError) as error:
-        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or type(error).__name__
-        raise ClientCertificateError(f"the proxy's client certificate {cert} is not usable ({reason})") from None
+    """Load the client certificate; an encrypted key fails instead of prompting on a terminal.
+    A renewal replaces the two files one after the other: a load that falls between the two
+    renames pairs a new key with the old certificate, so a failed load is tried once more."""
+    for attempt in range(2):
+        try:
+            context.load_cert_chain(cert, key, password=_no_password)
+            return
+        except (ssl.SSLError, OSError) as error:
+            if attempt:
+                reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or type(error).__name__
+                raise ClientCertificateError(
+                    f"the proxy's client certificate {cert} is not usable ({reason})"
+                ) from None
 
 
 def _no_password() -> bytes:
