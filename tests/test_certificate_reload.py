@@ -211,3 +211,22 @@ def test_sighup_reloads_the_brokers_https_certificate(
         assert served_fingerprint(broker.port, trust_both) == pem_fingerprint(second.cert_path)
     finally:
         broker.stop()
+
+
+def test_sighup_reaches_the_tls_listener_behind_the_proxy_protocol(
+    proxy_factory: Callable[..., ProxyProcess],
+    live: tuple[Path, Path],
+    two_pkis: tuple[TestPki, TestPki],
+    trust_both: ssl.SSLContext,
+) -> None:
+    """With --proxy-protocol the TLS connections are accepted by console_proxy.tlsdoor, not by
+    Tornado's listener: the reload must reach them too (a peer not trusted sends TLS directly)."""
+    cert, key = live
+    first, second = two_pkis
+    proxy = proxy_factory(
+        "--tls-cert", str(cert), "--tls-key", str(key), "--proxy-protocol", "--trusted-proxy", "192.0.2.0/24"
+    )
+    assert served_fingerprint(proxy.port, trust_both) == pem_fingerprint(first.cert_path)
+    install(cert, key, second.cert_path, second.key_path)
+    reload_and_wait(proxy, "reloaded:")
+    assert served_fingerprint(proxy.port, trust_both) == pem_fingerprint(second.cert_path)
