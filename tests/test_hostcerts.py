@@ -163,3 +163,16 @@ def test_a_broker_ca_target_keeps_the_short_form_in_its_tokens(state: Path) -> N
         assert claims.tls == {"ca": "broker"}
     finally:
         broker.close()
+
+
+def test_the_cli_tls_ca_broker_is_the_word_not_a_file(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--state-dir", str(state), "--tls-ca", "broker"]
+    assert main(["targets", "add", "--name", "vm", "--host", "10.0.0.5", "--port", "5901", *base]) == 0
+    assert main(["hypervisors", "add", "hv1", "--uri", "qemu+tls://hv1.example/system", *base]) == 0
+    capsys.readouterr()
+    broker = Broker(state)
+    try:
+        assert [t["tls"] for t in broker.list_targets()["targets"]] == [{"ca": "broker"}]
+        assert [h["tls"] for h in broker.list_hypervisors()["hypervisors"]] == [{"ca": "broker"}]
+    finally:
+        broker.close()
