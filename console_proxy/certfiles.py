@@ -68,15 +68,10 @@ class CertificateFiles:
         self.current = self._load()
         self.listener = self.current.context
         self.listener.sni_callback = self._pick
-        self._subscribers: list[Callable[[Loaded], None]] = []
 
     @property
     def not_after(self) -> float:
         return self.current.not_after
-
-    def on_reload(self, subscriber: Callable[[Loaded], None]) -> None:
-        """Call ``subscriber`` with each reading that replaced the certificate."""
-        self._subscribers.append(subscriber)
 
     def reload(self) -> bool:
         """Read the files again; True when the new certificate is in service for new connections,
@@ -93,8 +88,6 @@ class CertificateFiles:
             )
             return False
         self.current = loaded
-        for subscriber in self._subscribers:
-            subscriber(loaded)
         log.info(
             "TLS certificate for %s reloaded: SHA256 %s, expires %s",
             self.use,
@@ -117,7 +110,10 @@ class CertificateFiles:
         except (ssl.SSLError, OSError) as error:
             raise CertificateFilesError(f"OpenSSL refused {self.cert_path} with {self.key_path}: {error}") from None
         if self._prepare is not None:
-            self._prepare(context)
+            try:
+                self._prepare(context)
+            except (ssl.SSLError, OSError, ValueError) as error:
+                raise CertificateFilesError(f"the TLS settings for {self.use} could not be applied: {error}") from None
         return Loaded(context, leaf.not_valid_after_utc.timestamp(), fingerprint(leaf))
 
 

@@ -230,3 +230,30 @@ def test_sighup_reaches_the_tls_listener_behind_the_proxy_protocol(
     install(cert, key, second.cert_path, second.key_path)
     reload_and_wait(proxy, "reloaded:")
     assert served_fingerprint(proxy.port, trust_both) == pem_fingerprint(second.cert_path)
+
+
+def test_every_reloaded_context_gets_the_listeners_other_settings(
+    live: tuple[Path, Path], two_pkis: tuple[TestPki, TestPki], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``prepare`` (e.g. asking for client certificates of a CA) is applied to the first context
+    and to each reloaded one, since a connection moved to a new context takes its settings; one
+    that fails keeps the old context like unusable files do."""
+    from console_proxy.certfiles import CertificateFiles
+
+    cert, key = live
+    trusted = two_pkis[0].ca_pem
+
+    def ask_client_certificates(context: ssl.SSLContext) -> None:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cadata=trusted)
+
+    files = CertificateFiles(str(cert), str(key), "https", prepare=ask_client_certificates)
+    first = files.current
+    install(cert, key, two_pkis[1].cert_path, two_pkis[1].key_path)
+    assert files.reload() and files.current is not first
+    assert files.current.context.verify_mode == ssl.CERT_OPTIONAL
+    assert files.current.context.cert_store_stats()["x509_ca"] == 1
+    trusted = "not a certificate"
+    assert not files.reload()
+    assert files.current.context.verify_mode == ssl.CERT_OPTIONAL
+    assert [r.getMessage() for r in caplog.records if "could not be applied" in r.getMessage()]
