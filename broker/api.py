@@ -33,7 +33,7 @@ from broker.store import InvalidValue, StoreError, StoreUnavailable
 from broker.watch import ChangeFeed
 from console_proxy import origin, strictjson, tornado_compat
 from console_proxy.httperrors import error_status
-from console_proxy.metrics import Counter, Gauge, Registry, add_process_metrics
+from console_proxy.metrics import Counter, Gauge, Registry, add_certificate_expiry, add_process_metrics
 from console_proxy.origin import Network
 
 log = logging.getLogger("consolegate.broker.api")
@@ -87,6 +87,7 @@ class BrokerMetrics:
                 lambda: float(feed.watching if feed is not None else 0),
             )
         )
+        self.certificates = add_certificate_expiry(self.registry)
         add_process_metrics(self.registry, "broker")
 
 
@@ -539,15 +540,22 @@ def make_app(
     throttle: AuthThrottle | None = None,
     trusted: tuple[Network, ...] = (),
     feed: ChangeFeed | None = None,
+    metrics: BrokerMetrics | None = None,
 ) -> tornado.web.Application:
     """The API; ``throttle`` limits failed authentication per client address (the defaults of
     broker.ratelimit if None), believing X-Forwarded-For only from the ``trusted`` proxies.
-    ``feed`` wakes the watches (one per process; made here, woken in-process only, if None)."""
+    ``feed`` wakes the watches (one per process; made here, woken in-process only, if None);
+    ``metrics`` is given by a caller that adds to them (serve: the certificates' expiry)."""
     throttle = throttle if throttle is not None else AuthThrottle()
     if feed is None:
         feed = ChangeFeed(broker.latest_change)
         broker.store.on_change(feed.poke)
-    options = {"broker": broker, "metrics": BrokerMetrics(broker, feed), "throttle": throttle, "trusted": trusted}
+    options = {
+        "broker": broker,
+        "metrics": metrics or BrokerMetrics(broker, feed),
+        "throttle": throttle,
+        "trusted": trusted,
+    }
     routes: list[Any] = [
         (PREFIX + path, handler, options)
         for path, handler in (

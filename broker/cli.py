@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker import ca, keyfiles, schemas, serve
+from broker import ca, hostcerts, keyfiles, schemas, serve
 from broker.client import BrokerClient, BrokerError
 from broker.clippolicy import CLIP_VALUES
 from broker.engines import parse_database_url
@@ -22,6 +22,7 @@ from console_proxy import clock, keyring, token
 from console_proxy.command import CommandError, Parser, read_secret_file, run
 from console_proxy.hostside import write_private_file
 from console_proxy.keyring import DEFAULT_MAX_TTL, KeyringError
+from console_proxy.upstream_tls import BROKER_CA
 
 PASSWORD_FILE_HELP = (
     "file holding the VNC password as plain text on one line (not the obfuscated output of vncpasswd -f)"
@@ -112,6 +113,15 @@ def _add_ca(commands: argparse._SubParsersAction[Parser]) -> None:
         "serial",
     )
 
+    issue = _action(group, "issue-host", ca_issue_host, "a hypervisor's VNC certificate, in QEMU/libvirt's layout")
+    issue.add_argument("--host", required=True, help="the name or address proxies reach the hypervisor by")
+    issue.add_argument("--san", action="append", default=[], metavar="NAME", help="another DNS name or IP (repeatable)")
+    issue.add_argument("--client", action="store_true", help="also client-cert.pem/client-key.pem (libvirt)")
+    issue.add_argument("--out", required=True, metavar="DIR", help="directory for ca-cert.pem, server-cert.pem, …")
+    issue.add_argument(
+        "--lifetime", type=float, default=hostcerts.HOST_LIFETIME, metavar="SECONDS", help="default: 365 days"
+    )
+
 
 def ca_revoke(args: argparse.Namespace) -> int:
     with _broker(args) as broker:
@@ -126,6 +136,30 @@ def ca_show(args: argparse.Namespace) -> int:
         cert = broker.ca.certificate()
     print(ca.cert_pem(cert), end="")
     print(ca.fingerprint(cert))
+    return 0
+
+
+def ca_issue_host(args: argparse.Namespace) -> int:
+    """Issue, write (all files or none), record and audit; print what was written."""
+    if not args.lifetime >= 60:  # NaN included
+        raise CommandError("--lifetime must be at least 60 seconds")
+    try:
+        hostcerts.split_names([args.host, *args.san])
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    with _broker(args) as broker:
+        try:
+            out, now = Path(args.out), clock.now()
+            issued = hostcerts.issue_host(
+                broker, args.host, args.san, client=args.client, lifetime=args.lifetime, out=out, actor="cli", now=now
+            )
+        except OSError as exc:
+            raise CommandError(f"cannot write into {args.out}: {exc.strerror or exc}; nothing was issued") from None
+    for item, files in zip(
+        issued, ("server-cert.pem, server-key.pem", "client-cert.pem, client-key.pem"), strict=False
+    ):
+        print(f"{files}: serial {item.serial}, expires {item.certificate.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+    print(f"wrote {args.out}/ (ca-cert.pem and the above; keys 0600)")
     return 0
 
 
@@ -295,7 +329,8 @@ def _add_tls_options(parser: argparse.ArgumentParser) -> None:
         "--tls-ca",
         metavar="PEM",
         help="CA certificate the VNC servers' VeNCrypt certificates verify with (then only "
-        "verified X.509 VeNCrypt is accepted)",
+        "verified X.509 VeNCrypt is accepted); the word broker: the broker's own CA (console-broker "
+        "ca issue-host), the proxies then present their own certificates",
     )
     parser.add_argument("--tls-require", action="store_true", help="refuse consoles whose VNC server offers no TLS")
 
@@ -307,7 +342,9 @@ def _add_clip_option(parser: argparse.ArgumentParser, text: str) -> None:
 def _tls_body(args: argparse.Namespace, body: dict[str, object]) -> None:
     """Put ``--tls-ca``/``--tls-require`` into a create request's ``tls`` member."""
     tls: dict[str, object] = {}
-    if args.tls_ca:
+    if args.tls_ca == BROKER_CA:
+        tls["ca"] = BROKER_CA
+    elif args.tls_ca:
         try:
             tls["ca"] = Path(args.tls_ca).read_text()
         except (OSError, UnicodeDecodeError) as exc:

@@ -161,7 +161,12 @@ _HOST = r"[^\s/@\x00-\x1f\x7f]+"
 _TIME_MAX = 2**53
 """Largest time, duration or count given as a JSON number: every integer up to it is exact as a float."""
 TLS = {
-    "ca": Field("string", max_length=4096, description="PEM CA certificate for VeNCrypt X.509"),
+    "ca": Field(
+        "string",
+        max_length=4096,
+        description='PEM CA certificate for VeNCrypt X.509, or "broker": the broker\'s own CA '
+        "(the proxy verifies with the CA it holds and presents its own certificate)",
+    ),
     "sni": Field("string", min_length=1, max_length=253),
     "allow_anon": Field("boolean"),
     "require": Field("boolean"),

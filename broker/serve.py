@@ -14,13 +14,16 @@ from tornado.ioloop import PeriodicCallback
 
 from broker import api, ca, hypervisors, ratelimit
 from broker.enrollment import DEFAULT_CERT_LIFETIME, MIN_CERT_LIFETIME
+from broker.hostcerts import split_names
 from broker.service import DEFAULT_SESSION_RETENTION, MIN_SESSION_RETENTION, Broker, BrokerConfig
 from broker.store import StoreError
+from broker.tlsauto import TlsAuto
 from broker.watch import POLL_POSTGRESQL, POLL_SQLITE, WATCH_HOLD, ChangeFeed, PgListener
-from console_proxy import origin
+from console_proxy import certfiles, origin
+from console_proxy.certfiles import CertificateFiles
 from console_proxy.command import CommandError, Parser
 from console_proxy.configsources import Sources
-from console_proxy.hostside import is_loopback_host, parse_listen, tls_context
+from console_proxy.hostside import is_loopback_host, parse_listen, tls_files
 from console_proxy.logguard import FORMATS
 from console_proxy.logguard import setup as guard_logging
 
@@ -91,6 +94,27 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
     serve.add_argument("--tls-cert", metavar="F", help="serve HTTPS: heartbeat answers carry the fleet keys")
     serve.add_argument("--tls-key", metavar="F")
     serve.add_argument(
+        "--tls-auto",
+        action="store_true",
+        help="serve HTTPS with a certificate from the broker's own CA (for the --tls-san names), "
+        "issued at start and renewed at two thirds of --cert-lifetime without a restart",
+    )
+    serve.add_argument(
+        "--tls-san",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="with --tls-auto: a DNS name or IP address clients reach the broker by (repeatable; the first is the CN)",
+    )
+    serve.add_argument(
+        "--cert-lifetime",
+        type=float,
+        default=DEFAULT_CERT_LIFETIME,
+        metavar="SECONDS",
+        help="lifetime of the certificates this broker issues and renews (renewed at two thirds; "
+        f"at least {MIN_CERT_LIFETIME:g}, default {DEFAULT_CERT_LIFETIME:g} = 7 days)",
+    )
+    serve.add_argument(
         "--allow-insecure-http",
         action="store_true",
         help="listen without TLS on a non-loopback address (API keys then cross the network readable)",
@@ -124,14 +148,6 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         default=hypervisors.LOOKUP_TIMEOUT,
         metavar="SECONDS",
         help="how long a mint naming a hypervisor waits for libvirt before 503 hypervisor_unavailable",
-    )
-    serve.add_argument(
-        "--cert-lifetime",
-        type=float,
-        default=DEFAULT_CERT_LIFETIME,
-        metavar="SECONDS",
-        help="lifetime of the proxy certificates this broker issues and renews (renewed at two thirds; "
-        f"at least {MIN_CERT_LIFETIME:g}, default {DEFAULT_CERT_LIFETIME:g} = 7 days)",
     )
     serve.add_argument(
         "--require-mtls",
@@ -173,16 +189,22 @@ def run(args: argparse.Namespace) -> int:
         cert_lifetime=args.cert_lifetime,
         require_mtls=args.require_mtls,
     )
-    tls = tls_context(args.tls_cert, args.tls_key)
+    check_tls_auto(args)
     host, port = parse_listen(args.listen)
-    check_plaintext(host, tls is not None, allow_insecure=args.allow_insecure_http)
-    if args.require_mtls and tls is None:
-        raise CommandError("--require-mtls needs HTTPS (--tls-cert and --tls-key)")
+    check_plaintext(host, bool(args.tls_cert) or args.tls_auto, allow_insecure=args.allow_insecure_http)
+    if args.require_mtls and not (args.tls_cert or args.tls_auto):
+        raise CommandError("--require-mtls needs HTTPS (--tls-cert and --tls-key, or --tls-auto)")
     broker = Broker(args.state_dir, config, database=args.database, migrate=True if args.migrate else None)
     try:
-        if tls is not None:
-            ask_client_certificates(tls, broker)
-        asyncio.run(serve(broker, host, port, tls, throttle, trusted))
+
+        def prepare(context: ssl.SSLContext) -> None:
+            ask_client_certificates(context, broker)
+
+        tls = tls_files(args.tls_cert, args.tls_key, "https", prepare=prepare)
+        auto = TlsAuto(broker, args.tls_san, args.cert_lifetime, prepare=prepare) if args.tls_auto else None
+        if auto is not None:
+            tls = auto.start()
+        asyncio.run(serve(broker, host, port, tls, throttle, trusted, auto=auto))
     finally:
         broker.close()
     return 0
@@ -195,6 +217,24 @@ def ask_client_certificates(context: ssl.SSLContext, broker: Broker) -> None:
     from another CA, or an expired one, fails the handshake."""
     context.verify_mode = ssl.CERT_OPTIONAL
     context.load_verify_locations(cadata=ca.cert_pem(broker.ca.certificate()))
+
+
+def check_tls_auto(args: argparse.Namespace) -> None:
+    """``--tls-auto`` replaces ``--tls-cert``/``--tls-key`` and needs the names to certify."""
+    if not args.cert_lifetime >= MIN_CERT_LIFETIME:  # NaN too
+        raise CommandError(f"--cert-lifetime must be at least {MIN_CERT_LIFETIME:g} seconds")
+    if not args.tls_auto:
+        if args.tls_san:
+            raise CommandError("--tls-san goes with --tls-auto")
+        return
+    if args.tls_cert or args.tls_key:
+        raise CommandError("give --tls-auto or --tls-cert/--tls-key, not both")
+    if not args.tls_san:
+        raise CommandError("--tls-auto needs --tls-san NAME (the DNS names or addresses clients use)")
+    try:
+        split_names(args.tls_san)
+    except ValueError as exc:
+        raise CommandError(f"--tls-san: {exc}") from None
 
 
 BODY_TIMEOUT = 30.0
@@ -246,21 +286,27 @@ async def serve(
     broker: Broker,
     host: str,
     port: int,
-    tls: ssl.SSLContext | None = None,
+    tls: CertificateFiles | None = None,
     throttle: ratelimit.AuthThrottle | None = None,
     trusted: tuple[origin.Network, ...] = (),
+    *,
+    auto: TlsAuto | None = None,
 ) -> None:
     # The API handlers stream bodies and enforce api.MAX_BODY themselves, answering 413 in JSON
     # (see api.ApiHandler.prepare); this limit only guards requests refused before that point.
     # Bodies are read before the caller is authenticated: a client trickling one, or idling on a
     # kept-alive connection, must not hold a connection and its buffers for ever.
     feed, stop_feed = start_feed(broker)
-    app = api.make_app(broker, throttle, trusted, feed)
+    metrics = api.BrokerMetrics(broker, feed)
+    if tls is not None:
+        metrics.certificates["https"] = lambda: tls.not_after
+    metrics.certificates["ca"] = lambda: broker.ca.certificate().not_valid_after_utc.timestamp()
+    app = api.make_app(broker, throttle, trusted, feed, metrics)
     http = tornado.httpserver.HTTPServer(
         app,
         max_body_size=api.MAX_BODY,
         xheaders=False,
-        ssl_options=tls,
+        ssl_options=tls.listener if tls else None,
         body_timeout=BODY_TIMEOUT,
         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
     )
@@ -272,9 +318,11 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
+    certfiles.on_sighup([tls] if tls else [])
     cleaner = PeriodicCallback(lambda: _cleanup(broker), broker.config.cleanup_interval * 1000)
     cleaner.start()
     _cleanup(broker)
+    renewal = asyncio.get_running_loop().create_task(auto.run()) if auto is not None else None
     log.info(
         "console-broker listening on %s:%d (%s, state %s, database %s)",
         host,
@@ -284,6 +332,8 @@ async def serve(
         broker.store.description,
     )
     await stopped.wait()
+    if renewal is not None:
+        renewal.cancel()
     cleaner.stop()
     stop_feed()
     http.stop()

@@ -38,6 +38,7 @@ from broker.watch import WATCH_CHANGES_MAX, WATCH_HOLD, WATCHED_TYPES
 from console_proxy import b64url, clock, strictjson, token
 from console_proxy.command import CommandError
 from console_proxy.keyring import DEFAULT_MAX_TTL, DEFAULT_SKEW, MAX_SKEW, Keyring
+from console_proxy.upstream_tls import BROKER_CA
 
 log = logging.getLogger("consolegate.broker")
 CONSOLE_LOCK_RETRY = 0.05
@@ -1467,8 +1468,9 @@ def _refusals() -> Iterator[None]:
 
 
 def _check_ca(pem: str | None) -> None:
-    """A target's CA must load now, not fail every console later with 4501."""
-    if pem is None:
+    """A target's CA must load now, not fail every console later with 4501. The word
+    ``"broker"`` is the broker's own CA: kept as it is in the token, the proxy holds the CA."""
+    if pem is None or pem == BROKER_CA:
         return
     try:
         ssl.create_default_context(cadata=pem)

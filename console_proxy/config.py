@@ -7,6 +7,7 @@ from pathlib import Path
 
 from console_proxy.keyring import DEFAULT_SKEW
 from console_proxy.origin import Network, OriginPolicy
+from console_proxy.proxycerts import ProxyCertificates
 
 REPO_STATIC = Path(__file__).resolve().parent.parent / "static"
 """The viewer in a checkout (noVNC under node_modules/ after ``npm ci``)."""
@@ -53,6 +54,8 @@ class ProxyConfig:
     demand for TLS (see :mod:`console_proxy.upstream_tls`)."""
     allow_anonymous_tls: bool = False
     """Anonymous VeNCrypt TLS for tokens that pin nothing (no ``tls.ca``, no ``tls.require``)."""
+    own_certificates: ProxyCertificates | None = None
+    """The broker's CA and the proxy's certificate (``--state-dir``), for ``tls.ca == "broker"``."""
     static_dir: Path = field(default_factory=default_static_dir)
     frame_ancestors: str = "'none'"
     ping_interval: float = 20.0

@@ -1,7 +1,7 @@
 """What the proxy and the broker both need from the host they run on.
 
 Listen addresses (``--listen``), the loopback test that decides where plain HTTP is allowed, the
-server TLS context of ``--tls-cert``/``--tls-key``, and private (0600, atomically replaced)
+server certificate files of ``--tls-cert``/``--tls-key`` (reloadable), and private (0600, atomically replaced)
 files for keys and credentials. The broker imports these from here; ``console_proxy`` never
 imports ``broker``.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import ssl
 import tempfile
 from pathlib import Path
 
+from console_proxy import certfiles
+from console_proxy.certfiles import CertificateFiles, CertificateFilesError
 from console_proxy.command import CommandError
 
-__all__ = ["is_loopback_host", "parse_listen", "tls_context", "write_private_file"]
+__all__ = ["is_loopback_host", "parse_listen", "tls_files", "write_private_file"]
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -27,18 +28,20 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    """The server TLS context of ``--tls-cert``/``--tls-key``, or None for plain HTTP."""
+def tls_files(
+    cert: str | None, key: str | None, use: str, *, prepare: certfiles.Prepare | None = None
+) -> CertificateFiles | None:
+    """``--tls-cert``/``--tls-key``, reloaded on SIGHUP (console_proxy.certfiles), or None for
+    plain HTTP; ``prepare`` adds a listener's other settings to every context (client
+    certificates asked)."""
     if not cert and not key:
         return None
     if not (cert and key):
         raise CommandError("--tls-cert and --tls-key go together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
+        return CertificateFiles(cert, key, use, prepare=prepare)
+    except CertificateFilesError as exc:
         raise CommandError(f"cannot load the TLS certificate or key: {exc}") from None
-    return context
 
 
 def is_loopback_host(host: str) -> bool:

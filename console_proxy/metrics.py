@@ -140,6 +140,45 @@ class InfoGauge(_Metric):
         return [*self.header(), f"{self.name}{_labels(self.label_names, self.label_values)} 1"]
 
 
+class LabelledGauge(_Metric):
+    """Gauges by label, read when rendered; a label whose value is None is left out."""
+
+    kind = "gauge"
+
+    def __init__(
+        self, name: str, help_text: str, labels: Sequence[str], read: Callable[[], dict[LabelValues, float | None]]
+    ) -> None:
+        super().__init__(name, help_text, labels)
+        self.read = read
+
+    def render(self) -> list[str]:
+        lines = self.header()
+        for labels, value in sorted(self.read().items()):
+            if value is not None:
+                lines.append(f"{self.name}{_labels(self.label_names, labels)} {_number(value)}")
+        return lines
+
+
+CERTIFICATE_EXPIRY = "consolegate_certificate_expiry_timestamp_seconds"
+ExpiryReaders = dict[str, Callable[[], "float | None"]]
+
+
+def add_certificate_expiry(registry: Registry) -> ExpiryReaders:
+    """``consolegate_certificate_expiry_timestamp_seconds{use=…}`` (both servers); returns the
+    readers to fill in, by use (``wss``, ``https``, ``client``, ``ca``): each is read at every
+    scrape, so a reload or a renewal shows at once, and a certificate no longer readable drops out."""
+    readers: ExpiryReaders = {}
+    registry.add(
+        LabelledGauge(
+            CERTIFICATE_EXPIRY,
+            "Expiry (Unix time) of each certificate in use, by use.",
+            ["use"],
+            lambda: {(use,): read() for use, read in readers.items()},
+        )
+    )
+    return readers
+
+
 M = TypeVar("M", bound=_Metric)
 
 
@@ -263,6 +302,7 @@ class ProxyMetrics:
                 [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
             )
         )
+        self.certificates = add_certificate_expiry(self.registry)
         add_process_metrics(self.registry, "proxy")
 
     def render(self) -> str:

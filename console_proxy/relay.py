@@ -100,7 +100,11 @@ def _end(code: int, detail: str) -> SessionEnded:
 def tls_policy(claims: Claims, config: ProxyConfig) -> rfb.TlsPolicy:
     """The token's ``tls`` claim with the proxy's defaults (see :func:`upstream_tls.policy_for`)."""
     return upstream_tls.policy_for(
-        claims.tls, claims.host, upstream_ca_pem=config.upstream_ca_pem, allow_anonymous_tls=config.allow_anonymous_tls
+        claims.tls,
+        claims.host,
+        upstream_ca_pem=config.upstream_ca_pem,
+        allow_anonymous_tls=config.allow_anonymous_tls,
+        own=config.own_certificates,
     )
 
 
@@ -434,7 +438,7 @@ class ConsoleSession:
         policy = self._tls
         try:
             context = upstream_tls.client_context(policy, action.verify)
-        except upstream_tls.NoCaError as error:
+        except (upstream_tls.NoCaError, upstream_tls.ClientCertificateError) as error:
             raise _end(Close.TARGET_AUTH_FAILED, str(error)) from None
         except (ssl.SSLError, ValueError):
             raise _end(Close.TARGET_AUTH_FAILED, "the CA certificate for this console server is not usable") from None

@@ -11,16 +11,18 @@ from pathlib import Path
 
 import tornado.httpserver
 
-from console_proxy import clock, keyring, listeners, logguard, origin, server
+from console_proxy import certfiles, clock, keyring, listeners, logguard, origin, server
 from console_proxy.brokerlink import BrokerLink, BrokerLinkError, ProxyCredential
+from console_proxy.certfiles import CertificateFiles, certificate_expiry
 from console_proxy.command import CommandError, Parser
 from console_proxy.config import ProxyConfig, default_static_dir
 from console_proxy.configsources import Sources
 from console_proxy.events import Events
 from console_proxy.frontdoor import FrontDoor
-from console_proxy.hostside import parse_listen, tls_context
+from console_proxy.hostside import parse_listen, tls_files
 from console_proxy.identity import Identity, IdentityError
 from console_proxy.keyring import DEFAULT_SKEW, MAX_SKEW
+from console_proxy.proxycerts import ProxyCertificates
 from console_proxy.tlsdoor import TlsDoor
 
 log = logging.getLogger("consolegate.proxy")
@@ -63,7 +65,8 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         metavar="D",
         help="the proxy's identity from console-proxy enroll: mutual TLS to the broker with its "
         "certificate (renewed automatically), the broker verified against its CA; --broker defaults "
-        "to the one it enrolled with",
+        'to the one it enrolled with. Also: targets whose token says tls.ca "broker" are verified '
+        "against that CA, and the proxy's certificate is its VeNCrypt client certificate there",
     )
     serve.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between broker heartbeats")
     serve.add_argument(
@@ -198,6 +201,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         ping_interval=args.ping_interval,
         upstream_ca_pem=_read_text(args.upstream_ca),
         allow_anonymous_tls=args.allow_anonymous_tls,
+        own_certificates=ProxyCertificates(Path(args.state_dir)) if args.state_dir else None,
         static_dir=Path(args.static_dir) if args.static_dir else default_static_dir(),
         frame_ancestors=args.frame_ancestors,
     )
@@ -211,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.listen:
         raise CommandError("give --listen HOST:PORT (or listen in --config, or CONSOLEGATE_LISTEN)")
     addresses = [parse_listen(value) for value in args.listen]
-    tls = tls_context(args.tls_cert, args.tls_key)
+    tls = tls_files(args.tls_cert, args.tls_key, "wss")
     sockets = listeners.bind_all(addresses)  # before the broker hears of us: all bound, or no start
     try:
         asyncio.run(serve(config, ring, sockets, tls, link=link))
@@ -295,11 +299,26 @@ async def _first_keyring(link: BrokerLink, config: ProxyConfig, ring: keyring.Ke
         return ring
 
 
+def _reload(files: CertificateFiles) -> None:
+    """A renewal hook: the wss certificate read again (kept as it was if the files are unusable)."""
+    files.reload()
+
+
+def _certificate_metrics(state: server.ProxyState, tls: CertificateFiles | None) -> None:
+    """Every certificate the proxy uses, for consolegate_certificate_expiry_timestamp_seconds."""
+    if tls is not None:
+        state.metrics.certificates["wss"] = lambda: tls.not_after
+    own = state.config.own_certificates
+    if own is not None:
+        state.metrics.certificates["client"] = lambda: certificate_expiry(str(own.cert_path))
+        state.metrics.certificates["ca"] = lambda: certificate_expiry(str(own.ca_path))
+
+
 async def serve(
     config: ProxyConfig,
     ring: keyring.Keyring | None,
     sockets: list[socket.socket],
-    tls: ssl.SSLContext | None,
+    tls: CertificateFiles | None,
     *,
     link: BrokerLink | None = None,
 ) -> None:
@@ -307,19 +326,23 @@ async def serve(
         ring = await _first_keyring(link, config, ring)
     assert ring is not None
     state = server.ProxyState(config, ring, broker=link, events=Events(forward=link.forward) if link else None)
+    _certificate_metrics(state, tls)
     if link is not None:
         link.attach(state)
+        if tls is not None and link.renewal is not None:
+            # --tls-cert may be the enrolled certificate (its server name is the public URL's host)
+            link.renewal.hooks.append(lambda _identity: _reload(tls))
         link.start()
     # No proxy endpoint takes a body; without these limits Tornado buffers ~100 MiB per request.
     http = tornado.httpserver.HTTPServer(
         server.make_app(state, upgrades=tls is not None),  # plain: the front door upgrades
-        ssl_options=tls,
+        ssl_options=tls.listener if tls else None,
         max_body_size=MAX_BODY,
         body_timeout=10,
         idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
     )
     door = None if tls else FrontDoor(state, http, IDLE_CONNECTION_TIMEOUT)
-    tls_door = TlsDoor(state, http, tls, IDLE_CONNECTION_TIMEOUT) if tls and config.proxy_protocol else None
+    tls_door = TlsDoor(state, http, tls.listener, IDLE_CONNECTION_TIMEOUT) if tls and config.proxy_protocol else None
     if tls_door is not None:
         tls_door.listen_on(sockets)
     elif door is None:
@@ -327,6 +350,7 @@ async def serve(
     else:
         await door.listen_on(sockets)
     server.install_signal_handlers(state)
+    certfiles.on_sighup([tls] if tls else [])
     sweeper = server.start_sweeper(state)
     pinger = server.start_pinger(state)
     log.info("console-proxy listening on %s (%s)", listeners.addresses_of(sockets), "https" if tls else "http")

@@ -6,6 +6,9 @@ about). :func:`policy_for` is the one place they meet, so the rule is read in on
 
 - a token that pins a CA (``tls.ca``) is served only over X.509 VeNCrypt whose chain verifies
   against that CA: never plain RFB, never anonymous TLS, whatever the proxy allows;
+  ``tls.ca`` may be the word ``"broker"``: the broker's own CA, which the proxy holds in its
+  state directory (:mod:`console_proxy.proxycerts`), and the proxy then presents its own
+  certificate from there as the VeNCrypt client certificate (QEMU ``verify-peer=on``);
 - a token with ``tls.require`` (no CA) is served only over TLS: X.509 verified against the
   proxy's ``--upstream-ca``, or anonymous TLS if the *token itself* says ``allow_anon``;
 - a token that pins nothing is served as the server offers: plain RFB, X.509 verified against
@@ -13,7 +16,7 @@ about). :func:`policy_for` is the one place they meet, so the rule is read in on
   ``allow_anon``). ``--upstream-ca`` is a CA bundle, not a demand for TLS.
 
 The rest of the module turns a policy into an ``ssl.SSLContext`` and recognises a server that
-wants a client certificate, which the proxy does not have yet.
+wants a client certificate the proxy did not present.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from console_proxy.proxycerts import ProxyCertificates
+
 __all__ = [
+    "BROKER_CA",
     "CLIENT_CERTIFICATE_REQUIRED",
     "CertificateRequestWatch",
+    "ClientCertificateError",
     "NoCaError",
     "Pin",
     "TlsPolicy",
@@ -36,6 +43,12 @@ __all__ = [
 ]
 
 CLIENT_CERTIFICATE_REQUIRED = "the console server requires a client certificate"
+BROKER_CA = "broker"
+"""``tls.ca`` naming the broker's own CA instead of carrying a PEM."""
+NO_BROKER_CA = (
+    "this console's token pins the broker's CA, and this proxy holds none (console-proxy enroll, "
+    "then serve --state-dir)"
+)
 
 
 class Pin(enum.Enum):
@@ -63,10 +76,19 @@ class TlsPolicy:
     ca_pem: str | None = None
     server_name: str | None = None
     allow_anonymous: bool = False
+    client_certificate: tuple[str, str] | None = None
+    """Certificate and key files presented to an X.509 server (the proxy's own, for ``"broker"``)."""
+    no_ca: str | None = None
+    """Why there is no CA when one is pinned but cannot be had (``"broker"`` on a proxy without
+    the broker's CA): X.509 is then unverifiable, so the console is refused with this reason."""
 
     def __post_init__(self) -> None:
-        if self.pin is Pin.CA and (not self.ca_pem or self.allow_anonymous):
+        if self.pin is Pin.CA and ((not self.ca_pem and not self.no_ca) or self.allow_anonymous):
             raise ValueError("a policy that pins a CA needs the CA and never allows anonymous TLS")
+
+    def no_ca_refusal(self) -> str:
+        """Why an X.509 server cannot be verified here (only when :attr:`can_verify` is False)."""
+        return self.no_ca or "the console server offers X.509 TLS but no CA is configured to verify it"
 
     @property
     def tls_required(self) -> bool:
@@ -88,17 +110,27 @@ class TlsPolicy:
 
 
 def policy_for(
-    tls: Mapping[str, Any] | None, host: str, *, upstream_ca_pem: str | None, allow_anonymous_tls: bool
+    tls: Mapping[str, Any] | None,
+    host: str,
+    *,
+    upstream_ca_pem: str | None,
+    allow_anonymous_tls: bool,
+    own: ProxyCertificates | None = None,
 ) -> TlsPolicy:
     """The policy for a token's ``tls`` claim (already type-checked) on a proxy with these flags.
 
     The proxy's flags only fill in what the token leaves open: ``--upstream-ca`` verifies
     X.509 servers of tokens without a CA, ``--allow-anonymous-tls`` admits anonymous TLS for
-    tokens that pin nothing. A token that pins is never loosened by the proxy.
+    tokens that pin nothing. A token that pins is never loosened by the proxy. ``own`` is where
+    the proxy's certificates are (``--state-dir``), for ``tls.ca == "broker"``.
     """
     claim = tls or {}
     server_name = claim.get("sni") or host
     token_allows_anonymous = bool(claim.get("allow_anon"))
+    if claim.get("ca") == BROKER_CA:
+        ca_pem = own.ca_pem() if own is not None else None
+        client = own.client_certificate() if own is not None else None
+        return TlsPolicy(Pin.CA, ca_pem, server_name, client_certificate=client, no_ca=None if ca_pem else NO_BROKER_CA)
     if claim.get("ca"):
         return TlsPolicy(Pin.CA, claim["ca"], server_name, allow_anonymous=False)
     if claim.get("require"):
@@ -112,15 +144,22 @@ class NoCaError(ValueError):
     """An X.509 context was asked for without a CA to verify the server against."""
 
 
+class ClientCertificateError(ValueError):
+    """The client certificate the policy names could not be loaded (missing, garbage, key
+    not matching, encrypted); the message names the files, never their contents."""
+
+
 def client_context(policy: TlsPolicy, verify: bool) -> ssl.SSLContext:
     """A fresh client context: X.509 verified against the policy's CA and server name, or
     anonymous (aNULL ciphers, TLS 1.2: TLS 1.3 has no anonymous suites) when ``verify`` is
     False. Raises :class:`NoCaError`, or ``ssl.SSLError``/``ValueError`` for an unusable CA."""
     if verify:
         if not policy.ca_pem:
-            raise NoCaError("the target offers X.509 TLS but no CA is configured to verify it")
+            raise NoCaError(policy.no_ca_refusal())
         context = ssl.create_default_context(cadata=policy.ca_pem)
         context.check_hostname = True
+        if policy.client_certificate is not None:
+            _present(context, *policy.client_certificate)
         return context
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -128,6 +167,26 @@ def client_context(policy: TlsPolicy, verify: bool) -> ssl.SSLContext:
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("aNULL:@SECLEVEL=0")
     return context
+
+
+def _present(context: ssl.SSLContext, cert: str, key: str) -> None:
+    """Load the client certificate; an encrypted key fails instead of prompting on a terminal.
+    A renewal replaces the two files one after the other: a load that falls between the two
+    renames pairs a new key with the old certificate, so a failed load is tried once more."""
+    for attempt in range(2):
+        try:
+            context.load_cert_chain(cert, key, password=_no_password)
+            return
+        except (ssl.SSLError, OSError) as error:
+            if attempt:
+                reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or type(error).__name__
+                raise ClientCertificateError(
+                    f"the proxy's client certificate {cert} is not usable ({reason})"
+                ) from None
+
+
+def _no_password() -> bytes:
+    return b""
 
 
 #: TLS record content type "handshake" and its message type CertificateRequest (RFC 8446).

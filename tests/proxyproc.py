@@ -63,6 +63,21 @@ class ProxyProcess:
             raise AssertionError(f"proxy exited before logging {needle!r}:\n{self.log_text()}")
         return line
 
+    def count_log(self, needle: str) -> int:
+        with self._changed:
+            return sum(needle in line for line in self.lines)
+
+    def wait_for_count(self, needle: str, count: int, timeout: float = 10.0) -> str:
+        """The ``count``-th log line containing ``needle``, waiting for it (for a line that a
+        signal makes the process write again)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.count_log(needle) >= count or self.exited.is_set(), timeout):
+                raise AssertionError(f"fewer than {count} log lines with {needle!r} within {timeout}s")
+            found = [line for line in self.lines if needle in line]
+        if len(found) < count:
+            raise AssertionError(f"process exited before logging {needle!r}:\n{self.log_text()}")
+        return found[count - 1]
+
     def _pump(self) -> None:
         assert self.process.stdout is not None  # stdout and stderr, merged
         with self.log_path.open("a", encoding="utf-8") as sink:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import ssl
+from pathlib import Path
 
 import pytest
 
+from console_proxy.proxycerts import ProxyCertificates
 from console_proxy.upstream_tls import (
     CertificateRequestWatch,
+    ClientCertificateError,
     NoCaError,
     Pin,
     TlsPolicy,
@@ -128,3 +132,47 @@ def test_certificate_request_watch_sees_the_message_and_stops() -> None:
     assert watch.requested
     watch.stop()
     assert context._msg_callback is None  # type: ignore[attr-defined]
+
+
+# --- tls.ca "broker": the CA and the client certificate from the proxy's state dir ---------
+
+
+def _own(tmp_path: Path, *, matching: bool = True) -> ProxyCertificates:
+    """A state dir as enrollment leaves it (a CA, a leaf and its key), or with another key."""
+    from xvnc import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    (tmp_path / "state").mkdir()
+    own = ProxyCertificates(tmp_path / "state")
+    shutil.copy(pki.ca_path, own.ca_path)
+    shutil.copy(pki.cert_path, own.cert_path)
+    shutil.copy(pki.key_path if matching else make_test_pki(tmp_path / "other").key_path, own.key_path)
+    return own
+
+
+@pytest.mark.parametrize("anon", [False, True])
+def test_broker_pins_the_ca_the_proxy_holds_and_presents_its_certificate(tmp_path: Path, anon: bool) -> None:
+    own = _own(tmp_path)
+    got = policy_for(
+        {"ca": "broker", "allow_anon": True}, "hv", upstream_ca_pem=PROXY_CA, allow_anonymous_tls=anon, own=own
+    )
+    assert got.pin is Pin.CA and got.ca_pem == own.ca_path.read_text() and not got.allow_anonymous
+    assert got.client_certificate == (str(own.cert_path), str(own.key_path))
+    assert client_context(got, True).verify_mode == ssl.CERT_REQUIRED
+
+
+def test_broker_without_the_ca_is_unverifiable_never_anonymous(tmp_path: Path) -> None:
+    for own in (None, ProxyCertificates(tmp_path / "empty")):
+        got = policy_for({"ca": "broker"}, "hv", upstream_ca_pem=PROXY_CA, allow_anonymous_tls=True, own=own)
+        assert (got.pin, got.ca_pem, got.can_verify, got.allow_anonymous) == (Pin.CA, None, False, False)
+        assert "holds none" in got.no_ca_refusal()
+        with pytest.raises(NoCaError, match="holds none"):
+            client_context(got, True)
+
+
+def test_a_client_key_not_matching_its_certificate_is_refused_clearly(tmp_path: Path) -> None:
+    own = _own(tmp_path, matching=False)
+    got = policy_for({"ca": "broker"}, "hv", upstream_ca_pem=None, allow_anonymous_tls=False, own=own)
+    with pytest.raises(ClientCertificateError, match=r"client certificate .* is not usable") as refused:
+        client_context(got, True)
+    assert "PRIVATE" not in str(refused.value)

@@ -392,7 +392,7 @@ class UpstreamHandshake:
                 f"({listed})"
             )
         if offered & VENCRYPT_X509 and not self._policy.can_verify:
-            return f"the console server offers X.509 TLS but no CA is configured to verify it ({listed})"
+            return f"{self._policy.no_ca_refusal()} ({listed})"
         return (
             f"no acceptable VeNCrypt subtype offered ({listed}, "
             f"anonymous TLS allowed: {self._policy.allow_anonymous}, "
