@@ -246,9 +246,10 @@ def load_proxy_keyring(path: str, *, allow_signing: bool) -> keyring.Keyring:
 
 def _broker_link(args: argparse.Namespace) -> BrokerLink | None:
     """``--broker URL --proxy-credential FILE``, or ``--state-dir D`` (mutual TLS), or None;
-    one of them or ``--keyring`` is needed."""
+    one of them or ``--keyring`` is needed. With ``--keyring`` alone or ``--proxy-credential``, a state
+    dir only lends its certificates to targets whose token pins the broker's CA (no mutual TLS)."""
     state_dir = getattr(args, "state_dir", None)
-    if state_dir:
+    if state_dir and not args.proxy_credential and (args.broker or not args.keyring):
         return _enrolled_link(args, state_dir)
     if not args.broker:
         if args.proxy_credential:
