@@ -797,14 +797,14 @@ class Broker:
                 session_id=claims.sid,
                 detail={
                     "target_id": row["id"],
-                    "vm": claims.vm,
-                    "user": claims.sub,
+                    "vm": claims.target,
+                    "user": claims.user,
                     "proxy_id": chosen.id,
                     "ttl": ttl,
-                    "single_use": claims.once,
-                    "view_only": claims.ro,
-                    "clip": claims.clip,
-                    "client_ip": claims.cip,
+                    "single_use": claims.single_use,
+                    "view_only": claims.view_only,
+                    "clip": claims.clip_policy.name,
+                    "client_ip": claims.client_ip,
                     "exp": claims.exp,
                     "parent_session_id": parent,
                 },
@@ -831,7 +831,7 @@ class Broker:
             type_="viewer_shared",
             actor=principal.actor,
             session_id=parent,
-            detail={"viewer_session_id": claims.sid, "user": claims.sub, "proxy_id": proxy_id, "exp": claims.exp},
+            detail={"viewer_session_id": claims.sid, "user": claims.user, "proxy_id": proxy_id, "exp": claims.exp},
         )
 
     def _ttl(self, body: dict[str, Any]) -> int:
@@ -1225,10 +1225,10 @@ def _insert_session(
         (
             claims.sid,
             row["id"],
-            claims.sub,
+            claims.user,
             proxy_id,
             issued_by,
-            int(claims.once),
+            int(claims.single_use),
             claims.exp,
             now,
             parent,

@@ -124,5 +124,5 @@ class SpentTokens:
 
     def check(self, claims: Claims) -> None:
         """Refuse with token_used if this single-use token is known to be spent."""
-        if claims.once and claims.jti in self._expiry:
+        if claims.single_use and claims.jti in self._expiry:
             raise Refusal(Refused.TOKEN_USED, reason="single-use token already redeemed", claims=claims)

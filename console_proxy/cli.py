@@ -71,7 +71,7 @@ def inspect_token(args: argparse.Namespace) -> int:
             print("claims: " + json.dumps(refused.claims.masked(), sort_keys=True))
         print(refused.code)
         return 1
-    print("verdict: accepted" + (" (single use: the proxy redeems it at the broker)" if claims.once else ""))
+    print("verdict: accepted" + (" (single use: the proxy redeems it at the broker)" if claims.single_use else ""))
     print("claims: " + json.dumps(claims.masked(), sort_keys=True))
     print("accepted")
     return 0

@@ -38,10 +38,10 @@ class Events:
         claims = session.claims
         return {
             "session_id": claims.sid,
-            "vm": claims.vm,
-            "user": claims.sub,
+            "vm": claims.target,
+            "user": claims.user,
             "client": session.client_ip,
-            "view_only": claims.ro,
+            "view_only": claims.view_only,
         }
 
     def _unheard(self, level: int = logging.INFO) -> bool:
@@ -89,8 +89,8 @@ class Events:
                 "client": client_ip,
                 "path": path,
                 "session_id": claims.sid if claims else None,
-                "vm": claims.vm if claims else None,
-                "user": claims.sub if claims else None,
+                "vm": claims.target if claims else None,
+                "user": claims.user if claims else None,
             },
             logging.WARNING,
         )

@@ -100,7 +100,7 @@ def _end(code: int, detail: str) -> SessionEnded:
 def tls_policy(claims: Claims, config: ProxyConfig) -> rfb.TlsPolicy:
     """The token's ``tls`` claim with the proxy's defaults (see :func:`upstream_tls.policy_for`)."""
     return upstream_tls.policy_for(
-        claims.tls,
+        claims.target_tls,
         claims.host,
         upstream_ca_pem=config.upstream_ca_pem,
         allow_anonymous_tls=config.allow_anonymous_tls,
@@ -224,7 +224,7 @@ class ConsoleSession:
         self._tls = tls_policy(claims, config)
         self._down = rfb.DownstreamHandshake()
         self._client_init: asyncio.Future[rfb.ClientInitReceived] = asyncio.get_running_loop().create_future()
-        self.clip = clipboard.ClipboardGate(clipboard.parse_clip(claims.clip))
+        self.clip = clipboard.ClipboardGate(claims.clip_policy)
         self._framer = rfb.ClientMessageFramer(max_message=config.max_message_size, max_cut_text=config.max_cut_text)
         self._early = bytearray()
         self._inbox = bytearray()
@@ -284,7 +284,9 @@ class ConsoleSession:
         moment the later of the hypervisor's ServerInit and the browser's ClientInit arrives
         (:meth:`_open_now`), not a loop turn later when this coroutine wakes."""
         shared = self.config.shared  # the browser's flag does not matter: ClientInit is pipelined
-        upstream = rfb.UpstreamHandshake(password=self.claims.pw, tls=self._tls, client_init=True if shared else None)
+        upstream = rfb.UpstreamHandshake(
+            password=self.claims.password, tls=self._tls, client_init=True if shared else None
+        )
         await self._connect()
         if shared:
             ready = await self._drive(upstream, rfb.ServerInitReady)
@@ -298,7 +300,7 @@ class ConsoleSession:
             await self._drive(upstream, rfb.Authenticated)
             client_init = await self._client_init
             # a view-only viewer must not disconnect the VM's other viewers (shared=0 would)
-            self._write_upstream(upstream.send_client_init(client_init.shared or self.claims.ro))
+            self._write_upstream(upstream.send_client_init(client_init.shared or self.claims.view_only))
             ready = await self._drive(upstream, rfb.ServerInitReady)
             assert isinstance(ready, rfb.ServerInitReady)
         if not self.relaying:  # not opened in a read callback meanwhile
@@ -308,7 +310,7 @@ class ConsoleSession:
         """ServerInit to the browser, then relaying: what either side sent meanwhile goes on."""
         self._ready = None
         self.security_type = security_type
-        name = self.claims.dn.encode("utf-8") if self.claims.dn else None
+        name = self.claims.desktop_name.encode("utf-8") if self.claims.desktop_name else None
         self.browser.send(ready.server_init.encode(name=name))
         self.handshake_seconds = time.monotonic() - self.started
         self.on_open(self)
@@ -602,7 +604,7 @@ class ConsoleSession:
             # a person is there: update requests alone (noVNC sends them while the screen
             # changes) do not keep an abandoned console open
             self.last_input = time.monotonic()
-        if self.claims.ro:
+        if self.claims.view_only:
             out = b"".join(m for kind, m in messages if kind not in rfb.INPUT_MESSAGE_TYPES)
         else:
             out = b"".join(m for _, m in messages)

@@ -96,7 +96,7 @@ class ProxyState:
         return claims
 
     async def redeem(self, claims: Claims) -> None:
-        if not claims.once:
+        if not claims.single_use:
             return
         self.spent.check(claims)
         if self.broker is None:
@@ -246,10 +246,10 @@ class TokenStatusHandler(JsonHandler):
             {
                 "ok": True,
                 "expires_at": claims.exp,
-                "view_only": claims.ro,
-                "single_use": claims.once,
-                "desktop_name": claims.dn,
-                "clip": claims.clip or "both",
+                "view_only": claims.view_only,
+                "single_use": claims.single_use,
+                "desktop_name": claims.desktop_name,
+                "clip": claims.clip_policy.name,
                 "max_cut_text": self.state.config.max_cut_text,
             },
         )

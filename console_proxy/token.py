@@ -17,11 +17,13 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, TypeGuard
 
 from console_proxy import b64url, strictjson
 from console_proxy.codes import Refused
 from console_proxy.keyring import DEFAULT_SKEW, Keyring
+from console_proxy.protocol.clipboard import ClipPolicy, parse_clip
 
 AUDIENCE = "console-proxy"
 MAX_TOKEN_LENGTH = 8192
@@ -77,8 +79,37 @@ class TokenRefused(Exception):
 
 
 @dataclass(frozen=True)
+class TlsClaim:
+    """The ``tls`` claim, typed: what the broker knows about the target's VeNCrypt TLS.
+
+    ``ca`` is a PEM bundle to pin, or the word ``"broker"`` (the broker's own CA); ``sni`` the
+    name to verify instead of the host; ``allow_anonymous`` admits anonymous TLS for this target;
+    ``require`` refuses plain RFB. The wire spelling (``allow_anon``) stays in this module.
+    """
+
+    ca: str | None = None
+    sni: str | None = None
+    allow_anonymous: bool = False
+    require: bool = False
+
+    @classmethod
+    def from_wire(cls, value: dict[str, Any] | None) -> TlsClaim | None:
+        """The typed claim of a ``tls`` object already checked by the codec (None stays None)."""
+        if value is None:
+            return None
+        return cls(value.get("ca"), value.get("sni"), value.get("allow_anon", False), value.get("require", False))
+
+
+@dataclass(frozen=True)
 class Claims:
-    """The verified content of a token. ``pw`` is never shown: see :meth:`masked`."""
+    """The verified content of a token. ``pw`` is never shown: see :meth:`masked`.
+
+    The fields are the JWT's wire names, for the codec in this module only; everything else
+    reads the typed accessors below (``view_only``, ``password``, ``target_tls``, ...), so the
+    token format and the proxy's vocabulary can each change without the other (a test in
+    tests/test_claims_names.py keeps wire names out of other modules). The accessors cost
+    nothing at verify time: the two that build an object are computed once, on first use.
+    """
 
     iss: str
     iat: int
@@ -109,6 +140,51 @@ class Claims:
         claims = object.__new__(cls)
         claims.__dict__.update(fields)
         return claims
+
+    @property
+    def view_only(self) -> bool:
+        """The browser may watch but not type, point or paste (``ro``)."""
+        return self.ro
+
+    @property
+    def single_use(self) -> bool:
+        """The token opens one console only: the proxy redeems it at the broker (``once``)."""
+        return self.once
+
+    @property
+    def client_ip(self) -> str | None:
+        """The canonical address the token is bound to, or None when unbound (``cip``)."""
+        return self.cip
+
+    @property
+    def password(self) -> str | None:
+        """The VNC password for the target (``pw``); never logged."""
+        return self.pw
+
+    @property
+    def desktop_name(self) -> str | None:
+        """The desktop name shown to the browser instead of the server's (``dn``)."""
+        return self.dn
+
+    @property
+    def user(self) -> str | None:
+        """Who the broker minted the token for (``sub``)."""
+        return self.sub
+
+    @property
+    def target(self) -> str | None:
+        """The broker's name for the VM behind ``host:port`` (``vm``)."""
+        return self.vm
+
+    @cached_property
+    def target_tls(self) -> TlsClaim | None:
+        """What the token pins about the target's TLS (``tls``), typed."""
+        return TlsClaim.from_wire(self.tls)
+
+    @cached_property
+    def clip_policy(self) -> ClipPolicy:
+        """Which way cut text may flow (``clip``; absent means both ways)."""
+        return parse_clip(self.clip)
 
     def to_json_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

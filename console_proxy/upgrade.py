@@ -235,7 +235,7 @@ def serve(state: ProxyState, request: UpgradeRequest, door: Door) -> Awaitable[N
         except Refusal as refusal:
             refuse(state, request, door, refusal, view.client)
             return None
-        if not admitted.claims.once:
+        if not admitted.claims.single_use:
             _open(state, request, door, admitted)
             return None
         door.hold()

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import enum
 import ssl
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from console_proxy.proxycerts import ProxyCertificates
+
+if TYPE_CHECKING:  # token imports the RFB package, which imports this module
+    from console_proxy.token import TlsClaim
 
 __all__ = [
     "BROKER_CA",
@@ -110,7 +112,7 @@ class TlsPolicy:
 
 
 def policy_for(
-    tls: Mapping[str, Any] | None,
+    tls: TlsClaim | None,
     host: str,
     *,
     upstream_ca_pem: str | None,
@@ -124,16 +126,17 @@ def policy_for(
     tokens that pin nothing. A token that pins is never loosened by the proxy. ``own`` is where
     the proxy's certificates are (``--state-dir``), for ``tls.ca == "broker"``.
     """
-    claim = tls or {}
-    server_name = claim.get("sni") or host
-    token_allows_anonymous = bool(claim.get("allow_anon"))
-    if claim.get("ca") == BROKER_CA:
+    if tls is None:
+        return TlsPolicy(Pin.NOTHING, upstream_ca_pem, host, allow_anonymous=allow_anonymous_tls)
+    server_name = tls.sni or host
+    token_allows_anonymous = tls.allow_anonymous
+    if tls.ca == BROKER_CA:
         ca_pem = own.ca_pem() if own is not None else None
         client = own.client_certificate() if own is not None else None
         return TlsPolicy(Pin.CA, ca_pem, server_name, client_certificate=client, no_ca=None if ca_pem else NO_BROKER_CA)
-    if claim.get("ca"):
-        return TlsPolicy(Pin.CA, claim["ca"], server_name, allow_anonymous=False)
-    if claim.get("require"):
+    if tls.ca:
+        return TlsPolicy(Pin.CA, tls.ca, server_name, allow_anonymous=False)
+    if tls.require:
         return TlsPolicy(Pin.REQUIRE, upstream_ca_pem, server_name, allow_anonymous=token_allows_anonymous)
     return TlsPolicy(
         Pin.NOTHING, upstream_ca_pem, server_name, allow_anonymous=token_allows_anonymous or allow_anonymous_tls

@@ -5,10 +5,12 @@ from __future__ import annotations
 import shutil
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from console_proxy.proxycerts import ProxyCertificates
+from console_proxy.token import TlsClaim
 from console_proxy.upstream_tls import (
     CertificateRequestWatch,
     ClientCertificateError,
@@ -24,8 +26,9 @@ TOKEN_CA = "TOKEN CA PEM"
 PROXY_CA = "PROXY CA PEM"
 
 
-def policy(tls: dict[str, object] | None, *, upstream_ca: str | None = None, anon: bool = False) -> TlsPolicy:
-    return policy_for(tls, "vm.example", upstream_ca_pem=upstream_ca, allow_anonymous_tls=anon)
+def policy(tls: dict[str, Any] | None, *, upstream_ca: str | None = None, anon: bool = False) -> TlsPolicy:
+    """The policy for a ``tls`` claim spelt as on the wire."""
+    return policy_for(TlsClaim.from_wire(tls), "vm.example", upstream_ca_pem=upstream_ca, allow_anonymous_tls=anon)
 
 
 @pytest.mark.parametrize("upstream_ca", [None, PROXY_CA])
@@ -154,7 +157,7 @@ def _own(tmp_path: Path, *, matching: bool = True) -> ProxyCertificates:
 def test_broker_pins_the_ca_the_proxy_holds_and_presents_its_certificate(tmp_path: Path, anon: bool) -> None:
     own = _own(tmp_path)
     got = policy_for(
-        {"ca": "broker", "allow_anon": True}, "hv", upstream_ca_pem=PROXY_CA, allow_anonymous_tls=anon, own=own
+        TlsClaim(ca="broker", allow_anonymous=True), "hv", upstream_ca_pem=PROXY_CA, allow_anonymous_tls=anon, own=own
     )
     assert got.pin is Pin.CA and got.ca_pem == own.ca_path.read_text() and not got.allow_anonymous
     assert got.client_certificate == (str(own.cert_path), str(own.key_path))
@@ -163,7 +166,7 @@ def test_broker_pins_the_ca_the_proxy_holds_and_presents_its_certificate(tmp_pat
 
 def test_broker_without_the_ca_is_unverifiable_never_anonymous(tmp_path: Path) -> None:
     for own in (None, ProxyCertificates(tmp_path / "empty")):
-        got = policy_for({"ca": "broker"}, "hv", upstream_ca_pem=PROXY_CA, allow_anonymous_tls=True, own=own)
+        got = policy_for(TlsClaim(ca="broker"), "hv", upstream_ca_pem=PROXY_CA, allow_anonymous_tls=True, own=own)
         assert (got.pin, got.ca_pem, got.can_verify, got.allow_anonymous) == (Pin.CA, None, False, False)
         assert "holds none" in got.no_ca_refusal()
         with pytest.raises(NoCaError, match="holds none"):
@@ -172,7 +175,7 @@ def test_broker_without_the_ca_is_unverifiable_never_anonymous(tmp_path: Path) -
 
 def test_a_client_key_not_matching_its_certificate_is_refused_clearly(tmp_path: Path) -> None:
     own = _own(tmp_path, matching=False)
-    got = policy_for({"ca": "broker"}, "hv", upstream_ca_pem=None, allow_anonymous_tls=False, own=own)
+    got = policy_for(TlsClaim(ca="broker"), "hv", upstream_ca_pem=None, allow_anonymous_tls=False, own=own)
     with pytest.raises(ClientCertificateError, match=r"client certificate .* is not usable") as refused:
         client_context(got, True)
     assert "PRIVATE" not in str(refused.value)
