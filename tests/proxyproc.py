@@ -26,6 +26,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_python(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python ARGV`` from the checkout (``-m console_proxy.cli …``, a script), run to its end:
+    exit code, stdout and stderr as text; the checkout on PYTHONPATH, so the tree under test runs."""
+    return subprocess.run(
+        [sys.executable, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=timeout,
+    )
+
+
 @dataclass
 class ProxyProcess:
     process: subprocess.Popen[str]

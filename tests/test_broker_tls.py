@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 from brokerproc import BrokerState, start_broker
-from proxyproc import REPO, free_port, start_proxy
+from proxyproc import free_port, run_python, start_proxy
 from rfbclient import Console
 
 from broker.client import BrokerClient
@@ -61,23 +59,16 @@ def test_proxy_refuses_a_broker_certificate_it_cannot_verify(tmp_path: Path, tes
     broker = start_broker(state, "--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path))
     credential = state.add_proxy("unsure", "http://127.0.0.1:1")
     try:
-        result = subprocess.run(  # no --broker-ca: the system CAs do not know the test CA
-            [
-                sys.executable,
-                "-m",
-                "console_proxy.cli",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--broker",
-                f"https://127.0.0.1:{broker.port}",
-                "--proxy-credential",
-                str(credential),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
+        result = run_python(  # no --broker-ca: the system CAs do not know the test CA
+            "-m",
+            "console_proxy.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--broker",
+            f"https://127.0.0.1:{broker.port}",
+            "--proxy-credential",
+            str(credential),
             timeout=30,
         )
     finally:
@@ -90,23 +81,16 @@ def test_proxy_refuses_a_broker_certificate_it_cannot_verify(tmp_path: Path, tes
 def test_proxy_refuses_plain_http_to_a_remote_broker(tmp_path: Path) -> None:
     credential = tmp_path / "cred.json"
     credential.write_text('{"proxy_id": "p", "secret": "s"}')
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "console_proxy.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--broker",
-            "http://192.0.2.10:8080",
-            "--proxy-credential",
-            str(credential),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    result = run_python(
+        "-m",
+        "console_proxy.cli",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--broker",
+        "http://192.0.2.10:8080",
+        "--proxy-credential",
+        str(credential),
         timeout=30,
     )
     assert result.returncode == 1

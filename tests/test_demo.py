@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from proxyproc import REPO, free_port
+from proxyproc import REPO, free_port, run_python
 from rfbclient import Console
 
 
@@ -73,21 +73,8 @@ def test_a_busy_port_fails_in_one_line_and_prints_no_url(busy: str) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", proxy_port if busy == "proxy" else broker_port))
         holder.listen()
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "scripts" / "demo.py"),
-                "--port",
-                str(proxy_port),
-                "--broker-port",
-                str(broker_port),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            timeout=120,
+        done = run_python(
+            str(REPO / "scripts" / "demo.py"), "--port", str(proxy_port), "--broker-port", str(broker_port), timeout=120
         )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "/console#token=" not in done.stdout

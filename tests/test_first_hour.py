@@ -6,34 +6,22 @@ Real processes (``console-proxy serve``, ``console-broker``), real ``vncpasswd``
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from brokerproc import BrokerState, start_broker
-from proxyproc import REPO, free_port, start_proxy
+from proxyproc import REPO, free_port, run_python, start_proxy
 
 from console_proxy import keyring
 from console_proxy.command import CommandError, read_secret_file
 from console_proxy.keyring import Keyring
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
-
-def _cli(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=ENV,
-        timeout=timeout,
-    )
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_python("-m", module, *args)
 
 
 def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:

@@ -10,9 +10,6 @@ the real ``console-broker ca issue-host`` (QEMU's layout). The proxy's state dir
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from proxyproc import REPO, ProxyProcess, start_proxy
+from proxyproc import ProxyProcess, run_python, start_proxy
 from qemu import QemuVnc, qemu_available, start_qemu
 from test_qemu_tls import PASSWORD, closed_with, reaches_server_init
 from tornado.httpclient import HTTPClient
@@ -51,15 +48,8 @@ class BrokerCa:
 
     def issue_host(self, out: Path, *extra: str) -> TestPki:
         """``console-broker ca issue-host --host 127.0.0.1 --out OUT`` (the real command)."""
-        command = [sys.executable, "-m", "broker.cli", "ca", "issue-host", "--state-dir", str(self.root)]
-        done = subprocess.run(
-            [*command, "--host", "127.0.0.1", "--out", str(out), *extra],
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        command = ["-m", "broker.cli", "ca", "issue-host", "--state-dir", str(self.root)]
+        done = run_python(*command, "--host", "127.0.0.1", "--out", str(out), *extra)
         assert done.returncode == 0, done.stderr
         files = (out / "ca-cert.pem", out / "server-cert.pem", out / "server-key.pem")
         return TestPki(files[0].read_text(), *files)
