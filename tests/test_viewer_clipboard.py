@@ -12,11 +12,9 @@ offers no way to send.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import pytest
 import test_viewer_e2e as e2e
-from browser import Chromium
 from test_viewer_e2e import console_url, poll, wait_state
 from vmclipboard import needs_xclip, set_vm_clipboard, vm_clipboard
 
@@ -24,12 +22,7 @@ from vmclipboard import needs_xclip, set_vm_clipboard, vm_clipboard
 open_page, page, x_clients = e2e.open_page, e2e.page, e2e.x_clients
 
 
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    """This module's Chromium; unlike test_viewer_e2e's, it leaves the screenshots folder as it is."""
-    browser = Chromium(log_path=tmp_path_factory.mktemp("chromium") / "chromium.log")
-    yield browser
-    browser.close()
+chromium = e2e.own_chromium  # fixture: this module's own browser
 
 
 pytestmark = [
