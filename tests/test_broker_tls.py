@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from brokerproc import BrokerState, start_broker
-from proxyproc import free_port, run_python, start_proxy
+from proxyproc import free_port, serve_linked, start_proxy
 from rfbclient import Console
 
 from broker.client import BrokerClient
@@ -59,18 +59,8 @@ def test_proxy_refuses_a_broker_certificate_it_cannot_verify(tmp_path: Path, tes
     broker = start_broker(state, "--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path))
     credential = state.add_proxy("unsure", "http://127.0.0.1:1")
     try:
-        result = run_python(  # no --broker-ca: the system CAs do not know the test CA
-            "-m",
-            "console_proxy.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--broker",
-            f"https://127.0.0.1:{broker.port}",
-            "--proxy-credential",
-            str(credential),
-            timeout=30,
-        )
+        # no --broker-ca: the system CAs do not know the test CA
+        result = serve_linked(f"https://127.0.0.1:{broker.port}", credential, timeout=30)
     finally:
         broker.stop()
     assert result.returncode == 1
@@ -81,18 +71,7 @@ def test_proxy_refuses_a_broker_certificate_it_cannot_verify(tmp_path: Path, tes
 def test_proxy_refuses_plain_http_to_a_remote_broker(tmp_path: Path) -> None:
     credential = tmp_path / "cred.json"
     credential.write_text('{"proxy_id": "p", "secret": "s"}')
-    result = run_python(
-        "-m",
-        "console_proxy.cli",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{free_port()}",
-        "--broker",
-        "http://192.0.2.10:8080",
-        "--proxy-credential",
-        str(credential),
-        timeout=30,
-    )
+    result = serve_linked("http://192.0.2.10:8080", credential, timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "console-proxy: error: --broker 'http://192.0.2.10:8080' must be an https:// URL (plain http only to this host)"

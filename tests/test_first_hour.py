@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from brokerproc import BrokerState, start_broker
-from proxyproc import REPO, free_port, run_python, start_proxy
+from proxyproc import REPO, free_port, run_python, serve_linked, start_proxy
 
 from console_proxy import keyring
 from console_proxy.command import CommandError, read_secret_file
@@ -112,18 +112,7 @@ def test_password_file_format_and_state_dir_default_are_in_help() -> None:
 def _proxy_against(tmp_path: Path, url: str) -> str:
     credential = tmp_path / "credential.json"
     credential.write_text(json.dumps({"proxy_id": "p", "secret": "s" * 40}))
-    line = _one_error_line(
-        _cli(
-            "console_proxy.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--broker",
-            url,
-            "--proxy-credential",
-            str(credential),
-        )
-    )
+    line = _one_error_line(serve_linked(url, credential))
     assert "599" not in line and "s" * 40 not in line
     return line
 
