@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import test_qemu_tls
 from cryptography import x509
 from proxyproc import ProxyProcess, run_python, start_proxy
-from qemu import QemuVnc, qemu_available, start_qemu
+from qemu import QemuVnc
 from test_qemu_tls import PASSWORD, closed_with, reaches_server_init
 from tornado.httpclient import HTTPClient
 from xvnc import TestPki
@@ -96,20 +97,7 @@ def broker_ca(tmp_path_factory: pytest.TempPathFactory) -> BrokerCa:
     return new_broker_ca(tmp_path_factory.mktemp("broker") / "state")
 
 
-@pytest.fixture(scope="module")
-def qemu_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., QemuVnc]]:
-    if not qemu_available():
-        pytest.fail("qemu-system-x86_64 is not installed: run scripts/setup.sh (tests never skip real parts)")
-    started: list[QemuVnc] = []
-
-    def start(**options: object) -> QemuVnc:
-        server = start_qemu(tmp_path_factory.mktemp("qemu"), **options)  # type: ignore[arg-type]
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+qemu_factory = test_qemu_tls.qemu_factory  # fixture, shared: QEMUs started on demand, stopped at the end
 
 
 @pytest.fixture(scope="module")
