@@ -648,6 +648,10 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _replicas(count: int) -> str:
+    return f"{count} replica" if count == 1 else f"{count} replicas"
+
+
 def watch_lines(w: dict[str, Any]) -> list[str]:
     """The watch load's rows of the table: CPU per second at rest, then per revocation."""
     lines = [
@@ -695,7 +699,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _replicas(count: int) -> str:
-    return f"{count} replica" if count == 1 else f"{count} replicas"
