@@ -78,26 +78,32 @@ def make_state(root: Path, database: str | None) -> Fleet:
         broker.close()
 
 
+def serve_command(root: Path, port: int, heartbeat_interval: float, database: str | None) -> list[str]:
+    """``console-broker serve`` on loopback ``port`` for a bench: state in ``root`` (and
+    ``database`` when given), warnings only in its log."""
+    return [
+        sys.executable,
+        "-m",
+        "broker.cli",
+        "serve",
+        "--state-dir",
+        str(root),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--heartbeat-interval",
+        str(heartbeat_interval),
+        "--log-level",
+        "WARNING",
+        *(["--database", database] if database else []),
+    ]
+
+
 class Replica:
     """One ``console-broker serve`` process."""
 
     def __init__(self, root: Path, database: str | None) -> None:
         self.port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "broker.cli",
-            "serve",
-            "--state-dir",
-            str(root),
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--heartbeat-interval",
-            str(HEARTBEAT_INTERVAL * 120),
-            "--log-level",
-            "WARNING",
-            *(["--database", database] if database else []),
-        ]
+        command = serve_command(root, self.port, HEARTBEAT_INTERVAL * 120, database)
         self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.ps = psutil.Process(self.process.pid)
         deadline = time.monotonic() + 30
@@ -642,6 +648,10 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _replicas(count: int) -> str:
+    return f"{count} replica" if count == 1 else f"{count} replicas"
+
+
 def watch_lines(w: dict[str, Any]) -> list[str]:
     """The watch load's rows of the table: CPU per second at rest, then per revocation."""
     lines = [
@@ -689,7 +699,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _replicas(count: int) -> str:
-    return f"{count} replica" if count == 1 else f"{count} replicas"

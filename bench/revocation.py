@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path as FsPath
 from typing import Any
 
+from bench.brokers import serve_command
 from bench.clients import ClosedError, Conn, Path, handshake
 from bench.targets import REPO, free_port, start_xvnc, stop_process
 from broker.client import BrokerClient
@@ -123,21 +124,7 @@ class Fleet:
             _spawn(
                 work,
                 f"broker-{root.name}",
-                [
-                    sys.executable,
-                    "-m",
-                    "broker.cli",
-                    "serve",
-                    "--state-dir",
-                    str(root),
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                    "--heartbeat-interval",
-                    str(HEARTBEAT),
-                    "--log-level",
-                    "WARNING",
-                    *(["--database", database] if database else []),
-                ],
+                serve_command(root, port, HEARTBEAT, database),
                 f"http://127.0.0.1:{port}/healthz",
             )
         )

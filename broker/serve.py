@@ -24,7 +24,7 @@ from console_proxy.certfiles import CertificateFiles
 from console_proxy.command import CommandError, Parser
 from console_proxy.configsources import Sources
 from console_proxy.hostside import is_loopback_host, parse_listen, tls_files
-from console_proxy.logguard import FORMATS
+from console_proxy.logguard import add_options as add_log_options
 from console_proxy.logguard import setup as guard_logging
 
 log = logging.getLogger("consolegate.broker")
@@ -155,13 +155,7 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         help="proxies authenticate only with a client certificate of the broker's CA "
         "(their bearer credentials are refused: 401 mtls_required); needs --tls-cert",
     )
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.add_argument(
-        "--log-format",
-        default="text",
-        choices=FORMATS,
-        help="text lines, or one JSON object per line (default: %(default)s)",
-    )
+    add_log_options(serve)
     serve.set_defaults(handler=run)
     Sources(serve, "console-broker serve")
 

@@ -1377,6 +1377,26 @@ def _event_time(event: dict[str, Any], now: float) -> float:
     return float(at) if isinstance(at, int | float) and abs(at - now) < 86400 else now
 
 
+def _pick(event: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The named fields of a proxy's event, in that order; an absent one as None."""
+    return {name: event.get(name) for name in names}
+
+
+def _audit_event(
+    store: Store, conn: Any, who: Principal, type_: str, event: dict[str, Any], now: float, /, **detail: Any
+) -> None:
+    """The audit row of a proxy's event: one shape for every event type, the reporting proxy first
+    in its detail, so a reader of the audit log finds the same keys where it expects them."""
+    store.append_audit(
+        conn,
+        at=now,
+        type_=type_,
+        actor=who.actor,
+        session_id=event.get("session_id"),
+        detail={"proxy_id": who.id, **detail},
+    )
+
+
 def _opened(store: Store, conn: Any, who: Principal, event: dict[str, Any], now: float) -> None:
     at, sid = _event_time(event, now), event.get("session_id")
     if sid:
@@ -1385,22 +1405,8 @@ def _opened(store: Store, conn: Any, who: Principal, event: dict[str, Any], now:
             "opened_at = COALESCE(opened_at, ?), proxy_id = ? WHERE id = ?",
             (at, who.id, sid),
         )
-    store.append_audit(
-        conn,
-        at=now,
-        type_="opened",
-        actor=who.actor,
-        session_id=sid,
-        detail={
-            "proxy_id": who.id,
-            "client": event.get("client"),
-            "vm": event.get("vm"),
-            "user": event.get("user"),
-            "security": event.get("security"),
-            "view_only": event.get("view_only"),
-            "handshake_ms": event.get("handshake_ms"),
-        },
-    )
+    keep = _pick(event, "client", "vm", "user", "security", "view_only", "handshake_ms")
+    _audit_event(store, conn, who, "opened", event, now, **keep)
 
 
 BYTES_MAX = 2**62
@@ -1419,40 +1425,13 @@ def _closed(store: Store, conn: Any, who: Principal, event: dict[str, Any], now:
             f"bytes_down = {_ADD_BYTES.format(column='bytes_down')}, close_code = ? WHERE id = ?",
             (at, up, up, down, down, event.get("close_code"), sid),
         )
-    store.append_audit(
-        conn,
-        at=now,
-        type_="closed",
-        actor=who.actor,
-        session_id=sid,
-        detail={
-            "proxy_id": who.id,
-            "bytes_up": up,
-            "bytes_down": down,
-            "duration_s": event.get("duration_s"),
-            "close_code": event.get("close_code"),
-            "close_reason": event.get("close_reason"),
-            "note": event.get("detail"),
-        },
-    )
+    keep = _pick(event, "duration_s", "close_code", "close_reason")
+    _audit_event(store, conn, who, "closed", event, now, bytes_up=up, bytes_down=down, **keep, note=event.get("detail"))
 
 
 def _refused(store: Store, conn: Any, who: Principal, event: dict[str, Any], now: float) -> None:
-    store.append_audit(
-        conn,
-        at=now,
-        type_="refused",
-        actor=who.actor,
-        session_id=event.get("session_id"),
-        detail={
-            "proxy_id": who.id,
-            "code": event.get("code"),
-            "reason": event.get("reason"),
-            "status": event.get("status"),
-            "client": event.get("client"),
-            "path": event.get("path"),
-        },
-    )
+    keep = _pick(event, "code", "reason", "status", "client", "path")
+    _audit_event(store, conn, who, "refused", event, now, **keep)
 
 
 _EVENT_HANDLERS = {"opened": _opened, "closed": _closed, "refused": _refused}

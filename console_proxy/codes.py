@@ -71,7 +71,7 @@ class Refused(StrEnum):
     """A refusal before the upgrade (and /token-status's verdict): the ``error`` code of the JSON
     answer, owning its HTTP status and the message the answer carries (the viewer shows its own
     words for each, ``REFUSALS`` in static/messages.js). The token's codes are here too:
-    :data:`console_proxy.token.REASONS` maps each precise reason to one of them."""
+    :class:`console_proxy.token.Reason` maps each precise reason to one of them."""
 
     status: int
     message: str

@@ -20,6 +20,7 @@ tracebacks. So ``setup`` puts one formatter on the root handler that every recor
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -36,6 +37,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 #: ``--log-format``: text lines (FORMAT), or one JSON object per line (:class:`JsonGuardedFormatter`).
 FORMATS = ("text", "json")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 REDACTED = "[redacted]"
 #: Longest message and traceback kept; a longer one is cut (after redaction) so one request
 #: cannot flood the log.
@@ -325,6 +327,18 @@ class GuardedHandler(logging.StreamHandler[TextIO]):
             self.flush()
         except Exception:
             pass
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-format`` of a serving command (the proxy's, the broker's): the
+    two values :func:`setup` takes, offered the same way by both."""
+    parser.add_argument("--log-level", default="INFO", choices=list(LEVELS))
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=FORMATS,
+        help="text lines, or one JSON object per line (default: %(default)s)",
+    )
 
 
 def setup(level: str | int, log_format: str = "text") -> None:

@@ -148,13 +148,7 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         metavar="DIR",
         help="the viewer's files (default: the viewer installed with the package; static/ in a checkout)",
     )
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.add_argument(
-        "--log-format",
-        default="text",
-        choices=logguard.FORMATS,
-        help="text lines, or one JSON object per line (default: %(default)s)",
-    )
+    logguard.add_options(serve)
     serve.set_defaults(handler=run)
     Sources(serve, "console-proxy serve")
 

@@ -17,7 +17,8 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeGuard
+from enum import StrEnum
+from typing import Any, Self, TypeGuard
 
 from console_proxy import b64url, strictjson
 from console_proxy.codes import Refused
@@ -33,29 +34,36 @@ _JWS_HEADER_KEYS = frozenset({"alg", "kid"})
 _JWE_HEADER_KEYS = frozenset({"alg", "enc", "kid", "cty"})
 _TLS_KEYS = {"ca": str, "sni": str, "allow_anon": bool, "require": bool}
 
-# internal reason -> (public code, HTTP status); each code owns its status and message
-_INVALID, _EXPIRED, _NOT_YET, _IP = (
-    Refused.TOKEN_INVALID,
-    Refused.TOKEN_EXPIRED,
-    Refused.TOKEN_NOT_YET_VALID,
-    Refused.CLIENT_IP_MISMATCH,
-)
-REASONS: dict[str, tuple[str, int]] = {
-    "too_long": (_INVALID, _INVALID.status),
-    "malformed": (_INVALID, _INVALID.status),
-    "unknown_fleet_key": (_INVALID, _INVALID.status),
-    "decrypt_failed": (_INVALID, _INVALID.status),
-    "unknown_signing_key": (_INVALID, _INVALID.status),
-    "bad_signature": (_INVALID, _INVALID.status),
-    "wrong_audience": (_INVALID, _INVALID.status),
-    "bad_claims": (_INVALID, _INVALID.status),
-    "lifetime_too_long": (_INVALID, _INVALID.status),
-    "expired": (_EXPIRED, _EXPIRED.status),
-    "not_yet_valid": (_NOT_YET, _NOT_YET.status),
-    "client_ip_mismatch": (_IP, _IP.status),
-}
 
-PUBLIC_MESSAGES = {code.value: code.message for code in (_INVALID, _EXPIRED, _NOT_YET, _IP)}
+class Reason(StrEnum):
+    """Why a token was refused, precisely (logs, the audit, ``token inspect``), owning the
+    public code the browser sees (:class:`~console_proxy.codes.Refused`, which owns the HTTP
+    status and the message). Checked in DESIGN's order by :func:`verify`."""
+
+    refused: Refused
+
+    # As for Refused: the default only lets the type checker accept ``Reason("expired")``.
+    def __new__(cls, reason: str, refused: Refused = Refused.TOKEN_INVALID) -> Self:
+        member = str.__new__(cls, reason)
+        member._value_ = reason
+        member.refused = refused
+        return member
+
+    TOO_LONG = "too_long", Refused.TOKEN_INVALID
+    MALFORMED = "malformed", Refused.TOKEN_INVALID
+    UNKNOWN_FLEET_KEY = "unknown_fleet_key", Refused.TOKEN_INVALID
+    DECRYPT_FAILED = "decrypt_failed", Refused.TOKEN_INVALID
+    UNKNOWN_SIGNING_KEY = "unknown_signing_key", Refused.TOKEN_INVALID
+    BAD_SIGNATURE = "bad_signature", Refused.TOKEN_INVALID
+    WRONG_AUDIENCE = "wrong_audience", Refused.TOKEN_INVALID
+    BAD_CLAIMS = "bad_claims", Refused.TOKEN_INVALID
+    LIFETIME_TOO_LONG = "lifetime_too_long", Refused.TOKEN_INVALID
+    EXPIRED = "expired", Refused.TOKEN_EXPIRED
+    NOT_YET_VALID = "not_yet_valid", Refused.TOKEN_NOT_YET_VALID
+    CLIENT_IP_MISMATCH = "client_ip_mismatch", Refused.CLIENT_IP_MISMATCH
+
+
+PUBLIC_MESSAGES = {reason.refused.value: reason.refused.message for reason in Reason}
 
 
 class TokenRefused(Exception):
@@ -65,9 +73,9 @@ class TokenRefused(Exception):
     was refused for its content (audience, time, client IP), so logs can name session and user.
     """
 
-    def __init__(self, reason: str, detail: str = "", claims: Claims | None = None) -> None:
+    def __init__(self, reason: Reason, detail: str = "", claims: Claims | None = None) -> None:
         self.reason = reason
-        self.code, self.status = REASONS[reason]
+        self.code, self.status = reason.refused, reason.refused.status
         self.detail = detail
         self.claims = claims
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -282,13 +290,13 @@ def verify(
     jws = _decrypt(token, keyring, now)
     claims_data = _verify_signature(jws, keyring, now)
     if not _audience_ok(claims_data.get("aud")):
-        raise TokenRefused("wrong_audience", "the token is not meant for a console proxy")
+        raise TokenRefused(Reason.WRONG_AUDIENCE, "the token is not meant for a console proxy")
     try:
         claims = check_claims(claims_data, max_ttl=keyring.max_ttl if max_ttl is None else max_ttl)
     except _LifetimeTooLong as exc:
-        raise TokenRefused("lifetime_too_long", str(exc)) from None
+        raise TokenRefused(Reason.LIFETIME_TOO_LONG, str(exc)) from None
     except ValueError as exc:
-        raise TokenRefused("bad_claims", str(exc)) from None
+        raise TokenRefused(Reason.BAD_CLAIMS, str(exc)) from None
     _check_time(claims, now, skew)
     _check_client_ip(claims, client_ip)
     return claims
@@ -296,28 +304,28 @@ def verify(
 
 def _decrypt(token: Any, keyring: Keyring, now: float) -> bytes:
     if not isinstance(token, str):
-        raise TokenRefused("malformed", "the token is not text")
+        raise TokenRefused(Reason.MALFORMED, "the token is not text")
     if len(token) > MAX_TOKEN_LENGTH:
-        raise TokenRefused("too_long", f"the token is longer than {MAX_TOKEN_LENGTH} characters")
+        raise TokenRefused(Reason.TOO_LONG, f"the token is longer than {MAX_TOKEN_LENGTH} characters")
     parts = token.split(".")
     if len(parts) != 5 or parts[1] != "":
-        raise TokenRefused("malformed", "not a JWE compact serialization with an empty key part")
+        raise TokenRefused(Reason.MALFORMED, "not a JWE compact serialization with an empty key part")
     header_b64, _, iv_b64, ct_b64, tag_b64 = parts
     kid = _header_kid(header_b64, _jwe_kid)
     try:
         iv, ciphertext, tag = b64url.decode(iv_b64), b64url.decode(ct_b64), b64url.decode(tag_b64)
     except ValueError as exc:
-        raise TokenRefused("malformed", str(exc)) from None
+        raise TokenRefused(Reason.MALFORMED, str(exc)) from None
     if len(iv) != 12 or len(tag) != 16 or not ciphertext:
-        raise TokenRefused("malformed", "wrong IV, tag or ciphertext length")
+        raise TokenRefused(Reason.MALFORMED, "wrong IV, tag or ciphertext length")
     fleet = keyring.fleet_key(kid, now)
     if fleet is None:
-        raise TokenRefused("unknown_fleet_key", "the token's fleet key is unknown or retired")
+        raise TokenRefused(Reason.UNKNOWN_FLEET_KEY, "the token's fleet key is unknown or retired")
     plaintext = fleet.open(iv, ciphertext, tag, header_b64.encode("ascii"))
     if plaintext is None:
-        raise TokenRefused("decrypt_failed", "the token does not authenticate under its fleet key")
+        raise TokenRefused(Reason.DECRYPT_FAILED, "the token does not authenticate under its fleet key")
     if not plaintext.isascii():
-        raise TokenRefused("malformed", "the inner token is not ASCII")
+        raise TokenRefused(Reason.MALFORMED, "the inner token is not ASCII")
     return plaintext
 
 
@@ -325,21 +333,21 @@ def _verify_signature(jws: bytes, keyring: Keyring, now: float) -> dict[str, Any
     signing_input, _, signature_b64 = jws.rpartition(b".")
     parts = signing_input.decode("ascii").split(".")
     if len(parts) != 2:
-        raise TokenRefused("malformed", "the inner token is not a JWS compact serialization")
+        raise TokenRefused(Reason.MALFORMED, "the inner token is not a JWS compact serialization")
     kid = _header_kid(parts[0], _jws_kid)
     try:
         signature = b64url.decode(signature_b64.decode("ascii"))
     except ValueError as exc:
-        raise TokenRefused("malformed", str(exc)) from None
+        raise TokenRefused(Reason.MALFORMED, str(exc)) from None
     key = keyring.signing_key(kid, now)
     if key is None:
-        raise TokenRefused("unknown_signing_key", "the token's signing key is unknown or retired")
+        raise TokenRefused(Reason.UNKNOWN_SIGNING_KEY, "the token's signing key is unknown or retired")
     if len(signature) != 64 or not key.verify(signing_input, signature):
-        raise TokenRefused("bad_signature", "the signature does not verify")
+        raise TokenRefused(Reason.BAD_SIGNATURE, "the signature does not verify")
     try:
         return _parse_json_object(b64url.decode(parts[1]))
     except ValueError as exc:
-        raise TokenRefused("bad_claims", str(exc)) from None
+        raise TokenRefused(Reason.BAD_CLAIMS, str(exc)) from None
 
 
 _HEADER_KIDS: dict[tuple[Callable[[dict[str, Any]], str], str], str] = {}
@@ -359,7 +367,7 @@ def _header_kid(encoded: str, check: Callable[[dict[str, Any]], str]) -> str:
     try:
         kid = check(_parse_json_object(b64url.decode(encoded)))
     except ValueError as exc:
-        raise TokenRefused("malformed", str(exc)) from None
+        raise TokenRefused(Reason.MALFORMED, str(exc)) from None
     if len(_HEADER_KIDS) >= _HEADER_CACHE_SIZE:
         _HEADER_KIDS.clear()
     _HEADER_KIDS[(check, encoded)] = kid
@@ -517,9 +525,9 @@ _TEXT_CLAIMS = (
 
 def _check_time(claims: Claims, now: float, skew: int) -> None:
     if now < claims.nbf - skew:
-        raise TokenRefused("not_yet_valid", f"valid from {claims.nbf}", claims)
+        raise TokenRefused(Reason.NOT_YET_VALID, f"valid from {claims.nbf}", claims)
     if now >= claims.exp + skew:
-        raise TokenRefused("expired", f"expired at {claims.exp}", claims)
+        raise TokenRefused(Reason.EXPIRED, f"expired at {claims.exp}", claims)
 
 
 def _check_client_ip(claims: Claims, client_ip: str | None) -> None:
@@ -530,4 +538,4 @@ def _check_client_ip(claims: Claims, client_ip: str | None) -> None:
     except ValueError:
         matches = False
     if not matches:
-        raise TokenRefused("client_ip_mismatch", "the client address differs from the bound one", claims)
+        raise TokenRefused(Reason.CLIENT_IP_MISMATCH, "the client address differs from the bound one", claims)

@@ -70,6 +70,26 @@ class _Peer:
             self._record(chunk)
 
 
+def _to_security_result(peer: _Peer) -> None:
+    """RFB 3.8 with VNC Authentication, up to where the SecurityResult is due (any response taken)."""
+    peer.send(VERSION_38)
+    peer.recv_exact(12)
+    peer.send(b"\x01\x02")  # one type: VNC Authentication
+    peer.recv_exact(1)
+    peer.send(bytes(range(16)))  # the challenge
+    peer.recv_exact(16)  # the DES response
+
+
+def _to_client_init(peer: _Peer) -> None:
+    """RFB 3.8 with security None and SecurityResult OK, up to the ClientInit read: ServerInit is due."""
+    peer.send(VERSION_38)
+    peer.recv_exact(12)
+    peer.send(b"\x01\x01")  # one type: None
+    peer.recv_exact(1)
+    peer.send(struct.pack(">I", 0))  # SecurityResult OK
+    peer.recv_exact(1)  # ClientInit
+
+
 def _bad_version(peer: _Peer) -> None:
     peer.send(b"RFB 003.00x\n")
     peer.hold()
@@ -117,36 +137,21 @@ def _refuse_endless_reason(peer: _Peer) -> None:
 
 
 def _auth_fail_huge_reason(peer: _Peer) -> None:
-    peer.send(VERSION_38)
-    peer.recv_exact(12)
-    peer.send(b"\x01\x02")  # one type: VNC Authentication
-    peer.recv_exact(1)
-    peer.send(bytes(range(16)))  # the challenge
-    peer.recv_exact(16)  # the DES response
+    _to_security_result(peer)
     peer.send(struct.pack(">II", 1, HUGE) + b"wrong password, ")
     peer.hold()
 
 
 def _auth_fail(peer: _Peer) -> None:
     """An honest refusal, like Xvnc after a wrong password: the whole reason in one piece."""
-    peer.send(VERSION_38)
-    peer.recv_exact(12)
-    peer.send(b"\x01\x02")
-    peer.recv_exact(1)
-    peer.send(bytes(range(16)))
-    peer.recv_exact(16)
+    _to_security_result(peer)
     reason = b"wrong password"
     peer.send(struct.pack(">II", 1, len(reason)) + reason)
     peer.hold()
 
 
 def _huge_name(peer: _Peer) -> None:
-    peer.send(VERSION_38)
-    peer.recv_exact(12)
-    peer.send(b"\x01\x01")  # one type: None
-    peer.recv_exact(1)
-    peer.send(struct.pack(">I", 0))  # SecurityResult OK
-    peer.recv_exact(1)  # ClientInit
+    _to_client_init(peer)
     peer.send(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, HUGE) + b"a name that never ends")
     peer.hold()
 
@@ -155,12 +160,7 @@ LEAKED = b"leaked secret"
 
 
 def _cut_text_then_tight(peer: _Peer) -> None:
-    peer.send(VERSION_38)
-    peer.recv_exact(12)
-    peer.send(b"\x01\x01")  # one type: None
-    peer.recv_exact(1)
-    peer.send(struct.pack(">I", 0))  # SecurityResult OK
-    peer.recv_exact(1)  # ClientInit
+    _to_client_init(peer)
     peer.send(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, 4) + b"leak")
     classic = struct.pack(">Bxxxi", 3, len(LEAKED)) + LEAKED
     extended = struct.pack(">Bxxxi", 3, -(4 + len(LEAKED))) + b"\x10\x00\x00\x01" + LEAKED

@@ -62,17 +62,7 @@ class PgCluster:
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
             "-c fsync=off -c full_page_writes=off -c max_connections=200"
         )
-        self._run(
-            PG_BIN / "pg_ctl",
-            "-D",
-            str(self.root / "data"),
-            "-l",
-            str(self.root / "log"),
-            "-w",
-            "-o",
-            self._options,
-            "start",
-        )
+        self.start()
 
     def _run(self, *command: object) -> None:
         argv = [str(c) for c in command]

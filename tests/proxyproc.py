@@ -26,6 +26,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_python(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python ARGV`` from the checkout (``-m console_proxy.cli …``, a script), run to its end:
+    exit code, stdout and stderr as text; the checkout on PYTHONPATH, so the tree under test runs."""
+    return subprocess.run(
+        [sys.executable, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=timeout,
+    )
+
+
+def serve_linked(broker_url: str, credential: Path, *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``console-proxy serve`` linked to a broker by URL and credential, run to its end: for the
+    tests of what makes it refuse to start (exit code and the one stderr line)."""
+    listen = f"127.0.0.1:{free_port()}"
+    return run_python(
+        "-m",
+        "console_proxy.cli",
+        "serve",
+        "--listen",
+        listen,
+        "--broker",
+        broker_url,
+        "--proxy-credential",
+        str(credential),
+        timeout=timeout,
+    )
+
+
 @dataclass
 class ProxyProcess:
     process: subprocess.Popen[str]

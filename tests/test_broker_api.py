@@ -57,6 +57,17 @@ def _heartbeat(broker: BrokerProcess, version: int = 0, **over: Any) -> dict[str
     return _as_proxy(broker, "/proxy/heartbeat", body)[1]
 
 
+def start_with_a_fake_proxy(tmp: Path, *args: str) -> BrokerProcess:
+    """A broker (state in ``tmp``, ``args`` for its serve) whose one proxy "fake" stays healthy:
+    heartbeats due every 600 s and one sent now with room for 10**6 consoles (consoles minted
+    since the last heartbeat count against it)."""
+    state = BrokerState.create(tmp / "state")
+    state.add_proxy("fake", "http://127.0.0.1:1")
+    process = start_broker(state, *args, heartbeat_interval=600)
+    _heartbeat(process, capacity=10**6)
+    return process
+
+
 def _error(call: Any) -> tuple[int, str]:
     with pytest.raises(BrokerError) as info:
         call()

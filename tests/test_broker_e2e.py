@@ -23,7 +23,7 @@ from brokerproc import (
     start_linked_proxy,
     wait_for,
 )
-from proxyproc import ProxyProcess
+from proxyproc import ProxyProcess, free_port, serve_linked
 from rfbclient import Console, try_upgrade
 
 from console_proxy.keyring import DEFAULT_SKEW
@@ -193,32 +193,9 @@ def test_broker_down_reusable_tokens_still_work_single_use_fail_closed(tmp_path:
 
 
 def test_proxy_without_broker_or_keyring_fails_with_one_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from proxyproc import REPO, free_port
-
     credential = tmp_path / "cred.json"
     credential.write_text('{"proxy_id": "x", "secret": "y"}')
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "console_proxy.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--broker",
-            f"http://127.0.0.1:{free_port()}",
-            "--proxy-credential",
-            str(credential),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=30,
-    )
+    result = serve_linked(f"http://127.0.0.1:{free_port()}", credential, timeout=30)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("console-proxy: error: cannot start: no keyring from the broker"), result.stderr

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokerproc import BrokerProcess, BrokerState, legacy_state_dir, start_broker
+from brokerproc import BrokerProcess, legacy_state_dir
 from freezegun import freeze_time
-from test_broker_api import _error, _heartbeat
+from test_broker_api import _error, start_with_a_fake_proxy
 from test_broker_units import registered_proxy
 
 from broker import openapi, serve
@@ -292,10 +292,7 @@ def test_a_version_2_database_gains_the_session_indexes(tmp_path: Path) -> None:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     """Started with the shortest retention allowed (accepted); one heartbeat keeps "fake" healthy."""
     tmp = tmp_path_factory.mktemp("broker-sessions")
-    state = BrokerState.create(tmp / "state")
-    state.add_proxy("fake", "http://127.0.0.1:1")
-    process = start_broker(state, "--session-retention", str(int(MIN_SESSION_RETENTION)), heartbeat_interval=600)
-    _heartbeat(process, capacity=10**6)  # consoles minted since the last heartbeat count against it
+    process = start_with_a_fake_proxy(tmp, "--session-retention", str(int(MIN_SESSION_RETENTION)))
     yield process
     process.stop()
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokerproc import BrokerProcess, BrokerState, legacy_state_dir, start_broker
+from brokerproc import BrokerProcess, legacy_state_dir
 from freezegun import freeze_time
-from test_broker_api import _error, _heartbeat
+from test_broker_api import _error, start_with_a_fake_proxy
 from test_broker_units import registered_proxy
 
 from broker.auth import Principal
@@ -237,11 +237,7 @@ def test_a_database_from_before_sharing_gains_the_parent_columns(tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    tmp = tmp_path_factory.mktemp("broker-share")
-    state = BrokerState.create(tmp / "state")
-    state.add_proxy("fake", "http://127.0.0.1:1")
-    process = start_broker(state, "--max-ttl", "600", heartbeat_interval=600)
-    _heartbeat(process, capacity=10**6)
+    process = start_with_a_fake_proxy(tmp_path_factory.mktemp("broker-share"), "--max-ttl", "600")
     yield process
     process.stop()
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 from brokerproc import BrokerState, start_broker
-from proxyproc import REPO, free_port, start_proxy
+from proxyproc import free_port, serve_linked, start_proxy
 from rfbclient import Console
 
 from broker.client import BrokerClient
@@ -61,25 +59,8 @@ def test_proxy_refuses_a_broker_certificate_it_cannot_verify(tmp_path: Path, tes
     broker = start_broker(state, "--tls-cert", str(test_pki.cert_path), "--tls-key", str(test_pki.key_path))
     credential = state.add_proxy("unsure", "http://127.0.0.1:1")
     try:
-        result = subprocess.run(  # no --broker-ca: the system CAs do not know the test CA
-            [
-                sys.executable,
-                "-m",
-                "console_proxy.cli",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--broker",
-                f"https://127.0.0.1:{broker.port}",
-                "--proxy-credential",
-                str(credential),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=30,
-        )
+        # no --broker-ca: the system CAs do not know the test CA
+        result = serve_linked(f"https://127.0.0.1:{broker.port}", credential, timeout=30)
     finally:
         broker.stop()
     assert result.returncode == 1
@@ -90,25 +71,7 @@ def test_proxy_refuses_a_broker_certificate_it_cannot_verify(tmp_path: Path, tes
 def test_proxy_refuses_plain_http_to_a_remote_broker(tmp_path: Path) -> None:
     credential = tmp_path / "cred.json"
     credential.write_text('{"proxy_id": "p", "secret": "s"}')
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "console_proxy.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--broker",
-            "http://192.0.2.10:8080",
-            "--proxy-credential",
-            str(credential),
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=30,
-    )
+    result = serve_linked("http://192.0.2.10:8080", credential, timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "console-proxy: error: --broker 'http://192.0.2.10:8080' must be an https:// URL (plain http only to this host)"

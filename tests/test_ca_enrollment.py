@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import ssl
 import stat
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,9 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from proxyproc import REPO, free_port, start_proxy
+from proxyproc import free_port, run_python, start_proxy
 
-from broker import ca
+from broker import ca, hostcerts
 from broker.cli import main as broker_main
 from broker.client import BrokerClient
 from console_proxy import identity
@@ -38,12 +36,10 @@ def https_files(state: BrokerState, directory: Path) -> tuple[Path, Path]:
     """The broker's HTTPS certificate for 127.0.0.1, from its own CA (what --tls-auto will do)."""
     broker = state.open()
     try:
-        key = ca.new_key()
-        cert = ca.issue(
-            *broker.ca.current(),
-            key.public_key(),
+        cert, key = hostcerts.new_leaf(
+            broker,
             common_name="127.0.0.1",
-            ip_addresses=["127.0.0.1"],
+            names=["127.0.0.1"],
             client_auth=False,
             server_auth=True,
             lifetime=3600,
@@ -95,26 +91,17 @@ def add_proxy(state: BrokerState, name: str, public_url: str, capsys: pytest.Cap
 
 def enroll(base: str, token: str, state_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """``console-proxy enroll`` as a real process."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "console_proxy.cli",
-            "enroll",
-            "--broker",
-            base,
-            "--join-token",
-            token,
-            "--state-dir",
-            str(state_dir),
-            *extra,
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=60,
+    return run_python(
+        "-m",
+        "console_proxy.cli",
+        "enroll",
+        "--broker",
+        base,
+        "--join-token",
+        token,
+        "--state-dir",
+        str(state_dir),
+        *extra,
     )
 
 
@@ -535,23 +522,8 @@ def test_serve_refuses_an_expired_identity_and_a_missing_one(
         (tmp_path / "edge", "console-broker proxy join-token edge"),
         (tmp_path / "nothing", "run console-proxy enroll"),
     ):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "console_proxy.cli",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--state-dir",
-                str(directory),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            timeout=60,
+        done = run_python(
+            "-m", "console_proxy.cli", "serve", "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(directory)
         )
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
 

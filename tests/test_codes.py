@@ -61,8 +61,9 @@ def test_wire_names_are_unique() -> None:
 def test_every_refusal_code_owns_its_status_and_message_and_the_token_uses_them() -> None:
     assert {code.status for code in Refused} <= {400, 401, 403, 409, 410, 426, 503}
     assert all(code.message for code in Refused)
-    for reason, (code, status) in token.REASONS.items():
-        assert (Refused(code).status, Refused(code).message) == (status, token.PUBLIC_MESSAGES[code]), reason
+    for reason in token.Reason:
+        code = reason.refused
+        assert (Refused(code).status, Refused(code).message) == (code.status, token.PUBLIC_MESSAGES[code]), reason
     refusal = Refusal(Refused.TOKEN_USED)
     assert (refusal.status, refusal.body()) == (409, {"error": "token_used", "message": Refused.TOKEN_USED.message})
     assert json.dumps(refusal.body()).startswith('{"error": "token_used"')

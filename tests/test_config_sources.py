@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from proxyproc import REPO, free_port
+from proxyproc import REPO, free_port, run_python
 
 from broker import cli as broker_cli
 from console_proxy import cli as proxy_cli
@@ -195,15 +195,7 @@ def test_a_proxy_started_from_a_file_and_the_environment(tmp_path: Path) -> None
 
 def test_a_bad_file_stops_the_start_in_one_line(tmp_path: Path) -> None:
     config = write(tmp_path, 'listen = "127.0.0.1:1"\nmax-sesions = 3\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "console_proxy", "serve", "--config", config],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=REPO,
-        timeout=60,
-    )
+    done = run_python("-m", "console_proxy", "serve", "--config", config)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         (
@@ -216,15 +208,7 @@ def test_a_bad_file_stops_the_start_in_one_line(tmp_path: Path) -> None:
 def test_no_listen_anywhere_is_one_line(tmp_path: Path) -> None:
     keyring_file = tmp_path / "k.json"
     keyring.save(Keyring.generate(time.time()), keyring_file, public_only=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "console_proxy", "serve", "--keyring", str(keyring_file)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=REPO,
-        timeout=60,
-    )
+    done = run_python("-m", "console_proxy", "serve", "--keyring", str(keyring_file))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "console-proxy: error: give --listen HOST:PORT (or listen in --config, or CONSOLEGATE_LISTEN)"

@@ -11,8 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from proxyproc import REPO, free_port
+from proxyproc import REPO, free_port, run_python
 from rfbclient import Console
+
+
+def demo_argv(proxy_port: int, broker_port: int) -> list[str]:
+    """``scripts/demo.py`` on these ports, after the Python executable."""
+    return [str(REPO / "scripts" / "demo.py"), "--port", str(proxy_port), "--broker-port", str(broker_port)]
 
 
 def _read_until_url(process: subprocess.Popen[str]) -> tuple[str, list[str]]:
@@ -28,14 +33,7 @@ def _read_until_url(process: subprocess.Popen[str]) -> tuple[str, list[str]]:
 def test_demo_prints_a_working_console_url_and_stops_cleanly() -> None:
     proxy_port, broker_port = free_port(), free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "demo.py"),
-            "--port",
-            str(proxy_port),
-            "--broker-port",
-            str(broker_port),
-        ],
+        [sys.executable, *demo_argv(proxy_port, broker_port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -73,22 +71,7 @@ def test_a_busy_port_fails_in_one_line_and_prints_no_url(busy: str) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", proxy_port if busy == "proxy" else broker_port))
         holder.listen()
-        done = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "scripts" / "demo.py"),
-                "--port",
-                str(proxy_port),
-                "--broker-port",
-                str(broker_port),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            timeout=120,
-        )
+        done = run_python(*demo_argv(proxy_port, broker_port), timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "/console#token=" not in done.stdout
     errors = done.stderr.strip().splitlines()

@@ -6,34 +6,22 @@ Real processes (``console-proxy serve``, ``console-broker``), real ``vncpasswd``
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from brokerproc import BrokerState, start_broker
-from proxyproc import REPO, free_port, start_proxy
+from proxyproc import REPO, free_port, run_python, serve_linked, start_proxy
 
 from console_proxy import keyring
 from console_proxy.command import CommandError, read_secret_file
 from console_proxy.keyring import Keyring
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
-
-def _cli(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=ENV,
-        timeout=timeout,
-    )
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_python("-m", module, *args)
 
 
 def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -124,18 +112,7 @@ def test_password_file_format_and_state_dir_default_are_in_help() -> None:
 def _proxy_against(tmp_path: Path, url: str) -> str:
     credential = tmp_path / "credential.json"
     credential.write_text(json.dumps({"proxy_id": "p", "secret": "s" * 40}))
-    line = _one_error_line(
-        _cli(
-            "console_proxy.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--broker",
-            url,
-            "--proxy-credential",
-            str(credential),
-        )
-    )
+    line = _one_error_line(serve_linked(url, credential))
     assert "599" not in line and "s" * 40 not in line
     return line
 

@@ -211,20 +211,26 @@ def vnc_secret(domain: Any) -> tuple[str | None, str | None]:
     return graphics.get("passwd"), graphics.get("passwdValidTo")
 
 
-def accepted(proxy: ProxyProcess, token: str) -> bool:
-    """True if the token reaches the desktop, False if the VNC server refused its password."""
+def handshake_refusal(proxy: ProxyProcess, token: str) -> tuple[int | None, str | None] | None:
+    """Open a console with ``token``: None if the handshake reached the desktop, else the close
+    (code, reason) the proxy ended it with."""
 
-    async def scenario() -> bool:
+    async def scenario() -> tuple[int | None, str | None] | None:
         console = await Console.open(proxy.ws_url, token)
         try:
             await console.handshake()
-            return True
+            return None
         except (ConnectionError, AssertionError, WebSocketClosedError):
-            return (console.ws.close_code, console.ws.close_reason) != TARGET_AUTH_FAILED
+            return (console.ws.close_code, console.ws.close_reason)
         finally:
             console.close()
 
     return asyncio.run(scenario())
+
+
+def accepted(proxy: ProxyProcess, token: str) -> bool:
+    """True if the token reaches the desktop, False if the VNC server refused its password."""
+    return handshake_refusal(proxy, token) != TARGET_AUTH_FAILED
 
 
 def test_console_passwords_are_fresh_shared_while_outstanding_and_expire(fleet, domains, proxy, mint) -> None:
@@ -485,20 +491,11 @@ def replicas(
 
 def vnc_accepts(proxy: ProxyProcess, token: str) -> bool:
     """True once the VNC server accepted the token's password, False on 4501; anything else fails."""
-
-    async def scenario() -> bool:
-        console = await Console.open(proxy.ws_url, token)
-        try:
-            await console.handshake()
-            return True
-        except (ConnectionError, AssertionError, WebSocketClosedError):
-            code = (console.ws.close_code, console.ws.close_reason)
-            assert code == TARGET_AUTH_FAILED, f"refused for another reason: {code}"
-            return False
-        finally:
-            console.close()
-
-    return asyncio.run(scenario())
+    code = handshake_refusal(proxy, token)
+    if code is None:
+        return True
+    assert code == TARGET_AUTH_FAILED, f"refused for another reason: {code}"
+    return False
 
 
 def mint_at_once(replicas: list[BrokerProcess], domain: str, **options: Any) -> list[dict[str, Any]]:

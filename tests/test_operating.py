@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from brokerproc import BrokerState, start_broker
-from proxyproc import REPO, free_port, start_proxy
+from proxyproc import REPO, free_port, run_python, start_proxy
 
 from console_proxy import __version__
 
@@ -99,15 +99,7 @@ def test_both_servers_show_process_figures_and_build_info(tmp_path: Path, broker
 
 @pytest.mark.parametrize(("module", "prog"), [("console_proxy", "console-proxy"), ("broker", "console-broker")])
 def test_python_dash_m_runs_the_command(module: str, prog: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", module, "serve", "--help"],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=REPO,
-        timeout=60,
-    )
+    done = run_python("-m", module, "serve", "--help")
     assert done.returncode == 0 and done.stdout.startswith(f"usage: {prog} serve")
 
 
@@ -169,27 +161,18 @@ def test_a_listen_that_cannot_bind_starts_nothing(tmp_path: Path) -> None:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             busy = taken.getsockname()[1]
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "console_proxy",
-                    "serve",
-                    "--listen",
-                    f"127.0.0.1:{first}",
-                    "--listen",
-                    f"127.0.0.1:{busy}",
-                    "--broker",
-                    broker.base,
-                    "--proxy-credential",
-                    str(credential),
-                ],
-                check=False,
-                capture_output=True,
-                text=True,
-                env=ENV,
-                cwd=REPO,
-                timeout=60,
+            done = run_python(
+                "-m",
+                "console_proxy",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{first}",
+                "--listen",
+                f"127.0.0.1:{busy}",
+                "--broker",
+                broker.base,
+                "--proxy-credential",
+                str(credential),
             )
         assert done.returncode == 1
         assert done.stderr.strip().splitlines() == [
@@ -204,15 +187,7 @@ def test_a_listen_that_cannot_bind_starts_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", ["nowhere", "127.0.0.1:99999", "no.such.host.invalid:80"])
 def test_a_bad_listen_is_one_line(tmp_path: Path, broker_ring, value: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "console_proxy", "serve", "--listen", value, "--keyring", str(broker_ring[1])],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=REPO,
-        timeout=60,
-    )
+    done = run_python("-m", "console_proxy", "serve", "--listen", value, "--keyring", str(broker_ring[1]))
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("console-proxy: error: ") and "listen" in lines[0]

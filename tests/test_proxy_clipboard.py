@@ -12,49 +12,23 @@ arrives, the VM's clipboard shows whether the text got there.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import shutil
 import struct
-import subprocess
 import urllib.request
 
 import pytest
 from hostile import LEAKED, HostileServer
 from rfbclient import Console
 from rfbframes import BELL, FRAMEBUFFER_UPDATE, PIXEL_FORMAT, RAW, SERVER_CUT_TEXT, DirectConsole, Transport
+from vmclipboard import needs_xclip, set_vm_clipboard, vm_clipboard
 
 from console_proxy.codes import Close
 
-pytestmark = pytest.mark.skipif(shutil.which("xclip") is None, reason="xclip is not installed (scripts/setup.sh)")
+pytestmark = needs_xclip
 
 IO_TIMEOUT = 20.0
 EXT_CLIP = 0xC0A1E5CE - (1 << 32)
 TIGHT = 7
-
-
-def set_vm_clipboard(display: int, text: str) -> None:
-    """Own the VM's CLIPBOARD with ``text`` (xclip stays in the background to serve it)."""
-    subprocess.run(
-        ["xclip", "-selection", "clipboard", "-i"],
-        input=text.encode(),
-        env={**os.environ, "DISPLAY": f":{display}"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=True,
-        timeout=IO_TIMEOUT,
-    )
-
-
-def vm_clipboard(display: int) -> str:
-    result = subprocess.run(
-        ["xclip", "-selection", "clipboard", "-o"],
-        env={**os.environ, "DISPLAY": f":{display}"},
-        capture_output=True,
-        check=False,
-        timeout=IO_TIMEOUT,
-    )
-    return result.stdout.decode(errors="replace")
 
 
 async def start(console: Transport, *encodings: int) -> None:
@@ -188,7 +162,7 @@ def test_a_cut_text_above_the_limit_is_dropped_counted_and_the_session_goes_on(p
             console.close()
 
     asyncio.run(scenario())
-    with urllib.request.urlopen(f"{proxy.base}/metrics", timeout=IO_TIMEOUT) as response:
+    with urllib.request.urlopen(f"{proxy.base}/metrics") as response:
         metrics = response.read().decode()
     assert 'consolegate_proxy_cut_text_dropped_total{direction="in",reason="too_large"} 1' in metrics
 
@@ -196,7 +170,7 @@ def test_a_cut_text_above_the_limit_is_dropped_counted_and_the_session_goes_on(p
 def test_policy_drops_are_counted_by_direction(proxy, mint, xvnc_none) -> None:
     token = mint(host="127.0.0.1", port=xvnc_none.port, clip="none")
     asyncio.run(paste_in(proxy.ws_url, token, client_cut(b"no"), xvnc_none.display))
-    with urllib.request.urlopen(f"{proxy.base}/metrics", timeout=IO_TIMEOUT) as response:
+    with urllib.request.urlopen(f"{proxy.base}/metrics") as response:
         metrics = response.read().decode()
     assert 'consolegate_proxy_cut_text_dropped_total{direction="in",reason="policy"}' in metrics
 

@@ -10,18 +10,16 @@ the real ``console-broker ca issue-host`` (QEMU's layout). The proxy's state dir
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import test_qemu_tls
 from cryptography import x509
-from proxyproc import REPO, ProxyProcess, start_proxy
-from qemu import QemuVnc, qemu_available, start_qemu
+from proxyproc import ProxyProcess, run_python, start_proxy
+from qemu import QemuVnc
 from test_qemu_tls import PASSWORD, closed_with, reaches_server_init
 from tornado.httpclient import HTTPClient
 from xvnc import TestPki
@@ -51,15 +49,8 @@ class BrokerCa:
 
     def issue_host(self, out: Path, *extra: str) -> TestPki:
         """``console-broker ca issue-host --host 127.0.0.1 --out OUT`` (the real command)."""
-        command = [sys.executable, "-m", "broker.cli", "ca", "issue-host", "--state-dir", str(self.root)]
-        done = subprocess.run(
-            [*command, "--host", "127.0.0.1", "--out", str(out), *extra],
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        command = ["-m", "broker.cli", "ca", "issue-host", "--state-dir", str(self.root)]
+        done = run_python(*command, "--host", "127.0.0.1", "--out", str(out), *extra)
         assert done.returncode == 0, done.stderr
         files = (out / "ca-cert.pem", out / "server-cert.pem", out / "server-key.pem")
         return TestPki(files[0].read_text(), *files)
@@ -106,20 +97,7 @@ def broker_ca(tmp_path_factory: pytest.TempPathFactory) -> BrokerCa:
     return new_broker_ca(tmp_path_factory.mktemp("broker") / "state")
 
 
-@pytest.fixture(scope="module")
-def qemu_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., QemuVnc]]:
-    if not qemu_available():
-        pytest.fail("qemu-system-x86_64 is not installed: run scripts/setup.sh (tests never skip real parts)")
-    started: list[QemuVnc] = []
-
-    def start(**options: object) -> QemuVnc:
-        server = start_qemu(tmp_path_factory.mktemp("qemu"), **options)  # type: ignore[arg-type]
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+qemu_factory = test_qemu_tls.qemu_factory  # fixture, shared: QEMUs started on demand, stopped at the end
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import rfbframes
-from browser import Chromium, Page, chromium_available
+import test_viewer_e2e as e2e
+from browser import Chromium, Page
 from proxyproc import REPO, ProxyProcess
 from qemu import (
     BAND_HEIGHT,
@@ -36,27 +37,20 @@ from qemu import (
 )
 from rfbclient import Console
 from rfbframes import Screen
-from test_viewer_e2e import NOVNC, canvas_pixels, console_url, csp_violations, poll, wait_state
+from test_viewer_e2e import canvas_pixels, console_url, csp_violations, poll, wait_state
 
 ARTIFACTS = REPO / "test-artifacts" / "qemu-viewer"
 PASSWORD = "guest-pw"  # QEMU cuts VNC passwords to 8 bytes
 Mint = Callable[..., str]
 Colour = tuple[int, int, int]
 
-pytestmark = [
-    pytest.mark.skipif(not chromium_available(), reason="Debian chromium is not installed"),
-    pytest.mark.skipif(not NOVNC.exists(), reason="noVNC is not installed: run `npm ci` in static/"),
-]
+pytestmark = e2e.pytestmark
 
 
 # --- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    browser = Chromium(log_path=tmp_path_factory.mktemp("chromium") / "chromium.log")
-    yield browser
-    browser.close()
+chromium = e2e.own_chromium  # fixture: this module's own browser
 
 
 @pytest.fixture(scope="module")

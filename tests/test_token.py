@@ -203,8 +203,12 @@ def test_clock_now_follows_freezegun(ring: Keyring) -> None:
 # --- refusals in DESIGN order ---------------------------------------------------------------------------------------
 
 
+REASONS = {reason.value: (reason.refused, reason.refused.status) for reason in token.Reason}
+
+
 def test_reason_table_in_design_order() -> None:
-    assert list(token.REASONS) == [
+    """Each precise reason owns its public code, and through it the status and the message."""
+    assert list(REASONS) == [
         "too_long",
         "malformed",
         "unknown_fleet_key",
@@ -218,16 +222,16 @@ def test_reason_table_in_design_order() -> None:
         "not_yet_valid",
         "client_ip_mismatch",
     ]
-    assert {r: token.REASONS[r] for r in ("expired", "not_yet_valid", "client_ip_mismatch")} == {
+    assert {r: REASONS[r] for r in ("expired", "not_yet_valid", "client_ip_mismatch")} == {
         "expired": ("token_expired", 401),
         "not_yet_valid": ("token_not_yet_valid", 401),
         "client_ip_mismatch": ("client_ip_mismatch", 403),
     }
-    for reason, (code, status) in token.REASONS.items():
-        exc = TokenRefused(reason)
+    for reason, (code, status) in REASONS.items():
+        exc = TokenRefused(token.Reason(reason))
         assert (exc.code, exc.status) == (code, status)
         assert exc.public_message == token.PUBLIC_MESSAGES[code]
-    assert all(token.REASONS[r] == ("token_invalid", 401) for r in list(token.REASONS)[:9])
+    assert all(REASONS[r] == ("token_invalid", 401) for r in list(REASONS)[:9])
 
 
 class _NoCrypto:

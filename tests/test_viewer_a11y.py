@@ -7,15 +7,12 @@ are read in the VM with ``xev``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import test_viewer_e2e as e2e
-from browser import Chromium, Page, chromium_available
+from browser import Page
 from test_viewer_e2e import (
     ARTIFACTS,
-    NOVNC,
     console_url,
     js_messages,
     key_events,
@@ -25,10 +22,7 @@ from test_viewer_e2e import (
     wait_state,
 )
 
-pytestmark = [
-    pytest.mark.skipif(not chromium_available(), reason="Debian chromium is not installed"),
-    pytest.mark.skipif(not NOVNC.exists(), reason="noVNC is not installed: run `npm ci` in static/"),
-]
+pytestmark = e2e.pytestmark
 
 open_page, page, x_clients = e2e.open_page, e2e.page, e2e.x_clients  # fixtures, shared
 
@@ -47,12 +41,7 @@ VIEW_ONLY_TOOLBAR = ["Clipboard", "Scale to fit", "Full screen", "Disconnect"]  
 CONTROL_ROLES = {"button", "menuitem", "textbox", "application", "checkbox", "link", "combobox"}
 
 
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    """This module's own browser (test_viewer_e2e's would clear its screenshots)."""
-    browser = Chromium(log_path=tmp_path_factory.mktemp("chromium") / "chromium.log")
-    yield browser
-    browser.close()
+chromium = e2e.own_chromium  # fixture: this module's own browser
 
 
 # --- reading the tree -----------------------------------------------------------------------------
@@ -119,24 +108,14 @@ def connect(page: Page, proxy: Any, mint: Any, server: Any, **claims: Any) -> No
 def to_toolbar(page: Page) -> None:
     """Ctrl+Alt+Shift, pressed one after another and held together, as fingers do (CDP modifiers:
     Alt 1, Ctrl 2, Shift 8)."""
-    for modifiers, key, code, vk in (
-        (2, "Control", "ControlLeft", 17),
-        (3, "Alt", "AltLeft", 18),
-        (11, "Shift", "ShiftLeft", 16),
-    ):
-        page.call(
-            "Input.dispatchKeyEvent",
-            {"type": "rawKeyDown", "modifiers": modifiers, "key": key, "code": code, "windowsVirtualKeyCode": vk},
-        )
-    for modifiers, key, code, vk in (
-        (3, "Shift", "ShiftLeft", 16),
-        (2, "Alt", "AltLeft", 18),
-        (0, "Control", "ControlLeft", 17),
-    ):
-        page.call(
-            "Input.dispatchKeyEvent",
-            {"type": "keyUp", "modifiers": modifiers, "key": key, "code": code, "windowsVirtualKeyCode": vk},
-        )
+    down = ((2, "Control", "ControlLeft", 17), (3, "Alt", "AltLeft", 18), (11, "Shift", "ShiftLeft", 16))
+    up = ((3, "Shift", "ShiftLeft", 16), (2, "Alt", "AltLeft", 18), (0, "Control", "ControlLeft", 17))
+    for type_, keys in (("rawKeyDown", down), ("keyUp", up)):
+        for modifiers, key, code, vk in keys:
+            page.call(
+                "Input.dispatchKeyEvent",
+                {"type": type_, "modifiers": modifiers, "key": key, "code": code, "windowsVirtualKeyCode": vk},
+            )
 
 
 def focused(page: Page) -> str:

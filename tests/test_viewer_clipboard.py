@@ -11,58 +11,26 @@ offers no way to send.
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import subprocess
-from collections.abc import Iterator
 
 import pytest
 import test_viewer_e2e as e2e
-from browser import Chromium
 from test_viewer_e2e import console_url, poll, wait_state
+from vmclipboard import needs_xclip, set_vm_clipboard, vm_clipboard
 
 # the viewer tests' fixtures (pages screenshotted, X clients ended)
 open_page, page, x_clients = e2e.open_page, e2e.page, e2e.x_clients
 
 
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    """This module's Chromium; unlike test_viewer_e2e's, it leaves the screenshots folder as it is."""
-    browser = Chromium(log_path=tmp_path_factory.mktemp("chromium") / "chromium.log")
-    yield browser
-    browser.close()
+chromium = e2e.own_chromium  # fixture: this module's own browser
 
 
 pytestmark = [
     *e2e.pytestmark,
-    pytest.mark.skipif(shutil.which("xclip") is None, reason="xclip is not installed (scripts/setup.sh)"),
+    needs_xclip,
 ]
 
 IO_TIMEOUT = 15.0
-
-
-def set_vm_clipboard(display: int, text: str) -> None:
-    subprocess.run(
-        ["xclip", "-selection", "clipboard", "-i"],
-        input=text.encode(),
-        env={**os.environ, "DISPLAY": f":{display}"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=True,
-        timeout=IO_TIMEOUT,
-    )
-
-
-def vm_clipboard(display: int) -> str:
-    result = subprocess.run(
-        ["xclip", "-selection", "clipboard", "-o"],
-        env={**os.environ, "DISPLAY": f":{display}"},
-        capture_output=True,
-        check=False,
-        timeout=IO_TIMEOUT,
-    )
-    return result.stdout.decode(errors="replace")
 
 
 def visible(page, element_id: str) -> bool:

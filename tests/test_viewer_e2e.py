@@ -47,12 +47,23 @@ pytestmark = [
 # --- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's screenshots only
+def _browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
     browser = Chromium(log_path=tmp_path_factory.mktemp("chromium") / "chromium.log")
     yield browser
     browser.close()
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's screenshots only
+    yield from _browser(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def own_chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
+    """A browser for another viewer module (``chromium = e2e.own_chromium`` there): one per
+    module, and unlike ``chromium`` it leaves the screenshots folder as it is."""
+    yield from _browser(tmp_path_factory)
 
 
 @pytest.fixture

@@ -9,14 +9,10 @@ Fixtures and helpers are test_viewer_e2e's (one way to drive Chromium and Xvnc i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import test_viewer_e2e as e2e
-from browser import Chromium, Page, chromium_available
+from browser import Page
 from test_viewer_e2e import (
     ARTIFACTS,
-    NOVNC,
     canvas_pixels,
     js_messages,
     line_reader,
@@ -27,21 +23,13 @@ from test_viewer_e2e import (
 )
 from xvnc import XvncServer
 
-pytestmark = [
-    pytest.mark.skipif(not chromium_available(), reason="Debian chromium is not installed"),
-    pytest.mark.skipif(not NOVNC.exists(), reason="noVNC is not installed: run `npm ci` in static/"),
-]
+pytestmark = e2e.pytestmark
 
 
 fleet, open_page, x_clients = e2e.fleet, e2e.open_page, e2e.x_clients  # fixtures, shared
 
 
-@pytest.fixture(scope="module")
-def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
-    """This module's own browser (test_viewer_e2e's would clear its screenshots)."""
-    browser = Chromium(log_path=tmp_path_factory.mktemp("chromium") / "chromium.log")
-    yield browser
-    browser.close()
+chromium = e2e.own_chromium  # fixture: this module's own browser
 
 
 def shows_the_vm(page: Page, server: XvncServer) -> bytes | None:

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from console_proxy.protocol.buffer import Buffer
 from console_proxy.protocol.rfb.errors import RfbError
+from console_proxy.protocol.rfb.stepping import feed_bounded, run_steps
 from console_proxy.protocol.rfb.wire import (
     MAX_PENDING,
     SEC_NONE,
@@ -69,23 +70,11 @@ class DownstreamHandshake:
         """Take bytes from the browser; return what to do next. Raises RfbError."""
         if self._state is _Down.DONE:
             raise RuntimeError("downstream handshake already finished")
-        self._buf.append(data)
-        actions = self._run()
-        if self._buf.exceeds_limit():
-            raise RfbError.protocol("peer sent more data than the handshake allows")
-        return actions
+        return feed_bounded(self._buf, data, self._run)
 
     def _run(self) -> list[DownstreamAction]:
         """Step through states while enough bytes are buffered for the next one."""
-        actions: list[DownstreamAction] = []
-        while True:
-            step = self._STEPS.get(self._state)
-            if step is None:
-                return actions
-            produced = step(self)
-            if produced is None:
-                return actions
-            actions.extend(produced)
+        return run_steps(self, lambda: self._STEPS.get(self._state))
 
     def _on_version(self) -> list[DownstreamAction] | None:
         line = self._buf.take(12)

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from console_proxy.protocol.buffer import Buffer
 from console_proxy.protocol.rfb.errors import TEXT_KEEP, RfbError, printable
+from console_proxy.protocol.rfb.stepping import feed_bounded, run_steps
 from console_proxy.protocol.rfb.vncauth import ChallengeCipher, EcbMode, vnc_auth_cipher, vnc_auth_response
 from console_proxy.protocol.rfb.wire import (
     MAX_NAME_LENGTH,
@@ -159,11 +160,7 @@ class UpstreamHandshake:
             raise RuntimeError("upstream handshake already finished")
         if self._state is _Up.AWAIT_TLS and data:
             raise RfbError.protocol("target sent plaintext where TLS was due")
-        self._buf.append(data)
-        actions = self._run()
-        if self._buf.exceeds_limit():
-            raise RfbError.protocol("peer sent more data than the handshake allows")
-        return actions
+        return feed_bounded(self._buf, data, self._run)
 
     def tls_started(self) -> list[UpstreamAction]:
         """Call after the TLS upgrade asked for by StartTls; later bytes are the decrypted ones."""
@@ -182,15 +179,7 @@ class UpstreamHandshake:
 
     def _run(self) -> list[UpstreamAction]:
         """Step through states while enough bytes are buffered for the next one."""
-        actions: list[UpstreamAction] = []
-        while True:
-            step = self._STEPS.get(self._state)
-            if step is None:
-                return actions
-            produced = step(self)
-            if produced is None:
-                return actions
-            actions.extend(produced)
+        return run_steps(self, lambda: self._STEPS.get(self._state))
 
     # --- version and security type ---------------------------------------------------------
 
