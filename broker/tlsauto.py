@@ -19,16 +19,16 @@ from pathlib import Path
 
 from broker import ca, hostcerts
 from broker.service import Broker
-from console_proxy import clock
+from console_proxy import clock, identity, renewal
 from console_proxy.certfiles import CertificateFiles, Prepare
 
 log = logging.getLogger("consolegate.broker")
 
 CERT_FILE, KEY_FILE = "https-cert.pem", "https-key.pem"
-RETRY = (5.0, 300.0)
-"""First and longest pause between failed renewals (doubling in between)."""
-RENEW_AT = 2 / 3
-"""Share of a certificate's life after which it is renewed."""
+RETRY = renewal.RETRY
+"""First and longest pause between failed renewals (doubling in between): the proxy's schedule."""
+RENEW_AT = identity.RENEW_AT
+"""Share of a certificate's life after which it is renewed: the proxy's."""
 
 
 def renew_at(not_before: float, not_after: float) -> float:
