@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from console_proxy import certfiles
+
 CA_CERT = "ca-cert.pem"
 PROXY_CERT = "proxy-cert.pem"
 PROXY_KEY = "proxy-key.pem"
@@ -179,13 +181,7 @@ class Identity:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.ca_pem.decode("ascii"))
         if extra_ca:
             context.load_verify_locations(cafile=extra_ca)
-        with tempfile.TemporaryDirectory() as scratch:  # load_cert_chain reads files only
-            cert_file, key_file = Path(scratch) / "c.pem", Path(scratch) / "k.pem"
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(self.key_pem)
-            cert_file.write_bytes(self.cert_pem)
-            context.load_cert_chain(cert_file, key_file)
+        certfiles._load_chain(context, self.cert_pem, self.key_pem)  # from memory, the key never on disk
         return context
 
     def files(self) -> dict[str, bytes]:
