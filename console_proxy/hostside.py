@@ -64,17 +64,33 @@ def write_private_file(path: str | os.PathLike[str], content: bytes) -> None:
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
+    tmp = write_private_temporary(directory, target.name, content)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    sync_directory(directory)
+
+
+def write_private_temporary(directory: Path, name: str, content: bytes) -> str:
+    """``content`` in a new 0600 file beside ``name`` in ``directory``, synced; its path (the
+    caller renames it into place), nothing left behind on failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync ``directory``, so renames into it survive a crash."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import ssl
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from console_proxy import certfiles
+from console_proxy import certfiles, hostside
 
 CA_CERT = "ca-cert.pem"
 PROXY_CERT = "proxy-cert.pem"
@@ -96,24 +95,14 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
     temporary: dict[str, str] = {}
     try:
         for name, content in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-            temporary[name] = tmp
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
+            temporary[name] = hostside.write_private_temporary(directory, name, content)
     except BaseException:
         for tmp in temporary.values():
             Path(tmp).unlink(missing_ok=True)
         raise
     for name, tmp in temporary.items():
         os.replace(tmp, directory / name)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    hostside.sync_directory(directory)
 
 
 @dataclass(frozen=True)
