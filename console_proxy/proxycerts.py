@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-CA_CERT = "ca-cert.pem"
-PROXY_CERT = "proxy-cert.pem"
-PROXY_KEY = "proxy-key.pem"
+from console_proxy.identity import CA_CERT, PROXY_CERT, PROXY_KEY  # the names enroll writes
+
 #: A CA certificate file is a few KiB; more is not one.
 MAX_CA_FILE = 64 * 1024
 
