@@ -23,7 +23,7 @@ from typing import Any, Self, TypeGuard
 from console_proxy import b64url, strictjson
 from console_proxy.codes import Refused
 from console_proxy.keyring import DEFAULT_SKEW, Keyring
-from console_proxy.protocol.clipboard import ClipPolicy, parse_clip
+from console_proxy.protocol.clipboard import CLIP_VALUES, ClipPolicy, parse_clip
 
 AUDIENCE = "console-proxy"
 MAX_TOKEN_LENGTH = 8192
@@ -445,7 +445,7 @@ def _canonical_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return address
 
 
-_CLIP_VALUES = frozenset({"none", "in", "out", "both"})
+_CLIP_VALUES = frozenset(CLIP_VALUES)
 #: The policy of each valid ``clip`` claim (None: absent), built once: policies are immutable.
 _CLIP_POLICIES: dict[str | None, ClipPolicy] = {value: parse_clip(value) for value in (None, *_CLIP_VALUES)}
 
