@@ -103,15 +103,17 @@ class ClipPolicy:
 
     @property
     def name(self) -> str:
-        return {(True, True): "both", (True, False): "in", (False, True): "out", (False, False): "none"}[
-            (self.allow_in, self.allow_out)
-        ]
+        return _CLIP_NAMES[self.allow_in, self.allow_out]
 
     def encoding_allowed(self, encoding: int) -> bool:
         """Whether the browser may announce ``encoding`` to the VM under this policy."""
         if encoding == EXTENDED_CLIPBOARD:
             return self.both
         return self.allow_out or encoding in FRAMEABLE
+
+
+#: The claim word of each (allow_in, allow_out).
+_CLIP_NAMES = {(True, True): "both", (True, False): "in", (False, True): "out", (False, False): "none"}
 
 
 def parse_clip(value: str | None) -> ClipPolicy:
