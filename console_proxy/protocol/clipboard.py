@@ -164,16 +164,16 @@ class _Emit:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Pass:
-    """Pass the next ``n`` bytes of the stream on, unbuffered."""
+    """Pass the next ``n`` bytes of the stream on, unbuffered (``n`` counts down as they go)."""
 
     n: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Skip:
-    """Drop the next ``n`` bytes of the stream, unbuffered."""
+    """Drop the next ``n`` bytes of the stream, unbuffered (``n`` counts down as they go)."""
 
     n: int
 
@@ -236,7 +236,7 @@ class ServerMessageFramer:
                     if isinstance(op, _Pass):
                         out += view[pos : pos + take]
                     pos += take
-                    self._op = type(op)(op.n - take)
+                    op.n -= take  # each op is the parser's fresh one: counting it down is safe
         finally:
             view.release()
         return bytes(out)
