@@ -414,7 +414,7 @@ def _is_int(value: object) -> TypeGuard[int]:
 def _check_tls(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or not set(value) <= set(_TLS_KEYS):
+    if not isinstance(value, dict) or not value.keys() <= _TLS_KEYS.keys():
         raise ValueError(f"claim 'tls' must be an object with members among {sorted(_TLS_KEYS)}")
     for name, kind in _TLS_KEYS.items():
         if name in value and not isinstance(value[name], kind):
