@@ -534,7 +534,8 @@ def _check_client_ip(claims: Claims, client_ip: str | None) -> None:
     if claims.cip is None:
         return
     try:
-        matches = client_ip is not None and _canonical_ip(client_ip) == _canonical_ip(claims.cip)
+        # claims.cip is already canonical (check_claims): parse only the peer's address
+        matches = client_ip is not None and str(_canonical_ip(client_ip)) == claims.cip
     except ValueError:
         matches = False
     if not matches:
