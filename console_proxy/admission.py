@@ -19,9 +19,8 @@ from console_proxy.token import Claims, TokenRefused
 
 SUBPROTOCOL_PREFIX = "token."
 
-#: Views of :class:`console_proxy.codes.Refused`, the one table: code -> message, code -> status.
+#: A view of :class:`console_proxy.codes.Refused`, the one table: code -> message.
 MESSAGES = {code.value: code.message for code in Refused}
-STATUS = {code.value: code.status for code in Refused}
 
 
 class Refusal(Exception):

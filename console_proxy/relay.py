@@ -600,14 +600,20 @@ class ConsoleSession:
         """Whole client messages to the hypervisor; input dropped for view-only sessions,
         cut text, encodings and pixel format through the clipboard gate."""
         messages = self.clip.from_browser(self._guard(self._framer.feed, data))
-        if any(kind in rfb.INPUT_MESSAGE_TYPES for kind, _ in messages):
+        view_only, inputs = self.claims.view_only, rfb.INPUT_MESSAGE_TYPES
+        kept: list[bytes] = []  # one pass over the messages: this runs for every browser chunk
+        typed = False
+        for kind, message in messages:
+            if kind in inputs:
+                typed = True
+                if view_only:
+                    continue
+            kept.append(message)
+        if typed:
             # a person is there: update requests alone (noVNC sends them while the screen
             # changes) do not keep an abandoned console open
             self.last_input = time.monotonic()
-        if self.claims.view_only:
-            out = b"".join(m for kind, m in messages if kind not in rfb.INPUT_MESSAGE_TYPES)
-        else:
-            out = b"".join(m for _, m in messages)
+        out = kept[0] if len(kept) == 1 else b"".join(kept)
         if out:
             self.bytes_up += len(out)
             self._write_upstream(out)

@@ -23,7 +23,7 @@ from typing import Any, Self, TypeGuard
 from console_proxy import b64url, strictjson
 from console_proxy.codes import Refused
 from console_proxy.keyring import DEFAULT_SKEW, Keyring
-from console_proxy.protocol.clipboard import ClipPolicy, parse_clip
+from console_proxy.protocol.clipboard import CLIP_VALUES, ClipPolicy, parse_clip
 
 AUDIENCE = "console-proxy"
 MAX_TOKEN_LENGTH = 8192
@@ -414,7 +414,7 @@ def _is_int(value: object) -> TypeGuard[int]:
 def _check_tls(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or not set(value) <= set(_TLS_KEYS):
+    if not isinstance(value, dict) or not value.keys() <= _TLS_KEYS.keys():
         raise ValueError(f"claim 'tls' must be an object with members among {sorted(_TLS_KEYS)}")
     for name, kind in _TLS_KEYS.items():
         if name in value and not isinstance(value[name], kind):
@@ -445,7 +445,7 @@ def _canonical_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return address
 
 
-_CLIP_VALUES = frozenset({"none", "in", "out", "both"})
+_CLIP_VALUES = frozenset(CLIP_VALUES)
 #: The policy of each valid ``clip`` claim (None: absent), built once: policies are immutable.
 _CLIP_POLICIES: dict[str | None, ClipPolicy] = {value: parse_clip(value) for value in (None, *_CLIP_VALUES)}
 
@@ -534,7 +534,8 @@ def _check_client_ip(claims: Claims, client_ip: str | None) -> None:
     if claims.cip is None:
         return
     try:
-        matches = client_ip is not None and _canonical_ip(client_ip) == _canonical_ip(claims.cip)
+        # claims.cip is already canonical (check_claims): parse only the peer's address
+        matches = client_ip is not None and str(_canonical_ip(client_ip)) == claims.cip
     except ValueError:
         matches = False
     if not matches:

@@ -103,15 +103,17 @@ class ClipPolicy:
 
     @property
     def name(self) -> str:
-        return {(True, True): "both", (True, False): "in", (False, True): "out", (False, False): "none"}[
-            (self.allow_in, self.allow_out)
-        ]
+        return _CLIP_NAMES[self.allow_in, self.allow_out]
 
     def encoding_allowed(self, encoding: int) -> bool:
         """Whether the browser may announce ``encoding`` to the VM under this policy."""
         if encoding == EXTENDED_CLIPBOARD:
             return self.both
         return self.allow_out or encoding in FRAMEABLE
+
+
+#: The claim word of each (allow_in, allow_out).
+_CLIP_NAMES = {(True, True): "both", (True, False): "in", (False, True): "out", (False, False): "none"}
 
 
 def parse_clip(value: str | None) -> ClipPolicy:
@@ -162,16 +164,16 @@ class _Emit:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Pass:
-    """Pass the next ``n`` bytes of the stream on, unbuffered."""
+    """Pass the next ``n`` bytes of the stream on, unbuffered (``n`` counts down as they go)."""
 
     n: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Skip:
-    """Drop the next ``n`` bytes of the stream, unbuffered."""
+    """Drop the next ``n`` bytes of the stream, unbuffered (``n`` counts down as they go)."""
 
     n: int
 
@@ -234,7 +236,7 @@ class ServerMessageFramer:
                     if isinstance(op, _Pass):
                         out += view[pos : pos + take]
                     pos += take
-                    self._op = type(op)(op.n - take)
+                    op.n -= take  # each op is the parser's fresh one: counting it down is safe
         finally:
             view.release()
         return bytes(out)
