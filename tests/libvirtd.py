@@ -8,15 +8,19 @@ directory of its own; the tests (root) connect with ``qemu:///session?socket=…
 needed (a daemonised one would become a zombie here: PID 1 does not reap). Domains are TCG
 (``<domain type='qemu'>``): no KVM on the test machine.
 
-Readiness: libvirtd answers once its socket exists and its drivers are up; the fixture tries to
-connect (each attempt fails at once while the socket is missing) until it answers.
+Readiness is an event, not a poll: libvirtd sends ``READY=1`` to ``$NOTIFY_SOCKET`` (the
+sd_notify protocol, which it speaks without systemd) once its sockets are bound; the fixture waits
+for that datagram or for the daemon's exit, whichever comes first, then connects once (a call
+that waits, if need be, until the drivers are up and the daemon serves it).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import select
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -88,28 +92,46 @@ def start_libvirtd() -> Libvirtd:
     root = Path(tempfile.mkdtemp(prefix="libvirtd-"))  # not under pytest's 0700 root-only tmp
     _prepare(root)
     user = pwd.getpwnam(USER)
-    with (root / "libvirtd.log").open("wb") as log:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = root / "notify"
+    notify.bind(str(notify_path))
+    os.chown(notify_path, user.pw_uid, user.pw_gid)  # the daemon (nobody) sends to it
+    with notify, (root / "libvirtd.log").open("wb") as log:
         process = subprocess.Popen(
             [LIBVIRTD],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=root,
-            env=_environment(root),
+            env={**_environment(root), "NOTIFY_SOCKET": str(notify_path)},
             user=user.pw_uid,
             group=user.pw_gid,
             extra_groups=[],
         )
-    daemon = Libvirtd(root, process)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            daemon.connect().close()
-            return daemon
-        except libvirt.libvirtError:
-            time.sleep(0.05)
+        daemon = Libvirtd(root, process)
+        if _notified_ready(notify, process, START_TIMEOUT):
+            try:
+                daemon.connect().close()
+                return daemon
+            except libvirt.libvirtError:
+                pass
     daemon.stop()
     raise AssertionError(f"libvirtd did not answer:\n{daemon.log()}")
+
+
+def _notified_ready(notify: socket.socket, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether ``READY=1`` arrives on ``notify`` before ``process`` exits or ``timeout`` passes."""
+    exited = os.pidfd_open(process.pid)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            readable, _, _ = select.select([notify, exited], [], [], max(0.0, deadline - time.monotonic()))
+            if notify not in readable:
+                return False  # the daemon exited, or the timeout passed
+            if b"READY=1" in notify.recv(4096).split(b"\n"):
+                return True
+    finally:
+        os.close(exited)
 
 
 def domain_xml(

@@ -165,7 +165,9 @@ def settled_down_bytes(proxy: ProxyProcess, deadline: float = 5.0) -> float:
     value, since = down_bytes(proxy), time.monotonic()
     while time.monotonic() - since < STILL_FOR:
         assert time.monotonic() < end, f"the proxy kept reading from the server (at {value} bytes)"
-        time.sleep(0.02)  # poll interval
+        # Kept: letting time pass is the test here, proving the counter does not move for
+        # STILL_FOR; no event marks "the proxy stopped reading".
+        time.sleep(0.02)
         now = down_bytes(proxy)
         if now != value:
             value, since = now, time.monotonic()

@@ -282,6 +282,8 @@ def test_the_session_opens_once_whichever_serverinit_or_clientinit_comes_last(br
 
             session.handshake_bytes = feed  # type: ignore[method-assign]
             session.start()
+            handshake = session._task
+            assert handshake is not None
             if browser_first:
                 browser_handshake(session, shared=0)
             else:
@@ -290,8 +292,7 @@ def test_the_session_opens_once_whichever_serverinit_or_clientinit_comes_last(br
                 browser_handshake(session, shared=0)
                 assert opened, "opened in the browser's ClientInit callback, synchronously"
             await asyncio.wait_for(seen.wait(), 10)
-            for _ in range(3):
-                await asyncio.sleep(0)  # let the handshake coroutine wake and end
+            await asyncio.wait_for(handshake, 10)  # the handshake coroutine wakes and ends
             ending = session.ending
             session.finish(Ending.of(1000, "test over"))
             return opened, browser.sent, ending
