@@ -232,10 +232,6 @@ class Broker:
         ring = self.keyring()
         return {"version": ring.version, "max_ttl": ring.max_ttl, "keys": ring.kids()}
 
-    def export_proxy_keyring(self) -> Keyring:
-        """The keys proxies need (public signing keys, fleet keys), as of now."""
-        return self.keyring().pruned(clock.now()).for_proxy()
-
     # --- credentials --------------------------------------------------------------------
 
     def create_apikey(self, name: str, role: str, actor: str) -> str:
