@@ -1214,7 +1214,9 @@ def _insert_session(
 ) -> None:
     """The session's row: a libvirt console records its hypervisor and domain (never its port or
     password), and a shared view the session it watches, so both can be found again."""
-    hypervisor, domain = (located["hypervisor"], located["domain"]) if located else (None, None)
+    hypervisor, domain, console = (
+        (located["hypervisor"], located["domain"], located["console"]) if located else (None, None, None)
+    )
     conn.execute(
         'INSERT INTO sessions (id, target_id, "user", proxy_id, issued_by, state, single_use, exp, minted_at, '
         "parent_id, vm_hypervisor, vm_domain, console) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?, ?, ?, ?, ?)",
@@ -1230,7 +1232,7 @@ def _insert_session(
             parent,
             hypervisor,
             domain,
-            (located or {}).get("console"),
+            console,
         ),
     )
 
