@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from broker.outage import DatabaseDown, Outage
+from broker.outage import DatabaseDown, Outage, one_line
 
 MIGRATION_LOCK_KEY = 0x636F6E736F6C65  # "console": one advisory lock id for the broker's migrations
 DB_NAME = "broker.db"
@@ -293,7 +293,7 @@ class PostgresEngine:
         try:  # fail at start, in one line, when the server cannot be reached or refuses us
             psycopg.connect(url.conninfo or "", **self.options).close()
         except psycopg.Error as exc:
-            raise EngineOpenError(f"cannot connect to {url.redacted}: {_first_line(exc)}") from None
+            raise EngineOpenError(f"cannot connect to {url.redacted}: {one_line(exc)}") from None
         self.lock_timeout_ms = LOCK_TIMEOUT_MS
         self.outage = Outage(url.redacted, self._probe, self._renew_pool)
         self.pool = self._new_pool()
@@ -447,11 +447,6 @@ class PostgresEngine:
     def statements(self, script: str) -> Iterator[str]:
         """A PostgreSQL migration runs as one script (several statements, no parameters)."""
         yield script
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class Row(tuple[Any, ...]):

@@ -67,7 +67,7 @@ class Outage:
         log.warning(
             "the database %s is unreachable (%s): answering 503 storage_unavailable until it is back",
             self.what,
-            _one_line(reason),
+            one_line(reason),
         )
         threading.Thread(target=self._watch, name="consolegate-db-probe", daemon=True).start()
 
@@ -81,7 +81,7 @@ class Outage:
                 self.probe()
                 self.recovered()
             except Exception as exc:
-                log.debug("database probe failed: %s", _one_line(exc))
+                log.debug("database probe failed: %s", one_line(exc))
                 continue
             with self._lock:
                 since, self._since = self._since, None
@@ -92,6 +92,7 @@ class Outage:
             return
 
 
-def _one_line(reason: BaseException | str) -> str:
+def one_line(reason: BaseException | str) -> str:
+    """The first line of an error (or reason) for a log line or message; its type when it has no text."""
     lines = str(reason).strip().splitlines()
     return lines[0] if lines else type(reason).__name__

@@ -232,10 +232,6 @@ class Broker:
         ring = self.keyring()
         return {"version": ring.version, "max_ttl": ring.max_ttl, "keys": ring.kids()}
 
-    def export_proxy_keyring(self) -> Keyring:
-        """The keys proxies need (public signing keys, fleet keys), as of now."""
-        return self.keyring().pruned(clock.now()).for_proxy()
-
     # --- credentials --------------------------------------------------------------------
 
     def create_apikey(self, name: str, role: str, actor: str) -> str:
@@ -1218,7 +1214,9 @@ def _insert_session(
 ) -> None:
     """The session's row: a libvirt console records its hypervisor and domain (never its port or
     password), and a shared view the session it watches, so both can be found again."""
-    hypervisor, domain = (located["hypervisor"], located["domain"]) if located else (None, None)
+    hypervisor, domain, console = (
+        (located["hypervisor"], located["domain"], located["console"]) if located else (None, None, None)
+    )
     conn.execute(
         'INSERT INTO sessions (id, target_id, "user", proxy_id, issued_by, state, single_use, exp, minted_at, '
         "parent_id, vm_hypervisor, vm_domain, console) VALUES (?, ?, ?, ?, ?, 'minted', ?, ?, ?, ?, ?, ?, ?)",
@@ -1234,7 +1232,7 @@ def _insert_session(
             parent,
             hypervisor,
             domain,
-            (located or {}).get("console"),
+            console,
         ),
     )
 

@@ -34,6 +34,7 @@ from broker.engines import (
     SqliteEngine,
     parse_database_url,
 )
+from broker.outage import one_line
 
 log = logging.getLogger("consolegate.broker")
 
@@ -280,7 +281,7 @@ class Store:
         except BaseException as exc:
             self.engine.close()
             if isinstance(exc, self.engine.errors):
-                raise StoreError(f"cannot use the database {self.description}: {_one_line(exc)}") from None
+                raise StoreError(f"cannot use the database {self.description}: {one_line(exc)}") from None
             raise
 
     @property
@@ -373,9 +374,9 @@ class Store:
                 finally:
                     self._local.conn, self._local.audit = None, []
         except self.engine.integrity_errors as exc:
-            raise IntegrityError(_one_line(exc)) from None
+            raise IntegrityError(one_line(exc)) from None
         except self.engine.unavailable_errors as exc:
-            raise StoreUnavailable(f"the broker cannot write its database: {_one_line(exc)}") from None
+            raise StoreUnavailable(f"the broker cannot write its database: {one_line(exc)}") from None
         except self.engine.invalid_value_errors:
             raise InvalidValue() from None
         if changed:  # committed: this process's watchers need not wait for the notification's round trip
@@ -398,7 +399,7 @@ class Store:
             with self.engine.reader() as conn:
                 yield conn
         except self.engine.unavailable_errors as exc:
-            raise StoreUnavailable(f"the broker cannot read its database: {_one_line(exc)}") from None
+            raise StoreUnavailable(f"the broker cannot read its database: {one_line(exc)}") from None
         except self.engine.invalid_value_errors:
             raise InvalidValue() from None
 
@@ -410,7 +411,7 @@ class Store:
             with self.engine.exclusive() as got:
                 yield got
         except self.engine.unavailable_errors as exc:
-            raise StoreUnavailable(f"the broker cannot use its database: {_one_line(exc)}") from None
+            raise StoreUnavailable(f"the broker cannot use its database: {one_line(exc)}") from None
 
     @contextmanager
     def console_lock(self, name: str, now: float, lease: float) -> Iterator[bool]:
@@ -420,7 +421,7 @@ class Store:
         try:
             handle = self.engine.try_console_lock(name, now, lease)
         except self.engine.unavailable_errors as exc:
-            raise StoreUnavailable(f"the broker cannot use its database: {_one_line(exc)}") from None
+            raise StoreUnavailable(f"the broker cannot use its database: {one_line(exc)}") from None
         try:
             yield handle is not None
         finally:
@@ -428,7 +429,7 @@ class Store:
                 try:
                     self.engine.release_console_lock(name, handle)
                 except self.engine.errors as exc:  # PostgreSQL: gone with the connection; SQLite: the lease ends it
-                    log.warning("could not release the lock of console %s: %s", name, _one_line(exc))
+                    log.warning("could not release the lock of console %s: %s", name, one_line(exc))
 
     @property
     def unreachable(self) -> bool:
@@ -540,8 +541,3 @@ def _open_engine(url: DatabaseUrl, *, create: bool) -> SqliteEngine | PostgresEn
     if url.path is None:  # parse_database_url gives every sqlite URL a path
         raise StoreError("a sqlite database URL without a path")
     return SqliteEngine(url.path, create=create)
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from broker.outage import one_line
 from broker.store import CHANGES_CHANNEL, StoreError
 
 log = logging.getLogger("consolegate.broker.watch")
@@ -164,7 +165,7 @@ class PgListener:
                     self._drain(conn)
             except psycopg.Error as exc:
                 self.listening.clear()
-                log.warning("the change listener lost PostgreSQL (%s); retrying in %.1f s", _first_line(exc), delay)
+                log.warning("the change listener lost PostgreSQL (%s); retrying in %.1f s", one_line(exc), delay)
             self._stopping.wait(delay)
             delay = min(delay * 2, LISTEN_RETRY_MAX)
 
@@ -172,8 +173,3 @@ class PgListener:
         while not self._stopping.is_set():
             for _ in conn.notifies(timeout=1.0):
                 self._on_notify()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
