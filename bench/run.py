@@ -412,6 +412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = set(args.only or [*SECTIONS, "tokens", "revocation", "brokers"])
     spy_dir = FsPath(args.profile) if args.profile else None
     if spy_dir is not None:
+        if bench_profile.py_spy() is None:
+            parser.error(
+                "--profile needs py-spy, and it is not installed: "
+                "pip install -c constraints.txt -e '.[bench]' (py-spy is in the bench extra)"
+            )
         spy_dir.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(run_all(profile, work, only, spy_dir))
     if "tokens" in only:
