@@ -211,6 +211,13 @@ class ConsoleSession:
         on_open: Callable[[ConsoleSession], None],
         on_end: Callable[[ConsoleSession], None],
     ) -> None:
+        # The TCP connect is begun first, before anything else is built: the hypervisor is then
+        # already answering while the session, the 101 and the greeting are made and travel.
+        self._dialled: socket.socket | OSError | None = None  # the connect begun here
+        try:
+            self._dialled = dial.connecting_socket(claims.host, claims.port)
+        except OSError as error:
+            self._dialled = error  # reported by _connect, under the handshake's rules
         self.claims, self.config, self.browser, self.client_ip = claims, config, browser, client_ip
         self.on_open, self.on_end = on_open, on_end
         self.started = time.monotonic()
@@ -237,7 +244,6 @@ class ConsoleSession:
         self._inbox_full = False  # reasons to leave the hypervisor's socket unread
         self._backlogged = False
         self._task: asyncio.Task[None] | None = None
-        self._dialled: socket.socket | OSError | None = None  # the connect begun in start()
         self._ready: tuple[rfb.ServerInitReady, str] | None = None  # the hypervisor's ServerInit, waiting
 
     @property
@@ -245,15 +251,10 @@ class ConsoleSession:
         return self.claims.sid
 
     def start(self) -> None:
-        """Begin connecting to the hypervisor, greet the browser, and begin the handshake;
-        everything after it runs in callbacks. The TCP connect is begun here, before the 101
-        and the greeting leave, so the hypervisor is already answering while they travel."""
+        """Greet the browser and begin the handshake (the connect began when the session was
+        made); everything after it runs in callbacks."""
         if self.ending is not None:  # ended before the browser's connection was ours
             return
-        try:
-            self._dialled = dial.connecting_socket(self.claims.host, self.claims.port)
-        except OSError as error:
-            self._dialled = error  # reported by _connect, under the handshake's rules
         self.browser.send(self._down.initiate())
         self._task = asyncio.get_running_loop().create_task(self._run())
 
