@@ -43,6 +43,9 @@ class ProxyConfig:
     read_chunk: int = 256 * 1024
     shared: bool = True
     """Force ClientInit's shared flag, so several viewers can watch one VM without kicking others."""
+    pipeline_upstream: bool = True
+    """Pipeline the RFB version and security choice to hypervisors whose offer is known from an
+    earlier handshake (:mod:`console_proxy.offers`): two round trips fewer per console open."""
     end_at_expiry: bool = False
     expiry_grace: float = 0.0
     """With end_at_expiry, sessions close with 4410 at the token's ``exp`` + this grace."""

@@ -264,6 +264,7 @@ class ProxyMetrics:
         draining: Callable[[], float],
         relayed: Callable[[], dict[LabelValues, float]],
         cut_text_dropped: Callable[[], dict[LabelValues, float]] = dict,
+        pipelined: Callable[[], dict[LabelValues, float]] = dict,
     ) -> None:
         self.registry = Registry()
         add = self.registry.add
@@ -293,6 +294,16 @@ class ProxyMetrics:
                 "(policy: the token's clip claim, too_large: above --max-cut-text); open sessions included.",
                 ["direction", "reason"],
                 cut_text_dropped,
+            )
+        )
+        add(
+            LiveCounter(
+                "consolegate_proxy_upstream_pipelined_total",
+                "Hypervisor handshakes whose opening was pipelined from an earlier one's offer "
+                "(guessed), then had to start again on a new connection (redialled), or whose "
+                "server broke it and is not pipelined again (refused).",
+                ["outcome"],
+                pipelined,
             )
         )
         self.handshake = add(

@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 from console_proxy import dial, upstream_tls
 from console_proxy.codes import Close
 from console_proxy.config import ProxyConfig
+from console_proxy.offers import Offers
 from console_proxy.protocol import clipboard, rfb
 from console_proxy.token import Claims
 
@@ -145,6 +146,14 @@ class _Upstream(asyncio.BufferedProtocol):
         self.reads = _read_buffer(session.config.read_chunk)
         self.transport: asyncio.Transport | None = None
         self.connecting: asyncio.TimerHandle | None = None  # the connect deadline, until first bytes
+        self.retired = False  # left for a new connection (a redial): its end is nobody's business
+
+    def retire(self) -> None:
+        """Close this connection; its end no longer concerns the session."""
+        self.retired = True
+        self._connected()
+        if self.transport is not None:
+            self.transport.abort()  # the reader goes now: no more bytes reach the session
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -175,10 +184,13 @@ class _Upstream(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._connected()
-        self.session.upstream_lost(None)
+        if not self.retired:
+            self.session.upstream_lost(None)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.retired:
+            return
         if self.connecting is not None:
             self._connected()
             if dial.never_connected(exc):  # the connect itself failed (dial: no wait for it)
@@ -191,6 +203,19 @@ class _Upstream(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.session.browser.resume_reading()
+
+
+class _Redial(Exception):
+    """The handshake's pipelined opening guessed wrong (:class:`rfb.Redial`)."""
+
+
+def _dial(claims: Claims) -> socket.socket | OSError | None:
+    """Begin the TCP connect to the hypervisor (:func:`dial.connecting_socket`); an immediate
+    failure is kept for :meth:`ConsoleSession._connect` to report under the handshake's rules."""
+    try:
+        return dial.connecting_socket(claims.host, claims.port)
+    except OSError as error:
+        return error
 
 
 def _milestone_passed(action: object, handshake: rfb.UpstreamHandshake) -> bool:
@@ -210,14 +235,11 @@ class ConsoleSession:
         *,
         on_open: Callable[[ConsoleSession], None],
         on_end: Callable[[ConsoleSession], None],
+        offers: Offers | None = None,
     ) -> None:
         # The TCP connect is begun first, before anything else is built: the hypervisor is then
         # already answering while the session, the 101 and the greeting are made and travel.
-        self._dialled: socket.socket | OSError | None = None  # the connect begun here
-        try:
-            self._dialled = dial.connecting_socket(claims.host, claims.port)
-        except OSError as error:
-            self._dialled = error  # reported by _connect, under the handshake's rules
+        self._dialled = _dial(claims)  # the connect begun here, taken by _connect
         self.claims, self.config, self.browser, self.client_ip = claims, config, browser, client_ip
         self.on_open, self.on_end = on_open, on_end
         self.started = time.monotonic()
@@ -245,6 +267,8 @@ class ConsoleSession:
         self._backlogged = False
         self._task: asyncio.Task[None] | None = None
         self._ready: tuple[rfb.ServerInitReady, str] | None = None  # the hypervisor's ServerInit, waiting
+        self._offers = offers  # what hypervisors offered before: for a pipelined opening
+        self._upstream: rfb.UpstreamHandshake | None = None  # the handshake under way
 
     @property
     def sid(self) -> str:
@@ -284,11 +308,37 @@ class ConsoleSession:
         """Up to ServerInit on both sides. The session usually opens in a read callback, the
         moment the later of the hypervisor's ServerInit and the browser's ClientInit arrives
         (:meth:`_open_now`), not a loop turn later when this coroutine wakes."""
-        shared = self.config.shared  # the browser's flag does not matter: ClientInit is pipelined
-        upstream = rfb.UpstreamHandshake(
-            password=self.claims.password, tls=self._tls, client_init=True if shared else None
-        )
+        claims, offers = self.claims, self._offers
+        expected = None if offers is None else offers.expected(claims.host, claims.port)
         await self._connect()
+        try:
+            ready, upstream, client_init = await self._negotiate(expected)
+        except _Redial:  # the pipelined opening guessed wrong: once more, on a new connection
+            assert offers is not None
+            offers.forget(claims.host, claims.port)
+            offers.outcomes["redialled"] += 1
+            self._redial()
+            await self._connect()
+            ready, upstream, client_init = await self._negotiate(None)
+        if not self.relaying:  # not opened in a read callback meanwhile
+            self._open(ready, upstream.security_type, client_init)
+        if offers is not None:
+            offers.learn(claims.host, claims.port, upstream.offer)
+
+    async def _negotiate(
+        self, expected: rfb.Offer | None
+    ) -> tuple[rfb.ServerInitReady, rfb.UpstreamHandshake, rfb.ClientInitReceived]:
+        """One connection's handshake, up to ServerInit on both sides; the opening pipelined
+        when the hypervisor's offer is ``expected``."""
+        shared = self.config.shared  # the browser's flag does not matter: ClientInit is pipelined
+        upstream = self._upstream = rfb.UpstreamHandshake(
+            password=self.claims.password, tls=self._tls, client_init=True if shared else None, expected=expected
+        )
+        opening = upstream.opening()
+        if opening:
+            assert self._offers is not None
+            self._offers.outcomes["guessed"] += 1
+            self._write_upstream(opening)
         if shared:
             ready = await self._drive(upstream, rfb.ServerInitReady)
             assert isinstance(ready, rfb.ServerInitReady)
@@ -304,8 +354,16 @@ class ConsoleSession:
             self._write_upstream(upstream.send_client_init(client_init.shared or self.claims.view_only))
             ready = await self._drive(upstream, rfb.ServerInitReady)
             assert isinstance(ready, rfb.ServerInitReady)
-        if not self.relaying:  # not opened in a read callback meanwhile
-            self._open(ready, upstream.security_type, client_init)
+        return ready, upstream, client_init
+
+    def _redial(self) -> None:
+        """Leave the hypervisor's connection (it heard a wrong guess) for a new one."""
+        old, self._up = self._up, _Upstream(self)
+        old.retire()
+        self._inbox.clear()
+        self._inbox_full = self._upstream_gone = self._tls_quiet = False
+        self._lost_error = None
+        self._dialled = _dial(self.claims)
 
     def _open(self, ready: rfb.ServerInitReady, security_type: str, client_init: rfb.ClientInitReceived) -> None:
         """ServerInit to the browser, then relaying: what either side sent meanwhile goes on."""
@@ -418,6 +476,8 @@ class ConsoleSession:
             self._write_upstream(action.data)
         elif isinstance(action, rfb.Authenticated) and until is rfb.ServerInitReady and not handshake.client_init_sent:
             self._write_upstream(handshake.send_client_init(True))  # shared, where it could not be pipelined
+        elif isinstance(action, rfb.Redial):
+            raise _Redial
         elif isinstance(action, rfb.StartTls):
             await self._start_tls(action)
             for follow in self._guard(handshake.tls_started):
@@ -630,10 +690,22 @@ class ConsoleSession:
             self._task.cancel()
         if isinstance(self._dialled, socket.socket):  # ended before the handshake took it
             self._dialled.close()
+        self._judge_guess(ending)
         if self._up.transport is not None:
             self._up.transport.abort()  # never wait on a hypervisor that stopped reading
         self.browser.close(ending.code, ending.reason)
         self.on_end(self)
+
+    def _judge_guess(self, ending: Ending) -> None:
+        """A hypervisor that broke a handshake before answering a pipelined opening may not
+        take early input (it may read in lock-step): it is never pipelined again. Refusals
+        (4501), an unreachable host (4500) and the browser leaving say nothing about that."""
+        upstream, offers = self._upstream, self._offers
+        if self.relaying or upstream is None or offers is None or not upstream.guess_unheard:
+            return
+        if ending.code == Close.TARGET_PROTOCOL_ERROR:
+            offers.never(self.claims.host, self.claims.port)
+            offers.outcomes["refused"] += 1
 
     def browser_backlogged(self, backlogged: bool) -> None:
         """The browser's socket stopped (or resumed) taking data: so does reading the hypervisor."""

@@ -130,6 +130,13 @@ def add_parser(commands: argparse._SubParsersAction[Parser]) -> None:
         help="pass the browser's ClientInit shared flag instead of forcing it on",
     )
     serve.add_argument(
+        "--no-upstream-pipelining",
+        action="store_true",
+        help="always wait for the hypervisor's version and security types before answering, "
+        "instead of sending the answers an earlier handshake with it taught (for servers that "
+        "read in lock-step; such a server is found and left alone after one failed open anyway)",
+    )
+    serve.add_argument(
         "--upstream-ca",
         metavar="PEM",
         help="CA bundle that verifies VeNCrypt X.509 targets whose token names no CA (not a "
@@ -188,6 +195,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
         max_message_size=args.max_message_size,
         max_cut_text=args.max_cut_text,
         shared=not args.no_force_shared,
+        pipeline_upstream=not args.no_upstream_pipelining,
         end_at_expiry=args.end_at_expiry,
         expiry_grace=args.expiry_grace,
         skew=args.skew,

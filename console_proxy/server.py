@@ -31,6 +31,7 @@ from console_proxy.handlerlog import PathOnlyLogging, access_log
 from console_proxy.httperrors import JsonErrors, NotFound
 from console_proxy.keyring import Keyring
 from console_proxy.metrics import ProxyMetrics
+from console_proxy.offers import Offers
 from console_proxy.pages import page_routes
 from console_proxy.relay import ConsoleSession, Ending
 from console_proxy.token import Claims
@@ -65,8 +66,13 @@ class ProxyState:
         self.closed_bytes = {"up": 0, "down": 0}
         self.closing: set[object] = set()  # while draining: browsers whose connection is closing
         self.closed_cut_text: dict[tuple[str, ...], float] = {}
+        self.offers = Offers(enabled=config.pipeline_upstream)
         self.metrics = ProxyMetrics(
-            lambda: len(self.sessions), lambda: float(self.draining), self._relayed, self._cut_text_dropped
+            lambda: len(self.sessions),
+            lambda: float(self.draining),
+            self._relayed,
+            self._cut_text_dropped,
+            self.offers.counted,
         )
 
     def _relayed(self) -> dict[tuple[str, ...], float]:

@@ -185,7 +185,13 @@ def start_session(
 ) -> ConsoleSession:
     """The session, registered before anything can await, so it is counted throughout."""
     session = ConsoleSession(
-        claims, state.config, browser, client_ip, on_open=state.session_opened, on_end=state.session_ended
+        claims,
+        state.config,
+        browser,
+        client_ip,
+        on_open=state.session_opened,
+        on_end=state.session_ended,
+        offers=state.offers,
     )
     browser.session = session
     state.sessions[session] = None

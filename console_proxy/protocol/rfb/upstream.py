@@ -39,6 +39,8 @@ from console_proxy.protocol.rfb.wire import (
     VENCRYPT_X509NONE,
     VENCRYPT_X509VNC,
     Authenticated,
+    Offer,
+    Redial,
     Send,
     ServerInit,
     ServerInitReady,
@@ -108,6 +110,14 @@ class UpstreamHandshake:
     theirs; if authentication fails the server never reads it. ``client_init_sent`` then says
     not to call ``send_client_init``. (After a VeNCrypt subtype without a VNC challenge the
     client sends nothing before SecurityResult, so there it is sent the usual way.)
+
+    A pipelined opening: given ``expected`` (what this server offered last time, :class:`Offer`),
+    :meth:`opening` gives the client's version line and security choice to write as soon as the
+    connection is made, before the server's own version line is read: two round trips fewer.
+    The choice is the one this handshake's policy makes from the expected types, so nothing is
+    chosen that would not have been. When the server's version or types then call for another
+    choice, ``feed`` returns :class:`Redial`: the guess already left on this connection, so the
+    caller starts again on a new one without ``expected``. Only RFB 3.8 servers are guessed.
     """
 
     _LIMIT: ClassVar[int] = MAX_PENDING
@@ -119,8 +129,13 @@ class UpstreamHandshake:
         tls: TlsPolicy,
         challenge_cipher: ChallengeCipher = vnc_auth_response,
         client_init: bool | None = None,
+        expected: Offer | None = None,
     ) -> None:
         self._pipelined = b"" if client_init is None else (b"\x01" if client_init else b"\x00")
+        self._expected = expected
+        self._guess: int | None = None  # the security type sent in the opening
+        self._offered: frozenset[int] | None = None
+        self._heard = False  # the server answered the security choice
         self.client_init_sent = False
         self._password = password
         self._policy = tls
@@ -153,6 +168,38 @@ class UpstreamHandshake:
     def version(self) -> tuple[int, int]:
         """The RFB version in use (meaningful once the server's version line was read)."""
         return self._version
+
+    @property
+    def offer(self) -> Offer | None:
+        """What the server offered, once its security types are read (None for RFB 3.3)."""
+        return None if self._offered is None else Offer(self._version, self._offered)
+
+    @property
+    def guessed(self) -> bool:
+        """Whether :meth:`opening` sent a version and a security choice ahead of the server."""
+        return self._guess is not None
+
+    @property
+    def guess_unheard(self) -> bool:
+        """A guess was sent and the server has not yet answered past it (its answer to our
+        choice proves it read what came early)."""
+        return self._guess is not None and not self._heard
+
+    def opening(self) -> bytes:
+        """What to write as soon as the connection is made: with an RFB 3.8 ``expected`` offer
+        the version line and the security choice (and a pipelined ClientInit behind None), else
+        nothing. Call once, before the first ``feed``."""
+        if self._state is not _Up.VERSION or self._buf or self._guess is not None:
+            raise RuntimeError("opening() after the handshake began")
+        expected = self._expected
+        if expected is None or expected.version != V3_8:
+            return b""
+        try:
+            chosen = self._choose_security(expected.types)
+        except RfbError:
+            return b""  # nothing acceptable last time: the server's answer will say so again
+        self._guess = chosen
+        return version_line(V3_8) + bytes([chosen]) + (self._pipeline() if chosen == SEC_NONE else b"")
 
     def feed(self, data: bytes) -> list[UpstreamAction]:
         """Take bytes from the target; return what to do next. Raises RfbError."""
@@ -189,6 +236,8 @@ class UpstreamHandshake:
             return None
         self._version = negotiate_version(parse_version(line))
         self._state = _Up.SECURITY_33 if self._version == V3_3 else _Up.SECURITY_TYPES
+        if self._guess is not None:  # our version line left in the opening
+            return [] if self._version == V3_8 else [Redial()]
         return [Send(version_line(self._version))]
 
     def _on_security_33(self) -> list[UpstreamAction] | None:
@@ -216,7 +265,10 @@ class UpstreamHandshake:
         body = self._buf.take(1 + count)
         if body is None:
             return None
-        chosen = self._choose_security(frozenset(body[1:]))
+        self._offered = frozenset(body[1:])
+        chosen = self._choose_security(self._offered)
+        if self._guess is not None:  # the choice left in the opening: it must be this one
+            return [Redial()] if chosen != self._guess else self._begin_security(chosen)
         choice = bytes([chosen]) + self._pipeline() if chosen == SEC_NONE else bytes([chosen])
         return [Send(choice), *self._begin_security(chosen)]
 
@@ -275,6 +327,7 @@ class UpstreamHandshake:
         challenge = self._buf.take(16)
         if challenge is None:
             return None
+        self._heard = True
         assert self._password is not None  # guaranteed by the security choice
         self._state = _Up.SECURITY_RESULT
         response = (
@@ -286,6 +339,7 @@ class UpstreamHandshake:
         raw = self._buf.take(4)
         if raw is None:
             return None
+        self._heard = True
         if U32.unpack(raw)[0] == 0:
             return self._authenticated()
         if self._version == V3_8:
@@ -328,6 +382,7 @@ class UpstreamHandshake:
         raw = self._buf.take(2)
         if raw is None:
             return None
+        self._heard = True
         if raw[0] != 0 or raw[1] < 2:
             raise RfbError.protocol(f"unsupported VeNCrypt version {raw[0]}.{raw[1]}")
         self._state = _Up.VENCRYPT_ACK

@@ -124,7 +124,23 @@ class ClientInitReceived:
     rest: bytes
 
 
-UpstreamAction = Send | StartTls | Authenticated | ServerInitReady
+@dataclass(frozen=True)
+class Redial:
+    """A pipelined opening (:meth:`UpstreamHandshake.opening`) guessed wrong: the server's
+    version or its security types call for another choice than the one already sent. This
+    connection cannot be used; begin again on a new one, without the guess."""
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What a server offered at a handshake: its version (as negotiated) and security types.
+    Remembered so that the next handshake with it can pipeline the client's first words."""
+
+    version: tuple[int, int]
+    types: frozenset[int]
+
+
+UpstreamAction = Send | StartTls | Authenticated | ServerInitReady | Redial
 DownstreamAction = Send | ClientInitReceived
 
 
