@@ -22,6 +22,8 @@ Behaviours (``BEHAVIOURS``):
   "failed" with a reason of 0xFFFFFFFF bytes, a few sent.
 - ``auth_fail``: the same refusal told honestly (a 14-byte reason, sent whole), as Xvnc does.
 - ``huge_name``: a complete None handshake, then a ServerInit whose name is 0xFFFFFFFF bytes.
+- ``lock_step``: RFB 3.8 with security None that reads the client's version line with one
+  recv() and drops what came behind it (a pipelined choice), then waits for the choice.
 - ``cut_text_then_tight``: a complete None handshake, then unasked: cut text (classic and
   extended, "leaked secret"), each followed by a Bell, then a Tight rectangle nobody asked for.
 """
@@ -62,6 +64,14 @@ class _Peer:
                 raise ConnectionError("the proxy closed the connection")
             self._record(chunk)
             data += chunk
+        return data
+
+    def recv_once(self) -> bytes:
+        """One recv(), whatever it brings (a server that assumes lock-step reads this way)."""
+        data = self.conn.recv(65536)
+        if not data:
+            raise ConnectionError("the proxy closed the connection")
+        self._record(data)
         return data
 
     def hold(self) -> None:
@@ -169,7 +179,22 @@ def _cut_text_then_tight(peer: _Peer) -> None:
     peer.hold()
 
 
+def _lock_step(peer: _Peer) -> None:
+    """RFB 3.8 with security None, taking the client's version line with one recv() and
+    dropping whatever came behind it: a pipelined security choice is lost, and the server
+    waits for it."""
+    peer.send(VERSION_38)
+    peer.recv_once()
+    peer.send(b"\x01\x01")  # one type: None
+    peer.recv_exact(1)
+    peer.send(struct.pack(">I", 0))  # SecurityResult OK
+    peer.recv_exact(1)  # ClientInit
+    peer.send(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, 4) + b"lock")
+    peer.hold()
+
+
 BEHAVIOURS: dict[str, Callable[[_Peer], None]] = {
+    "lock_step": _lock_step,
     "bad_version": _bad_version,
     "http": _http,
     "garbage": _garbage,

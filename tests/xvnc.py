@@ -210,11 +210,13 @@ def start_xvnc(
     cert: Path | None = None,
     key: Path | None = None,
     blacklist: bool = False,
+    port: int | None = None,
 ) -> XvncServer:
     """Start Xvnc with ``-SecurityTypes security`` and return it once it serves RFB.
 
     ``password`` is required for types that include VNC auth; X509 types need ``pki`` (or
     ``cert`` and ``key``). ``blacklist=True`` keeps Xvnc's blacklist on, for tests of it.
+    ``port`` serves on that port (say, where another Xvnc served before) instead of a free one.
     """
     if not xvnc_available():
         raise XvncStartError("Xvnc/vncpasswd not installed (tigervnc-standalone-server)")
@@ -224,9 +226,9 @@ def start_xvnc(
     password_file = write_password_file(tmp_path, password) if password is not None else None
     failures: list[str] = []
     for attempt, display in zip(range(START_ATTEMPTS), _free_displays(), strict=False):
-        port = _free_port()
+        serving = port or _free_port()
         log_path = tmp_path / f"xvnc-{display}-{attempt}.log"
-        cmd = _xvnc_command(display, port, security, password_file, pki, blacklist)
+        cmd = _xvnc_command(display, serving, security, password_file, pki, blacklist)
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 cmd,
@@ -235,11 +237,11 @@ def start_xvnc(
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "DISPLAY": ""},
             )
-        server = XvncServer(process, display, port, log_path, security, password, pki)
-        if _wait_ready(process, port, log_path):
+        server = XvncServer(process, display, serving, log_path, security, password, pki)
+        if _wait_ready(process, serving, log_path):
             return server
         server.stop()
-        failures.append(f":{display} port {port}: {server.log()[-500:]}")
+        failures.append(f":{display} port {serving}: {server.log()[-500:]}")
     raise XvncStartError("Xvnc did not start:\n" + "\n".join(failures))
 
 
