@@ -147,6 +147,26 @@ def test_a_token_without_a_password_is_4501(proxy: ProxyProcess, mint: Mint, loc
     assert "password" in detail.lower()
 
 
+@pytest.mark.parametrize("locked", [False, True], ids=["none", "vncauth"])
+def test_qemu_takes_the_pipelined_opening(
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint, guest: QemuVnc, locked_guest: QemuVnc, locked: bool
+) -> None:
+    """The second console to a QEMU gets its version and security choice before QEMU asked
+    (console_proxy/offers.py): QEMU reads them from its buffer and the picture shows. A wrong
+    password after it is still the hypervisor's refusal (4501), not a pipelining failure."""
+    from test_proxy_pipelining import outcomes
+
+    proxy = proxy_factory()
+    server = locked_guest if locked else guest
+    for turn in range(2):
+        assert shows_the_picture(proxy, guest_token(mint, server, f"guest-pipelined-{turn}"))
+    assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 0}
+    if locked:
+        token = guest_token(mint, server, "guest-pipelined-wrong", password="not-it!!")
+        assert closed_with(proxy, token, "guest-pipelined-wrong")[:2] == TARGET_AUTH_FAILED
+        assert outcomes(proxy) == {"guessed": 2, "redialled": 0, "refused": 0}
+
+
 def test_an_expired_vnc_password_is_4501(
     proxy: ProxyProcess, mint: Mint, guest_factory: Callable[..., QemuVnc]
 ) -> None:
