@@ -98,9 +98,8 @@ def _may_fail_check(text: str) -> bool:
     Both conditions are read off the text, in C: a lone surrogate needs a ``\\uD800``-``\\uDFFF``
     escape (see :data:`_SURROGATE_ESCAPE`), and a container at depth :data:`MAX_DEPTH` needs
     ``MAX_DEPTH + 1`` nested containers, each opened by its own ``[`` or ``{`` (brackets inside
-    strings only make the count larger). A token's claims have neither: the walk was about a
-    sixth of a token verify's own work.
-    """
+    strings only make the count larger). A token's claims have neither, and the walk (6 µs) was
+    a fifth of what a token verify added to its signature check."""
     if "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None:
         return True
     return text.count("[") + text.count("{") > MAX_DEPTH
