@@ -446,7 +446,7 @@ def _check_cip(value: str | None) -> str | None:
 @functools.lru_cache(maxsize=1024)
 def _canonical_ip(value: str) -> str:
     """The canonical text of an IP address (an IPv4-mapped IPv6 address as the IPv4 one);
-    ValueError if ``value`` is none.
+    ValueError if ``value`` is not an address.
 
     A pure function of its text, so its answers are cached (bounded; a refusal raises and is
     never cached): a bound token costs two of these, 3 µs for IPv4 and 8 µs for IPv6 through
