@@ -265,6 +265,7 @@ def table(doc: dict[str, Any]) -> str:
             lines.append(
                 f"tokens (one core): mint {b['mint']:,.0f}/s, verify {b['verify']:,.0f}/s, "
                 f"OpenSSL raw Ed25519 verify {b['raw']:,.0f}/s -> verify/raw {t['verify_over_raw']:.1%}"
+                + (f" ({t['ratio_method']})" if "ratio_method" in t else "")
             )
     lines += ["", "ratios (same run):"]
     for key, value in doc["ratios"].items():

@@ -76,3 +76,29 @@ def test_arbitrary_text_decodes_only_if_canonical(text: str) -> None:
     except ValueError:
         return
     assert b64url.encode(data) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=40), st.binary(max_size=12).map(b64url.encode).map(str.encode)))
+def test_bytes_decode_exactly_as_their_ascii_text(raw: bytes) -> None:
+    # a token's inner parts are decoded as bytes: the same answer as for the text, byte for byte
+    def outcome(value: str | bytes) -> bytes | str:
+        try:
+            return b64url.decode(value)
+        except ValueError:
+            return "refused"
+
+    as_text = outcome(raw.decode("ascii")) if raw.isascii() else "refused"
+    assert outcome(raw) == as_text
+
+
+@pytest.mark.parametrize("raw", [b"AB", b"AAB", b"AA==", b"\xc3\x80AA", b"AA\x00", b"+_8", b"AA\x80A"])
+def test_non_canonical_bytes_are_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        b64url.decode(raw)
+
+
+def test_other_types_are_a_type_error() -> None:
+    for value in (bytearray(b"AA"), memoryview(b"AA"), ["A", "A"]):
+        with pytest.raises(TypeError):
+            b64url.decode(value)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from dataclasses import replace
@@ -11,6 +12,8 @@ import pytest
 from Crypto.Cipher import AES
 from Crypto.PublicKey import ECC
 from freezegun import freeze_time
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from token_fixtures import (
     NOW,
     PASSWORD,
@@ -619,6 +622,36 @@ def test_client_ip_mapped_in_the_token_and_ipv6_spellings(ring: Keyring) -> None
     v6 = forge(ring, claims_dict(cip="2001:DB8:0:0::1"))
     assert token.verify(v6, ring, NOW, client_ip="2001:db8::1")
     assert refused(v6, ring, client_ip="2001:db8::2").reason == "client_ip_mismatch"
+
+
+def test_canonical_addresses_are_cached_and_refusals_never(ring: Keyring) -> None:
+    # _canonical_ip is cached (a bound token parses two addresses): a hit answers as a miss did
+    token._canonical_ip.cache_clear()
+    spellings = {"10.0.0.1": "10.0.0.1", "::ffff:10.0.0.1": "10.0.0.1", "2001:DB8:0:0::1": "2001:db8::1", "::1": "::1"}
+    for _ in range(2):
+        assert {text: token._canonical_ip(text) for text in spellings} == spellings
+    for bad in ("10.0.0.300", "garbage", "10.0.0.1/32", "", " 10.0.0.1"):
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                token._canonical_ip(bad)
+    assert token._canonical_ip.cache_info().currsize == len(spellings)
+    bad_cip = forge(ring, claims_dict(cip="10.0.0.300"))
+    for _ in range(2):
+        assert refused(bad_cip, ring, client_ip="10.0.0.300").reason == "bad_claims"
+    bound = forge(ring, claims_dict(cip="::ffff:10.0.0.1"))
+    for _ in range(2):
+        assert token.verify(bound, ring, NOW, client_ip="10.0.0.1").cip == "10.0.0.1"
+        assert refused(bound, ring, client_ip="10.0.0.2").reason == "client_ip_mismatch"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.ip_addresses())
+def test_canonical_addresses_match_ipaddress(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    mapped = getattr(address, "ipv4_mapped", None)
+    expected = str(mapped if mapped is not None else address)
+    for spelling in (str(address), getattr(address, "exploded", str(address))):
+        assert token._canonical_ip(spelling) == expected
+        assert token._canonical_ip(spelling) == expected
 
 
 def test_unbound_token_accepts_any_client(ring: Keyring) -> None:
