@@ -269,6 +269,7 @@ class ConsoleSession:
         self._ready: tuple[rfb.ServerInitReady, str] | None = None  # the hypervisor's ServerInit, waiting
         self._offers = offers  # what hypervisors offered before: for a pipelined opening
         self._upstream: rfb.UpstreamHandshake | None = None  # the handshake under way
+        self._unsent = b""  # of a pipelined opening, what the connecting socket did not take
 
     @property
     def sid(self) -> str:
@@ -279,8 +280,39 @@ class ConsoleSession:
         made); everything after it runs in callbacks."""
         if self.ending is not None:  # ended before the browser's connection was ours
             return
+        offers, claims = self._offers, self.claims
+        self._upstream = self._upstream_handshake(None if offers is None else offers.expected(claims.host, claims.port))
         self.browser.send(self._down.initiate())
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _upstream_handshake(self, expected: rfb.Offer | None) -> rfb.UpstreamHandshake:
+        """A handshake with the hypervisor, whose pipelined opening (when its offer is
+        ``expected``) is sent at once, on the socket still connecting where possible."""
+        shared = self.config.shared  # the browser's flag does not matter: ClientInit is pipelined
+        upstream = rfb.UpstreamHandshake(
+            password=self.claims.password, tls=self._tls, client_init=True if shared else None, expected=expected
+        )
+        opening = upstream.opening()
+        if opening:
+            assert self._offers is not None
+            self._offers.outcomes["guessed"] += 1
+            self._unsent = self._send_early(opening)
+        return upstream
+
+    def _send_early(self, data: bytes) -> bytes:
+        """Write ``data`` on the dialled socket before asyncio takes it (the loop would take
+        two turns to make a transport first); what it did not take is left for the transport."""
+        sock = self._dialled
+        if not isinstance(sock, socket.socket):  # a host name (asyncio connects), or failed already
+            return data
+        try:
+            return data[sock.send(data) :]
+        except BlockingIOError:  # the TCP handshake is still under way
+            return data
+        except OSError as error:  # the connect failed: _connect reports it as such (4500)
+            sock.close()
+            self._dialled = error
+            return b""
 
     async def _run(self) -> None:
         """The handshake under two deadlines (connect, whole handshake): timers that end the
@@ -309,37 +341,30 @@ class ConsoleSession:
         moment the later of the hypervisor's ServerInit and the browser's ClientInit arrives
         (:meth:`_open_now`), not a loop turn later when this coroutine wakes."""
         claims, offers = self.claims, self._offers
-        expected = None if offers is None else offers.expected(claims.host, claims.port)
+        upstream = self._upstream
+        assert upstream is not None  # made by start()
         await self._connect()
         try:
-            ready, upstream, client_init = await self._negotiate(expected)
+            ready, client_init = await self._negotiate(upstream)
         except _Redial:  # the pipelined opening guessed wrong: once more, on a new connection
             assert offers is not None
             offers.forget(claims.host, claims.port)
             offers.outcomes["redialled"] += 1
             self._redial()
+            upstream = self._upstream = self._upstream_handshake(None)
             await self._connect()
-            ready, upstream, client_init = await self._negotiate(None)
+            ready, client_init = await self._negotiate(upstream)
         if not self.relaying:  # not opened in a read callback meanwhile
             self._open(ready, upstream.security_type, client_init)
         if offers is not None:
             offers.learn(claims.host, claims.port, upstream.offer)
 
-    async def _negotiate(
-        self, expected: rfb.Offer | None
-    ) -> tuple[rfb.ServerInitReady, rfb.UpstreamHandshake, rfb.ClientInitReceived]:
-        """One connection's handshake, up to ServerInit on both sides; the opening pipelined
-        when the hypervisor's offer is ``expected``."""
-        shared = self.config.shared  # the browser's flag does not matter: ClientInit is pipelined
-        upstream = self._upstream = rfb.UpstreamHandshake(
-            password=self.claims.password, tls=self._tls, client_init=True if shared else None, expected=expected
-        )
-        opening = upstream.opening()
-        if opening:
-            assert self._offers is not None
-            self._offers.outcomes["guessed"] += 1
-            self._write_upstream(opening)
-        if shared:
+    async def _negotiate(self, upstream: rfb.UpstreamHandshake) -> tuple[rfb.ServerInitReady, rfb.ClientInitReceived]:
+        """One connection's handshake, up to ServerInit on both sides."""
+        if self._unsent:  # the rest of a pipelined opening the connecting socket did not take
+            unsent, self._unsent = self._unsent, b""
+            self._write_upstream(unsent)
+        if self.config.shared:
             ready = await self._drive(upstream, rfb.ServerInitReady)
             assert isinstance(ready, rfb.ServerInitReady)
             if not self.relaying:
@@ -354,7 +379,7 @@ class ConsoleSession:
             self._write_upstream(upstream.send_client_init(client_init.shared or self.claims.view_only))
             ready = await self._drive(upstream, rfb.ServerInitReady)
             assert isinstance(ready, rfb.ServerInitReady)
-        return ready, upstream, client_init
+        return ready, client_init
 
     def _redial(self) -> None:
         """Leave the hypervisor's connection (it heard a wrong guess) for a new one."""
