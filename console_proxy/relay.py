@@ -343,6 +343,7 @@ class ConsoleSession:
         claims, offers = self.claims, self._offers
         upstream = self._upstream
         assert upstream is not None  # made by start()
+        upstream.prepare()  # the 101 and any pipelined opening have left by now
         await self._connect()
         try:
             ready, client_init = await self._negotiate(upstream)
@@ -352,6 +353,7 @@ class ConsoleSession:
             offers.outcomes["redialled"] += 1
             self._redial()
             upstream = self._upstream = self._upstream_handshake(None)
+            upstream.prepare()
             await self._connect()
             ready, client_init = await self._negotiate(upstream)
         if not self.relaying:  # not opened in a read callback meanwhile

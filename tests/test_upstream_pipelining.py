@@ -219,3 +219,15 @@ def test_offers_turned_off_remember_nothing() -> None:
     offers.learn("10.0.0.1", 5900, VNC_ONLY)
     assert offers.expected("10.0.0.1", 5900) is None
     assert offers.counted() == {("guessed",): 0.0, ("redialled",): 0.0, ("refused",): 0.0}
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_the_des_key_schedule_built_ahead_answers_the_same(prepared: bool) -> None:
+    """prepare() only moves the key schedule's cost off the step that answers the challenge."""
+    ordinary = handshake(None)
+    if prepared:
+        ordinary.prepare()
+        ordinary.prepare()  # idempotent
+    ordinary.feed(V38)
+    ordinary.feed(types(2))
+    assert ordinary.feed(CHALLENGE) == [Send(RESPONSE + b"\x01")]

@@ -140,11 +140,7 @@ class UpstreamHandshake:
         self._password = password
         self._policy = tls
         self._cipher = challenge_cipher
-        # The default answer's DES key schedule is built now, while the hypervisor is still
-        # on its way to the challenge, rather than on the step that answers it.
-        self._prepared: EcbMode | None = None
-        if challenge_cipher is vnc_auth_response and password is not None:
-            self._prepared = vnc_auth_cipher(password)
+        self._prepared: EcbMode | None = None  # see prepare()
         self._buf = Buffer(self._LIMIT)
         self._state = _Up.VERSION
         self._version = V3_8
@@ -184,6 +180,13 @@ class UpstreamHandshake:
         """A guess was sent and the server has not yet answered past it (its answer to our
         choice proves it read what came early)."""
         return self._guess is not None and not self._heard
+
+    def prepare(self) -> None:
+        """Build the VNC Authentication answer's DES key schedule now, while the hypervisor is
+        still on its way to the challenge, rather than on the step that answers it. Optional;
+        the caller picks a moment off the critical path (after its first bytes left)."""
+        if self._prepared is None and self._cipher is vnc_auth_response and self._password is not None:
+            self._prepared = vnc_auth_cipher(self._password)
 
     def opening(self) -> bytes:
         """What to write as soon as the connection is made: with an RFB 3.8 ``expected`` offer
