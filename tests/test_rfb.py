@@ -937,7 +937,7 @@ def test_downstream_initiate() -> None:
 @pytest.mark.parametrize(
     ("client", "expected"),
     [
-        (V38 + b"\x01" + b"\x01", [Send(b"\x01\x01"), Send(u32(0))]),
+        (V38 + b"\x01" + b"\x01", [Send(b"\x01\x01" + u32(0))]),  # SecurityResult with the types
         (V37 + b"\x01" + b"\x01", [Send(b"\x01\x01")]),
         (V33 + b"\x01", [Send(u32(1))]),
         (b"RFB 003.005\n" + b"\x01", [Send(u32(1))]),
@@ -1218,3 +1218,12 @@ def test_framer_garbage_never_crashes(data: bytes) -> None:
         assert err.close_code == 4502
     else:
         assert b"".join(m for _, m in out) == data[: sum(len(m) for _, m in out)]
+
+
+def test_downstream_38_sends_the_security_result_with_the_types_before_the_choice() -> None:
+    """The browser finds SecurityResult waiting behind the type list (None is the only type),
+    so its ClientInit follows its choice at once: a round trip fewer."""
+    handshake = DownstreamHandshake()
+    assert handshake.feed(V38) == [Send(b"\x01\x01" + u32(0))]
+    assert handshake.feed(b"\x01") == []
+    assert handshake.feed(b"\x01") == [ClientInitReceived(shared=True, rest=b"")]

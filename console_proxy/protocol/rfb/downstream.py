@@ -47,6 +47,11 @@ class DownstreamHandshake:
     3.3, per the spec); each gets exactly its version's sequence: 3.8 a type list and a
     SecurityResult, 3.7 a type list and no SecurityResult for None, 3.3 the u32 type. Any other
     version, a choice other than None, or stray bytes before ClientInit are protocol errors.
+
+    Under 3.8 the SecurityResult (OK) leaves with the type list, before the browser's choice:
+    with None the only type offered there is nothing to decide, and a browser reads its stream
+    in order, so it finds the result waiting and sends ClientInit a round trip sooner. A choice
+    other than None still ends the handshake (the result said OK, the connection then closes).
     """
 
     def __init__(self) -> None:
@@ -89,7 +94,7 @@ class DownstreamHandshake:
             raise RfbError.protocol(f"client asked for RFB {version[0]}.{version[1]}")
         self._version = version
         self._state = _Down.SECURITY_CHOICE
-        return [Send(bytes([1, SEC_NONE]))]
+        return [Send(bytes([1, SEC_NONE]) + (U32.pack(0) if version == V3_8 else b""))]
 
     def _on_security_choice(self) -> list[DownstreamAction] | None:
         raw = self._buf.take(1)
@@ -98,7 +103,7 @@ class DownstreamHandshake:
         if raw[0] != SEC_NONE:
             raise RfbError.protocol(f"client chose security type {raw[0]}, only None offered")
         self._state = _Down.CLIENT_INIT
-        return [Send(U32.pack(0))] if self._version == V3_8 else []
+        return []  # a 3.8 SecurityResult left with the type list
 
     def _on_client_init(self) -> list[DownstreamAction] | None:
         raw = self._buf.take(1)
