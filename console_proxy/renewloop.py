@@ -8,10 +8,11 @@ caller logs, the loop only calls it back with the exception and the coming pause
 
 Every sleep is an :class:`Alarm`: :meth:`RenewLoop.wake` (renew now: an operator's signal, a test)
 and :meth:`RenewLoop.stop` (shutdown) end it at once. Stopping is a flag as well as a ring, not
-only ``task.cancel()``: Python 3.11's ``asyncio.wait_for`` can swallow a cancel (the proxy's
-renewal is an HTTP call that uses it), after which a loop would go back to sleep and hold up the
-shutdown for a whole pause. A ring that comes while the loop is awake is kept for its next sleep,
-and the flag is read after every step, so the loop ends whichever step the stop came in.
+only ``task.cancel()``: a cancel can be lost (Python 3.11's ``asyncio.wait_for`` swallows one that
+comes as the wait it guards ends, and a renewal awaits library code), and a loop that lost it
+would go back to sleep for a whole pause while its process shuts down. A ring that comes while the
+loop is awake is kept for its next sleep, and the flag is read after every step, so the loop ends
+whichever step the stop came in. The sleep itself is ``asyncio.timeout``, which loses no cancel.
 
 No I/O, and the clock is injected: tests run the schedule with a fake clock and a fake alarm.
 Never imports ``broker`` (the broker takes this from here).
@@ -61,7 +62,7 @@ class Alarm:
     async def sleep(self, seconds: float) -> None:
         """Return after ``seconds``, or as soon as rung (then the ring is used up)."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):  # not wait_for, which can swallow a cancel in 3.11
+            async with asyncio.timeout(seconds):
                 await self._rung.wait()
         self._rung.clear()
 

@@ -203,8 +203,8 @@ def test_wake_during_a_backoff_pause_retries_now() -> None:
 
 
 def test_a_stop_while_renewing_ends_the_loop_instead_of_the_pause() -> None:
-    """The proxy's case: its renewal is an HTTP call, and a cancel swallowed there must not leave
-    the loop asleep for a whole pause (an hour here) while the proxy shuts down."""
+    """The proxy's case: a cancel lost while it renews (an HTTP call) must not leave the loop
+    asleep for a whole pause (an hour here) while the proxy shuts down: the stop ends it."""
 
     async def scenario() -> int:
         hour = Hour(fail=True, retry=(3600.0, 3600.0))
