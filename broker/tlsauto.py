@@ -7,41 +7,26 @@ Each replica issues its own certificate (recorded and audited like any other, pu
 :class:`console_proxy.certfiles.CertificateFiles`, so a renewal is a reload: new connections get
 the new certificate, open ones (a proxy's held watch) keep theirs. A renewal that fails leaves
 the current certificate in service and logs one warning with the retry schedule; tries back
-off from :data:`RETRY` [0] to [1] seconds, doubling.
+off from :data:`RETRY` [0] to [1] seconds, doubling. The schedule and the retries are the proxy's
+own renewal loop (:class:`console_proxy.renewloop.RenewLoop`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from broker import ca, hostcerts
 from broker.service import Broker
-from console_proxy import clock, identity, renewal
+from console_proxy import clock, renewloop
 from console_proxy.certfiles import CertificateFiles, Prepare
+from console_proxy.renewloop import RETRY, renew_at
+from console_proxy.renewloop import pauses as retry_pauses
 
 log = logging.getLogger("consolegate.broker")
 
 CERT_FILE, KEY_FILE = "https-cert.pem", "https-key.pem"
-RETRY = renewal.RETRY
-"""First and longest pause between failed renewals (doubling in between): the proxy's schedule."""
-RENEW_AT = identity.RENEW_AT
-"""Share of a certificate's life after which it is renewed: the proxy's."""
-
-
-def renew_at(not_before: float, not_after: float) -> float:
-    """When a certificate valid from ``not_before`` to ``not_after`` is renewed."""
-    return not_before + RENEW_AT * (not_after - not_before)
-
-
-def retry_pauses(first: float, longest: float) -> list[float]:
-    """The pauses between failed tries, doubling from ``first`` up to ``longest`` (for the log)."""
-    pauses = [first]
-    while pauses[-1] < longest:
-        pauses.append(min(pauses[-1] * 2, longest))
-    return pauses
 
 
 class TlsAuto:
@@ -62,6 +47,7 @@ class TlsAuto:
         self.prepare = prepare
         self.files: CertificateFiles | None = None
         self._issued_at = 0.0
+        self.renewloop = renewloop.RenewLoop(self._renew, self._next, self._warn, retry=retry)
 
     def start(self) -> CertificateFiles:
         """Issue the first certificate and load it; raises (no listener) when that fails."""
@@ -87,17 +73,10 @@ class TlsAuto:
 
     async def run(self) -> None:
         """Renew at two thirds of each certificate's life until cancelled."""
-        while True:
-            await asyncio.sleep(max(0.0, self._next() - clock.now()))
-            pause = self.retry[0]
-            while True:
-                try:
-                    self.renew()
-                    break
-                except Exception as exc:  # the loop must outlive any failure: the old certificate serves
-                    self._warn(exc, pause)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, self.retry[1])
+        await self.renewloop.run()
+
+    async def _renew(self) -> None:
+        self.renew()
 
     def _next(self) -> float:
         return renew_at(self._issued_at, self._issued_at + self.lifetime)

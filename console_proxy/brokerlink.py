@@ -409,6 +409,8 @@ class BrokerLink:
     async def stop(self) -> None:
         """Stop the loops; tell the broker we are gone (draining) and send the last events."""
         self._stopping = True
+        if self.renewal is not None:
+            self.renewal.stop()  # its loop ends even if the cancel below is lost (renewloop)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

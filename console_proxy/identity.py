@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from console_proxy import certfiles, hostside
+from console_proxy import certfiles, hostside, renewloop
 
 CA_CERT = "ca-cert.pem"
 PROXY_CERT = "proxy-cert.pem"
@@ -38,8 +38,6 @@ PROXY_JSON = "proxy.json"
 BACKDATE = 300.0
 """The broker's CA backdates notBefore by this much (broker.ca.BACKDATE): the issue time is
 notBefore plus it."""
-RENEW_AT = 2 / 3
-"""Fraction of a certificate's life after which it is renewed."""
 
 
 class IdentityError(Exception):
@@ -162,7 +160,7 @@ class Identity:
         """Two thirds into the certificate's life (issue time = notBefore + the CA's backdating)."""
         cert = self.certificate
         issued = cert.not_valid_before_utc.timestamp() + BACKDATE
-        return issued + RENEW_AT * (cert.not_valid_after_utc.timestamp() - issued)
+        return renewloop.renew_at(issued, cert.not_valid_after_utc.timestamp())
 
     def client_context(self, extra_ca: str | None = None) -> ssl.SSLContext:
         """TLS to the broker: its certificate verified against the pinned CA (and ``extra_ca``,

@@ -7,21 +7,21 @@ browser uses is touched, so no session notices. Subscribers of :attr:`Renewal.ho
 proxy's own TLS listener, its VeNCrypt client certificate) get the new :class:`Identity`.
 
 A failure leaves the old files and context in use and is logged as a warning with when the next
-try comes; tries back off from :data:`RETRY` [0] to [1] seconds, doubling.
+try comes; tries back off from :data:`RETRY` [0] to [1] seconds, doubling. The schedule, the
+retries and the sleep that :meth:`Renewal.trigger` and :meth:`Renewal.stop` end early are
+:class:`console_proxy.renewloop.RenewLoop`'s, the loop the broker's ``--tls-auto`` runs too.
 
 Never imports ``broker``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from console_proxy import clock, identity
+from console_proxy import clock, identity, renewloop
 from console_proxy.identity import PROXY_CERT, PROXY_KEY, Identity, IdentityError
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("consolegate.proxy.broker")
 
-RETRY = (5.0, 300.0)
+RETRY = renewloop.RETRY
 """First and longest pause between failed renewals (doubling in between)."""
 
 
@@ -41,11 +41,15 @@ class Renewal:
         self.hooks: list[Callable[[Identity], None]] = []
         """Called (on the event loop) with the new identity after each renewal."""
         self.renewed = 0
-        self._now = asyncio.Event()
+        self.renewloop = renewloop.RenewLoop(self.renew, lambda: self.identity.renew_at, self._warn, retry=retry)
 
     def trigger(self) -> None:
         """Renew now rather than at two thirds of the life (an operator's signal, a test)."""
-        self._now.set()
+        self.renewloop.wake()
+
+    def stop(self) -> None:
+        """End :meth:`run` now, asleep or awake (the link's shutdown)."""
+        self.renewloop.stop()
 
     async def renew(self) -> Identity:
         """One renewal; raises (old identity kept) on any failure."""
@@ -80,17 +84,8 @@ class Renewal:
         return new
 
     async def run(self) -> None:
-        while not self.link._stopping:
-            await self._sleep(max(0.0, self.identity.renew_at - clock.now()))
-            pause = self.retry[0]
-            while not self.link._stopping:
-                try:
-                    await self.renew()
-                    break
-                except Exception as exc:
-                    self._warn(exc, pause)
-                await self._sleep(pause)
-                pause = min(pause * 2, self.retry[1])
+        """Renew at two thirds of each certificate's life, retrying failures, until stopped."""
+        await self.renewloop.run()
 
     def _warn(self, exc: BaseException, pause: float) -> None:
         from console_proxy.brokerlink import describe_failure
@@ -104,9 +99,3 @@ class Renewal:
             self.retry[1],
             f"expires in {left:.0f} s" if left > 0 else "has EXPIRED: the broker refuses this proxy until renewed",
         )
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, or less when :meth:`trigger` is called."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._now.wait(), seconds)
-        self._now.clear()

@@ -21,16 +21,23 @@ from console_proxy import token
 from console_proxy.keyring import Keyring
 
 PASSWORD = "vnc-Pa55-" + secrets.token_hex(4)
+FAKE_PROXY_INTERVAL = 600.0
+"""The heartbeat interval of a broker whose one proxy is faked by hand (a heartbeat posted by the
+test, none after): the proxy stays healthy for three of these (30 min) after each. With the 0.5 s
+of a broker whose proxies are real (brokerproc.HEARTBEAT), it went stale 1.5 s after the test's
+heartbeat, and a loaded machine that did not schedule the broker for that long turned the next mint
+into a 503 no_proxy_available; a test that wants a 503 gets it by draining or keys, never by age."""
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def broker(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
-    """One broker process per engine: its SQLite file, or a fresh PostgreSQL database."""
+    """One broker process per engine (its SQLite file, or a fresh PostgreSQL database) and its
+    fake proxy, healthy for 30 min after each of a test's heartbeats (:data:`FAKE_PROXY_INTERVAL`)."""
     tmp = tmp_path_factory.mktemp("broker-api")
     database = request.getfixturevalue("pg_cluster").new_database() if request.param == "postgresql" else None
     state = BrokerState.create(tmp / "state", database=database)
     state.add_proxy("fake", "http://127.0.0.1:1")
-    process = start_broker(state, "--max-ttl", "600")
+    process = start_broker(state, "--max-ttl", "600", heartbeat_interval=FAKE_PROXY_INTERVAL)
     yield process
     process.stop()
 
@@ -59,11 +66,11 @@ def _heartbeat(broker: BrokerProcess, version: int = 0, **over: Any) -> dict[str
 
 def start_with_a_fake_proxy(tmp: Path, *args: str) -> BrokerProcess:
     """A broker (state in ``tmp``, ``args`` for its serve) whose one proxy "fake" stays healthy:
-    heartbeats due every 600 s and one sent now with room for 10**6 consoles (consoles minted
-    since the last heartbeat count against it)."""
+    heartbeats due every :data:`FAKE_PROXY_INTERVAL` and one sent now with room for 10**6
+    consoles (consoles minted since the last heartbeat count against it)."""
     state = BrokerState.create(tmp / "state")
     state.add_proxy("fake", "http://127.0.0.1:1")
-    process = start_broker(state, *args, heartbeat_interval=600)
+    process = start_broker(state, *args, heartbeat_interval=FAKE_PROXY_INTERVAL)
     _heartbeat(process, capacity=10**6)
     return process
 
@@ -212,7 +219,6 @@ def test_clip_defaults_per_target_and_a_mint_may_only_narrow_it(broker: BrokerPr
     assert broker.admin.target(paste_only["id"])["clip"] == "in"
 
     def mint(target: dict[str, Any], **options: Any) -> dict[str, Any]:
-        _heartbeat(broker)  # the fake proxy stays healthy however slow the machine is between mints
         return broker.issuer.mint(target["id"], **options)
 
     def minted(target: dict[str, Any], **options: Any) -> str | None:
