@@ -9,11 +9,16 @@ cannot play (a server that drops input that came early): it is found and left al
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
+import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from hostile import HostileServer
+from hostile import PIXEL_FORMAT, VERSION_38, HostileServer
 from rfbclient import Console
 from test_proxy_hostile import assert_closed, close_of
 
@@ -116,3 +121,82 @@ def test_a_server_that_drops_early_input_is_found_and_left_alone(
         assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 1}
         assert asyncio.run(server_name(proxy.ws_url, token)) == b"lock"
         assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 1}
+
+
+class SlowToAccept:
+    """An RFB 3.8 server (security None) that accepts only when told, on a listener whose accept
+    queue holds one connection: with a filler queued, a connect to it stays in SYN_SENT (the
+    kernel drops the SYN; the client sends it again a second later), as a connect across a
+    network waits for its round trip. It records how many bytes its first read after the version
+    line brought: 14 when the client pipelined version, choice and ClientInit, else 12."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)  # a queue of one
+        self.port: int = self.listener.getsockname()[1]
+        self.first_reads: list[int] = []
+        self._open: list[socket.socket] = []
+
+    def serve_next(self) -> threading.Thread:
+        """Accept the next queued (or coming) connection and serve it, in a thread."""
+        thread = threading.Thread(target=self._serve_one, daemon=True)
+        thread.start()
+        return thread
+
+    def fill(self) -> socket.socket:
+        """Queue a connection nobody accepts yet: the queue is full from here."""
+        filler = socket.create_connection(("127.0.0.1", self.port))
+        self._open.append(filler)
+        return filler
+
+    def drop_filler(self) -> None:
+        """Accept the filler (first in the queue) and close it: room for one again."""
+        conn, _ = self.listener.accept()
+        conn.close()
+
+    def _serve_one(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.listener.accept()
+            self._open.append(conn)
+            conn.sendall(VERSION_38)
+            received = conn.recv(64)
+            self.first_reads.append(len(received))
+            conn.sendall(b"\x01\x01" + struct.pack(">I", 0))  # None, and SecurityResult OK
+            while len(received) < 14:  # the version, the choice and ClientInit
+                received += conn.recv(14 - len(received))
+            conn.sendall(struct.pack(">HH16sI", 800, 600, PIXEL_FORMAT, 4) + b"slow")
+
+    def stop(self) -> None:
+        for sock in [self.listener, *self._open]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_connect_still_under_way_takes_the_opening_through_the_transport(
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint
+) -> None:
+    """Across a network the TCP handshake is not done when the opening is ready: the early
+    write on the dialled socket finds it still connecting (EAGAIN), and the opening goes through
+    the transport once connected, whole and still ahead of the server's questions."""
+    proxy = proxy_factory()
+    server = SlowToAccept()
+    try:
+        token = mint(host="127.0.0.1", port=server.port)
+        server.serve_next()
+        assert asyncio.run(server_name(proxy.ws_url, token)) == b"slow"  # teaches the offer
+        server.fill()
+
+        async def while_connecting() -> bytes:
+            opening = asyncio.ensure_future(server_name(proxy.ws_url, token))
+            deadline = time.monotonic() + 10
+            while outcomes(proxy)["guessed"] < 1:  # the proxy has dialled and tried the early write
+                assert time.monotonic() < deadline and not opening.done()
+                await asyncio.sleep(0.01)  # polling another process's counter, not a synchronisation
+            server.drop_filler()
+            server.serve_next()  # accepts the proxy's connection when its SYN comes again
+            return await asyncio.wait_for(opening, 15)
+
+        assert asyncio.run(while_connecting()) == b"slow"
+    finally:
+        server.stop()
+    assert server.first_reads == [12, 14]  # ordinary, then pipelined
+    assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 0}
