@@ -270,6 +270,7 @@ class ConsoleSession:
         self._offers = offers  # what hypervisors offered before: for a pipelined opening
         self._upstream: rfb.UpstreamHandshake | None = None  # the handshake under way
         self._unsent = b""  # of a pipelined opening, what the connecting socket did not take
+        self._browser_at_fault = False  # the session ends for what the browser sent
 
     @property
     def sid(self) -> str:
@@ -656,6 +657,7 @@ class ConsoleSession:
             else:
                 self._hold_early(data)
         except SessionEnded as ended:
+            self._browser_at_fault = True
             self.finish(ended.ending)
 
     def _downstream_handshake(self, data: bytes) -> None:
@@ -726,9 +728,12 @@ class ConsoleSession:
     def _judge_guess(self, ending: Ending) -> None:
         """A hypervisor that broke a handshake before answering a pipelined opening may not
         take early input (it may read in lock-step): it is never pipelined again. Refusals
-        (4501), an unreachable host (4500) and the browser leaving say nothing about that."""
+        (4501), an unreachable host (4500), the browser leaving and the browser's own protocol
+        errors (4502 too) say nothing about that."""
         upstream, offers = self._upstream, self._offers
         if self.relaying or upstream is None or offers is None or not upstream.guess_unheard:
+            return
+        if self._browser_at_fault:
             return
         if ending.code == Close.TARGET_PROTOCOL_ERROR:
             offers.never(self.claims.host, self.claims.port)

@@ -200,3 +200,33 @@ def test_a_connect_still_under_way_takes_the_opening_through_the_transport(
         server.stop()
     assert server.first_reads == [12, 14]  # ordinary, then pipelined
     assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 0}
+
+
+def test_a_browser_s_protocol_error_does_not_mark_the_hypervisor(
+    proxy_factory: Callable[..., ProxyProcess], mint: Mint
+) -> None:
+    """A browser that breaks its own handshake ends 4502 like a hypervisor that broke the
+    pipelined one; only the latter marks the hypervisor. The hypervisor here has not answered
+    yet (its accept queue is full), so the guess is unheard when the browser errs."""
+    proxy = proxy_factory()
+    server = SlowToAccept()
+    try:
+        token = mint(host="127.0.0.1", port=server.port)
+        server.serve_next()
+        assert asyncio.run(server_name(proxy.ws_url, token)) == b"slow"  # teaches the offer
+        server.fill()
+
+        async def bad_browser() -> tuple[int | None, str | None]:
+            console = await Console.open(proxy.ws_url, token)
+            assert await console.read(12) == VERSION_38
+            await console.send(b"RFB 009.000\n")
+            return await console.wait_closed()
+
+        assert asyncio.run(bad_browser()) == (4502, "target_protocol_error")
+        assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 0}
+        server.drop_filler()
+        server.serve_next()
+        assert asyncio.run(server_name(proxy.ws_url, token)) == b"slow"
+        assert outcomes(proxy) == {"guessed": 2, "redialled": 0, "refused": 0}  # still pipelined
+    finally:
+        server.stop()
