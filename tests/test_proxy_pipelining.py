@@ -15,9 +15,10 @@ import struct
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import pytest
 from hostile import PIXEL_FORMAT, VERSION_38, HostileServer
 from rfbclient import Console
 from test_proxy_hostile import assert_closed, close_of
@@ -171,62 +172,63 @@ class SlowToAccept:
                 sock.close()
 
 
-def test_a_connect_still_under_way_takes_the_opening_through_the_transport(
+@pytest.fixture
+def taught_then_full(
     proxy_factory: Callable[..., ProxyProcess], mint: Mint
-) -> None:
-    """Across a network the TCP handshake is not done when the opening is ready: the early
-    write on the dialled socket finds it still connecting (EAGAIN), and the opening goes through
-    the transport once connected, whole and still ahead of the server's questions."""
-    proxy = proxy_factory()
-    server = SlowToAccept()
+) -> Iterator[tuple[ProxyProcess, SlowToAccept, str]]:
+    """A proxy that learned a :class:`SlowToAccept` server's offer (one ordinary console), the
+    server's accept queue then held full; and the token."""
+    proxy, server = proxy_factory(), SlowToAccept()
     try:
         token = mint(host="127.0.0.1", port=server.port)
         server.serve_next()
         assert asyncio.run(server_name(proxy.ws_url, token)) == b"slow"  # teaches the offer
         server.fill()
-
-        async def while_connecting() -> bytes:
-            opening = asyncio.ensure_future(server_name(proxy.ws_url, token))
-            deadline = time.monotonic() + 10
-            while outcomes(proxy)["guessed"] < 1:  # the proxy has dialled and tried the early write
-                assert time.monotonic() < deadline and not opening.done()
-                await asyncio.sleep(0.01)  # polling another process's counter, not a synchronisation
-            server.drop_filler()
-            server.serve_next()  # accepts the proxy's connection when its SYN comes again
-            return await asyncio.wait_for(opening, 15)
-
-        assert asyncio.run(while_connecting()) == b"slow"
+        yield proxy, server, token
     finally:
         server.stop()
+
+
+def test_a_connect_still_under_way_takes_the_opening_through_the_transport(
+    taught_then_full: tuple[ProxyProcess, SlowToAccept, str],
+) -> None:
+    """Across a network the TCP handshake is not done when the opening is ready: the early
+    write on the dialled socket finds it still connecting (EAGAIN), and the opening goes through
+    the transport once connected, whole and still ahead of the server's questions."""
+    proxy, server, token = taught_then_full
+
+    async def while_connecting() -> bytes:
+        opening = asyncio.ensure_future(server_name(proxy.ws_url, token))
+        deadline = time.monotonic() + 10
+        while outcomes(proxy)["guessed"] < 1:  # the proxy has dialled and tried the early write
+            assert time.monotonic() < deadline and not opening.done()
+            await asyncio.sleep(0.01)  # polling another process's counter, not a synchronisation
+        server.drop_filler()
+        server.serve_next()  # accepts the proxy's connection when its SYN comes again
+        return await asyncio.wait_for(opening, 15)
+
+    assert asyncio.run(while_connecting()) == b"slow"
     assert server.first_reads == [12, 14]  # ordinary, then pipelined
     assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 0}
 
 
 def test_a_browser_s_protocol_error_does_not_mark_the_hypervisor(
-    proxy_factory: Callable[..., ProxyProcess], mint: Mint
+    taught_then_full: tuple[ProxyProcess, SlowToAccept, str],
 ) -> None:
     """A browser that breaks its own handshake ends 4502 like a hypervisor that broke the
     pipelined one; only the latter marks the hypervisor. The hypervisor here has not answered
     yet (its accept queue is full), so the guess is unheard when the browser errs."""
-    proxy = proxy_factory()
-    server = SlowToAccept()
-    try:
-        token = mint(host="127.0.0.1", port=server.port)
-        server.serve_next()
-        assert asyncio.run(server_name(proxy.ws_url, token)) == b"slow"  # teaches the offer
-        server.fill()
+    proxy, server, token = taught_then_full
 
-        async def bad_browser() -> tuple[int | None, str | None]:
-            console = await Console.open(proxy.ws_url, token)
-            assert await console.read(12) == VERSION_38
-            await console.send(b"RFB 009.000\n")
-            return await console.wait_closed()
+    async def bad_browser() -> tuple[int | None, str | None]:
+        console = await Console.open(proxy.ws_url, token)
+        assert await console.read(12) == VERSION_38
+        await console.send(b"RFB 009.000\n")
+        return await console.wait_closed()
 
-        assert asyncio.run(bad_browser()) == (4502, "target_protocol_error")
-        assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 0}
-        server.drop_filler()
-        server.serve_next()
-        assert asyncio.run(server_name(proxy.ws_url, token)) == b"slow"
-        assert outcomes(proxy) == {"guessed": 2, "redialled": 0, "refused": 0}  # still pipelined
-    finally:
-        server.stop()
+    assert asyncio.run(bad_browser()) == (4502, "target_protocol_error")
+    assert outcomes(proxy) == {"guessed": 1, "redialled": 0, "refused": 0}
+    server.drop_filler()
+    server.serve_next()
+    assert asyncio.run(server_name(proxy.ws_url, token)) == b"slow"
+    assert outcomes(proxy) == {"guessed": 2, "redialled": 0, "refused": 0}  # still pipelined
