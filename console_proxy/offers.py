@@ -51,12 +51,8 @@ class Offers:
     def learn(self, host: str, port: int, offer: Offer | None) -> None:
         """A handshake with this target succeeded, having seen ``offer`` (None: RFB 3.3)."""
         key = (host, port)
-        if not self.enabled or offer is None or (key in self._seen and self._seen[key] is _NEVER):
-            return
-        self._seen.pop(key, None)  # re-inserted last: the newest are kept
-        self._seen[key] = offer
-        if len(self._seen) > self.limit:
-            del self._seen[next(iter(self._seen))]
+        if self.enabled and offer is not None and not (key in self._seen and self._seen[key] is _NEVER):
+            self._put(key, offer)
 
     def forget(self, host: str, port: int) -> None:
         """The guess was wrong (the server changed): learn it again from the next handshake."""
@@ -65,8 +61,11 @@ class Offers:
 
     def never(self, host: str, port: int) -> None:
         """A pipelined handshake with this target failed: never pipeline it again."""
-        key = (host, port)
-        self._seen.pop(key, None)
-        self._seen[key] = _NEVER
+        self._put((host, port), _NEVER)
+
+    def _put(self, key: tuple[str, int], value: Offer | None) -> None:
+        """Store ``value`` as the newest entry, dropping the oldest beyond :attr:`limit`."""
+        self._seen.pop(key, None)  # re-inserted last: the newest are kept
+        self._seen[key] = value
         if len(self._seen) > self.limit:
             del self._seen[next(iter(self._seen))]

@@ -427,11 +427,10 @@ def _check_tls(value: Any) -> dict[str, Any] | None:
     return value
 
 
-def _check_host(host: str) -> str:
+def _check_host(host: str) -> None:
     # whitespace other than " " is never printable: one C-level scan instead of one per character
     if not host.isprintable() or " " in host or "/" in host or "@" in host:
         raise ValueError("claim 'host' must be a host name or address")
-    return host
 
 
 def _check_cip(value: str | None) -> str | None:
